@@ -1,0 +1,3 @@
+from wanserve.cli import main
+
+raise SystemExit(main())

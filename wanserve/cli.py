@@ -1,0 +1,196 @@
+"""Command line: `wanserve generate` and `wanserve convert`. Wiring only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from wanserve import __version__
+from wanserve.config import Settings
+from wanserve.errors import WanserveError
+from wanserve.schema import WanLoRAT2VRequest
+
+log = logging.getLogger("wanserve")
+
+# Request fields that are not plain flags (the prompt is positional; LoRAs come with the LoRA support).
+_NOT_FLAGS = {"prompt", "loras"}
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    """(argparse type, choices) for a pydantic field annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return str, [str(m.value) for m in annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(annotation)]
+    return annotation, None
+
+
+def add_request_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per request field (`--num-frames`...), defaulting to 'not given' so the schema decides."""
+    for name, info in model.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = (info.description or "").replace("%", "%%")
+        if info.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        arg_type, choices = _flag_type(info.annotation)
+        parser.add_argument(flag, dest=name, type=arg_type, choices=choices, default=None, help=help_text)
+
+
+def request_from_args(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": args.prompt}
+    for name in model.model_fields:
+        value = getattr(args, name, None)
+        if name not in _NOT_FLAGS and value is not None:
+            body[name] = value
+    return body
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        lines.append(f"  {field}: {err['msg']}")
+    return "invalid request:\n" + "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        request = WanLoRAT2VRequest.model_validate(request_from_args(args, WanLoRAT2VRequest))
+    except ValidationError as exc:
+        print(_format_validation_error(exc), file=sys.stderr)
+        return 2
+
+    # Heavy imports only here: `wanserve --help` and the API never load torch.
+    from wanserve.engine.runner import EngineRunner
+
+    started = time.perf_counter()
+    runner = EngineRunner.from_settings(settings)
+    print(f"model {settings.model} loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    out = Path(args.output)
+    with _progress_bar(request.num_inference_steps) as report:
+        result = runner.generate_video(request, out, on_step=report)
+    summary = {
+        "path": str(out.resolve()),
+        "seed": result.seed,
+        "num_frames": result.video.num_frames,
+        "width": result.video.width,
+        "height": result.video.height,
+        "fps": result.video.fps,
+        "size_bytes": result.video.size_bytes,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['path']}\nseed {result.seed}")
+    return 0
+
+
+class _progress_bar:  # noqa: N801 - used as a context manager like a function
+    """tqdm on a terminal; one plain line per step otherwise (logs, CI)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+        def report(p: Any) -> None:
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{p.expert.value} expert, t={p.timestep}")
+                self.bar.update(1)
+            else:
+                print(
+                    f"step {p.step}/{p.total} ({p.expert.value} expert, t={p.timestep}) "
+                    f"{p.seconds:.2f}s/step, eta {p.eta_seconds:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        return report
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
+    from wanserve.engine.convert import convert_model
+
+    dst = convert_model(Path(args.src), Path(args.dst), dtype=settings.dtype)
+    print(dst)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"wanserve {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one video locally (no server)")
+    gen.add_argument("prompt", help="the text prompt")
+    add_request_flags(gen, WanLoRAT2VRequest)
+    gen.add_argument("-o", "--output", default="wanserve.mp4", help="output mp4 path")
+    gen.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_model_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="convert an official Wan2.2 directory to the diffusers layout")
+    conv.add_argument("src", help="official Wan2.2 directory (high_noise_model/, low_noise_model/, ...)")
+    conv.add_argument("dst", help="destination directory (diffusers layout)")
+    conv.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="`tiny` or a model directory (env WANSERVE_MODEL)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (env WANSERVE_DEVICE)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    p.add_argument("--cache-dir", default=None, help="where built models are cached (env WANSERVE_CACHE_DIR)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: getattr(args, key)
+        for key in ("model", "device", "dtype", "cache_dir")
+        if getattr(args, key, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args, settings_from_args(args)))
+    except WanserveError as exc:
+        print(f"error ({exc.error_type}): {exc}", file=sys.stderr)
+        return 1

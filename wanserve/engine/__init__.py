@@ -1,0 +1,1 @@
+"""The generation engine: the only package that imports torch and diffusers."""

@@ -1,0 +1,261 @@
+"""Request -> frames, on diffusers' `WanPipeline` components, sampled like the Wan 2.2 reference code.
+
+The denoising loop is ours rather than `WanPipeline.__call__` for three reasons, each a difference
+from the reference sampler (DESIGN.md section 4):
+- the timesteps come from the reference sigma grid (see `sampling.py`), through a fresh UniPC
+  scheduler per request carrying the request's shift;
+- classifier-free guidance is decided per expert: diffusers skips the unconditional forward for
+  *both* experts when `guidance_scale <= 1`, whatever `guidance_scale_2` says;
+- a step callback reports progress and can cancel between steps without decoding.
+Everything else (prompt encoding padded to 512 tokens, latent init, guidance formula, scheduler step,
+decode) is the diffusers code path itself, so for the same inputs the output equals `WanPipeline`'s
+bit for bit once its scheduler is handed the reference sigmas.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
+from wanserve.errors import GenerationCancelled, InvalidGenerationInput
+from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
+
+log = logging.getLogger(__name__)
+
+TEXT_CONTEXT_TOKENS = 512  # the reference pads the text context to 512 rows
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything that determines a video, in model terms (pixels, frames, steps)."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    shift: float
+    seed: int
+    frames_per_second: int = 16
+    reverse_video: bool = False
+
+    @classmethod
+    def from_request(cls, request: WanT2VRequest, seed: int | None = None) -> GenerationSpec:
+        """Map a wire request to a spec; the seed is the request's, else `seed`, else drawn."""
+        width, height = request.frame_size
+        chosen = request.seed if request.seed is not None else seed
+        return cls(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            num_frames=request.num_frames,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            guidance_scale_2=request.guidance_scale_2,
+            shift=request.shift,
+            seed=draw_seed() if chosen is None else chosen,
+            frames_per_second=request.frames_per_second,
+            reverse_video=isinstance(request, WanLoRAT2VRequest) and request.reverse_video,
+        )
+
+
+def draw_seed() -> int:
+    # Below 2**31 so that the seed survives every JSON client (JS numbers) and is easy to retype.
+    return random.SystemRandom().randrange(0, 2**31)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Reported after each denoising step."""
+
+    step: int  # 1-based
+    total: int
+    expert: Expert
+    timestep: int
+    forwards: int  # 1, or 2 with classifier-free guidance
+    seconds: float  # this step
+    elapsed: float  # since the first step started
+
+    @property
+    def eta_seconds(self) -> float:
+        return self.elapsed / self.step * (self.total - self.step)
+
+
+StepCallback = Callable[[StepProgress], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (num_frames, height, width, 3) float32 in [0, 1], in playback order
+    seed: int
+    steps: list[StepPlan]
+    frames_generated: int  # the 4k+1 count the model produced before cutting to num_frames
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class WanEngine:
+    """Turns a GenerationSpec into frames with a loaded Wan 2.2 pipeline."""
+
+    def __init__(self, pipe: WanPipeline, device: torch.device) -> None:
+        if pipe.transformer is None and pipe.transformer_2 is None:
+            raise InvalidGenerationInput("the pipeline has no transformer")
+        self.pipe = pipe
+        self.device = device
+        self.pipe.to(device)
+
+    @property
+    def frame_step(self) -> int:
+        return int(self.pipe.vae_scale_factor_temporal)
+
+    @property
+    def size_multiple(self) -> int:
+        expert = self._expert(Expert.HIGH)
+        return int(self.pipe.vae_scale_factor_spatial * expert.config.patch_size[1])
+
+    def _expert(self, expert: Expert) -> WanTransformer3DModel:
+        high, low = self.pipe.transformer, self.pipe.transformer_2
+        model = (high or low) if expert is Expert.HIGH else (low or high)
+        assert model is not None
+        return model
+
+    def make_scheduler(self, shift: float) -> UniPCMultistepScheduler:
+        # A fresh scheduler per request: the shift is per request and schedulers carry step state.
+        return UniPCMultistepScheduler.from_config(
+            self.pipe.scheduler.config,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+        )
+
+    def validate(self, spec: GenerationSpec) -> None:
+        m = self.size_multiple
+        if spec.width % m or spec.height % m:
+            raise InvalidGenerationInput(f"width and height must be multiples of {m} for this model")
+        if not 0 <= spec.seed <= MAX_SEED:
+            raise InvalidGenerationInput("seed out of range")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_step: StepCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> GenerationResult:
+        self.validate(spec)
+        pipe, device = self.pipe, self.device
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        generated = frames_to_generate(spec.num_frames, self.frame_step)
+
+        scheduler = self.make_scheduler(spec.shift)
+        scheduler.set_timesteps(sigmas=reference_sigmas(spec.num_inference_steps), device=device)
+        boundary = pipe.config.boundary_ratio
+        plan = plan_steps(
+            [int(t) for t in scheduler.timesteps.tolist()],
+            spec.guidance_scale,
+            spec.guidance_scale_2,
+            boundary_ratio=1.0 if boundary is None else boundary,
+        )
+        any_cfg = any(p.uses_cfg for p in plan)
+
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            do_classifier_free_guidance=any_cfg,
+            max_sequence_length=TEXT_CONTEXT_TOKENS,
+            device=device,
+        )
+        transformer_dtype = self._expert(Expert.HIGH).dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_embeds is not None:
+            negative_embeds = negative_embeds.to(transformer_dtype)
+        timings["encode_s"] = time.perf_counter() - t0
+
+        # Noise is drawn on the CPU so that a seed gives the same video on any device.
+        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+        latents = pipe.prepare_latents(
+            1,
+            self._expert(Expert.HIGH).config.in_channels,
+            spec.height,
+            spec.width,
+            generated,
+            torch.float32,
+            device,
+            generator,
+        )
+        scheduler.set_begin_index(0)
+
+        t_loop = time.perf_counter()
+        for step, t in zip(plan, scheduler.timesteps, strict=True):
+            if is_cancelled is not None and is_cancelled():
+                raise GenerationCancelled(f"cancelled before step {step.index + 1}/{len(plan)}")
+            t_step = time.perf_counter()
+            model = self._expert(step.expert)
+            latent_input = latents.to(transformer_dtype)
+            timestep = t.expand(latents.shape[0])
+            noise_pred = model(
+                hidden_states=latent_input,
+                timestep=timestep,
+                encoder_hidden_states=prompt_embeds,
+                return_dict=False,
+            )[0]
+            if step.uses_cfg:
+                noise_uncond = model(
+                    hidden_states=latent_input,
+                    timestep=timestep,
+                    encoder_hidden_states=negative_embeds,
+                    return_dict=False,
+                )[0]
+                noise_pred = noise_uncond + step.guidance_scale * (noise_pred - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                now = time.perf_counter()
+                on_step(
+                    StepProgress(
+                        step=step.index + 1,
+                        total=len(plan),
+                        expert=step.expert,
+                        timestep=step.timestep,
+                        forwards=step.forwards,
+                        seconds=now - t_step,
+                        elapsed=now - t_loop,
+                    )
+                )
+        timings["denoise_s"] = time.perf_counter() - t_loop
+        if is_cancelled is not None and is_cancelled():
+            raise GenerationCancelled("cancelled before decoding")
+
+        t_decode = time.perf_counter()
+        frames = self.decode(latents)[: spec.num_frames]
+        timings["decode_s"] = time.perf_counter() - t_decode
+        if spec.reverse_video:
+            frames = np.ascontiguousarray(frames[::-1])
+        timings["total_s"] = time.perf_counter() - t0
+        return GenerationResult(
+            frames=frames, seed=spec.seed, steps=plan, frames_generated=generated, timings=timings
+        )
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        latents = latents.to(vae.device, dtype=vae.dtype)
+        z_dim = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype
+        )
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        out = self.pipe.video_processor.postprocess_video(video, output_type="np")
+        return np.asarray(out[0], dtype=np.float32)

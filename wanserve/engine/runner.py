@@ -1,0 +1,59 @@
+"""One loaded model plus the video encoder: what the CLI and the worker call to make an mp4."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from wanserve.config import Settings
+from wanserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
+from wanserve.engine.pipeline import (
+    CancelCheck,
+    GenerationResult,
+    GenerationSpec,
+    StepCallback,
+    WanEngine,
+)
+from wanserve.engine.video import VideoInfo, encode_mp4
+from wanserve.schema import WanT2VRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoResult:
+    seed: int
+    video: VideoInfo
+    generation: GenerationResult
+
+
+class EngineRunner:
+    def __init__(self, engine: WanEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineRunner:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        pipe = load_pipeline(settings.model, settings.cache_dir, dtype)
+        return cls(WanEngine(pipe, device), settings)
+
+    def generate_video(
+        self,
+        request: WanT2VRequest,
+        output: Path,
+        on_step: StepCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> VideoResult:
+        spec = GenerationSpec.from_request(request)
+        result = self.engine.generate(spec, on_step=on_step, is_cancelled=is_cancelled)
+        video = encode_mp4(
+            result.frames,
+            output,
+            fps=spec.frames_per_second,
+            crf=self.settings.video_crf,
+            preset=self.settings.video_preset,
+        )
+        return VideoResult(seed=result.seed, video=video, generation=result)

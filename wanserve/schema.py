@@ -1,0 +1,188 @@
+"""Wire schema of the `fal-ai/wan-22` endpoint, exactly as its public documentation describes it.
+
+Every field, range, default and enum here is the contract with clients written against the hosted
+service. Where the public docs are silent (the ranges of `num_inference_steps`, the guidance scales
+and `seed`) the bounds below are ours and are documented in docs and `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "bright colors, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, "
+    "still, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra "
+    "fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, malformed limbs, fused fingers, "
+    "still picture, cluttered background, three legs, many people in the background, walking backwards"
+)
+
+MIN_FRAMES, MAX_FRAMES = 81, 121
+MIN_FPS, MAX_FPS = 4, 24
+MIN_SHIFT, MAX_SHIFT = 1.0, 10.0
+# Not documented by the hosted endpoint: generous bounds that keep one request within reason.
+MIN_STEPS, MAX_STEPS = 1, 100
+MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
+MAX_SEED = 2**63 - 1
+
+
+class Resolution(str, Enum):
+    P480 = "480p"
+    P580 = "580p"
+    P720 = "720p"
+
+
+class AspectRatio(str, Enum):
+    LANDSCAPE = "16:9"
+    PORTRAIT = "9:16"
+    SQUARE = "1:1"
+
+
+# (width, height) of each resolution x aspect ratio: DESIGN.md section 3.
+FRAME_SIZES: dict[tuple[Resolution, AspectRatio], tuple[int, int]] = {
+    (Resolution.P480, AspectRatio.LANDSCAPE): (832, 480),
+    (Resolution.P480, AspectRatio.PORTRAIT): (480, 832),
+    (Resolution.P480, AspectRatio.SQUARE): (640, 640),
+    (Resolution.P580, AspectRatio.LANDSCAPE): (1024, 576),
+    (Resolution.P580, AspectRatio.PORTRAIT): (576, 1024),
+    (Resolution.P580, AspectRatio.SQUARE): (768, 768),
+    (Resolution.P720, AspectRatio.LANDSCAPE): (1280, 720),
+    (Resolution.P720, AspectRatio.PORTRAIT): (720, 1280),
+    (Resolution.P720, AspectRatio.SQUARE): (960, 960),
+}
+
+# The VAE compresses time 4x with a causal first frame: the model makes 4k+1 frames.
+MODEL_FRAME_STEP = 4
+
+
+def frame_size(resolution: Resolution | str, aspect_ratio: AspectRatio | str) -> tuple[int, int]:
+    """(width, height) in pixels for a resolution and aspect ratio."""
+    return FRAME_SIZES[(Resolution(resolution), AspectRatio(aspect_ratio))]
+
+
+def frames_to_generate(num_frames: int, frame_step: int = MODEL_FRAME_STEP) -> int:
+    """The smallest valid model frame count (frame_step*k + 1) that is >= num_frames.
+
+    The video returned is then cut back to exactly num_frames.
+    """
+    if num_frames < 1:
+        raise ValueError("num_frames must be positive")
+    k = -(-(num_frames - 1) // frame_step)  # ceil division
+    return frame_step * k + 1
+
+
+class WanT2VRequest(BaseModel):
+    """Input of `fal-ai/wan-22` (text to video)."""
+
+    # Unknown fields are ignored, as the hosted service does; the API names them in a warning log line.
+    model_config = ConfigDict(extra="ignore", use_enum_values=False)
+
+    prompt: str = Field(..., min_length=1, description="The text prompt to guide video generation.")
+    negative_prompt: str = Field(
+        DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for video generation."
+    )
+    num_frames: int = Field(
+        81,
+        ge=MIN_FRAMES,
+        le=MAX_FRAMES,
+        description="Number of frames to generate. Must be between 81 to 121 (inclusive).",
+    )
+    frames_per_second: int = Field(
+        16, ge=MIN_FPS, le=MAX_FPS, description="Frames per second of the generated video. Must be between 4 to 24."
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed for reproducibility. If None, a random seed is chosen.",
+    )
+    resolution: Resolution = Field(
+        Resolution.P720, description="Resolution of the generated video (480p, 580p, or 720p)."
+    )
+    aspect_ratio: AspectRatio = Field(
+        AspectRatio.LANDSCAPE, description="Aspect ratio of the generated video (16:9 or 9:16)."
+    )
+    num_inference_steps: int = Field(
+        30,
+        ge=MIN_STEPS,
+        le=MAX_STEPS,
+        description="Number of inference steps for sampling. Higher values give better quality but take longer.",
+    )
+    enable_safety_checker: bool = Field(
+        True, description="If set to true, input data will be checked for safety before processing."
+    )
+    enable_prompt_expansion: bool = Field(
+        False,
+        description="Whether to enable prompt expansion. This will use a large language model to expand the "
+        "prompt with additional details while maintaining the original meaning.",
+    )
+    guidance_scale: float = Field(
+        5.0,
+        ge=MIN_GUIDANCE,
+        le=MAX_GUIDANCE,
+        description="Classifier-free guidance scale. Higher values give better adherence to the prompt but may "
+        "decrease quality.",
+    )
+    guidance_scale_2: float = Field(
+        4.0,
+        ge=MIN_GUIDANCE,
+        le=MAX_GUIDANCE,
+        description="Guidance scale for the second stage of the model. This is used to control the adherence to "
+        "the prompt in the second stage of the model.",
+    )
+    shift: float = Field(
+        5.0, ge=MIN_SHIFT, le=MAX_SHIFT, description="Shift value for the video. Must be between 1.0 and 10.0."
+    )
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return frame_size(self.resolution, self.aspect_ratio)
+
+
+class LoRAWeight(BaseModel):
+    """One LoRA to apply for a request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str = Field(..., min_length=1, description="URL or the path to the LoRA weights.")
+    weight_name: str | None = Field(
+        None,
+        description="Name of the LoRA weight. Used only if path is a Hugging Face repository, and required only "
+        "if you have more than 1 safetensors file in the repo.",
+    )
+    scale: float = Field(
+        1.0,
+        description="The scale of the LoRA weight. This is used to scale the LoRA weight before merging it with "
+        "the base model.",
+    )
+    # Our extension (not in the hosted schema): which expert the LoRA applies to.
+    transformer: Literal["high", "low", "both"] = Field(
+        "both",
+        description="wanserve extension: apply the LoRA to the high-noise expert, the low-noise one, or both.",
+    )
+
+
+class WanLoRAT2VRequest(WanT2VRequest):
+    """Input of `fal-ai/wan-22/lora`: the text-to-video input plus LoRAs and reversal."""
+
+    loras: list[LoRAWeight] = Field(default_factory=list, description="LoRA weights to be used in the inference.")
+    reverse_video: bool = Field(False, description="If true, the video will be reversed.")
+
+
+class File(BaseModel):
+    url: str = Field(..., description="The URL where the file can be downloaded from.")
+    content_type: str | None = Field(None, description="The mime type of the file.")
+    file_name: str | None = Field(
+        None, description="The name of the file. It will be auto-generated if not provided."
+    )
+    file_size: int | None = Field(None, description="The size of the file in bytes.")
+    file_data: str | None = Field(None, description="File data")
+
+
+class WanT2VResponse(BaseModel):
+    video: File = Field(..., description="The generated video file.")
+    seed: int = Field(..., description="The seed used for generation.")
+    # The prompt actually used (after expansion, when enabled).
+    prompt: str | None = Field(None, description="The prompt used for generation.")
