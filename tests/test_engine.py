@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from wanserve.engine.pipeline import GenerationSpec, StepProgress, WanEngine
+from wanserve.engine.sampling import Expert, reference_timesteps
+from wanserve.errors import GenerationCancelled, InvalidGenerationInput
+from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
+
+Spec = Callable[..., GenerationSpec]
+
+
+@contextmanager
+def record_forwards(engine: WanEngine) -> Iterator[list[tuple[str, int]]]:
+    """Record (expert, timestep) of every real forward call of either expert."""
+    calls: list[tuple[str, int]] = []
+    handles = []
+    for name, model in (("high", engine.pipe.transformer), ("low", engine.pipe.transformer_2)):
+
+        def hook(_m: torch.nn.Module, _args: tuple, kwargs: dict, name: str = name) -> None:
+            calls.append((name, int(kwargs["timestep"][0])))
+
+        handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_same_seed_same_frames_other_seed_differs(engine: WanEngine, small_spec: Spec) -> None:
+    a = engine.generate(small_spec(seed=7))
+    b = engine.generate(small_spec(seed=7))
+    c = engine.generate(small_spec(seed=8))
+    assert a.frames.shape == (9, 64, 96, 3)
+    assert np.array_equal(a.frames, b.frames)
+    assert np.abs(a.frames - c.frames).mean() > 1e-3
+    assert a.seed == 7
+
+
+def test_prompt_and_negative_prompt_matter(engine: WanEngine, small_spec: Spec) -> None:
+    base = engine.generate(small_spec()).frames
+    assert np.abs(base - engine.generate(small_spec(prompt="a blue whale in the ocean")).frames).mean() > 1e-4
+    assert np.abs(base - engine.generate(small_spec(negative_prompt="dark")).frames).mean() > 1e-4
+
+
+def test_experts_follow_the_boundary(engine: WanEngine, small_spec: Spec) -> None:
+    spec = small_spec(num_inference_steps=8, shift=3.0)
+    with record_forwards(engine) as calls:
+        result = engine.generate(spec)
+    expected_t = reference_timesteps(8, 3.0)
+    assert [s.timestep for s in result.steps] == expected_t
+    assert any(t >= 875 for t in expected_t) and any(t < 875 for t in expected_t)
+    # Two forwards (cond + uncond) per step, by the expert that owns the timestep.
+    assert calls == [("high" if t >= 875 else "low", t) for t in expected_t for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("g1", "g2", "high_forwards", "low_forwards"),
+    [(5.0, 1.0, 2, 1), (1.0, 4.0, 1, 2), (1.0, 1.0, 1, 1), (0.5, 3.0, 1, 2)],
+)
+def test_guidance_is_per_expert(
+    engine: WanEngine, small_spec: Spec, g1: float, g2: float, high_forwards: int, low_forwards: int
+) -> None:
+    spec = small_spec(num_inference_steps=6, guidance_scale=g1, guidance_scale_2=g2)
+    with record_forwards(engine) as calls:
+        engine.generate(spec)
+    timesteps = reference_timesteps(6, 5.0)
+    high = [t for t in timesteps if t >= 875]
+    low = [t for t in timesteps if t < 875]
+    assert sum(1 for e, _ in calls if e == "high") == high_forwards * len(high)
+    assert sum(1 for e, _ in calls if e == "low") == low_forwards * len(low)
+
+
+def test_guidance_scale_values_change_the_output(engine: WanEngine, small_spec: Spec) -> None:
+    base = engine.generate(small_spec()).frames
+    assert np.abs(base - engine.generate(small_spec(guidance_scale_2=2.0)).frames).mean() > 1e-4
+    assert np.abs(base - engine.generate(small_spec(guidance_scale=3.0)).frames).mean() > 1e-4
+    assert np.abs(base - engine.generate(small_spec(shift=9.0)).frames).mean() > 1e-4
+
+
+def test_frame_count_rule_and_exact_count(engine: WanEngine, small_spec: Spec) -> None:
+    result = engine.generate(small_spec(num_frames=10, num_inference_steps=2))
+    assert result.frames_generated == 13
+    assert result.frames.shape[0] == 10
+
+
+def test_reverse_video_reverses_frame_order(engine: WanEngine, small_spec: Spec) -> None:
+    forward = engine.generate(small_spec(num_inference_steps=3)).frames
+    backward = engine.generate(small_spec(num_inference_steps=3, reverse_video=True)).frames
+    assert np.array_equal(backward, forward[::-1])
+    assert not np.array_equal(backward, forward)
+
+
+def test_progress_callback_reports_every_step(engine: WanEngine, small_spec: Spec) -> None:
+    seen: list[StepProgress] = []
+    engine.generate(small_spec(num_inference_steps=5, guidance_scale_2=1.0), on_step=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3, 4, 5]
+    assert all(p.total == 5 for p in seen)
+    assert seen[0].expert is Expert.HIGH and seen[-1].expert is Expert.LOW
+    assert [p.forwards for p in seen] == [2 if p.expert is Expert.HIGH else 1 for p in seen]
+    assert all(p.seconds > 0 for p in seen) and seen[-1].eta_seconds == 0
+    assert seen[-1].elapsed >= sum(p.seconds for p in seen) * 0.99
+
+
+def test_cancel_between_steps_skips_decode(engine: WanEngine, small_spec: Spec) -> None:
+    steps: list[int] = []
+    decoded: list[bool] = []
+    handle = engine.pipe.vae.register_forward_pre_hook(lambda *_: decoded.append(True))
+    original_decode = engine.pipe.vae.decode
+    engine.pipe.vae.decode = lambda *a, **k: decoded.append(True) or original_decode(*a, **k)  # type: ignore[method-assign]
+    try:
+        with record_forwards(engine) as calls, pytest.raises(GenerationCancelled):
+            engine.generate(
+                small_spec(num_inference_steps=6),
+                on_step=lambda p: steps.append(p.step),
+                is_cancelled=lambda: len(steps) >= 2,
+            )
+    finally:
+        handle.remove()
+        del engine.pipe.vae.decode
+    assert steps == [1, 2]
+    assert len(calls) == 4  # two steps with CFG, nothing after the cancel
+    assert decoded == []
+
+
+def test_spec_from_request_uses_table_and_seed() -> None:
+    req = WanT2VRequest(prompt="p", resolution="480p", aspect_ratio="9:16", num_frames=90, seed=42)
+    spec = GenerationSpec.from_request(req)
+    assert (spec.width, spec.height, spec.num_frames, spec.seed) == (480, 832, 90, 42)
+    assert spec.reverse_video is False
+    drawn = {GenerationSpec.from_request(WanT2VRequest(prompt="p")).seed for _ in range(5)}
+    assert len(drawn) > 1 and all(0 <= s < 2**31 for s in drawn)
+    assert GenerationSpec.from_request(WanLoRAT2VRequest(prompt="p", reverse_video=True)).reverse_video
+
+
+def test_sizes_the_model_cannot_make_are_refused(engine: WanEngine, small_spec: Spec) -> None:
+    with pytest.raises(InvalidGenerationInput, match="multiples of 16"):
+        engine.generate(small_spec(width=100))
