@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from wanserve.engine.loading import load_pipeline  # noqa: E402
-from wanserve.engine.pipeline import GenerationSpec, WanEngine  # noqa: E402
+from wanserve.engine.loading import load_pipeline
+from wanserve.engine.pipeline import GenerationSpec, WanEngine
 
 torch.set_num_threads(2)
 

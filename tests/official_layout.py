@@ -103,7 +103,10 @@ def t5_to_official(state: dict[str, torch.Tensor], num_layers: int) -> dict[str,
 
 def write_official_layout(pipe: WanPipeline, root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    experts: dict[str, WanTransformer3DModel] = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    experts: dict[str, WanTransformer3DModel] = {
+        "transformer": pipe.transformer,
+        "transformer_2": pipe.transformer_2,
+    }
     for name, model in experts.items():
         folder = root / EXPERT_DIRS[name]
         folder.mkdir()

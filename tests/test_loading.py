@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
+from diffusers.loaders.single_file_utils import (
+    convert_wan_transformer_to_diffusers,
+    convert_wan_vae_to_diffusers,
+)
 from official_layout import expert_to_official, vae_to_official, write_official_layout
 
 from wanserve.cli import main as cli_main
@@ -77,7 +80,9 @@ def copy_of(src: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("missing", [VAE_FILE, T5_FILE, "low_noise_model", "google/umt5-xxl"])
-def test_incomplete_official_dir_names_the_missing_file(layouts: tuple[Path, Path], tmp_path: Path, missing: str) -> None:
+def test_incomplete_official_dir_names_the_missing_file(
+    layouts: tuple[Path, Path], tmp_path: Path, missing: str
+) -> None:
     model = copy_of(layouts[1], tmp_path)
     target = model / missing
     shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -89,13 +94,13 @@ def test_corrupt_official_weights_name_the_file(layouts: tuple[Path, Path], tmp_
     model = copy_of(layouts[1], tmp_path)
     weights = model / "high_noise_model" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelLoadError, match="corrupt weights file .*high_noise_model"):
+    with pytest.raises(ModelLoadError, match=r"corrupt weights file .*high_noise_model"):
         load_pipeline(str(model), tmp_path, torch.float32)
     weights.unlink()
-    with pytest.raises(ModelLoadError, match="no \\*.safetensors in .*high_noise_model"):
+    with pytest.raises(ModelLoadError, match=r"no \*.safetensors in .*high_noise_model"):
         load_pipeline(str(model), tmp_path, torch.float32)
     (model / VAE_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelLoadError, match="corrupt checkpoint .*Wan2.1_VAE.pth"):
+    with pytest.raises(ModelLoadError, match=r"corrupt checkpoint .*Wan2.1_VAE.pth"):
         load_pipeline(str(model), tmp_path, torch.float32)
 
 
@@ -112,7 +117,7 @@ def test_incomplete_diffusers_dir_names_the_problem(layouts: tuple[Path, Path], 
 
     model = copy_of(layouts[0], tmp_path / "c")
     (model / "model_index.json").write_text("{not json")
-    with pytest.raises(ModelLoadError, match="corrupt .*model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"corrupt .*model_index.json"):
         load_pipeline(str(model), tmp_path, torch.float32)
 
     index = json.loads((layouts[0] / "model_index.json").read_text())
@@ -124,7 +129,7 @@ def test_incomplete_diffusers_dir_names_the_problem(layouts: tuple[Path, Path], 
 
 
 def test_not_a_model_dir(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="neither model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"neither model_index.json"):
         load_pipeline(str(tmp_path), tmp_path, torch.float32)
     with pytest.raises(ModelLoadError, match="not a directory"):
         load_pipeline(str(tmp_path / "nope"), tmp_path, torch.float32)

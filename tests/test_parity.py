@@ -55,7 +55,9 @@ def run_diffusers(engine: WanEngine, spec: GenerationSpec, reference_grid: bool)
 def test_engine_is_bit_exact_with_wanpipeline_on_reference_grid(
     engine: WanEngine, small_spec: Spec, steps: int, shift: float, frames: int
 ) -> None:
-    spec = small_spec(num_inference_steps=steps, shift=shift, num_frames=frames, guidance_scale=4.0, guidance_scale_2=3.0)
+    spec = small_spec(
+        num_inference_steps=steps, shift=shift, num_frames=frames, guidance_scale=4.0, guidance_scale_2=3.0
+    )
     ours = engine.generate(spec).frames
     theirs = run_diffusers(engine, spec, reference_grid=True)
     assert ours.shape == theirs.shape == (frames, spec.height, spec.width, 3)

@@ -47,9 +47,7 @@ def add_request_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -
         flag = "--" + name.replace("_", "-")
         help_text = (info.description or "").replace("%", "%%")
         if info.annotation is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         arg_type, choices = _flag_type(info.annotation)
         parser.add_argument(flag, dest=name, type=arg_type, choices=choices, default=None, help=help_text)
@@ -105,7 +103,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-class _progress_bar:  # noqa: N801 - used as a context manager like a function
+class _progress_bar:
     """tqdm on a terminal; one plain line per step otherwise (logs, CI)."""
 
     def __init__(self, total: int) -> None:

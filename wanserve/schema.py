@@ -7,7 +7,7 @@ and `seed`) the bounds below are ours and are documented in docs and `/openapi.j
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,13 +28,13 @@ MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
 MAX_SEED = 2**63 - 1
 
 
-class Resolution(str, Enum):
+class Resolution(StrEnum):
     P480 = "480p"
     P580 = "580p"
     P720 = "720p"
 
 
-class AspectRatio(str, Enum):
+class AspectRatio(StrEnum):
     LANDSCAPE = "16:9"
     PORTRAIT = "9:16"
     SQUARE = "1:1"
@@ -80,9 +80,7 @@ class WanT2VRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", use_enum_values=False)
 
     prompt: str = Field(..., min_length=1, description="The text prompt to guide video generation.")
-    negative_prompt: str = Field(
-        DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for video generation."
-    )
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for video generation.")
     num_frames: int = Field(
         81,
         ge=MIN_FRAMES,
@@ -90,7 +88,10 @@ class WanT2VRequest(BaseModel):
         description="Number of frames to generate. Must be between 81 to 121 (inclusive).",
     )
     frames_per_second: int = Field(
-        16, ge=MIN_FPS, le=MAX_FPS, description="Frames per second of the generated video. Must be between 4 to 24."
+        16,
+        ge=MIN_FPS,
+        le=MAX_FPS,
+        description="Frames per second of the generated video. Must be between 4 to 24.",
     )
     seed: int | None = Field(
         None,
@@ -133,7 +134,10 @@ class WanT2VRequest(BaseModel):
         "the prompt in the second stage of the model.",
     )
     shift: float = Field(
-        5.0, ge=MIN_SHIFT, le=MAX_SHIFT, description="Shift value for the video. Must be between 1.0 and 10.0."
+        5.0,
+        ge=MIN_SHIFT,
+        le=MAX_SHIFT,
+        description="Shift value for the video. Must be between 1.0 and 10.0.",
     )
 
     @property
@@ -174,9 +178,7 @@ class WanLoRAT2VRequest(WanT2VRequest):
 class File(BaseModel):
     url: str = Field(..., description="The URL where the file can be downloaded from.")
     content_type: str | None = Field(None, description="The mime type of the file.")
-    file_name: str | None = Field(
-        None, description="The name of the file. It will be auto-generated if not provided."
-    )
+    file_name: str | None = Field(None, description="The name of the file. It will be auto-generated if not provided.")
     file_size: int | None = Field(None, description="The size of the file in bytes.")
     file_data: str | None = Field(None, description="File data")
 

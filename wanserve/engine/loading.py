@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,7 +61,7 @@ def _component(name: str, path: Path, load: Callable[[], T]) -> T:
         return load()
     except ModelLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear error
+    except Exception as exc:
         raise ModelLoadError(f"cannot load {name} from {path}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -111,19 +112,20 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
     )
     # The VAE stays in float32: the reference decodes in float32 and bf16 decoding visibly bands.
     vae = _component(
-        "vae", path / "vae", lambda: AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32, **kw)
+        "vae",
+        path / "vae",
+        lambda: AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32, **kw),
     )
     scheduler = _component(
         "scheduler",
         path / "scheduler",
         lambda: UniPCMultistepScheduler.from_pretrained(path / "scheduler", **kw),
     )
-    loaded: dict[str, WanTransformer3DModel] = {}
-    for name in experts:
-        folder = path / name
-        loaded[name] = _component(
-            name, folder, lambda f=folder: WanTransformer3DModel.from_pretrained(f, torch_dtype=dtype, **kw)
-        )
+
+    def load_expert(folder: Path) -> WanTransformer3DModel:
+        return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **kw)
+
+    loaded = {name: _component(name, path / name, partial(load_expert, path / name)) for name in experts}
     boundary = index.get("boundary_ratio", BOUNDARY_RATIO)
     return WanPipeline(
         tokenizer=tokenizer,

@@ -68,7 +68,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"corrupt checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -178,7 +178,7 @@ def _read_expert_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"official Wan2.2 layout is incomplete: missing shard {f}")
         try:
             state.update(load_file(f))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(f"corrupt weights file {f}: {type(exc).__name__}: {exc}") from exc
     return state
 
@@ -215,7 +215,7 @@ def load_official_dir(root: Path, dtype: torch.dtype) -> WanPipeline:
         raise ModelLoadError(f"official Wan2.2 layout is incomplete: missing tokenizer folder {tok_dir}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"cannot load tokenizer from {tok_dir}: {type(exc).__name__}: {exc}") from exc
     return WanPipeline(
         tokenizer=tokenizer,

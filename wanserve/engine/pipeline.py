@@ -244,18 +244,14 @@ class WanEngine:
         if spec.reverse_video:
             frames = np.ascontiguousarray(frames[::-1])
         timings["total_s"] = time.perf_counter() - t0
-        return GenerationResult(
-            frames=frames, seed=spec.seed, steps=plan, frames_generated=generated, timings=timings
-        )
+        return GenerationResult(frames=frames, seed=spec.seed, steps=plan, frames_generated=generated, timings=timings)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
         latents = latents.to(vae.device, dtype=vae.dtype)
         z_dim = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
         out = self.pipe.video_processor.postprocess_video(video, output_type="np")
         return np.asarray(out[0], dtype=np.float32)

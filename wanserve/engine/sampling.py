@@ -10,7 +10,7 @@ integer part of sigma*1000. Handing that unshifted grid to diffusers' UniPC sche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -20,7 +20,7 @@ BOUNDARY_RATIO = 0.875
 REFERENCE_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 
 
-class Expert(str, Enum):
+class Expert(StrEnum):
     HIGH = "high"  # `transformer`: high-noise steps, t >= boundary
     LOW = "low"  # `transformer_2`: low-noise steps
 

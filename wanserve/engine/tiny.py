@@ -36,16 +36,16 @@ TINY_VERSION = 1
 TEXT_MAX_LENGTH = 512
 
 _WORDS = (
-    "a an the of in on at to with and or is are was by for from into over under through while as "
-    "cat dog fox bird fish horse woman man girl boy child people city street forest river ocean sea "
+    "a an the of in on at to with and or is are was by for from into over under through while as cat "
+    "dog fox bird fish horse woman man girl boy child people city street forest river ocean sea "
     "mountain snow rain sun moon sky cloud light night day fire water tree flower car train boat "
-    "walks runs flies swims jumps dances looks stands sits moves slowly quickly gently "
-    "red green blue yellow black white gray golden bright dark warm cold neon glowing "
-    "stylish long small big old young beautiful cinematic camera shot close-up wide "
-    "colors overexposed static blurred details subtitles style artwork painting picture still overall "
-    "worst quality low jpeg compression residue ugly incomplete extra fingers poorly drawn hands faces "
-    "deformed disfigured malformed limbs fused cluttered background three legs many walking backwards "
-    "tokyo filled animated signage she he wears leather jacket dress boots carries purse"
+    "walks runs flies swims jumps dances looks stands sits moves slowly quickly gently red green "
+    "blue yellow black white gray golden bright dark warm cold neon glowing stylish long small big "
+    "old young beautiful cinematic camera shot close-up wide colors overexposed static blurred "
+    "details subtitles style artwork painting picture still overall worst quality low jpeg "
+    "compression residue ugly incomplete extra fingers poorly drawn hands faces deformed disfigured "
+    "malformed limbs fused cluttered background three legs many walking backwards tokyo filled "
+    "animated signage she he wears leather jacket dress boots carries purse "
 ).split()
 _CHARS = [chr(c) for c in range(33, 127)]
 

@@ -30,13 +30,11 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def encode_mp4(
-    frames: np.ndarray, path: Path, fps: int, crf: int = 18, preset: str = "veryfast"
-) -> VideoInfo:
+def encode_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18, preset: str = "veryfast") -> VideoInfo:
     """Write frames (N, H, W, 3) as an mp4. The file appears atomically: a crash never leaves half."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames of shape (N, H, W, 3), got {frames.shape}")
-    n, height, width, _ = frames.shape
+    _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise ValueError("yuv420p needs even width and height")
     data = to_uint8(frames)

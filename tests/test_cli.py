@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wanserve.cli import main
+from wanserve.engine.video import probe_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "WANSERVE_CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "wanserve", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```sh\n(.*?)```", readme, re.S)
+    assert first_block is not None and readme.index("```sh") < readme.index("## ")
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
+    assert commands == ["make demo", "make test"]
+    # `make -n` shows what the demo command runs: a real generation with the built-in model.
+    dry = subprocess.run(["make", "-n", "demo"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "wanserve generate" in dry and "--resolution 480p" in dry
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "make demo" in ci
+
+
+@pytest.mark.slow
+def test_generate_command_writes_a_playable_mp4(tmp_path: Path, model_cache: Path) -> None:
+    proc = run_cli(
+        [
+            "generate",
+            "a red fox walks through snow",
+            "--resolution", "480p",
+            "--aspect-ratio", "1:1",
+            "--num-frames", "83",
+            "--frames-per-second", "12",
+            "--num-inference-steps", "2",
+            "--guidance-scale", "1",
+            "--guidance-scale-2", "1",
+            "--seed", "9",
+            "--reverse-video",
+            "-o", "out/fox.mp4",
+            "--json",
+        ],
+        model_cache,
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["seed"] == 9 and summary["path"] == str(tmp_path / "out" / "fox.mp4")
+    info = probe_mp4(tmp_path / "out" / "fox.mp4")
+    assert (info.num_frames, info.width, info.height, info.fps) == (83, 640, 640, 12.0)
+    # Not a terminal: one plain progress line per denoising step.
+    assert "step 1/2 (high expert, t=999)" in proc.stderr and "step 2/2 (low expert" in proc.stderr
+
+
+def test_invalid_flags_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "p", "--num-frames", "200", "--shift", "0.5", "-o", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "num_frames: Input should be less than or equal to 121" in err
+    assert "shift: Input should be greater than or equal to 1" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "p", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "Traceback" not in err
