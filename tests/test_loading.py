@@ -142,3 +142,16 @@ def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
         assert torch.equal(pa, pb), name
     ids = a.tokenizer("A red fox, walking!").input_ids
     assert ids[-1] == a.tokenizer.eos_token_id and a.tokenizer.unk_token_id not in ids
+
+
+def test_convert_refuses_bad_source_and_non_empty_destination(layouts: tuple[Path, Path], tmp_path: Path) -> None:
+    from wanserve.engine.convert import convert_model
+
+    with pytest.raises(ModelLoadError, match=r"not an official Wan2\.2 directory"):
+        convert_model(layouts[0], tmp_path / "out")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ModelLoadError, match="not empty"):
+        convert_model(layouts[1], busy)
+    assert (busy / "keep.txt").read_text() == "mine"
