@@ -188,7 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args, settings_from_args(args)))
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(_format_validation_error(exc).replace("invalid request", "invalid settings"), file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args, settings))
     except WanserveError as exc:
         print(f"error ({exc.error_type}): {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from wanserve.cli import build_parser, settings_from_args
+from wanserve.config import Settings
+
+
+def test_env_then_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANSERVE_MODEL", "/models/wan")
+    monkeypatch.setenv("WANSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("WANSERVE_VIDEO_CRF", "23")
+    args = build_parser().parse_args(["generate", "p", "--device", "cpu"])
+    s = settings_from_args(args)
+    assert (s.model, s.device, s.cache_dir, s.video_crf) == ("/models/wan", "cpu", tmp_path, 23)
+    args = build_parser().parse_args(["generate", "p", "--model", "tiny"])
+    assert settings_from_args(args).model == "tiny"  # a flag beats the environment
+
+
+def test_defaults_work_on_a_laptop(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("WANSERVE_MODEL", "WANSERVE_DEVICE", "WANSERVE_DTYPE"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings()
+    assert (s.model, s.device, s.dtype) == ("tiny", "auto", "auto")
+
+
+def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANSERVE_VIDEO_CRF", "99")
+    with pytest.raises(ValidationError, match="video_crf"):
+        Settings()
+
+
+def test_cli_reports_bad_settings_without_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wanserve.cli import main
+
+    monkeypatch.setenv("WANSERVE_VIDEO_CRF", "99")
+    assert main(["generate", "p"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and "video_crf" in err and "Traceback" not in err
