@@ -7,7 +7,6 @@ and always with `local_files_only`: nothing is ever fetched from a model hub.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -21,8 +20,6 @@ from transformers.utils import logging as transformers_logging
 
 from wanserve.engine.sampling import BOUNDARY_RATIO
 from wanserve.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 # Our own logs report loading; library progress bars would only clutter worker logs and the CLI.
 diffusers_logging.disable_progress_bar()

@@ -14,7 +14,6 @@ bit for bit once its scheduler is handed the reference sigmas.
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -27,8 +26,6 @@ from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DMode
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
-
-log = logging.getLogger(__name__)
 
 TEXT_CONTEXT_TOKENS = 512  # the reference pads the text context to 512 rows
 

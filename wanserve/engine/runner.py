@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from wanserve.engine.pipeline import (
 )
 from wanserve.engine.video import VideoInfo, encode_mp4
 from wanserve.schema import WanT2VRequest
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
