@@ -53,7 +53,8 @@ def is_official_layout(path: Path) -> bool:
     return (path / "high_noise_model").is_dir() or (path / "low_noise_model").is_dir()
 
 
-def _component(name: str, path: Path, load: Callable[[], T]) -> T:
+def load_component(name: str, path: Path, load: Callable[[], T]) -> T:
+    """Run one loader; any failure becomes a ModelLoadError naming the component and its path."""
     try:
         return load()
     except ModelLoadError:
@@ -99,21 +100,21 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
         raise ModelLoadError(f"model directory is incomplete: missing tokenizer folder {path / 'tokenizer'}")
 
     kw: dict[str, Any] = {"local_files_only": True}
-    tokenizer = _component(
+    tokenizer = load_component(
         "tokenizer", path / "tokenizer", lambda: AutoTokenizer.from_pretrained(path / "tokenizer", **kw)
     )
-    text_encoder = _component(
+    text_encoder = load_component(
         "text_encoder",
         path / "text_encoder",
         lambda: UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw),
     )
     # The VAE stays in float32: the reference decodes in float32 and bf16 decoding visibly bands.
-    vae = _component(
+    vae = load_component(
         "vae",
         path / "vae",
         lambda: AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32, **kw),
     )
-    scheduler = _component(
+    scheduler = load_component(
         "scheduler",
         path / "scheduler",
         lambda: UniPCMultistepScheduler.from_pretrained(path / "scheduler", **kw),
@@ -122,7 +123,7 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
     def load_expert(folder: Path) -> WanTransformer3DModel:
         return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **kw)
 
-    loaded = {name: _component(name, path / name, partial(load_expert, path / name)) for name in experts}
+    loaded = {name: load_component(name, path / name, partial(load_expert, path / name)) for name in experts}
     boundary = index.get("boundary_ratio", BOUNDARY_RATIO)
     return WanPipeline(
         tokenizer=tokenizer,

@@ -29,6 +29,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from wanserve.engine.loading import load_component
 from wanserve.engine.sampling import BOUNDARY_RATIO
 from wanserve.engine.tiny import build_scheduler
 from wanserve.errors import ModelLoadError
@@ -213,10 +214,9 @@ def load_official_dir(root: Path, dtype: torch.dtype) -> WanPipeline:
     tok_dir = root / TOKENIZER_DIR
     if not tok_dir.is_dir():
         raise ModelLoadError(f"official Wan2.2 layout is incomplete: missing tokenizer folder {tok_dir}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load tokenizer from {tok_dir}: {type(exc).__name__}: {exc}") from exc
+    tokenizer = load_component(
+        "tokenizer", tok_dir, lambda: AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    )
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=load_text_encoder(root / T5_FILE, dtype),

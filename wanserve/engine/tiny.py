@@ -16,7 +16,6 @@ Two VAE layouts exist:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -202,7 +201,6 @@ def ensure_tiny_model(cache_dir: Path, cfg: TinyConfig | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
         build_tiny_pipeline(cfg).save_pretrained(staging, safe_serialization=True)
-        (staging / "wanserve_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "vae": cfg.vae}))
         try:
             os.rename(staging, target)
         except OSError:
