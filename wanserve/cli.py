@@ -143,6 +143,62 @@ def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from wanserve.api.app import create_app
+    from wanserve.api.security import is_loopback_host, read_or_create_secret
+
+    if settings.port == 0:
+        settings = settings.model_copy(update={"port": _free_port(settings.host)})
+    if not settings.api_keys and not is_loopback_host(settings.host):
+        # Reachable from other machines: never open by default. The key is kept for the next start.
+        key_file = settings.data_dir / "api-key"
+        settings = settings.model_copy(update={"api_keys": [read_or_create_secret(key_file)]})
+        log.warning("no API key configured for host %s: using the key in %s", settings.host, key_file)
+    settings = settings.model_copy(update={"public_url": settings.resolved_public_url()})
+    logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    app = create_app(settings)
+    log.info("serving %s on %s (data in %s)", ", ".join(settings.app_ids), settings.public_url, settings.data_dir)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="debug" if args.verbose else "info",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=15,
+    )
+    return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import signal
+
+    from wanserve.backends import open_file_store, open_job_store
+    from wanserve.worker.loop import Worker
+    from wanserve.worker.supervisor import SETTINGS_ENV
+
+    inherited = os.environ.get(SETTINGS_ENV)
+    if inherited:  # started by `wanserve serve`: exactly the server's settings
+        settings = Settings.model_validate_json(inherited)
+    logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    parent = os.getppid()
+    worker.run(stop_when=lambda: args.exit_with_parent and os.getppid() != parent)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"wanserve {__version__}")
@@ -162,7 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="destination directory (diffusers layout)")
     conv.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
     conv.set_defaults(func=cmd_convert)
+
+    serve = sub.add_parser("serve", help="run the fal-compatible HTTP server and its GPU worker(s)")
+    _add_model_flags(serve)
+    _add_service_flags(serve)
+    serve.add_argument("--host", default=None, help="bind address (env WANSERVE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (env WANSERVE_PORT, default 8000)")
+    serve.add_argument("--public-url", default=None, help="base URL clients use (env WANSERVE_PUBLIC_URL)")
+    serve.add_argument(
+        "--api-key", dest="api_keys", action="append", default=None, help="accepted API key (repeatable)"
+    )
+    serve.add_argument("--workers", type=int, default=None, help="worker processes to supervise (default 1)")
+    serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run one worker against the job store")
+    _add_model_flags(worker)
+    _add_service_flags(worker)
+    worker.add_argument("--worker-id", default=None, help="unique worker name (default host-pid)")
+    worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
     return parser
+
+
+def _add_service_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="jobs database and files (env WANSERVE_DATA_DIR)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -175,7 +255,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {
         key: getattr(args, key)
-        for key in ("model", "device", "dtype", "cache_dir")
+        for key in (
+            "model",
+            "device",
+            "dtype",
+            "cache_dir",
+            "host",
+            "port",
+            "data_dir",
+            "public_url",
+            "api_keys",
+            "workers",
+        )
         if getattr(args, key, None) is not None
     }
     return Settings(**overrides)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "wanserve"
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "wanserve"
 
 
 class Settings(BaseSettings):
@@ -24,3 +28,51 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where built models are cached.")
     video_crf: int = Field(18, ge=0, le=51, description="H.264 constant rate factor of output videos.")
     video_preset: str = Field("veryfast", description="x264 preset of output videos.")
+
+    # --- the service (`wanserve serve` / `wanserve worker`) ---
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server binds (0: any free port).")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir, description="Job database, stored files and keys (embedded defaults)."
+    )
+    public_url: str | None = Field(
+        None, description="Base URL clients reach this server at; URLs returned to clients start with it."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (`Authorization: Key <key>`). Empty: no auth on a loopback host; on "
+        "any other host a key is generated into <data-dir>/api-key.",
+    )
+    app_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["fal-ai/wan-22", "fal-ai/wan/v2.2-a14b/text-to-video"],
+        description="Endpoint ids served; `<id>/lora` takes the LoRA request.",
+    )
+    workers: int = Field(1, ge=0, le=64, description="Worker child processes `serve` supervises (0: none).")
+    job_lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")
+    job_max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker died before it is failed.")
+    worker_poll_s: float = Field(0.05, gt=0, description="How often an idle worker looks for a queued job.")
+    webhook_user_id: str = Field("wanserve", description="X-Fal-Webhook-User-Id sent with webhooks.")
+    webhook_timeout_s: float = Field(15.0, gt=0, description="Time limit of one webhook delivery.")
+    webhook_max_attempts: int = Field(10, ge=1, description="Deliveries tried before a webhook is given up.")
+    webhook_retry_base_s: float = Field(
+        5.0, gt=0, description="First retry delay of a failed webhook; doubles up to 15 minutes."
+    )
+    file_sweep_s: float = Field(60.0, gt=0, description="How often expired stored files are deleted.")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest file the storage API accepts.")
+
+    @field_validator("api_keys", "app_ids", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def resolved_public_url(self, port: int | None = None) -> str:
+        """The base URL put in every URL returned to clients (no trailing slash)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port if port is not None else self.port}"

@@ -29,3 +29,41 @@ class InvalidGenerationInput(WanserveError):
 
     http_status = 422
     error_type = "bad_request"
+
+
+class NotFound(WanserveError):
+    """An unknown endpoint, request id or route."""
+
+    http_status = 404
+    error_type = "not_found"
+
+
+class BadRequest(WanserveError):
+    """A malformed header, query parameter or body outside the request schema."""
+
+    http_status = 400
+    error_type = "bad_request"
+
+
+class StillInProgress(WanserveError):
+    """The result of a request that has not completed yet (never a 2xx, so clients do not take it as output)."""
+
+    http_status = 400
+    error_type = "bad_request"
+
+
+class Unauthorized(WanserveError):
+    http_status = 401
+    error_type = "unauthorized"
+
+
+class InputValidationError(WanserveError):
+    """The request body does not match the endpoint's schema: 422 with FastAPI/fal-style `detail` entries."""
+
+    http_status = 422
+    error_type = "validation_error"
+
+    def __init__(self, errors: list[dict[str, object]]) -> None:
+        self.errors = errors
+        fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in errors)  # type: ignore[attr-defined]
+        super().__init__(f"invalid input: {fields}")

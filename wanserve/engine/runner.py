@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,13 @@ class EngineRunner:
         output: Path,
         on_step: StepCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> VideoResult:
+        """`on_phase` is told (in words) when the work moves on to a stage without steps (the mp4 encode)."""
         spec = GenerationSpec.from_request(request)
         result = self.engine.generate(spec, on_step=on_step, is_cancelled=is_cancelled)
+        if on_phase is not None:
+            on_phase(f"Encoding {len(result.frames)} frames to H.264 mp4")
         video = encode_mp4(
             result.frames,
             output,

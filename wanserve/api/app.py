@@ -1,0 +1,177 @@
+"""The FastAPI application: routers, error handlers, the proxy route, and the background loops
+(webhook delivery, start deadlines, lost-lease recovery, expired-file sweep, worker supervision)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wanserve import __version__
+from wanserve.api import files, health, queue, run, storage
+from wanserve.api.context import ServerContext
+from wanserve.api.metrics import Metrics
+from wanserve.api.proxy import FalProxyMiddleware
+from wanserve.api.responses import error_response
+from wanserve.api.security import ApiKeys, UrlSigner, read_or_create_secret
+from wanserve.backends import open_file_store, open_job_store
+from wanserve.config import Settings
+from wanserve.errors import WanserveError
+from wanserve.jobs.endpoints import EndpointRegistry
+from wanserve.jobs.service import JobService, recover_lost_jobs
+from wanserve.webhooks import WebhookDispatcher, WebhookSigner
+from wanserve.worker.supervisor import WorkerSupervisor
+
+log = logging.getLogger("wanserve.api")
+
+HOUSEKEEPING_S = 1.0
+WEBHOOK_POLL_S = 0.25
+
+
+def build_context(settings: Settings) -> ServerContext:
+    """The stores the settings name, plus the keys kept under the data directory."""
+    data = settings.data_dir
+    public_url = settings.resolved_public_url()
+    store = open_job_store(settings)
+    file_store = open_file_store(settings)
+    return ServerContext(
+        settings=settings,
+        public_url=public_url,
+        store=store,
+        files=file_store,
+        service=JobService(store, EndpointRegistry(settings.app_ids), public_url),
+        api_keys=ApiKeys(settings.api_keys),
+        url_signer=UrlSigner(read_or_create_secret(data / "keys" / "url-secret")),
+        webhook_signer=WebhookSigner.load_or_create(data / "keys" / "webhook-ed25519.pem"),
+        metrics=Metrics(store, settings.job_lease_s),
+    )
+
+
+async def _every(seconds: float, work: Callable[[], Awaitable[object]], name: str) -> None:
+    while True:
+        try:
+            await work()
+        except Exception:  # a failing loop logs and keeps going: it must never take the server down
+            log.exception("%s failed", name)
+        await asyncio.sleep(seconds)
+
+
+def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
+    """The app for `settings` (whose `public_url` should be set: workers build output URLs from it)."""
+    ctx = build_context(settings)
+    supervisor = WorkerSupervisor(settings, ctx.store, settings.workers if workers is None else workers)
+    dispatcher = WebhookDispatcher(
+        ctx.store,
+        ctx.webhook_signer,
+        user_id=settings.webhook_user_id,
+        timeout_s=settings.webhook_timeout_s,
+        max_attempts=settings.webhook_max_attempts,
+        retry_base_s=settings.webhook_retry_base_s,
+    )
+    last_sweep = [0.0]
+
+    async def housekeeping() -> None:
+        await asyncio.to_thread(ctx.store.expire_overdue, time.time())
+        await asyncio.to_thread(recover_lost_jobs, ctx.store, [], settings.job_max_attempts)
+        if time.monotonic() - last_sweep[0] >= settings.file_sweep_s:
+            last_sweep[0] = time.monotonic()
+            deleted = await asyncio.to_thread(ctx.files.sweep_expired, time.time())
+            if deleted:
+                log.info("deleted %d expired file(s)", deleted)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(supervisor.start)
+        async with httpx.AsyncClient(follow_redirects=False) as client:
+            tasks = [
+                asyncio.create_task(_every(HOUSEKEEPING_S, housekeeping, "housekeeping")),
+                asyncio.create_task(_every(WEBHOOK_POLL_S, lambda: dispatcher.deliver_due(client), "webhooks")),
+            ]
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with suppress(asyncio.CancelledError):
+                        await task
+                await asyncio.to_thread(supervisor.stop)
+
+    app = FastAPI(
+        title="wanserve",
+        version=__version__,
+        description="Self-hosted Wan 2.2 text-to-video, wire-compatible with fal-ai/wan-22.",
+        lifespan=lifespan,
+    )
+    app.state.context = ctx
+    app.state.supervisor = supervisor
+    _install_error_handlers(app)
+    for router in (health.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
+        app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
+    app.add_middleware(FalProxyMiddleware, public_url=ctx.public_url)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(WanserveError)
+    async def wanserve_error(request: Request, exc: WanserveError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422, headers={"x-fal-error-type": "validation_error"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return JSONResponse(
+            {"detail": exc.detail, "error_type": error_type},
+            status_code=exc.status_code,
+            headers={"x-fal-error-type": error_type, **(exc.headers or {})},
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": "Internal server error", "error_type": "internal_error"},
+            status_code=500,
+            headers={"x-fal-error-type": "internal_error"},
+        )
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (not by raw path, which would explode label cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_requests.labels(scope["method"], route, str(status[0])).inc()
+            self.metrics.http_seconds.labels(scope["method"], route).observe(time.perf_counter() - start)

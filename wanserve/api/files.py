@@ -1,0 +1,32 @@
+"""Stored files under /files/: public by unguessable URL (as fal's CDN), with HTTP Range for video seeking."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response, StreamingResponse
+
+from wanserve.api.context import Context
+
+router = APIRouter()
+
+
+@router.api_route("/files/{key:path}", methods=["GET", "HEAD"])
+def get_file(ctx: Context, key: str) -> Response:
+    stored = ctx.files.stat(key, time.time())
+    headers = {
+        "ETag": f'"{stored.etag}"',
+        "Cache-Control": "public, max-age=3600",
+        "Content-Disposition": f'inline; filename="{stored.file_name}"',
+    }
+    path = ctx.files.local_path(key)
+    if path is not None:
+        # FileResponse answers Range requests (206 + Content-Range) and sets Content-Length.
+        return FileResponse(path, media_type=stored.content_type, headers=headers)
+    handle = ctx.files.open(key)
+    return StreamingResponse(
+        iter(lambda: handle.read(1 << 20), b""),
+        media_type=stored.content_type,
+        headers={**headers, "Content-Length": str(stored.size)},
+    )

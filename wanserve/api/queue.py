@@ -1,0 +1,116 @@
+"""The fal queue protocol at the root: submit, status (+ SSE stream), result, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from wanserve.api.context import Authorized, Context, ServerContext
+from wanserve.api.responses import reply_response
+from wanserve.errors import BadRequest
+from wanserve.jobs.model import JobState
+
+router = APIRouter(dependencies=[Authorized])
+
+STREAM_POLL_S = 0.2
+KEEPALIVE_S = 15.0
+
+
+def wants_logs(value: str | None) -> bool:
+    """JS sends `logs=1|0`, Python `logs=true|false`."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def submit_job(ctx: ServerContext, endpoint: str, request: Request) -> Any:
+    body = await read_json(request)
+    headers = request.headers
+    return await run_in_threadpool(
+        ctx.service.submit,
+        endpoint,
+        body,
+        priority=headers.get("x-fal-queue-priority"),
+        start_timeout=headers.get("x-fal-request-timeout"),
+        webhook_url=request.query_params.get("fal_webhook"),
+        lifecycle=headers.get("x-fal-object-lifecycle-preference"),
+    )
+
+
+async def status_events(ctx: ServerContext, job_id: str, with_logs: bool) -> AsyncIterator[bytes]:
+    """One `data:` event per change, carrying only the log lines that are new since the previous event."""
+    last_seq, last_state, last_position, last_sent = 0, None, None, time.monotonic()
+    while True:
+        job = await run_in_threadpool(ctx.store.get, job_id)
+        if job is None:
+            return
+        logs = await run_in_threadpool(ctx.store.logs, job_id, last_seq) if with_logs else None
+        body = await run_in_threadpool(ctx.service.status_body, job, logs)
+        position = body.get("queue_position")
+        if job.state != last_state or logs or position != last_position:
+            if logs:
+                last_seq = logs[-1].seq
+            last_state, last_position, last_sent = job.state, position, time.monotonic()
+            yield f"data: {json.dumps(body)}\n\n".encode()
+            if job.state is JobState.COMPLETED:
+                return
+        elif time.monotonic() - last_sent > KEEPALIVE_S:
+            last_sent = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(STREAM_POLL_S)
+
+
+@router.get("/{app:path}/requests/{request_id}/status/stream")
+async def status_stream(
+    ctx: Context, app: str, request_id: str, logs: Annotated[str | None, Query()] = None
+) -> StreamingResponse:
+    job = await run_in_threadpool(ctx.service.find, app, request_id)
+    return StreamingResponse(
+        status_events(ctx, job.id, wants_logs(logs)),
+        media_type="text/event-stream",
+        headers={"x-fal-request-id": job.id, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+@router.get("/{app:path}/requests/{request_id}/status")
+def status(ctx: Context, app: str, request_id: str, logs: Annotated[str | None, Query()] = None) -> JSONResponse:
+    return reply_response(ctx.service.status(app, request_id, wants_logs(logs)))
+
+
+@router.get("/{app:path}/requests/{request_id}")
+def result(ctx: Context, app: str, request_id: str) -> JSONResponse:
+    return reply_response(ctx.service.result(app, request_id))
+
+
+@router.put("/{app:path}/requests/{request_id}/cancel")
+def cancel(ctx: Context, app: str, request_id: str) -> JSONResponse:
+    return reply_response(ctx.service.cancel(app, request_id))
+
+
+@router.post("/{endpoint:path}", status_code=200)
+async def submit(
+    ctx: Context,
+    endpoint: str,
+    request: Request,
+    x_fal_queue_priority: Annotated[str | None, Header(description="normal | low")] = None,
+    x_fal_request_timeout: Annotated[str | None, Header(description="start timeout, seconds")] = None,
+) -> JSONResponse:
+    """Queue a request. The body is the endpoint's input (see the schemas of `fal-ai/wan-22`)."""
+    job = await submit_job(ctx, endpoint, request)
+    body = await run_in_threadpool(ctx.service.submit_reply, job)
+    return JSONResponse(body, headers={"x-fal-request-id": job.id})

@@ -1,0 +1,60 @@
+"""Synchronous run under /run/ (fal.run): queue the request, wait, answer with the output itself.
+
+The request goes through the same queue as everyone else's (so priorities and the single GPU are
+shared fairly). A caller that hangs up cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from wanserve.api.context import Authorized, Context, ServerContext
+from wanserve.api.queue import STREAM_POLL_S, status_events, submit_job
+from wanserve.api.responses import reply_response
+from wanserve.jobs.model import Job, JobState
+
+router = APIRouter(prefix="/run", dependencies=[Authorized])
+
+
+async def wait_for(ctx: ServerContext, job: Job, request: Request) -> Job | None:
+    """The completed job, or None when the caller went away first (the job is then cancelled)."""
+    while True:
+        current = await run_in_threadpool(ctx.store.get, job.id)
+        if current is None:
+            return None
+        if current.state is JobState.COMPLETED:
+            return current
+        if await request.is_disconnected():
+            await run_in_threadpool(ctx.service.cancel, job.app, job.id)
+            return None
+        await asyncio.sleep(STREAM_POLL_S / 2)
+
+
+async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
+    """Progress events (status with the new log lines), then the output (or error body) as the last event."""
+    async for event in status_events(ctx, job.id, with_logs=True):
+        yield event
+    done = await run_in_threadpool(ctx.store.get, job.id)
+    if done is not None:
+        reply = ctx.service.result_of(done)
+        yield f"data: {json.dumps(reply.body)}\n\n".encode()
+
+
+@router.post("/{endpoint:path}")
+async def run(ctx: Context, endpoint: str, request: Request) -> Response:
+    streaming = endpoint.endswith("/stream") and ctx.service.endpoints.get(endpoint) is None
+    job = await submit_job(ctx, endpoint.removesuffix("/stream") if streaming else endpoint, request)
+    if streaming:
+        return StreamingResponse(
+            stream_run(ctx, job), media_type="text/event-stream", headers={"x-fal-request-id": job.id}
+        )
+    done = await wait_for(ctx, job, request)
+    if done is None:
+        return JSONResponse({"detail": "client disconnected", "error_type": "client_disconnected"}, status_code=499)
+    return reply_response(ctx.service.result_of(done))

@@ -1,0 +1,268 @@
+"""Uploads, as both official clients perform them.
+
+- REST flow (JS `fal.storage.upload`, Python's `fal` repository): POST /rest/storage/upload/initiate
+  answers a signed `upload_url` (a plain PUT, no Authorization needed) and the final `file_url`.
+- CDN flow (Python's default `fal_v3`): POST /rest/storage/auth/token gives a short-lived bearer
+  token, then POST /cdn/files/upload carries the bytes.
+- Multipart for both: JS PUTs `{upload_url}/{n}` and POSTs `{upload_url}/complete`; Python POSTs
+  /cdn/files/upload/multipart, PUTs `{access_url}/multipart/{id}/{n}` and POSTs `.../complete`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from wanserve.api.context import Authorized, Context, ServerContext
+from wanserve.errors import Unauthorized, WanserveError
+from wanserve.files.base import (
+    InvalidUpload,
+    lifecycle_expiry,
+    new_key,
+    parse_lifecycle_header,
+)
+from wanserve.jobs.service import iso_time
+
+UPLOAD_URL_TTL_S = 3600
+CDN_TOKEN_TTL_S = 3600
+
+rest = APIRouter(prefix="/rest/storage")
+cdn = APIRouter()
+
+
+class TooLarge(WanserveError):
+    http_status = 413
+    error_type = "payload_too_large"
+
+
+class InitiateUpload(BaseModel):
+    content_type: str = Field("application/octet-stream", max_length=255)
+    file_name: str | None = Field(None, max_length=1024)
+
+
+class Part(BaseModel):
+    partNumber: int = Field(ge=1, le=10_000)
+    etag: str = ""
+
+
+class CompleteMultipart(BaseModel):
+    parts: list[Part]
+
+
+def _lifecycle_seconds(*headers: str | None) -> str:
+    """The expiry requested by an object lifecycle header, as a string for signing ("" = never)."""
+    for header in headers:
+        preference = parse_lifecycle_header(header)
+        expiry = lifecycle_expiry(preference, 0.0)
+        if expiry is not None:
+            return str(int(expiry))
+    return ""
+
+
+def _expiry(lifecycle_s: str, now: float) -> float | None:
+    return now + int(lifecycle_s) if lifecycle_s else None
+
+
+async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
+    """The request body in a temporary file, refusing anything over the upload limit while it streams."""
+    limit = ctx.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
+    fd, name = tempfile.mkstemp(prefix="upload-")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"upload is over the {limit}-byte limit")
+                out.write(chunk)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+async def _store_body(request: Request, ctx: ServerContext, key: str, content_type: str, expires: float | None) -> Any:
+    tmp = await _receive_to_file(request, ctx)
+    try:
+        return await run_in_threadpool(ctx.files.put, key, tmp, content_type, expires, time.time())
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_cdn_auth(ctx: ServerContext, authorization: str | None) -> None:
+    """CDN routes take the bearer token from /rest/storage/auth/token, or an API key."""
+    if not ctx.api_keys.enabled:
+        return
+    scheme, _, credential = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and ctx.url_signer.token_valid(credential.strip()):
+        return
+    if ctx.api_keys.matches(authorization):
+        return
+    raise Unauthorized("Missing or expired upload token")
+
+
+# --- REST: initiate + signed PUT ---
+@rest.post("/upload/initiate", dependencies=[Authorized])
+def initiate(
+    ctx: Context,
+    body: InitiateUpload,
+    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
+) -> dict[str, str]:
+    key = new_key(body.file_name, "upload.bin")
+    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
+    exp = str(int(time.time() + UPLOAD_URL_TTL_S))
+    sig = ctx.url_signer.sign("put", key, body.content_type, life, exp)
+    query = urlencode({"content_type": body.content_type, "life": life, "exp": exp, "sig": sig})
+    return {"upload_url": f"{ctx.public_url}/rest/storage/upload/put/{key}?{query}", "file_url": ctx.files.url(key)}
+
+
+@rest.put("/upload/put/{key:path}")
+async def put_upload(
+    ctx: Context,
+    key: str,
+    request: Request,
+    content_type: Annotated[str, Query()],
+    exp: Annotated[str, Query()],
+    sig: Annotated[str, Query()],
+    life: Annotated[str, Query()] = "",
+) -> JSONResponse:
+    if not ctx.url_signer.verify(sig, "put", key, content_type, life, exp) or int(exp or 0) < time.time():
+        raise Unauthorized("upload URL signature is invalid or expired")
+    stored = await _store_body(request, ctx, key, content_type, _expiry(life, time.time()))
+    return JSONResponse({"file_url": ctx.files.url(key), "file_size": stored.size})
+
+
+@rest.post("/upload/initiate-multipart", dependencies=[Authorized])
+def initiate_multipart(
+    ctx: Context,
+    body: InitiateUpload,
+    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
+) -> dict[str, str]:
+    key = new_key(body.file_name, "upload.bin")
+    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
+    upload_id = ctx.files.create_multipart(key, body.content_type, _expiry(life, time.time()))
+    exp = str(int(time.time() + UPLOAD_URL_TTL_S))
+    query = urlencode({"exp": exp, "sig": ctx.url_signer.sign("multipart", upload_id, exp)})
+    return {
+        "upload_url": f"{ctx.public_url}/rest/storage/upload/multipart/{upload_id}?{query}",
+        "file_url": ctx.files.url(key),
+    }
+
+
+def _check_multipart_sig(ctx: ServerContext, upload_id: str, exp: str, sig: str) -> None:
+    if not ctx.url_signer.verify(sig, "multipart", upload_id, exp) or int(exp or 0) < time.time():
+        raise Unauthorized("multipart upload URL signature is invalid or expired")
+
+
+@rest.post("/upload/multipart/{upload_id}/complete")
+def complete_multipart_rest(
+    ctx: Context, upload_id: str, body: CompleteMultipart, exp: str = "", sig: str = ""
+) -> dict[str, Any]:
+    _check_multipart_sig(ctx, upload_id, exp, sig)
+    stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
+    return {"file_url": ctx.files.url(stored.key), "file_size": stored.size}
+
+
+@rest.put("/upload/multipart/{upload_id}/{part_number}")
+async def put_part_rest(
+    ctx: Context, upload_id: str, part_number: int, request: Request, exp: str = "", sig: str = ""
+) -> JSONResponse:
+    _check_multipart_sig(ctx, upload_id, exp, sig)
+    etag = await _put_part(ctx, upload_id, part_number, request)
+    return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+
+
+async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, request: Request) -> str:
+    data = await request.body()
+    if len(data) > ctx.settings.max_upload_bytes:
+        raise TooLarge("part is over the upload limit")
+    return await run_in_threadpool(ctx.files.put_part, upload_id, part_number, data)
+
+
+# --- CDN token + direct upload (Python's fal_v3 repository) ---
+@rest.post("/auth/token", dependencies=[Authorized])
+def cdn_token(ctx: Context) -> dict[str, str]:
+    token, expires = ctx.url_signer.token(CDN_TOKEN_TTL_S)
+    return {
+        "token": token,
+        "token_type": "Bearer",
+        "base_url": f"{ctx.public_url}/cdn",
+        # The Python client compares this with an aware datetime: it must carry a UTC offset.
+        "expires_at": iso_time(expires).replace("Z", "+00:00"),
+    }
+
+
+@cdn.post("/cdn/files/upload")
+async def cdn_upload(
+    ctx: Context,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    content_type: Annotated[str, Header()] = "application/octet-stream",
+    x_fal_file_name: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    _check_cdn_auth(ctx, authorization)
+    key = new_key(x_fal_file_name, "upload.bin")
+    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
+    stored = await _store_body(request, ctx, key, content_type, _expiry(life, time.time()))
+    return {"access_url": ctx.files.url(key), "file_size": stored.size}
+
+
+@cdn.post("/cdn/files/upload/multipart")
+def cdn_multipart(
+    ctx: Context,
+    authorization: Annotated[str | None, Header()] = None,
+    content_type: Annotated[str, Header()] = "application/octet-stream",
+    x_fal_file_name: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
+) -> dict[str, str]:
+    _check_cdn_auth(ctx, authorization)
+    key = new_key(x_fal_file_name, "upload.bin")
+    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
+    upload_id = ctx.files.create_multipart(key, content_type, _expiry(life, time.time()))
+    return {"access_url": ctx.files.url(key), "uploadId": upload_id}
+
+
+@cdn.put("/files/{key:path}/multipart/{upload_id}/{part_number}")
+async def cdn_put_part(
+    ctx: Context,
+    key: str,
+    upload_id: str,
+    part_number: int,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    _check_cdn_auth(ctx, authorization)
+    etag = await _put_part(ctx, upload_id, part_number, request)
+    return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+
+
+@cdn.post("/files/{key:path}/multipart/{upload_id}/complete")
+def cdn_complete(
+    ctx: Context,
+    key: str,
+    upload_id: str,
+    body: CompleteMultipart,
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    _check_cdn_auth(ctx, authorization)
+    stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
+    if stored.key != key:
+        raise InvalidUpload("the multipart upload belongs to another file")
+    return {"access_url": ctx.files.url(stored.key), "file_size": stored.size}

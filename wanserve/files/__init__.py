@@ -1,0 +1,1 @@
+"""File stores: one interface (`FileStore`), a local directory (embedded) and, for scale-out, S3."""

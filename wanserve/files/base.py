@@ -1,0 +1,131 @@
+"""The file store interface, stored-file metadata and the object lifecycle (expiry) rules."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from wanserve.errors import WanserveError
+
+
+class FileNotFound(WanserveError):
+    http_status = 404
+    error_type = "file_not_found"
+
+
+class InvalidFileKey(WanserveError):
+    http_status = 400
+    error_type = "bad_request"
+
+
+class InvalidUpload(WanserveError):
+    http_status = 400
+    error_type = "bad_request"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    key: str
+    content_type: str
+    size: int
+    file_name: str
+    created_at: float
+    expires_at: float | None = None
+    etag: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> StoredFile:
+        return cls(**json.loads(text))
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_KEY = re.compile(r"^[A-Za-z0-9_-]{8,64}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+def safe_file_name(name: str | None, default: str = "file.bin") -> str:
+    """A file name that is safe in a URL path and a filesystem: no directories, no dot-files."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = _SAFE_NAME.sub("_", base).strip("._")[:128]
+    return base or default
+
+
+def new_key(file_name: str | None, default: str = "file.bin") -> str:
+    """A fresh, unguessable key: `<random>/<safe file name>`."""
+    return f"{secrets.token_urlsafe(16)}/{safe_file_name(file_name, default)}"
+
+
+def check_key(key: str) -> str:
+    """Keys come from URLs: only the shape `new_key` makes is accepted, so no key can escape the store."""
+    if not _KEY.match(key):
+        raise InvalidFileKey(f"not a stored file key: {key!r}")
+    return key
+
+
+def lifecycle_expiry(preference: dict[str, Any] | None, now: float) -> float | None:
+    """`{"expiration_duration_seconds": N}` (fal's object lifecycle preference) -> absolute expiry time."""
+    if not preference:
+        return None
+    seconds = preference.get("expiration_duration_seconds")
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+        raise InvalidUpload("expiration_duration_seconds must be a positive number of seconds")
+    return now + float(seconds)
+
+
+def parse_lifecycle_header(value: str | None) -> dict[str, Any] | None:
+    """The JSON of an `X-Fal-Object-Lifecycle(-Preference)` header; a clear 400 when it is not JSON."""
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError as exc:
+        raise InvalidUpload(f"object lifecycle header is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidUpload("object lifecycle header must be a JSON object")
+    return data
+
+
+class FileStore(Protocol):
+    def url(self, key: str) -> str:
+        """The URL clients download the file from."""
+        ...
+
+    def key_from_url(self, url: str) -> str | None:
+        """The key of a URL this store handed out (so inputs that point at our own files are read locally)."""
+        ...
+
+    def put(
+        self, key: str, source: Path | bytes, content_type: str, expires_at: float | None, now: float
+    ) -> StoredFile:
+        """Stores a file atomically (a reader never sees half of it). A Path source is moved when possible."""
+        ...
+
+    def stat(self, key: str, now: float) -> StoredFile:
+        """Metadata of a live file; FileNotFound when absent or expired."""
+        ...
+
+    def open(self, key: str) -> BinaryIO: ...
+    def local_path(self, key: str) -> Path | None:
+        """Where the bytes are on this machine (None for remote stores)."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+    def sweep_expired(self, now: float) -> int:
+        """Deletes expired files; returns how many."""
+        ...
+
+    # multipart uploads: parts are numbered from 1 and joined in order on completion
+    def create_multipart(self, key: str, content_type: str, expires_at: float | None) -> str: ...
+    def put_part(self, upload_id: str, part_number: int, data: bytes) -> str:
+        """Stores one part; returns its ETag."""
+        ...
+
+    def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile: ...

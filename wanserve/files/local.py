@@ -1,0 +1,201 @@
+"""The embedded file store: a directory. Objects and their metadata are written to a temporary file and
+renamed into place, so a crash or a full disk never leaves a half-written file behind a live key."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from wanserve.files.base import FileNotFound, InvalidFileKey, InvalidUpload, StoredFile, check_key
+
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def _atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LocalFileStore:
+    def __init__(self, root: Path, public_url: str) -> None:
+        self.root = Path(root)
+        self.public_url = public_url.rstrip("/")
+        self._objects = self.root / "objects"
+        self._meta = self.root / "meta"
+        self._multipart = self.root / "multipart"
+        self._tmp = self.root / "tmp"
+        for d in (self._objects, self._meta, self._multipart, self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def url(self, key: str) -> str:
+        return f"{self.public_url}/files/{check_key(key)}"
+
+    def key_from_url(self, url: str) -> str | None:
+        prefix = f"{self.public_url}/files/"
+        if not url.startswith(prefix):
+            return None
+        key = url[len(prefix) :].split("?", 1)[0]
+        try:
+            return check_key(key)
+        except InvalidFileKey:
+            return None
+
+    def _object(self, key: str) -> Path:
+        return self._objects / check_key(key)
+
+    def _meta_path(self, key: str) -> Path:
+        return self._meta / (check_key(key) + ".json")
+
+    def put(
+        self, key: str, source: Path | bytes, content_type: str, expires_at: float | None, now: float
+    ) -> StoredFile:
+        target = self._object(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            _atomic_write(target, source, self._tmp)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=self._tmp)
+            os.close(fd)
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return self._write_meta(key, target, content_type, expires_at, now)
+
+    def _write_meta(
+        self, key: str, target: Path, content_type: str, expires_at: float | None, now: float
+    ) -> StoredFile:
+        stored = StoredFile(
+            key=key,
+            content_type=content_type,
+            size=target.stat().st_size,
+            file_name=key.split("/", 1)[1],
+            created_at=now,
+            expires_at=expires_at,
+            etag=_md5_file(target),
+        )
+        _atomic_write(self._meta_path(key), stored.to_json().encode(), self._tmp)
+        return stored
+
+    def stat(self, key: str, now: float) -> StoredFile:
+        meta = self._meta_path(key)
+        try:
+            stored = StoredFile.from_json(meta.read_text())
+        except FileNotFoundError:
+            raise FileNotFound(f"no such file: {key}") from None
+        if stored.expires_at is not None and stored.expires_at <= now:
+            raise FileNotFound(f"file expired: {key}")
+        if not self._object(key).is_file():
+            raise FileNotFound(f"no such file: {key}")
+        return stored
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._object(key).open("rb")
+        except FileNotFoundError:
+            raise FileNotFound(f"no such file: {key}") from None
+
+    def local_path(self, key: str) -> Path | None:
+        return self._object(key)
+
+    def delete(self, key: str) -> None:
+        # Metadata first: once it is gone the key is dead, even if removing the object then fails.
+        self._meta_path(key).unlink(missing_ok=True)
+        self._object(key).unlink(missing_ok=True)
+        for d in (self._meta_path(key).parent, self._object(key).parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    def sweep_expired(self, now: float) -> int:
+        deleted = 0
+        for meta in self._meta.glob("*/*.json"):
+            try:
+                stored = StoredFile.from_json(meta.read_text())
+            except (OSError, ValueError, TypeError):
+                continue
+            if stored.expires_at is not None and stored.expires_at <= now:
+                self.delete(stored.key)
+                deleted += 1
+        return deleted
+
+    # --- multipart ---
+    def _upload_dir(self, upload_id: str) -> Path:
+        if not _UPLOAD_ID.match(upload_id):
+            raise InvalidUpload(f"not an upload id: {upload_id!r}")
+        path = self._multipart / upload_id
+        if not path.is_dir():
+            raise FileNotFound(f"no such multipart upload: {upload_id}")
+        return path
+
+    def create_multipart(self, key: str, content_type: str, expires_at: float | None) -> str:
+        check_key(key)
+        upload_id = secrets.token_urlsafe(18)
+        path = self._multipart / upload_id
+        path.mkdir(parents=True)
+        info = {"key": key, "content_type": content_type, "expires_at": expires_at}
+        _atomic_write(path / "upload.json", json.dumps(info).encode(), self._tmp)
+        return upload_id
+
+    def put_part(self, upload_id: str, part_number: int, data: bytes) -> str:
+        if not 1 <= part_number <= 10_000:
+            raise InvalidUpload(f"part number must be 1..10000, got {part_number}")
+        _atomic_write(self._upload_dir(upload_id) / f"part-{part_number:05d}", data, self._tmp)
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile:
+        folder = self._upload_dir(upload_id)
+        info = json.loads((folder / "upload.json").read_text())
+        if not parts:
+            raise InvalidUpload("a multipart upload needs at least one part")
+        numbers = [n for n, _ in parts]
+        if sorted(numbers) != list(range(1, len(numbers) + 1)):
+            raise InvalidUpload(f"parts must be numbered 1..{len(numbers)} without gaps, got {sorted(numbers)}")
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for number, etag in sorted(parts):
+                    part = folder / f"part-{number:05d}"
+                    if not part.is_file():
+                        raise InvalidUpload(f"part {number} was never uploaded")
+                    if etag and etag.strip('"') != _md5_file(part):
+                        raise InvalidUpload(f"part {number}: ETag does not match the uploaded bytes")
+                    with part.open("rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            target = self._object(info["key"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        stored = self._write_meta(info["key"], target, info["content_type"], info["expires_at"], now)
+        shutil.rmtree(folder, ignore_errors=True)
+        return stored

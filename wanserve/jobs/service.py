@@ -1,0 +1,214 @@
+"""What the HTTP routers call: submit, status, result, cancel. No HTTP here, only the queue's rules."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from wanserve.errors import BadRequest, InputValidationError, NotFound, StillInProgress
+from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
+from wanserve.jobs.endpoints import EndpointRegistry
+from wanserve.jobs.model import (
+    CancelOutcome,
+    Job,
+    JobState,
+    LogEntry,
+    LogLevel,
+    NewJob,
+    Priority,
+    cancelled_failure,
+    disconnected_failure,
+)
+from wanserve.store.base import JobStore
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def log_json(entry: LogEntry) -> dict[str, Any]:
+    return {
+        "message": entry.message,
+        "level": entry.level.value,
+        "source": "USER",
+        "timestamp": iso_time(entry.timestamp),
+    }
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """pydantic errors in the shape fal and FastAPI answer with: `loc` starts at `body`."""
+    out = []
+    for err in exc.errors(include_url=False):
+        entry: dict[str, Any] = {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        if "ctx" in err:
+            entry["ctx"] = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in err["ctx"].items()}
+        if "input" in err and isinstance(err["input"], int | float | str | bool | None):
+            entry["input"] = err["input"]
+        out.append(entry)
+    return out
+
+
+def parse_start_timeout(header: str | None) -> float | None:
+    if header is None or header.strip() == "":
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        raise BadRequest(f"x-fal-request-timeout must be a number of seconds, got {header!r}") from None
+    if not seconds > 1 or seconds != seconds or seconds == float("inf"):
+        raise BadRequest(f"x-fal-request-timeout must be more than 1 second, got {header!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer without HTTP: status code, JSON body, extra headers."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+class JobService:
+    def __init__(self, store: JobStore, endpoints: EndpointRegistry, public_url: str) -> None:
+        self.store = store
+        self.endpoints = endpoints
+        self.public_url = public_url.rstrip("/")
+
+    # --- URLs, as the Python client takes them from submit and status ---
+    def urls(self, job: Job) -> dict[str, str]:
+        base = f"{self.public_url}/{job.app}/requests/{job.id}"
+        return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+    # --- submit ---
+    def submit(
+        self,
+        endpoint_id: str,
+        body: Any,
+        *,
+        priority: str | None = None,
+        start_timeout: str | None = None,
+        webhook_url: str | None = None,
+        lifecycle: str | None = None,
+    ) -> Job:
+        endpoint = self.endpoints.get(endpoint_id)
+        if endpoint is None:
+            raise NotFound(f"unknown endpoint: {endpoint_id}; this server serves {', '.join(self.endpoints.ids)}")
+        if not isinstance(body, dict):
+            raise InputValidationError(
+                [{"loc": ["body"], "msg": "the input must be a JSON object", "type": "model_attributes_type"}]
+            )
+        try:
+            request = endpoint.request_model.model_validate(body)
+        except ValidationError as exc:
+            raise InputValidationError(validation_errors(exc)) from None
+        if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
+            raise BadRequest(f"fal_webhook must be an http(s) URL, got {webhook_url!r}")
+        output_lifecycle = parse_lifecycle_header(lifecycle)
+        lifecycle_expiry(output_lifecycle, 0.0)  # validates it now rather than after the generation
+        now = time.time()
+        job = self.store.submit(
+            NewJob(
+                id=str(uuid.uuid4()),
+                endpoint=endpoint.id,
+                app=endpoint.app,
+                input=request.model_dump(mode="json", exclude_unset=True),
+                priority=Priority.parse(priority),
+                start_timeout_s=parse_start_timeout(start_timeout),
+                webhook_url=webhook_url,
+                output_lifecycle=output_lifecycle,
+            ),
+            now,
+        )
+        unknown = sorted(set(body) - set(endpoint.request_model.model_fields))
+        if unknown:
+            self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {', '.join(unknown)}", now)
+        return job
+
+    def submit_reply(self, job: Job) -> dict[str, Any]:
+        return {
+            "status": JobState.QUEUED.value,
+            "request_id": job.id,
+            "gateway_request_id": job.id,
+            **self.urls(job),
+            "queue_position": self.store.queue_position(job),
+        }
+
+    # --- status ---
+    def find(self, app: str, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None or job.app != app.strip("/"):
+            raise NotFound(f"request {job_id} not found for {app}")
+        return job
+
+    def status_body(self, job: Job, logs: list[LogEntry] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": job.state.value, "request_id": job.id, **self.urls(job)}
+        if job.state is JobState.QUEUED:
+            body["queue_position"] = self.store.queue_position(job)
+            return body
+        body["logs"] = [log_json(e) for e in logs] if logs is not None else None
+        if job.state is JobState.COMPLETED:
+            body["metrics"] = {"inference_time": job.inference_time}
+            if job.failure is not None:
+                body["error"] = job.failure.message
+                body["error_type"] = job.failure.error_type
+        return body
+
+    def status(self, app: str, job_id: str, with_logs: bool) -> Reply:
+        job = self.find(app, job_id)
+        logs = self.store.logs(job.id) if with_logs else None
+        code = 200 if job.state is JobState.COMPLETED else 202
+        return Reply(code, self.status_body(job, logs), {"x-fal-request-id": job.id})
+
+    # --- result ---
+    def result(self, app: str, job_id: str) -> Reply:
+        job = self.find(app, job_id)
+        return self.result_of(job)
+
+    def result_of(self, job: Job) -> Reply:
+        if job.state is not JobState.COMPLETED:
+            raise StillInProgress("Request is still in progress")
+        headers = {"x-fal-request-id": job.id}
+        if job.failure is None:
+            return Reply(200, job.output, headers)
+        headers["x-fal-error-type"] = job.failure.error_type
+        if job.failure.error_type == "request_timeout":
+            headers["x-fal-request-timeout-type"] = "user"
+        return Reply(job.failure.http_status, job.failure.result_body(), headers)
+
+    # --- cancel ---
+    def cancel(self, app: str, job_id: str) -> Reply:
+        job = self.store.get(job_id)
+        if job is None or job.app != app.strip("/"):
+            return Reply(404, {"status": CancelOutcome.NOT_FOUND.value}, {})
+        outcome = self.store.cancel(job_id, cancelled_failure(), time.time())
+        if outcome is CancelOutcome.CANCELLED:
+            self.store.add_log(job_id, LogLevel.INFO, "Cancelled while queued", time.time())
+            return Reply(202, {"status": CancelOutcome.REQUESTED.value}, {})
+        if outcome is CancelOutcome.REQUESTED:
+            self.store.add_log(job_id, LogLevel.INFO, "Cancellation requested; stopping at the next step", time.time())
+            return Reply(202, {"status": CancelOutcome.REQUESTED.value}, {})
+        if outcome is CancelOutcome.ALREADY_COMPLETED:
+            return Reply(400, {"status": outcome.value}, {})
+        return Reply(404, {"status": outcome.value}, {})
+
+
+def dumps(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: int) -> list[str]:
+    """Requeues the running jobs of dead workers (and of expired leases); fails those out of attempts."""
+    now = time.time()
+    failed = []
+    for job in store.recover_lost(now, dead_workers, max_attempts):
+        if store.finish(job.id, now, failure=disconnected_failure(job.attempts)):
+            store.add_log(job.id, LogLevel.ERROR, f"Worker lost; giving up after {job.attempts} attempts", now)
+            failed.append(job.id)
+    return failed

@@ -1,0 +1,1 @@
+"""Job stores: one interface (`JobStore`), one embedded backend (SQLite) and, for scale-out, Redis."""

@@ -1,0 +1,87 @@
+"""The job store interface. The API and the workers only ever talk to a job store through this."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from wanserve.jobs.model import (
+    CancelOutcome,
+    Failure,
+    Job,
+    LogEntry,
+    LogLevel,
+    NewJob,
+    Webhook,
+    WorkerInfo,
+)
+
+
+class JobStore(Protocol):
+    # --- requests (API side) ---
+    def submit(self, new: NewJob, now: float) -> Job: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def queue_position(self, job: Job) -> int:
+        """How many queued jobs run before this one (0: next)."""
+        ...
+
+    def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
+        """A queued job completes at once with `failure`; a running one is flagged for its worker."""
+        ...
+
+    def expire_overdue(self, now: float) -> list[str]:
+        """Complete queued jobs whose start deadline passed; returns their ids."""
+        ...
+
+    # --- logs ---
+    def add_log(self, job_id: str, level: LogLevel, message: str, now: float) -> None: ...
+    def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]: ...
+
+    # --- workers ---
+    def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
+        """The next queued job (priority, then submission order), now running on `worker_id`."""
+        ...
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
+        """Extends the lease; False when the job is no longer this worker's (it was recovered or ended)."""
+        ...
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """A worker that shuts down gives its running job back to the queue (the run does not count)."""
+        ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+    def finish(
+        self,
+        job_id: str,
+        now: float,
+        *,
+        worker_id: str | None = None,
+        output: dict[str, Any] | None = None,
+        failure: Failure | None = None,
+        inference_time: float | None = None,
+    ) -> bool:
+        """Completes a job (once). With `worker_id`, only if that worker still holds it. Queues the webhook."""
+        ...
+
+    def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:
+        """Running jobs of dead workers or with an expired lease go back to the queue; those that already had
+        `max_attempts` runs are returned for the caller to fail."""
+        ...
+
+    def register_worker(self, info: WorkerInfo) -> None: ...
+    def remove_worker(self, worker_id: str) -> None: ...
+    def workers(self) -> list[WorkerInfo]: ...
+
+    # --- webhooks ---
+    def due_webhooks(self, now: float, limit: int = 20) -> list[Webhook]: ...
+    def webhook_delivered(self, webhook_id: int, now: float) -> None: ...
+    def webhook_failed(self, webhook_id: int, error: str, retry_at: float | None) -> None:
+        """Records a failed delivery; `retry_at` None means it is given up."""
+        ...
+
+    # --- metrics ---
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, and completed jobs by outcome (`ok`, or the error type)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,390 @@
+"""The embedded job store: one SQLite file in WAL mode, shared by the API and its worker processes.
+
+Every write is one `BEGIN IMMEDIATE` transaction, so a claim, a cancel or a finish is atomic across
+processes, and `synchronous=FULL` makes each commit survive a kill -9 (and a power cut) of any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from wanserve.jobs.model import (
+    CancelOutcome,
+    Failure,
+    Job,
+    JobState,
+    LogEntry,
+    LogLevel,
+    NewJob,
+    Priority,
+    Webhook,
+    WorkerInfo,
+    start_timeout_failure,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    endpoint TEXT NOT NULL,
+    app TEXT NOT NULL,
+    input TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    start_timeout_s REAL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    lease_expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    output TEXT,
+    failure TEXT,
+    inference_time REAL,
+    webhook_url TEXT,
+    output_lifecycle TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority, seq);
+CREATE TABLE IF NOT EXISTS logs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, seq);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    ready INTEGER NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+_QUEUED, _RUNNING, _COMPLETED = JobState.QUEUED.value, JobState.RUNNING.value, JobState.COMPLETED.value
+
+
+def _job(row: sqlite3.Row) -> Job:
+    timeout = row["start_timeout_s"]
+    return Job(
+        id=row["id"],
+        endpoint=row["endpoint"],
+        app=row["app"],
+        input=json.loads(row["input"]),
+        priority=Priority(row["priority"]),
+        state=JobState(row["state"]),
+        seq=row["seq"],
+        created_at=row["created_at"],
+        start_deadline=row["created_at"] + timeout if timeout is not None else None,
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        attempts=row["attempts"],
+        worker_id=row["worker_id"],
+        lease_expires_at=row["lease_expires_at"],
+        cancel_requested=bool(row["cancel_requested"]),
+        output=json.loads(row["output"]) if row["output"] else None,
+        failure=Failure.from_json(row["failure"]) if row["failure"] else None,
+        inference_time=row["inference_time"],
+        webhook_url=row["webhook_url"],
+        output_lifecycle=json.loads(row["output_lifecycle"]) if row["output_lifecycle"] else None,
+    )
+
+
+class SQLiteJobStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)
+
+    # --- connections: one per thread, autocommit; writes take the database lock up front ---
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- requests ---
+    def submit(self, new: NewJob, now: float) -> Job:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO jobs (id, endpoint, app, input, priority, state, created_at, start_timeout_s,"
+                " webhook_url, output_lifecycle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new.id,
+                    new.endpoint,
+                    new.app,
+                    json.dumps(new.input),
+                    int(new.priority),
+                    _QUEUED,
+                    now,
+                    new.start_timeout_s,
+                    new.webhook_url,
+                    json.dumps(new.output_lifecycle) if new.output_lifecycle is not None else None,
+                ),
+            )
+        job = self.get(new.id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def queue_position(self, job: Job) -> int:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = ? AND (priority < ? OR (priority = ? AND seq < ?))",
+                (_QUEUED, int(job.priority), int(job.priority), job.seq),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return CancelOutcome.NOT_FOUND
+            if row["state"] == _COMPLETED:
+                return CancelOutcome.ALREADY_COMPLETED
+            if row["state"] == _QUEUED:
+                self._complete(db, job_id, now, None, failure, None)
+                return CancelOutcome.CANCELLED
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return CancelOutcome.REQUESTED
+
+    def expire_overdue(self, now: float) -> list[str]:
+        with self._write() as db:
+            return self._expire_overdue(db, now)
+
+    def _expire_overdue(self, db: sqlite3.Connection, now: float) -> list[str]:
+        rows = db.execute(
+            "SELECT id, start_timeout_s FROM jobs WHERE state = ? AND start_timeout_s IS NOT NULL"
+            " AND created_at + start_timeout_s < ?",
+            (_QUEUED, now),
+        ).fetchall()
+        for row in rows:
+            self._complete(db, row["id"], now, None, start_timeout_failure(row["start_timeout_s"]), None)
+        return [row["id"] for row in rows]
+
+    # --- logs ---
+    def add_log(self, job_id: str, level: LogLevel, message: str, now: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO logs (job_id, ts, level, message) VALUES (?, ?, ?, ?)",
+                (job_id, now, level.value, message),
+            )
+
+    def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT seq, ts, level, message FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq",
+                (job_id, after_seq),
+            )
+            .fetchall()
+        )
+        return [LogEntry(r["seq"], r["ts"], LogLevel(r["level"]), r["message"]) for r in rows]
+
+    # --- workers ---
+    def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
+        with self._write() as db:
+            self._expire_overdue(db, now)
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY priority, seq LIMIT 1", (_QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, worker_id = ?, attempts = attempts + 1, started_at = ?,"
+                " lease_expires_at = ? WHERE id = ?",
+                (_RUNNING, worker_id, now, now + lease_s, row["id"]),
+            )
+        return self.get(row["id"])
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state = ? AND worker_id = ?",
+                (now + lease_s, job_id, _RUNNING, worker_id),
+            )
+            return cur.rowcount == 1
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
+                " attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ? AND worker_id = ?",
+                (_QUEUED, job_id, _RUNNING, worker_id),
+            )
+            return cur.rowcount == 1
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def finish(
+        self,
+        job_id: str,
+        now: float,
+        *,
+        worker_id: str | None = None,
+        output: dict[str, Any] | None = None,
+        failure: Failure | None = None,
+        inference_time: float | None = None,
+    ) -> bool:
+        with self._write() as db:
+            row = db.execute("SELECT state, worker_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] == _COMPLETED:
+                return False
+            if worker_id is not None and (row["state"] != _RUNNING or row["worker_id"] != worker_id):
+                return False
+            self._complete(db, job_id, now, output, failure, inference_time)
+            return True
+
+    def _complete(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        now: float,
+        output: dict[str, Any] | None,
+        failure: Failure | None,
+        inference_time: float | None,
+    ) -> None:
+        db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, output = ?, failure = ?, inference_time = ?,"
+            " lease_expires_at = NULL WHERE id = ?",
+            (
+                _COMPLETED,
+                now,
+                json.dumps(output) if output is not None else None,
+                failure.to_json() if failure is not None else None,
+                inference_time,
+                job_id,
+            ),
+        )
+        db.execute(
+            "INSERT INTO webhooks (job_id, url, next_attempt_at) SELECT id, webhook_url, ? FROM jobs"
+            " WHERE id = ? AND webhook_url IS NOT NULL",
+            (now, job_id),
+        )
+
+    def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:
+        marks = ",".join("?" * len(dead_workers)) or "NULL"
+        with self._write() as db:
+            rows = db.execute(
+                f"SELECT id, attempts FROM jobs WHERE state = ? AND (worker_id IN ({marks}) OR lease_expires_at < ?)",
+                (_RUNNING, *dead_workers, now),
+            ).fetchall()
+            exhausted = []
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    exhausted.append(row["id"])
+                    continue
+                db.execute(
+                    "UPDATE jobs SET state = ?, worker_id = NULL, lease_expires_at = NULL, started_at = NULL"
+                    " WHERE id = ?",
+                    (_QUEUED, row["id"]),
+                )
+        return [job for job in (self.get(i) for i in exhausted) if job is not None]
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO workers (id, ready, heartbeat_at, detail) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET ready = excluded.ready, heartbeat_at = excluded.heartbeat_at,"
+                " detail = excluded.detail",
+                (info.id, int(info.ready), info.heartbeat_at, json.dumps(info.detail)),
+            )
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._conn().execute("SELECT * FROM workers ORDER BY id").fetchall()
+        return [WorkerInfo(r["id"], bool(r["ready"]), r["heartbeat_at"], json.loads(r["detail"])) for r in rows]
+
+    # --- webhooks ---
+    def due_webhooks(self, now: float, limit: int = 20) -> list[Webhook]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM webhooks WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            )
+            .fetchall()
+        )
+        return [Webhook(r["id"], r["job_id"], r["url"], r["attempts"], r["next_attempt_at"]) for r in rows]
+
+    def webhook_delivered(self, webhook_id: int, now: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE webhooks SET state = 'delivered', attempts = attempts + 1, delivered_at = ? WHERE id = ?",
+                (now, webhook_id),
+            )
+
+    def webhook_failed(self, webhook_id: int, error: str, retry_at: float | None) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE webhooks SET attempts = attempts + 1, last_error = ?, state = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                (error[:1000], "pending" if retry_at is not None else "failed", retry_at, webhook_id),
+            )
+
+    # --- metrics ---
+    def counts(self) -> dict[str, int]:
+        db = self._conn()
+        counts = {state.value: 0 for state in JobState}
+        for row in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[row[0]] = row[1]
+        for row in db.execute(
+            "SELECT COALESCE(json_extract(failure, '$.error_type'), 'ok'), COUNT(*) FROM jobs"
+            " WHERE state = ? GROUP BY 1",
+            (_COMPLETED,),
+        ):
+            counts[f"outcome:{row[0]}"] = row[1]
+        return counts

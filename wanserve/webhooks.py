@@ -1,0 +1,149 @@
+"""Webhooks: the fal payload, Ed25519 signatures as the hosted service sends them, the JWKS that
+verifies them, and delivery with persisted retries. A webhook never changes the job it reports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from wanserve.jobs.model import Job
+from wanserve.store.base import JobStore
+
+log = logging.getLogger("wanserve.webhooks")
+
+MAX_RETRY_DELAY_S = 900.0
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class WebhookSigner:
+    """One Ed25519 key, kept in a PEM file (0600) so signatures stay verifiable across restarts."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        raw = self.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = hashlib.sha256(raw).hexdigest()[:16]
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> WebhookSigner:
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{path} is not an Ed25519 private key")
+            return cls(key)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        tmp.replace(path)
+        return cls(key)
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
+    def jwks(self) -> dict[str, Any]:
+        raw = self.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw), "kid": self.key_id, "use": "sig"}]}
+
+    def headers(self, request_id: str, user_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        """The four X-Fal-Webhook-* headers: a hex Ed25519 signature over
+        `request_id \\n user_id \\n timestamp \\n sha256_hex(body)`."""
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        message = "\n".join([request_id, user_id, ts, hashlib.sha256(body).hexdigest()]).encode()
+        return {
+            "X-Fal-Webhook-Request-Id": request_id,
+            "X-Fal-Webhook-User-Id": user_id,
+            "X-Fal-Webhook-Timestamp": ts,
+            "X-Fal-Webhook-Signature": self._key.sign(message).hex(),
+        }
+
+
+def webhook_payload(job: Job) -> dict[str, Any]:
+    """The body fal POSTs to `fal_webhook` when a request completes."""
+    if job.failure is None:
+        return {
+            "request_id": job.id,
+            "gateway_request_id": job.id,
+            "status": "OK",
+            "payload": job.output,
+            "error": None,
+        }
+    return {
+        "request_id": job.id,
+        "gateway_request_id": job.id,
+        "status": "ERROR",
+        "payload": job.failure.result_body(),
+        "error": f"Invalid status code: {job.failure.http_status}",
+    }
+
+
+def retry_delay(attempts: int, base_s: float) -> float:
+    """Delay before the next try after `attempts` failed ones: base, 2x base, 4x base... capped."""
+    return min(base_s * (2 ** max(attempts - 1, 0)), MAX_RETRY_DELAY_S)
+
+
+class WebhookDispatcher:
+    """Delivers due webhooks from the job store. Runs in the API process; a restart resumes from the store."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        signer: WebhookSigner,
+        *,
+        user_id: str,
+        timeout_s: float,
+        max_attempts: int,
+        retry_base_s: float,
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.user_id = user_id
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.retry_base_s = retry_base_s
+
+    async def deliver_due(self, client: httpx.AsyncClient) -> int:
+        due = await asyncio.to_thread(self.store.due_webhooks, time.time())
+        await asyncio.gather(*(self._deliver(client, hook.id, hook.job_id, hook.url, hook.attempts) for hook in due))
+        return len(due)
+
+    async def _deliver(self, client: httpx.AsyncClient, hook_id: int, job_id: str, url: str, attempts: int) -> None:
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job is None:
+            await asyncio.to_thread(self.store.webhook_failed, hook_id, "job no longer exists", None)
+            return
+        body = json.dumps(webhook_payload(job)).encode()
+        headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
+        error: str | None = None
+        try:
+            response = await client.post(url, content=body, headers=headers, timeout=self.timeout_s)
+            if not 200 <= response.status_code < 300:
+                error = f"receiver answered HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if error is None:
+            await asyncio.to_thread(self.store.webhook_delivered, hook_id, time.time())
+            return
+        tried = attempts + 1
+        retry_at = time.time() + retry_delay(tried, self.retry_base_s) if tried < self.max_attempts else None
+        log.warning("webhook for %s to %s failed (try %d/%d): %s", job_id, url, tried, self.max_attempts, error)
+        await asyncio.to_thread(self.store.webhook_failed, hook_id, error, retry_at)

@@ -1,0 +1,208 @@
+"""One worker: loads the model once, then claims and runs jobs until told to stop.
+
+The job store is the only channel to the API: progress logs, the cancel flag and the lease heartbeat
+all go through it, so a worker can be a child of `wanserve serve` or a process on another machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from wanserve.config import Settings
+from wanserve.errors import GenerationCancelled, InvalidGenerationInput, WanserveError
+from wanserve.files.base import FileStore, lifecycle_expiry, new_key
+from wanserve.jobs.endpoints import EndpointRegistry
+from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
+from wanserve.jobs.service import validation_errors
+from wanserve.store.base import JobStore
+
+log = logging.getLogger("wanserve.worker")
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class LeaseLost(Exception):
+    """The store gave this worker's job away (its lease expired): stop without reporting."""
+
+
+class ShuttingDown(Exception):
+    """The worker was asked to stop: the running job goes back to the queue."""
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        files: FileStore,
+        *,
+        worker_id: str | None = None,
+        runner_factory: Callable[[Settings], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.endpoints = EndpointRegistry(settings.app_ids)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._runner_factory = runner_factory
+        self._runner: Any = None
+        self._current: Job | None = None
+        self._lease_lost = threading.Event()
+        self._stop = threading.Event()
+        self._detail = {"host": socket.gethostname(), "pid": os.getpid(), "model": settings.model}
+
+    # --- lifecycle ---
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _register(self, ready: bool) -> None:
+        self.store.register_worker(WorkerInfo(self.id, ready, time.time(), self._detail))
+
+    def load(self) -> None:
+        self._register(ready=False)
+        if self._runner_factory is None:
+            from wanserve.engine.runner import EngineRunner  # the engine (torch) loads only in workers
+
+            self._runner = EngineRunner.from_settings(self.settings)
+        else:
+            self._runner = self._runner_factory(self.settings)
+        self._register(ready=True)
+        log.info("worker %s ready (model %s)", self.id, self.settings.model)
+
+    def run(self, stop_when: Callable[[], bool] = lambda: False) -> None:
+        """Loads the model, then runs jobs until `stop()` or `stop_when()`."""
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            self.load()
+            while not self._stop.is_set() and not stop_when():
+                job = self.store.claim(self.id, self.settings.job_lease_s, time.time())
+                if job is None:
+                    self._stop.wait(self.settings.worker_poll_s)
+                    continue
+                self.process(job)
+        finally:
+            self._stop.set()
+            self.store.remove_worker(self.id)
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(self.settings.job_lease_s / 4, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                self._register(ready=self._runner is not None)
+                job = self._current
+                if job is not None and not self.store.heartbeat(
+                    job.id, self.id, self.settings.job_lease_s, time.time()
+                ):
+                    self._lease_lost.set()
+            except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
+                log.exception("heartbeat failed")
+
+    # --- one job ---
+    def _log(self, job: Job, message: str, level: LogLevel = LogLevel.INFO) -> None:
+        self.store.add_log(job.id, level, message, time.time())
+
+    def _is_cancelled(self, job: Job) -> bool:
+        if self._lease_lost.is_set():
+            raise LeaseLost(job.id)
+        if self._stop.is_set():
+            raise ShuttingDown(job.id)
+        return self.store.cancel_requested(job.id)
+
+    def process(self, job: Job) -> None:
+        self._current, started = job, time.perf_counter()
+        self._lease_lost.clear()
+        try:
+            output, inference_time = self._run(job)
+        except LeaseLost:
+            log.warning("job %s: lease lost, leaving it to the store", job.id)
+        except ShuttingDown:
+            self._log(job, "Worker shutting down; the request goes back to the queue", LogLevel.WARN)
+            self.store.release(job.id, self.id)
+        except GenerationCancelled:
+            self._log(job, "Cancelled")
+            self._finish(job, failure=cancelled_failure())
+        except ValidationError as exc:
+            self._finish(
+                job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
+            )
+        except WanserveError as exc:
+            self._log(job, f"Failed: {exc}", LogLevel.ERROR)
+            self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
+        except Exception as exc:  # any engine crash fails this job only; the worker goes on
+            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+            self._log(job, f"Internal error: {type(exc).__name__}: {exc}", LogLevel.ERROR)
+            self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
+        else:
+            self._log(job, f"Completed in {time.perf_counter() - started:.1f}s")
+            self._finish(job, output=output, inference_time=inference_time)
+        finally:
+            self._current = None
+
+    def _finish(self, job: Job, **outcome: Any) -> None:
+        if not self.store.finish(job.id, time.time(), worker_id=self.id, **outcome):
+            log.warning("job %s was no longer ours when it finished", job.id)
+
+    def _run(self, job: Job) -> tuple[dict[str, Any], float]:
+        request = self.endpoints.request_model(job.endpoint).model_validate(job.input)
+        if getattr(request, "loras", None):
+            raise InvalidGenerationInput("LoRAs are not supported by this server version yet; remove `loras`")
+        if job.attempts > 1:
+            self._log(job, f"Retrying after the previous worker stopped (attempt {job.attempts})", LogLevel.WARN)
+        width, height = request.frame_size
+        self._log(
+            job,
+            f"Started on worker {self.id}: {request.num_frames} frames at {width}x{height},"
+            f" {request.num_inference_steps} steps",
+        )
+
+        def on_step(p: Any) -> None:
+            self._log(
+                job,
+                f"step {p.step}/{p.total} · {p.expert.value}-noise expert · {p.seconds:.2f}s/step"
+                f" · ETA {_fmt_duration(p.eta_seconds)}",
+            )
+            if p.step == p.total:
+                self._log(job, "Decoding video")
+
+        with tempfile.TemporaryDirectory(prefix="wanserve-") as tmp:
+            out_path = Path(tmp) / "video.mp4"
+            result = self._runner.generate_video(
+                request,
+                out_path,
+                on_step=on_step,
+                is_cancelled=lambda: self._is_cancelled(job),
+                on_phase=lambda message: self._log(job, message),
+            )
+            if self._is_cancelled(job):
+                raise GenerationCancelled("cancelled before the upload")
+            now = time.time()
+            expires = lifecycle_expiry(job.output_lifecycle, now)
+            key = new_key(f"{job.id}.mp4")
+            stored = self.files.put(key, out_path, "video/mp4", expires, now)
+        self._log(job, f"Stored video ({stored.size / 1e6:.2f} MB)")
+        output = {
+            "video": {
+                "url": self.files.url(key),
+                "content_type": "video/mp4",
+                "file_name": stored.file_name,
+                "file_size": stored.size,
+            },
+            "seed": result.seed,
+            "prompt": request.prompt,
+        }
+        return output, float(result.generation.timings.get("total_s", 0.0))

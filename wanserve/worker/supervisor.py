@@ -1,0 +1,147 @@
+"""`wanserve serve` runs its workers as child processes: an engine crash, a GPU OOM or a segfault kills
+only the child. The supervisor notices, hands the child's job back to the queue (or fails it after its
+last attempt) and starts a new child."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from wanserve.config import Settings
+from wanserve.jobs.service import recover_lost_jobs
+from wanserve.store.base import JobStore
+
+log = logging.getLogger("wanserve.supervisor")
+
+SETTINGS_ENV = "WANSERVE_WORKER_SETTINGS"
+MAX_RESTART_DELAY_S = 30.0
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it when the server dies, even by kill -9."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the worker also exits when it sees its parent change
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class _Slot:
+    index: int
+    generation: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    worker_id: str = ""
+    started_at: float = 0.0
+    restart_delay: float = 1.0
+    restart_at: float = 0.0
+
+
+class WorkerSupervisor:
+    def __init__(self, settings: Settings, store: JobStore, count: int) -> None:
+        self.settings = settings
+        self.store = store
+        self.slots = [_Slot(i) for i in range(count)]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.host = socket.gethostname()
+
+    def recover_previous_run(self) -> None:
+        """Workers of this host registered by an earlier server that are not running any more are dead:
+        their jobs go back to the queue (or fail after their last attempt)."""
+        dead = [
+            w.id
+            for w in self.store.workers()
+            if w.detail.get("host") == self.host and not _pid_alive(int(w.detail.get("pid", 0) or 0))
+        ]
+        if dead:
+            failed = recover_lost_jobs(self.store, dead, self.settings.job_max_attempts)
+            for worker_id in dead:
+                self.store.remove_worker(worker_id)
+            log.warning(
+                "recovered jobs of %d stopped worker(s); %d failed after their last attempt", len(dead), len(failed)
+            )
+
+    def start(self) -> None:
+        self.recover_previous_run()
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.generation += 1
+        slot.worker_id = f"{self.host}-{os.getpid()}-w{slot.index}-{slot.generation}"
+        env = dict(os.environ)
+        env[SETTINGS_ENV] = self.settings.model_dump_json()
+        slot.process = subprocess.Popen(
+            [sys.executable, "-m", "wanserve", "worker", "--worker-id", slot.worker_id, "--exit-with-parent"],
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        slot.started_at = time.monotonic()
+        log.info("started worker %s (pid %d)", slot.worker_id, slot.process.pid)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for slot in self.slots:
+                try:
+                    self._check(slot)
+                except Exception:
+                    log.exception("supervising worker %s failed", slot.worker_id)
+
+    def _check(self, slot: _Slot) -> None:
+        if slot.process is not None:
+            code = slot.process.poll()
+            if code is None:
+                return
+            log.error("worker %s exited with code %s", slot.worker_id, code)
+            failed = recover_lost_jobs(self.store, [slot.worker_id], self.settings.job_max_attempts)
+            self.store.remove_worker(slot.worker_id)
+            if failed:
+                log.error("failed %d job(s) after their last attempt: %s", len(failed), ", ".join(failed))
+            # Back off when a worker dies young (it would crash-loop on a broken model); reset when it lived.
+            lived = time.monotonic() - slot.started_at
+            slot.restart_delay = 1.0 if lived > 60 else min(slot.restart_delay * 2, MAX_RESTART_DELAY_S)
+            slot.restart_at = time.monotonic() + slot.restart_delay
+            slot.process = None
+        if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
+            self._spawn(slot)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        procs = [s.process for s in self.slots if s.process is not None]
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # A child that had to be killed leaves its job running: hand it back now, not after its lease.
+        ids = [slot.worker_id for slot in self.slots if slot.worker_id]
+        recover_lost_jobs(self.store, ids, self.settings.job_max_attempts)
+        for worker_id in ids:
+            self.store.remove_worker(worker_id)
