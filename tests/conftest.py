@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -9,8 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from server import Server
+
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import GenerationSpec, WanEngine
+from wanserve.engine.tiny import TinyConfig, ensure_tiny_model
 
 torch.set_num_threads(2)
 
@@ -24,6 +27,20 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(model_cache: Path) -> WanEngine:
     """The built-in tiny model, loaded through the same code path as a real checkpoint."""
     return WanEngine(load_pipeline("tiny", model_cache, torch.float32), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
+    """One real `wanserve serve` on loopback (tiny model, SQLite, local files) shared by the service tests."""
+    srv = Server(tmp_path_factory.mktemp("server") / "data", model_cache).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def coarse_model(model_cache: Path) -> Path:
+    """The `coarse` tiny variant (480p/580p only, about half the cost per video) for queue-heavy tests."""
+    return ensure_tiny_model(model_cache, TinyConfig(vae="coarse"))
 
 
 @pytest.fixture

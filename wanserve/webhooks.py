@@ -51,6 +51,7 @@ class WebhookSigner:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a stale tmp file left by a crash keeps its old mode through O_TRUNC
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         tmp.replace(path)
@@ -138,7 +139,7 @@ class WebhookDispatcher:
             response = await client.post(url, content=body, headers=headers, timeout=self.timeout_s)
             if not 200 <= response.status_code < 300:
                 error = f"receiver answered HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
             error = f"{type(exc).__name__}: {exc}"
         if error is None:
             await asyncio.to_thread(self.store.webhook_delivered, hook_id, time.time())

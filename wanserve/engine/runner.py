@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from wanserve.config import Settings
 from wanserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from wanserve.engine.pipeline import (
@@ -33,6 +35,8 @@ class EngineRunner:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineRunner:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         pipe = load_pipeline(settings.model, settings.cache_dir, dtype)

@@ -63,9 +63,12 @@ def new_key(file_name: str | None, default: str = "file.bin") -> str:
 
 def check_key(key: str) -> str:
     """Keys come from URLs: only the shape `new_key` makes is accepted, so no key can escape the store."""
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):  # fullmatch: `$` alone would let a trailing newline through
         raise InvalidFileKey(f"not a stored file key: {key!r}")
     return key
+
+
+MAX_LIFETIME_S = 100 * 365 * 24 * 3600
 
 
 def lifecycle_expiry(preference: dict[str, Any] | None, now: float) -> float | None:
@@ -75,8 +78,8 @@ def lifecycle_expiry(preference: dict[str, Any] | None, now: float) -> float | N
     seconds = preference.get("expiration_duration_seconds")
     if seconds is None:
         return None
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-        raise InvalidUpload("expiration_duration_seconds must be a positive number of seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (0 < seconds <= MAX_LIFETIME_S):
+        raise InvalidUpload(f"expiration_duration_seconds must be a number of seconds in (0, {MAX_LIFETIME_S}]")
     return now + float(seconds)
 
 

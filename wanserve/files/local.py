@@ -87,7 +87,11 @@ class LocalFileStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        return self._write_meta(key, target, content_type, expires_at, now)
+        try:
+            return self._write_meta(key, target, content_type, expires_at, now)
+        except BaseException:
+            target.unlink(missing_ok=True)  # an object without metadata is invisible and never swept
+            raise
 
     def _write_meta(
         self, key: str, target: Path, content_type: str, expires_at: float | None, now: float
@@ -147,7 +151,7 @@ class LocalFileStore:
 
     # --- multipart ---
     def _upload_dir(self, upload_id: str) -> Path:
-        if not _UPLOAD_ID.match(upload_id):
+        if not _UPLOAD_ID.fullmatch(upload_id):
             raise InvalidUpload(f"not an upload id: {upload_id!r}")
         path = self._multipart / upload_id
         if not path.is_dir():

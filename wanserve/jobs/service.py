@@ -208,7 +208,8 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
     now = time.time()
     failed = []
     for job in store.recover_lost(now, dead_workers, max_attempts):
-        if store.finish(job.id, now, failure=disconnected_failure(job.attempts)):
+        failure = cancelled_failure() if job.cancel_requested else disconnected_failure(job.attempts)
+        if store.finish(job.id, now, failure=failure):
             store.add_log(job.id, LogLevel.ERROR, f"Worker lost; giving up after {job.attempts} attempts", now)
             failed.append(job.id)
     return failed

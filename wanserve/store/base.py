@@ -65,7 +65,7 @@ class JobStore(Protocol):
 
     def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:
         """Running jobs of dead workers or with an expired lease go back to the queue; those that already had
-        `max_attempts` runs are returned for the caller to fail."""
+        `max_attempts` runs, or whose cancellation was requested, are returned for the caller to complete."""
         ...
 
     def register_worker(self, info: WorkerInfo) -> None: ...

@@ -315,12 +315,14 @@ class SQLiteJobStore:
         marks = ",".join("?" * len(dead_workers)) or "NULL"
         with self._write() as db:
             rows = db.execute(
-                f"SELECT id, attempts FROM jobs WHERE state = ? AND (worker_id IN ({marks}) OR lease_expires_at < ?)",
+                f"SELECT id, attempts, cancel_requested FROM jobs WHERE state = ?"
+                f" AND (worker_id IN ({marks}) OR lease_expires_at < ?)",
                 (_RUNNING, *dead_workers, now),
             ).fetchall()
             exhausted = []
             for row in rows:
-                if row["attempts"] >= max_attempts:
+                # A job cancelled while it ran is not run again, however many attempts it has left.
+                if row["attempts"] >= max_attempts or row["cancel_requested"]:
                     exhausted.append(row["id"])
                     continue
                 db.execute(

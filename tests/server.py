@@ -1,0 +1,109 @@
+"""Start a real `wanserve serve` (uvicorn on loopback, supervised worker, tiny model) for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# A request that exercises the whole pipeline as cheaply as the schema allows on the tiny model.
+CHEAP_INPUT = {
+    "prompt": "a red fox in snow",
+    "resolution": "480p",
+    "num_inference_steps": 1,
+    "guidance_scale": 1,
+    "guidance_scale_2": 1,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    model_cache: Path
+    port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}-server.log"
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 180.0) -> Server:
+        env = {
+            **os.environ,
+            "WANSERVE_CACHE_DIR": str(self.model_cache),
+            # Test videos are random noise: the cheapest encode keeps them valid mp4s at a fraction of the cost.
+            "WANSERVE_VIDEO_PRESET": "ultrafast",
+            "WANSERVE_VIDEO_CRF": "51",
+            "WANSERVE_WEBHOOK_RETRY_BASE_S": "0.3",
+            **self.env,
+        }
+        for inherited in ("WANSERVE_API_KEYS", "WANSERVE_PUBLIC_URL", "WANSERVE_HOST", "WANSERVE_PORT"):
+            if inherited not in self.env:
+                env.pop(inherited, None)
+        cmd = [sys.executable, "-m", "wanserve", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen([*cmd, *self.args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait(ready=wait_ready, timeout_s=timeout_s)
+        return self
+
+    def wait(self, ready: bool = True, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        path = "/ready" if ready else "/health"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not {path} after {timeout_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind runs in the server."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def wait_completed(server: Server, app: str, request_id: str, timeout_s: float = 300.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{server.url}/{app}/requests/{request_id}/status", timeout=10).json()
+        if body["status"] == "COMPLETED":
+            return body
+        time.sleep(0.2)
+    raise TimeoutError(f"request {request_id} not completed after {timeout_s}s")

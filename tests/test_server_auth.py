@@ -1,0 +1,76 @@
+"""API keys: on by default off loopback (a key is generated), checked on every API route, never on files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import fal_client
+import httpx
+import pytest
+from server import CHEAP_INPUT, Server
+
+from wanserve.client.fal import use_wanserve
+
+APP = "fal-ai/wan-22"
+
+
+@pytest.fixture(scope="module")
+def open_host_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("auth") / "data", model_cache, args=["--host", "0.0.0.0"]).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_server_reachable_from_the_network_requires_its_generated_key(open_host_server: Server) -> None:
+    srv = open_host_server
+    key_file = srv.data_dir / "api-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    assert len(key) >= 32
+
+    missing = httpx.post(f"{srv.url}/{APP}", json=CHEAP_INPUT)
+    assert missing.status_code == 401 and missing.json()["error_type"] == "unauthorized"
+    assert "Authorization: Key" in missing.json()["detail"]
+    wrong = httpx.post(f"{srv.url}/{APP}", json=CHEAP_INPUT, headers={"Authorization": f"Key {key[:-1]}x"})
+    assert wrong.status_code == 401 and wrong.json()["detail"] == "Invalid API key"
+    for method, path in [
+        ("GET", f"/{APP}/requests/x/status"),
+        ("PUT", f"/{APP}/requests/x/cancel"),
+        ("POST", "/rest/storage/upload/initiate"),
+        ("POST", "/rest/storage/auth/token"),
+        ("POST", "/cdn/files/upload"),
+        ("POST", f"/run/{APP}"),
+    ]:
+        assert httpx.request(method, srv.url + path, json={}).status_code == 401, path
+    proxied = httpx.post(
+        f"{srv.url}/api/fal/proxy", json=CHEAP_INPUT, headers={"x-fal-target-url": f"https://queue.fal.run/{APP}"}
+    )
+    assert proxied.status_code == 401
+    # Open routes: health and readiness for load balancers, stored files (unguessable URLs) and the JWKS.
+    for path in ("/health", "/ready", "/.well-known/jwks.json"):
+        assert httpx.get(srv.url + path).status_code == 200, path
+
+    ok = httpx.post(f"{srv.url}/{APP}", json=CHEAP_INPUT, headers={"Authorization": f"Key {key}"})
+    assert ok.status_code == 200
+    cancel = httpx.put(ok.json()["cancel_url"], headers={"Authorization": f"Key {key}"})
+    assert cancel.status_code == 202
+
+
+def test_the_official_client_with_a_key(
+    open_host_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = (open_host_server.data_dir / "api-key").read_text().strip()
+    monkeypatch.setenv("FAL_KEY", "restored-after-the-test")
+    use_wanserve(open_host_server.url, key=key)
+    # An upload through the CDN flow: the upload token is checked, then the file is public by URL.
+    path = tmp_path / "note.txt"
+    path.write_text("keyed upload")
+    url = fal_client.upload_file(path)
+    assert httpx.get(url).text == "keyed upload"
+    handle = fal_client.submit(APP, arguments=CHEAP_INPUT)
+    handle.cancel()
+    use_wanserve(open_host_server.url, key="wrong")
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        fal_client.submit(APP, arguments=CHEAP_INPUT)
+    assert err.value.status_code == 401

@@ -1,0 +1,133 @@
+"""The wire protocol over plain HTTP, against a real server: the parts the official clients do not cover."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from server import CHEAP_INPUT, Server, wait_completed
+
+APP = "fal-ai/wan-22"
+
+
+def _submit(server: Server, body: dict[str, object], **headers: str) -> dict[str, object]:
+    response = httpx.post(f"{server.url}/{APP}", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_bad_input_gets_a_clear_error_never_a_trace(server: Server) -> None:
+    cases = [
+        (httpx.post(f"{server.url}/{APP}", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (httpx.post(f"{server.url}/{APP}", json=[1, 2]), 422),
+        (httpx.post(f"{server.url}/{APP}", json={"prompt": ""}), 422),
+        (httpx.post(f"{server.url}/{APP}", json={"prompt": "x", "resolution": "4k"}), 422),
+        (httpx.post(f"{server.url}/fal-ai/unknown-app", json={"prompt": "x"}), 404),
+        (httpx.get(f"{server.url}/{APP}/requests/nope/status"), 404),
+        (httpx.get(f"{server.url}/{APP}/requests/nope"), 404),
+        (httpx.post(f"{server.url}/{APP}", json=CHEAP_INPUT, headers={"x-fal-request-timeout": "0.5"}), 400),
+        (httpx.post(f"{server.url}/{APP}", json=CHEAP_INPUT, params={"fal_webhook": "ftp://x"}), 400),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert "detail" in body and "Traceback" not in response.text
+        if status != 422:
+            assert body["error_type"] and response.headers["x-fal-error-type"] == body["error_type"]
+    enum_error = cases[3][0].json()["detail"][0]
+    assert enum_error["loc"] == ["body", "resolution"] and "480p" in enum_error["msg"]
+    cancel = httpx.put(f"{server.url}/{APP}/requests/nope/cancel")
+    assert cancel.status_code == 404 and cancel.json() == {"status": "NOT_FOUND"}
+
+
+def test_proxy_route_dispatches_by_target_url(server: Server) -> None:
+    proxy = f"{server.url}/api/fal/proxy"
+    missing = httpx.post(proxy, json=CHEAP_INPUT)
+    assert missing.status_code == 400 and "x-fal-target-url" in missing.json()["detail"]
+    foreign = httpx.post(proxy, json=CHEAP_INPUT, headers={"x-fal-target-url": "https://example.com/fal-ai/wan-22"})
+    assert foreign.status_code == 400
+    invalid = httpx.post(proxy, json={"prompt": ""}, headers={"x-fal-target-url": f"https://queue.fal.run/{APP}"})
+    assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"] == ["body", "prompt"]
+    submitted = httpx.post(
+        proxy, json={**CHEAP_INPUT, "seed": 3}, headers={"x-fal-target-url": f"https://queue.fal.run/{APP}"}
+    ).json()
+    request_id = submitted["request_id"]
+    target = f"https://queue.fal.run/{APP}/requests/{request_id}/status?logs=1"
+    status = httpx.get(proxy, headers={"x-fal-target-url": target})
+    assert status.status_code in (200, 202) and status.json()["request_id"] == request_id
+    assert status.headers["x-fal-request-id"] == request_id
+    cancel = httpx.put(proxy, headers={"x-fal-target-url": f"https://queue.fal.run/{APP}/requests/{request_id}/cancel"})
+    assert cancel.status_code in (202, 400)
+    wait_completed(server, APP, request_id)
+
+
+def test_start_timeout_expires_a_request_that_waits_too_long(server: Server) -> None:
+    blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 2})
+    waiting = _submit(server, CHEAP_INPUT, **{"x-fal-request-timeout": "1.5", "x-fal-queue-priority": "low"})
+    status = wait_completed(server, APP, str(waiting["request_id"]), timeout_s=30)
+    assert status["error_type"] == "request_timeout"
+    result = httpx.get(str(waiting["response_url"]))
+    assert result.status_code == 504 and result.headers["x-fal-request-timeout-type"] == "user"
+    httpx.put(str(blocker["cancel_url"]))
+
+
+def test_sync_run_stream_sends_progress_then_the_output(server: Server) -> None:
+    events = []
+    with httpx.stream("POST", f"{server.url}/run/{APP}/stream", json={**CHEAP_INPUT, "seed": 9}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["seed"] == 9
+    statuses = [e["status"] for e in events[:-1]]
+    assert statuses[-1] == "COMPLETED" and "IN_PROGRESS" in statuses
+    messages = [log["message"] for e in events[:-1] for log in e.get("logs") or []]
+    assert len(messages) == len(set(messages))  # each event carries only new lines
+
+
+def test_files_support_range_requests_and_expire(server: Server) -> None:
+    body = _submit(
+        server,
+        {**CHEAP_INPUT, "seed": 4},
+        **{"x-fal-object-lifecycle-preference": '{"expiration_duration_seconds": 30}'},
+    )
+    wait_completed(server, APP, str(body["request_id"]))
+    output = httpx.get(str(body["response_url"])).json()
+    url = output["video"]["url"]
+    full = httpx.get(url)
+    assert full.headers["content-length"] == str(output["video"]["file_size"])
+    part = httpx.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == full.content[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(full.content)}"
+    head = httpx.head(url)
+    assert head.status_code == 200 and head.headers["content-type"] == "video/mp4"
+    missing = httpx.get(url.rsplit("/", 1)[0] + "/other.mp4")
+    assert missing.status_code == 404 and missing.json()["error_type"] == "file_not_found"
+    assert httpx.get(f"{server.url}/files/..%2F..%2Fjobs.sqlite3").status_code in (400, 404)
+
+
+def test_health_ready_metrics_openapi_jwks(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    ready = httpx.get(f"{server.url}/ready").json()
+    assert ready["ready"] is True and len(ready["workers"]) == 1
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'wanserve_jobs{state="COMPLETED"}' in metrics and "wanserve_workers_ready 1.0" in metrics
+    assert "wanserve_http_requests_total" in metrics
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/{app}/requests/{request_id}/status" in paths
+    keys = httpx.get(f"{server.url}/.well-known/jwks.json").json()["keys"]
+    assert keys[0]["kty"] == "OKP" and keys[0]["crv"] == "Ed25519"
+
+
+@pytest.mark.parametrize("priority", ["normal", "low"])
+def test_queue_position_is_reported_while_queued(server: Server, priority: str) -> None:
+    blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 3})
+    queued = _submit(server, CHEAP_INPUT, **{"x-fal-queue-priority": priority})
+    status = httpx.get(str(queued["status_url"]))
+    assert status.status_code == 202 and status.json()["status"] == "IN_QUEUE"
+    assert isinstance(status.json()["queue_position"], int)
+    httpx.put(str(queued["cancel_url"]))
+    httpx.put(str(blocker["cancel_url"]))
+    wait_completed(server, APP, str(blocker["request_id"]))

@@ -1,0 +1,337 @@
+"""Webhooks: key persistence, signatures a receiver can verify from the JWKS alone, the fal payload and
+delivery with persisted retries against a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from wanserve.jobs.model import Failure, Job, JobState, NewJob, Priority
+from wanserve.store.sqlite import SQLiteJobStore
+from wanserve.webhooks import MAX_RETRY_DELAY_S, WebhookDispatcher, WebhookSigner, retry_delay, webhook_payload
+
+# --- signer ---
+
+
+def public_key_from_jwks(jwks: dict[str, Any]) -> Ed25519PublicKey:
+    """What a receiver does: only the JWKS `x` (base64url, unpadded) is known."""
+    (key,) = jwks["keys"]
+    assert key["kty"] == "OKP" and key["crv"] == "Ed25519"
+    x = key["x"]
+    raw = base64.urlsafe_b64decode(x + "=" * (-len(x) % 4))
+    assert len(raw) == 32
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def verify(jwks: dict[str, Any], headers: dict[str, str], body: bytes) -> None:
+    message = "\n".join(
+        [
+            headers["X-Fal-Webhook-Request-Id"],
+            headers["X-Fal-Webhook-User-Id"],
+            headers["X-Fal-Webhook-Timestamp"],
+            hashlib.sha256(body).hexdigest(),
+        ]
+    ).encode()
+    public_key_from_jwks(jwks).verify(bytes.fromhex(headers["X-Fal-Webhook-Signature"]), message)
+
+
+def test_signer_persists_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "webhook.pem"
+    first = WebhookSigner.load_or_create(path)
+    assert path.is_file()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = WebhookSigner.load_or_create(path)
+    assert second.jwks() == first.jwks()
+    assert second.key_id == first.key_id
+    # a signature made before the restart verifies against the JWKS published after it
+    body = b'{"a":1}'
+    verify(second.jwks(), first.headers("req", "user", body, timestamp=1), body)
+    other = WebhookSigner.load_or_create(tmp_path / "other.pem")
+    assert other.jwks() != first.jwks()
+
+
+def test_signer_key_is_private_even_over_a_stale_tmp_file(tmp_path: Path) -> None:
+    path = tmp_path / "webhook.pem"
+    stale = path.with_suffix(".tmp")  # what a crash between writing and renaming leaves
+    stale.write_bytes(b"junk")
+    stale.chmod(0o644)
+    WebhookSigner.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_signer_rejects_a_non_ed25519_key(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = tmp_path / "ec.pem"
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(pem)
+    with pytest.raises(ValueError, match="Ed25519"):
+        WebhookSigner.load_or_create(path)
+
+
+def test_headers_verify_with_the_jwks_and_fail_when_tampered(tmp_path: Path) -> None:
+    signer = WebhookSigner.load_or_create(tmp_path / "k.pem")
+    body = json.dumps({"request_id": "r-1", "status": "OK", "payload": {"x": "ü"}}).encode()
+    before = int(time.time())
+    headers = signer.headers("r-1", "user-42", body)
+    assert set(headers) == {
+        "X-Fal-Webhook-Request-Id",
+        "X-Fal-Webhook-User-Id",
+        "X-Fal-Webhook-Timestamp",
+        "X-Fal-Webhook-Signature",
+    }
+    assert headers["X-Fal-Webhook-Request-Id"] == "r-1"
+    assert headers["X-Fal-Webhook-User-Id"] == "user-42"
+    assert before <= int(headers["X-Fal-Webhook-Timestamp"]) <= int(time.time())
+    assert len(headers["X-Fal-Webhook-Signature"]) == 128  # 64 bytes, hex
+    jwks = signer.jwks()
+    verify(jwks, headers, body)
+    with pytest.raises(InvalidSignature):
+        verify(jwks, headers, body + b" ")
+    for name, value in [
+        ("X-Fal-Webhook-Request-Id", "r-2"),
+        ("X-Fal-Webhook-User-Id", "user-43"),
+        ("X-Fal-Webhook-Timestamp", str(int(headers["X-Fal-Webhook-Timestamp"]) + 1)),
+    ]:
+        with pytest.raises(InvalidSignature):
+            verify(jwks, {**headers, name: value}, body)
+    assert signer.headers("r-1", "u", b"", timestamp=1234)["X-Fal-Webhook-Timestamp"] == "1234"
+
+
+# --- payload ---
+
+
+def make_job(**kw: Any) -> Job:
+    base: dict[str, Any] = dict(
+        id="req-1",
+        endpoint="fal-ai/wan-22/t2v",
+        app="fal-ai/wan-22",
+        input={"prompt": "p"},
+        priority=Priority.NORMAL,
+        state=JobState.COMPLETED,
+        seq=1,
+        created_at=0.0,
+    )
+    base.update(kw)
+    return Job(**base)
+
+
+def test_payload_success() -> None:
+    output = {"video": {"url": "http://x/files/k/v.mp4"}, "seed": 3}
+    assert webhook_payload(make_job(output=output)) == {
+        "request_id": "req-1",
+        "gateway_request_id": "req-1",
+        "status": "OK",
+        "payload": output,
+        "error": None,
+    }
+
+
+def test_payload_failure() -> None:
+    detail = {"detail": [{"loc": ["body", "num_frames"], "msg": "too many"}]}
+    payload = webhook_payload(make_job(failure=Failure("bad_request", "too many", 422, detail)))
+    assert payload == {
+        "request_id": "req-1",
+        "gateway_request_id": "req-1",
+        "status": "ERROR",
+        "payload": detail,
+        "error": "Invalid status code: 422",
+    }
+    # without an explicit body the result body is the generic one the result endpoint answers with
+    generic = webhook_payload(make_job(failure=Failure("request_timeout", "late", 504)))
+    assert generic["status"] == "ERROR" and generic["error"] == "Invalid status code: 504"
+    assert generic["payload"] == {"detail": "late", "error_type": "request_timeout"}
+    json.dumps(payload)  # serialisable as sent
+
+
+def test_retry_delay_doubles_and_caps() -> None:
+    assert [retry_delay(n, 5.0) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert retry_delay(0, 5.0) == 5.0
+    assert retry_delay(30, 5.0) == MAX_RETRY_DELAY_S
+    assert retry_delay(1000, 5.0) == MAX_RETRY_DELAY_S  # no overflow
+
+
+# --- delivery against a real receiver ---
+
+
+@dataclass
+class Receiver:
+    url: str
+    status: list[int]  # answers, in order (the last one repeats)
+    seen: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver(url="", status=[200])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            rec.seen.append((self.path, dict(self.headers.items()), body))
+            code = rec.status.pop(0) if len(rec.status) > 1 else rec.status[0]
+            self.send_response(code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    rec.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield rec
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteJobStore]:
+    s = SQLiteJobStore(tmp_path / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> WebhookSigner:
+    return WebhookSigner.load_or_create(tmp_path / "webhook.pem")
+
+
+def finished_job(store: SQLiteJobStore, job_id: str, url: str, **finish: Any) -> None:
+    now = time.time() - 1
+    store.submit(NewJob(id=job_id, endpoint="fal-ai/wan-22", app="fal-ai/wan-22", input={}, webhook_url=url), now)
+    assert store.finish(job_id, now, **finish)
+
+
+def dispatcher(store: SQLiteJobStore, signer: WebhookSigner, **kw: Any) -> WebhookDispatcher:
+    opts: dict[str, Any] = dict(user_id="me", timeout_s=5.0, max_attempts=3, retry_base_s=0.05)
+    opts.update(kw)
+    return WebhookDispatcher(store, signer, **opts)
+
+
+def deliver(d: WebhookDispatcher) -> int:
+    async def run() -> int:
+        async with httpx.AsyncClient() as client:
+            return await d.deliver_due(client)
+
+    return asyncio.run(run())
+
+
+def wait_until_due(store: SQLiteJobStore, timeout: float = 5.0) -> None:
+    end = time.time() + timeout
+    while not store.due_webhooks(time.time()):
+        assert time.time() < end, "webhook never became due again"
+        time.sleep(0.01)
+
+
+def test_delivery_success_is_signed_and_marked_delivered(
+    store: SQLiteJobStore, signer: WebhookSigner, receiver: Receiver
+) -> None:
+    output = {"video": {"url": "http://x/v.mp4"}}
+    finished_job(store, "ok-1", receiver.url + "/hook?token=abc", output=output)
+    d = dispatcher(store, signer)
+    assert deliver(d) == 1
+    assert len(receiver.seen) == 1
+    path, headers, body = receiver.seen[0]
+    assert path == "/hook?token=abc"
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {
+        "request_id": "ok-1",
+        "gateway_request_id": "ok-1",
+        "status": "OK",
+        "payload": output,
+        "error": None,
+    }
+    assert headers["X-Fal-Webhook-User-Id"] == "me"
+    verify(signer.jwks(), headers, body)  # over the exact bytes received
+    assert store.due_webhooks(time.time() + 10_000) == []
+    assert deliver(d) == 0
+    assert len(receiver.seen) == 1
+
+
+def test_failed_job_delivers_an_error_payload(store: SQLiteJobStore, signer: WebhookSigner, receiver: Receiver) -> None:
+    finished_job(store, "bad-1", receiver.url, failure=Failure("bad_request", "nope", 422, {"detail": "nope"}))
+    assert deliver(dispatcher(store, signer)) == 1
+    sent = json.loads(receiver.seen[0][2])
+    assert sent["status"] == "ERROR" and sent["error"] == "Invalid status code: 422"
+    assert sent["payload"] == {"detail": "nope"}
+    assert store.due_webhooks(time.time() + 10_000) == []
+
+
+def test_receiver_error_is_retried_then_delivered(
+    store: SQLiteJobStore, signer: WebhookSigner, receiver: Receiver
+) -> None:
+    receiver.status = [500, 200]
+    finished_job(store, "r-1", receiver.url, output={})
+    d = dispatcher(store, signer, retry_base_s=0.5)
+    assert deliver(d) == 1
+    (hook,) = store.due_webhooks(time.time() + 10)
+    assert hook.attempts == 1
+    assert time.time() < hook.next_attempt_at <= time.time() + 0.5
+    assert deliver(d) == 0  # not due yet: no second request
+    assert len(receiver.seen) == 1
+    wait_until_due(store)
+    assert deliver(d) == 1
+    assert len(receiver.seen) == 2
+    assert receiver.seen[0][2] == receiver.seen[1][2]  # the same payload again
+    assert store.due_webhooks(time.time() + 10_000) == []
+
+
+def test_gives_up_after_max_attempts(store: SQLiteJobStore, signer: WebhookSigner, receiver: Receiver) -> None:
+    receiver.status = [500]
+    finished_job(store, "g-1", receiver.url, output={})
+    d = dispatcher(store, signer, max_attempts=3, retry_base_s=0.01)
+    for attempt in range(1, 3):
+        assert deliver(d) == 1
+        (hook,) = store.due_webhooks(time.time() + 10)
+        assert hook.attempts == attempt
+        wait_until_due(store)
+    assert deliver(d) == 1  # the third and last try
+    assert len(receiver.seen) == 3
+    assert store.due_webhooks(time.time() + 10_000) == []
+    assert deliver(d) == 0
+    assert len(receiver.seen) == 3
+
+
+def test_unreachable_receiver_counts_as_a_failure(store: SQLiteJobStore, signer: WebhookSigner) -> None:
+    finished_job(store, "u-1", "http://127.0.0.1:9/unreachable", output={})
+    finished_job(store, "u-2", "http://[::1/broken-url", output={})  # passes the http(s) check at submit
+    d = dispatcher(store, signer, max_attempts=2, retry_base_s=60)
+    assert deliver(d) == 2
+    hooks = store.due_webhooks(time.time() + 120)
+    assert sorted((h.job_id, h.attempts) for h in hooks) == [("u-1", 1), ("u-2", 1)]
+    assert all(h.next_attempt_at > time.time() + 30 for h in hooks)
+
+
+def test_one_bad_receiver_does_not_block_the_others(
+    store: SQLiteJobStore, signer: WebhookSigner, receiver: Receiver
+) -> None:
+    finished_job(store, "a", "http://[::1/broken-url", output={})
+    finished_job(store, "b", receiver.url + "/b", output={})
+    d = dispatcher(store, signer, max_attempts=1)
+    assert deliver(d) == 2
+    assert [p for p, _, _ in receiver.seen] == ["/b"]
+    assert store.due_webhooks(time.time() + 10_000) == []  # b delivered, a given up

@@ -1,0 +1,123 @@
+"""File inputs given as URLs (LoRA weights, images): our own stored files are read locally, data URIs
+decode, and anything else is downloaded with a size cap, a time limit and no access to private,
+loopback or link-local addresses unless the operator allows it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+
+from wanserve.errors import WanserveError
+from wanserve.files.base import FileStore
+
+MAX_REDIRECTS = 5
+
+
+class InputFetchError(WanserveError):
+    """A URL input could not be read: the message says which URL and why."""
+
+    http_status = 422
+    error_type = "file_download_error"
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int = 2 * 1024**3
+    timeout_s: float = 120.0
+    allow_private: bool = False
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_public_host(host: str, port: int) -> None:
+    """Refuses a host that is, or resolves to, anything but public unicast addresses."""
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise InputFetchError(f"cannot resolve {host}: {exc}") from None
+    for info in infos:
+        if not _is_public(str(info[4][0])):
+            raise InputFetchError(f"{host} resolves to a private or local address; URL inputs must be public")
+
+
+def decode_data_uri(uri: str, max_bytes: int) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise InputFetchError("malformed data URI")
+    if len(payload) > max_bytes * 4 // 3 + 4:
+        raise InputFetchError(f"data URI is over the {max_bytes}-byte input limit")
+    try:
+        data = base64.b64decode(payload, validate=True) if header.endswith(";base64") else unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as exc:
+        raise InputFetchError(f"data URI does not decode: {exc}") from None
+    if len(data) > max_bytes:
+        raise InputFetchError(f"data URI is over the {max_bytes}-byte input limit")
+    return data
+
+
+def fetch_input(url: str, dest: Path, files: FileStore, policy: FetchPolicy) -> Path:
+    """Writes the input at `url` to `dest` and returns it."""
+    if url.startswith("data:"):
+        dest.write_bytes(decode_data_uri(url, policy.max_bytes))
+        return dest
+    key = files.key_from_url(url)
+    if key is not None:
+        stored = files.stat(key, time.time())
+        if stored.size > policy.max_bytes:
+            raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+        with files.open(key) as src, dest.open("wb") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                out.write(chunk)
+        return dest
+    return _download(url, dest, policy)
+
+
+def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
+    deadline = time.monotonic() + policy.timeout_s
+    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
+            if not policy.allow_private:
+                check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            try:
+                with client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers.get("location", ""))
+                        continue
+                    if response.status_code != 200:
+                        raise InputFetchError(f"{url} answered HTTP {response.status_code}")
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                        raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+                    size = 0
+                    with dest.open("wb") as out:
+                        for chunk in response.iter_bytes(1 << 20):
+                            size += len(chunk)
+                            if size > policy.max_bytes:
+                                raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+                            if time.monotonic() > deadline:
+                                raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
+                            out.write(chunk)
+                    return dest
+            except httpx.HTTPError as exc:
+                dest.unlink(missing_ok=True)
+                raise InputFetchError(f"cannot download {url}: {type(exc).__name__}: {exc}") from None
+            except InputFetchError:
+                dest.unlink(missing_ok=True)
+                raise
+    raise InputFetchError(f"{url}: more than {MAX_REDIRECTS} redirects")
