@@ -16,22 +16,27 @@ $(VENV)/.installed-dev: pyproject.toml scripts/install.sh
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# A 480p, 81-frame text-to-video generation with the built-in tiny model on the embedded defaults.
+# A 480p, 81-frame text-to-video request through the service (`wanserve serve`) on the embedded
+# defaults: SQLite queue, local file storage, the built-in tiny model.
 demo: install
-	$(BIN)/wanserve generate "A red fox trots through fresh snow at dawn, cinematic" \
-		--resolution 480p --num-inference-steps 4 --seed 42 -o $(DEMO_OUT)
+	$(BIN)/python scripts/demo.py -o $(DEMO_OUT)
+
+# The official JS client for the compatibility tests (pinned in tests/js/package-lock.json).
+tests/js/node_modules/.package-lock.json: tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund
+	touch $@
 
 lint: install-dev
-	$(BIN)/ruff check wanserve tests
-	$(BIN)/ruff format --check wanserve tests
+	$(BIN)/ruff check wanserve tests scripts benchmarks
+	$(BIN)/ruff format --check wanserve tests scripts benchmarks
 
 typecheck: install-dev
 	$(BIN)/mypy
 
-unit: install-dev
+unit: install-dev tests/js/node_modules/.package-lock.json
 	$(BIN)/pytest
 
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/js/node_modules

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from server import Server
+from webhook_receiver import Receiver, running_receiver
 
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import GenerationSpec, WanEngine
@@ -41,6 +42,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Itera
 def coarse_model(model_cache: Path) -> Path:
     """The `coarse` tiny variant (480p/580p only, about half the cost per video) for queue-heavy tests."""
     return ensure_tiny_model(model_cache, TinyConfig(vae="coarse"))
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, str]]:
+    """A real webhook receiver on loopback: (its delivery record, its URL)."""
+    with running_receiver() as running:
+        yield running
 
 
 @pytest.fixture

@@ -33,9 +33,9 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert first_block is not None and readme.index("```sh") < readme.index("## ")
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
     assert commands == ["make demo", "make test"]
-    # `make -n` shows what the demo command runs: a real generation with the built-in model.
+    # `make -n` shows what the demo command runs: the demo script, i.e. a request through the service.
     dry = subprocess.run(["make", "-n", "demo"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert "wanserve generate" in dry and "--resolution 480p" in dry
+    assert "scripts/demo.py" in dry
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make demo" in ci
 
@@ -82,3 +82,22 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["generate", "p", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.mp4")]) == 1
     err = capsys.readouterr().err
     assert "is not a directory" in err and "Traceback" not in err
+
+
+def test_demo_script_runs_a_request_through_the_service(tmp_path: Path, model_cache: Path, coarse_model: Path) -> None:
+    out = tmp_path / "demo.mp4"
+    env = {**os.environ, "WANSERVE_CACHE_DIR": str(model_cache), "WANSERVE_MODEL": str(coarse_model)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--data-dir", str(tmp_path / "data"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step 4/4" in proc.stdout and "seed 42" in proc.stdout
+    info = probe_mp4(out)
+    assert (info.num_frames, info.width, info.height) == (81, 832, 480)
+    # The request and its file are in the embedded stores under the data directory.
+    assert (tmp_path / "data" / "jobs.sqlite3").is_file()
+    assert any((tmp_path / "data" / "files" / "objects").rglob("*.mp4"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 from server import CHEAP_INPUT, Server, wait_completed
+from webhook_receiver import Receiver
 
 from wanserve.store.sqlite import SQLiteJobStore
 
@@ -103,5 +104,33 @@ def test_a_worker_killed_twice_fails_its_job_and_the_server_goes_on(
         server.wait(ready=True)
         after = _submit(server, CHEAP_INPUT)
         assert "error" not in wait_completed(server, APP, after)
+    finally:
+        server.stop()
+
+
+def test_webhook_delivery_resumes_after_a_kill(
+    tmp_path: Path, model_cache: Path, coarse_model: Path, receiver: tuple[Receiver, str]
+) -> None:
+    state, url = receiver
+    state.fail_first = 3
+    server = Server(tmp_path / "data", model_cache, args=["--model", str(coarse_model)]).start()
+    try:
+        response = httpx.post(f"{server.url}/{APP}", json=CHEAP_INPUT, params={"fal_webhook": url})
+        request_id = response.json()["request_id"]
+        deadline = time.monotonic() + 60
+        while not state.deliveries:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        server.kill()  # right after the first (failed) delivery: the retries are only in the database
+        attempts_before_restart = len(state.deliveries)
+        server.start()
+        deadline = time.monotonic() + 60
+        while not any(status == 200 for status, _, _ in state.deliveries):
+            assert time.monotonic() < deadline, state.deliveries
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert attempts_before_restart < state.fail_first + 1 <= len(state.deliveries)
+        assert [status for status, _, _ in state.deliveries].count(200) == 1
+        assert all(headers["x-fal-webhook-request-id"] == request_id for _, headers, _ in state.deliveries)
     finally:
         server.stop()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
 from server import CHEAP_INPUT, Server, wait_completed
+
+from wanserve.store.sqlite import SQLiteJobStore
 
 APP = "fal-ai/wan-22"
 
@@ -131,3 +134,59 @@ def test_queue_position_is_reported_while_queued(server: Server, priority: str) 
     httpx.put(str(queued["cancel_url"]))
     httpx.put(str(blocker["cancel_url"]))
     wait_completed(server, APP, str(blocker["request_id"]))
+
+
+def test_js_style_multipart_upload(server: Server) -> None:
+    """@fal-ai/client's multipart flow (used above 90 MB): initiate, PUT numbered parts, POST complete."""
+    init = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate-multipart",
+        params={"storage_type": "fal-cdn-v3"},
+        json={"content_type": "application/octet-stream", "file_name": "weights.safetensors"},
+    ).json()
+    upload = httpx.URL(init["upload_url"])
+    base = f"{upload.scheme}://{upload.netloc.decode()}{upload.path}"
+    chunks = [bytes([n]) * 1000 for n in range(1, 4)]
+    parts = []
+    for number, chunk in reversed(list(enumerate(chunks, start=1))):  # order of arrival does not matter
+        response = httpx.put(f"{base}/{number}", params=upload.params, content=chunk)
+        assert response.status_code == 200 and response.json()["partNumber"] == number
+        parts.append(response.json())
+    forged = httpx.put(f"{base}/1", params={**dict(upload.params), "sig": "0" * 64}, content=b"x")
+    assert forged.status_code == 401
+    done = httpx.post(f"{base}/complete", params=upload.params, json={"parts": parts})
+    assert done.status_code == 200, done.text
+    stored = httpx.get(init["file_url"])
+    assert stored.content == b"".join(chunks)
+    assert init["file_url"].endswith("/weights.safetensors")
+
+
+def test_rest_upload_url_is_signed(server: Server) -> None:
+    init = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate", json={"content_type": "image/png", "file_name": "a.png"}
+    ).json()
+    url = httpx.URL(init["upload_url"])
+    tampered = url.copy_merge_params({"content_type": "text/html"})
+    assert httpx.put(tampered, content=b"<script>").status_code == 401
+    assert httpx.put(url, content=b"png-bytes").status_code == 200
+    response = httpx.get(init["file_url"])
+    assert response.content == b"png-bytes" and response.headers["content-type"] == "image/png"
+
+
+def test_a_sync_run_whose_caller_hangs_up_is_cancelled(server: Server) -> None:
+    store = SQLiteJobStore(server.data_dir / "jobs.sqlite3")
+    before = store.counts().get("outcome:client_cancelled", 0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/run/{APP}", json={**CHEAP_INPUT, "num_inference_steps": 4}, timeout=2.5)
+    deadline = time.monotonic() + 60
+    while store.counts().get("outcome:client_cancelled", 0) == before:
+        assert time.monotonic() < deadline, store.counts()
+        time.sleep(0.2)
+    store.close()
+
+
+def test_lora_requests_fail_clearly_until_loras_are_supported(server: Server) -> None:
+    body = {**CHEAP_INPUT, "loras": [{"path": f"{server.url}/files/x/y.safetensors"}]}
+    submitted = httpx.post(f"{server.url}/{APP}/lora", json=body).json()
+    status = wait_completed(server, APP, submitted["request_id"])
+    assert status["error_type"] == "bad_request" and "LoRA" in status["error"]
+    assert httpx.get(submitted["response_url"]).status_code == 422

@@ -5,11 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,43 +13,9 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from server import CHEAP_INPUT, Server, wait_completed
+from webhook_receiver import Receiver
 
 APP = "fal-ai/wan-22"
-
-
-@dataclass
-class Receiver:
-    fail_first: int = 0
-    deliveries: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def answer(self, headers: dict[str, str], body: bytes) -> int:
-        with self.lock:
-            status = 500 if len(self.deliveries) < self.fail_first else 200
-            self.deliveries.append((status, headers, body))
-            return status
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, str]]:
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["content-length"]))
-            status = state.answer({k.lower(): v for k, v in self.headers.items()}, body)
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    yield state, f"http://127.0.0.1:{http.server_address[1]}/hook"
-    http.shutdown()
 
 
 def verify(server: Server, headers: dict[str, str], body: bytes) -> None:

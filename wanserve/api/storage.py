@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -72,6 +73,17 @@ def _expiry(lifecycle_s: str, now: float) -> float | None:
     return now + int(lifecycle_s) if lifecycle_s else None
 
 
+def requested_lifetime(
+    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
+    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
+) -> str:
+    """Dependency: the lifetime the upload's lifecycle headers ask for (the JS and Python clients differ)."""
+    return _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
+
+
+Lifetime = Annotated[str, Depends(requested_lifetime)]
+
+
 async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
     """The request body in a temporary file, refusing anything over the upload limit while it streams."""
     limit = ctx.settings.max_upload_bytes
@@ -115,14 +127,8 @@ def _check_cdn_auth(ctx: ServerContext, authorization: str | None) -> None:
 
 # --- REST: initiate + signed PUT ---
 @rest.post("/upload/initiate", dependencies=[Authorized])
-def initiate(
-    ctx: Context,
-    body: InitiateUpload,
-    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
-    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
-) -> dict[str, str]:
+def initiate(ctx: Context, body: InitiateUpload, life: Lifetime) -> dict[str, str]:
     key = new_key(body.file_name, "upload.bin")
-    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
     exp = str(int(time.time() + UPLOAD_URL_TTL_S))
     sig = ctx.url_signer.sign("put", key, body.content_type, life, exp)
     query = urlencode({"content_type": body.content_type, "life": life, "exp": exp, "sig": sig})
@@ -146,14 +152,8 @@ async def put_upload(
 
 
 @rest.post("/upload/initiate-multipart", dependencies=[Authorized])
-def initiate_multipart(
-    ctx: Context,
-    body: InitiateUpload,
-    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
-    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
-) -> dict[str, str]:
+def initiate_multipart(ctx: Context, body: InitiateUpload, life: Lifetime) -> dict[str, str]:
     key = new_key(body.file_name, "upload.bin")
-    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
     upload_id = ctx.files.create_multipart(key, body.content_type, _expiry(life, time.time()))
     exp = str(int(time.time() + UPLOAD_URL_TTL_S))
     query = urlencode({"exp": exp, "sig": ctx.url_signer.sign("multipart", upload_id, exp)})
@@ -206,37 +206,39 @@ def cdn_token(ctx: Context) -> dict[str, str]:
     }
 
 
-@cdn.post("/cdn/files/upload")
-async def cdn_upload(
+@dataclass(frozen=True)
+class CdnUpload:
+    """What the CDN upload headers say about a new file, once its token (or key) is checked."""
+
+    key: str
+    content_type: str
+    expires_at: float | None
+
+
+def cdn_upload_headers(
     ctx: Context,
-    request: Request,
+    life: Lifetime,
     authorization: Annotated[str | None, Header()] = None,
     content_type: Annotated[str, Header()] = "application/octet-stream",
     x_fal_file_name: Annotated[str | None, Header()] = None,
-    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
-    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
+) -> CdnUpload:
     _check_cdn_auth(ctx, authorization)
-    key = new_key(x_fal_file_name, "upload.bin")
-    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
-    stored = await _store_body(request, ctx, key, content_type, _expiry(life, time.time()))
-    return {"access_url": ctx.files.url(key), "file_size": stored.size}
+    return CdnUpload(new_key(x_fal_file_name, "upload.bin"), content_type, _expiry(life, time.time()))
+
+
+NewCdnUpload = Annotated[CdnUpload, Depends(cdn_upload_headers)]
+
+
+@cdn.post("/cdn/files/upload")
+async def cdn_upload(ctx: Context, request: Request, upload: NewCdnUpload) -> dict[str, Any]:
+    stored = await _store_body(request, ctx, upload.key, upload.content_type, upload.expires_at)
+    return {"access_url": ctx.files.url(upload.key), "file_size": stored.size}
 
 
 @cdn.post("/cdn/files/upload/multipart")
-def cdn_multipart(
-    ctx: Context,
-    authorization: Annotated[str | None, Header()] = None,
-    content_type: Annotated[str, Header()] = "application/octet-stream",
-    x_fal_file_name: Annotated[str | None, Header()] = None,
-    x_fal_object_lifecycle: Annotated[str | None, Header()] = None,
-    x_fal_object_lifecycle_preference: Annotated[str | None, Header()] = None,
-) -> dict[str, str]:
-    _check_cdn_auth(ctx, authorization)
-    key = new_key(x_fal_file_name, "upload.bin")
-    life = _lifecycle_seconds(x_fal_object_lifecycle, x_fal_object_lifecycle_preference)
-    upload_id = ctx.files.create_multipart(key, content_type, _expiry(life, time.time()))
-    return {"access_url": ctx.files.url(key), "uploadId": upload_id}
+def cdn_multipart(ctx: Context, upload: NewCdnUpload) -> dict[str, str]:
+    upload_id = ctx.files.create_multipart(upload.key, upload.content_type, upload.expires_at)
+    return {"access_url": ctx.files.url(upload.key), "uploadId": upload_id}
 
 
 @cdn.put("/files/{key:path}/multipart/{upload_id}/{part_number}")

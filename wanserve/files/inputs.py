@@ -57,10 +57,12 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep or not header.startswith("data:"):
         raise InputFetchError("malformed data URI")
-    if len(payload) > max_bytes * 4 // 3 + 4:
+    base64_encoded = header.endswith(";base64")
+    # the longest payload that can decode to max_bytes: 4 characters per 3 bytes, or 3 ("%XX") per byte
+    if len(payload) > (max_bytes * 4 // 3 + 4 if base64_encoded else max_bytes * 3):
         raise InputFetchError(f"data URI is over the {max_bytes}-byte input limit")
     try:
-        data = base64.b64decode(payload, validate=True) if header.endswith(";base64") else unquote_to_bytes(payload)
+        data = base64.b64decode(payload, validate=True) if base64_encoded else unquote_to_bytes(payload)
     except (binascii.Error, ValueError) as exc:
         raise InputFetchError(f"data URI does not decode: {exc}") from None
     if len(data) > max_bytes:
@@ -94,8 +96,12 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                 raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
             if not policy.allow_private:
                 check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
             try:
-                with client.stream("GET", url) as response:
+                # no single connect or read may wait past the deadline
+                with client.stream("GET", url, timeout=remaining) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
@@ -106,7 +112,8 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                         raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
                     size = 0
                     with dest.open("wb") as out:
-                        for chunk in response.iter_bytes(1 << 20):
+                        # chunks as they arrive: with a fixed chunk size a trickle would sit unchecked in its buffer
+                        for chunk in response.iter_bytes():
                             size += len(chunk)
                             if size > policy.max_bytes:
                                 raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
