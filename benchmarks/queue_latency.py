@@ -58,9 +58,11 @@ def wait_idle(client: httpx.Client, request_id: str) -> None:
         time.sleep(0.05)
 
 
-def submit_to_start(client: httpx.Client, samples: int) -> list[float]:
-    """Seconds from sending the submit to the first status that says IN_PROGRESS (polled every 5 ms)."""
+def submit_to_start(client: httpx.Client, samples: int) -> tuple[list[float], str]:
+    """Seconds from sending the submit to the first status that says IN_PROGRESS (polled every 5 ms),
+    and the id of the last (completed) request."""
     latencies = []
+    request_id = ""
     for _ in range(samples):
         start = time.perf_counter()
         request_id = client.post(f"/{APP}", json=CHEAP).json()["request_id"]
@@ -69,25 +71,29 @@ def submit_to_start(client: httpx.Client, samples: int) -> list[float]:
         latencies.append(time.perf_counter() - start)
         client.put(f"/{APP}/requests/{request_id}/cancel")
         wait_idle(client, request_id)
-    return latencies
+    return latencies, request_id
 
 
-async def status_under_load(url: str, headers: dict[str, str], pollers: int, seconds: float) -> list[float]:
+async def status_under_load(
+    url: str, headers: dict[str, str], request_id: str, pollers: int, seconds: float, interval: float
+) -> list[float]:
+    """Latency of status requests (with logs) while `pollers` clients poll as fast as they can. The worker
+    is idle meanwhile: on a GPU box it would be busy on the GPU, not on the CPU the API shares here."""
     limits = httpx.Limits(max_connections=pollers, max_keepalive_connections=pollers)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
-        request_id = (await client.post(f"/{APP}", json=CHEAP)).json()["request_id"]
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as client:
         latencies: list[float] = []
         stop_at = time.perf_counter() + seconds
 
-        async def poll() -> None:
+        async def poll(offset: float) -> None:
+            await asyncio.sleep(offset)  # spread the pollers over one interval, as independent clients are
             while time.perf_counter() < stop_at:
                 start = time.perf_counter()
                 response = await client.get(f"/{APP}/requests/{request_id}/status", params={"logs": "1"})
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - start)
+                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
 
-        await asyncio.gather(*(poll() for _ in range(pollers)))
-        await client.put(f"/{APP}/requests/{request_id}/cancel")
+        await asyncio.gather(*(poll(interval * i / pollers) for i in range(pollers)))
         return latencies
 
 
@@ -98,6 +104,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--pollers", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.5,
+        help="seconds between one poller's requests (JS client: 0.5; 0: flat out)",
+    )
     args = parser.parse_args()
     headers = {"Authorization": f"Key {args.key}"} if args.key else {}
     proc = None
@@ -107,14 +119,17 @@ def main() -> None:
             proc, url = start_server(Path(tmp) / "data")
         try:
             with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-                starts = submit_to_start(client, args.samples)
+                starts, last_id = submit_to_start(client, args.samples)
             print(f"submit -> IN_PROGRESS on an idle server ({args.samples} samples):")
             print(
                 f"  median {statistics.median(starts) * 1000:.0f} ms, min {min(starts) * 1000:.0f} ms,"
                 f" max {max(starts) * 1000:.0f} ms"
             )
-            lat = asyncio.run(status_under_load(url, headers, args.pollers, args.seconds))
-            print(f"status under {args.pollers} concurrent pollers for {args.seconds:.0f} s ({len(lat)} requests):")
+            lat = asyncio.run(status_under_load(url, headers, last_id, args.pollers, args.seconds, args.interval))
+            print(
+                f"status under {args.pollers} concurrent pollers, one request every {args.interval:g} s each,"
+                f" for {args.seconds:.0f} s ({len(lat)} requests):"
+            )
             print(
                 f"  p50 {percentile(lat, 50) * 1000:.1f} ms, p99 {percentile(lat, 99) * 1000:.1f} ms,"
                 f" {len(lat) / args.seconds:.0f} requests/s"
