@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,18 @@ def test_data_visible_to_a_second_store_on_the_same_root(fs: LocalFileStore) -> 
     other = LocalFileStore(fs.root, PUBLIC)
     assert other.stat(key, T0) == stored
     assert other.key_from_url(fs.url(key)) == key
+
+
+def test_sweep_removes_abandoned_multipart_uploads_and_temp_files(tmp_path: Path) -> None:
+    store = LocalFileStore(tmp_path / "files", "http://files.test")
+    old = store.create_multipart(new_key("old.bin"), "application/octet-stream", None)
+    fresh = store.create_multipart(new_key("fresh.bin"), "application/octet-stream", None)
+    leftover = tmp_path / "files" / "tmp" / "tmpabc"
+    leftover.write_bytes(b"half")
+    now = time.time()
+    long_ago = now - local_mod.ABANDONED_UPLOAD_S - 10
+    for path in (tmp_path / "files" / "multipart" / old, leftover):
+        os.utime(path, (long_ago, long_ago))
+    store.sweep_expired(now)
+    assert not (tmp_path / "files" / "multipart" / old).exists() and not leftover.exists()
+    assert (tmp_path / "files" / "multipart" / fresh).is_dir()

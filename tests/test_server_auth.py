@@ -17,7 +17,12 @@ APP = "fal-ai/wan-22"
 
 @pytest.fixture(scope="module")
 def open_host_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("auth") / "data", model_cache, args=["--host", "0.0.0.0"]).start()
+    srv = Server(
+        tmp_path_factory.mktemp("auth") / "data",
+        model_cache,
+        args=["--host", "0.0.0.0"],
+        env={"WANSERVE_ALLOW_PRIVATE_URLS": "false"},  # the default of a real deployment
+    ).start()
     yield srv
     srv.stop()
 
@@ -74,3 +79,16 @@ def test_the_official_client_with_a_key(
     with pytest.raises(fal_client.FalClientHTTPError) as err:
         fal_client.submit(APP, arguments=CHEAP_INPUT)
     assert err.value.status_code == 401
+
+
+def test_webhooks_to_private_addresses_are_refused_by_default(open_host_server: Server) -> None:
+    key = (open_host_server.data_dir / "api-key").read_text().strip()
+    for target in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://localhost/x"):
+        response = httpx.post(
+            f"{open_host_server.url}/{APP}",
+            json=CHEAP_INPUT,
+            params={"fal_webhook": target},
+            headers={"Authorization": f"Key {key}"},
+        )
+        assert response.status_code == 400, target
+        assert "private" in response.json()["detail"]

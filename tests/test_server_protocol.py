@@ -190,3 +190,40 @@ def test_lora_requests_fail_clearly_until_loras_are_supported(server: Server) ->
     status = wait_completed(server, APP, submitted["request_id"])
     assert status["error_type"] == "bad_request" and "LoRA" in status["error"]
     assert httpx.get(submitted["response_url"]).status_code == 422
+
+
+def test_hostile_inputs_get_4xx_never_500(server: Server) -> None:
+    nested = b"[" * 100_000
+    response = httpx.post(f"{server.url}/{APP}", content=nested, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error_type"] == "bad_request"
+    huge = httpx.post(f"{server.url}/{APP}", json={"prompt": "x" * (2 * 1024 * 1024)})
+    assert huge.status_code == 413
+    init = httpx.post(f"{server.url}/rest/storage/upload/initiate", json={"file_name": "a.bin"}).json()
+    bad_sig = httpx.put(init["upload_url"].split("sig=")[0] + "sig=%C3%A9", content=b"x")
+    assert bad_sig.status_code == 401
+
+
+def test_uploaded_files_never_run_as_pages(server: Server) -> None:
+    init = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate", json={"content_type": "text/html", "file_name": "x.html"}
+    ).json()
+    assert httpx.put(init["upload_url"], content=b"<script>alert(1)</script>").status_code == 200
+    page = httpx.get(init["file_url"])
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["content-disposition"].startswith("attachment")
+    assert "sandbox" in page.headers["content-security-policy"]
+
+
+def test_a_stream_whose_caller_hangs_up_is_cancelled(server: Server) -> None:
+    store = SQLiteJobStore(server.data_dir / "jobs.sqlite3")
+    before = store.counts().get("outcome:client_cancelled", 0)
+    body = {**CHEAP_INPUT, "num_inference_steps": 4}
+    with httpx.stream("POST", f"{server.url}/run/{APP}/stream", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if "step 1/4" in line:
+                break  # leave after the first step: closing the connection hangs up
+    deadline = time.monotonic() + 60
+    while store.counts().get("outcome:client_cancelled", 0) == before:
+        assert time.monotonic() < deadline, store.counts()
+        time.sleep(0.2)
+    store.close()

@@ -227,7 +227,8 @@ def finished_job(store: SQLiteJobStore, job_id: str, url: str, **finish: Any) ->
 
 
 def dispatcher(store: SQLiteJobStore, signer: WebhookSigner, **kw: Any) -> WebhookDispatcher:
-    opts: dict[str, Any] = dict(user_id="me", timeout_s=5.0, max_attempts=3, retry_base_s=0.05)
+    # The receivers here listen on loopback, which only an operator's allow_private_urls lets webhooks reach.
+    opts: dict[str, Any] = dict(user_id="me", timeout_s=5.0, max_attempts=3, retry_base_s=0.05, allow_private=True)
     opts.update(kw)
     return WebhookDispatcher(store, signer, **opts)
 
@@ -235,7 +236,9 @@ def dispatcher(store: SQLiteJobStore, signer: WebhookSigner, **kw: Any) -> Webho
 def deliver(d: WebhookDispatcher) -> int:
     async def run() -> int:
         async with httpx.AsyncClient() as client:
-            return await d.deliver_due(client)
+            started = await d.deliver_due(client)
+            await d.drain()
+            return started
 
     return asyncio.run(run())
 
@@ -335,3 +338,13 @@ def test_one_bad_receiver_does_not_block_the_others(
     assert deliver(d) == 2
     assert [p for p, _, _ in receiver.seen] == ["/b"]
     assert store.due_webhooks(time.time() + 10_000) == []  # b delivered, a given up
+
+
+def test_delivery_to_a_private_address_is_given_up_without_a_request(
+    store: SQLiteJobStore, signer: WebhookSigner, receiver: Receiver
+) -> None:
+    finished_job(store, "priv-1", receiver.url + "/hook")
+    d = dispatcher(store, signer, allow_private=False)
+    assert deliver(d) == 1
+    assert receiver.seen == []
+    assert store.due_webhooks(time.time() + 10**6) == []  # given up, not rescheduled

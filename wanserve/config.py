@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(
         5.0, gt=0, description="First retry delay of a failed webhook; doubles up to 15 minutes."
     )
+    allow_private_urls: bool = Field(
+        False,
+        description="Let webhooks and URL inputs reach private, loopback and link-local addresses (trusted "
+        "networks only: otherwise a request could make the server call internal services).",
+    )
     file_sweep_s: float = Field(60.0, gt=0, description="How often expired stored files are deleted.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest file the storage API accepts.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from wanserve.files.inputs import InputFetchError, check_public_url
 from wanserve.jobs.model import Job
 from wanserve.store.base import JobStore
 
@@ -114,6 +116,7 @@ class WebhookDispatcher:
         timeout_s: float,
         max_attempts: int,
         retry_base_s: float,
+        allow_private: bool = False,
     ) -> None:
         self.store = store
         self.signer = signer
@@ -121,17 +124,46 @@ class WebhookDispatcher:
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.retry_base_s = retry_base_s
+        self.allow_private = allow_private
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
 
     async def deliver_due(self, client: httpx.AsyncClient) -> int:
-        due = await asyncio.to_thread(self.store.due_webhooks, time.time())
-        await asyncio.gather(*(self._deliver(client, hook.id, hook.job_id, hook.url, hook.attempts) for hook in due))
-        return len(due)
+        """Starts a delivery for each due webhook not already in flight (a slow receiver holds up only its
+        own webhooks); returns how many started. `drain()` waits for them."""
+        due = await asyncio.to_thread(self.store.due_webhooks, time.time(), 100)
+        started = 0
+        for hook in due:
+            if hook.id in self._in_flight:
+                continue
+            task = asyncio.create_task(self._deliver(client, hook.id, hook.job_id, hook.url, hook.attempts))
+            self._in_flight[hook.id] = task
+            task.add_done_callback(functools.partial(self._done, hook.id))
+            started += 1
+        return started
+
+    def _done(self, hook_id: int, _task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(hook_id, None)
+
+    async def drain(self) -> None:
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        await self.drain()
 
     async def _deliver(self, client: httpx.AsyncClient, hook_id: int, job_id: str, url: str, attempts: int) -> None:
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None:
             await asyncio.to_thread(self.store.webhook_failed, hook_id, "job no longer exists", None)
             return
+        if not self.allow_private:
+            try:
+                await asyncio.to_thread(check_public_url, url)
+            except InputFetchError as exc:  # checked again here: DNS may have changed since the submit
+                log.warning("webhook for %s to %s refused: %s", job_id, url, exc)
+                await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
+                return
         body = json.dumps(webhook_payload(job)).encode()
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
         error: str | None = None

@@ -48,7 +48,7 @@ def build_context(settings: Settings) -> ServerContext:
         public_url=public_url,
         store=store,
         files=file_store,
-        service=JobService(store, EndpointRegistry(settings.app_ids), public_url),
+        service=JobService(store, EndpointRegistry(settings.app_ids), public_url, settings.allow_private_urls),
         api_keys=ApiKeys(settings.api_keys),
         url_signer=UrlSigner(read_or_create_secret(data / "keys" / "url-secret")),
         webhook_signer=WebhookSigner.load_or_create(data / "keys" / "webhook-ed25519.pem"),
@@ -76,6 +76,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         timeout_s=settings.webhook_timeout_s,
         max_attempts=settings.webhook_max_attempts,
         retry_base_s=settings.webhook_retry_base_s,
+        allow_private=settings.allow_private_urls,
     )
     last_sweep = [0.0]
 
@@ -104,6 +105,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
                 for task in tasks:
                     with suppress(asyncio.CancelledError):
                         await task
+                await dispatcher.close()
                 await asyncio.to_thread(supervisor.stop)
 
     app = FastAPI(

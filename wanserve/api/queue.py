@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from wanserve.api.context import Authorized, Context, ServerContext
 from wanserve.api.responses import reply_response
-from wanserve.errors import BadRequest
+from wanserve.errors import BadRequest, WanserveError
 from wanserve.jobs.model import JobState
 
 router = APIRouter(dependencies=[Authorized])
@@ -28,14 +28,29 @@ def wants_logs(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+MAX_INPUT_BYTES = 1024 * 1024  # a request's JSON input; files travel as URLs, never inline in the body
+
+
+class InputTooLarge(WanserveError):
+    http_status = 413
+    error_type = "payload_too_large"
+
+
 async def read_json(request: Request) -> Any:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_INPUT_BYTES:
+        raise InputTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_INPUT_BYTES:
+            raise InputTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
     if not raw.strip():
         return {}
     try:
         return json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {type(exc).__name__}") from None
 
 
 async def submit_job(ctx: ServerContext, endpoint: str, request: Request) -> Any:

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -37,9 +38,18 @@ async def wait_for(ctx: ServerContext, job: Job, request: Request) -> Job | None
 
 
 async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
-    """Progress events (status with the new log lines), then the output (or error body) as the last event."""
-    async for event in status_events(ctx, job.id, with_logs=True):
-        yield event
+    """Progress events (status with the new log lines), then the output (or error body) as the last event.
+    A caller that hangs up mid-stream cancels the request, as with the plain run."""
+    finished = False
+    try:
+        async for event in status_events(ctx, job.id, with_logs=True):
+            yield event
+        finished = True
+    finally:
+        if not finished:
+            # The hang-up cancelled this task: only a shielded scope may still await (anyio re-raises).
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(ctx.service.cancel, job.app, job.id)
     done = await run_in_threadpool(ctx.store.get, job.id)
     if done is not None:
         reply = ctx.service.result_of(done)

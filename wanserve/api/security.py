@@ -52,7 +52,7 @@ class ApiKeys:
         scheme, _, credential = authorization.strip().partition(" ")
         if scheme.lower() not in ("key", "bearer") or not credential:
             return False
-        given = credential.strip().encode()
+        given = credential.strip().encode("utf-8", "replace")
         # Compare against every key, always: the time taken does not tell which key (or how much) matched.
         found = False
         for key in self._keys:
@@ -78,7 +78,9 @@ class UrlSigner:
         return hmac.new(self._secret, "\x1f".join(parts).encode(), hashlib.sha256).hexdigest()
 
     def verify(self, signature: str | None, *parts: str) -> bool:
-        return bool(signature) and hmac.compare_digest(self.sign(*parts), signature or "")
+        # bytes, not str: compare_digest refuses non-ASCII str, and a signature is attacker input.
+        given = (signature or "").encode("utf-8", "replace")
+        return bool(signature) and hmac.compare_digest(self.sign(*parts).encode(), given)
 
     def token(self, ttl_s: float) -> tuple[str, float]:
         """A bearer token for the CDN upload routes: `<expiry>.<signature>`."""

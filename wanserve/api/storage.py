@@ -186,11 +186,16 @@ async def put_part_rest(
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
 
 
+MAX_PART_BYTES = 100 * 1024 * 1024  # both clients send 10 MiB parts
+
+
 async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, request: Request) -> str:
-    data = await request.body()
-    if len(data) > ctx.settings.max_upload_bytes:
-        raise TooLarge("part is over the upload limit")
-    return await run_in_threadpool(ctx.files.put_part, upload_id, part_number, data)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_PART_BYTES:
+            raise TooLarge(f"a multipart part is limited to {MAX_PART_BYTES} bytes")
+    return await run_in_threadpool(ctx.files.put_part, upload_id, part_number, bytes(data))
 
 
 # --- CDN token + direct upload (Python's fal_v3 repository) ---

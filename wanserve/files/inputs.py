@@ -53,6 +53,18 @@ def check_public_host(host: str, port: int) -> None:
             raise InputFetchError(f"{host} resolves to a private or local address; URL inputs must be public")
 
 
+def check_public_url(url: str) -> None:
+    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, downloads)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputFetchError(f"not an http(s) URL: {url}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InputFetchError(f"bad port in {url}") from None
+    check_public_host(parts.hostname, port)
+
+
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep or not header.startswith("data:"):

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from wanserve.files.base import FileNotFound, InvalidFileKey, InvalidUpload, StoredFile, check_key
 
+ABANDONED_UPLOAD_S = 24 * 3600
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -147,6 +148,14 @@ class LocalFileStore:
             if stored.expires_at is not None and stored.expires_at <= now:
                 self.delete(stored.key)
                 deleted += 1
+        # Leftovers: multipart uploads never completed, temporary files of writes a crash interrupted.
+        for stale, max_age in ((self._multipart, ABANDONED_UPLOAD_S), (self._tmp, ABANDONED_UPLOAD_S)):
+            for entry in stale.iterdir():
+                try:
+                    if now - entry.stat().st_mtime > max_age:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                except OSError:
+                    continue
         return deleted
 
     # --- multipart ---

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
 
+# First path segments that other routes of the server own: an app id there would be unreachable.
+RESERVED_PREFIXES = frozenset(
+    {"run", "rest", "cdn", "files", "api", "health", "ready", "metrics", ".well-known", "docs"}
+)
 NAMESPACES = ("workflows", "comfy")  # fal ids whose first segment is a namespace, not an owner
 
 
@@ -32,6 +36,8 @@ class EndpointRegistry:
             app_id = app_id.strip("/")
             if app_id.count("/") < 1:
                 raise ValueError(f"an app id is owner/app[/path], got {app_id!r}")
+            if app_id.split("/")[0] in RESERVED_PREFIXES:
+                raise ValueError(f"app id {app_id!r} starts with {app_id.split('/')[0]!r}, a path this server uses")
             self._endpoints[app_id] = Endpoint(app_id, app_of(app_id), WanT2VRequest)
             self._endpoints[f"{app_id}/lora"] = Endpoint(f"{app_id}/lora", app_of(app_id), WanLoRAT2VRequest)
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from wanserve.errors import BadRequest, InputValidationError, NotFound, StillInProgress
 from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
+from wanserve.files.inputs import InputFetchError, check_public_url
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import (
     CancelOutcome,
@@ -76,7 +77,10 @@ class Reply:
 
 
 class JobService:
-    def __init__(self, store: JobStore, endpoints: EndpointRegistry, public_url: str) -> None:
+    def __init__(
+        self, store: JobStore, endpoints: EndpointRegistry, public_url: str, allow_private_urls: bool = False
+    ) -> None:
+        self.allow_private_urls = allow_private_urls
         self.store = store
         self.endpoints = endpoints
         self.public_url = public_url.rstrip("/")
@@ -108,8 +112,8 @@ class JobService:
             request = endpoint.request_model.model_validate(body)
         except ValidationError as exc:
             raise InputValidationError(validation_errors(exc)) from None
-        if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
-            raise BadRequest(f"fal_webhook must be an http(s) URL, got {webhook_url!r}")
+        if webhook_url is not None:
+            self._check_webhook_url(webhook_url)
         output_lifecycle = parse_lifecycle_header(lifecycle)
         lifecycle_expiry(output_lifecycle, 0.0)  # validates it now rather than after the generation
         now = time.time()
@@ -130,6 +134,15 @@ class JobService:
         if unknown:
             self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {', '.join(unknown)}", now)
         return job
+
+    def _check_webhook_url(self, url: str) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise BadRequest(f"fal_webhook must be an http(s) URL, got {url!r}")
+        if not self.allow_private_urls:
+            try:
+                check_public_url(url)
+            except InputFetchError as exc:
+                raise BadRequest(f"fal_webhook is refused: {exc} (the operator can allow private URLs)") from None
 
     def submit_reply(self, job: Job) -> dict[str, Any]:
         return {
@@ -188,11 +201,7 @@ class JobService:
         if job is None or job.app != app.strip("/"):
             return Reply(404, {"status": CancelOutcome.NOT_FOUND.value}, {})
         outcome = self.store.cancel(job_id, cancelled_failure(), time.time())
-        if outcome is CancelOutcome.CANCELLED:
-            self.store.add_log(job_id, LogLevel.INFO, "Cancelled while queued", time.time())
-            return Reply(202, {"status": CancelOutcome.REQUESTED.value}, {})
-        if outcome is CancelOutcome.REQUESTED:
-            self.store.add_log(job_id, LogLevel.INFO, "Cancellation requested; stopping at the next step", time.time())
+        if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
             return Reply(202, {"status": CancelOutcome.REQUESTED.value}, {})
         if outcome is CancelOutcome.ALREADY_COMPLETED:
             return Reply(400, {"status": outcome.value}, {})
@@ -210,6 +219,5 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
     for job in store.recover_lost(now, dead_workers, max_attempts):
         failure = cancelled_failure() if job.cancel_requested else disconnected_failure(job.attempts)
         if store.finish(job.id, now, failure=failure):
-            store.add_log(job.id, LogLevel.ERROR, f"Worker lost; giving up after {job.attempts} attempts", now)
             failed.append(job.id)
     return failed

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure TEXT,
     inference_time REAL,
     webhook_url TEXT,
-    output_lifecycle TEXT
+    output_lifecycle TEXT,
+    first_started_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority, seq);
 CREATE TABLE IF NOT EXISTS logs (
@@ -114,6 +115,14 @@ class SQLiteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a database was created (SQLite's CREATE TABLE IF NOT EXISTS keeps old tables)."""
+        db = self._conn()
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "first_started_at" not in columns:
+            db.execute("ALTER TABLE jobs ADD COLUMN first_started_at REAL")
 
     # --- connections: one per thread, autocommit; writes take the database lock up front ---
     def _conn(self) -> sqlite3.Connection:
@@ -193,6 +202,7 @@ class SQLiteJobStore:
                 self._complete(db, job_id, now, None, failure, None)
                 return CancelOutcome.CANCELLED
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            self._log(db, job_id, LogLevel.INFO, "Cancellation requested: stopping at the next denoising step", now)
             return CancelOutcome.REQUESTED
 
     def expire_overdue(self, now: float) -> list[str]:
@@ -202,7 +212,7 @@ class SQLiteJobStore:
     def _expire_overdue(self, db: sqlite3.Connection, now: float) -> list[str]:
         rows = db.execute(
             "SELECT id, start_timeout_s FROM jobs WHERE state = ? AND start_timeout_s IS NOT NULL"
-            " AND created_at + start_timeout_s < ?",
+            " AND first_started_at IS NULL AND created_at + start_timeout_s < ?",
             (_QUEUED, now),
         ).fetchall()
         for row in rows:
@@ -212,10 +222,13 @@ class SQLiteJobStore:
     # --- logs ---
     def add_log(self, job_id: str, level: LogLevel, message: str, now: float) -> None:
         with self._write() as db:
-            db.execute(
-                "INSERT INTO logs (job_id, ts, level, message) VALUES (?, ?, ?, ?)",
-                (job_id, now, level.value, message),
-            )
+            self._log(db, job_id, level, message, now)
+
+    @staticmethod
+    def _log(db: sqlite3.Connection, job_id: str, level: LogLevel, message: str, now: float) -> None:
+        db.execute(
+            "INSERT INTO logs (job_id, ts, level, message) VALUES (?, ?, ?, ?)", (job_id, now, level.value, message)
+        )
 
     def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]:
         rows = (
@@ -239,8 +252,8 @@ class SQLiteJobStore:
                 return None
             db.execute(
                 "UPDATE jobs SET state = ?, worker_id = ?, attempts = attempts + 1, started_at = ?,"
-                " lease_expires_at = ? WHERE id = ?",
-                (_RUNNING, worker_id, now, now + lease_s, row["id"]),
+                " first_started_at = COALESCE(first_started_at, ?), lease_expires_at = ? WHERE id = ?",
+                (_RUNNING, worker_id, now, now, now + lease_s, row["id"]),
             )
         return self.get(row["id"])
 
@@ -305,6 +318,10 @@ class SQLiteJobStore:
                 job_id,
             ),
         )
+        if failure is not None:
+            # In the same transaction: whoever sees COMPLETED (a status stream) also sees why.
+            level = LogLevel.INFO if failure.error_type == "client_cancelled" else LogLevel.ERROR
+            self._log(db, job_id, level, f"{failure.message} ({failure.error_type})", now)
         db.execute(
             "INSERT INTO webhooks (job_id, url, next_attempt_at) SELECT id, webhook_url, ? FROM jobs"
             " WHERE id = ? AND webhook_url IS NOT NULL",

@@ -61,7 +61,7 @@ class Worker:
         self._runner_factory = runner_factory
         self._runner: Any = None
         self._current: Job | None = None
-        self._lease_lost = threading.Event()
+        self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
         self._stop = threading.Event()
         self._detail = {"host": socket.gethostname(), "pid": os.getpid(), "model": settings.model}
 
@@ -108,7 +108,7 @@ class Worker:
                 if job is not None and not self.store.heartbeat(
                     job.id, self.id, self.settings.job_lease_s, time.time()
                 ):
-                    self._lease_lost.set()
+                    self._lease_lost_job = job.id  # names the job, so a late beat cannot touch the next one
             except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
                 log.exception("heartbeat failed")
 
@@ -117,7 +117,7 @@ class Worker:
         self.store.add_log(job.id, level, message, time.time())
 
     def _is_cancelled(self, job: Job) -> bool:
-        if self._lease_lost.is_set():
+        if self._lease_lost_job == job.id:
             raise LeaseLost(job.id)
         if self._stop.is_set():
             raise ShuttingDown(job.id)
@@ -125,23 +125,23 @@ class Worker:
 
     def process(self, job: Job) -> None:
         self._current, started = job, time.perf_counter()
-        self._lease_lost.clear()
         try:
             output, inference_time = self._run(job)
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to the store", job.id)
         except ShuttingDown:
-            self._log(job, "Worker shutting down; the request goes back to the queue", LogLevel.WARN)
-            self.store.release(job.id, self.id)
+            if self.store.cancel_requested(job.id):
+                self._finish(job, failure=cancelled_failure())
+            else:
+                self._log(job, "Worker shutting down; the request goes back to the queue", LogLevel.WARN)
+                self.store.release(job.id, self.id)
         except GenerationCancelled:
-            self._log(job, "Cancelled")
             self._finish(job, failure=cancelled_failure())
         except ValidationError as exc:
             self._finish(
                 job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
             )
         except WanserveError as exc:
-            self._log(job, f"Failed: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except Exception as exc:  # any engine crash fails this job only; the worker goes on
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())

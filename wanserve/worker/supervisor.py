@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -63,6 +64,7 @@ class WorkerSupervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.host = socket.gethostname()
+        self.boot = secrets.token_hex(3)
 
     def recover_previous_run(self) -> None:
         """Workers of this host registered by an earlier server that are not running any more are dead:
@@ -89,7 +91,8 @@ class WorkerSupervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         slot.generation += 1
-        slot.worker_id = f"{self.host}-{os.getpid()}-w{slot.index}-{slot.generation}"
+        # The boot nonce keeps ids unique across restarts (a server in a container is pid 1 every time).
+        slot.worker_id = f"{self.host}-{self.boot}-w{slot.index}-{slot.generation}"
         env = dict(os.environ)
         env[SETTINGS_ENV] = self.settings.model_dump_json()
         slot.process = subprocess.Popen(
