@@ -523,3 +523,33 @@ def test_failed_transaction_rolls_back(store: SQLiteJobStore) -> None:
         "a": 1,
         "b": 1,
     }
+
+
+def test_the_start_deadline_never_expires_a_job_that_already_started(store: SQLiteJobStore) -> None:
+    store.submit(new_job("retried", start_timeout_s=5), T0)
+    store.submit(new_job("released", start_timeout_s=5), T0)
+    assert store.claim("w1", 10, T0 + 1) is not None
+    assert store.claim("w2", 100, T0 + 1) is not None
+    assert store.release("released", "w2")
+    assert store.recover_lost(T0 + 20, [], max_attempts=3) == []  # w1's lease ran out: back to the queue
+    assert store.expire_overdue(T0 + 21) == []
+    claimed = {store.claim("w3", 10, T0 + 22).id, store.claim("w3", 10, T0 + 22).id}  # type: ignore[union-attr]
+    assert claimed == {"retried", "released"}
+
+
+def test_a_failure_is_logged_in_the_transaction_that_completes_the_job(store: SQLiteJobStore) -> None:
+    store.submit(new_job("q"), T0)
+    store.cancel("q", cancelled_failure(), T0 + 1)
+    job = store.get("q")
+    logs = store.logs("q")
+    assert job is not None and job.state is JobState.COMPLETED
+    assert logs and "client_cancelled" in logs[-1].message and logs[-1].timestamp == T0 + 1
+
+
+def test_a_job_cancelled_while_running_is_not_rerun_when_its_worker_dies(store: SQLiteJobStore) -> None:
+    store.submit(new_job("c"), T0)
+    store.claim("dead", 10, T0)
+    store.cancel("c", cancelled_failure(), T0 + 1)
+    assert recover_lost_jobs(store, ["dead"], max_attempts=3) == ["c"]
+    job = store.get("c")
+    assert job is not None and job.failure is not None and job.failure.error_type == "client_cancelled"

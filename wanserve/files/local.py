@@ -84,6 +84,8 @@ class LocalFileStore:
             os.close(fd)
             try:
                 shutil.copyfile(source, tmp)
+                with open(tmp, "rb+") as f:  # on disk before the job that points at it is marked done
+                    os.fsync(f.fileno())
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,45 @@
+"""`serve --workers 0` plus a separately started `wanserve worker`: the seam that scale-out builds on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from server import CHEAP_INPUT, Server, wait_completed
+
+APP = "fal-ai/wan-22"
+
+
+def test_a_separately_started_worker_serves_the_queue(tmp_path: Path, model_cache: Path, coarse_model: Path) -> None:
+    server = Server(tmp_path / "data", model_cache, args=["--workers", "0"]).start(wait_ready=False)
+    worker = None
+    try:
+        assert httpx.get(f"{server.url}/ready").status_code == 503  # no worker has the model loaded
+        queued = httpx.post(f"{server.url}/{APP}", json=CHEAP_INPUT).json()
+        env = {
+            **os.environ,
+            "WANSERVE_CACHE_DIR": str(model_cache),
+            "WANSERVE_VIDEO_CRF": "51",
+            "WANSERVE_PUBLIC_URL": server.url,
+        }
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "wanserve", "worker", "--data-dir", str(server.data_dir),
+             "--model", str(coarse_model), "--worker-id", "box-2-gpu-0"],
+            env=env,
+        )  # fmt: skip
+        server.wait(ready=True)
+        assert httpx.get(f"{server.url}/ready").json()["workers"] == ["box-2-gpu-0"]
+        status = wait_completed(server, APP, queued["request_id"])
+        assert "error" not in status
+        video = httpx.get(queued["response_url"]).json()["video"]
+        assert video["url"].startswith(server.url) and httpx.get(video["url"]).status_code == 200
+        worker.terminate()  # a clean stop unregisters the worker
+        assert worker.wait(30) == 0
+        assert httpx.get(f"{server.url}/ready").status_code == 503
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        server.stop()
