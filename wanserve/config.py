@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, le=64, description="Worker child processes `serve` supervises (0: none).")
     job_lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")
     job_max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker died before it is failed.")
+    job_stall_s: float = Field(
+        900.0,
+        gt=0,
+        description="A worker whose running job writes no progress for this long exits (its supervisor restarts it "
+        "and the job is retried): a hung GPU or engine never holds a job forever.",
+    )
     worker_poll_s: float = Field(0.05, gt=0, description="How often an idle worker looks for a queued job.")
     webhook_user_id: str = Field("wanserve", description="X-Fal-Webhook-User-Id sent with webhooks.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time limit of one webhook delivery.")

@@ -6,6 +6,7 @@ all go through it, so a worker can be a child of `wanserve serve` or a process o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -35,6 +36,9 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+STALLED_EXIT_CODE = 70
+
+
 class LeaseLost(Exception):
     """The store gave this worker's job away (its lease expired): stop without reporting."""
 
@@ -61,6 +65,7 @@ class Worker:
         self._runner_factory = runner_factory
         self._runner: Any = None
         self._current: Job | None = None
+        self._progress_at = time.monotonic()  # last sign of life of the running job
         self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
         self._stop = threading.Event()
         self._detail = {"host": socket.gethostname(), "pid": os.getpid(), "model": settings.model}
@@ -102,9 +107,11 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = max(self.settings.job_lease_s / 4, 0.05)
         while not self._stop.wait(interval):
+            job = self._current
+            if job is not None and time.monotonic() - self._progress_at > self.settings.job_stall_s:
+                self._exit_stalled(job)
             try:
                 self._register(ready=self._runner is not None)
-                job = self._current
                 if job is not None and not self.store.heartbeat(
                     job.id, self.id, self.settings.job_lease_s, time.time()
                 ):
@@ -112,8 +119,19 @@ class Worker:
             except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
                 log.exception("heartbeat failed")
 
+    def _exit_stalled(self, job: Job) -> None:
+        """The engine is stuck inside a step (a hung kernel, a deadlock): no cancel check will ever run, so
+        the only way out is to end the process. The job stays with this worker id, which the supervisor (or,
+        for a standalone worker, the lease expiry) hands back to the queue for its retry."""
+        stalled = time.monotonic() - self._progress_at
+        log.error("job %s made no progress for %.0f s: exiting so the worker restarts", job.id, stalled)
+        with contextlib.suppress(Exception):
+            self._log(job, f"Worker stalled ({stalled:.0f} s without progress); restarting it", LogLevel.ERROR)
+        os._exit(STALLED_EXIT_CODE)
+
     # --- one job ---
     def _log(self, job: Job, message: str, level: LogLevel = LogLevel.INFO) -> None:
+        self._progress_at = time.monotonic()
         self.store.add_log(job.id, level, message, time.time())
 
     def _is_cancelled(self, job: Job) -> bool:
@@ -125,6 +143,7 @@ class Worker:
 
     def process(self, job: Job) -> None:
         self._current, started = job, time.perf_counter()
+        self._progress_at = time.monotonic()
         try:
             output, inference_time = self._run(job)
         except LeaseLost:
