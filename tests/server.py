@@ -54,6 +54,7 @@ class Server:
             "WANSERVE_VIDEO_PRESET": "ultrafast",
             "WANSERVE_VIDEO_CRF": "51",
             "WANSERVE_WEBHOOK_RETRY_BASE_S": "0.3",
+            "WANSERVE_FILE_SWEEP_S": "0.5",
             "WANSERVE_ALLOW_PRIVATE_URLS": "true",  # the tests' webhook receivers listen on loopback
             **self.env,
         }

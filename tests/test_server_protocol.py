@@ -227,3 +227,21 @@ def test_a_stream_whose_caller_hangs_up_is_cancelled(server: Server) -> None:
         assert time.monotonic() < deadline, store.counts()
         time.sleep(0.2)
     store.close()
+
+
+def test_expired_uploads_are_swept_from_disk(server: Server) -> None:
+    init = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate",
+        json={"content_type": "text/plain", "file_name": "short-lived.txt"},
+        headers={"X-Fal-Object-Lifecycle": '{"expiration_duration_seconds": 1}'},
+    ).json()
+    assert httpx.put(init["upload_url"], content=b"gone soon").status_code == 200
+    assert httpx.get(init["file_url"]).text == "gone soon"
+    key = init["file_url"].split("/files/", 1)[1]
+    on_disk = server.data_dir / "files" / "objects" / key
+    assert on_disk.is_file()
+    deadline = time.monotonic() + 15
+    while on_disk.exists():
+        assert time.monotonic() < deadline, "the sweep never deleted the expired file"
+        time.sleep(0.2)
+    assert httpx.get(init["file_url"]).status_code == 404
