@@ -553,3 +553,24 @@ def test_a_job_cancelled_while_running_is_not_rerun_when_its_worker_dies(store: 
     assert recover_lost_jobs(store, ["dead"], max_attempts=3) == ["c"]
     job = store.get("c")
     assert job is not None and job.failure is not None and job.failure.error_type == "client_cancelled"
+
+
+def test_prune_deletes_old_completed_jobs_with_their_logs_but_waits_for_pending_webhooks(
+    store: SQLiteJobStore,
+) -> None:
+    store.submit(new_job("old"), T0)
+    store.submit(new_job("old-hooked", webhook_url="http://hook.test/"), T0)
+    store.submit(new_job("recent"), T0)
+    store.submit(new_job("queued"), T0)
+    store.add_log("old", LogLevel.INFO, "hello", T0)
+    for job_id, finished in (("old", T0 + 1), ("old-hooked", T0 + 1), ("recent", T0 + 100)):
+        store.claim("w", 60, T0)
+        assert store.finish(job_id, finished, output={"ok": True})
+    assert store.prune_completed(T0 + 50) == 1  # "old-hooked" waits for its webhook
+    assert store.get("old") is None and store.logs("old") == []
+    assert store.get("old-hooked") is not None and store.get("recent") is not None
+    assert store.get("queued") is not None  # never prunes unfinished work
+    (hook,) = store.due_webhooks(T0 + 10**6)
+    store.webhook_delivered(hook.id, T0 + 2)
+    assert store.prune_completed(T0 + 50) == 1
+    assert store.get("old-hooked") is None and store.due_webhooks(T0 + 10**6) == []

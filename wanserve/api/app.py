@@ -88,6 +88,10 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
             deleted = await asyncio.to_thread(ctx.files.sweep_expired, time.time())
             if deleted:
                 log.info("deleted %d expired file(s)", deleted)
+            if settings.job_retention_s:
+                pruned = await asyncio.to_thread(ctx.store.prune_completed, time.time() - settings.job_retention_s)
+                if pruned:
+                    log.info("deleted %d request(s) past their %.0f s retention", pruned, settings.job_retention_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

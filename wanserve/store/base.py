@@ -79,6 +79,11 @@ class JobStore(Protocol):
         """Records a failed delivery; `retry_at` None means it is given up."""
         ...
 
+    def prune_completed(self, finished_before: float) -> int:
+        """Deletes completed jobs that finished before the given time, with their logs and settled webhooks;
+        returns how many jobs. A job whose webhook is still being retried is kept until that settles."""
+        ...
+
     # --- metrics ---
     def counts(self) -> dict[str, int]:
         """Jobs by state, and completed jobs by outcome (`ok`, or the error type)."""

@@ -394,6 +394,20 @@ class SQLiteJobStore:
                 (error[:1000], "pending" if retry_at is not None else "failed", retry_at, webhook_id),
             )
 
+    def prune_completed(self, finished_before: float) -> int:
+        with self._write() as db:
+            doomed = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE state = ? AND finished_at < ? AND id NOT IN"
+                    " (SELECT job_id FROM webhooks WHERE state = 'pending') LIMIT 10000",
+                    (_COMPLETED, finished_before),
+                )
+            ]
+            for table, column in (("logs", "job_id"), ("webhooks", "job_id"), ("jobs", "id")):
+                db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(job_id,) for job_id in doomed])
+            return len(doomed)
+
     # --- metrics ---
     def counts(self) -> dict[str, int]:
         db = self._conn()
