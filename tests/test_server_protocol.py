@@ -249,3 +249,13 @@ def test_expired_uploads_are_swept_from_disk(server: Server) -> None:
         assert time.monotonic() < deadline, "the sweep never deleted the expired file"
         time.sleep(0.2)
     assert httpx.get(init["file_url"]).status_code == 404
+
+
+def test_sync_run_with_get_takes_the_input_from_the_query(server: Server) -> None:
+    """The JS client's `fal.run(id, {method: "get", input})` sends the input as query parameters."""
+    query = {key: str(value) for key, value in {**CHEAP_INPUT, "seed": 12, "enable_safety_checker": "false"}.items()}
+    response = httpx.get(f"{server.url}/run/{APP}", params=query, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["seed"] == 12
+    invalid = httpx.get(f"{server.url}/run/{APP}", params={**query, "num_frames": "many"})
+    assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"] == ["body", "num_frames"]

@@ -53,8 +53,17 @@ async def read_json(request: Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {type(exc).__name__}") from None
 
 
+RESERVED_QUERY = {"fal_webhook"}
+
+
+def query_input(request: Request) -> dict[str, Any]:
+    """The input of a GET run (the JS client's `method: "get"` puts the input in `URLSearchParams`): values
+    arrive as text and the schema converts them ("81" -> 81, "true" -> True)."""
+    return {key: value for key, value in request.query_params.items() if key not in RESERVED_QUERY}
+
+
 async def submit_job(ctx: ServerContext, endpoint: str, request: Request) -> Any:
-    body = await read_json(request)
+    body = query_input(request) if request.method == "GET" else await read_json(request)
     headers = request.headers
     return await run_in_threadpool(
         ctx.service.submit,

@@ -56,7 +56,7 @@ async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
         yield f"data: {json.dumps(reply.body)}\n\n".encode()
 
 
-@router.post("/{endpoint:path}")
+@router.api_route("/{endpoint:path}", methods=["POST", "GET"])
 async def run(ctx: Context, endpoint: str, request: Request) -> Response:
     streaming = endpoint.endswith("/stream") and ctx.service.endpoints.get(endpoint) is None
     job = await submit_job(ctx, endpoint.removesuffix("/stream") if streaming else endpoint, request)
