@@ -83,7 +83,14 @@ def test_the_official_client_with_a_key(
 
 def test_webhooks_to_private_addresses_are_refused_by_default(open_host_server: Server) -> None:
     key = (open_host_server.data_dir / "api-key").read_text().strip()
-    for target in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://localhost/x"):
+    targets = (
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest",
+        "http://localhost/x",
+        "http://[::1",
+        "http://a..b/",
+    )
+    for target in targets:
         response = httpx.post(
             f"{open_host_server.url}/{APP}",
             json=CHEAP_INPUT,
@@ -91,4 +98,4 @@ def test_webhooks_to_private_addresses_are_refused_by_default(open_host_server: 
             headers={"Authorization": f"Key {key}"},
         )
         assert response.status_code == 400, target
-        assert "private" in response.json()["detail"]
+        assert "refused" in response.json()["detail"]

@@ -174,6 +174,15 @@ def test_rest_upload_url_is_signed(server: Server) -> None:
     assert response.content == b"png-bytes" and response.headers["content-type"] == "image/png"
 
 
+def test_a_sub_second_lifetime_is_rounded_up_not_down_to_expired(server: Server) -> None:
+    init = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate",
+        json={"file_name": "brief.bin"},
+        headers={"X-Fal-Object-Lifecycle": '{"expiration_duration_seconds": 0.5}'},
+    ).json()
+    assert "life=1" in init["upload_url"]
+
+
 @contextmanager
 def one_more_cancellation(server: Server) -> Iterator[None]:
     """Asserts that the block leads the server to cancel one more request (within a minute)."""
@@ -259,3 +268,41 @@ def test_sync_run_with_get_takes_the_input_from_the_query(server: Server) -> Non
     assert response.json()["seed"] == 12
     invalid = httpx.get(f"{server.url}/run/{APP}", params={**query, "num_frames": "many"})
     assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"] == ["body", "num_frames"]
+
+
+def test_fuzzed_requests_get_json_4xx_never_500(server: Server) -> None:
+    """Inputs found by fuzzing that once crashed a handler or its error reply."""
+
+    def post(body: bytes, **headers: str) -> httpx.Response:
+        return httpx.post(f"{server.url}/{APP}", content=body, headers={"content-type": "application/json", **headers})
+
+    for body in (b'{"prompt":"x","seed":NaN}', b'{"prompt":"x","num_frames":Infinity}', b'{"prompt":"x","seed":1e400}',
+                 b'{"prompt":"x","resolution":"\\ud800"}', b'{"prompt":"\\ud800","num_frames":5}'):  # fmt: skip
+        response = post(body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["detail"][0]["loc"][0] == "body"
+    deep = "[" * 3000 + "]" * 3000
+    assert post(b'{"prompt":"x"}', **{"x-fal-object-lifecycle-preference": deep}).status_code == 400
+    proxy = f"{server.url}/api/fal/proxy"
+    for target in ("http://[::1", "http://[zz]/"):
+        assert httpx.post(proxy, json={}, headers={"x-fal-target-url": target}).status_code == 400
+    initiate = f"{server.url}/rest/storage/upload/initiate"
+    for content_type in ("é☃/x", "a\r\nX-Evil: 1", "nonsense"):
+        response = httpx.post(initiate, json={"content_type": content_type})
+        assert response.status_code in (400, 422) and response.headers["content-type"] == "application/json"
+
+
+def test_range_errors_are_json(server: Server) -> None:
+    init = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate",
+        json={"content_type": "application/octet-stream", "file_name": "ten.bin"},
+    ).json()
+    assert httpx.put(init["upload_url"], content=b"0123456789").status_code == 200
+    url = init["file_url"]
+    expected = {"bytes=999999999-": 416, "bytes=-0": 416, "bytes=5-2": 400, "bytes=x": 400, "items=0-1": 400}
+    for header, status in expected.items():
+        response = httpx.get(url, headers={"Range": header})
+        assert response.status_code == status, header
+        assert response.headers["content-type"] == "application/json" and response.json()["error_type"]
+    assert httpx.get(url, headers={"Range": "bytes=999999999-"}).headers["content-range"] == "bytes */10"
+    assert httpx.get(url, headers={"Range": "bytes=-3"}).content == b"789"

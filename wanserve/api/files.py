@@ -2,21 +2,56 @@
 
 from __future__ import annotations
 
+import re
 import time
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from wanserve.api.context import Context
+from wanserve.api.responses import error_response
+from wanserve.errors import BadRequest, WanserveError
 
 router = APIRouter()
 
 INLINE_TYPES = {"video", "image", "audio"}
 
 
+_RANGE = re.compile(r"bytes=\s*\d*-\d*(\s*,\s*\d*-\d*)*")
+
+
+class RangeNotSatisfiable(WanserveError):
+    http_status = 416
+    error_type = "range_not_satisfiable"
+
+
+def check_range(header: str | None, size: int) -> None:
+    """Answers bad Range headers here, in JSON like every other error (the file response would answer them
+    in plain text): 400 when malformed, 416 when no requested byte exists."""
+    if header is None:
+        return
+    if not _RANGE.fullmatch(header.strip()):
+        raise BadRequest(f"malformed Range header: {header[:100]!r}")
+    satisfiable = False
+    for spec in header.strip()[len("bytes=") :].split(","):
+        start, _, end = spec.strip().partition("-")
+        if not start and not end:
+            raise BadRequest(f"malformed Range header: {header[:100]!r}")
+        if start and end and int(end) < int(start):
+            raise BadRequest(f"Range ends before it starts: {header[:100]!r}")
+        satisfiable |= int(start) < size if start else int(end) > 0
+    if not satisfiable:
+        raise RangeNotSatisfiable(f"no byte of {header[:100]!r} exists in a {size}-byte file")
+
+
 @router.api_route("/files/{key:path}", methods=["GET", "HEAD"])
-def get_file(ctx: Context, key: str) -> Response:
+def get_file(ctx: Context, key: str, range: Annotated[str | None, Header()] = None) -> Response:
     stored = ctx.files.stat(key, time.time())
+    try:
+        check_range(range, stored.size)
+    except RangeNotSatisfiable as exc:
+        return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
     # Anyone may upload, and files share the API's origin: never let a browser run one as a page.
     inline = stored.content_type.split("/")[0] in INLINE_TYPES
     headers = {

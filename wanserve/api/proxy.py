@@ -26,13 +26,17 @@ FAL_HOSTS = {
 
 def local_target(target: str, public_url: str) -> tuple[str, bytes] | None:
     """(path, query) on this server for a fal (or our own) URL, or None when it is neither."""
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+        hostname = parts.hostname or ""
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
     if parts.scheme not in ("http", "https"):
         return None
     own = urlsplit(public_url)
     if parts.netloc == own.netloc:
         return parts.path or "/", parts.query.encode()
-    prefix = FAL_HOSTS.get(parts.hostname or "")
+    prefix = FAL_HOSTS.get(hostname)
     if prefix is None:
         return None
     return prefix + (parts.path or "/"), parts.query.encode()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -21,12 +22,13 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from wanserve.api.context import Authorized, Context, ServerContext
 from wanserve.errors import Unauthorized, WanserveError
 from wanserve.files.base import (
     InvalidUpload,
+    check_content_type,
     lifecycle_expiry,
     new_key,
     parse_lifecycle_header,
@@ -49,6 +51,11 @@ class InitiateUpload(BaseModel):
     content_type: str = Field("application/octet-stream", max_length=255)
     file_name: str | None = Field(None, max_length=1024)
 
+    @field_validator("content_type")
+    @classmethod
+    def _mime(cls, value: str) -> str:
+        return check_content_type(value)
+
 
 class Part(BaseModel):
     partNumber: int = Field(ge=1, le=10_000)
@@ -65,7 +72,7 @@ def _lifecycle_seconds(*headers: str | None) -> str:
         preference = parse_lifecycle_header(header)
         expiry = lifecycle_expiry(preference, 0.0)
         if expiry is not None:
-            return str(int(expiry))
+            return str(math.ceil(expiry))  # whole seconds, never rounded down to "already expired"
     return ""
 
 
@@ -228,7 +235,9 @@ def cdn_upload_headers(
     x_fal_file_name: Annotated[str | None, Header()] = None,
 ) -> CdnUpload:
     _check_cdn_auth(ctx, authorization)
-    return CdnUpload(new_key(x_fal_file_name, "upload.bin"), content_type, _expiry(life, time.time()))
+    return CdnUpload(
+        new_key(x_fal_file_name, "upload.bin"), check_content_type(content_type), _expiry(life, time.time())
+    )
 
 
 NewCdnUpload = Annotated[CdnUpload, Depends(cdn_upload_headers)]

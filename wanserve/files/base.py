@@ -71,6 +71,16 @@ def check_key(key: str) -> str:
 MAX_LIFETIME_S = 100 * 365 * 24 * 3600
 
 
+_CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]{1,64}/[\w!#$&^.+-]{1,128}(\s*;\s*[\w!#$&^.+-]{1,64}=[\w!#$&^.+\"-]{1,128})*")
+
+
+def check_content_type(value: str) -> str:
+    """A MIME type that is safe to send back as a header (ASCII, no line breaks); 400 otherwise."""
+    if not value.isascii() or not _CONTENT_TYPE.fullmatch(value):
+        raise InvalidUpload(f"not a valid content type: {value[:100]!r}")
+    return value
+
+
 def lifecycle_expiry(preference: dict[str, Any] | None, now: float) -> float | None:
     """`{"expiration_duration_seconds": N}` (fal's object lifecycle preference) -> absolute expiry time."""
     if not preference:
@@ -89,8 +99,8 @@ def parse_lifecycle_header(value: str | None) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(value)
-    except ValueError as exc:
-        raise InvalidUpload(f"object lifecycle header is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidUpload(f"object lifecycle header is not JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise InvalidUpload("object lifecycle header must be a JSON object")
     return data

@@ -46,8 +46,8 @@ def check_public_host(host: str, port: int) -> None:
     """Refuses a host that is, or resolves to, anything but public unicast addresses."""
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise InputFetchError(f"cannot resolve {host}: {exc}") from None
+    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
+        raise InputFetchError(f"cannot resolve {host[:100]}: {exc}") from None
     for info in infos:
         if not _is_public(str(info[4][0])):
             raise InputFetchError(f"{host} resolves to a private or local address; URL inputs must be public")
@@ -55,14 +55,14 @@ def check_public_host(host: str, port: int) -> None:
 
 def check_public_url(url: str) -> None:
     """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, downloads)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputFetchError(f"not an http(s) URL: {url}")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InputFetchError(f"bad port in {url}") from None
-    check_public_host(parts.hostname, port)
+        parts = urlsplit(url)
+        hostname, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a bad port or an unclosed IPv6 bracket
+        raise InputFetchError(f"not a valid URL: {url[:200]}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise InputFetchError(f"not an http(s) URL: {url[:200]}")
+    check_public_host(hostname, port)
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:

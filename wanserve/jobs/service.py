@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,14 +43,29 @@ def log_json(entry: LogEntry) -> dict[str, Any]:
     }
 
 
+def _json_safe(value: Any) -> bool:
+    """Whether a value echoed back in an error can be written as strict JSON (no NaN, no lone surrogates)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return len(value) <= 1000
+    return isinstance(value, int | bool) or value is None
+
+
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """pydantic errors in the shape fal and FastAPI answer with: `loc` starts at `body`."""
+    """pydantic errors in the shape fal and FastAPI answer with: `loc` starts at `body`. The offending input
+    is echoed only when it is plain JSON (a NaN or a broken string would make the error itself fail)."""
     out = []
     for err in exc.errors(include_url=False):
-        entry: dict[str, Any] = {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        loc = [part if _json_safe(part) else "?" for part in err["loc"]]
+        entry: dict[str, Any] = {"loc": ["body", *loc], "msg": err["msg"], "type": err["type"]}
         if "ctx" in err:
-            entry["ctx"] = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in err["ctx"].items()}
-        if "input" in err and isinstance(err["input"], int | float | str | bool | None):
+            entry["ctx"] = {k: v if _json_safe(v) else str(v) for k, v in err["ctx"].items()}
+        if "input" in err and _json_safe(err["input"]):
             entry["input"] = err["input"]
         out.append(entry)
     return out
