@@ -144,3 +144,14 @@ def test_output_shape() -> None:
     with pytest.raises(ValidationError) as exc:
         WanT2VResponse.model_validate({"video": {"url": "u"}})
     assert error_fields(exc.value) == {"seed"}
+
+
+def test_lone_surrogates_are_not_text() -> None:
+    import pydantic
+
+    from wanserve.schema import WanLoRAT2VRequest as LoRARequest
+
+    for body in ({"prompt": "a \ud800 fox"}, {"prompt": "x", "negative_prompt": "\udfff"},
+                 {"prompt": "x", "loras": [{"path": "https://x/\ud800.safetensors"}]}):  # fmt: skip
+        with pytest.raises(pydantic.ValidationError, match=r"valid string|lone surrogate"):
+            LoRARequest.model_validate(body)

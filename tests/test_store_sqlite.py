@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from wanserve.jobs.model import (
     cancelled_failure,
 )
 from wanserve.jobs.service import recover_lost_jobs
-from wanserve.store.sqlite import SQLiteJobStore
+from wanserve.store.sqlite import SCHEMA, SQLiteJobStore
 
 T0 = 1_000_000.0
 
@@ -574,3 +575,21 @@ def test_prune_deletes_old_completed_jobs_with_their_logs_but_waits_for_pending_
     store.webhook_delivered(hook.id, T0 + 2)
     assert store.prune_completed(T0 + 50) == 1
     assert store.get("old-hooked") is None and store.due_webhooks(T0 + 10**6) == []
+
+
+def test_opening_a_database_from_before_first_started_at_migrates_it(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "old.sqlite3")
+    old_schema = SCHEMA.replace(",\n    first_started_at REAL", "")
+    assert "first_started_at" not in old_schema
+    old.executescript(old_schema)
+    old.execute(
+        "INSERT INTO jobs (id, endpoint, app, input, priority, state, created_at, start_timeout_s, attempts)"
+        " VALUES ('ran-once', 'a/b', 'a/b', '{}', 0, 'IN_QUEUE', ?, 5, 1)",
+        (T0,),
+    )
+    old.commit()
+    old.close()
+    store = SQLiteJobStore(tmp_path / "old.sqlite3")
+    assert store.expire_overdue(T0 + 100) == []  # it had started before the upgrade: no start deadline
+    job = store.claim("w", 10, T0 + 100)
+    assert job is not None and job.id == "ran-once" and job.attempts == 2

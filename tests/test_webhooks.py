@@ -348,3 +348,21 @@ def test_delivery_to_a_private_address_is_given_up_without_a_request(
     assert deliver(d) == 1
     assert receiver.seen == []
     assert store.due_webhooks(time.time() + 10**6) == []  # given up, not rescheduled
+
+
+def test_a_host_that_does_not_resolve_is_retried_not_given_up(store: SQLiteJobStore, signer: WebhookSigner) -> None:
+    finished_job(store, "dns-1", "http://no-such-host.invalid/hook")
+    d = dispatcher(store, signer, allow_private=False)
+    assert deliver(d) == 1
+    (hook,) = store.due_webhooks(time.time() + 10**6)  # still pending, with a later attempt
+    assert hook.attempts == 1 and hook.next_attempt_at > time.time()
+
+
+def test_a_claimed_webhook_is_not_handed_out_again_while_in_flight(store: SQLiteJobStore) -> None:
+    finished_job(store, "c-1", "http://hook.test/")
+    now = time.time()
+    assert len(store.claim_due_webhooks(now, hold_s=60)) == 1
+    assert store.claim_due_webhooks(now + 1, hold_s=60) == []  # another loop or replica gets nothing
+    (hook,) = store.claim_due_webhooks(now + 61, hold_s=60)  # a delivery that never reported is retried
+    store.webhook_delivered(hook.id, now + 62)
+    assert store.claim_due_webhooks(now + 10**6, hold_s=60) == []

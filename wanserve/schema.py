@@ -8,9 +8,9 @@ and `seed`) the bounds below are ours and are documented in docs and `/openapi.j
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 DEFAULT_NEGATIVE_PROMPT = (
     "bright colors, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, "
@@ -26,6 +26,18 @@ MIN_SHIFT, MAX_SHIFT = 1.0, 10.0
 MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
 MAX_SEED = 2**63 - 1
+
+
+def _unicode_text(value: str) -> str:
+    """JSON admits lone UTF-16 surrogates (`"\\udfff"`); they are not text and cannot be stored or echoed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class Resolution(StrEnum):
@@ -79,8 +91,8 @@ class WanT2VRequest(BaseModel):
     # Unknown fields are ignored, as the hosted service does; the API names them in a warning log line.
     model_config = ConfigDict(extra="ignore", use_enum_values=False)
 
-    prompt: str = Field(..., min_length=1, description="The text prompt to guide video generation.")
-    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for video generation.")
+    prompt: Text = Field(..., min_length=1, description="The text prompt to guide video generation.")
+    negative_prompt: Text = Field(DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for video generation.")
     num_frames: int = Field(
         81,
         ge=MIN_FRAMES,
@@ -150,8 +162,8 @@ class LoRAWeight(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    path: str = Field(..., min_length=1, description="URL or the path to the LoRA weights.")
-    weight_name: str | None = Field(
+    path: Text = Field(..., min_length=1, description="URL or the path to the LoRA weights.")
+    weight_name: Text | None = Field(
         None,
         description="Name of the LoRA weight. Used only if path is a Hugging Face repository, and required only "
         "if you have more than 1 safetensors file in the repo.",

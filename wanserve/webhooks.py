@@ -18,7 +18,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from wanserve.files.inputs import InputFetchError, check_public_url
+from wanserve.files.inputs import InputFetchError, PrivateAddress, check_public_url
 from wanserve.jobs.model import Job
 from wanserve.store.base import JobStore
 
@@ -130,7 +130,8 @@ class WebhookDispatcher:
     async def deliver_due(self, client: httpx.AsyncClient) -> int:
         """Starts a delivery for each due webhook not already in flight (a slow receiver holds up only its
         own webhooks); returns how many started. `drain()` waits for them."""
-        due = await asyncio.to_thread(self.store.due_webhooks, time.time(), 100)
+        # Claimed for longer than one delivery can take, so no other loop (or replica) starts it meanwhile.
+        due = await asyncio.to_thread(self.store.claim_due_webhooks, time.time(), self.timeout_s + 30, 100)
         started = 0
         for hook in due:
             if hook.id in self._in_flight:
@@ -157,16 +158,21 @@ class WebhookDispatcher:
         if job is None:
             await asyncio.to_thread(self.store.webhook_failed, hook_id, "job no longer exists", None)
             return
+        error: str | None = None
         if not self.allow_private:
             try:
                 await asyncio.to_thread(check_public_url, url)
-            except InputFetchError as exc:  # checked again here: DNS may have changed since the submit
+            except PrivateAddress as exc:  # checked again here: DNS may have changed since the submit
                 log.warning("webhook for %s to %s refused: %s", job_id, url, exc)
                 await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
                 return
+            except InputFetchError as exc:  # cannot resolve (yet): retried like a refused connection
+                error = str(exc)
+        if error is not None:
+            await self._failed(hook_id, job_id, url, attempts, error)
+            return
         body = json.dumps(webhook_payload(job)).encode()
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
-        error: str | None = None
         try:
             response = await client.post(url, content=body, headers=headers, timeout=self.timeout_s)
             if not 200 <= response.status_code < 300:
@@ -176,6 +182,9 @@ class WebhookDispatcher:
         if error is None:
             await asyncio.to_thread(self.store.webhook_delivered, hook_id, time.time())
             return
+        await self._failed(hook_id, job_id, url, attempts, error)
+
+    async def _failed(self, hook_id: int, job_id: str, url: str, attempts: int, error: str) -> None:
         tried = attempts + 1
         retry_at = time.time() + retry_delay(tried, self.retry_base_s) if tried < self.max_attempts else None
         log.warning("webhook for %s to %s failed (try %d/%d): %s", job_id, url, tried, self.max_attempts, error)

@@ -89,6 +89,6 @@ class UrlSigner:
 
     def token_valid(self, token: str) -> bool:
         expires, _, signature = token.partition(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        if not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():
             return False
         return self.verify(signature, "cdn", expires)

@@ -28,6 +28,7 @@ from wanserve.api.context import Authorized, Context, ServerContext
 from wanserve.errors import Unauthorized, WanserveError
 from wanserve.files.base import (
     InvalidUpload,
+    StoredFile,
     check_content_type,
     lifecycle_expiry,
     new_key,
@@ -175,12 +176,20 @@ def _check_multipart_sig(ctx: ServerContext, upload_id: str, exp: str, sig: str)
         raise Unauthorized("multipart upload URL signature is invalid or expired")
 
 
+def _complete(ctx: ServerContext, upload_id: str, body: CompleteMultipart) -> StoredFile:
+    stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
+    if stored.size > ctx.settings.max_upload_bytes:
+        ctx.files.delete(stored.key)
+        raise TooLarge(f"the upload is over the {ctx.settings.max_upload_bytes}-byte limit")
+    return stored
+
+
 @rest.post("/upload/multipart/{upload_id}/complete")
 def complete_multipart_rest(
     ctx: Context, upload_id: str, body: CompleteMultipart, exp: str = "", sig: str = ""
 ) -> dict[str, Any]:
     _check_multipart_sig(ctx, upload_id, exp, sig)
-    stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
+    stored = _complete(ctx, upload_id, body)
     return {"file_url": ctx.files.url(stored.key), "file_size": stored.size}
 
 
@@ -197,11 +206,12 @@ MAX_PART_BYTES = 100 * 1024 * 1024  # both clients send 10 MiB parts
 
 
 async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, request: Request) -> str:
+    limit = min(MAX_PART_BYTES, ctx.settings.max_upload_bytes)
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
-        if len(data) > MAX_PART_BYTES:
-            raise TooLarge(f"a multipart part is limited to {MAX_PART_BYTES} bytes")
+        if len(data) > limit:
+            raise TooLarge(f"a multipart part is limited to {limit} bytes")
     return await run_in_threadpool(ctx.files.put_part, upload_id, part_number, bytes(data))
 
 
@@ -278,7 +288,7 @@ def cdn_complete(
     authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     _check_cdn_auth(ctx, authorization)
-    stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
+    stored = _complete(ctx, upload_id, body)
     if stored.key != key:
         raise InvalidUpload("the multipart upload belongs to another file")
     return {"access_url": ctx.files.url(stored.key), "file_size": stored.size}

@@ -28,6 +28,10 @@ class InputFetchError(WanserveError):
     error_type = "file_download_error"
 
 
+class PrivateAddress(InputFetchError):
+    """The URL points at a private, loopback or link-local address (final: retrying will not help)."""
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     max_bytes: int = 2 * 1024**3
@@ -50,7 +54,7 @@ def check_public_host(host: str, port: int) -> None:
         raise InputFetchError(f"cannot resolve {host[:100]}: {exc}") from None
     for info in infos:
         if not _is_public(str(info[4][0])):
-            raise InputFetchError(f"{host} resolves to a private or local address; URL inputs must be public")
+            raise PrivateAddress(f"{host} resolves to a private or local address; URL inputs must be public")
 
 
 def check_public_url(url: str) -> None:

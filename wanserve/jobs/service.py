@@ -148,7 +148,8 @@ class JobService:
         )
         unknown = sorted(set(body) - set(endpoint.request_model.model_fields))
         if unknown:
-            self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {', '.join(unknown)}", now)
+            names = ", ".join(name.encode("utf-8", "backslashreplace").decode()[:100] for name in unknown)
+            self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {names}", now)
         return job
 
     def _check_webhook_url(self, url: str) -> None:

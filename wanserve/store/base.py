@@ -74,12 +74,17 @@ class JobStore(Protocol):
 
     # --- webhooks ---
     def due_webhooks(self, now: float, limit: int = 20) -> list[Webhook]: ...
+    def claim_due_webhooks(self, now: float, hold_s: float, limit: int = 20) -> list[Webhook]:
+        """Due webhooks, each put out of reach for `hold_s` (one delivery in flight, even across processes);
+        the delivery's outcome then sets the next attempt."""
+        ...
+
     def webhook_delivered(self, webhook_id: int, now: float) -> None: ...
     def webhook_failed(self, webhook_id: int, error: str, retry_at: float | None) -> None:
         """Records a failed delivery; `retry_at` None means it is given up."""
         ...
 
-    def prune_completed(self, finished_before: float) -> int:
+    def prune_completed(self, finished_before: float, batch: int = 500) -> int:
         """Deletes completed jobs that finished before the given time, with their logs and settled webhooks;
         returns how many jobs. A job whose webhook is still being retried is kept until that settles."""
         ...

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
     delivered_at REAL
 );
 CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS webhooks_job ON webhooks (job_id);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     ready INTEGER NOT NULL,
@@ -119,10 +120,16 @@ class SQLiteJobStore:
 
     def _migrate(self) -> None:
         """Columns added after a database was created (SQLite's CREATE TABLE IF NOT EXISTS keeps old tables)."""
-        db = self._conn()
-        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-        if "first_started_at" not in columns:
-            db.execute("ALTER TABLE jobs ADD COLUMN first_started_at REAL")
+        with self._write() as db:  # one writer at a time: a worker and the server may open it together
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "first_started_at" not in columns:
+                db.execute("ALTER TABLE jobs ADD COLUMN first_started_at REAL")
+                # Jobs that ran before the column existed have started: their start deadline no longer applies.
+                db.execute(
+                    "UPDATE jobs SET first_started_at = COALESCE(started_at, created_at)"
+                    " WHERE attempts > 0 OR started_at IS NOT NULL OR state != ?",
+                    (_QUEUED,),
+                )
 
     # --- connections: one per thread, autocommit; writes take the database lock up front ---
     def _conn(self) -> sqlite3.Connection:
@@ -379,6 +386,18 @@ class SQLiteJobStore:
         )
         return [Webhook(r["id"], r["job_id"], r["url"], r["attempts"], r["next_attempt_at"]) for r in rows]
 
+    def claim_due_webhooks(self, now: float, hold_s: float, limit: int = 20) -> list[Webhook]:
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT * FROM webhooks WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE webhooks SET next_attempt_at = ? WHERE id = ?", [(now + hold_s, r["id"]) for r in rows]
+            )
+        return [Webhook(r["id"], r["job_id"], r["url"], r["attempts"], r["next_attempt_at"]) for r in rows]
+
     def webhook_delivered(self, webhook_id: int, now: float) -> None:
         with self._write() as db:
             db.execute(
@@ -394,19 +413,23 @@ class SQLiteJobStore:
                 (error[:1000], "pending" if retry_at is not None else "failed", retry_at, webhook_id),
             )
 
-    def prune_completed(self, finished_before: float) -> int:
-        with self._write() as db:
-            doomed = [
-                row[0]
-                for row in db.execute(
-                    "SELECT id FROM jobs WHERE state = ? AND finished_at < ? AND id NOT IN"
-                    " (SELECT job_id FROM webhooks WHERE state = 'pending') LIMIT 10000",
-                    (_COMPLETED, finished_before),
-                )
-            ]
-            for table, column in (("logs", "job_id"), ("webhooks", "job_id"), ("jobs", "id")):
-                db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(job_id,) for job_id in doomed])
-            return len(doomed)
+    def prune_completed(self, finished_before: float, batch: int = 500) -> int:
+        pruned = 0
+        while True:  # short transactions: workers' heartbeats and submits keep getting the lock in between
+            with self._write() as db:
+                doomed = [
+                    (row[0],)
+                    for row in db.execute(
+                        "SELECT id FROM jobs WHERE state = ? AND finished_at < ? AND id NOT IN"
+                        " (SELECT job_id FROM webhooks WHERE state = 'pending') LIMIT ?",
+                        (_COMPLETED, finished_before, batch),
+                    )
+                ]
+                for table, column in (("logs", "job_id"), ("webhooks", "job_id"), ("jobs", "id")):
+                    db.executemany(f"DELETE FROM {table} WHERE {column} = ?", doomed)
+            pruned += len(doomed)
+            if len(doomed) < batch:
+                return pruned
 
     # --- metrics ---
     def counts(self) -> dict[str, int]:

@@ -142,8 +142,11 @@ class Worker:
         return self.store.cancel_requested(job.id)
 
     def process(self, job: Job) -> None:
-        self._current, started = job, time.perf_counter()
+        # In this order: the heartbeat thread may look between two lines, and must never see this job with an
+        # old progress time (a false stall) or a lease loss that belonged to an earlier run of it.
         self._progress_at = time.monotonic()
+        self._lease_lost_job = None
+        self._current, started = job, time.perf_counter()
         try:
             output, inference_time = self._run(job)
         except LeaseLost:
