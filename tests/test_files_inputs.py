@@ -327,10 +327,9 @@ def test_every_redirect_hop_is_checked(
     real = inputs.check_public_host
     seen: list[str] = []
 
-    def first_hop_is_public(host: str, port: int) -> None:
+    def first_hop_is_public(host: str, port: int) -> list[str]:
         seen.append(host)
-        if host != "127.0.0.1":
-            real(host, port)
+        return ["127.0.0.1"] if host == "127.0.0.1" else real(host, port)
 
     monkeypatch.setattr(inputs, "check_public_host", first_hop_is_public)
     with pytest.raises(InputFetchError, match="private or local"):
@@ -421,3 +420,45 @@ def test_time_limit_for_a_server_that_never_answers(http: _Server, fs: LocalFile
         fetch_input(f"{http.base}/stall", dest, fs, FetchPolicy(allow_private=True, timeout_s=0.5))
     assert time.monotonic() - start < TRICKLE_S / 2
     assert not dest.exists()
+
+
+def test_a_checked_host_is_pinned_so_a_second_dns_answer_cannot_redirect_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the name resolves once (checked as public), then would resolve elsewhere (or not at all).
+    The download must connect to the checked address and send the name only as the Host header."""
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.headers["Host"])
+            body = b"pinned body"
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    port = http.server_address[1]
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]])
+
+    def rebinding_dns(host: str, *args: object, **kwargs: object) -> object:
+        if host == "rebind.test":
+            return next(answers)  # one answer only: a second lookup raises StopIteration
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inputs.socket, "getaddrinfo", rebinding_dns)
+    monkeypatch.setattr(inputs, "_is_public", lambda address: address == "127.0.0.1")  # the test's "public" IP
+    store = LocalFileStore(tmp_path / "files", "http://127.0.0.1:1")
+    dest = tmp_path / "out.bin"
+    try:
+        fetch_input(f"http://rebind.test:{port}/lora.safetensors", dest, store, FetchPolicy(allow_private=False))
+    finally:
+        http.shutdown()
+    assert dest.read_bytes() == b"pinned body"
+    assert hits == [f"rebind.test:{port}"]

@@ -18,7 +18,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from wanserve.files.inputs import InputFetchError, PrivateAddress, check_public_url
+from wanserve.files.inputs import InputFetchError, PrivateAddress, pin_public_url
 from wanserve.jobs.model import Job
 from wanserve.store.base import JobStore
 
@@ -158,23 +158,28 @@ class WebhookDispatcher:
         if job is None:
             await asyncio.to_thread(self.store.webhook_failed, hook_id, "job no longer exists", None)
             return
-        error: str | None = None
-        if not self.allow_private:
-            try:
-                await asyncio.to_thread(check_public_url, url)
-            except PrivateAddress as exc:  # checked again here: DNS may have changed since the submit
-                log.warning("webhook for %s to %s refused: %s", job_id, url, exc)
-                await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
-                return
-            except InputFetchError as exc:  # cannot resolve (yet): retried like a refused connection
-                error = str(exc)
-        if error is not None:
-            await self._failed(hook_id, job_id, url, attempts, error)
+        try:
+            # Checked again at every delivery (DNS may have changed since the submit), and the POST goes to
+            # the address that was checked.
+            target = await asyncio.to_thread(pin_public_url, url, self.allow_private)
+        except PrivateAddress as exc:
+            log.warning("webhook for %s to %s refused: %s", job_id, url, exc)
+            await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
+            return
+        except InputFetchError as exc:  # cannot resolve (yet): retried like a refused connection
+            await self._failed(hook_id, job_id, url, attempts, str(exc))
             return
         body = json.dumps(webhook_payload(job)).encode()
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
+        error: str | None = None
         try:
-            response = await client.post(url, content=body, headers=headers, timeout=self.timeout_s)
+            response = await client.post(
+                target.url,
+                content=body,
+                headers={**headers, **target.headers},
+                extensions=target.extensions,
+                timeout=self.timeout_s,
+            )
             if not 200 <= response.status_code < 300:
                 error = f"receiver answered HTTP {response.status_code}"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError

@@ -11,7 +11,8 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+from typing import Any
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -46,27 +47,53 @@ def _is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def check_public_host(host: str, port: int) -> None:
-    """Refuses a host that is, or resolves to, anything but public unicast addresses."""
+def check_public_host(host: str, port: int) -> list[str]:
+    """Refuses a host that is, or resolves to, anything but public unicast addresses; returns the addresses."""
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
         raise InputFetchError(f"cannot resolve {host[:100]}: {exc}") from None
-    for info in infos:
-        if not _is_public(str(info[4][0])):
+    addresses = [str(info[4][0]) for info in infos]
+    for address in addresses:
+        if not _is_public(address):
             raise PrivateAddress(f"{host} resolves to a private or local address; URL inputs must be public")
+    return addresses
 
 
-def check_public_url(url: str) -> None:
-    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, downloads)."""
+@dataclass(frozen=True)
+class PinnedTarget:
+    """A request aimed at the very address that was checked, so a second DNS answer (rebinding) cannot
+    send it elsewhere: the URL carries the IP, `Host` and TLS SNI carry the name."""
+
+    url: str
+    headers: dict[str, str]
+    extensions: dict[str, Any]
+
+
+def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
+    """Checks `url` (http(s), public unless `allow_private`) and pins it to the checked address."""
     try:
         parts = urlsplit(url)
-        hostname, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        hostname, port = parts.hostname, parts.port
     except ValueError:  # a bad port or an unclosed IPv6 bracket
         raise InputFetchError(f"not a valid URL: {url[:200]}") from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise InputFetchError(f"not an http(s) URL: {url[:200]}")
-    check_public_host(hostname, port)
+    if allow_private:
+        return PinnedTarget(url, {}, {})
+    address = check_public_host(hostname, port or (443 if parts.scheme == "https" else 80))[0]
+    host = f"[{address}]" if ":" in address else address
+    netloc = f"{host}:{port}" if port else host
+    return PinnedTarget(
+        urlunsplit(parts._replace(netloc=netloc)),
+        {"Host": parts.netloc.rsplit("@", 1)[-1]},
+        {"sni_hostname": hostname} if parts.scheme == "https" else {},
+    )
+
+
+def check_public_url(url: str) -> None:
+    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, downloads)."""
+    pin_public_url(url, allow_private=False)
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
@@ -110,14 +137,15 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
-            if not policy.allow_private:
-                check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            target = pin_public_url(url, policy.allow_private)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
             try:
                 # no single connect or read may wait past the deadline
-                with client.stream("GET", url, timeout=remaining) as response:
+                with client.stream(
+                    "GET", target.url, headers=target.headers, extensions=target.extensions, timeout=remaining
+                ) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
