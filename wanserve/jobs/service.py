@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -223,10 +222,6 @@ class JobService:
         if outcome is CancelOutcome.ALREADY_COMPLETED:
             return Reply(400, {"status": outcome.value}, {})
         return Reply(404, {"status": outcome.value}, {})
-
-
-def dumps(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: int) -> list[str]:
