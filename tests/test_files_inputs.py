@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 import wanserve.files.inputs as inputs
-from wanserve.files.base import FileNotFound, new_key
+from wanserve.errors import FileNotFound, InputFetchError
+from wanserve.files.base import new_key
 from wanserve.files.inputs import (
     MAX_REDIRECTS,
     FetchPolicy,
-    InputFetchError,
     check_public_host,
     decode_data_uri,
     fetch_input,

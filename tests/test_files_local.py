@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 import wanserve.files.local as local_mod
+from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
 from wanserve.files.base import (
-    FileNotFound,
-    InvalidFileKey,
-    InvalidUpload,
     check_key,
     lifecycle_expiry,
     new_key,

@@ -57,6 +57,45 @@ class Unauthorized(WanserveError):
     error_type = "unauthorized"
 
 
+class PayloadTooLarge(WanserveError):
+    """A request body, upload or upload part over its size limit."""
+
+    http_status = 413
+    error_type = "payload_too_large"
+
+
+class FileNotFound(NotFound):
+    """A stored file that does not exist (or has expired)."""
+
+    error_type = "file_not_found"
+
+
+class InvalidFileKey(BadRequest):
+    """A file key from a URL that this server could never have made (so cannot name a stored file)."""
+
+
+class InvalidUpload(BadRequest):
+    """An upload this server refuses: a bad content type, lifecycle, part number or multipart completion."""
+
+
+class RangeNotSatisfiable(WanserveError):
+    """No byte of the requested HTTP Range exists in the file."""
+
+    http_status = 416
+    error_type = "range_not_satisfiable"
+
+
+class InputFetchError(WanserveError):
+    """A URL input could not be read: the message says which URL and why."""
+
+    http_status = 422
+    error_type = "file_download_error"
+
+
+class PrivateAddress(InputFetchError):
+    """The URL points at a private, loopback or link-local address (final: retrying will not help)."""
+
+
 class InputValidationError(WanserveError):
     """The request body does not match the endpoint's schema: 422 with FastAPI/fal-style `detail` entries."""
 

@@ -18,7 +18,8 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from wanserve.files.inputs import InputFetchError, PrivateAddress, pin_public_url
+from wanserve.errors import InputFetchError, PrivateAddress
+from wanserve.files.inputs import pin_public_url
 from wanserve.jobs.model import Job
 from wanserve.store.base import JobStore
 

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from wanserve.api.context import Context
 from wanserve.api.responses import error_response
-from wanserve.errors import BadRequest, WanserveError
+from wanserve.errors import BadRequest, RangeNotSatisfiable
 
 router = APIRouter()
 
@@ -19,11 +19,6 @@ INLINE_TYPES = {"video", "image", "audio"}
 
 
 _RANGE = re.compile(r"bytes=\s*\d*-\d*(\s*,\s*\d*-\d*)*")
-
-
-class RangeNotSatisfiable(WanserveError):
-    http_status = 416
-    error_type = "range_not_satisfiable"
 
 
 def check_range(header: str | None, size: int) -> None:

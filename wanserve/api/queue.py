@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from wanserve.api.context import Authorized, Context, ServerContext
 from wanserve.api.responses import reply_response
-from wanserve.errors import BadRequest, WanserveError
+from wanserve.errors import BadRequest, PayloadTooLarge
 from wanserve.jobs.model import JobState
 
 router = APIRouter(dependencies=[Authorized])
@@ -31,20 +31,15 @@ def wants_logs(value: str | None) -> bool:
 MAX_INPUT_BYTES = 1024 * 1024  # a request's JSON input; files travel as URLs, never inline in the body
 
 
-class InputTooLarge(WanserveError):
-    http_status = 413
-    error_type = "payload_too_large"
-
-
 async def read_json(request: Request) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_INPUT_BYTES:
-        raise InputTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
+        raise PayloadTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_INPUT_BYTES:
-            raise InputTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
+            raise PayloadTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
     if not raw.strip():
         return {}
     try:

@@ -25,9 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from wanserve.api.context import Authorized, Context, ServerContext
-from wanserve.errors import Unauthorized, WanserveError
+from wanserve.errors import InvalidUpload, PayloadTooLarge, Unauthorized
 from wanserve.files.base import (
-    InvalidUpload,
     StoredFile,
     check_content_type,
     lifecycle_expiry,
@@ -41,11 +40,6 @@ CDN_TOKEN_TTL_S = 3600
 
 rest = APIRouter(prefix="/rest/storage")
 cdn = APIRouter()
-
-
-class TooLarge(WanserveError):
-    http_status = 413
-    error_type = "payload_too_large"
 
 
 class InitiateUpload(BaseModel):
@@ -97,7 +91,7 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
     limit = ctx.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
+        raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
     fd, name = tempfile.mkstemp(prefix="upload-")
     size = 0
     try:
@@ -105,7 +99,7 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise TooLarge(f"upload is over the {limit}-byte limit")
+                    raise PayloadTooLarge(f"upload is over the {limit}-byte limit")
                 out.write(chunk)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -180,7 +174,7 @@ def _complete(ctx: ServerContext, upload_id: str, body: CompleteMultipart) -> St
     stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
     if stored.size > ctx.settings.max_upload_bytes:
         ctx.files.delete(stored.key)
-        raise TooLarge(f"the upload is over the {ctx.settings.max_upload_bytes}-byte limit")
+        raise PayloadTooLarge(f"the upload is over the {ctx.settings.max_upload_bytes}-byte limit")
     return stored
 
 
@@ -211,7 +205,7 @@ async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, reques
     async for chunk in request.stream():
         data += chunk
         if len(data) > limit:
-            raise TooLarge(f"a multipart part is limited to {limit} bytes")
+            raise PayloadTooLarge(f"a multipart part is limited to {limit} bytes")
     return await run_in_threadpool(ctx.files.put_part, upload_id, part_number, bytes(data))
 
 

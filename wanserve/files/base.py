@@ -9,22 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from wanserve.errors import WanserveError
-
-
-class FileNotFound(WanserveError):
-    http_status = 404
-    error_type = "file_not_found"
-
-
-class InvalidFileKey(WanserveError):
-    http_status = 400
-    error_type = "bad_request"
-
-
-class InvalidUpload(WanserveError):
-    http_status = 400
-    error_type = "bad_request"
+from wanserve.errors import InvalidFileKey, InvalidUpload
 
 
 @dataclass(frozen=True)

@@ -16,21 +16,10 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from wanserve.errors import WanserveError
+from wanserve.errors import InputFetchError, PrivateAddress
 from wanserve.files.base import FileStore
 
 MAX_REDIRECTS = 5
-
-
-class InputFetchError(WanserveError):
-    """A URL input could not be read: the message says which URL and why."""
-
-    http_status = 422
-    error_type = "file_download_error"
-
-
-class PrivateAddress(InputFetchError):
-    """The URL points at a private, loopback or link-local address (final: retrying will not help)."""
 
 
 @dataclass(frozen=True)

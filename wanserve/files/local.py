@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from wanserve.files.base import FileNotFound, InvalidFileKey, InvalidUpload, StoredFile, check_key
+from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
+from wanserve.files.base import StoredFile, check_key
 
 ABANDONED_UPLOAD_S = 24 * 3600
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")

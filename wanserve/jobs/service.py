@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from wanserve.errors import BadRequest, InputValidationError, NotFound, StillInProgress
+from wanserve.errors import BadRequest, InputFetchError, InputValidationError, NotFound, StillInProgress
 from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
-from wanserve.files.inputs import InputFetchError, check_public_url
+from wanserve.files.inputs import check_public_url
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import (
     CancelOutcome,
