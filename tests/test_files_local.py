@@ -463,3 +463,15 @@ def test_sweep_removes_abandoned_multipart_uploads_and_temp_files(tmp_path: Path
     store.sweep_expired(now)
     assert not (tmp_path / "files" / "multipart" / old).exists() and not leftover.exists()
     assert (tmp_path / "files" / "multipart" / fresh).is_dir()
+
+
+def test_put_moves_a_file_from_the_same_filesystem_instead_of_copying_it(tmp_path: Path) -> None:
+    store = LocalFileStore(tmp_path / "files", PUBLIC)
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"\x00\x00\x00\x18ftypisom")
+    inode = source.stat().st_ino
+    key = new_key("video.mp4")
+    store.put(key, source, "video/mp4", None, T0)
+    assert not source.exists()
+    assert store.local_path(key).stat().st_ino == inode  # type: ignore[union-attr]  # the same file, renamed
+    assert store.open(key).read() == b"\x00\x00\x00\x18ftypisom"

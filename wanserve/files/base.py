@@ -103,7 +103,8 @@ class FileStore(Protocol):
     def put(
         self, key: str, source: Path | bytes, content_type: str, expires_at: float | None, now: float
     ) -> StoredFile:
-        """Stores a file atomically (a reader never sees half of it). A Path source is moved when possible."""
+        """Stores a file atomically (a reader never sees half of it). A Path source is consumed: moved when
+        possible, so the caller must not use it afterwards."""
         ...
 
     def stat(self, key: str, now: float) -> StoredFile:

@@ -81,20 +81,33 @@ class LocalFileStore:
         if isinstance(source, bytes):
             _atomic_write(target, source, self._tmp)
         else:
-            fd, tmp = tempfile.mkstemp(dir=self._tmp)
-            os.close(fd)
-            try:
-                shutil.copyfile(source, tmp)
-                with open(tmp, "rb+") as f:  # on disk before the job that points at it is marked done
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            self._move_in(source, target)
         try:
             return self._write_meta(key, target, content_type, expires_at, now)
         except BaseException:
             target.unlink(missing_ok=True)  # an object without metadata is invisible and never swept
+            raise
+
+    def _move_in(self, source: Path, target: Path) -> None:
+        """Moves a finished file into place: a rename when it is on this filesystem (uploads and videos are
+        not written twice), else a copy through the store's temp dir. Synced first either way, so it is on
+        disk before the job that points at it is marked done."""
+        with open(source, "rb+") as f:
+            os.fsync(f.fileno())
+        try:
+            os.replace(source, target)
+            return
+        except OSError:  # another filesystem (e.g. /tmp on tmpfs)
+            pass
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
             raise
 
     def _write_meta(
