@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from wanserve.client.local_server import free_port, start_server, wait_until
 
 APP = "fal-ai/wan-22"
 CHEAP = {"prompt": "latency probe", "resolution": "480p", "num_inference_steps": 1, "guidance_scale": 1}
@@ -31,26 +31,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wanserve", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "WANSERVE_VIDEO_PRESET": "ultrafast", "WANSERVE_VIDEO_CRF": "51"},
-    )
+def local_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "WANSERVE_VIDEO_PRESET": "ultrafast", "WANSERVE_VIDEO_CRF": "51"}
+    proc = start_server(data_dir, port, env=env, output=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    wait_until(proc, url)
+    return proc, url
 
 
 def wait_idle(client: httpx.Client, request_id: str) -> None:
@@ -116,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url
         if url is None:
-            proc, url = start_server(Path(tmp) / "data")
+            proc, url = local_server(Path(tmp) / "data")
         try:
             with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
                 starts, last_id = submit_to_start(client, args.samples)

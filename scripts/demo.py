@@ -8,14 +8,13 @@ they arrive, downloads the video and stops the server.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from wanserve.client.local_server import ServerNotReady, free_port, start_server, wait_until
 
 APP = "fal-ai/wan-22"
 
@@ -31,29 +30,15 @@ def main() -> int:
         "num_inference_steps": 4,
         "seed": 42,
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "wanserve", "serve", "--port", str(port), "--data-dir", args.data_dir],
-        env=os.environ.copy(),
-    )
+    server = start_server(Path(args.data_dir), port)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                print("the server exited", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                print("the server did not become ready", file=sys.stderr)
-                return 1
-            time.sleep(0.3)
+        try:
+            wait_until(server, url)
+        except ServerNotReady as exc:
+            print(exc, file=sys.stderr)
+            return 1
         submitted = httpx.post(f"{url}/{APP}", json=request).raise_for_status().json()
         print(f"submitted {submitted['request_id']}", flush=True)
         seen = 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from wanserve.client.local_server import ServerNotReady, free_port, start_server, wait_until
 
 # A request that exercises the whole pipeline as cheaply as the schema allows on the tiny model.
 CHEAP_INPUT = {
@@ -21,12 +21,6 @@ CHEAP_INPUT = {
     "guidance_scale": 1,
     "guidance_scale_2": 1,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -61,26 +55,17 @@ class Server:
         for inherited in ("WANSERVE_API_KEYS", "WANSERVE_PUBLIC_URL", "WANSERVE_HOST", "WANSERVE_PORT"):
             if inherited not in self.env:
                 env.pop(inherited, None)
-        cmd = [sys.executable, "-m", "wanserve", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen([*cmd, *self.args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = start_server(self.data_dir, self.port, args=self.args, env=env, output=log)
         self.wait(ready=wait_ready, timeout_s=timeout_s)
         return self
 
     def wait(self, ready: bool = True, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        path = "/ready" if ready else "/health"
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not {path} after {timeout_s}s:\n{self.log()}")
+        assert self.process is not None
+        try:
+            wait_until(self.process, self.url, ready=ready, timeout_s=timeout_s)
+        except ServerNotReady as exc:
+            raise RuntimeError(f"{exc}:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
