@@ -75,11 +75,11 @@ async def status_events(ctx: ServerContext, job_id: str, with_logs: bool) -> Asy
     """One `data:` event per change, carrying only the log lines that are new since the previous event."""
     last_seq, last_state, last_position, last_sent = 0, None, None, time.monotonic()
     while True:
-        job = await run_in_threadpool(ctx.store.get, job_id)
+        job = ctx.store.get(job_id)  # reads run on the event loop (see `status` below)
         if job is None:
             return
-        logs = await run_in_threadpool(ctx.store.logs, job_id, last_seq) if with_logs else None
-        body = await run_in_threadpool(ctx.service.status_body, job, logs)
+        logs = ctx.store.logs(job_id, last_seq) if with_logs else None
+        body = ctx.service.status_body(job, logs)
         position = body.get("queue_position")
         if job.state != last_state or logs or position != last_position:
             if logs:
@@ -98,7 +98,7 @@ async def status_events(ctx: ServerContext, job_id: str, with_logs: bool) -> Asy
 async def status_stream(
     ctx: Context, app: str, request_id: str, logs: Annotated[str | None, Query()] = None
 ) -> StreamingResponse:
-    job = await run_in_threadpool(ctx.service.find, app, request_id)
+    job = ctx.service.find(app, request_id)
     return StreamingResponse(
         status_events(ctx, job.id, wants_logs(logs)),
         media_type="text/event-stream",

@@ -26,7 +26,7 @@ router = APIRouter(prefix="/run", dependencies=[Authorized])
 async def wait_for(ctx: ServerContext, job: Job, request: Request) -> Job | None:
     """The completed job, or None when the caller went away first (the job is then cancelled)."""
     while True:
-        current = await run_in_threadpool(ctx.store.get, job.id)
+        current = ctx.store.get(job.id)
         if current is None:
             return None
         if current.state is JobState.COMPLETED:
@@ -50,7 +50,7 @@ async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
             # The hang-up cancelled this task: only a shielded scope may still await (anyio re-raises).
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(ctx.service.cancel, job.app, job.id)
-    done = await run_in_threadpool(ctx.store.get, job.id)
+    done = ctx.store.get(job.id)
     if done is not None:
         reply = ctx.service.result_of(done)
         yield f"data: {json.dumps(reply.body)}\n\n".encode()
