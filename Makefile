@@ -34,7 +34,7 @@ typecheck: install-dev
 	$(BIN)/mypy
 
 unit: install-dev tests/js/node_modules/.package-lock.json
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 test: lint typecheck unit
 

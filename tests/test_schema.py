@@ -51,6 +51,11 @@ def test_lora_request_defaults() -> None:
     with pytest.raises(ValidationError) as exc:
         LoRAWeight(path="x", transformer="middle")  # type: ignore[arg-type]
     assert "transformer" in error_fields(exc.value)
+    assert LoRAWeight(path="x", scale=-0.5).scale == -0.5  # negative scales are legitimate (subtract a style)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValidationError) as exc:
+            WanLoRAT2VRequest(prompt="a", loras=[{"path": "x", "scale": bad}])
+        assert "loras.0.scale" in error_fields(exc.value)
 
 
 def test_prompt_is_required() -> None:

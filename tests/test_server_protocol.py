@@ -201,14 +201,6 @@ def test_a_sync_run_whose_caller_hangs_up_is_cancelled(server: Server) -> None:
         httpx.post(f"{server.url}/run/{APP}", json={**CHEAP_INPUT, "num_inference_steps": 4}, timeout=2.5)
 
 
-def test_lora_requests_fail_clearly_until_loras_are_supported(server: Server) -> None:
-    body = {**CHEAP_INPUT, "loras": [{"path": f"{server.url}/files/x/y.safetensors"}]}
-    submitted = httpx.post(f"{server.url}/{APP}/lora", json=body).json()
-    status = wait_completed(server, APP, submitted["request_id"])
-    assert status["error_type"] == "bad_request" and "LoRA" in status["error"]
-    assert httpx.get(submitted["response_url"]).status_code == 422
-
-
 def test_hostile_inputs_get_4xx_never_500(server: Server) -> None:
     nested = b"[" * 100_000
     response = httpx.post(f"{server.url}/{APP}", content=nested, headers={"content-type": "application/json"})

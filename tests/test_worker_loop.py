@@ -17,7 +17,9 @@ from wanserve.worker.loop import Worker
 class InstantRunner:
     """Does what EngineRunner.generate_video promises (progress, cancel checks, an mp4 at `output`)."""
 
-    def generate_video(self, request: Any, output: Path, on_step: Any, is_cancelled: Any, on_phase: Any) -> Any:
+    def generate_video(
+        self, request: Any, output: Path, on_step: Any, is_cancelled: Any, on_phase: Any, loras: Any = ()
+    ) -> Any:
         assert not is_cancelled()
         output.write_bytes(b"\x00\x00\x00\x18ftypisom")
         return SimpleNamespace(seed=3, generation=SimpleNamespace(timings={"total_s": 0.01}))

@@ -80,13 +80,48 @@ class Settings(BaseSettings):
     file_sweep_s: float = Field(60.0, gt=0, description="How often expired stored files are deleted.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest file the storage API accepts.")
 
-    @field_validator("api_keys", "app_ids", mode="before")
+    # --- LoRAs (the `<id>/lora` endpoint) ---
+    lora_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders a LoRA `path` may name local files in (comma-separated). Empty: local paths are refused.",
+    )
+    max_loras: int = Field(8, ge=0, description="Most LoRAs one request may carry.")
+    lora_max_bytes: int = Field(2 * 1024**3, gt=0, description="Largest LoRA file that is downloaded or read.")
+    lora_download_timeout_s: float = Field(300.0, gt=0, description="Time limit of one LoRA download.")
+    lora_cache_dir: Path | None = Field(
+        None, description="Where downloaded LoRA files are kept, by content (default: <cache-dir>/loras)."
+    )
+    lora_cache_bytes: int = Field(
+        20 * 1024**3, ge=0, description="Disk the LoRA file cache may fill; the least recently used files go first."
+    )
+    lora_url_ttl_s: float = Field(
+        7 * 24 * 3600.0,
+        ge=0,
+        description="How long a downloaded LoRA URL is reused without downloading it again (0: download every time).",
+    )
+    lora_memory_bytes: int = Field(
+        4 * 1024**3,
+        ge=0,
+        description="Memory (on the model's device) that loaded LoRA adapters keep for reuse by later requests; "
+        "the least recently used are unloaded first.",
+    )
+    hf_offline: bool = Field(
+        False, description="Resolve Hugging Face repo ids from the local cache only (as does HF_HUB_OFFLINE=1)."
+    )
+    hf_endpoint: str | None = Field(None, description="Hugging Face Hub URL (default: huggingface.co or HF_ENDPOINT).")
+    hf_token: str | None = Field(None, description="Token for private Hugging Face repos (default: HF_TOKEN).")
+    hf_cache_dir: Path | None = Field(None, description="Hugging Face cache folder (default: HF_HUB_CACHE).")
+
+    @field_validator("api_keys", "app_ids", "lora_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def resolved_lora_cache_dir(self) -> Path:
+        return self.lora_cache_dir or self.cache_dir / "loras"
 
     def resolved_public_url(self, port: int | None = None) -> str:
         """The base URL put in every URL returned to clients (no trailing slash)."""

@@ -106,3 +106,30 @@ class InputValidationError(WanserveError):
         self.errors = errors
         fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in errors)  # type: ignore[attr-defined]
         super().__init__(f"invalid input: {fields}")
+
+
+class LoraError(WanserveError):
+    """A LoRA that cannot be used: not found, not allowed, not a safetensors file, in no known key format,
+    or with shapes that do not fit the model (the message names the first offending key)."""
+
+    http_status = 422
+    error_type = "invalid_lora"
+
+
+class FieldError(WanserveError):
+    """An input field that could not be used while running the request (a LoRA path, a file URL): answered
+    as a fal/FastAPI-style 422 `detail` entry whose `loc` names the field and whose `type` is the cause's."""
+
+    def __init__(self, loc: tuple[str | int, ...], cause: WanserveError, value: object = None) -> None:
+        self.loc = loc
+        self.cause = cause
+        self.value = value
+        self.http_status = cause.http_status
+        self.error_type = cause.error_type
+        super().__init__(f"{'.'.join(str(p) for p in loc)}: {cause}")
+
+    def detail(self) -> dict[str, object]:
+        entry: dict[str, object] = {"loc": ["body", *self.loc], "msg": str(self.cause), "type": self.error_type}
+        if isinstance(self.value, str):
+            entry["input"] = self.value
+        return entry

@@ -170,6 +170,7 @@ class LoRAWeight(BaseModel):
     )
     scale: float = Field(
         1.0,
+        allow_inf_nan=False,  # a NaN or infinite scale can only make a broken video
         description="The scale of the LoRA weight. This is used to scale the LoRA weight before merging it with "
         "the base model.",
     )

@@ -351,8 +351,8 @@ describe(
     // Automatic upload of Blobs found in the input. 1.10.1 exposes `fal.storage.transformInput`
     // (the very function `queue.submit`, `subscribe`, `run` and `stream` call on `input`), so the
     // first test calls it directly: no LoRA support is needed on the server. The second test
-    // checks that `queue.submit` really applies it, from the body the recording fetch saw; the
-    // LoRA endpoint may not exist yet, so the server's answer to that submit is not judged.
+    // checks that `queue.submit` really applies it, from the body the recording fetch saw, and that
+    // the server then judges the uploaded bytes (random, so not a LoRA) as a 422 on loras.0.path.
     it("storage.transformInput replaces a Blob in the input with an uploaded URL", { timeout: 60_000 }, async () => {
       const bytes = randomBytes(300);
       const input = {
@@ -375,18 +375,12 @@ describe(
     it("queue.submit to fal-ai/wan-22/lora uploads the Blob and submits its URL", { timeout: 120_000 }, async () => {
       calls.length = 0;
       const bytes = randomBytes(300);
-      let submitted;
-      try {
-        submitted = await fal.queue.submit(LORA_APP, {
-          input: {
-            ...CHEAP_INPUT,
-            loras: [{ path: new Blob([bytes], { type: "application/octet-stream" }), scale: 1.0 }],
-          },
-        });
-      } catch (error) {
-        // The server may not serve the LoRA endpoint yet (404 or similar): only the request matters.
-        assert.ok(error instanceof ApiError, `submit failed without an HTTP answer: ${error}`);
-      }
+      const submitted = await fal.queue.submit(LORA_APP, {
+        input: {
+          ...CHEAP_INPUT,
+          loras: [{ path: new Blob([bytes], { type: "application/octet-stream" }), scale: 1.0 }],
+        },
+      });
       try {
         const initiate = calls.find((c) => targetOf(c) === UPLOAD_INITIATE_TARGET);
         assert.ok(initiate?.response?.file_url, "no upload initiate before the submit");
@@ -401,8 +395,18 @@ describe(
         assert.equal(body.prompt, CHEAP_INPUT.prompt);
         const { bytes: served } = await download(initiate.response.file_url);
         assert.ok(Buffer.from(bytes).equals(served), "served bytes differ from the uploaded bytes");
+        const status = await waitForCompleted(submitted.request_id, { app: LORA_APP });
+        assert.equal(status.error_type, "invalid_lora");
+        await assert.rejects(fal.queue.result(LORA_APP, { requestId: submitted.request_id }), (error) => {
+          assert.ok(error instanceof ValidationError, `expected ValidationError, got ${error?.name}: ${error}`);
+          assert.equal(error.status, 422);
+          const [fieldError] = error.fieldErrors;
+          assert.deepEqual(fieldError.loc, ["body", "loras", 0, "path"]);
+          assert.match(fieldError.msg, /not a valid safetensors file/);
+          return true;
+        });
       } finally {
-        if (submitted?.request_id) await cleanUp(submitted.request_id, LORA_APP);
+        await cleanUp(submitted.request_id, LORA_APP);
       }
     });
   },

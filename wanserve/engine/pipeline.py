@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
+from wanserve.engine.lora import LoraAdapters
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
+from wanserve.lora.sources import LoraUse
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
 
 TEXT_CONTEXT_TOKENS = 512  # the reference pads the text context to 512 rows
@@ -46,10 +48,14 @@ class GenerationSpec:
     seed: int
     frames_per_second: int = 16
     reverse_video: bool = False
+    loras: tuple[LoraUse, ...] = ()
 
     @classmethod
-    def from_request(cls, request: WanT2VRequest, seed: int | None = None) -> GenerationSpec:
-        """Map a wire request to a spec; the seed is the request's, else `seed`, else drawn."""
+    def from_request(
+        cls, request: WanT2VRequest, seed: int | None = None, loras: tuple[LoraUse, ...] = ()
+    ) -> GenerationSpec:
+        """Map a wire request to a spec; the seed is the request's, else `seed`, else drawn. `loras` are the
+        request's LoRAs, resolved to files (wanserve.lora.sources)."""
         width, height = request.frame_size
         chosen = request.seed if request.seed is not None else seed
         return cls(
@@ -65,6 +71,7 @@ class GenerationSpec:
             seed=draw_seed() if chosen is None else chosen,
             frames_per_second=request.frames_per_second,
             reverse_video=isinstance(request, WanLoRAT2VRequest) and request.reverse_video,
+            loras=loras,
         )
 
 
@@ -106,12 +113,15 @@ class GenerationResult:
 class WanEngine:
     """Turns a GenerationSpec into frames with a loaded Wan 2.2 pipeline."""
 
-    def __init__(self, pipe: WanPipeline, device: torch.device) -> None:
+    def __init__(self, pipe: WanPipeline, device: torch.device, lora_memory_bytes: int = 4 * 1024**3) -> None:
         if pipe.transformer is None and pipe.transformer_2 is None:
             raise InvalidGenerationInput("the pipeline has no transformer")
         self.pipe = pipe
         self.device = device
         self.pipe.to(device)
+        self.loras = LoraAdapters(
+            {"high": self._expert(Expert.HIGH), "low": self._expert(Expert.LOW)}, lora_memory_bytes
+        )
 
     @property
     def frame_step(self) -> int:
@@ -152,6 +162,13 @@ class WanEngine:
         is_cancelled: CancelCheck | None = None,
     ) -> GenerationResult:
         self.validate(spec)
+        self.loras.load(spec.loras)  # a no-op when the caller loaded them already (to report on it)
+        with self.loras.active(spec.loras):
+            return self._generate(spec, on_step, is_cancelled)
+
+    def _generate(
+        self, spec: GenerationSpec, on_step: StepCallback | None, is_cancelled: CancelCheck | None
+    ) -> GenerationResult:
         pipe, device = self.pipe, self.device
         timings: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import torch
 
 from wanserve.config import Settings
 from wanserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
+from wanserve.engine.lora import LoraLoad
 from wanserve.engine.pipeline import (
     CancelCheck,
     GenerationResult,
@@ -18,6 +19,7 @@ from wanserve.engine.pipeline import (
     WanEngine,
 )
 from wanserve.engine.video import VideoInfo, encode_mp4
+from wanserve.lora.sources import LoraUse
 from wanserve.schema import WanT2VRequest
 
 
@@ -40,7 +42,7 @@ class EngineRunner:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         pipe = load_pipeline(settings.model, settings.cache_dir, dtype)
-        return cls(WanEngine(pipe, device), settings)
+        return cls(WanEngine(pipe, device, lora_memory_bytes=settings.lora_memory_bytes), settings)
 
     def generate_video(
         self,
@@ -49,9 +51,16 @@ class EngineRunner:
         on_step: StepCallback | None = None,
         is_cancelled: CancelCheck | None = None,
         on_phase: Callable[[str], None] | None = None,
+        loras: Sequence[LoraUse] = (),
     ) -> VideoResult:
-        """`on_phase` is told (in words) when the work moves on to a stage without steps (the mp4 encode)."""
-        spec = GenerationSpec.from_request(request)
+        """`on_phase` is told (in words) when the work moves on to a stage without steps (LoRA loading, the
+        mp4 encode). `loras` are the request's LoRAs resolved to files."""
+        if loras:
+            loads = self.engine.loras.load(loras)
+            if on_phase is not None:
+                for i, load in enumerate(loads):
+                    on_phase(describe_load(i, len(loads), load))
+        spec = GenerationSpec.from_request(request, loras=tuple(loras))
         result = self.engine.generate(spec, on_step=on_step, is_cancelled=is_cancelled)
         if on_phase is not None:
             on_phase(f"Encoding {len(result.frames)} frames to H.264 mp4")
@@ -63,3 +72,16 @@ class EngineRunner:
             preset=self.settings.video_preset,
         )
         return VideoResult(seed=result.seed, video=video, generation=result)
+
+
+def describe_load(index: int, count: int, load: LoraLoad) -> str:
+    """One log line on how LoRA `index` of a request was made ready."""
+    head = f"LoRA {index + 1}/{count} ({load.use.label})"
+    if not load.loaded_into:
+        return f"{head}: already loaded in memory, applied at scale {load.use.scale:g}"
+    experts = " and ".join(load.loaded_into)
+    ignored = f", {load.ignored} norm/modulation deltas ignored" if load.ignored else ""
+    return (
+        f"{head}: loaded into the {experts}-noise expert{'s' if len(load.loaded_into) > 1 else ''} in "
+        f"{load.seconds:.2f}s ({load.format} format, {load.tensors} tensors{ignored}), scale {load.use.scale:g}"
+    )

@@ -93,9 +93,15 @@ class Reply:
 
 class JobService:
     def __init__(
-        self, store: JobStore, endpoints: EndpointRegistry, public_url: str, allow_private_urls: bool = False
+        self,
+        store: JobStore,
+        endpoints: EndpointRegistry,
+        public_url: str,
+        allow_private_urls: bool = False,
+        max_loras: int = 8,
     ) -> None:
         self.allow_private_urls = allow_private_urls
+        self.max_loras = max_loras
         self.store = store
         self.endpoints = endpoints
         self.public_url = public_url.rstrip("/")
@@ -127,6 +133,18 @@ class JobService:
             request = endpoint.request_model.model_validate(body)
         except ValidationError as exc:
             raise InputValidationError(validation_errors(exc)) from None
+        loras = getattr(request, "loras", None) or []
+        if len(loras) > self.max_loras:
+            raise InputValidationError(
+                [
+                    {
+                        "loc": ["body", "loras"],
+                        "msg": f"at most {self.max_loras} LoRAs per request on this server, got {len(loras)}",
+                        "type": "too_long",
+                        "ctx": {"max_length": self.max_loras},
+                    }
+                ]
+            )
         if webhook_url is not None:
             self._check_webhook_url(webhook_url)
         output_lifecycle = parse_lifecycle_header(lifecycle)

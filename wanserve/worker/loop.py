@@ -21,11 +21,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from wanserve.config import Settings
-from wanserve.errors import GenerationCancelled, InvalidGenerationInput, WanserveError
+from wanserve.errors import FieldError, GenerationCancelled, WanserveError
 from wanserve.files.base import FileStore, lifecycle_expiry, new_key
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
 from wanserve.jobs.service import validation_errors
+from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse
 from wanserve.store.base import JobStore
 
 log = logging.getLogger("wanserve.worker")
@@ -34,6 +35,13 @@ log = logging.getLogger("wanserve.worker")
 def _fmt_duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _describe_file(file: LoraFile) -> str:
+    size = f"{file.size / 1e6:.2f} MB"
+    if file.downloaded:
+        return f"downloaded {size} in {file.seconds:.2f}s"
+    return f"{size} {file.kind} file" + (" from the disk cache" if file.kind in ("url", "storage", "data URI") else "")
 
 
 STALLED_EXIT_CODE = 70
@@ -64,6 +72,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._runner_factory = runner_factory
         self._runner: Any = None
+        self._lora_resolver: LoraResolver | None = None
         self._current: Job | None = None
         self._progress_at = time.monotonic()  # last sign of life of the running job
         self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
@@ -163,6 +172,9 @@ class Worker:
             self._finish(
                 job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
             )
+        except FieldError as exc:
+            self._log(job, f"Failed: {exc}", LogLevel.ERROR)
+            self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
         except WanserveError as exc:
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except Exception as exc:  # any engine crash fails this job only; the worker goes on
@@ -179,10 +191,18 @@ class Worker:
         if not self.store.finish(job.id, time.time(), worker_id=self.id, **outcome):
             log.warning("job %s was no longer ours when it finished", job.id)
 
+    def _resolve_loras(self, job: Job, loras: list[Any]) -> list[LoraUse]:
+        if not loras:
+            return []
+        if self._lora_resolver is None:
+            self._lora_resolver = LoraResolver(self.settings, self.files)
+        uses = self._lora_resolver.uses(loras)
+        for i, use in enumerate(uses):
+            self._log(job, f"LoRA {i + 1}/{len(uses)} ({use.label}): {_describe_file(use.file)}")
+        return uses
+
     def _run(self, job: Job) -> tuple[dict[str, Any], float]:
         request = self.endpoints.request_model(job.endpoint).model_validate(job.input)
-        if getattr(request, "loras", None):
-            raise InvalidGenerationInput("LoRAs are not supported by this server version yet; remove `loras`")
         if job.attempts > 1:
             self._log(job, f"Retrying after the previous worker stopped (attempt {job.attempts})", LogLevel.WARN)
         width, height = request.frame_size
@@ -191,6 +211,7 @@ class Worker:
             f"Started on worker {self.id}: {request.num_frames} frames at {width}x{height},"
             f" {request.num_inference_steps} steps",
         )
+        loras = self._resolve_loras(job, getattr(request, "loras", None) or [])
 
         def on_step(p: Any) -> None:
             self._log(
@@ -209,6 +230,7 @@ class Worker:
                 on_step=on_step,
                 is_cancelled=lambda: self._is_cancelled(job),
                 on_phase=lambda message: self._log(job, message),
+                loras=loras,
             )
             if self._is_cancelled(job):
                 raise GenerationCancelled("cancelled before the upload")

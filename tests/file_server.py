@@ -1,0 +1,59 @@
+"""A real HTTP file server on loopback for tests: serves set bytes per path and counts every request."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class FileServer:
+    base: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    # path -> a Content-Length to claim while sending only a few bytes (a huge file, without the bytes)
+    claimed_sizes: dict[str, int] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+
+@contextmanager
+def running_file_server() -> Iterator[FileServer]:
+    state = FileServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with state.lock:
+                state.hits[self.path] += 1
+            if self.path in state.claimed_sizes:
+                self.send_response(200)
+                self.send_header("content-length", str(state.claimed_sizes[self.path]))
+                self.end_headers()
+                self.wfile.write(b"\0" * 1024)
+                return
+            body = state.files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("content-length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.base = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()

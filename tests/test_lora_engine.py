@@ -1,0 +1,287 @@
+"""LoRAs on the tiny model's experts: every file layout, scales, per-expert targeting, isolation, memory bound."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lora_files import (
+    random_factors,
+    scaled,
+    write_diffusers,
+    write_lightx2v,
+    write_musubi,
+    write_peft,
+    write_wan,
+)
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+
+from wanserve.engine.lora import LoraFormat
+from wanserve.engine.pipeline import GenerationSpec, WanEngine
+from wanserve.errors import FieldError
+from wanserve.lora.cache import file_sha256
+from wanserve.lora.sources import EXPERTS, LoraFile, LoraUse, SourceKind
+
+Spec = Callable[..., GenerationSpec]
+
+
+def use(path: Path, scale: float = 1.0, transformer: str = "both") -> LoraUse:
+    file = LoraFile(path, file_sha256(path), path.stat().st_size, SourceKind.LOCAL, False, 0.0)
+    return LoraUse(file, scale, EXPERTS[transformer], path.name)
+
+
+def frames(engine: WanEngine, spec: GenerationSpec) -> np.ndarray:
+    return engine.generate(spec).frames
+
+
+def no_peft_layers(engine: WanEngine) -> bool:
+    experts = (engine.pipe.transformer, engine.pipe.transformer_2)
+    return not any(isinstance(m, LoraLayer) for e in experts for m in e.modules())
+
+
+@pytest.fixture(autouse=True)
+def clean_engine(engine: WanEngine) -> Iterator[None]:
+    """The engine is shared by the whole session: every test leaves it with no LoRA loaded."""
+    yield
+    engine.loras.max_bytes = 4 * 1024**3
+    engine.loras.unload_all()
+    assert no_peft_layers(engine)
+
+
+@pytest.fixture(scope="module")
+def factors(engine: WanEngine) -> Any:
+    return random_factors(engine.pipe.transformer, rank=4, seed=0)
+
+
+@pytest.fixture
+def spec(small_spec: Spec) -> GenerationSpec:
+    return small_spec(num_inference_steps=4)
+
+
+@pytest.fixture
+def base(engine: WanEngine, spec: GenerationSpec) -> np.ndarray:
+    return frames(engine, spec)
+
+
+def with_loras(spec: GenerationSpec, *uses: LoraUse) -> GenerationSpec:
+    return GenerationSpec(**{**spec.__dict__, "loras": tuple(uses)})
+
+
+def write_format(fmt: str, path: Path, engine: WanEngine, factors: Any) -> Path:
+    """The same effective LoRA (B @ A scaled by 2) in each layout: alpha 8 on rank 4, or B doubled."""
+    if fmt == "wan":
+        return write_wan(path, factors, alpha=8)
+    if fmt == "comfyui":
+        return write_wan(path, scaled(factors, 2), names="lora_A")
+    if fmt == "musubi":
+        return write_musubi(path, factors, alpha=8)
+    if fmt == "diffusers":
+        return write_diffusers(path, factors, alpha=8)
+    if fmt == "peft":
+        return write_peft(path, scaled(factors, 2))
+    raise AssertionError(fmt)
+
+
+FORMATS = ["wan", "comfyui", "musubi", "diffusers", "peft"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_layout_loads_changes_the_output_and_means_the_same(
+    fmt: str, engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    reference = write_wan(tmp_path / "reference.safetensors", scaled(factors, 2), names="lora_A")
+    expected = frames(engine, with_loras(spec, use(reference)))
+    engine.loras.unload_all()
+    path = write_format(fmt, tmp_path / f"{fmt}.safetensors", engine, factors)
+    got = frames(engine, with_loras(spec, use(path)))
+    assert np.abs(got - base).max() > 1e-3  # the LoRA changes the video
+    # alpha folding and key renaming: every layout of the same factors gives the same video
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_distill_style_file_with_biases_head_delta_and_ignored_norm_deltas(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    path = write_lightx2v(tmp_path / "lightx2v.safetensors", engine.pipe.transformer, factors)
+    (load,) = engine.loras.load([use(path)])
+    assert load.format is LoraFormat.WAN and load.ignored == 3 and load.loaded_into == ("high", "low")
+    plain = write_wan(tmp_path / "plain.safetensors", factors, names="lora_A")
+    with_extras = frames(engine, with_loras(spec, use(path)))
+    without = frames(engine, with_loras(spec, use(plain)))
+    assert np.abs(with_extras - base).max() > 1e-3
+    assert np.abs(with_extras - without).max() > 1e-4  # the biases, head delta and text factors were applied
+
+
+def test_scale_zero_is_exactly_no_lora_and_scale_two_differs(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    path = write_wan(tmp_path / "l.safetensors", factors, alpha=4)
+    zero = frames(engine, with_loras(spec, use(path, 0.0)))
+    one = frames(engine, with_loras(spec, use(path, 1.0)))
+    two = frames(engine, with_loras(spec, use(path, 2.0)))
+    assert np.array_equal(zero, base)
+    assert np.abs(two - one).max() > 1e-3 and np.abs(one - base).max() > 1e-3
+
+
+def test_isolation_base_then_lora_then_base_is_bit_identical(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    path = write_musubi(tmp_path / "m.safetensors", factors, alpha=4)
+    first = frames(engine, spec)
+    lora = frames(engine, with_loras(spec, use(path)))
+    last = frames(engine, spec)
+    assert np.array_equal(first, base) and np.array_equal(last, first)
+    assert not np.array_equal(lora, first)
+    assert engine.loras.resident  # still loaded for the next request, but inactive
+    engine.loras.unload_all()
+    assert no_peft_layers(engine)  # plain Linear layers are back
+    assert np.array_equal(frames(engine, spec), base)
+
+
+def record_expert_calls(engine: WanEngine) -> tuple[list[tuple[str, dict[str, Any], torch.Tensor]], Callable[[], None]]:
+    calls: list[tuple[str, dict[str, Any], torch.Tensor]] = []
+    handles = []
+    for role, module in (("high", engine.pipe.transformer), ("low", engine.pipe.transformer_2)):
+
+        def hook(mod: torch.nn.Module, args: Any, kwargs: dict[str, Any], out: Any, role: str = role) -> None:
+            calls.append((role, {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}, out[0].clone()))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    return calls, lambda: [h.remove() for h in handles]  # type: ignore[func-returns-value]
+
+
+@pytest.mark.parametrize("transformer", ["high", "low", "both"])
+def test_transformer_field_targets_only_that_experts_steps(
+    transformer: str, engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    path = write_wan(tmp_path / "l.safetensors", factors, alpha=8)
+    calls, remove = record_expert_calls(engine)
+    try:
+        engine.generate(with_loras(spec, use(path, 1.0, transformer)))
+    finally:
+        remove()
+    roles = {role for role, _, _ in calls}
+    assert roles == {"high", "low"}
+    experts = {"high": engine.pipe.transformer, "low": engine.pipe.transformer_2}
+    with torch.no_grad():
+        for role, kwargs, out in calls:  # the same inputs again, now with no adapter active
+            plain = experts[role](**kwargs)[0]
+            changed = not torch.equal(plain, out)
+            assert changed == (role in EXPERTS[transformer]), (role, transformer)
+
+
+def test_several_loras_combine_and_the_same_file_twice_adds_its_scales(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    a = write_wan(tmp_path / "a.safetensors", factors, alpha=4)
+    b = write_wan(tmp_path / "b.safetensors", random_factors(engine.pipe.transformer, rank=8, seed=5), alpha=8)
+    only_a = frames(engine, with_loras(spec, use(a)))
+    only_b = frames(engine, with_loras(spec, use(b)))
+    both = frames(engine, with_loras(spec, use(a), use(b, 0.7)))
+    assert not np.array_equal(both, only_a) and not np.array_equal(both, only_b)
+    halves = frames(engine, with_loras(spec, use(a, 0.5), use(a, 0.5)))
+    np.testing.assert_allclose(halves, only_a, atol=1e-5)
+    assert len(engine.loras.resident) == 2
+
+
+def test_resident_adapters_are_reused_and_bounded_least_recently_used_first(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    expert = engine.pipe.transformer
+    paths = [write_wan(tmp_path / f"{i}.safetensors", random_factors(expert, seed=i)) for i in range(3)]
+    first = engine.loras.load([use(paths[0])])[0]
+    assert first.loaded_into == ("high", "low") and first.tensors > 0
+    again = engine.loras.load([use(paths[0])])[0]
+    assert again.loaded_into == ()  # resident: no file read, no load
+    one_adapter = engine.loras.resident_bytes
+    engine.loras.max_bytes = 2 * one_adapter
+    engine.loras.load([use(paths[1])])
+    engine.loras.load([use(paths[0])])  # touch 0: now 1 is the least recently used
+    engine.loras.load([use(paths[2])])
+    assert engine.loras.resident == [file_sha256(paths[0]), file_sha256(paths[2])]
+    # a request whose own LoRAs exceed the bound still runs; older ones make room
+    engine.loras.max_bytes = 0
+    out = frames(engine, with_loras(spec, use(paths[1]), use(paths[2])))
+    assert not np.array_equal(out, base)
+    engine.loras.load([])
+    assert engine.loras.resident == []
+    assert no_peft_layers(engine)
+    assert np.array_equal(frames(engine, spec), base)
+
+
+def test_high_only_then_both_loads_the_missing_expert_only(engine: WanEngine, factors: Any, tmp_path: Path) -> None:
+    path = write_wan(tmp_path / "l.safetensors", factors)
+    assert engine.loras.load([use(path, 1.0, "high")])[0].loaded_into == ("high",)
+    assert engine.loras.load([use(path, 1.0, "both")])[0].loaded_into == ("low",)
+
+
+def bad_file(kind: str, path: Path, engine: WanEngine, factors: Any) -> tuple[Path, str]:
+    """A broken LoRA file and a fragment of the error it must give."""
+    if kind == "wrong shape":
+        (wan, module), (a, b) = next(iter(factors.items()))
+        broken = dict(factors)
+        broken[(wan, module)] = (torch.randn(4, a.shape[1] * 2), b)
+        return write_wan(path, broken), "blocks.0.attn1.to_q.lora_A.weight"
+    if kind == "missing layer":
+        a, b = next(iter(factors.values()))
+        ghost = {("blocks.7.self_attn.q", "blocks.7.attn1.to_q"): (a.clone(), b.clone())}
+        return write_wan(path, {**factors, **ghost}), "blocks.7.attn1.to_q"
+    if kind == "garbage":
+        path.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00not a safetensors file at all" * 10)
+        return path, "not a valid safetensors file"
+    if kind == "pickle":
+        torch.save({"x": torch.zeros(2)}, path)
+        return path, "pickle"
+    if kind == "unknown keys":
+        save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, path)
+        return path, "'encoder.layer.0.weight'"
+    if kind == "dora":
+        sd = {"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(1, 24)}
+        save_file(sd, path)
+        return path, "DoRA"
+    if kind == "full weight delta":
+        save_file({"diffusion_model.blocks.0.self_attn.q.diff": torch.zeros(24, 24)}, path)
+        return path, "blocks.0.self_attn.q.diff"
+    if kind == "empty":
+        save_file({}, path)
+        return path, "no tensors"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["wrong shape", "missing layer", "garbage", "pickle", "unknown keys", "dora", "full weight delta", "empty"]
+)
+def test_bad_files_fail_clearly_and_leave_the_model_as_it_was(
+    kind: str, engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    good = write_wan(tmp_path / "good.safetensors", factors)
+    with_good = frames(engine, with_loras(spec, use(good)))
+    path, fragment = bad_file(kind, tmp_path / "bad.safetensors", engine, factors)
+    with pytest.raises(FieldError) as err:
+        engine.generate(with_loras(spec, use(good), use(path)))
+    assert err.value.loc == ("loras", 1, "path") and err.value.http_status == 422
+    assert err.value.error_type == "invalid_lora" and fragment in str(err.value), str(err.value)
+    assert engine.loras.resident == [file_sha256(good)]
+    assert np.array_equal(frames(engine, spec), base)
+    assert np.array_equal(frames(engine, with_loras(spec, use(good))), with_good)
+
+
+def test_distilled_lora_settings_run_one_forward_per_step(
+    engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """4 steps with guidance 1 on both experts (what a Lightning-style LoRA asks for): no unconditional pass."""
+    path = write_lightx2v(tmp_path / "distill.safetensors", engine.pipe.transformer, factors)
+    distilled = with_loras(spec, use(path))
+    distilled = GenerationSpec(**{**distilled.__dict__, "guidance_scale": 1.0, "guidance_scale_2": 1.0})
+    for run, forwards in ((distilled, 4), (with_loras(spec, use(path)), 8)):
+        calls, remove = record_expert_calls(engine)
+        try:
+            engine.generate(run)
+        finally:
+            remove()
+        assert len(calls) == forwards

@@ -1,0 +1,251 @@
+"""Where a LoRA `path` points: URLs through the disk cache, our storage, data URIs, allowed local folders and
+the Hugging Face cache; and every way a path is refused."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from file_server import FileServer, running_file_server
+
+from wanserve.client.local_server import free_port
+from wanserve.config import Settings
+from wanserve.errors import FieldError, InputFetchError, LoraError, PrivateAddress
+from wanserve.files.base import new_key
+from wanserve.files.local import LocalFileStore
+from wanserve.lora.cache import ContentCache, file_sha256
+from wanserve.lora.sources import LoraResolver, SourceKind
+from wanserve.schema import LoRAWeight
+
+Make = Callable[..., LoraResolver]
+
+
+@pytest.fixture
+def http() -> Iterator[FileServer]:
+    with running_file_server() as server:
+        yield server
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> LocalFileStore:
+    return LocalFileStore(tmp_path / "files", "http://wanserve.test")
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> list[Path]:
+    made = [tmp_path / "loras", tmp_path / "more-loras"]
+    for root in made:
+        root.mkdir()
+    return made
+
+
+@pytest.fixture
+def make(tmp_path: Path, files: LocalFileStore, roots: list[Path]) -> Make:
+    def build(**overrides: object) -> LoraResolver:
+        defaults: dict[str, object] = {
+            "cache_dir": tmp_path / "cache",
+            "allow_private_urls": True,
+            "lora_roots": roots,
+            "hf_offline": True,
+            "hf_cache_dir": tmp_path / "hf",
+        }
+        settings = Settings(**{**defaults, **overrides})  # type: ignore[arg-type]
+        return LoraResolver(settings, files)
+
+    return build
+
+
+def test_a_url_is_downloaded_once_then_served_from_the_disk_cache(http: FileServer, make: Make) -> None:
+    http.files["/style.safetensors"] = b"lora bytes " * 100
+    url = http.url("/style.safetensors")
+    first = make().resolve(url)
+    assert first.kind is SourceKind.URL and first.downloaded and http.hits["/style.safetensors"] == 1
+    assert first.path.read_bytes() == http.files["/style.safetensors"] and first.sha256 == file_sha256(first.path)
+    second = make().resolve(url)  # a new resolver (a restarted worker) shares the disk cache
+    assert not second.downloaded and second.sha256 == first.sha256 and second.path == first.path
+    assert http.hits["/style.safetensors"] == 1
+
+
+def test_ttl_zero_downloads_every_time_and_the_same_content_is_one_blob(http: FileServer, make: Make) -> None:
+    http.files["/a.safetensors"] = http.files["/b.safetensors"] = b"same content"
+    resolver = make(lora_url_ttl_s=0)
+    a1, a2 = resolver.resolve(http.url("/a.safetensors")), resolver.resolve(http.url("/a.safetensors"))
+    b = resolver.resolve(http.url("/b.safetensors"))
+    assert http.hits["/a.safetensors"] == 2 and a1.downloaded and a2.downloaded
+    assert a1.sha256 == b.sha256 and len(list(resolver.cache.blobs.iterdir())) == 1
+
+
+def test_cache_entries_expire_after_their_ttl(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "c", max_bytes=1 << 20, url_ttl_s=60)
+    staged = cache.temp_path()
+    staged.write_bytes(b"x" * 10)
+    cache.add(staged, "https://example.com/x.safetensors", now=1000.0)
+    assert cache.lookup("https://example.com/x.safetensors", now=1059.0) is not None
+    assert cache.lookup("https://example.com/x.safetensors", now=1061.0) is None
+    assert cache.lookup("https://example.com/other.safetensors", now=1001.0) is None
+
+
+def test_disk_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "c", max_bytes=250, url_ttl_s=3600)
+
+    def add(name: str, fill: bytes) -> None:
+        staged = cache.temp_path()
+        staged.write_bytes(fill * 100)
+        cache.add(staged, f"https://example.com/{name}", time.time())
+        time.sleep(0.01)  # distinct modification times
+
+    add("a", b"a")
+    add("b", b"b")
+    assert cache.lookup("https://example.com/a", time.time()) is not None  # a is now the most recent
+    time.sleep(0.01)
+    add("c", b"c")  # 300 bytes > 250: the least recently used (b) goes
+    assert cache.lookup("https://example.com/b", time.time()) is None
+    assert cache.lookup("https://example.com/a", time.time()) is not None
+    assert cache.lookup("https://example.com/c", time.time()) is not None
+    assert sum(p.stat().st_size for p in cache.blobs.iterdir()) <= 250
+    assert len(list(cache.index.iterdir())) == 2  # b's index entry went with its blob
+
+
+def test_a_truncated_index_entry_is_a_miss(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "c", max_bytes=1 << 20, url_ttl_s=3600)
+    staged = cache.temp_path()
+    staged.write_bytes(b"x")
+    cache.add(staged, "https://example.com/x", time.time())
+    (entry,) = cache.index.iterdir()
+    entry.write_text(entry.read_text()[:10])
+    assert cache.lookup("https://example.com/x", time.time()) is None
+
+
+def test_claimed_size_over_the_cap_is_refused_before_reading_it(http: FileServer, make: Make) -> None:
+    http.claimed_sizes["/huge.safetensors"] = 2_000_000_000
+    resolver = make(lora_max_bytes=1024**3)
+    with pytest.raises(FieldError) as err:
+        resolver.uses([LoRAWeight(path=http.url("/huge.safetensors"))])
+    assert err.value.loc == ("loras", 0, "path") and err.value.error_type == "file_download_error"
+    assert "over the 1073741824-byte input limit" in str(err.value)
+    assert list(resolver.cache.blobs.iterdir()) == [] and list(resolver.cache.tmp.iterdir()) == []
+
+
+def test_private_addresses_are_refused_without_a_request(http: FileServer, make: Make) -> None:
+    http.files["/x.safetensors"] = b"x"
+    with pytest.raises(PrivateAddress):
+        make(allow_private_urls=False).resolve(http.url("/x.safetensors"))
+    assert http.hits["/x.safetensors"] == 0
+
+
+def test_own_storage_and_data_uris_are_read_without_http(files: LocalFileStore, make: Make, tmp_path: Path) -> None:
+    source = tmp_path / "upload.safetensors"
+    source.write_bytes(b"stored lora")
+    key = new_key("upload.safetensors")
+    files.put(key, source, "application/octet-stream", None, time.time())
+    stored = make().resolve(files.url(key))
+    assert stored.kind is SourceKind.STORAGE and stored.path.read_bytes() == b"stored lora"
+    data = make().resolve("data:application/octet-stream;base64," + base64.b64encode(b"inline lora").decode())
+    assert data.kind is SourceKind.DATA and data.path.read_bytes() == b"inline lora"
+
+
+def test_local_paths_inside_the_roots(make: Make, roots: list[Path]) -> None:
+    (roots[1] / "styles").mkdir()
+    wanted = roots[1] / "styles" / "ink.safetensors"
+    wanted.write_bytes(b"ink")
+    resolver = make()
+    for path in (str(wanted), f"file://{wanted}", "styles/ink.safetensors"):
+        got = resolver.resolve(path)
+        assert got.path == wanted and got.kind is SourceKind.LOCAL and got.sha256 == file_sha256(wanted)
+    wanted.write_bytes(b"new ink")  # a changed file is hashed again
+    assert resolver.resolve(str(wanted)).sha256 == file_sha256(wanted)
+
+
+def test_local_paths_cannot_escape_their_roots(make: Make, roots: list[Path], tmp_path: Path) -> None:
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"not yours")
+    (roots[0] / "link.safetensors").symlink_to(secret)
+    (roots[0] / "dir-link").symlink_to(tmp_path)
+    resolver = make()
+    for path in (
+        str(secret),
+        "../secret.safetensors",
+        "link.safetensors",
+        "dir-link/secret.safetensors",
+        f"{roots[0]}/../secret.safetensors",
+        "file:///etc/passwd",
+    ):
+        with pytest.raises(LoraError, match="outside the folders"):
+            resolver.resolve(path)
+    with pytest.raises(LoraError, match="no LoRA file"):
+        resolver.resolve("missing.safetensors")
+    with pytest.raises(LoraError, match="disabled"):
+        make(lora_roots=[]).resolve(str(secret))
+
+
+def test_local_file_over_the_cap(make: Make, roots: list[Path]) -> None:
+    (roots[0] / "big.safetensors").write_bytes(b"x" * 2048)
+    with pytest.raises(LoraError, match="over the 1024-byte LoRA limit"):
+        make(lora_max_bytes=1024).resolve("big.safetensors")
+
+
+@pytest.mark.parametrize("path", ["ftp://example.com/x.safetensors", "just some words", "a/b/c"])
+def test_paths_that_are_nothing_known(make: Make, path: str) -> None:
+    with pytest.raises(LoraError):
+        make().resolve(path)
+
+
+def hf_cache_repo(hf: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """The layout huggingface_hub writes: blobs, a snapshot per commit, and refs/main naming it."""
+    repo = hf / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def test_hugging_face_repo_offline_from_the_cache(make: Make, tmp_path: Path) -> None:
+    hf_cache_repo(tmp_path / "hf", "someone/wan-style", {"wan_style.safetensors": b"hub lora", "README.md": b"#"})
+    hf_cache_repo(tmp_path / "hf", "someone/pair", {"high.safetensors": b"h", "low.safetensors": b"l"})
+    resolver = make()
+    only = resolver.resolve("someone/wan-style")
+    assert only.kind is SourceKind.HUB and only.path.read_bytes() == b"hub lora"
+    assert resolver.resolve("someone/pair", "low.safetensors").path.read_bytes() == b"l"
+    with pytest.raises(LoraError, match=r"several \.safetensors files; choose one with weight_name"):
+        resolver.resolve("someone/pair")
+    with pytest.raises(LoraError, match="not in this server's Hugging Face cache and the server is offline"):
+        resolver.resolve("someone/absent")
+    with pytest.raises(LoraError, match="not in this server's Hugging Face cache"):
+        resolver.resolve("someone/pair", "middle.safetensors")
+
+
+def test_hugging_face_hub_unreachable_falls_back_to_the_cache_then_fails_fast(make: Make, tmp_path: Path) -> None:
+    hf_cache_repo(tmp_path / "hf", "someone/cached", {"x.safetensors": b"cached"})
+    resolver = make(hf_offline=False, hf_endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    started = time.monotonic()
+    assert resolver.resolve("someone/cached", "x.safetensors").path.read_bytes() == b"cached"
+    with pytest.raises(LoraError, match="the Hub cannot be reached"):
+        resolver.resolve("someone/absent", "x.safetensors")
+    assert time.monotonic() - started < 30  # never a hang
+
+
+def test_uses_carry_scale_experts_and_a_short_label(http: FileServer, make: Make) -> None:
+    http.files["/l.safetensors"] = b"l"
+    long_data = "data:application/octet-stream;base64," + base64.b64encode(os.urandom(300)).decode()
+    uses = make().uses(
+        [
+            LoRAWeight(path=http.url("/l.safetensors"), scale=0.5, transformer="high"),
+            LoRAWeight(path=long_data),
+        ]
+    )
+    assert uses[0].scale == 0.5 and uses[0].experts == ("high",) and uses[0].label == http.url("/l.safetensors")
+    assert uses[1].experts == ("high", "low") and uses[1].label.startswith("data URI (")
+
+
+def test_a_failed_download_is_not_cached(http: FileServer, make: Make) -> None:
+    with pytest.raises(InputFetchError, match="HTTP 404"):
+        make().resolve(http.url("/absent.safetensors"))
+    http.files["/absent.safetensors"] = b"now here"
+    assert make().resolve(http.url("/absent.safetensors")).path.read_bytes() == b"now here"

@@ -1,0 +1,358 @@
+"""LoRA adapters on the two experts, never fused into the base weights.
+
+A LoRA file is read with safetensors (never pickle), its keys are brought to diffusers naming by diffusers'
+own converters, every tensor is checked against the expert it goes into (the first key that does not fit is
+named, before anything is loaded) and the result is loaded as a PEFT adapter named by the file's content
+hash. Loaded adapters stay resident for later requests up to a memory bound; the least recently used are
+unloaded first, and an expert left with none gets its plain Linear layers back. A request activates exactly
+its own adapters at its own scales and deactivates them afterwards, so a request without LoRAs runs the
+unmodified model: its output is bit-identical to the output before any LoRA was ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+from safetensors import SafetensorError, safe_open
+
+from wanserve.errors import FieldError, LoraError
+from wanserve.lora.sources import ExpertName, LoraUse
+
+log = logging.getLogger("wanserve.engine.lora")
+
+# peft warns on every load after the first that the model already has a `peft_config`: expected here.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+# Full-weight deltas of norms and modulation (lightx2v and Kijai files carry them): LoRA cannot express them and
+# diffusers drops them too. They are small corrections; the file is used without them and the log says so.
+IGNORED_DELTA = re.compile(r"(^|\.)(norm\w*|modulation)\.diff(_b)?$")
+DIFFUSERS_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)$")
+WAN_BARE_PREFIXES = ("blocks.", "head.", "text_embedding.", "time_embedding.", "time_projection.", "img_emb.")
+
+
+class LoraFormat(StrEnum):
+    DIFFUSERS = "diffusers"
+    PEFT = "peft"
+    WAN = "wan"  # the original Wan layout, as ComfyUI, Kijai and lightx2v files use it
+    MUSUBI = "musubi/kohya"
+
+
+@dataclass(frozen=True)
+class ConvertedLora:
+    state_dict: dict[str, torch.Tensor]  # diffusers naming, `transformer.` prefix
+    format: LoraFormat
+    metadata: dict[str, object] | None  # PEFT adapter config (lora_alpha...) stored in a diffusers file
+    ignored: list[str]  # keys that were dropped on purpose (norm and modulation deltas)
+
+
+@dataclass(frozen=True)
+class LoraLoad:
+    """What making one LoRA of a request resident took."""
+
+    use: LoraUse
+    loaded_into: tuple[ExpertName, ...]  # experts it was newly loaded into; () when it was resident already
+    format: LoraFormat | None
+    tensors: int
+    ignored: int
+    seconds: float
+
+
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file. Pickle checkpoints are refused: loading one runs code."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise LoraError(f"cannot read the LoRA file: {exc.strerror}") from None
+    if head.startswith(PICKLE_MAGIC):
+        raise LoraError(
+            "pickle checkpoints (.pt, .bin, .ckpt) are refused because loading one can run code; "
+            "convert the LoRA to .safetensors"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoraError(f"not a valid safetensors file: {str(exc)[:200]}") from None
+    if not tensors:
+        raise LoraError("the LoRA file holds no tensors")
+    return tensors, metadata
+
+
+def _family(key: str) -> tuple[LoraFormat, str] | None:
+    """The format a key belongs to and the key as diffusers' converters expect it."""
+    if key.startswith("transformer."):
+        return LoraFormat.DIFFUSERS, key
+    if key.startswith("base_model.model."):
+        return LoraFormat.PEFT, "transformer." + key[len("base_model.model.") :]
+    if key.startswith("lora_unet_"):
+        return LoraFormat.MUSUBI, key
+    if key.startswith("diffusion_model."):
+        return LoraFormat.WAN, key
+    if key.startswith("model.diffusion_model."):
+        return LoraFormat.WAN, key[len("model.") :]
+    if key.startswith(WAN_BARE_PREFIXES):
+        return LoraFormat.WAN, "diffusion_model." + key
+    return None
+
+
+def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> ConvertedLora:
+    """Brings any supported LoRA layout to diffusers naming, or fails naming the first key that does not fit."""
+    renamed: dict[str, torch.Tensor] = {}
+    fmt: LoraFormat | None = None
+    first_key = ""
+    ignored: list[str] = []
+    for key, tensor in tensors.items():
+        if "dora_scale" in key or "lora_magnitude_vector" in key:
+            raise LoraError(f"DoRA LoRAs are not supported (key {key!r})")
+        family = _family(key)
+        if family is None:
+            raise LoraError(
+                f"unrecognized LoRA key {key!r}: expected diffusers (transformer.*), PEFT (base_model.model.*), "
+                "Wan/ComfyUI (diffusion_model.*) or musubi/kohya (lora_unet_*) keys"
+            )
+        if fmt is None:
+            fmt, first_key = family[0], key
+        elif family[0] is not fmt:
+            raise LoraError(f"the file mixes LoRA formats: key {first_key!r} is {fmt}, key {key!r} is {family[0]}")
+        if IGNORED_DELTA.search(key):
+            ignored.append(key)
+            continue
+        if key.endswith(".diff") and not key.endswith("head.head.diff"):
+            raise LoraError(f"unsupported full-weight delta key {key!r}: only LoRA factors can be applied")
+        renamed[family[1]] = tensor
+    assert fmt is not None
+    if not renamed:
+        raise LoraError("the LoRA file has no LoRA factors (only norm or modulation deltas)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = WanPipeline.lora_state_dict(renamed)
+    except (KeyError, ValueError, IndexError, RuntimeError) as exc:
+        raise LoraError(f"the {fmt} LoRA keys could not be converted: {type(exc).__name__}: {str(exc)[:300]}") from None
+    assert isinstance(converted, dict)
+    for key in converted:
+        if not DIFFUSERS_KEY.match(key):
+            raise LoraError(f"unexpected LoRA key {key!r} (after conversion to diffusers naming)")
+    if any(key.endswith(".lora_B.bias") for key in converted):
+        # Once one layer carries a LoRA bias, PEFT gives every layer of the adapter one: those the file lacks
+        # must be zeros, not left uninitialised.
+        for key in [k for k in converted if k.endswith(".lora_B.weight")]:
+            out_features = converted[key].shape[0]
+            converted.setdefault(key[: -len("weight")] + "bias", torch.zeros(out_features, dtype=converted[key].dtype))
+    peft_metadata = None
+    if "lora_adapter_metadata" in metadata:  # a diffusers file keeps lora_alpha there; without it alpha = rank
+        try:
+            peft_metadata = json.loads(metadata["lora_adapter_metadata"])
+        except ValueError:
+            raise LoraError("the file's lora_adapter_metadata is not valid JSON") from None
+    return ConvertedLora(converted, fmt, peft_metadata if isinstance(peft_metadata, dict) else None, ignored)
+
+
+def _target_layer(modules: Mapping[str, torch.nn.Module], key: str) -> tuple[str, str, torch.nn.Linear]:
+    match = DIFFUSERS_KEY.match(key)
+    assert match is not None  # convert_lora checked every key
+    name, part = match["module"], match["part"]
+    layer = modules.get(name)
+    layer = getattr(layer, "base_layer", layer)  # already wrapped by another adapter
+    if not isinstance(layer, torch.nn.Linear):
+        raise LoraError(f"key {key!r}: the model has no Linear layer {name!r}")
+    return name, part, layer
+
+
+def check_fits(state_dict: Mapping[str, torch.Tensor], expert: torch.nn.Module) -> None:
+    """Every tensor must target an existing Linear layer with matching sizes, and A and B must agree on the rank."""
+    modules = dict(expert.named_modules())
+    ranks: dict[str, tuple[str, int]] = {}
+    for key, tensor in state_dict.items():
+        name, part, layer = _target_layer(modules, key)
+        expected: tuple[int | None, ...] = {
+            "A.weight": (None, layer.in_features),
+            "B.weight": (layer.out_features, None),
+            "B.bias": (layer.out_features,),
+        }[part]
+        shape = tuple(tensor.shape)
+        if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape, strict=True)):
+            raise LoraError(
+                f"key {key!r}: shape {shape} does not fit layer {name} of shape {tuple(layer.weight.shape)}"
+            )
+        if part != "B.bias":
+            rank = shape[0] if part == "A.weight" else shape[1]
+            other = ranks.setdefault(name, (key, rank))
+            if other[1] != rank:
+                raise LoraError(f"key {key!r}: rank {rank} does not match rank {other[1]} of {other[0]!r}")
+    for name in ranks:
+        for part in ("lora_A", "lora_B"):
+            if f"transformer.{name}.{part}.weight" not in state_dict:
+                raise LoraError(f"layer {name} has no {part} weight")
+
+
+def placed_for(state_dict: Mapping[str, torch.Tensor], expert: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the factors on each target layer's device and in its dtype. PEFT then adopts these tensors as
+    the adapter's own (no throwaway random init), and no two experts ever share an adapter's storage."""
+    modules = dict(expert.named_modules())
+    out = {}
+    for key, tensor in state_dict.items():
+        weight = _target_layer(modules, key)[2].weight
+        out[key] = tensor.to(device=weight.device, dtype=weight.dtype, copy=True)
+    return out
+
+
+def _has_adapters(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+@dataclass
+class _Resident:
+    name: str  # the PEFT adapter name: no dots, never a prefix of a module name
+    bytes_on: dict[int, int] = field(default_factory=dict)  # id(expert module) -> bytes it holds there
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.bytes_on.values())
+
+
+class LoraAdapters:
+    """The adapters resident on a pipeline's experts, and which of them a request activates."""
+
+    def __init__(self, experts: Mapping[ExpertName, WanTransformer3DModel], max_bytes: int) -> None:
+        # "high" and "low" may be one module (a single-expert model): adapters are tracked per module.
+        self.experts = dict(experts)
+        self.max_bytes = max_bytes
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # by sha256, least recently used first
+
+    def _modules(self, roles: Sequence[ExpertName]) -> list[WanTransformer3DModel]:
+        unique: dict[int, WanTransformer3DModel] = {}
+        for role in roles:
+            unique.setdefault(id(self.experts[role]), self.experts[role])
+        return list(unique.values())
+
+    def _roles_of(self, module: WanTransformer3DModel) -> tuple[ExpertName, ...]:
+        return tuple(role for role, m in self.experts.items() if m is module)
+
+    @property
+    def resident(self) -> list[str]:
+        """Content hashes of the resident LoRAs, least recently used first."""
+        return list(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(r.nbytes for r in self._resident.values())
+
+    def load(self, uses: Sequence[LoraUse]) -> list[LoraLoad]:
+        """Makes every LoRA of a request resident on its experts. A LoRA that cannot be loaded fails with a
+        `FieldError` naming its index; what was resident before stays as it was."""
+        reports = []
+        for i, use in enumerate(uses):
+            try:
+                reports.append(self._load_one(use))
+            except LoraError as exc:
+                raise FieldError(("loras", i, "path"), exc, use.label) from exc
+        self._evict(protect={use.file.sha256 for use in uses})
+        return reports
+
+    def _load_one(self, use: LoraUse) -> LoraLoad:
+        started = time.perf_counter()
+        sha = use.file.sha256
+        entry = self._resident.get(sha) or _Resident(name=f"lora_{sha[:16]}")
+        missing = [m for m in self._modules(use.experts) if id(m) not in entry.bytes_on]
+        if not missing:
+            self._resident.move_to_end(sha)
+            return LoraLoad(use, (), None, 0, 0, time.perf_counter() - started)
+        converted = convert_lora(*read_lora_file(use.file.path))
+        for module in missing:  # every expert is checked before any is touched
+            check_fits(converted.state_dict, module)
+        loaded_into: list[ExpertName] = []
+        for module in missing:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module.load_lora_adapter(
+                        placed_for(converted.state_dict, module),
+                        prefix="transformer",
+                        adapter_name=entry.name,
+                        metadata=converted.metadata,
+                        low_cpu_mem_usage=True,  # takes the placed tensors as they are
+                    )
+            except Exception as exc:
+                self._remove(module, entry.name)
+                if entry.bytes_on:
+                    self._resident[sha] = entry
+                raise LoraError(f"cannot load the LoRA: {type(exc).__name__}: {str(exc)[:300]}") from exc
+            itemsize = next(module.parameters()).element_size()
+            entry.bytes_on[id(module)] = sum(t.numel() for t in converted.state_dict.values()) * itemsize
+            loaded_into.extend(self._roles_of(module))
+        self._resident[sha] = entry
+        self._resident.move_to_end(sha)
+        return LoraLoad(
+            use,
+            tuple(loaded_into),
+            converted.format,
+            len(converted.state_dict),
+            len(converted.ignored),
+            time.perf_counter() - started,
+        )
+
+    def _remove(self, module: WanTransformer3DModel, name: str) -> None:
+        peft_config = getattr(module, "peft_config", None) or {}
+        if name in peft_config:
+            module.delete_adapters(name)
+        if not _has_adapters(module) and hasattr(module, "unload_lora"):
+            # a failed load can leave PEFT wrappers behind even with no adapter: put the plain Linears back
+            module.unload_lora()
+
+    def _evict(self, protect: set[str]) -> None:
+        while self.resident_bytes > self.max_bytes:
+            victim = next((sha for sha in self._resident if sha not in protect), None)
+            if victim is None:
+                break  # the request's own LoRAs alone exceed the bound: they stay until the next request
+            self.unload(victim)
+
+    def unload(self, sha: str) -> None:
+        entry = self._resident.pop(sha)
+        for module in self._modules(list(self.experts)):
+            if id(module) in entry.bytes_on:
+                self._remove(module, entry.name)
+        log.info("unloaded LoRA %s (%.1f MB)", sha[:12], entry.nbytes / 1e6)
+
+    def unload_all(self) -> None:
+        for sha in list(self._resident):
+            self.unload(sha)
+
+    @contextmanager
+    def active(self, uses: Sequence[LoraUse]) -> Iterator[None]:
+        """Activates exactly `uses` (already loaded) at their scales on their experts, for the `with` block.
+        Scale 0 leaves a LoRA out; the same file twice on one expert adds its scales."""
+        modules = self._modules(list(self.experts))
+        weights: dict[int, dict[str, float]] = {id(m): {} for m in modules}
+        for use in uses:
+            if use.scale == 0:
+                continue
+            name = self._resident[use.file.sha256].name
+            for module in self._modules(use.experts):
+                on = weights[id(module)]
+                on[name] = on.get(name, 0.0) + use.scale
+        try:
+            for module in modules:
+                if _has_adapters(module):
+                    chosen = weights[id(module)]
+                    module.set_adapters(list(chosen), list(chosen.values()))
+            yield
+        finally:
+            for module in modules:
+                if _has_adapters(module):
+                    module.set_adapters([], [])

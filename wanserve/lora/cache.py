@@ -1,0 +1,115 @@
+"""Downloaded files kept on disk by content (sha256), with an index from each source URL to its content.
+
+Several workers on one machine share the folder safely: a blob appears by atomic rename once complete
+(and fsynced), an index entry is written after its blob, and a blob that is gone when read (evicted by a
+neighbour) is simply a miss. Eviction is least recently used, by modification time, which a hit renews.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ABANDONED_TEMP_S = 24 * 3600.0  # a temp file this old belongs to a download that died with its process
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    path: Path
+    sha256: str
+    size: int
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ContentCache:
+    def __init__(self, root: Path, max_bytes: int, url_ttl_s: float) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.url_ttl_s = url_ttl_s
+        self.blobs = root / "blobs"
+        self.index = root / "urls"
+        self.tmp = root / "tmp"
+        for folder in (self.blobs, self.index, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._remove_abandoned_temp(time.time())
+
+    def _index_path(self, url: str) -> Path:
+        return self.index / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
+
+    def lookup(self, url: str, now: float) -> CachedFile | None:
+        """The cached content of `url`, if it was fetched less than `url_ttl_s` ago and is still here."""
+        if self.url_ttl_s <= 0:
+            return None
+        try:
+            entry = json.loads(self._index_path(url).read_text())
+            if entry["url"] != url or now - float(entry["fetched_at"]) > self.url_ttl_s:
+                return None
+            blob = self.blobs / str(entry["sha256"])
+            os.utime(blob)  # a hit makes it the most recently used
+            return CachedFile(blob, str(entry["sha256"]), blob.stat().st_size)
+        except (OSError, ValueError, KeyError, TypeError):  # absent, evicted, or an index entry cut short
+            return None
+
+    def temp_path(self) -> Path:
+        return self.tmp / uuid.uuid4().hex
+
+    def add(self, downloaded: Path, url: str | None, now: float) -> CachedFile:
+        """Moves a complete download (a `temp_path()`) into the cache and indexes it under `url`."""
+        with downloaded.open("rb+") as f:
+            os.fsync(f.fileno())  # a power cut must not leave a blob whose name promises other content
+        sha = file_sha256(downloaded)
+        blob = self.blobs / sha
+        os.replace(downloaded, blob)
+        if url is not None:
+            entry = {"url": url, "sha256": sha, "size": blob.stat().st_size, "fetched_at": now}
+            staged = self.temp_path()
+            staged.write_text(json.dumps(entry))
+            os.replace(staged, self._index_path(url))
+        self.evict(keep=sha)
+        return CachedFile(blob, sha, blob.stat().st_size)
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Removes least recently used blobs until the cache fits `max_bytes`; returns the removed hashes."""
+        blobs: list[tuple[float, int, Path]] = []
+        for path in self.blobs.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                blobs.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in blobs)
+        removed: list[str] = []
+        for _, size, path in sorted(blobs):
+            if total <= self.max_bytes:
+                break
+            if path.name == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            removed.append(path.name)
+        if removed:
+            self._drop_index_entries(set(removed))
+        return removed
+
+    def _drop_index_entries(self, gone: set[str]) -> None:
+        for entry_path in self.index.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if json.loads(entry_path.read_text())["sha256"] in gone:
+                    entry_path.unlink(missing_ok=True)
+
+    def _remove_abandoned_temp(self, now: float) -> None:
+        for path in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime > ABANDONED_TEMP_S:
+                    path.unlink()

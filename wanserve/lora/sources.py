@@ -1,0 +1,253 @@
+"""Where a LoRA `path` points, turned into a local file named by its content.
+
+A path is, in this order:
+- an `http(s)://` URL: downloaded with the LoRA size cap, time limit and private-address guard of every URL
+  input, and kept in the disk cache by content; the URL is reused without downloading again for
+  `lora_url_ttl_s`. A URL of this server's own storage is read locally, and a `data:` URI decodes;
+- a `file://` URL, an absolute path, or a relative path ending in a weights suffix: a local file inside
+  one of the operator's `lora_roots` (symlinks are followed before the check, so none leads out);
+- `owner/name`: a Hugging Face repo, resolved by `huggingface_hub` through its cache (`weight_name` picks
+  the file; required when the repo has several `.safetensors`). Offline, only the cache is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from wanserve.config import Settings
+from wanserve.errors import FieldError, LoraError, WanserveError
+from wanserve.files.base import FileStore
+from wanserve.files.inputs import FetchPolicy, fetch_input
+from wanserve.lora.cache import ContentCache, file_sha256
+from wanserve.schema import LoRAWeight
+
+log = logging.getLogger("wanserve.lora")
+
+WEIGHT_SUFFIXES = (".safetensors", ".sft")
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+HF_METADATA_TIMEOUT_S = 10.0
+
+ExpertName = Literal["high", "low"]
+EXPERTS: dict[str, tuple[ExpertName, ...]] = {"high": ("high",), "low": ("low",), "both": ("high", "low")}
+
+
+class SourceKind(StrEnum):
+    URL = "url"
+    STORAGE = "storage"
+    DATA = "data URI"
+    LOCAL = "local file"
+    HUB = "Hugging Face"
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file on this machine. `sha256` names the content: the same bytes from two sources are one LoRA."""
+
+    path: Path
+    sha256: str
+    size: int
+    kind: SourceKind
+    downloaded: bool  # False: served from a cache (ours or the Hugging Face one) or a local file
+    seconds: float  # spent resolving it (download included)
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a request: its file, its scale and the experts it applies to."""
+
+    file: LoraFile
+    scale: float
+    experts: tuple[ExpertName, ...]
+    label: str  # the request's path, shortened, for logs and errors
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A connection or timeout failure. huggingface_hub raises its own httpx fork's (httpx2) errors, so the
+    check goes by the shared class name rather than by one library's class."""
+    return isinstance(exc, OSError) or any(cls.__name__ == "TransportError" for cls in type(exc).__mro__)
+
+
+def describe_path(path: str) -> str:
+    if path.startswith("data:"):
+        return f"data URI ({len(path)} characters)"
+    return path if len(path) <= 120 else path[:117] + "..."
+
+
+def classify(path: str, files: FileStore) -> SourceKind:
+    lowered = path.lower()
+    if lowered.startswith(("http://", "https://")):
+        return SourceKind.STORAGE if files.key_from_url(path) is not None else SourceKind.URL
+    if lowered.startswith("data:"):
+        return SourceKind.DATA
+    if lowered.startswith("file://") or os.path.isabs(path) or lowered.endswith(WEIGHT_SUFFIXES):
+        return SourceKind.LOCAL
+    if "://" in path:
+        raise LoraError(f"unsupported URL scheme in {describe_path(path)}: use http(s), a local path or owner/name")
+    if HF_REPO_ID.match(path):
+        return SourceKind.HUB
+    raise LoraError(
+        f"{describe_path(path)} is not a URL, a local .safetensors path or a Hugging Face repo id (owner/name)"
+    )
+
+
+class LoraResolver:
+    def __init__(self, settings: Settings, files: FileStore) -> None:
+        self.settings = settings
+        self.files = files
+        self.cache = ContentCache(
+            settings.resolved_lora_cache_dir(), settings.lora_cache_bytes, settings.lora_url_ttl_s
+        )
+        self.policy = FetchPolicy(
+            max_bytes=settings.lora_max_bytes,
+            timeout_s=settings.lora_download_timeout_s,
+            allow_private=settings.allow_private_urls,
+        )
+        self.roots = [root.expanduser().resolve() for root in settings.lora_roots]
+        # Local and Hugging Face files are hashed once per version of the file (path, size, mtime, inode).
+        self._hashes: dict[tuple[str, int, int, int], str] = {}
+
+    def uses(self, loras: Sequence[LoRAWeight]) -> list[LoraUse]:
+        """Resolves every LoRA of a request; a failure names the field (`loras.N.path`) it came from."""
+        out = []
+        for i, lora in enumerate(loras):
+            try:
+                file = self.resolve(lora.path, lora.weight_name)
+            except WanserveError as exc:
+                raise FieldError(("loras", i, "path"), exc, describe_path(lora.path)) from exc
+            out.append(LoraUse(file, lora.scale, EXPERTS[lora.transformer], describe_path(lora.path)))
+        return out
+
+    def resolve(self, path: str, weight_name: str | None = None) -> LoraFile:
+        started = time.perf_counter()
+        kind = classify(path, self.files)
+        if kind is SourceKind.LOCAL:
+            local = self._local(path)
+            return self._hashed(local, kind, started)
+        if kind is SourceKind.HUB:
+            hub_file = self._hub(path, weight_name)
+            return self._hashed(hub_file, kind, started)
+        now = time.time()
+        hit = self.cache.lookup(path, now)
+        if hit is not None:
+            return LoraFile(hit.path, hit.sha256, hit.size, kind, False, time.perf_counter() - started)
+        staged = self.cache.temp_path()
+        try:
+            fetch_input(path, staged, self.files, self.policy)
+            added = self.cache.add(staged, path, now)
+        finally:
+            staged.unlink(missing_ok=True)
+        downloaded = kind is SourceKind.URL
+        return LoraFile(added.path, added.sha256, added.size, kind, downloaded, time.perf_counter() - started)
+
+    def _hashed(self, path: Path, kind: SourceKind, started: float) -> LoraFile:
+        st = path.stat()
+        if st.st_size > self.policy.max_bytes:
+            raise LoraError(f"the file is {st.st_size} bytes, over the {self.policy.max_bytes}-byte LoRA limit")
+        version = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        sha = self._hashes.get(version)
+        if sha is None:
+            sha = self._hashes[version] = file_sha256(path)
+        return LoraFile(path, sha, st.st_size, kind, False, time.perf_counter() - started)
+
+    # --- local folders ---
+    def _local(self, raw: str) -> Path:
+        if not self.roots:
+            raise LoraError("local LoRA paths are disabled on this server (the operator sets WANSERVE_LORA_ROOTS)")
+        text = unquote(urlsplit(raw).path) if raw.lower().startswith("file://") else raw
+        requested = Path(text)
+        candidates = [requested] if requested.is_absolute() else [root / requested for root in self.roots]
+        for candidate in candidates:  # roots in order; one whose path leads out (`..`, a symlink) is refused
+            real = candidate.resolve()  # follows every symlink, so the check sees the real target
+            if not any(real.is_relative_to(root) for root in self.roots):
+                raise LoraError(f"{describe_path(raw)} is outside the folders LoRAs may be read from")
+            if real.is_file():
+                return real
+        raise LoraError(f"no LoRA file {describe_path(raw)} in the folders LoRAs may be read from")
+
+    # --- the Hugging Face Hub ---
+    @property
+    def hub_offline(self) -> bool:
+        from huggingface_hub import constants
+
+        return self.settings.hf_offline or bool(constants.HF_HUB_OFFLINE)
+
+    def _hub(self, repo_id: str, weight_name: str | None) -> Path:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        s = self.settings
+        where = f"Hugging Face repo {repo_id}" + (f" file {weight_name}" if weight_name else "")
+        reachable = not self.hub_offline
+        try:
+            if reachable:
+                try:
+                    weight_name = self._hub_pick_online(repo_id, weight_name)
+                except Exception as exc:
+                    if not _is_network_error(exc):
+                        raise
+                    # the Hub is unreachable: the cache may still have the file
+                    log.warning("Hugging Face Hub unreachable (%s): looking in the local cache", type(exc).__name__)
+                    reachable = False
+            if weight_name is None:
+                snapshot = Path(snapshot_download(repo_id, cache_dir=s.hf_cache_dir, local_files_only=True))
+                names = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.safetensors"))
+                weight_name = self._only_weights(repo_id, names)
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    weight_name,
+                    cache_dir=s.hf_cache_dir,
+                    local_files_only=not reachable,
+                    token=s.hf_token,
+                    endpoint=s.hf_endpoint,
+                    etag_timeout=HF_METADATA_TIMEOUT_S,
+                )
+            )
+        except LoraError:
+            raise
+        except LocalEntryNotFoundError:
+            why = "the server is offline" if self.hub_offline else "the Hub cannot be reached"
+            raise LoraError(f"{where} is not in this server's Hugging Face cache and {why}") from None
+        except Exception as exc:  # RepositoryNotFound, gated repos, HTTP and network errors
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise LoraError(f"{where}: {type(exc).__name__}: {first_line[:300]}") from None
+
+    def _hub_pick_online(self, repo_id: str, weight_name: str | None) -> str:
+        """The file to use (the only .safetensors when `weight_name` is None), checked against the size cap."""
+        from huggingface_hub import HfApi
+
+        info = HfApi(endpoint=self.settings.hf_endpoint, token=self.settings.hf_token).model_info(
+            repo_id, files_metadata=True, timeout=HF_METADATA_TIMEOUT_S
+        )
+        sizes = {f.rfilename: f.size for f in info.siblings or []}
+        if weight_name is None:
+            weight_name = self._only_weights(repo_id, sorted(n for n in sizes if n.endswith(".safetensors")))
+        if weight_name not in sizes:
+            raise LoraError(f"Hugging Face repo {repo_id} has no file {weight_name}")
+        size = sizes[weight_name]
+        if size is not None and size > self.policy.max_bytes:
+            raise LoraError(
+                f"Hugging Face repo {repo_id} file {weight_name} is {size} bytes, "
+                f"over the {self.policy.max_bytes}-byte LoRA limit"
+            )
+        return weight_name
+
+    @staticmethod
+    def _only_weights(repo_id: str, names: list[str]) -> str:
+        if not names:
+            raise LoraError(f"Hugging Face repo {repo_id} has no .safetensors file")
+        if len(names) > 1:
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            raise LoraError(
+                f"Hugging Face repo {repo_id} has several .safetensors files; choose one with weight_name ({shown})"
+            )
+        return names[0]
