@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo.mp4
 
-.PHONY: install install-dev demo test lint typecheck unit clean
+.PHONY: install install-dev demo test lint typecheck unit browser clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -33,7 +33,11 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy
 
-unit: install-dev tests/js/node_modules/.package-lock.json
+# The playground tests drive Debian's Chromium (`apt-get install chromium`; .ci/run installs it).
+browser:
+	@command -v chromium >/dev/null || { echo "the playground tests need Chromium: apt-get install chromium" >&2; exit 1; }
+
+unit: install-dev tests/js/node_modules/.package-lock.json browser
 	$(BIN)/pytest --durations=15
 
 test: lint typecheck unit

@@ -1,4 +1,5 @@
-"""Command line: `wanserve generate` and `wanserve convert`. Wiring only; the work is elsewhere."""
+"""Command line: local generation and conversion, the server and its workers, and the client commands
+(`submit`, `status`, `result`, `cancel`, `run`) against a running server. Wiring only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import BaseModel, ValidationError
 
 from wanserve import __version__
+from wanserve.client.client import ApiError
 from wanserve.config import Settings
 from wanserve.errors import WanserveError
 from wanserve.schema import WanLoRAT2VRequest
 
 log = logging.getLogger("wanserve")
 
-# Request fields that are not plain flags (the prompt is positional; LoRAs come with the LoRA support).
+# Request fields that are not plain flags (the prompt is positional; LoRAs are `--lora PATH[:SCALE[:EXPERT]]`).
 _NOT_FLAGS = {"prompt", "loras"}
 
 
@@ -238,7 +241,46 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", default=None, help="unique worker name (default host-pid)")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
+    _add_client_commands(sub)
     return parser
+
+
+def _add_client_commands(sub: Any) -> None:
+    from wanserve.client import commands
+
+    def request_command(name: str, help_text: str, run: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("prompt", help="the text prompt")
+        add_request_flags(p, WanLoRAT2VRequest)
+        p.add_argument(
+            "--lora",
+            action="append",
+            default=[],
+            metavar="PATH[:SCALE[:high|low|both]]",
+            help="a LoRA (repeatable): URL, server path or owner/name; a file on this machine is uploaded first",
+        )
+        commands.add_client_flags(p)
+        p.set_defaults(func=lambda args, _settings: run(args, request_from_args(args, WanLoRAT2VRequest)))
+        return p
+
+    run = request_command("run", "generate a video on a server, with live progress", commands.cmd_run)
+    run.add_argument("-o", "--output", default=None, help="download the video to this path")
+    submit = request_command("submit", "queue a request on a server; prints its id", commands.cmd_submit)
+    submit.add_argument("--webhook", default=None, help="URL the server POSTs the result to")
+    submit.add_argument("--priority", choices=["normal", "low"], default=None, help="queue priority")
+
+    status = sub.add_parser("status", help="status of a queued request")
+    status.add_argument("request_id")
+    status.add_argument("--logs", action="store_true", help="print the request's log lines")
+    status.add_argument("--follow", action="store_true", help="follow live progress until it completes")
+    result = sub.add_parser("result", help="result of a completed request")
+    result.add_argument("request_id")
+    result.add_argument("-o", "--output", default=None, help="download the video to this path")
+    cancel = sub.add_parser("cancel", help="cancel a queued or running request")
+    cancel.add_argument("request_id")
+    for p, func in ((status, commands.cmd_status), (result, commands.cmd_result), (cancel, commands.cmd_cancel)):
+        commands.add_client_flags(p)
+        p.set_defaults(func=lambda args, _settings, func=func: func(args))
 
 
 def _add_service_flags(p: argparse.ArgumentParser) -> None:
@@ -288,3 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WanserveError as exc:
         print(f"error ({exc.error_type}): {exc}", file=sys.stderr)
         return 1
+    except (ApiError, httpx.TransportError) as exc:  # the client commands: the server said no, or is unreachable
+        from wanserve.client.commands import report_error
+
+        return report_error(exc, args)

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve import __version__
-from wanserve.api import files, health, queue, run, storage
+from wanserve.api import files, health, playground, queue, run, storage
 from wanserve.api.context import ServerContext
 from wanserve.api.metrics import Metrics
 from wanserve.api.proxy import FalProxyMiddleware
@@ -127,7 +127,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.state.context = ctx
     app.state.supervisor = supervisor
     _install_error_handlers(app)
-    for router in (health.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
+    for router in (health.router, playground.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(FalProxyMiddleware, public_url=ctx.public_url)

@@ -27,14 +27,10 @@ from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
 from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse
+from wanserve.progress import StepLine
 from wanserve.store.base import JobStore
 
 log = logging.getLogger("wanserve.worker")
-
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _describe_file(file: LoraFile) -> str:
@@ -214,11 +210,7 @@ class Worker:
         loras = self._resolve_loras(job, getattr(request, "loras", None) or [])
 
         def on_step(p: Any) -> None:
-            self._log(
-                job,
-                f"step {p.step}/{p.total} · {p.expert.value}-noise expert · {p.seconds:.2f}s/step"
-                f" · ETA {_fmt_duration(p.eta_seconds)}",
-            )
+            self._log(job, StepLine(p.step, p.total, p.expert.value, p.seconds, round(p.eta_seconds)).format())
             if p.step == p.total:
                 self._log(job, "Decoding video")
 

@@ -1,0 +1,145 @@
+"""The playground page in real headless Chromium (Debian's, driven by Playwright) against a real server with
+an API key: the form built from the schema, submit, live progress, the video, field errors, cancel, history."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from server import Server
+
+KEY = "playground-key"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("WANSERVE_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, coarse_model: Path) -> Iterator[Server]:
+    srv = Server(
+        tmp_path_factory.mktemp("playground") / "data",
+        model_cache,
+        args=["--model", str(coarse_model), "--api-key", KEY],
+    ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser, keyed_server: Server) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened.goto(keyed_server.url + "/")
+    yield opened
+    context.close()
+    assert errors == []  # no uncaught script error on the page
+
+
+def fill_request(page: Page, frames: int, steps: int) -> None:
+    page.get_by_label("Prompt *").fill("a red fox walks through fresh snow")
+    page.get_by_label("Resolution").select_option("480p")
+    page.get_by_label("Num frames").fill(str(frames))
+    page.get_by_label("Num inference steps").fill(str(steps))
+    page.get_by_label("Seed").fill("7")
+
+
+def test_form_is_generated_from_the_schema_with_ranges_and_defaults(page: Page) -> None:
+    frames = page.get_by_label("Num frames")
+    expect(frames).to_have_attribute("min", "81")
+    expect(frames).to_have_attribute("max", "121")
+    expect(frames).to_have_value("81")
+    expect(page.locator("#help-num_frames")).to_contain_text("Range 81–121")
+    expect(page.get_by_label("Aspect ratio").locator("option")).to_have_text(["16:9", "9:16", "1:1"])
+    expect(page.get_by_label("Resolution")).to_have_value("720p")
+    expect(page.get_by_label("Enable safety checker")).to_be_checked()
+    expect(page.get_by_label("Seed")).to_have_attribute("placeholder", "random")
+    page.get_by_role("button", name="Add LoRA").click()
+    expect(page.locator(".lora-row")).to_have_count(1)
+    expect(page.locator(".lora-row").get_by_label("Expert")).to_have_value("both")
+    expect(page.locator(".lora-row").get_by_label("Path or URL")).to_be_focused()  # keyboard users land in it
+
+
+def test_without_the_key_the_request_is_refused_clearly(page: Page) -> None:
+    fill_request(page, 81, 1)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text("Request refused (HTTP 401).")
+    expect(page.locator("#form-error")).not_to_be_empty()
+
+
+def test_generate_shows_progress_plays_the_video_and_remembers_it(
+    page: Page, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=85, steps=2)
+    page.get_by_label("Frames per second").fill("10")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text("Done · seed 7", timeout=180_000)
+    progress = page.locator("#progress")
+    assert progress.evaluate("p => [p.value, p.max]") == [2, 2]  # the last denoising step was shown
+    duration, width, height = page.locator("#video").evaluate(
+        """async (v) => {
+            if (v.readyState < 1) await new Promise((ok, fail) => {
+                v.addEventListener('loadedmetadata', ok, {once: true});
+                v.addEventListener('error', () => fail(new Error('video error ' + v.error?.code)), {once: true});
+            });
+            return [v.duration, v.videoWidth, v.videoHeight];
+        }"""
+    )
+    assert duration == pytest.approx(85 / 10, abs=0.01) and (width, height) == (832, 480)
+    expect(page.get_by_role("link", name="Download mp4")).to_have_attribute(
+        "href", page.locator("#video").get_attribute("src") or ""
+    )
+    page.get_by_label("Seed").fill("")
+    page.get_by_role("button", name="Use this seed").click()
+    expect(page.get_by_label("Seed")).to_have_value("7")
+    expect(page.locator("#history li").first).to_contain_text("done · seed 7")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "playground.png"
+    page.screenshot(path=str(shot), full_page=True)
+    with capsys.disabled():  # into the CI log: where the screenshot artifact is
+        print(f"\nplayground screenshot: {shot.resolve()}")
+    # the history survives a reload (this browser's requests)
+    page.reload()
+    expect(page.locator("#history li").first).to_contain_text("done · seed 7")
+    expect(page.get_by_label("API key")).to_have_value(KEY)
+
+
+def test_bad_values_show_field_errors(page: Page) -> None:
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=500, steps=1)
+    page.get_by_label("Guidance scale", exact=True).fill("99")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#err-num_frames")).to_have_text("Input should be less than or equal to 121")
+    expect(page.locator("#err-guidance_scale")).to_contain_text("less than or equal to 20")
+    expect(page.get_by_label("Num frames")).to_have_attribute("aria-invalid", "true")
+    # a LoRA the server cannot use: its row shows the reason once the request fails
+    page.get_by_label("Num frames").fill("81")
+    page.get_by_label("Guidance scale", exact=True).fill("1")
+    page.get_by_role("button", name="Add LoRA").click()
+    page.locator(".lora-row").get_by_label("Path or URL").fill("/etc/passwd.safetensors")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator(".lora-row .error").first).to_contain_text("local LoRA paths are disabled", timeout=60_000)
+
+
+def test_cancel_stops_a_running_request(page: Page) -> None:
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=81, steps=40)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Step 1/40", timeout=120_000)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#status")).to_have_text("Cancelled.", timeout=60_000)
+    expect(page.locator("#history li").first).to_contain_text("cancelled")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()

@@ -1,0 +1,384 @@
+// wanserve playground: the form is built from the request's JSON schema; requests go through the same queue
+// API as every client (submit, SSE status stream with logs, result, cancel), with the key typed in the header.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const STEP_LINE = /^step (\d+)\/(\d+) · (\w+)-noise expert · ([\d.]+)s\/step · ETA (.+)$/;
+const HISTORY_KEY = "wanserve.history";
+const KEY_KEY = "wanserve.key";
+let schema = null;
+let app = "fal-ai/wan-22";
+let current = null; // {id, abort}
+
+function resolveRef(prop) {
+  if (prop.$ref) return schema.$defs[prop.$ref.split("/").pop()];
+  const ref = (prop.allOf || []).find((p) => p.$ref);
+  return ref ? schema.$defs[ref.$ref.split("/").pop()] : prop;
+}
+
+function describe(prop, def) {
+  const parts = [prop.description || def.description || ""];
+  const range = [def.minimum ?? def.exclusiveMinimum, def.maximum ?? def.exclusiveMaximum];
+  if (range[0] !== undefined || range[1] !== undefined) parts.push(`Range ${range[0] ?? "…"}–${range[1] ?? "…"}.`);
+  if (prop.default !== undefined && prop.default !== null && typeof prop.default !== "object") {
+    const text = String(prop.default);
+    parts.push(`Default: ${text.length > 60 ? text.slice(0, 57) + "…" : text}.`);
+  }
+  return parts.filter(Boolean).join(" ");
+}
+
+function control(name, prop) {
+  const nullable = (prop.anyOf || []).find((p) => p.type && p.type !== "null");
+  const def = nullable || resolveRef(prop);
+  let input;
+  if (def.enum) {
+    input = document.createElement("select");
+    for (const value of def.enum) input.add(new Option(value, value, false, value === prop.default));
+  } else if (def.type === "boolean") {
+    input = document.createElement("input");
+    input.type = "checkbox";
+    input.checked = Boolean(prop.default);
+  } else if (def.type === "integer" || def.type === "number") {
+    input = document.createElement("input");
+    input.type = "number";
+    input.step = def.type === "integer" ? "1" : "any";
+    if (def.minimum !== undefined) input.min = def.minimum;
+    if (def.maximum !== undefined) input.max = def.maximum;
+    if (prop.default !== undefined && prop.default !== null) input.value = prop.default;
+    if (nullable) input.placeholder = "random";
+  } else {
+    input = document.createElement("textarea");
+    input.value = prop.default ?? "";
+    input.rows = name === "prompt" ? 4 : 3;
+  }
+  input.id = `f-${name}`;
+  input.name = name;
+  input.dataset.kind = def.type || "string";
+  return { input, def };
+}
+
+function buildForm() {
+  const holder = $("fields");
+  const required = new Set(schema.required || []);
+  for (const [name, prop] of Object.entries(schema.properties)) {
+    if (name === "loras") continue;
+    const { input, def } = control(name, prop);
+    const wrap = document.createElement("div");
+    wrap.className = "field" + (def.type === "boolean" ? " check" : "");
+    const label = document.createElement("label");
+    label.htmlFor = input.id;
+    const title = name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
+    label.textContent = title + (required.has(name) ? " *" : "");
+    const help = document.createElement("p");
+    help.className = "help";
+    help.id = `help-${name}`;
+    help.textContent = describe(prop, def);
+    const error = document.createElement("p");
+    error.className = "error";
+    error.id = `err-${name}`;
+    error.setAttribute("role", "alert");
+    input.setAttribute("aria-describedby", `help-${name} err-${name}`);
+    if (required.has(name)) input.required = true;
+    if (def.type === "boolean") wrap.append(input, label, help, error);
+    else wrap.append(label, input, help, error);
+    holder.append(wrap);
+  }
+}
+
+let loraCount = 0;
+function addLora(values = {}) {
+  const loraDef = schema.$defs.LoRAWeight;
+  const i = loraCount++;
+  const row = document.createElement("div");
+  row.className = "lora-row";
+  row.dataset.row = String(i);
+  const fields = [
+    ["path", "Path or URL", "text", values.path ?? ""],
+    ["scale", "Scale", "number", values.scale ?? loraDef.properties.scale.default],
+    ["transformer", "Expert", "select", values.transformer ?? "both"],
+  ];
+  for (const [name, text, type, value] of fields) {
+    const cell = document.createElement("div");
+    const label = document.createElement("label");
+    label.htmlFor = `lora-${i}-${name}`;
+    label.textContent = text;
+    let input;
+    if (type === "select") {
+      input = document.createElement("select");
+      for (const v of loraDef.properties.transformer.enum) input.add(new Option(v, v, false, v === value));
+    } else {
+      input = document.createElement("input");
+      input.type = type;
+      if (type === "number") input.step = "any";
+      input.value = value;
+    }
+    input.id = `lora-${i}-${name}`;
+    input.name = name;
+    const error = document.createElement("p");
+    error.className = "error";
+    error.id = `err-lora-${i}-${name}`;
+    error.setAttribute("role", "alert");
+    input.setAttribute("aria-describedby", error.id);
+    cell.append(label, input, error);
+    row.append(cell);
+  }
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.textContent = "Remove";
+  remove.setAttribute("aria-label", `Remove LoRA ${i + 1}`);
+  remove.onclick = () => row.remove();
+  row.append(remove);
+  $("loras").append(row);
+  row.querySelector("input").focus();
+}
+
+function readForm() {
+  const body = {};
+  for (const input of $("fields").querySelectorAll("input, select, textarea")) {
+    const kind = input.dataset.kind;
+    if (input.type === "checkbox") body[input.name] = input.checked;
+    else if (input.value.trim() === "") continue; // not given: the server's default (a random seed...)
+    else if (kind === "integer" || kind === "number") body[input.name] = Number(input.value);
+    else body[input.name] = input.value;
+  }
+  const loras = [...$("loras").querySelectorAll(".lora-row")]
+    .map((row) => ({
+      path: row.querySelector("[name=path]").value.trim(),
+      scale: Number(row.querySelector("[name=scale]").value),
+      transformer: row.querySelector("[name=transformer]").value,
+    }))
+    .filter((l) => l.path);
+  if (loras.length) body.loras = loras;
+  return body;
+}
+
+function headers(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...extra, Authorization: `Key ${key}` } : extra;
+}
+
+function clearErrors() {
+  $("form-error").textContent = "";
+  for (const el of document.querySelectorAll(".error")) el.textContent = "";
+  for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+}
+
+function showErrors(detail) {
+  if (!Array.isArray(detail)) {
+    $("form-error").textContent = typeof detail === "string" ? detail : JSON.stringify(detail);
+    return;
+  }
+  let first = null;
+  for (const e of detail) {
+    const loc = (e.loc || []).filter((p) => p !== "body");
+    let errorId = `err-${loc[0]}`;
+    let inputId = `f-${loc[0]}`;
+    if (loc[0] === "loras" && loc.length >= 3) {
+      const row = $("loras").querySelectorAll(".lora-row")[loc[1]];
+      if (row) {
+        errorId = `err-lora-${row.dataset.row}-${loc[2]}`;
+        inputId = `lora-${row.dataset.row}-${loc[2]}`;
+      }
+    }
+    const target = $(errorId);
+    if (target) {
+      target.textContent = e.msg;
+      $(inputId)?.setAttribute("aria-invalid", "true");
+      first = first || $(inputId);
+    } else {
+      $("form-error").textContent += `${loc.join(".")}: ${e.msg} `;
+    }
+  }
+  first?.focus();
+}
+
+function setStatus(text) {
+  $("status").textContent = text;
+}
+
+function showProgress(step, total) {
+  const bar = $("progress");
+  bar.hidden = false;
+  bar.max = total;
+  bar.value = step;
+}
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: headers(body ? { "content-type": "application/json" } : {}),
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const data = await response.json().catch(() => ({ detail: response.statusText }));
+  return { response, data };
+}
+
+// The status stream (SSE) read with fetch, so that it can carry the Authorization header.
+async function follow(id, signal) {
+  const response = await fetch(`/${app}/requests/${id}/status/stream?logs=1`, { headers: headers(), signal });
+  if (!response.ok) throw new Error(`status stream: HTTP ${response.status}`);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (!data) continue;
+      const status = JSON.parse(data);
+      onStatus(status);
+      if (status.status === "COMPLETED") return;
+    }
+  }
+}
+
+function onStatus(status) {
+  if (status.status === "IN_QUEUE") setStatus(`In queue · position ${status.queue_position}`);
+  for (const entry of status.logs || []) {
+    const m = STEP_LINE.exec(entry.message);
+    if (m) {
+      showProgress(Number(m[1]), Number(m[2]));
+      setStatus(`Step ${m[1]}/${m[2]} · ${m[3]}-noise expert · ETA ${m[5]}`);
+    } else if (status.status !== "IN_QUEUE") {
+      setStatus(entry.message);
+    }
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearErrors();
+  const body = readForm();
+  localStorage.setItem(KEY_KEY, $("api-key").value);
+  const endpoint = body.loras ? `${app}/lora` : app;
+  $("submit").disabled = true;
+  setStatus("Submitting…");
+  try {
+    const { response, data } = await api("POST", `/${endpoint}`, body);
+    if (!response.ok) {
+      showErrors(data.detail ?? data);
+      setStatus(`Request refused (HTTP ${response.status}).`);
+      return;
+    }
+    const id = data.request_id;
+    remember({ id, prompt: body.prompt, at: new Date().toISOString(), status: "IN_QUEUE" });
+    const abort = new AbortController();
+    current = { id, abort };
+    $("cancel").disabled = false;
+    $("progress").value = 0;
+    try {
+      await follow(id, abort.signal);
+    } catch (error) {
+      if (abort.signal.aborted) return;
+      await pollUntilDone(id);
+    }
+    await showResult(id);
+  } catch (error) {
+    $("form-error").textContent = String(error);
+    setStatus("Something went wrong.");
+  } finally {
+    $("submit").disabled = false;
+    $("cancel").disabled = true;
+    current = null;
+  }
+}
+
+async function pollUntilDone(id) {
+  for (;;) {
+    const { data } = await api("GET", `/${app}/requests/${id}/status?logs=1`);
+    onStatus(data);
+    if (data.status === "COMPLETED") return;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+async function showResult(id) {
+  const { response, data } = await api("GET", `/${app}/requests/${id}`);
+  if (!response.ok) {
+    const cancelled = response.status === 499;
+    setStatus(cancelled ? "Cancelled." : `Failed: ${data.error_type || response.status}`);
+    if (!cancelled) showErrors(data.detail ?? data);
+    update(id, { status: cancelled ? "cancelled" : "failed" });
+    return;
+  }
+  setStatus(`Done · seed ${data.seed}`);
+  $("progress").value = $("progress").max;
+  showVideo(data.video.url, data.seed);
+  update(id, { status: "done", video: data.video.url, seed: data.seed });
+}
+
+function showVideo(url, seed) {
+  const video = $("video");
+  video.hidden = false;
+  video.src = url;
+  $("download").href = url;
+  $("seed").textContent = String(seed);
+  $("result-meta").hidden = false;
+}
+
+async function cancel() {
+  if (!current) return;
+  const { id } = current;
+  $("cancel").disabled = true;
+  setStatus("Cancelling…");
+  await api("PUT", `/${app}/requests/${id}/cancel`);
+}
+
+function history() {
+  try {
+    return JSON.parse(localStorage.getItem(HISTORY_KEY) || "[]");
+  } catch {
+    return [];
+  }
+}
+
+function remember(entry) {
+  localStorage.setItem(HISTORY_KEY, JSON.stringify([entry, ...history()].slice(0, 50)));
+  renderHistory();
+}
+
+function update(id, changes) {
+  localStorage.setItem(HISTORY_KEY, JSON.stringify(history().map((h) => (h.id === id ? { ...h, ...changes } : h))));
+  renderHistory();
+}
+
+function renderHistory() {
+  const list = $("history");
+  list.replaceChildren();
+  for (const h of history()) {
+    const item = document.createElement("li");
+    item.textContent = `${h.prompt?.slice(0, 60) ?? ""} · ${h.status}${h.seed !== undefined ? ` · seed ${h.seed}` : ""} `;
+    if (h.video) {
+      const show = document.createElement("button");
+      show.type = "button";
+      show.textContent = "Show";
+      show.onclick = () => showVideo(h.video, h.seed);
+      item.append(show);
+    }
+    list.append(item);
+  }
+}
+
+async function main() {
+  $("api-key").value = localStorage.getItem(KEY_KEY) || "";
+  const response = await fetch("/playground/schema.json");
+  const data = await response.json();
+  schema = data.schema;
+  app = data.app;
+  buildForm();
+  $("add-lora").onclick = () => addLora();
+  $("request-form").addEventListener("submit", submit);
+  $("cancel").onclick = cancel;
+  $("reuse-seed").onclick = () => {
+    $("f-seed").value = $("seed").textContent;
+    $("f-seed").focus();
+  };
+  renderHistory();
+}
+
+main();

@@ -1,0 +1,495 @@
+"""The wanserve Python client: the queue API (submit, status, SSE status stream, result, cancel), the sync run
+route and uploads, sync (`WanserveClient`) and async (`AsyncWanserveClient`) with the same methods.
+
+    from wanserve.client import WanserveClient
+    client = WanserveClient()                  # WANSERVE_URL / WANSERVE_KEY, else http://127.0.0.1:8000
+    video = client.subscribe({"prompt": "a fox in snow", "resolution": "480p"}, on_queue_update=print)
+    client.download(video.video.url, "fox.mp4")
+
+Requests and results are the server's own wire models (wanserve.schema); a failed call raises an `ApiError`
+subclass carrying the server's status, `error_type` and detail. The two classes share every piece of
+protocol logic below (URLs, bodies, parsing, SSE decoding); they differ only in how they do I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from wanserve.progress import StepLine
+from wanserve.schema import WanT2VRequest, WanT2VResponse
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_APP = "fal-ai/wan-22"
+POLL_INTERVAL_S = 0.5
+
+Arguments = WanT2VRequest | Mapping[str, Any]
+
+
+# --- errors ---
+class ApiError(Exception):
+    """The server answered with an error: its HTTP status, fal `error_type` and detail (text or field errors)."""
+
+    def __init__(self, status_code: int, detail: Any, error_type: str | None = None, request_id: str | None = None):
+        self.status_code = status_code
+        self.detail = detail
+        self.error_type = error_type
+        self.request_id = request_id
+        super().__init__(f"HTTP {status_code}{f' {error_type}' if error_type else ''}: {_detail_text(detail)}")
+
+
+class InputError(ApiError):
+    """422: the input does not fit the schema, or a field (a LoRA path...) could not be used."""
+
+    @property
+    def field_errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.detail if isinstance(e, dict)] if isinstance(self.detail, list) else []
+
+
+class AuthError(ApiError):
+    """401/403: a missing or wrong API key."""
+
+
+class NotFoundError(ApiError):
+    """404: unknown endpoint or request id."""
+
+
+class NotReady(ApiError):
+    """The result of a request that has not completed yet."""
+
+
+class RequestCancelled(ApiError):
+    """499: the request was cancelled."""
+
+
+class ServerError(ApiError):
+    """5xx: the server or the generation failed (`runner_disconnected`, `internal_error`, timeouts...)."""
+
+
+def detail_lines(detail: Any) -> list[str]:
+    """A server `detail` in words: one `field: reason` per field error, or the text itself."""
+    if not isinstance(detail, list):
+        return [str(detail)]
+    lines = []
+    for e in detail:
+        if isinstance(e, dict):
+            loc = ".".join(str(p) for p in e.get("loc", []) if p != "body")
+            lines.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        else:
+            lines.append(str(e))
+    return lines
+
+
+def _detail_text(detail: Any) -> str:
+    return "; ".join(detail_lines(detail))
+
+
+def error_from_response(response: httpx.Response, request_id: str | None = None) -> ApiError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    error_type = (body.get("error_type") if isinstance(body, dict) else None) or response.headers.get(
+        "x-fal-error-type"
+    )
+    code = response.status_code
+    cls: type[ApiError] = ApiError
+    if code == 422:
+        cls = InputError
+    elif code in (401, 403):
+        cls = AuthError
+    elif code == 404:
+        cls = NotFoundError
+    elif code == 499:
+        cls = RequestCancelled
+    elif code >= 500:
+        cls = ServerError
+    if cls is InputError and error_type is None and isinstance(detail, list) and detail:
+        error_type = detail[0].get("type") if isinstance(detail[0], dict) else None
+    return cls(code, detail, error_type, request_id)
+
+
+# --- wire models of the queue ---
+class LogEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    message: str
+    level: str | None = None
+    timestamp: str | None = None
+
+
+class Submitted(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str
+    queue_position: int | None = None
+
+
+class QueueStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str | None = None
+    queue_position: int | None = None
+    logs: list[LogEntry] | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def last_step(self) -> StepLine | None:
+        """The latest denoising step reported in the logs, if any."""
+        for entry in reversed(self.logs or []):
+            step = StepLine.parse(entry.message)
+            if step is not None:
+                return step
+        return None
+
+
+# --- protocol pieces shared by both clients ---
+def resolve_endpoint(arguments: Mapping[str, Any], app: str | None) -> str:
+    """The endpoint id a request goes to: LoRA requests to `<app>/lora` unless an endpoint is named."""
+    base = (app or DEFAULT_APP).strip("/")
+    if app is None and arguments.get("loras"):
+        return f"{base}/lora"
+    return base
+
+
+def app_of(endpoint: str) -> str:
+    """Status, result and cancel URLs live under the app id (`owner/name`), without the endpoint's sub-path."""
+    parts = endpoint.strip("/").split("/")
+    return "/".join(parts[:2]) if parts[-1] == "lora" else endpoint.strip("/")
+
+
+def request_body(arguments: Arguments) -> dict[str, Any]:
+    if isinstance(arguments, BaseModel):
+        return arguments.model_dump(mode="json", exclude_unset=True)
+    return dict(arguments)
+
+
+def check(response: httpx.Response, request_id: str | None = None) -> httpx.Response:
+    if response.status_code >= 400:
+        raise error_from_response(response, request_id)
+    return response
+
+
+def parse_result(response: httpx.Response, request_id: str) -> WanT2VResponse:
+    if response.status_code == 400:
+        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
+        raise NotReady(400, detail, "bad_request", request_id)
+    return WanT2VResponse.model_validate(check(response, request_id).json())
+
+
+class SseDecoder:
+    """Turns the lines of a `text/event-stream` into the JSON of each `data:` event (comments are keep-alives)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        line = line.rstrip("\r")
+        if line == "":
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return json.loads(data)  # type: ignore[no-any-return]
+        if line.startswith("data:"):
+            self._data.append(line[5:].lstrip(" "))
+        return None
+
+
+@dataclass
+class StatusAccumulator:
+    """The stream sends only new log lines per event: keep them all, as the status route would return them."""
+
+    logs: list[dict[str, Any]]
+
+    def add(self, event: dict[str, Any]) -> QueueStatus:
+        self.logs.extend(event.get("logs") or [])
+        return QueueStatus.model_validate({**event, "logs": list(self.logs)})
+
+
+def upload_payload(data: Path | str | bytes, file_name: str | None, content_type: str | None) -> tuple[bytes, str, str]:
+    """(bytes, file name, content type) of what `upload_file` sends."""
+    if isinstance(data, bytes):
+        payload, name = data, file_name or "upload.bin"
+    else:
+        path = Path(data)
+        payload, name = path.read_bytes(), file_name or path.name
+    return payload, name, content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def submit_options(webhook_url: str | None, priority: str | None) -> dict[str, Any]:
+    """The query and headers of a submit: the webhook URL and the queue priority, as the fal clients send them."""
+    return {
+        "params": {"fal_webhook": webhook_url} if webhook_url else None,
+        "headers": {"x-fal-queue-priority": priority} if priority else None,
+    }
+
+
+def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
+    base = (url or os.environ.get("WANSERVE_URL") or DEFAULT_URL).rstrip("/")
+    key = key if key is not None else os.environ.get("WANSERVE_KEY")
+    return base, ({"Authorization": f"Key {key}"} if key else {})
+
+
+# --- the sync client ---
+class WanserveClient:
+    def __init__(
+        self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0, app: str = DEFAULT_APP
+    ) -> None:
+        self.url, headers = _settings(url, key)
+        self.app = app
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> WanserveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def submit(
+        self,
+        arguments: Arguments,
+        *,
+        endpoint: str | None = None,
+        webhook_url: str | None = None,
+        priority: str | None = None,
+    ) -> Submitted:
+        body = request_body(arguments)
+        options = submit_options(webhook_url, priority)
+        response = self.http.post(f"/{resolve_endpoint(body, endpoint)}", json=body, **options)
+        return Submitted.model_validate(check(response).json())
+
+    def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
+        response = self.http.get(f"/{app_of(app or self.app)}/requests/{request_id}/status", params={"logs": int(logs)})
+        return QueueStatus.model_validate(check(response, request_id).json())
+
+    def stream_status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> Iterator[QueueStatus]:
+        """Status updates as the server pushes them (SSE), until COMPLETED. Logs accumulate across updates."""
+        url = f"/{app_of(app or self.app)}/requests/{request_id}/status/stream"
+        decoder, acc = SseDecoder(), StatusAccumulator([])
+        with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=httpx.Timeout(60.0, read=None)) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise error_from_response(r, request_id)
+            for line in r.iter_lines():
+                event = decoder.feed(line)
+                if event is not None:
+                    status = acc.add(event)
+                    yield status
+                    if status.status == "COMPLETED":
+                        return
+
+    def result(self, request_id: str, *, app: str | None = None) -> WanT2VResponse:
+        return parse_result(self.http.get(f"/{app_of(app or self.app)}/requests/{request_id}"), request_id)
+
+    def cancel(self, request_id: str, *, app: str | None = None) -> bool:
+        """True when the cancel was accepted; False when the request had already completed."""
+        response = self.http.put(f"/{app_of(app or self.app)}/requests/{request_id}/cancel")
+        if response.status_code == 400:
+            return False
+        check(response, request_id)
+        return True
+
+    def subscribe(
+        self,
+        arguments: Arguments,
+        *,
+        endpoint: str | None = None,
+        on_enqueue: Callable[[str], None] | None = None,
+        on_queue_update: Callable[[QueueStatus], None] | None = None,
+        with_logs: bool = True,
+    ) -> WanT2VResponse:
+        """Submit, follow the status stream (polling if the stream breaks), and return the result."""
+        submitted = self.submit(arguments, endpoint=endpoint)
+        app = resolve_endpoint(request_body(arguments), endpoint)
+        if on_enqueue is not None:
+            on_enqueue(submitted.request_id)
+        for status in self._follow(submitted.request_id, app, with_logs):
+            if on_queue_update is not None:
+                on_queue_update(status)
+        return self.result(submitted.request_id, app=app)
+
+    def _follow(self, request_id: str, app: str, with_logs: bool) -> Iterator[QueueStatus]:
+        try:
+            for status in self.stream_status(request_id, logs=with_logs, app=app):
+                yield status
+                if status.status == "COMPLETED":
+                    return
+        except httpx.TransportError:
+            pass  # a proxy that cuts long streams: fall back to polling
+        while True:
+            status = self.status(request_id, logs=with_logs, app=app)
+            yield status
+            if status.status == "COMPLETED":
+                return
+            time.sleep(POLL_INTERVAL_S)
+
+    def run(self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0) -> WanT2VResponse:
+        """The sync route: one HTTP call that returns the output (hanging up cancels the request)."""
+        body = request_body(arguments)
+        response = self.http.post(f"/run/{resolve_endpoint(body, endpoint)}", json=body, timeout=timeout)
+        return WanT2VResponse.model_validate(check(response).json())
+
+    def upload_file(
+        self, data: Path | str | bytes, *, file_name: str | None = None, content_type: str | None = None
+    ) -> str:
+        """Uploads to the server's storage and returns the file URL (usable as a LoRA `path`)."""
+        payload, name, ctype = upload_payload(data, file_name, content_type)
+        initiate = check(
+            self.http.post("/rest/storage/upload/initiate", json={"file_name": name, "content_type": ctype})
+        )
+        target = initiate.json()
+        check(self.http.put(target["upload_url"], content=payload, headers={"content-type": ctype}))
+        return str(target["file_url"])
+
+    def download(self, url: str, path: Path | str) -> Path:
+        """Downloads a result file (written whole, then renamed into place)."""
+        path = Path(path)
+        staging = path.with_name(f".{path.name}.part")
+        with self.http.stream("GET", url) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_response(response)
+            with staging.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        staging.replace(path)
+        return path
+
+
+# --- the async client ---
+class AsyncWanserveClient:
+    def __init__(
+        self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0, app: str = DEFAULT_APP
+    ) -> None:
+        self.url, headers = _settings(url, key)
+        self.app = app
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncWanserveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def submit(
+        self,
+        arguments: Arguments,
+        *,
+        endpoint: str | None = None,
+        webhook_url: str | None = None,
+        priority: str | None = None,
+    ) -> Submitted:
+        body = request_body(arguments)
+        options = submit_options(webhook_url, priority)
+        response = await self.http.post(f"/{resolve_endpoint(body, endpoint)}", json=body, **options)
+        return Submitted.model_validate(check(response).json())
+
+    async def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
+        response = await self.http.get(
+            f"/{app_of(app or self.app)}/requests/{request_id}/status", params={"logs": int(logs)}
+        )
+        return QueueStatus.model_validate(check(response, request_id).json())
+
+    async def stream_status(
+        self, request_id: str, *, logs: bool = True, app: str | None = None
+    ) -> AsyncIterator[QueueStatus]:
+        url = f"/{app_of(app or self.app)}/requests/{request_id}/status/stream"
+        decoder, acc = SseDecoder(), StatusAccumulator([])
+        async with self.http.stream(
+            "GET", url, params={"logs": int(logs)}, timeout=httpx.Timeout(60.0, read=None)
+        ) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                raise error_from_response(r, request_id)
+            async for line in r.aiter_lines():
+                event = decoder.feed(line)
+                if event is not None:
+                    status = acc.add(event)
+                    yield status
+                    if status.status == "COMPLETED":
+                        return
+
+    async def result(self, request_id: str, *, app: str | None = None) -> WanT2VResponse:
+        return parse_result(await self.http.get(f"/{app_of(app or self.app)}/requests/{request_id}"), request_id)
+
+    async def cancel(self, request_id: str, *, app: str | None = None) -> bool:
+        response = await self.http.put(f"/{app_of(app or self.app)}/requests/{request_id}/cancel")
+        if response.status_code == 400:
+            return False
+        check(response, request_id)
+        return True
+
+    async def subscribe(
+        self,
+        arguments: Arguments,
+        *,
+        endpoint: str | None = None,
+        on_enqueue: Callable[[str], None] | None = None,
+        on_queue_update: Callable[[QueueStatus], Awaitable[None] | None] | None = None,
+        with_logs: bool = True,
+    ) -> WanT2VResponse:
+        submitted = await self.submit(arguments, endpoint=endpoint)
+        app = resolve_endpoint(request_body(arguments), endpoint)
+        if on_enqueue is not None:
+            on_enqueue(submitted.request_id)
+        async for status in self._follow(submitted.request_id, app, with_logs):
+            if on_queue_update is not None:
+                outcome = on_queue_update(status)
+                if outcome is not None:
+                    await outcome
+        return await self.result(submitted.request_id, app=app)
+
+    async def _follow(self, request_id: str, app: str, with_logs: bool) -> AsyncIterator[QueueStatus]:
+        import asyncio
+
+        try:
+            async for status in self.stream_status(request_id, logs=with_logs, app=app):
+                yield status
+                if status.status == "COMPLETED":
+                    return
+        except httpx.TransportError:
+            pass
+        while True:
+            status = await self.status(request_id, logs=with_logs, app=app)
+            yield status
+            if status.status == "COMPLETED":
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def run(
+        self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0
+    ) -> WanT2VResponse:
+        body = request_body(arguments)
+        response = await self.http.post(f"/run/{resolve_endpoint(body, endpoint)}", json=body, timeout=timeout)
+        return WanT2VResponse.model_validate(check(response).json())
+
+    async def upload_file(
+        self, data: Path | str | bytes, *, file_name: str | None = None, content_type: str | None = None
+    ) -> str:
+        payload, name, ctype = upload_payload(data, file_name, content_type)
+        initiate = check(
+            await self.http.post("/rest/storage/upload/initiate", json={"file_name": name, "content_type": ctype})
+        )
+        target = initiate.json()
+        check(await self.http.put(target["upload_url"], content=payload, headers={"content-type": ctype}))
+        return str(target["file_url"])

@@ -1,0 +1,219 @@
+"""`wanserve submit|status|result|cancel|run`: the queue API from a terminal, with live progress.
+
+Progress goes to stderr: on a terminal one line redrawn in place (queue position, then a bar of denoising steps
+with the ETA); otherwise one plain line per new log line, so logs and CI stay readable. stdout carries the
+result: the video URL/path and the seed, or with `--json` one JSON document for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from wanserve.client.client import ApiError, InputError, QueueStatus, WanserveClient
+from wanserve.progress import format_duration
+
+TRANSFORMERS = ("high", "low", "both")
+
+
+def parse_lora(spec: str) -> dict[str, Any]:
+    """`PATH[:SCALE[:high|low|both]]`, read from the right so that URLs (with their colons) stay whole."""
+    path, lora = spec, dict[str, Any]()
+    head, sep, tail = path.rpartition(":")
+    if sep and tail in TRANSFORMERS:
+        lora["transformer"], path = tail, head
+    head, sep, tail = path.rpartition(":")
+    if sep:
+        try:
+            lora["scale"] = float(tail)
+            path = head
+        except ValueError:
+            pass
+    return {"path": path, **lora}
+
+
+def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> list[dict[str, Any]]:
+    """LoRA entries of a request; a path that is a file on this machine is uploaded first (as the fal clients
+    do with a Blob), anything else goes to the server as it is (a URL, a server-side path, `owner/name`)."""
+    loras = []
+    for spec in specs:
+        lora = parse_lora(spec)
+        local = Path(lora["path"]).expanduser()
+        if local.is_file():
+            lora["path"] = client.upload_file(local)
+            print(f"uploaded {local} -> {lora['path']}", file=out, flush=True)
+        loras.append(lora)
+    return loras
+
+
+class ProgressView:
+    """Shows the status updates of one request."""
+
+    def __init__(self, out: TextIO, live: bool | None = None) -> None:
+        self.out = out
+        self.live = out.isatty() if live is None else live
+        self.seen_logs = 0
+        self.last_position: int | None = None
+        self.drawn = False
+
+    def update(self, status: QueueStatus) -> None:
+        logs = status.logs or []
+        new, self.seen_logs = logs[self.seen_logs :], len(logs)
+        if self.live:
+            self._draw(self._line(status))
+            if status.status == "COMPLETED":
+                self._end()
+            return
+        if status.status == "IN_QUEUE" and status.queue_position != self.last_position:
+            self.last_position = status.queue_position
+            print(f"in queue, position {status.queue_position}", file=self.out, flush=True)
+        for entry in new:
+            print(entry.message, file=self.out, flush=True)
+
+    def _line(self, status: QueueStatus) -> str:
+        if status.status == "IN_QUEUE":
+            return f"in queue · position {status.queue_position}"
+        step = status.last_step
+        last = status.logs[-1].message if status.logs else ""
+        if step is None:
+            return last or status.status.lower().replace("_", " ")
+        width = 24
+        filled = round(width * step.step / step.total)
+        bar = "█" * filled + "░" * (width - filled)
+        tail = f" · {last}" if step.step == step.total and last != step.format() else ""
+        return (
+            f"{bar} step {step.step}/{step.total} · {step.expert}-noise · {step.seconds_per_step:.2f}s/step"
+            f" · ETA {format_duration(step.eta_seconds)}{tail}"
+        )
+
+    def _draw(self, line: str) -> None:
+        columns = shutil.get_terminal_size((100, 20)).columns
+        self.out.write("\r\x1b[2K" + line[: max(columns - 1, 10)])
+        self.out.flush()
+        self.drawn = True
+
+    def _end(self) -> None:
+        if self.drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self.drawn = False
+
+
+def _client(args: argparse.Namespace) -> WanserveClient:
+    return WanserveClient(args.url, args.key, app=args.app)
+
+
+def _print_output(args: argparse.Namespace, client: WanserveClient, output: Any, request_id: str | None) -> None:
+    body = output.model_dump(mode="json", exclude_none=True)
+    saved = None
+    if getattr(args, "output", None):
+        saved = str(client.download(output.video.url, args.output).resolve())
+    if args.json:
+        print(json.dumps({"request_id": request_id, **body, **({"path": saved} if saved else {})}))
+        return
+    print(saved or output.video.url)
+    print(f"seed {output.seed}")
+
+
+def cmd_submit(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    with _client(args) as client:
+        if args.lora:
+            body["loras"] = lora_arguments(client, args.lora, sys.stderr)
+        submitted = client.submit(body, webhook_url=args.webhook, priority=args.priority)
+    if args.json:
+        print(submitted.model_dump_json())
+    else:
+        print(submitted.request_id)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    with _client(args) as client:
+        if args.lora:
+            body["loras"] = lora_arguments(client, args.lora, sys.stderr)
+        view = ProgressView(sys.stderr)
+        request_ids: list[str] = []
+
+        def enqueued(request_id: str) -> None:
+            request_ids.append(request_id)
+            if not args.json:
+                print(f"request {request_id}", file=sys.stderr, flush=True)
+
+        output = client.subscribe(body, on_enqueue=enqueued, on_queue_update=view.update)
+        _print_output(args, client, output, request_ids[0] if request_ids else None)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.follow:
+            view = ProgressView(sys.stderr)
+            status = None
+            for status in client.stream_status(args.request_id, logs=True):
+                view.update(status)
+            assert status is not None
+        else:
+            status = client.status(args.request_id, logs=args.logs)
+    if args.json:
+        print(status.model_dump_json(exclude_none=True))
+        return 0
+    line = status.status + (f" (position {status.queue_position})" if status.queue_position is not None else "")
+    step = status.last_step
+    if step is not None and status.status == "IN_PROGRESS":
+        line += f" · step {step.step}/{step.total} · ETA {format_duration(step.eta_seconds)}"
+    if status.error:
+        line += f" · {status.error_type}: {status.error}"
+    print(line)
+    if args.logs and not args.follow:
+        for entry in status.logs or []:
+            print(f"  {entry.message}")
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_output(args, client, client.result(args.request_id), args.request_id)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        accepted = client.cancel(args.request_id)
+    if args.json:
+        print(json.dumps({"request_id": args.request_id, "cancelled": accepted}))
+    else:
+        print("cancel requested" if accepted else "already completed: nothing to cancel")
+    return 0
+
+
+def report_error(exc: Exception, args: argparse.Namespace) -> int:
+    """A failed call as a clear message (and JSON with `--json`), exit status 1."""
+    if isinstance(exc, ApiError):
+        if getattr(args, "json", False):
+            print(json.dumps({"status_code": exc.status_code, "error_type": exc.error_type, "detail": exc.detail}))
+        if isinstance(exc, InputError) and exc.field_errors:
+            fields = "\n".join(
+                f"  {'.'.join(str(p) for p in e.get('loc', []) if p != 'body')}: {e.get('msg')}"
+                for e in exc.field_errors
+            )
+            print(f"error: invalid request ({exc.error_type}):\n{fields}", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(exc, httpx.TransportError):
+        print(f"error: cannot reach the server at {args.url or 'WANSERVE_URL'}: {exc}", file=sys.stderr)
+        return 1
+    raise exc
+
+
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="server URL (env WANSERVE_URL, default http://127.0.0.1:8000)")
+    p.add_argument("--key", default=None, help="API key (env WANSERVE_KEY)")
+    p.add_argument("--app", default="fal-ai/wan-22", help="endpoint id (default fal-ai/wan-22)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
