@@ -307,7 +307,6 @@ async function showResult(id) {
     return;
   }
   setStatus(`Done · seed ${data.seed}`);
-  $("progress").value = $("progress").max;
   showVideo(data.video.url, data.seed);
   update(id, { status: "done", video: data.video.url, seed: data.seed });
 }
