@@ -112,7 +112,55 @@ class Settings(BaseSettings):
     hf_token: str | None = Field(None, description="Token for private Hugging Face repos (default: HF_TOKEN).")
     hf_cache_dir: Path | None = Field(None, description="Hugging Face cache folder (default: HF_HUB_CACHE).")
 
-    @field_validator("api_keys", "app_ids", "lora_roots", mode="before")
+    # --- prompt expansion (`enable_prompt_expansion`) ---
+    prompt_expansion_model: Path | None = Field(
+        None, description="A local causal LM folder (any chat model, transformers format) that expands prompts."
+    )
+    prompt_expansion_url: str | None = Field(
+        None,
+        description="Else: an OpenAI-compatible API base URL (vLLM, llama.cpp, Ollama, hosted), e.g. "
+        "http://llm:8000/v1; its /chat/completions expands prompts.",
+    )
+    prompt_expansion_api_model: str = Field("default", description="Model name sent to that API.")
+    prompt_expansion_key: str | None = Field(None, description="Bearer key for that API.")
+    prompt_expansion_timeout_s: float = Field(
+        30.0, gt=0, description="Longest an expansion may take; past it the original prompt is used."
+    )
+    prompt_expansion_max_tokens: int = Field(300, gt=0, description="Longest expansion, in tokens.")
+    prompt_expansion_device: str = Field(
+        "cpu",
+        description="Where the local expansion model runs (`cpu`, `cuda`...). On `cuda` it is moved to the GPU only "
+        "while it expands and parked in CPU memory between requests, so the video experts keep the GPU.",
+    )
+
+    # --- safety checker (`enable_safety_checker`) ---
+    safety_terms_file: Path | None = Field(
+        None,
+        description="Prompt term policy: one case-insensitive regular expression per line (# comments), matched as "
+        "whole words; re-read when the file changes.",
+    )
+    safety_text_model: Path | None = Field(
+        None, description="A local text-classification model folder that checks prompts."
+    )
+    safety_text_labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["nsfw", "toxic", "unsafe"], description="Labels of the text model that flag."
+    )
+    safety_text_threshold: float = Field(0.5, ge=0, le=1, description="Score at which a text label flags.")
+    safety_image_model: Path | None = Field(
+        None, description="A local image-classification model folder (e.g. an NSFW classifier) that checks frames."
+    )
+    safety_image_labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["nsfw"], description="Labels of the image model that flag."
+    )
+    safety_image_threshold: float = Field(0.5, ge=0, le=1, description="Score at which an image label flags.")
+    safety_frames: int = Field(
+        4, ge=1, le=64, description="Frames of each video the image model checks (evenly spaced)."
+    )
+    safety_force: bool = Field(
+        False, description="Check every request, even those that send `enable_safety_checker: false`."
+    )
+
+    @field_validator("api_keys", "app_ids", "lora_roots", "safety_text_labels", "safety_image_labels", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text."""

@@ -133,3 +133,18 @@ class FieldError(WanserveError):
         if isinstance(self.value, str):
             entry["input"] = self.value
         return entry
+
+
+class ContentPolicyViolation(WanserveError):
+    """The safety checker flagged the prompt or the generated video. `target` says which, for the result body."""
+
+    http_status = 422
+    error_type = "content_policy_violation"
+
+    def __init__(self, target: str, reason: str) -> None:
+        self.target = target  # "prompt" or "output"
+        super().__init__(f"the {'prompt' if target == 'prompt' else 'generated video'} was flagged: {reason}")
+
+    def detail(self) -> dict[str, object]:
+        loc = ["body", "prompt"] if self.target == "prompt" else ["output", "video"]
+        return {"loc": loc, "msg": str(self), "type": self.error_type}

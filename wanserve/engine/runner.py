@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wanserve.config import Settings
@@ -52,9 +53,11 @@ class EngineRunner:
         is_cancelled: CancelCheck | None = None,
         on_phase: Callable[[str], None] | None = None,
         loras: Sequence[LoraUse] = (),
+        check_frames: Callable[[np.ndarray], None] | None = None,
     ) -> VideoResult:
         """`on_phase` is told (in words) when the work moves on to a stage without steps (LoRA loading, the
-        mp4 encode). `loras` are the request's LoRAs resolved to files."""
+        mp4 encode). `loras` are the request's LoRAs resolved to files. `check_frames` (the safety checker) sees
+        the frames before they are encoded, and raises to stop the video from being made."""
         if loras:
             loads = self.engine.loras.load(loras)
             if on_phase is not None:
@@ -62,6 +65,10 @@ class EngineRunner:
                     on_phase(describe_load(i, len(loads), load))
         spec = GenerationSpec.from_request(request, loras=tuple(loras))
         result = self.engine.generate(spec, on_step=on_step, is_cancelled=is_cancelled)
+        if check_frames is not None:
+            if on_phase is not None:
+                on_phase("Safety checker: checking the video's frames")
+            check_frames(result.frames)
         if on_phase is not None:
             on_phase(f"Encoding {len(result.frames)} frames to H.264 mp4")
         video = encode_mp4(

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wanserve.config import Settings
-from wanserve.errors import FieldError, GenerationCancelled, WanserveError
+from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, WanserveError
 from wanserve.files.base import FileStore, lifecycle_expiry, new_key
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
@@ -69,6 +69,9 @@ class Worker:
         self._runner_factory = runner_factory
         self._runner: Any = None
         self._lora_resolver: LoraResolver | None = None
+        self._safety: Any = None
+        self._expander: Any = None
+        self._expander_error: str | None = None
         self._current: Job | None = None
         self._progress_at = time.monotonic()  # last sign of life of the running job
         self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
@@ -90,8 +93,20 @@ class Worker:
             self._runner = EngineRunner.from_settings(self.settings)
         else:
             self._runner = self._runner_factory(self.settings)
+        self._load_checks()
         self._register(ready=True)
         log.info("worker %s ready (model %s)", self.id, self.settings.model)
+
+    def _load_checks(self) -> None:
+        from wanserve.engine.prompt_expansion import expander_from_settings
+        from wanserve.engine.safety import SafetyChecker
+
+        self._safety = SafetyChecker(self.settings)
+        try:
+            self._expander = expander_from_settings(self.settings)
+        except Exception as exc:  # a broken expansion model must not keep the worker from serving videos
+            self._expander_error = f"{type(exc).__name__}: {exc}"
+            log.error("prompt expansion is unavailable: %s", self._expander_error)
 
     def run(self, stop_when: Callable[[], bool] = lambda: False) -> None:
         """Loads the model, then runs jobs until `stop()` or `stop_when()`."""
@@ -168,6 +183,9 @@ class Worker:
             self._finish(
                 job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
             )
+        except ContentPolicyViolation as exc:
+            self._log(job, f"Flagged by the safety checker: {exc}", LogLevel.ERROR)
+            self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
         except FieldError as exc:
             self._log(job, f"Failed: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
@@ -186,6 +204,24 @@ class Worker:
     def _finish(self, job: Job, **outcome: Any) -> None:
         if not self.store.finish(job.id, time.time(), worker_id=self.id, **outcome):
             log.warning("job %s was no longer ours when it finished", job.id)
+
+    def _expand(self, job: Job, prompt: str) -> str:
+        """The expanded prompt, or the original one with a log line saying why (expansion never fails a job)."""
+        from wanserve.engine.prompt_expansion import ExpansionFailed, expand_with_deadline
+
+        if self._expander is None:
+            why = self._expander_error or "no expansion model or API is configured on this server"
+            self._log(job, f"Prompt expansion skipped: {why}; using the prompt as given", LogLevel.WARN)
+            return prompt
+        self._log(job, f"Expanding the prompt with {self._expander.description}")
+        started = time.perf_counter()
+        try:
+            expanded = expand_with_deadline(self._expander, prompt, self.settings.prompt_expansion_timeout_s)
+        except ExpansionFailed as exc:
+            self._log(job, f"Prompt expansion failed ({exc}); using the prompt as given", LogLevel.WARN)
+            return prompt
+        self._log(job, f"Expanded prompt ({time.perf_counter() - started:.1f}s): {expanded}")
+        return expanded
 
     def _resolve_loras(self, job: Job, loras: list[Any]) -> list[LoraUse]:
         if not loras:
@@ -207,6 +243,16 @@ class Worker:
             f"Started on worker {self.id}: {request.num_frames} frames at {width}x{height},"
             f" {request.num_inference_steps} steps",
         )
+        checked = request.enable_safety_checker or self.settings.safety_force
+        if checked:
+            self._log(job, f"Safety checker: checking the prompt ({self._safety.describe()})")
+            self._safety.check_prompt(request.prompt)
+        if request.enable_prompt_expansion:
+            expanded = self._expand(job, request.prompt)
+            if expanded != request.prompt:
+                if checked:
+                    self._safety.check_prompt(expanded)
+                request = request.model_copy(update={"prompt": expanded})
         loras = self._resolve_loras(job, getattr(request, "loras", None) or [])
 
         def on_step(p: Any) -> None:
@@ -223,6 +269,7 @@ class Worker:
                 is_cancelled=lambda: self._is_cancelled(job),
                 on_phase=lambda message: self._log(job, message),
                 loras=loras,
+                check_frames=self._safety.check_frames if checked and self._safety.checks_output else None,
             )
             if self._is_cancelled(job):
                 raise GenerationCancelled("cancelled before the upload")

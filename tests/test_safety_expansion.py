@@ -1,0 +1,259 @@
+"""Safety checker and prompt expansion: the pieces on their own, then through a real server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from safety_models import write_causal_lm, write_image_classifier, write_text_classifier
+from server import CHEAP_INPUT, Server, wait_completed
+
+from wanserve.config import Settings
+from wanserve.engine.prompt_expansion import (
+    SYSTEM_PROMPT,
+    ExpansionFailed,
+    LocalModelExpander,
+    OpenAICompatibleExpander,
+    clean_expansion,
+    expand_with_deadline,
+)
+from wanserve.engine.safety import SafetyChecker, SafetyConfigError
+from wanserve.errors import ContentPolicyViolation
+
+APP = "fal-ai/wan-22"
+EXPANDED = "A red fox trots through deep fresh snow at golden sunrise, slow tracking shot, soft mist."
+
+
+@dataclass
+class ChatServer:
+    """An OpenAI-compatible chat-completions endpoint: answers, stalls or talks nonsense, and records requests."""
+
+    mode: str = "ok"
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ChatServer]:
+    state = ChatServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            state.requests.append({"path": self.path, "auth": self.headers.get("authorization"), **body})
+            if state.mode == "slow":
+                time.sleep(3)
+            if state.mode == "garbage":
+                payload = b"<html>oops</html>"
+            else:
+                answer = f'Here is the rewritten prompt: "{EXPANDED}"'
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+            try:
+                self.send_response(200)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:
+                pass  # the client gave up (the timeout case)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("safety-models")
+    return {
+        "lm": write_causal_lm(folder / "lm"),
+        "nsfw": write_image_classifier(folder / "nsfw", always="nsfw"),
+        "clean": write_image_classifier(folder / "clean", always="normal"),
+        "toxic": write_text_classifier(folder / "toxic", always="toxic"),
+    }
+
+
+# --- prompt expansion ---
+def test_openai_compatible_expansion_and_its_request(chat: ChatServer) -> None:
+    chat.mode, chat.requests[:] = "ok", []
+    expander = OpenAICompatibleExpander(chat.url, "qwen2.5-7b", "sk-test", timeout_s=5, max_tokens=200)
+    assert expander.expand("a red fox in snow") == EXPANDED  # the preamble and quotes are stripped
+    (sent,) = chat.requests
+    assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-test"
+    assert sent["model"] == "qwen2.5-7b" and sent["max_tokens"] == 200
+    assert sent["messages"] == [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "a red fox in snow"},
+    ]
+
+
+@pytest.mark.parametrize("mode", ["slow", "garbage"])
+def test_expansion_failures_are_reported_not_raised_further(chat: ChatServer, mode: str) -> None:
+    chat.mode = mode
+    expander = OpenAICompatibleExpander(chat.url, "m", None, timeout_s=1, max_tokens=50)
+    started = time.monotonic()
+    with pytest.raises(ExpansionFailed, match="within 1 s" if mode == "slow" else "not a chat-completions answer"):
+        expand_with_deadline(expander, "a fox", timeout_s=1)
+    assert time.monotonic() - started < 3
+
+
+def test_unreachable_api_fails_cleanly() -> None:
+    expander = OpenAICompatibleExpander("http://127.0.0.1:9/v1", "m", None, timeout_s=2, max_tokens=50)
+    with pytest.raises(ExpansionFailed, match="ConnectError"):
+        expander.expand("a fox")
+
+
+def test_local_causal_lm_expands_through_the_real_loading_code(models: dict[str, Path]) -> None:
+    expander = LocalModelExpander(models["lm"], "cpu", timeout_s=20, max_tokens=12)
+    expanded = expander.expand("a red fox runs through snow")
+    assert expanded and expanded != "a red fox runs through snow"
+    assert len(expanded.split()) <= 12  # bounded by max_tokens (one word per token here)
+    assert expander.expand("a red fox runs through snow") == expanded  # greedy: reproducible
+
+
+def test_clean_expansion_bounds_and_refuses_empty_answers() -> None:
+    assert clean_expansion('Prompt: "A fox."') == "A fox."
+    long = "A fox runs. " * 400
+    assert len(clean_expansion(long)) <= 2000 and clean_expansion(long).endswith(".")
+    for empty in ("", "   ", '""', "..."):
+        with pytest.raises(ExpansionFailed):
+            clean_expansion(empty)
+
+
+# --- safety ---
+def test_term_policy_matches_whole_words_case_insensitively_and_follows_edits(tmp_path: Path) -> None:
+    terms = tmp_path / "terms.txt"
+    terms.write_text("# one regular expression per line\nforbidden\nblood(y)?\n\n")
+    checker = SafetyChecker(Settings(safety_terms_file=terms))
+    with pytest.raises(ContentPolicyViolation, match="forbidden") as hit:
+        checker.check_prompt("A FORBIDDEN fox")
+    assert hit.value.detail() == {
+        "loc": ["body", "prompt"],
+        "msg": "the prompt was flagged: it matches the term policy ('forbidden')",
+        "type": "content_policy_violation",
+    }
+    with pytest.raises(ContentPolicyViolation):
+        checker.check_prompt("a bloody fox")
+    checker.check_prompt("a fox in unforbiddenland, bloodhound")  # not whole words: passes
+    time.sleep(0.01)
+    terms.write_text("snow\n")
+    with pytest.raises(ContentPolicyViolation, match="snow"):
+        checker.check_prompt("a fox in snow")
+    checker.check_prompt("a forbidden fox")  # the edited policy no longer has it
+    terms.write_text("bad[\n")
+    with pytest.raises(SafetyConfigError, match=r"terms\.txt:1"):
+        checker.check_prompt("x")
+
+
+def test_classifiers_flag_by_label_and_threshold(models: dict[str, Path]) -> None:
+    frames = np.random.default_rng(0).random((81, 64, 96, 3), dtype=np.float32)
+    flagging = SafetyChecker(Settings(safety_image_model=models["nsfw"], safety_text_model=models["toxic"]))
+    with pytest.raises(ContentPolicyViolation, match=r"'nsfw' at 1\.00 on frame 0") as hit:
+        flagging.check_frames(frames)
+    assert hit.value.detail()["loc"] == ["output", "video"]
+    with pytest.raises(ContentPolicyViolation, match="text classifier scored 'toxic'"):
+        flagging.check_prompt("a red fox")
+    SafetyChecker(Settings(safety_image_model=models["clean"])).check_frames(frames)
+    relaxed = Settings(
+        safety_image_model=models["nsfw"],
+        safety_image_labels=["gore"],
+        safety_text_model=models["toxic"],
+        safety_text_labels=["insult"],
+    )
+    SafetyChecker(relaxed).check_frames(frames)
+    SafetyChecker(relaxed).check_prompt("a red fox")
+    with pytest.raises(SafetyConfigError, match="cannot load"):
+        SafetyChecker(Settings(safety_image_model=models["lm"] / "missing")).check_frames(frames)
+
+
+# --- through the server ---
+@pytest.fixture(scope="module")
+def safe_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    model_cache: Path,
+    coarse_model: Path,
+    models: dict[str, Path],
+    chat: ChatServer,
+) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("safe-server")
+    terms = folder / "terms.txt"
+    terms.write_text("forbidden\n")
+    srv = Server(
+        folder / "data",
+        model_cache,
+        env={
+            "WANSERVE_SAFETY_TERMS_FILE": str(terms),
+            "WANSERVE_SAFETY_IMAGE_MODEL": str(models["nsfw"]),
+            "WANSERVE_PROMPT_EXPANSION_URL": chat.url,
+            "WANSERVE_PROMPT_EXPANSION_TIMEOUT_S": "2",
+        },
+        args=["--model", str(coarse_model)],
+    ).start()
+    yield srv
+    srv.stop()
+
+
+def run(server: Server, body: dict[str, Any]) -> tuple[dict[str, Any], httpx.Response, list[str]]:
+    submitted = httpx.post(f"{server.url}/{APP}", json={**CHEAP_INPUT, **body}).json()
+    wait_completed(server, APP, submitted["request_id"])
+    status = httpx.get(submitted["status_url"], params={"logs": 1}).json()
+    return status, httpx.get(submitted["response_url"]), [entry["message"] for entry in status["logs"]]
+
+
+def test_flagged_prompt_is_refused_before_any_denoising_step(safe_server: Server) -> None:
+    status, result, logs = run(safe_server, {"prompt": "a Forbidden fox"})
+    assert status["error_type"] == "content_policy_violation"
+    assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "prompt"]
+    assert any(line.startswith("Safety checker: checking the prompt (term policy, image classifier") for line in logs)
+    assert not any(line.startswith("step ") for line in logs), logs
+
+
+def test_flagged_output_is_refused_and_no_video_is_stored(safe_server: Server) -> None:
+    status, result, logs = run(safe_server, {"prompt": "a red fox"})
+    assert status["error_type"] == "content_policy_violation"
+    detail = result.json()["detail"][0]
+    assert detail["loc"] == ["output", "video"] and "image classifier scored 'nsfw'" in detail["msg"]
+    assert any(line.startswith("step 1/1") for line in logs)
+    assert "Safety checker: checking the video's frames" in logs
+    assert not any(line.startswith(("Encoding", "Stored video")) for line in logs), logs
+    assert not list((safe_server.data_dir / "files" / "objects").rglob("*.mp4"))
+
+
+def test_with_the_checker_off_both_requests_succeed(safe_server: Server) -> None:
+    for prompt in ("a Forbidden fox", "a red fox"):
+        status, result, logs = run(safe_server, {"prompt": prompt, "enable_safety_checker": False})
+        assert result.status_code == 200, (status, logs)
+        assert not any(line.startswith("Safety checker") for line in logs)
+
+
+EXPAND = {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety_checker": False}
+
+
+def test_expansion_through_the_server_and_its_fallback(safe_server: Server, chat: ChatServer) -> None:
+    chat.mode = "ok"
+    _, result, logs = run(
+        safe_server, {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety_checker": False}
+    )
+    assert result.json()["prompt"] == EXPANDED
+    assert "Expanded prompt" in "\n".join(logs) and any(EXPANDED in line for line in logs)
+    chat.mode = "slow"
+    _, result, logs = run(
+        safe_server, {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety_checker": False}
+    )
+    assert result.status_code == 200 and result.json()["prompt"] == "a red fox"
+    assert any(line.startswith("Prompt expansion failed (no answer within 2 s)") for line in logs), logs
+    chat.mode = "ok"

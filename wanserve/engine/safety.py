@@ -1,0 +1,137 @@
+"""The safety checker (`enable_safety_checker`): the prompt before any GPU work, sampled frames after decoding.
+
+Three pluggable checks, each on only when the operator configures it:
+- a term policy: a file of case-insensitive regular expressions matched as whole words, re-read when it changes;
+- a text classifier (any `transformers` text-classification model in a local folder) on the prompt;
+- an image classifier (any image-classification model in a local folder, e.g. an NSFW detector) on evenly spaced
+  frames of the video.
+A label from the configured list scoring at or above its threshold flags the request.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wanserve.config import Settings
+from wanserve.errors import ContentPolicyViolation, WanserveError
+
+
+class SafetyConfigError(WanserveError):
+    """The operator's safety configuration cannot be used (a bad regular expression, a missing model)."""
+
+    http_status = 503
+    error_type = "runner_server_error"
+
+
+@dataclass
+class TermPolicy:
+    path: Path
+    _mtime_ns: int = -1
+    _patterns: list[tuple[str, re.Pattern[str]]] | None = None
+
+    def patterns(self) -> list[tuple[str, re.Pattern[str]]]:
+        """The policy's patterns, re-read whenever the file changed since the last look."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError as exc:
+            raise SafetyConfigError(f"cannot read the safety term file {self.path}: {exc.strerror}") from None
+        if self._patterns is None or mtime != self._mtime_ns:
+            compiled = []
+            for number, raw in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+                term = raw.strip()
+                if not term or term.startswith("#"):
+                    continue
+                try:
+                    compiled.append((term, re.compile(rf"(?<!\w)(?:{term})(?!\w)", re.IGNORECASE)))
+                except re.error as exc:
+                    raise SafetyConfigError(f"{self.path}:{number}: bad regular expression {term!r}: {exc}") from None
+            self._patterns, self._mtime_ns = compiled, mtime
+        return self._patterns
+
+    def match(self, text: str) -> str | None:
+        for term, pattern in self.patterns():
+            if pattern.search(text):
+                return term
+        return None
+
+
+def _flagged(scores: list[dict[str, Any]], labels: list[str], threshold: float) -> tuple[str, float] | None:
+    wanted = {label.lower() for label in labels}
+    for entry in scores:
+        if str(entry["label"]).lower() in wanted and float(entry["score"]) >= threshold:
+            return str(entry["label"]), float(entry["score"])
+    return None
+
+
+class SafetyChecker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.terms = TermPolicy(settings.safety_terms_file) if settings.safety_terms_file else None
+        self._text: Any = None
+        self._image: Any = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.terms is not None:
+            parts.append("term policy")
+        if self.settings.safety_text_model is not None:
+            parts.append("text classifier")
+        if self.settings.safety_image_model is not None:
+            parts.append(f"image classifier on {self.settings.safety_frames} frames")
+        return ", ".join(parts) or "nothing configured"
+
+    @property
+    def checks_output(self) -> bool:
+        return self.settings.safety_image_model is not None
+
+    def _pipeline(self, task: str, path: Path) -> Any:
+        """A transformers pipeline over a local folder (loaded with `local_files_only`: never a download)."""
+        import transformers
+
+        try:
+            if task == "image-classification":
+                model = transformers.AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
+                processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+                return transformers.pipeline(task, model=model, image_processor=processor, device="cpu")
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return transformers.pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
+        except Exception as exc:
+            raise SafetyConfigError(f"cannot load the {task} model {path}: {type(exc).__name__}: {exc}") from None
+
+    def check_prompt(self, prompt: str) -> None:
+        if self.terms is not None:
+            term = self.terms.match(prompt)
+            if term is not None:
+                raise ContentPolicyViolation("prompt", f"it matches the term policy ({term!r})")
+        s = self.settings
+        if s.safety_text_model is not None:
+            if self._text is None:
+                self._text = self._pipeline("text-classification", s.safety_text_model)
+            scores = self._text(prompt, top_k=None, truncation=True)
+            hit = _flagged(scores, s.safety_text_labels, s.safety_text_threshold)
+            if hit is not None:
+                raise ContentPolicyViolation("prompt", f"the text classifier scored {hit[0]!r} at {hit[1]:.2f}")
+
+    def check_frames(self, frames: np.ndarray) -> None:
+        """`frames`: (n, height, width, 3) floats in [0, 1], as the engine returns them."""
+        s = self.settings
+        if s.safety_image_model is None:
+            return
+        from PIL import Image
+
+        if self._image is None:
+            self._image = self._pipeline("image-classification", s.safety_image_model)
+        picks = np.unique(np.linspace(0, len(frames) - 1, num=min(s.safety_frames, len(frames))).round().astype(int))
+        images = [Image.fromarray((frames[i] * 255).round().astype(np.uint8)) for i in picks]
+        for index, scores in zip(picks, self._image(images, top_k=None), strict=True):
+            hit = _flagged(scores, s.safety_image_labels, s.safety_image_threshold)
+            if hit is not None:
+                raise ContentPolicyViolation(
+                    "output", f"the image classifier scored {hit[0]!r} at {hit[1]:.2f} on frame {index}"
+                )
