@@ -31,9 +31,10 @@ def engine(model_cache: Path) -> WanEngine:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
-    """One real `wanserve serve` on loopback (tiny model, SQLite, local files) shared by the service tests."""
-    srv = Server(tmp_path_factory.mktemp("server") / "data", model_cache).start()
+def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, coarse_model: Path) -> Iterator[Server]:
+    """One real `wanserve serve` on loopback (SQLite, local files) shared by the service tests. It serves the
+    `coarse` tiny model: the same protocol at a fraction of the cost per video (480p and 580p only)."""
+    srv = Server(tmp_path_factory.mktemp("server") / "data", model_cache, args=["--model", str(coarse_model)]).start()
     yield srv
     srv.stop()
 
