@@ -101,3 +101,20 @@ def test_demo_script_runs_a_request_through_the_service(tmp_path: Path, model_ca
     # The request and its file are in the embedded stores under the data directory.
     assert (tmp_path / "data" / "jobs.sqlite3").is_file()
     assert any((tmp_path / "data" / "files" / "objects").rglob("*.mp4"))
+
+
+def test_generate_with_a_local_lora_file_and_a_bad_one(tmp_path: Path, model_cache: Path, coarse_model: Path) -> None:
+    from lora_files import random_factors, write_wan
+
+    from wanserve.engine.tiny import TinyConfig, build_expert
+
+    write_wan(tmp_path / "style.safetensors", random_factors(build_expert(TinyConfig()), seed=3), alpha=4)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
+    common = ["generate", "a fox", "--model", str(coarse_model), "--resolution", "480p",
+              "--num-inference-steps", "1", "--seed", "1", "--json"]  # fmt: skip
+    ok = run_cli([*common, "--lora", "style.safetensors:0.5:high", "-o", "a.mp4"], model_cache, tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "LoRA 1/1 (style.safetensors): loaded into the high-noise expert" in ok.stderr and "scale 0.5" in ok.stderr
+    bad = run_cli([*common, "--lora", str(tmp_path / "junk.safetensors"), "-o", "b.mp4"], model_cache, tmp_path)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "error (invalid_lora): loras.0.path: not a valid safetensors file" in bad.stderr

@@ -74,11 +74,17 @@ def _format_validation_error(exc: ValidationError) -> str:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from wanserve.client.commands import parse_lora
+
+    body = request_from_args(args, WanLoRAT2VRequest)
+    if args.lora:
+        body["loras"] = [parse_lora(spec) for spec in args.lora]
     try:
-        request = WanLoRAT2VRequest.model_validate(request_from_args(args, WanLoRAT2VRequest))
+        request = WanLoRAT2VRequest.model_validate(body)
     except ValidationError as exc:
         print(_format_validation_error(exc), file=sys.stderr)
         return 2
+    loras = _local_loras(request, settings)
 
     # Heavy imports only here: `wanserve --help` and the API never load torch.
     from wanserve.engine.runner import EngineRunner
@@ -88,7 +94,9 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     print(f"model {settings.model} loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     out = Path(args.output)
     with _progress_bar(request.num_inference_steps) as report:
-        result = runner.generate_video(request, out, on_step=report)
+        result = runner.generate_video(
+            request, out, on_step=report, loras=loras, on_phase=lambda line: print(line, file=sys.stderr, flush=True)
+        )
     summary = {
         "path": str(out.resolve()),
         "seed": result.seed,
@@ -104,6 +112,24 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"{summary['path']}\nseed {result.seed}")
     return 0
+
+
+def _local_loras(request: WanLoRAT2VRequest, settings: Settings) -> list[Any]:
+    """The LoRAs of a local generation. The person at the keyboard is the operator here: files named on the
+    command line may be read wherever they are, and URLs may point at their own network."""
+    if not request.loras:
+        return []
+    import tempfile
+
+    from wanserve.files.local import LocalFileStore
+    from wanserve.lora.sources import LoraResolver
+
+    named = [Path(lora.path).expanduser() for lora in request.loras]
+    roots = [*settings.lora_roots, *(path.resolve().parent for path in named if path.is_file())]
+    local = settings.model_copy(update={"lora_roots": roots, "allow_private_urls": True})
+    with tempfile.TemporaryDirectory() as no_storage:  # a local run has no file storage of its own
+        resolver = LoraResolver(local, LocalFileStore(Path(no_storage), "http://wanserve.invalid"))
+        return resolver.uses(request.loras)
 
 
 class _progress_bar:
@@ -211,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one video locally (no server)")
     gen.add_argument("prompt", help="the text prompt")
     add_request_flags(gen, WanLoRAT2VRequest)
+    _add_lora_flag(gen, "a local .safetensors file, a URL or owner/name (from the Hugging Face cache)")
     gen.add_argument("-o", "--output", default="wanserve.mp4", help="output mp4 path")
     gen.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_model_flags(gen)
@@ -245,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_lora_flag(p: argparse.ArgumentParser, sources: str) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE[:high|low|both]]",
+        help=f"a LoRA (repeatable): {sources}",
+    )
+
+
 def _add_client_commands(sub: Any) -> None:
     from wanserve.client import commands
 
@@ -252,13 +289,7 @@ def _add_client_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("prompt", help="the text prompt")
         add_request_flags(p, WanLoRAT2VRequest)
-        p.add_argument(
-            "--lora",
-            action="append",
-            default=[],
-            metavar="PATH[:SCALE[:high|low|both]]",
-            help="a LoRA (repeatable): URL, server path or owner/name; a file on this machine is uploaded first",
-        )
+        _add_lora_flag(p, "URL, server path or owner/name; a file on this machine is uploaded first")
         commands.add_client_flags(p)
         p.set_defaults(func=lambda args, _settings: run(args, request_from_args(args, WanLoRAT2VRequest)))
         return p
