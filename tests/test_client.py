@@ -20,7 +20,14 @@ from wanserve.client import (
     RequestCancelled,
     WanserveClient,
 )
-from wanserve.client.client import SseDecoder, StatusAccumulator, app_of, error_from_response, resolve_endpoint
+from wanserve.client.client import (
+    SseDecoder,
+    StatusAccumulator,
+    app_of,
+    error_from_response,
+    resolve_endpoint,
+    same_origin,
+)
 from wanserve.progress import StepLine
 from wanserve.schema import WanT2VRequest
 
@@ -48,10 +55,14 @@ def test_sse_decoding_accumulates_logs_and_skips_keep_alives() -> None:
 
 
 def test_endpoints_and_error_types() -> None:
-    assert resolve_endpoint({"loras": [{"path": "x"}]}, None) == "fal-ai/wan-22/lora"
-    assert resolve_endpoint({"loras": []}, None) == "fal-ai/wan-22"
-    assert resolve_endpoint({"loras": [{"path": "x"}]}, "acme/custom") == "acme/custom"
-    assert app_of("fal-ai/wan-22/lora") == "fal-ai/wan-22"
+    assert resolve_endpoint({"loras": [{"path": "x"}]}, "fal-ai/wan-22", None) == "fal-ai/wan-22/lora"
+    assert resolve_endpoint({"loras": []}, "fal-ai/wan-22", None) == "fal-ai/wan-22"
+    assert resolve_endpoint({"loras": [{"path": "x"}]}, "fal-ai/wan-22", "acme/custom") == "acme/custom"
+    assert resolve_endpoint({}, "fal-ai/wan/v2.2-a14b/text-to-video", None) == "fal-ai/wan/v2.2-a14b/text-to-video"
+    assert app_of("fal-ai/wan/v2.2-a14b/text-to-video/lora") == "fal-ai/wan"  # the server's rule
+    assert same_origin("http://h:8000", "http://h:8000/files/x") and same_origin("http://h:8000", "/files/x")
+    assert not same_origin("http://h:8000", "https://bucket.s3.example.com/x?sig=1")
+    assert not same_origin("http://h:8000", "http://h:9000/x")
     response = httpx.Response(401, json={"detail": "Missing or invalid API key", "error_type": "unauthorized"})
     assert isinstance(error_from_response(response), AuthError)
     field = {"loc": ["body", "loras", 0, "path"], "msg": "not a valid safetensors file", "type": "invalid_lora"}
@@ -99,6 +110,33 @@ def test_sync_client_every_call(server: Server, tmp_path: Path) -> None:
         assert response.content == path.read_bytes() and response.headers["content-type"].startswith("application/json")
 
         assert client.cancel(submitted.request_id) is False  # completed: nothing to cancel
+
+    # another app id the server serves, three segments long: status and result go under its `owner/app`
+    with WanserveClient(server.url, app="fal-ai/wan/v2.2-a14b/text-to-video") as client:
+        assert client.subscribe({**CHEAP_INPUT, "seed": 14}).seed == 14
+
+
+def test_the_key_never_leaves_for_another_host(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization")))
+        return httpx.Response(200, content=b"video")
+
+    client = WanserveClient("http://api.test", key="secret")
+    transport = httpx.MockTransport(handler)
+    client.http = httpx.Client(base_url=client.url, headers=client.http.headers, transport=transport)
+    client.plain = httpx.Client(transport=transport)
+    client.download("http://api.test/files/a.mp4", tmp_path / "a.mp4")
+    client.download("https://bucket.s3.example.com/b.mp4?X-Amz-Signature=x", tmp_path / "b.mp4")
+    assert (tmp_path / "b.mp4").read_bytes() == b"video" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.mp4",
+        "b.mp4",
+    ]
+    assert seen == [
+        ("http://api.test/files/a.mp4", "Key secret"),
+        ("https://bucket.s3.example.com/b.mp4?X-Amz-Signature=x", None),
+    ]
 
 
 def test_sync_client_errors_and_cancel(server: Server) -> None:

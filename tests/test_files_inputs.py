@@ -269,6 +269,9 @@ def test_own_prefix_with_bad_key_is_not_read_from_disk(fs: LocalFileStore, dest:
         "http://169.254.169.254/latest/meta-data",
         "http://0.0.0.0:{port}/small",
         "https://127.0.0.1:{port}/small",
+        "http://[64:ff9b::7f00:1]:{port}/small",  # NAT64 of 127.0.0.1
+        "http://[2002:a9fe:a9fe::]/latest/meta-data",  # 6to4 of 169.254.169.254
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x",  # Teredo: its client address is not public
     ],
 )
 def test_private_and_local_hosts_are_refused_without_a_request(

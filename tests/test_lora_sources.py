@@ -89,25 +89,41 @@ def test_cache_entries_expire_after_their_ttl(tmp_path: Path) -> None:
     assert cache.lookup("https://example.com/other.safetensors", now=1001.0) is None
 
 
-def test_disk_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path / "c", max_bytes=250, url_ttl_s=3600)
+def test_disk_cache_is_bounded_least_recently_used_first_but_spares_files_in_use(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "c", max_bytes=250, url_ttl_s=10**9)
 
-    def add(name: str, fill: bytes) -> None:
+    def add(name: str, fill: bytes) -> Path:
         staged = cache.temp_path()
         staged.write_bytes(fill * 100)
-        cache.add(staged, f"https://example.com/{name}", time.time())
-        time.sleep(0.01)  # distinct modification times
+        return cache.add(staged, f"https://example.com/{name}", time.time()).path
 
-    add("a", b"a")
-    add("b", b"b")
-    assert cache.lookup("https://example.com/a", time.time()) is not None  # a is now the most recent
-    time.sleep(0.01)
-    add("c", b"c")  # 300 bytes > 250: the least recently used (b) goes
+    def age(path: Path, seconds: float) -> None:
+        old = time.time() - seconds
+        os.utime(path, (old, old))
+
+    a, b = add("a", b"a"), add("b", b"b")
+    age(a, 3000)
+    age(b, 2000)
+    assert cache.lookup("https://example.com/a", time.time()) is not None  # a hit: a is in use again
+    add("c", b"c")  # 300 bytes > 250: the least recently used file not in use (b) goes
     assert cache.lookup("https://example.com/b", time.time()) is None
     assert cache.lookup("https://example.com/a", time.time()) is not None
     assert cache.lookup("https://example.com/c", time.time()) is not None
     assert sum(p.stat().st_size for p in cache.blobs.iterdir()) <= 250
     assert len(list(cache.index.iterdir())) == 2  # b's index entry went with its blob
+
+    # files just fetched are never pulled from under the request that is about to read them
+    tight = ContentCache(tmp_path / "tight", max_bytes=0, url_ttl_s=10**9)
+    staged = tight.temp_path()
+    staged.write_bytes(b"x" * 10)
+    first = tight.add(staged, "https://example.com/1", time.time()).path
+    staged = tight.temp_path()
+    staged.write_bytes(b"y" * 10)
+    tight.add(staged, "https://example.com/2", time.time())
+    assert first.exists() and len(list(tight.blobs.iterdir())) == 2
+    for blob in tight.blobs.iterdir():
+        age(blob, 3600)
+    assert len(tight.evict(time.time())) == 2
 
 
 def test_a_truncated_index_entry_is_a_miss(tmp_path: Path) -> None:
@@ -186,6 +202,12 @@ def test_local_file_over_the_cap(make: Make, roots: list[Path]) -> None:
     (roots[0] / "big.safetensors").write_bytes(b"x" * 2048)
     with pytest.raises(LoraError, match="over the 1024-byte LoRA limit"):
         make(lora_max_bytes=1024).resolve("big.safetensors")
+
+
+def test_unreadable_local_paths_are_clear_errors(make: Make) -> None:
+    for path in ("a\x00b.safetensors", "x" * 300 + ".safetensors", "file:///a%00b.safetensors"):
+        with pytest.raises(LoraError):
+            make().resolve(path)
 
 
 @pytest.mark.parametrize("path", ["ftp://example.com/x.safetensors", "just some words", "a/b/c"])

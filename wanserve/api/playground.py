@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 
 from wanserve.api.context import Context
 from wanserve.errors import NotFound
+from wanserve.jobs.endpoints import app_of
 from wanserve.schema import WanLoRAT2VRequest
 
 STATIC = Path(__file__).parent / "static"
@@ -27,8 +28,10 @@ def page() -> FileResponse:
 
 @router.get("/playground/schema.json", include_in_schema=False)
 def schema(ctx: Context) -> dict[str, Any]:
-    """The LoRA request's JSON schema (a superset of the plain one) and the endpoint the page submits to."""
-    return {"app": ctx.settings.app_ids[0], "schema": WanLoRAT2VRequest.model_json_schema()}
+    """The LoRA request's JSON schema (a superset of the plain one), the endpoint the page submits to, and the
+    `owner/app` its status, result and cancel URLs live under."""
+    endpoint = ctx.settings.app_ids[0].strip("/")
+    return {"app": endpoint, "queue_app": app_of(endpoint), "schema": WanLoRAT2VRequest.model_json_schema()}
 
 
 @router.get("/playground/{name}", include_in_schema=False)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict
 
+from wanserve.jobs.endpoints import app_of  # the server's own rule for status/result/cancel URLs
 from wanserve.progress import StepLine
 from wanserve.schema import WanT2VRequest, WanT2VResponse
 
@@ -157,18 +158,12 @@ class QueueStatus(BaseModel):
 
 
 # --- protocol pieces shared by both clients ---
-def resolve_endpoint(arguments: Mapping[str, Any], app: str | None) -> str:
-    """The endpoint id a request goes to: LoRA requests to `<app>/lora` unless an endpoint is named."""
-    base = (app or DEFAULT_APP).strip("/")
-    if app is None and arguments.get("loras"):
-        return f"{base}/lora"
-    return base
-
-
-def app_of(endpoint: str) -> str:
-    """Status, result and cancel URLs live under the app id (`owner/name`), without the endpoint's sub-path."""
-    parts = endpoint.strip("/").split("/")
-    return "/".join(parts[:2]) if parts[-1] == "lora" else endpoint.strip("/")
+def resolve_endpoint(arguments: Mapping[str, Any], app: str, endpoint: str | None) -> str:
+    """The endpoint id a request goes to: the one named, else the client's app, with `/lora` for LoRA requests."""
+    if endpoint is not None:
+        return endpoint.strip("/")
+    base = app.strip("/")
+    return f"{base}/lora" if arguments.get("loras") else base
 
 
 def request_body(arguments: Arguments) -> dict[str, Any]:
@@ -238,6 +233,15 @@ def submit_options(webhook_url: str | None, priority: str | None) -> dict[str, A
     }
 
 
+def same_origin(base: str, url: str) -> bool:
+    """Whether `url` is on the server itself: only then may the API key go with it (a result or upload URL can
+    point at other storage, e.g. a presigned S3 URL, which must never see the key)."""
+    if "://" not in url:
+        return True
+    a, b = httpx.URL(base), httpx.URL(url)
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
 def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     base = (url or os.environ.get("WANSERVE_URL") or DEFAULT_URL).rstrip("/")
     key = key if key is not None else os.environ.get("WANSERVE_KEY")
@@ -252,6 +256,10 @@ class WanserveClient:
         self.url, headers = _settings(url, key)
         self.app = app
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.plain = httpx.Client(timeout=timeout)  # for URLs elsewhere: no API key
+
+    def _for(self, url: str) -> httpx.Client:
+        return self.http if same_origin(self.url, url) else self.plain
 
     def __enter__(self) -> WanserveClient:
         return self
@@ -261,6 +269,7 @@ class WanserveClient:
 
     def close(self) -> None:
         self.http.close()
+        self.plain.close()
 
     def submit(
         self,
@@ -272,7 +281,7 @@ class WanserveClient:
     ) -> Submitted:
         body = request_body(arguments)
         options = submit_options(webhook_url, priority)
-        response = self.http.post(f"/{resolve_endpoint(body, endpoint)}", json=body, **options)
+        response = self.http.post(f"/{resolve_endpoint(body, self.app, endpoint)}", json=body, **options)
         return Submitted.model_validate(check(response).json())
 
     def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
@@ -317,7 +326,7 @@ class WanserveClient:
     ) -> WanT2VResponse:
         """Submit, follow the status stream (polling if the stream breaks), and return the result."""
         submitted = self.submit(arguments, endpoint=endpoint)
-        app = resolve_endpoint(request_body(arguments), endpoint)
+        app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
         for status in self._follow(submitted.request_id, app, with_logs):
@@ -343,7 +352,7 @@ class WanserveClient:
     def run(self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0) -> WanT2VResponse:
         """The sync route: one HTTP call that returns the output (hanging up cancels the request)."""
         body = request_body(arguments)
-        response = self.http.post(f"/run/{resolve_endpoint(body, endpoint)}", json=body, timeout=timeout)
+        response = self.http.post(f"/run/{resolve_endpoint(body, self.app, endpoint)}", json=body, timeout=timeout)
         return WanT2VResponse.model_validate(check(response).json())
 
     def upload_file(
@@ -355,21 +364,25 @@ class WanserveClient:
             self.http.post("/rest/storage/upload/initiate", json={"file_name": name, "content_type": ctype})
         )
         target = initiate.json()
-        check(self.http.put(target["upload_url"], content=payload, headers={"content-type": ctype}))
+        upload_url = target["upload_url"]
+        check(self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
         return str(target["file_url"])
 
     def download(self, url: str, path: Path | str) -> Path:
         """Downloads a result file (written whole, then renamed into place)."""
         path = Path(path)
         staging = path.with_name(f".{path.name}.part")
-        with self.http.stream("GET", url) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise error_from_response(response)
-            with staging.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-        staging.replace(path)
+        try:
+            with self._for(url).stream("GET", url) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response)
+                with staging.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+            staging.replace(path)
+        finally:
+            staging.unlink(missing_ok=True)
         return path
 
 
@@ -381,6 +394,10 @@ class AsyncWanserveClient:
         self.url, headers = _settings(url, key)
         self.app = app
         self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self.plain = httpx.AsyncClient(timeout=timeout)  # for URLs elsewhere: no API key
+
+    def _for(self, url: str) -> httpx.AsyncClient:
+        return self.http if same_origin(self.url, url) else self.plain
 
     async def __aenter__(self) -> AsyncWanserveClient:
         return self
@@ -390,6 +407,7 @@ class AsyncWanserveClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.plain.aclose()
 
     async def submit(
         self,
@@ -401,7 +419,7 @@ class AsyncWanserveClient:
     ) -> Submitted:
         body = request_body(arguments)
         options = submit_options(webhook_url, priority)
-        response = await self.http.post(f"/{resolve_endpoint(body, endpoint)}", json=body, **options)
+        response = await self.http.post(f"/{resolve_endpoint(body, self.app, endpoint)}", json=body, **options)
         return Submitted.model_validate(check(response).json())
 
     async def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
@@ -449,7 +467,7 @@ class AsyncWanserveClient:
         with_logs: bool = True,
     ) -> WanT2VResponse:
         submitted = await self.submit(arguments, endpoint=endpoint)
-        app = resolve_endpoint(request_body(arguments), endpoint)
+        app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
         async for status in self._follow(submitted.request_id, app, with_logs):
@@ -480,7 +498,9 @@ class AsyncWanserveClient:
         self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0
     ) -> WanT2VResponse:
         body = request_body(arguments)
-        response = await self.http.post(f"/run/{resolve_endpoint(body, endpoint)}", json=body, timeout=timeout)
+        response = await self.http.post(
+            f"/run/{resolve_endpoint(body, self.app, endpoint)}", json=body, timeout=timeout
+        )
         return WanT2VResponse.model_validate(check(response).json())
 
     async def upload_file(
@@ -491,5 +511,6 @@ class AsyncWanserveClient:
             await self.http.post("/rest/storage/upload/initiate", json={"file_name": name, "content_type": ctype})
         )
         target = initiate.json()
-        check(await self.http.put(target["upload_url"], content=payload, headers={"content-type": ctype}))
+        upload_url = target["upload_url"]
+        check(await self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
         return str(target["file_url"])

@@ -256,13 +256,15 @@ class LoraAdapters:
     def load(self, uses: Sequence[LoraUse]) -> list[LoraLoad]:
         """Makes every LoRA of a request resident on its experts. A LoRA that cannot be loaded fails with a
         `FieldError` naming its index; what was resident before stays as it was."""
+        needed = {use.file.sha256 for use in uses}
+        self._evict(protect=needed)  # make room first: the bound then holds while the new ones load
         reports = []
         for i, use in enumerate(uses):
             try:
                 reports.append(self._load_one(use))
             except LoraError as exc:
                 raise FieldError(("loras", i, "path"), exc, use.label) from exc
-        self._evict(protect={use.file.sha256 for use in uses})
+        self._evict(protect=needed)
         return reports
 
     def _load_one(self, use: LoraUse) -> LoraLoad:
@@ -292,6 +294,8 @@ class LoraAdapters:
                 self._remove(module, entry.name)
                 if entry.bytes_on:
                     self._resident[sha] = entry
+                if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                    raise  # the server's limit, not the LoRA's fault: not a 422
                 raise LoraError(f"cannot load the LoRA: {type(exc).__name__}: {str(exc)[:300]}") from exc
             itemsize = next(module.parameters()).element_size()
             entry.bytes_on[id(module)] = sum(t.numel() for t in converted.state_dict.values()) * itemsize

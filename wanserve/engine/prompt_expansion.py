@@ -93,7 +93,9 @@ class LocalModelExpander:
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+        # one expansion at a time: one abandoned past its deadline must finish before the next uses the model
+        self.lock = threading.Lock()
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
@@ -112,6 +114,10 @@ class LocalModelExpander:
 
         inputs = self._inputs(prompt)
         offload = self.device.type != "cpu"
+        with self.lock:
+            return self._generate(inputs, offload, StoppingCriteriaList([MaxTimeCriteria(self.timeout_s)]))
+
+    def _generate(self, inputs: Any, offload: bool, stopping: Any) -> str:
         try:
             if offload:
                 self.model.to(self.device)
@@ -120,7 +126,7 @@ class LocalModelExpander:
                     **inputs.to(self.device),
                     max_new_tokens=self.max_tokens,
                     do_sample=False,
-                    stopping_criteria=StoppingCriteriaList([MaxTimeCriteria(self.timeout_s)]),
+                    stopping_criteria=stopping,
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 )
         finally:

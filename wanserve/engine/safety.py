@@ -95,10 +95,14 @@ class SafetyChecker:
 
         try:
             if task == "image-classification":
-                model = transformers.AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
+                model = transformers.AutoModelForImageClassification.from_pretrained(
+                    path, local_files_only=True, use_safetensors=True
+                )
                 processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
                 return transformers.pipeline(task, model=model, image_processor=processor, device="cpu")
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, use_safetensors=True
+            )
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             return transformers.pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
         except Exception as exc:

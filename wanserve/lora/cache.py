@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ABANDONED_TEMP_S = 24 * 3600.0  # a temp file this old belongs to a download that died with its process
+# A blob used or added this recently may be about to be read by a worker (this one or a neighbour): eviction
+# leaves it alone, so the cache can run over its bound for that long rather than pull a file from under a job.
+IN_USE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class ContentCache:
         return self.tmp / uuid.uuid4().hex
 
     def add(self, downloaded: Path, url: str | None, now: float) -> CachedFile:
-        """Moves a complete download (a `temp_path()`) into the cache and indexes it under `url`."""
+        """Moves a complete download (a `temp_path()`) into the cache and indexes it under `url`. The blob stays
+        (see IN_USE_S) long enough for the request that fetched it to read it."""
         with downloaded.open("rb+") as f:
             os.fsync(f.fileno())  # a power cut must not leave a blob whose name promises other content
         sha = file_sha256(downloaded)
@@ -78,11 +82,13 @@ class ContentCache:
             staged = self.temp_path()
             staged.write_text(json.dumps(entry))
             os.replace(staged, self._index_path(url))
-        self.evict(keep=sha)
-        return CachedFile(blob, sha, blob.stat().st_size)
+        size = blob.stat().st_size
+        self.evict(time.time())
+        return CachedFile(blob, sha, size)
 
-    def evict(self, keep: str | None = None) -> list[str]:
-        """Removes least recently used blobs until the cache fits `max_bytes`; returns the removed hashes."""
+    def evict(self, now: float) -> list[str]:
+        """Removes least recently used blobs until the cache fits `max_bytes`, sparing those used in the last
+        IN_USE_S seconds; returns the removed hashes."""
         blobs: list[tuple[float, int, Path]] = []
         for path in self.blobs.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -90,11 +96,11 @@ class ContentCache:
                 blobs.append((st.st_mtime, st.st_size, path))
         total = sum(size for _, size, _ in blobs)
         removed: list[str] = []
-        for _, size, path in sorted(blobs):
+        for mtime, size, path in sorted(blobs):
             if total <= self.max_bytes:
                 break
-            if path.name == keep:
-                continue
+            if now - mtime < IN_USE_S:
+                break  # sorted by age: every blob from here on is in use
             path.unlink(missing_ok=True)
             total -= size
             removed.append(path.name)

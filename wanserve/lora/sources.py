@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -35,6 +35,7 @@ log = logging.getLogger("wanserve.lora")
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 HF_METADATA_TIMEOUT_S = 10.0
+MAX_REMEMBERED_HASHES = 4096
 
 ExpertName = Literal["high", "low"]
 EXPERTS: dict[str, tuple[ExpertName, ...]] = {"high": ("high",), "low": ("low",), "both": ("high", "low")}
@@ -115,10 +116,13 @@ class LoraResolver:
         # Local and Hugging Face files are hashed once per version of the file (path, size, mtime, inode).
         self._hashes: dict[tuple[str, int, int, int], str] = {}
 
-    def uses(self, loras: Sequence[LoRAWeight]) -> list[LoraUse]:
-        """Resolves every LoRA of a request; a failure names the field (`loras.N.path`) it came from."""
+    def uses(self, loras: Sequence[LoRAWeight], before_each: Callable[[int, str], None] | None = None) -> list[LoraUse]:
+        """Resolves every LoRA of a request; a failure names the field (`loras.N.path`) it came from.
+        `before_each(index, label)` runs before each one (the worker logs progress and checks for a cancel)."""
         out = []
         for i, lora in enumerate(loras):
+            if before_each is not None:
+                before_each(i, describe_path(lora.path))
             try:
                 file = self.resolve(lora.path, lora.weight_name)
             except WanserveError as exc:
@@ -129,12 +133,12 @@ class LoraResolver:
     def resolve(self, path: str, weight_name: str | None = None) -> LoraFile:
         started = time.perf_counter()
         kind = classify(path, self.files)
-        if kind is SourceKind.LOCAL:
-            local = self._local(path)
-            return self._hashed(local, kind, started)
-        if kind is SourceKind.HUB:
-            hub_file = self._hub(path, weight_name)
-            return self._hashed(hub_file, kind, started)
+        if kind in (SourceKind.LOCAL, SourceKind.HUB):
+            try:
+                found = self._local(path) if kind is SourceKind.LOCAL else self._hub(path, weight_name)
+                return self._hashed(found, kind, started)
+            except (OSError, ValueError) as exc:  # a NUL in the path, a name too long, a file we may not read
+                raise LoraError(f"cannot read {describe_path(path)}: {type(exc).__name__}") from None
         now = time.time()
         hit = self.cache.lookup(path, now)
         if hit is not None:
@@ -155,6 +159,8 @@ class LoraResolver:
         version = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         sha = self._hashes.get(version)
         if sha is None:
+            if len(self._hashes) >= MAX_REMEMBERED_HASHES:
+                self._hashes.clear()
             sha = self._hashes[version] = file_sha256(path)
         return LoraFile(path, sha, st.st_size, kind, False, time.perf_counter() - started)
 

@@ -228,7 +228,13 @@ class Worker:
             return []
         if self._lora_resolver is None:
             self._lora_resolver = LoraResolver(self.settings, self.files)
-        uses = self._lora_resolver.uses(loras)
+
+        def before_each(i: int, label: str) -> None:  # a long download is progress too, and may be cancelled
+            if self._is_cancelled(job):
+                raise GenerationCancelled(f"cancelled while fetching LoRA {i + 1}")
+            self._log(job, f"LoRA {i + 1}/{len(loras)} ({label}): fetching")
+
+        uses = self._lora_resolver.uses(loras, before_each)
         for i, use in enumerate(uses):
             self._log(job, f"LoRA {i + 1}/{len(uses)} ({use.label}): {_describe_file(use.file)}")
         return uses

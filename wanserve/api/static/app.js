@@ -7,7 +7,8 @@ const STEP_LINE = /^step (\d+)\/(\d+) · (\w+)-noise expert · ([\d.]+)s\/step �
 const HISTORY_KEY = "wanserve.history";
 const KEY_KEY = "wanserve.key";
 let schema = null;
-let app = "fal-ai/wan-22";
+let app = "fal-ai/wan-22"; // the endpoint requests are submitted to
+let queueApp = "fal-ai/wan-22"; // the `owner/app` its status, result and cancel URLs live under
 let current = null; // {id, abort}
 
 function resolveRef(prop) {
@@ -215,14 +216,14 @@ async function api(method, path, body) {
 
 // The status stream (SSE) read with fetch, so that it can carry the Authorization header.
 async function follow(id, signal) {
-  const response = await fetch(`/${app}/requests/${id}/status/stream?logs=1`, { headers: headers(), signal });
+  const response = await fetch(`/${queueApp}/requests/${id}/status/stream?logs=1`, { headers: headers(), signal });
   if (!response.ok) throw new Error(`status stream: HTTP ${response.status}`);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) throw new Error("the status stream ended early"); // e.g. a proxy cut it: poll instead
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -290,7 +291,8 @@ async function submit(event) {
 
 async function pollUntilDone(id) {
   for (;;) {
-    const { data } = await api("GET", `/${app}/requests/${id}/status?logs=1`);
+    const { response, data } = await api("GET", `/${queueApp}/requests/${id}/status?logs=1`);
+    if (!response.ok) throw new Error(`status: HTTP ${response.status} ${data.detail ?? ""}`);
     onStatus(data);
     if (data.status === "COMPLETED") return;
     await new Promise((r) => setTimeout(r, 1000));
@@ -298,7 +300,7 @@ async function pollUntilDone(id) {
 }
 
 async function showResult(id) {
-  const { response, data } = await api("GET", `/${app}/requests/${id}`);
+  const { response, data } = await api("GET", `/${queueApp}/requests/${id}`);
   if (!response.ok) {
     const cancelled = response.status === 499;
     setStatus(cancelled ? "Cancelled." : `Failed: ${data.error_type || response.status}`);
@@ -325,7 +327,7 @@ async function cancel() {
   const { id } = current;
   $("cancel").disabled = true;
   setStatus("Cancelling…");
-  await api("PUT", `/${app}/requests/${id}/cancel`);
+  await api("PUT", `/${queueApp}/requests/${id}/cancel`);
 }
 
 function history() {
@@ -369,6 +371,7 @@ async function main() {
   const data = await response.json();
   schema = data.schema;
   app = data.app;
+  queueApp = data.queue_app;
   buildForm();
   $("add-lora").onclick = () => addLora();
   $("request-form").addEventListener("submit", submit);
