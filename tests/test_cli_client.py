@@ -94,7 +94,9 @@ def test_submit_status_result_cancel(server: Server, tmp_path: Path) -> None:
     done = wanserve(server, "cancel", request_id, "--json")
     assert json.loads(done.stdout) == {"request_id": request_id, "cancelled": False}
 
-    plain = wanserve(server, "submit", "a slow fox", *CHEAP_FLAGS, "--num-inference-steps", "40")
+    plain = wanserve(
+        server, "submit", "a slow fox", *CHEAP_FLAGS, "--num-inference-steps", "100", "--num-frames", "121"
+    )
     long_id = plain.stdout.strip()
     assert wanserve(server, "cancel", long_id).stdout.strip() == "cancel requested"
     final = wanserve(server, "status", long_id, "--follow", "--json")

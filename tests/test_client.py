@@ -31,7 +31,7 @@ from wanserve.client.client import (
 from wanserve.progress import StepLine
 from wanserve.schema import WanT2VRequest
 
-LONG_INPUT = {**CHEAP_INPUT, "num_inference_steps": 30}
+LONG_INPUT = {**CHEAP_INPUT, "resolution": "580p", "num_inference_steps": 100}  # runs long enough to cancel
 
 
 def test_step_line_round_trip_and_last_step() -> None:

@@ -4,6 +4,7 @@ an API key: the form built from the schema, submit, live progress, the video, fi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,9 +137,10 @@ def test_bad_values_show_field_errors(page: Page) -> None:
 
 def test_cancel_stops_a_running_request(page: Page) -> None:
     page.get_by_label("API key").fill(KEY)
-    fill_request(page, frames=81, steps=40)
+    fill_request(page, frames=121, steps=100)  # long enough (tens of seconds) to be cancelled mid-way
+    page.get_by_label("Resolution").select_option("580p")
     page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Step 1/40", timeout=120_000)
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+/100"), timeout=120_000)
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#status")).to_have_text("Cancelled.", timeout=60_000)
     expect(page.locator("#history li").first).to_contain_text("cancelled")
