@@ -71,6 +71,19 @@ def test_form_is_generated_from_the_schema_with_ranges_and_defaults(page: Page) 
     expect(page.locator(".lora-row")).to_have_count(1)
     expect(page.locator(".lora-row").get_by_label("Expert")).to_have_value("both")
     expect(page.locator(".lora-row").get_by_label("Path or URL")).to_be_focused()  # keyboard users land in it
+    # every control has a label a screen reader announces, and the whole form is reachable with Tab
+    unlabeled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea')]
+            .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+            .map(el => el.id || el.name)"""
+    )
+    assert unlabeled == []
+    page.get_by_label("API key").focus()
+    reached = set()
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        reached.add(page.evaluate("document.activeElement.id"))
+    assert {"f-prompt", "f-num_frames", "f-resolution", "add-lora", "submit"} <= reached
 
 
 def test_without_the_key_the_request_is_refused_clearly(page: Page) -> None:
