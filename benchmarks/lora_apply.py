@@ -14,14 +14,12 @@ the last line scales it to the 40 blocks of the real model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from wanserve.files.local import LocalFileStore
 from wanserve.lora.sources import LoraResolver, LoraUse
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from file_server import running_file_server  # the tests' loopback file server
 from lora_files import random_factors, write_wan  # the one LoRA writer, shared with the tests
 
 A14B_BLOCKS = 40
@@ -58,11 +57,6 @@ def a14b_expert(blocks: int, device: torch.device, dtype: torch.dtype) -> WanTra
             rope_max_seq_len=1024,
         )
     return model.to_empty(device=device).to(dtype).eval()
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 def timed(work: Callable[[], object], sync: Callable[[], None]) -> float:
@@ -91,16 +85,14 @@ def main() -> None:
         high, low = (build_expert(TinyConfig()).to(device, dtype).eval() for _ in range(2))
         shape = "tiny experts (2 blocks, width 24)"
 
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        (tmp / "served").mkdir()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         factors = random_factors(high, rank=args.rank)  # CPU tensors, with the experts' layer shapes
-        lora_path = write_wan(tmp / "served" / "style.safetensors", factors, alpha=args.rank)
+        lora_path = write_wan(tmp / "style.safetensors", factors, alpha=args.rank)
         size_mb = lora_path.stat().st_size / 1e6
-
-        http = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(tmp / "served")))
-        threading.Thread(target=http.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{http.server_address[1]}/style.safetensors"
+        http = stack.enter_context(running_file_server())
+        http.files["/style.safetensors"] = lora_path.read_bytes()
+        url = http.url("/style.safetensors")
 
         rows: dict[str, list[float]] = {k: [] for k in ("uncached", "disk", "resident", "activate", "unload")}
         for i in range(args.repeat):
@@ -124,7 +116,6 @@ def main() -> None:
 
             rows["activate"].append(timed(activate, sync))
             rows["unload"].append(timed(adapters.unload_all, sync))
-        http.shutdown()
 
     print(
         f"LoRA apply on {shape}, {args.device} {args.dtype}; rank {args.rank}, {size_mb:.1f} MB file, "

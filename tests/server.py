@@ -8,10 +8,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from wanserve.client.local_server import ServerNotReady, free_port, start_server, wait_until
+from wanserve.jobs.endpoints import app_of
 
 # A request that exercises the whole pipeline as cheaply as the schema allows on the tiny model.
 CHEAP_INPUT = {
@@ -94,3 +96,16 @@ def wait_completed(server: Server, app: str, request_id: str, timeout_s: float =
             return body
         time.sleep(0.2)
     raise TimeoutError(f"request {request_id} not completed after {timeout_s}s")
+
+
+def run_request(
+    server: Server, endpoint: str, body: dict[str, object]
+) -> tuple[dict[str, Any], httpx.Response, list[str]]:
+    """Submit `body` to `endpoint`, wait for it, and return (its final status with logs, the result response,
+    the log messages)."""
+    submitted = httpx.post(f"{server.url}/{endpoint}", json=body, timeout=30)
+    assert submitted.status_code == 200, submitted.text
+    reply = submitted.json()
+    wait_completed(server, app_of(endpoint), reply["request_id"])
+    status = httpx.get(reply["status_url"], params={"logs": 1}, timeout=10).json()
+    return status, httpx.get(reply["response_url"], timeout=30), [entry["message"] for entry in status["logs"]]

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from safety_models import write_causal_lm, write_image_classifier, write_text_classifier
-from server import CHEAP_INPUT, Server, wait_completed
+from server import CHEAP_INPUT, Server, run_request
 
 from wanserve.config import Settings
 from wanserve.engine.prompt_expansion import (
@@ -208,10 +208,7 @@ def safe_server(
 
 
 def run(server: Server, body: dict[str, Any]) -> tuple[dict[str, Any], httpx.Response, list[str]]:
-    submitted = httpx.post(f"{server.url}/{APP}", json={**CHEAP_INPUT, **body}).json()
-    wait_completed(server, APP, submitted["request_id"])
-    status = httpx.get(submitted["status_url"], params={"logs": 1}).json()
-    return status, httpx.get(submitted["response_url"]), [entry["message"] for entry in status["logs"]]
+    return run_request(server, APP, {**CHEAP_INPUT, **body})
 
 
 def test_flagged_prompt_is_refused_before_any_denoising_step(safe_server: Server) -> None:
@@ -245,15 +242,11 @@ EXPAND = {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety
 
 def test_expansion_through_the_server_and_its_fallback(safe_server: Server, chat: ChatServer) -> None:
     chat.mode = "ok"
-    _, result, logs = run(
-        safe_server, {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety_checker": False}
-    )
+    _, result, logs = run(safe_server, EXPAND)
     assert result.json()["prompt"] == EXPANDED
     assert "Expanded prompt" in "\n".join(logs) and any(EXPANDED in line for line in logs)
     chat.mode = "slow"
-    _, result, logs = run(
-        safe_server, {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety_checker": False}
-    )
+    _, result, logs = run(safe_server, EXPAND)
     assert result.status_code == 200 and result.json()["prompt"] == "a red fox"
     assert any(line.startswith("Prompt expansion failed (no answer within 2 s)") for line in logs), logs
     chat.mode = "ok"

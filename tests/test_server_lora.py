@@ -11,8 +11,9 @@ import httpx
 import pytest
 from file_server import FileServer, running_file_server
 from lora_files import random_factors, write_musubi, write_wan
-from server import CHEAP_INPUT, Server, wait_completed
+from server import CHEAP_INPUT, Server, run_request
 
+from wanserve.client import WanserveClient
 from wanserve.client.fal import use_wanserve
 from wanserve.engine.tiny import TinyConfig, build_expert
 
@@ -70,32 +71,15 @@ def base(lora_server: Server) -> bytes:
     return video(lora_server, INPUT, app=APP)[0]
 
 
-def run(server: Server, body: dict[str, Any], app: str = LORA_APP) -> tuple[dict[str, Any], httpx.Response]:
-    """Submit, wait, and return (the final status with logs, the result response)."""
-    submitted = httpx.post(f"{server.url}/{app}", json=body, timeout=30)
-    assert submitted.status_code == 200, submitted.text
-    request_id = submitted.json()["request_id"]
-    wait_completed(server, APP, request_id)
-    status = httpx.get(f"{server.url}/{APP}/requests/{request_id}/status", params={"logs": 1}, timeout=10).json()
-    return status, httpx.get(submitted.json()["response_url"], timeout=30)
-
-
 def video(server: Server, body: dict[str, Any], app: str = LORA_APP) -> tuple[bytes, list[str]]:
-    status, result = run(server, body, app)
+    status, result, logs = run_request(server, app, body)
     assert result.status_code == 200, (result.text, status)
-    logs = [entry["message"] for entry in status["logs"]]
     return httpx.get(result.json()["video"]["url"], timeout=30).content, logs
 
 
 def put_file(server: Server, path: Path) -> str:
-    initiate = httpx.post(
-        f"{server.url}/rest/storage/upload/initiate?storage_type=fal-cdn-v3",
-        json={"file_name": path.name, "content_type": "application/octet-stream"},
-    )
-    assert initiate.status_code == 200, initiate.text
-    body = initiate.json()
-    assert httpx.put(body["upload_url"], content=path.read_bytes()).status_code in (200, 201)
-    return str(body["file_url"])
+    with WanserveClient(server.url) as client:
+        return client.upload_file(path)
 
 
 def test_lora_from_storage_local_and_url_isolated_and_cached(
@@ -146,13 +130,13 @@ def test_scale_and_expert_choice_through_the_api(lora_server: Server, base: byte
 
 
 def failure(server: Server, lora: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    status, result = run(server, {**INPUT, "loras": [lora]})
+    status, result, _ = run_request(server, LORA_APP, {**INPUT, "loras": [lora]})
     assert result.status_code == 422, result.text
     return status, result.json()
 
 
 def test_bad_loras_fail_clearly_and_the_next_request_succeeds(
-    lora_server: Server, loras: dict[str, Path], http: FileServer, tmp_path: Path
+    lora_server: Server, http: FileServer, tmp_path: Path
 ) -> None:
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a LoRA " * 50)

@@ -45,7 +45,7 @@ def test_a_job_taken_back_from_a_worker_runs_normally_when_that_worker_claims_it
     assert done.output is not None and done.output["seed"] == 3
 
 
-def run_one(tmp_path: Path, settings: Settings, job_input: dict[str, Any]) -> tuple[Any, list[str]]:
+def run_one(settings: Settings, job_input: dict[str, Any]) -> tuple[Any, list[str]]:
     store = open_job_store(settings)
     worker = Worker(
         settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
@@ -62,7 +62,7 @@ def test_operator_forced_safety_checks_run_even_when_the_request_turns_them_off(
     terms = tmp_path / "terms.txt"
     terms.write_text("forbidden\n")
     settings = Settings(data_dir=tmp_path, public_url="http://test", safety_terms_file=terms, safety_force=True)
-    done, logs = run_one(tmp_path, settings, {"prompt": "a forbidden fox", "enable_safety_checker": False})
+    done, logs = run_one(settings, {"prompt": "a forbidden fox", "enable_safety_checker": False})
     assert done.failure is not None and done.failure.error_type == "content_policy_violation"
     assert done.failure.http_status == 422 and done.failure.body["detail"][0]["loc"] == ["body", "prompt"]
     assert "Safety checker: checking the prompt (term policy)" in logs
@@ -70,6 +70,6 @@ def test_operator_forced_safety_checks_run_even_when_the_request_turns_them_off(
 
 def test_expansion_asked_for_without_a_backend_uses_the_prompt_and_says_why(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, public_url="http://test")
-    done, logs = run_one(tmp_path, settings, {"prompt": "a fox", "enable_prompt_expansion": True})
+    done, logs = run_one(settings, {"prompt": "a fox", "enable_prompt_expansion": True})
     assert done.failure is None and done.output["prompt"] == "a fox"
     assert any(line.startswith("Prompt expansion skipped: no expansion model or API is configured") for line in logs)

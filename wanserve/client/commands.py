@@ -16,10 +16,11 @@ from typing import Any, TextIO
 
 import httpx
 
-from wanserve.client.client import ApiError, InputError, QueueStatus, WanserveClient
+from wanserve.client.client import DEFAULT_APP, ApiError, InputError, QueueStatus, WanserveClient, detail_lines
+from wanserve.lora.sources import EXPERTS
 from wanserve.progress import format_duration
 
-TRANSFORMERS = ("high", "low", "both")
+TRANSFORMERS = tuple(EXPERTS)  # high, low, both
 
 
 def parse_lora(spec: str) -> dict[str, Any]:
@@ -198,10 +199,7 @@ def report_error(exc: Exception, args: argparse.Namespace) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"status_code": exc.status_code, "error_type": exc.error_type, "detail": exc.detail}))
         if isinstance(exc, InputError) and exc.field_errors:
-            fields = "\n".join(
-                f"  {'.'.join(str(p) for p in e.get('loc', []) if p != 'body')}: {e.get('msg')}"
-                for e in exc.field_errors
-            )
+            fields = "\n".join(f"  {line}" for line in detail_lines(exc.field_errors))
             print(f"error: invalid request ({exc.error_type}):\n{fields}", file=sys.stderr)
         else:
             print(f"error: {exc}", file=sys.stderr)
@@ -215,5 +213,5 @@ def report_error(exc: Exception, args: argparse.Namespace) -> int:
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help="server URL (env WANSERVE_URL, default http://127.0.0.1:8000)")
     p.add_argument("--key", default=None, help="API key (env WANSERVE_KEY)")
-    p.add_argument("--app", default="fal-ai/wan-22", help="endpoint id (default fal-ai/wan-22)")
+    p.add_argument("--app", default=DEFAULT_APP, help=f"endpoint id (default {DEFAULT_APP})")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

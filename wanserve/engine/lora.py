@@ -174,9 +174,9 @@ def _target_layer(modules: Mapping[str, torch.nn.Module], key: str) -> tuple[str
     return name, part, layer
 
 
-def check_fits(state_dict: Mapping[str, torch.Tensor], expert: torch.nn.Module) -> None:
-    """Every tensor must target an existing Linear layer with matching sizes, and A and B must agree on the rank."""
-    modules = dict(expert.named_modules())
+def check_fits(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, torch.nn.Module]) -> None:
+    """Every tensor must target an existing Linear layer (in `modules`, an expert's named modules) with matching
+    sizes, and A and B must agree on the rank."""
     ranks: dict[str, tuple[str, int]] = {}
     for key, tensor in state_dict.items():
         name, part, layer = _target_layer(modules, key)
@@ -201,10 +201,11 @@ def check_fits(state_dict: Mapping[str, torch.Tensor], expert: torch.nn.Module) 
                 raise LoraError(f"layer {name} has no {part} weight")
 
 
-def placed_for(state_dict: Mapping[str, torch.Tensor], expert: torch.nn.Module) -> dict[str, torch.Tensor]:
+def placed_for(
+    state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, torch.nn.Module]
+) -> dict[str, torch.Tensor]:
     """A copy of the factors on each target layer's device and in its dtype. PEFT then adopts these tensors as
     the adapter's own (no throwaway random init), and no two experts ever share an adapter's storage."""
-    modules = dict(expert.named_modules())
     out = {}
     for key, tensor in state_dict.items():
         weight = _target_layer(modules, key)[2].weight
@@ -276,15 +277,16 @@ class LoraAdapters:
             self._resident.move_to_end(sha)
             return LoraLoad(use, (), None, 0, 0, time.perf_counter() - started)
         converted = convert_lora(*read_lora_file(use.file.path))
+        layers = {id(m): dict(m.named_modules()) for m in missing}
         for module in missing:  # every expert is checked before any is touched
-            check_fits(converted.state_dict, module)
+            check_fits(converted.state_dict, layers[id(module)])
         loaded_into: list[ExpertName] = []
         for module in missing:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     module.load_lora_adapter(
-                        placed_for(converted.state_dict, module),
+                        placed_for(converted.state_dict, layers[id(module)]),
                         prefix="transformer",
                         adapter_name=entry.name,
                         metadata=converted.metadata,

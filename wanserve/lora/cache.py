@@ -77,12 +77,12 @@ class ContentCache:
         sha = file_sha256(downloaded)
         blob = self.blobs / sha
         os.replace(downloaded, blob)
+        size = blob.stat().st_size
         if url is not None:
-            entry = {"url": url, "sha256": sha, "size": blob.stat().st_size, "fetched_at": now}
+            entry = {"url": url, "sha256": sha, "size": size, "fetched_at": now}
             staged = self.temp_path()
             staged.write_text(json.dumps(entry))
             os.replace(staged, self._index_path(url))
-        size = blob.stat().st_size
         self.evict(time.time())
         return CachedFile(blob, sha, size)
 

@@ -140,13 +140,15 @@ class LoraResolver:
             except (OSError, ValueError) as exc:  # a NUL in the path, a name too long, a file we may not read
                 raise LoraError(f"cannot read {describe_path(path)}: {type(exc).__name__}") from None
         now = time.time()
-        hit = self.cache.lookup(path, now)
+        # a data URI is its own content: nothing to look up, and not worth an index entry holding all of it
+        index_key = None if kind is SourceKind.DATA else path
+        hit = self.cache.lookup(index_key, now) if index_key is not None else None
         if hit is not None:
             return LoraFile(hit.path, hit.sha256, hit.size, kind, False, time.perf_counter() - started)
         staged = self.cache.temp_path()
         try:
             fetch_input(path, staged, self.files, self.policy)
-            added = self.cache.add(staged, path, now)
+            added = self.cache.add(staged, index_key, now)
         finally:
             staged.unlink(missing_ok=True)
         downloaded = kind is SourceKind.URL

@@ -26,7 +26,7 @@ from wanserve.files.base import FileStore, lifecycle_expiry, new_key
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
 from wanserve.jobs.service import validation_errors
-from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse
+from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
 from wanserve.store.base import JobStore
 
@@ -37,7 +37,8 @@ def _describe_file(file: LoraFile) -> str:
     size = f"{file.size / 1e6:.2f} MB"
     if file.downloaded:
         return f"downloaded {size} in {file.seconds:.2f}s"
-    return f"{size} {file.kind} file" + (" from the disk cache" if file.kind in ("url", "storage", "data URI") else "")
+    cached = file.kind not in (SourceKind.LOCAL, SourceKind.HUB)
+    return f"{size} {file.kind} file" + (" from the disk cache" if cached else "")
 
 
 STALLED_EXIT_CODE = 70
@@ -183,11 +184,9 @@ class Worker:
             self._finish(
                 job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
             )
-        except ContentPolicyViolation as exc:
-            self._log(job, f"Flagged by the safety checker: {exc}", LogLevel.ERROR)
-            self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
-        except FieldError as exc:
-            self._log(job, f"Failed: {exc}", LogLevel.ERROR)
+        except (ContentPolicyViolation, FieldError) as exc:  # an input the request cannot have: a 422 naming it
+            flagged = isinstance(exc, ContentPolicyViolation)
+            self._log(job, f"{'Flagged by the safety checker' if flagged else 'Failed'}: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
         except WanserveError as exc:
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
