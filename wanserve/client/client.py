@@ -248,14 +248,31 @@ def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     return base, ({"Authorization": f"Key {key}"} if key else {})
 
 
+STREAM_TIMEOUT = httpx.Timeout(60.0, read=None)  # a status stream may sit quiet through a long step
+UPLOAD_INITIATE = "/rest/storage/upload/initiate"
+
+
+class _Routes:
+    """What both clients share: the server's URL and default app, and the paths of every call."""
+
+    def __init__(self, url: str | None, key: str | None, app: str) -> None:
+        self.url, self.headers = _settings(url, key)
+        self.app = app
+
+    def _request_path(self, request_id: str, app: str | None, tail: str = "") -> str:
+        return f"/{app_of(app or self.app)}/requests/{request_id}{tail}"
+
+    def _submit_path(self, body: Mapping[str, Any], endpoint: str | None, run: bool = False) -> str:
+        return f"/{'run/' if run else ''}{resolve_endpoint(body, self.app, endpoint)}"
+
+
 # --- the sync client ---
-class WanserveClient:
+class WanserveClient(_Routes):
     def __init__(
         self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0, app: str = DEFAULT_APP
     ) -> None:
-        self.url, headers = _settings(url, key)
-        self.app = app
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        super().__init__(url, key, app)
+        self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
         self.plain = httpx.Client(timeout=timeout)  # for URLs elsewhere: no API key
 
     def _for(self, url: str) -> httpx.Client:
@@ -281,18 +298,18 @@ class WanserveClient:
     ) -> Submitted:
         body = request_body(arguments)
         options = submit_options(webhook_url, priority)
-        response = self.http.post(f"/{resolve_endpoint(body, self.app, endpoint)}", json=body, **options)
+        response = self.http.post(self._submit_path(body, endpoint), json=body, **options)
         return Submitted.model_validate(check(response).json())
 
     def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
-        response = self.http.get(f"/{app_of(app or self.app)}/requests/{request_id}/status", params={"logs": int(logs)})
+        response = self.http.get(self._request_path(request_id, app, "/status"), params={"logs": int(logs)})
         return QueueStatus.model_validate(check(response, request_id).json())
 
     def stream_status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> Iterator[QueueStatus]:
         """Status updates as the server pushes them (SSE), until COMPLETED. Logs accumulate across updates."""
-        url = f"/{app_of(app or self.app)}/requests/{request_id}/status/stream"
+        url = self._request_path(request_id, app, "/status/stream")
         decoder, acc = SseDecoder(), StatusAccumulator([])
-        with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=httpx.Timeout(60.0, read=None)) as r:
+        with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=STREAM_TIMEOUT) as r:
             if r.status_code >= 400:
                 r.read()
                 raise error_from_response(r, request_id)
@@ -305,11 +322,11 @@ class WanserveClient:
                         return
 
     def result(self, request_id: str, *, app: str | None = None) -> WanT2VResponse:
-        return parse_result(self.http.get(f"/{app_of(app or self.app)}/requests/{request_id}"), request_id)
+        return parse_result(self.http.get(self._request_path(request_id, app)), request_id)
 
     def cancel(self, request_id: str, *, app: str | None = None) -> bool:
         """True when the cancel was accepted; False when the request had already completed."""
-        response = self.http.put(f"/{app_of(app or self.app)}/requests/{request_id}/cancel")
+        response = self.http.put(self._request_path(request_id, app, "/cancel"))
         if response.status_code == 400:
             return False
         check(response, request_id)
@@ -352,7 +369,7 @@ class WanserveClient:
     def run(self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0) -> WanT2VResponse:
         """The sync route: one HTTP call that returns the output (hanging up cancels the request)."""
         body = request_body(arguments)
-        response = self.http.post(f"/run/{resolve_endpoint(body, self.app, endpoint)}", json=body, timeout=timeout)
+        response = self.http.post(self._submit_path(body, endpoint, run=True), json=body, timeout=timeout)
         return WanT2VResponse.model_validate(check(response).json())
 
     def upload_file(
@@ -360,9 +377,7 @@ class WanserveClient:
     ) -> str:
         """Uploads to the server's storage and returns the file URL (usable as a LoRA `path`)."""
         payload, name, ctype = upload_payload(data, file_name, content_type)
-        initiate = check(
-            self.http.post("/rest/storage/upload/initiate", json={"file_name": name, "content_type": ctype})
-        )
+        initiate = check(self.http.post(UPLOAD_INITIATE, json={"file_name": name, "content_type": ctype}))
         target = initiate.json()
         upload_url = target["upload_url"]
         check(self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
@@ -387,13 +402,12 @@ class WanserveClient:
 
 
 # --- the async client ---
-class AsyncWanserveClient:
+class AsyncWanserveClient(_Routes):
     def __init__(
         self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0, app: str = DEFAULT_APP
     ) -> None:
-        self.url, headers = _settings(url, key)
-        self.app = app
-        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        super().__init__(url, key, app)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout)
         self.plain = httpx.AsyncClient(timeout=timeout)  # for URLs elsewhere: no API key
 
     def _for(self, url: str) -> httpx.AsyncClient:
@@ -419,23 +433,19 @@ class AsyncWanserveClient:
     ) -> Submitted:
         body = request_body(arguments)
         options = submit_options(webhook_url, priority)
-        response = await self.http.post(f"/{resolve_endpoint(body, self.app, endpoint)}", json=body, **options)
+        response = await self.http.post(self._submit_path(body, endpoint), json=body, **options)
         return Submitted.model_validate(check(response).json())
 
     async def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
-        response = await self.http.get(
-            f"/{app_of(app or self.app)}/requests/{request_id}/status", params={"logs": int(logs)}
-        )
+        response = await self.http.get(self._request_path(request_id, app, "/status"), params={"logs": int(logs)})
         return QueueStatus.model_validate(check(response, request_id).json())
 
     async def stream_status(
         self, request_id: str, *, logs: bool = True, app: str | None = None
     ) -> AsyncIterator[QueueStatus]:
-        url = f"/{app_of(app or self.app)}/requests/{request_id}/status/stream"
+        url = self._request_path(request_id, app, "/status/stream")
         decoder, acc = SseDecoder(), StatusAccumulator([])
-        async with self.http.stream(
-            "GET", url, params={"logs": int(logs)}, timeout=httpx.Timeout(60.0, read=None)
-        ) as r:
+        async with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=STREAM_TIMEOUT) as r:
             if r.status_code >= 400:
                 await r.aread()
                 raise error_from_response(r, request_id)
@@ -448,10 +458,10 @@ class AsyncWanserveClient:
                         return
 
     async def result(self, request_id: str, *, app: str | None = None) -> WanT2VResponse:
-        return parse_result(await self.http.get(f"/{app_of(app or self.app)}/requests/{request_id}"), request_id)
+        return parse_result(await self.http.get(self._request_path(request_id, app)), request_id)
 
     async def cancel(self, request_id: str, *, app: str | None = None) -> bool:
-        response = await self.http.put(f"/{app_of(app or self.app)}/requests/{request_id}/cancel")
+        response = await self.http.put(self._request_path(request_id, app, "/cancel"))
         if response.status_code == 400:
             return False
         check(response, request_id)
@@ -498,18 +508,14 @@ class AsyncWanserveClient:
         self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0
     ) -> WanT2VResponse:
         body = request_body(arguments)
-        response = await self.http.post(
-            f"/run/{resolve_endpoint(body, self.app, endpoint)}", json=body, timeout=timeout
-        )
+        response = await self.http.post(self._submit_path(body, endpoint, run=True), json=body, timeout=timeout)
         return WanT2VResponse.model_validate(check(response).json())
 
     async def upload_file(
         self, data: Path | str | bytes, *, file_name: str | None = None, content_type: str | None = None
     ) -> str:
         payload, name, ctype = upload_payload(data, file_name, content_type)
-        initiate = check(
-            await self.http.post("/rest/storage/upload/initiate", json={"file_name": name, "content_type": ctype})
-        )
+        initiate = check(await self.http.post(UPLOAD_INITIATE, json={"file_name": name, "content_type": ctype}))
         target = initiate.json()
         upload_url = target["upload_url"]
         check(await self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
