@@ -4,6 +4,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import engines
 import pytest
 import torch
 
@@ -55,21 +56,4 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
 @pytest.fixture
 def small_spec() -> Callable[..., GenerationSpec]:
     """A spec at a small size (engine tests): the behaviour is size-independent, the cost is not."""
-
-    def make(**overrides: object) -> GenerationSpec:
-        base: dict[str, object] = dict(
-            prompt="a red fox walks through snow",
-            negative_prompt="blurred, static",
-            width=96,
-            height=64,
-            num_frames=9,
-            num_inference_steps=6,
-            guidance_scale=5.0,
-            guidance_scale_2=4.0,
-            shift=5.0,
-            seed=1234,
-        )
-        base.update(overrides)
-        return GenerationSpec(**base)  # type: ignore[arg-type]
-
-    return make
+    return engines.small_spec

@@ -228,6 +228,33 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from wanserve.engine.bench import BenchConfig, run_bench
+
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    config = BenchConfig(
+        model=args.bench_model,
+        device=args.device or settings.device,
+        sizes=items(args.sizes),
+        frames=args.frames,
+        presets=items(args.presets),
+        videos=items(args.videos),
+        baseline_videos=not args.no_baseline_videos,
+        step_cache=args.step_cache,
+        memory_policy=args.memory_policy,
+        memory_cap_gib=args.memory_cap_gib,
+        deadline_s=args.deadline_s,
+        out_dir=Path(args.out_dir),
+        cache_dir=settings.cache_dir,
+    )
+    if args.verbose:
+        logging.getLogger("wanserve").setLevel(logging.INFO)
+    run_bench(config, emit=lambda line: print(line, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"wanserve {__version__}")
@@ -268,6 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", default=None, help="unique worker name (default host-pid)")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
+    bench = sub.add_parser(
+        "bench", help="time our speed presets against plain diffusers (forwards, whole videos, memory, error)"
+    )
+    bench.add_argument("--model", dest="bench_model", choices=["tiny", "a14b"], default="tiny",
+                       help="tiny (built-in) or a14b (full-size, random bf16 weights made on the GPU)")  # fmt: skip
+    bench.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--sizes", default="480p,580p,720p", help="resolutions of the forward timings ('' for none)")
+    bench.add_argument("--frames", type=int, default=81, help="frames per video")
+    bench.add_argument("--presets", default="exact,fast", help="our presets to compare with diffusers")
+    bench.add_argument("--videos", default="480p:30:5,720p:4:1",
+                       help="whole videos as RESOLUTION:STEPS:GUIDANCE, comma-separated ('' for none)")  # fmt: skip
+    bench.add_argument("--no-baseline-videos", action="store_true", help="skip the plain-diffusers videos")
+    bench.add_argument("--step-cache", type=float, default=0.0,
+                       help="also run the first preset's videos with First Block Cache at this threshold")  # fmt: skip
+    bench.add_argument("--memory-policy", choices=["auto", "resident", "swap", "offload"], default="auto")
+    bench.add_argument("--memory-cap-gib", type=float, default=0.0,
+                       help="cap this process's GPU memory (e.g. 24 to prove the small-card policy)")  # fmt: skip
+    bench.add_argument("--deadline-s", type=float, default=float("inf"), help="skip what would start after this")
+    bench.add_argument("--out-dir", default="bench-out", help="bench.json and the videos go here")
+    bench.add_argument("--cache-dir", default=None, help="model and compile caches (env WANSERVE_CACHE_DIR)")
+    bench.set_defaults(func=cmd_bench)
     _add_client_commands(sub)
     return parser
 

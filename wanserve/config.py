@@ -31,6 +31,34 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="CPU threads torch may use in a worker (0: torch's default). For CPU-only serving."
     )
+    preset: Literal["auto", "eager", "exact", "fast"] = Field(
+        "auto",
+        description="Speed preset: `exact` (GPU default: compiled, cuDNN attention, batched CFG, same output), "
+        "`fast` (FP8 linears and INT8/FP8 attention, ~1-3% error), `eager` (CPU default: plain diffusers).",
+    )
+    memory_policy: Literal["auto", "resident", "swap", "offload"] = Field(
+        "auto",
+        description="Where the experts live: `resident` (both on the GPU), `swap` (one at a time, next one "
+        "prefetched), `offload` (block by block, 24-48 GB cards); auto chooses from free GPU memory.",
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the transformer blocks (default: on with a GPU under exact/fast)."
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="Compiled-kernel cache kept across restarts (default: <cache-dir>/compile)."
+    )
+    warmup: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="Resolutions a worker runs once at start so that no request waits for compilation "
+        "(`auto`: 480p and 720p when compiling, none otherwise; empty: none).",
+    )
+    step_cache_threshold: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="First Block Cache threshold (0: off). Reuses a step's residual when the first block's output "
+        "barely changed: faster, not exact (the bench reports its error); 0.05-0.1 is typical.",
+    )
 
     # --- the service (`wanserve serve` / `wanserve worker`) ---
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
@@ -160,13 +188,27 @@ class Settings(BaseSettings):
         False, description="Check every request, even those that send `enable_safety_checker: false`."
     )
 
-    @field_validator("api_keys", "app_ids", "lora_roots", "safety_text_labels", "safety_image_labels", mode="before")
+    @field_validator(
+        "api_keys", "app_ids", "lora_roots", "safety_text_labels", "safety_image_labels", "warmup", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _known_resolutions(cls, value: list[str]) -> list[str]:
+        allowed = {"auto", "480p", "580p", "720p"}
+        for item in value:
+            if item not in allowed:
+                raise ValueError(f"unknown warm-up resolution {item!r} (use auto, 480p, 580p or 720p)")
+        return value
+
+    def resolved_compile_cache_dir(self) -> Path:
+        return self.compile_cache_dir or self.cache_dir / "compile"
 
     def resolved_lora_cache_dir(self) -> Path:
         return self.lora_cache_dir or self.cache_dir / "loras"

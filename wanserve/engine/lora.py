@@ -202,14 +202,19 @@ def check_fits(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, tor
 
 
 def placed_for(
-    state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, torch.nn.Module]
+    state_dict: Mapping[str, torch.Tensor],
+    modules: Mapping[str, torch.nn.Module],
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A copy of the factors on each target layer's device and in its dtype. PEFT then adopts these tensors as
-    the adapter's own (no throwaway random init), and no two experts ever share an adapter's storage."""
+    """A copy of the factors on `device` (default: each target layer's device) in the layer's compute dtype (an
+    FP8 layer's `compute_dtype`). PEFT then adopts these tensors as the adapter's own (no throwaway random init),
+    and no two experts ever share an adapter's storage. `device` is the GPU when the base weights are swapped or
+    offloaded to host memory between forwards: adapters are small and stay where the forward runs."""
     out = {}
     for key, tensor in state_dict.items():
-        weight = _target_layer(modules, key)[2].weight
-        out[key] = tensor.to(device=weight.device, dtype=weight.dtype, copy=True)
+        layer = _target_layer(modules, key)[2]
+        dtype = getattr(layer, "compute_dtype", layer.weight.dtype)
+        out[key] = tensor.to(device=device or layer.weight.device, dtype=dtype, copy=True)
     return out
 
 
@@ -230,10 +235,16 @@ class _Resident:
 class LoraAdapters:
     """The adapters resident on a pipeline's experts, and which of them a request activates."""
 
-    def __init__(self, experts: Mapping[ExpertName, WanTransformer3DModel], max_bytes: int) -> None:
+    def __init__(
+        self,
+        experts: Mapping[ExpertName, WanTransformer3DModel],
+        max_bytes: int,
+        device: torch.device | None = None,
+    ) -> None:
         # "high" and "low" may be one module (a single-expert model): adapters are tracked per module.
         self.experts = dict(experts)
         self.max_bytes = max_bytes
+        self.device = device  # where adapters live (default: beside each layer's weight)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # by sha256, least recently used first
 
     def _modules(self, roles: Sequence[ExpertName]) -> list[WanTransformer3DModel]:
@@ -286,7 +297,7 @@ class LoraAdapters:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     module.load_lora_adapter(
-                        placed_for(converted.state_dict, layers[id(module)]),
+                        placed_for(converted.state_dict, layers[id(module)], self.device),
                         prefix="transformer",
                         adapter_name=entry.name,
                         metadata=converted.metadata,

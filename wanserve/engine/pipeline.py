@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from wanserve.engine.lora import LoraAdapters
+from wanserve.engine.memory import GiB, MemoryManager, MemoryPlan, MemoryPolicy, module_bytes, plan_from_override
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
+from wanserve.engine.speed import DeviceInfo, SpeedPlan, compile_experts, plan_speed, prepare_experts
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
@@ -110,17 +115,130 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs the model (the settings' speed and memory section); defaults suit any device."""
+
+    preset: str = "auto"  # auto | eager | exact | fast (speed.py)
+    memory_policy: str = "auto"  # auto | resident | swap | offload (memory.py)
+    compile: bool | None = None  # None: the preset decides
+    compile_cache_dir: Path = Path.home() / ".cache" / "wanserve" / "compile"
+    step_cache_threshold: float = 0.0  # > 0: diffusers' First Block Cache with this threshold
+    unvalidated_fast_gpu: bool = False  # the bench's way to run `fast` on a GPU (speed.FAST_GPU_VALIDATED)
+    lora_memory_bytes: int = 4 * GiB
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    both: torch.Tensor | None = None  # cat([cond, uncond]) for batched CFG
+
+
+class _StepClock:
+    """Reports step progress without stalling the GPU: on CUDA a step is reported once the *next* step has been
+    queued (waiting on the earlier step's event leaves the GPU busy with the later one). On a CPU, at once."""
+
+    def __init__(self, total: int, start: float, on_step: StepCallback | None, device: torch.device) -> None:
+        self.total, self.start, self.on_step = total, start, on_step
+        self.cuda = device.type == "cuda"
+        self.pending: deque[tuple[StepPlan, Any]] = deque()
+        self.last = start
+
+    def issued(self, step: StepPlan) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, event))
+        while len(self.pending) > (1 if self.cuda else 0):
+            self._report()
+
+    def finish(self) -> None:
+        while self.pending:
+            self._report()
+
+    def _report(self) -> None:
+        step, event = self.pending.popleft()
+        if event is not None:
+            event.synchronize()
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        if self.on_step is not None:
+            self.on_step(
+                StepProgress(
+                    step=step.index + 1,
+                    total=self.total,
+                    expert=step.expert,
+                    timestep=step.timestep,
+                    forwards=step.forwards,
+                    seconds=seconds,
+                    elapsed=now - self.start,
+                )
+            )
+
+
 class WanEngine:
     """Turns a GenerationSpec into frames with a loaded Wan 2.2 pipeline."""
 
-    def __init__(self, pipe: WanPipeline, device: torch.device, lora_memory_bytes: int = 4 * 1024**3) -> None:
+    def __init__(
+        self,
+        pipe: WanPipeline,
+        device: torch.device,
+        options: EngineOptions | None = None,
+        device_info: DeviceInfo | None = None,
+    ) -> None:
         if pipe.transformer is None and pipe.transformer_2 is None:
             raise InvalidGenerationInput("the pipeline has no transformer")
+        options = options or EngineOptions()
         self.pipe = pipe
         self.device = device
-        self.pipe.to(device)
+        self.options = options
+        info = device_info or DeviceInfo.probe(device)
+        if info.type == "cuda":  # what the model already holds there is available to the policy too
+            held = [m for m in (pipe.transformer, pipe.transformer_2, pipe.text_encoder, pipe.vae) if m is not None]
+            info = replace(info, free_bytes=info.free_bytes + sum(
+                module_bytes(m) for m in held if next(m.parameters()).device.type == "cuda"))  # fmt: skip
+        self.speed: SpeedPlan = plan_speed(options.preset, info, options.compile, options.unvalidated_fast_gpu)
+        experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+        high = self._expert(Expert.HIGH)
+        self.dtype = high.dtype  # the compute dtype (read before any layer turns FP8)
+        sizes = (module_bytes(high), len(experts), module_bytes(pipe.text_encoder), high.config.num_attention_heads
+                 * high.config.attention_head_dim)  # fmt: skip
+        self.memory_plan: MemoryPlan = plan_from_override(options.memory_policy, info, sizes)
+        if self.memory_plan.policy is MemoryPolicy.OFFLOAD and self.speed.compile:
+            # Block-by-block offloading is bound by host-to-device copies, and its hooks sit on the very blocks a
+            # regional compile would compile: compiling would gain nothing there.
+            self.speed = replace(self.speed, compile=False, notes=(*self.speed.notes, "no compile under offload"))
+        # FP8 conversion is fastest where the weights are: on the GPU when they will live there, else before they
+        # move to host memory.
+        if self.memory_plan.policy is MemoryPolicy.RESIDENT:
+            self.memory = MemoryManager(pipe, self.memory_plan, device)
+            prepare_experts(experts, self.speed)
+        else:
+            prepare_experts(experts, self.speed)
+            self.memory = MemoryManager(pipe, self.memory_plan, device)
+        for model in experts:
+            if model.is_cache_enabled:  # an engine made again on the same pipeline (the bench) starts clean
+                model.disable_cache()
+            if options.step_cache_threshold > 0:
+                from diffusers.hooks import FirstBlockCacheConfig
+
+                model.enable_cache(FirstBlockCacheConfig(threshold=options.step_cache_threshold))
+        compile_experts(experts, self.speed, options.compile_cache_dir)
+        self.batch_cfg = self.speed.batch_cfg and self.memory.batch_cfg_allowed
         self.loras = LoraAdapters(
-            {"high": self._expert(Expert.HIGH), "low": self._expert(Expert.LOW)}, lora_memory_bytes
+            {"high": high, "low": self._expert(Expert.LOW)},
+            options.lora_memory_bytes,
+            device=device if self.memory_plan.policy is not MemoryPolicy.RESIDENT else None,
+        )
+
+    def describe(self) -> str:
+        """One line on how the model runs (for the worker's start-up log and the bench)."""
+        batch = "cond+uncond batched" if self.batch_cfg else "cond and uncond as two forwards"
+        return (
+            f"preset {self.speed.describe()}; memory {self.memory_plan.policy.value} ({self.memory_plan.reason}); "
+            + batch
         )
 
     @property
@@ -185,17 +303,21 @@ class WanEngine:
         )
         any_cfg = any(p.uses_cfg for p in plan)
 
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            do_classifier_free_guidance=any_cfg,
-            max_sequence_length=TEXT_CONTEXT_TOKENS,
-            device=device,
-        )
-        transformer_dtype = self._expert(Expert.HIGH).dtype
+        with self.memory.text_encoder():
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                do_classifier_free_guidance=any_cfg,
+                max_sequence_length=TEXT_CONTEXT_TOKENS,
+                device=device,
+            )
+        transformer_dtype = self.dtype
         prompt_embeds = prompt_embeds.to(transformer_dtype)
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(transformer_dtype)
+        both_embeds = (
+            torch.cat([prompt_embeds, negative_embeds]) if self.batch_cfg and negative_embeds is not None else None
+        )
         timings["encode_s"] = time.perf_counter() - t0
 
         # Noise is drawn on the CPU so that a seed gives the same video on any device.
@@ -211,43 +333,24 @@ class WanEngine:
             generator,
         )
         scheduler.set_begin_index(0)
+        if self.options.step_cache_threshold > 0:
+            for model in {id(m): m for m in (self._expert(Expert.HIGH), self._expert(Expert.LOW))}.values():
+                model._reset_stateful_cache()
 
         t_loop = time.perf_counter()
+        clock = _StepClock(len(plan), t_loop, on_step, device)
+        embeds = PromptEmbeds(prompt_embeds, negative_embeds, both_embeds)
         for step, t in zip(plan, scheduler.timesteps, strict=True):
             if is_cancelled is not None and is_cancelled():
                 raise GenerationCancelled(f"cancelled before step {step.index + 1}/{len(plan)}")
-            t_step = time.perf_counter()
-            model = self._expert(step.expert)
-            latent_input = latents.to(transformer_dtype)
-            timestep = t.expand(latents.shape[0])
-            noise_pred = model(
-                hidden_states=latent_input,
-                timestep=timestep,
-                encoder_hidden_states=prompt_embeds,
-                return_dict=False,
-            )[0]
-            if step.uses_cfg:
-                noise_uncond = model(
-                    hidden_states=latent_input,
-                    timestep=timestep,
-                    encoder_hidden_states=negative_embeds,
-                    return_dict=False,
-                )[0]
-                noise_pred = noise_uncond + step.guidance_scale * (noise_pred - noise_uncond)
+            following = plan[step.index + 1].expert if step.index + 1 < len(plan) else None
+            context = {"step_index": step.index, "sigma": float(scheduler.sigmas[step.index]),
+                       "num_inference_steps": len(plan)}  # fmt: skip
+            cond, uncond = self.predict_noise(step, latents.to(transformer_dtype), t, embeds, following, context)
+            noise_pred = cond if uncond is None else uncond + step.guidance_scale * (cond - uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                now = time.perf_counter()
-                on_step(
-                    StepProgress(
-                        step=step.index + 1,
-                        total=len(plan),
-                        expert=step.expert,
-                        timestep=step.timestep,
-                        forwards=step.forwards,
-                        seconds=now - t_step,
-                        elapsed=now - t_loop,
-                    )
-                )
+            clock.issued(step)
+        clock.finish()
         timings["denoise_s"] = time.perf_counter() - t_loop
         if is_cancelled is not None and is_cancelled():
             raise GenerationCancelled("cancelled before decoding")
@@ -259,6 +362,42 @@ class WanEngine:
             frames = np.ascontiguousarray(frames[::-1])
         timings["total_s"] = time.perf_counter() - t0
         return GenerationResult(frames=frames, seed=spec.seed, steps=plan, frames_generated=generated, timings=timings)
+
+    def predict_noise(
+        self,
+        step: StepPlan,
+        latent_input: torch.Tensor,
+        t: torch.Tensor,
+        embeds: PromptEmbeds,
+        following: Expert | None = None,
+        cache_context: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The expert's conditional and (with CFG) unconditional predictions for one step: one batch-2 forward when
+        batching, else two. The step's last forward runs inside the memory policy's handoff to `following`."""
+        model = self._expert(step.expert)
+        self.memory.before_forward(step.expert)
+        context = cache_context or {}
+
+        def forward(name: str, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            with model.cache_context(name, **context):
+                return model(
+                    hidden_states=hidden,
+                    timestep=t.expand(hidden.shape[0]),
+                    encoder_hidden_states=text,
+                    return_dict=False,
+                )[0]
+
+        if not step.uses_cfg:
+            with self.memory.handing_off(step.expert, following):
+                return forward("cond", latent_input, embeds.cond), None
+        if embeds.both is not None:
+            with self.memory.handing_off(step.expert, following):
+                cond, uncond = forward("cond_uncond", torch.cat([latent_input] * 2), embeds.both).chunk(2)
+            return cond, uncond
+        assert embeds.uncond is not None
+        cond = forward("cond", latent_input, embeds.cond)
+        with self.memory.handing_off(step.expert, following):
+            return cond, forward("uncond", latent_input, embeds.uncond)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae

@@ -14,6 +14,7 @@ from wanserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from wanserve.engine.lora import LoraLoad
 from wanserve.engine.pipeline import (
     CancelCheck,
+    EngineOptions,
     GenerationResult,
     GenerationSpec,
     StepCallback,
@@ -43,7 +44,20 @@ class EngineRunner:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         pipe = load_pipeline(settings.model, settings.cache_dir, dtype)
-        return cls(WanEngine(pipe, device, lora_memory_bytes=settings.lora_memory_bytes), settings)
+        return cls(WanEngine(pipe, device, engine_options(settings)), settings)
+
+    def warm_up(self, on_phase: Callable[[str], None] | None = None) -> list[str]:
+        """Run the settings' warm-up resolutions once (81 frames, 2 steps: both experts, batched CFG, the VAE) so
+        that compilation happens now rather than in a request. Returns the resolutions warmed."""
+        resolutions = warmup_resolutions(self.settings.warmup, self.engine.speed.compile)
+        for resolution in resolutions:
+            if on_phase is not None:
+                on_phase(f"Warm-up: {resolution}, 81 frames ({self.engine.describe()})")
+            request = WanT2VRequest.model_validate(
+                {"prompt": "warm-up", "resolution": resolution, "num_inference_steps": 2, "seed": 0}
+            )
+            self.engine.generate(GenerationSpec.from_request(request))
+        return resolutions
 
     def generate_video(
         self,
@@ -92,3 +106,24 @@ def describe_load(index: int, count: int, load: LoraLoad) -> str:
         f"{head}: loaded into the {experts}-noise expert{'s' if len(load.loaded_into) > 1 else ''} in "
         f"{load.seconds:.2f}s ({load.format} format, {load.tensors} tensors{ignored}), scale {load.use.scale:g}"
     )
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        preset=settings.preset,
+        memory_policy=settings.memory_policy,
+        compile=settings.compile,
+        compile_cache_dir=settings.resolved_compile_cache_dir(),
+        step_cache_threshold=settings.step_cache_threshold,
+        lora_memory_bytes=settings.lora_memory_bytes,
+    )
+
+
+def warmup_resolutions(setting: Sequence[str], compiling: bool) -> list[str]:
+    """`auto` means the common sizes when compiling (a first request would otherwise compile) and none when not."""
+    out: list[str] = []
+    for item in setting:
+        for resolution in (["480p", "720p"] if compiling else []) if item == "auto" else [item]:
+            if resolution not in out:
+                out.append(resolution)
+    return out

@@ -91,7 +91,12 @@ class Worker:
         if self._runner_factory is None:
             from wanserve.engine.runner import EngineRunner  # the engine (torch) loads only in workers
 
-            self._runner = EngineRunner.from_settings(self.settings)
+            runner = EngineRunner.from_settings(self.settings)
+            log.info("engine: %s", runner.engine.describe())
+            warmed = runner.warm_up(on_phase=lambda line: log.info("%s", line))
+            self._detail["engine"] = runner.engine.describe()
+            self._detail["warmed_up"] = warmed
+            self._runner = runner
         else:
             self._runner = self._runner_factory(self.settings)
         self._load_checks()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
+# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24 [OUT_DIR]
+#   main:  one 720p expert forward (diffusers eager, exact, fast), a 720p 4-step guidance-1 video per preset.
+#   cap24: the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
+# Python packages the machine lacks may sit as wheels in .whl/ (installed to /tmp/site first).
+set -u
+MODE=${1:-main}
+OUT=${2:-${OUT:-gpu-out}}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device-$MODE.txt"
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/device-$MODE.txt"
+if [ "$MODE" = main ]; then
+  [ -n "${SKIP_KERNEL:-}" ] || timeout 100 python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
+  timeout "${BENCH_TIMEOUT:-380}" python3 -m wanserve bench --model a14b --device cuda --sizes 720p --presets exact,fast \
+    --videos "${VIDEOS-720p:4:1}" --no-baseline-videos --deadline-s "${DEADLINE:-290}" --out-dir /tmp/bench-main 2>&1 | tee "$OUT/bench.log"
+  cp /tmp/bench-main/bench.json "$OUT/bench-main.json" 2>/dev/null
+else
+  timeout "${BENCH_TIMEOUT:-200}" python3 -m wanserve bench --model a14b --device cuda --sizes '' --presets exact \
+    --videos 480p:2:5 --no-baseline-videos --memory-policy offload --memory-cap-gib 24 --out-dir /tmp/bench-cap \
+    2>&1 | tee "$OUT/cap24.log"
+  cp /tmp/bench-cap/bench.json "$OUT/bench-cap24.json" 2>/dev/null
+fi
+exit 0

@@ -1,0 +1,35 @@
+"""Tiny engines and small generation specs for the engine tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from wanserve.engine.loading import load_pipeline
+from wanserve.engine.pipeline import EngineOptions, GenerationSpec, WanEngine
+
+
+def tiny_engine(model_cache: Path, **options: object) -> WanEngine:
+    """A fresh tiny pipeline per engine: presets and memory policies change the experts in place."""
+    pipe = load_pipeline("tiny", model_cache, torch.float32)
+    return WanEngine(pipe, torch.device("cpu"), EngineOptions(**options))  # type: ignore[arg-type]
+
+
+def small_spec(**overrides: object) -> GenerationSpec:
+    """A spec at a small size: engine behaviour is size-independent, the cost is not. 6 steps at shift 5 by
+    default; CFG on both experts."""
+    base: dict[str, object] = dict(
+        prompt="a red fox walks through snow",
+        negative_prompt="blurred, static",
+        width=96,
+        height=64,
+        num_frames=9,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        guidance_scale_2=4.0,
+        shift=5.0,
+        seed=1234,
+    )
+    base.update(overrides)
+    return GenerationSpec(**base)  # type: ignore[arg-type]

@@ -1,0 +1,136 @@
+"""`wanserve bench` on the tiny model on a CPU, its FLOP count, and the speed/memory settings (warm-up,
+presets) that the worker reads."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from wanserve.config import Settings
+from wanserve.engine.bench import A14B_EXPERT, VideoCase, forward_flops, video_tokens
+from wanserve.engine.runner import engine_options, warmup_resolutions
+
+A14B = SimpleNamespace(**A14B_EXPERT)
+
+
+def test_bench_cli_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["--device", "cpu", "--sizes", "480p", "--frames", "9", "--videos", "480p:2:5", "--step-cache", "0.99",
+            "--out-dir", str(out), "--cache-dir", str(model_cache)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "wanserve", "bench", *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED" not in proc.stdout, proc.stdout
+
+    # The markdown table: one forward row per preset, one video row per run.
+    for preset in ("diffusers", "exact", "fast"):
+        assert re.search(rf"^\| 480p \| {preset} \| \d+\.\d+ \| \d+\.\d+x \|", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\| 480p 9f 2 steps g5 \| exact\+fbc0\.99 \|", proc.stdout, re.M), proc.stdout
+
+    doc = json.loads((out / "bench.json").read_text())
+    forwards = {row["preset"]: row for row in doc["forwards"]}
+    assert list(forwards) == ["diffusers", "exact", "fast"]
+    assert all(row["size"] == "480p" and row["seconds"] > 0 and row["tflops"] > 0 for row in doc["forwards"])
+    assert forwards["exact"]["rel_error"] < 1e-4
+
+    videos = {row["preset"]: row for row in doc["videos"]}
+    assert list(videos) == ["diffusers", "exact", "exact+fbc0.99", "fast"]
+    assert all(row["case"] == "480p 9f 2 steps g5" for row in doc["videos"])
+    assert {"encode_s", "denoise_s", "decode_s", "mp4_s"} <= set(videos["exact"]["phases"])
+    note = videos["exact+fbc0.99"]["note"]
+    assert re.fullmatch(r"frames differ by \d+\.\d\d% from exact without the cache", note), note
+    assert note in proc.stdout
+    for name in ("diffusers", "exact", "exact+fbc0.99", "fast"):
+        video = out / f"{name}.mp4"
+        assert video.is_file() and video.stat().st_size > 1000, name
+    # The emulated FP8 path measures 2.5% on the tiny model: 10% leaves room and still catches a forward that
+    # runs with something else switched on (such as a step cache left over from the previous engine).
+    assert 0 < forwards["fast"]["rel_error"] < 0.10, forwards["fast"]
+
+
+def test_forward_flops_matches_the_design_note() -> None:
+    # DESIGN.md section 5: one 720p A14B forward, 75,600 tokens, 11.2 s at 582 TFLOP/s.
+    flops = forward_flops(75_600, A14B)
+    assert flops == pytest.approx(582e12 * 11.2, rel=0.01)
+    assert flops == pytest.approx(6.5e15, rel=0.01)
+    assert forward_flops(75_600, A14B, batch=2) == 2 * flops
+    # Attention grows with the square of the tokens, the rest linearly.
+    assert 2 * flops < forward_flops(151_200, A14B) < 4 * flops
+
+
+def test_video_tokens_of_720p() -> None:
+    pipe = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8)
+    assert video_tokens(pipe, A14B, 1280, 720, 81) == 75_600
+    assert video_tokens(pipe, A14B, 832, 480, 81) == 32_760
+
+
+def test_video_case_parse() -> None:
+    case = VideoCase.parse("720p:4:1", 81)
+    assert (case.resolution, case.steps, case.guidance, case.frames) == ("720p", 4, 1.0, 81)
+    assert case.name == "720p 81f 4 steps g1"
+    with pytest.raises(ValueError):
+        VideoCase.parse("720p:4", 81)
+
+
+@pytest.mark.parametrize(
+    ("setting", "compiling", "expected"),
+    [
+        (["auto"], True, ["480p", "720p"]),
+        (["auto"], False, []),
+        ([], True, []),
+        (["720p", "480p", "720p"], False, ["720p", "480p"]),
+        (["580p", "auto"], True, ["580p", "480p", "720p"]),
+        (["720p", "auto"], True, ["720p", "480p"]),
+        (["580p", "auto"], False, ["580p"]),
+    ],
+)
+def test_warmup_resolutions(setting: list[str], compiling: bool, expected: list[str]) -> None:
+    assert warmup_resolutions(setting, compiling) == expected
+
+
+def test_warmup_setting_is_validated() -> None:
+    with pytest.raises(ValidationError, match="1080p"):
+        Settings(warmup=["1080p"])
+    assert Settings().warmup == ["auto"]
+    assert Settings(warmup=[]).warmup == []
+
+
+def test_speed_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANSERVE_PRESET", "fast")
+    monkeypatch.setenv("WANSERVE_WARMUP", "480p, 720p")
+    monkeypatch.setenv("WANSERVE_MEMORY_POLICY", "swap")
+    monkeypatch.setenv("WANSERVE_STEP_CACHE_THRESHOLD", "0.05")
+    monkeypatch.setenv("WANSERVE_COMPILE", "false")
+    settings = Settings(cache_dir=tmp_path)
+    assert settings.preset == "fast"
+    assert settings.warmup == ["480p", "720p"]
+    assert settings.memory_policy == "swap"
+    assert settings.compile is False
+    options = engine_options(settings)
+    assert (options.preset, options.memory_policy, options.compile) == ("fast", "swap", False)
+    assert options.step_cache_threshold == 0.05
+    assert options.compile_cache_dir == tmp_path / "compile"
+    monkeypatch.setenv("WANSERVE_WARMUP", "1080p")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.setenv("WANSERVE_WARMUP", "")
+    monkeypatch.setenv("WANSERVE_PRESET", "turbo")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_speed_settings_defaults(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path, compile_cache_dir=tmp_path / "kernels")
+    assert (settings.preset, settings.memory_policy, settings.compile) == ("auto", "auto", None)
+    assert settings.step_cache_threshold == 0.0
+    assert engine_options(settings).compile_cache_dir == tmp_path / "kernels"
+    with pytest.raises(ValidationError):
+        Settings(step_cache_threshold=1.5)

@@ -1,0 +1,276 @@
+"""Memory policies (wanserve.engine.memory): the choice from free GPU memory, and resident / swap / offload on the
+tiny model on a CPU. On a CPU the weights never move, so the expert handoff's bookkeeping is also checked with a
+recording stand-in for the pinned host copies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
+from engines import small_spec, tiny_engine
+from torch import nn
+
+from wanserve.engine.loading import load_pipeline
+from wanserve.engine.memory import (
+    ExpertSwap,
+    GiB,
+    HandoffBlocks,
+    MemoryPolicy,
+    PinnedWeights,
+    choose_memory_plan,
+    plan_from_override,
+)
+from wanserve.engine.pipeline import GenerationSpec
+from wanserve.engine.sampling import Expert
+from wanserve.engine.speed import DeviceInfo
+
+# Wan 2.2 T2V-A14B in bf16 (DESIGN.md section 5).
+A14B = dict(expert_bytes=int(26.7 * GiB), experts=2, text_encoder_bytes=int(10.6 * GiB), model_dim=5120)
+A14B_SIZES = (A14B["expert_bytes"], A14B["experts"], A14B["text_encoder_bytes"], A14B["model_dim"])
+
+
+def gpu(free_gib: float) -> DeviceInfo:
+    return DeviceInfo(type="cuda", name="gpu", capability=(9, 0), free_bytes=int(free_gib * GiB))
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+# --- choosing a policy ---
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "policy", "text_encoder_resident"),
+    [
+        (139, MemoryPolicy.RESIDENT, True),  # H200: experts, text encoder and a 720p batched forward
+        (79, MemoryPolicy.RESIDENT, False),  # H100: experts fit (~71.3 GiB with activations), the encoder visits
+        (48, MemoryPolicy.SWAP, False),  # one expert + activations: ~44.6 GiB
+        (44, MemoryPolicy.OFFLOAD, False),  # just under that
+        (24, MemoryPolicy.OFFLOAD, False),
+    ],
+)
+def test_choose_memory_plan_for_a14b(free_gib: float, policy: MemoryPolicy, text_encoder_resident: bool) -> None:
+    plan = choose_memory_plan(gpu(free_gib), **A14B)
+    assert plan.policy is policy
+    assert plan.text_encoder_resident is text_encoder_resident
+    assert f"{free_gib:.1f} GiB free" in plan.reason
+
+
+def test_choose_memory_plan_on_cpu_keeps_everything() -> None:
+    plan = choose_memory_plan(DeviceInfo(type="cpu"), **A14B)
+    assert plan.policy is MemoryPolicy.RESIDENT and plan.text_encoder_resident
+
+
+def test_plan_from_override_obeys_a_named_policy() -> None:
+    assert plan_from_override("auto", gpu(48), A14B_SIZES).policy is MemoryPolicy.SWAP
+    swap = plan_from_override("swap", gpu(139), A14B_SIZES)
+    assert swap.policy is MemoryPolicy.SWAP and not swap.text_encoder_resident and "swap" in swap.reason
+    offload = plan_from_override("offload", DeviceInfo(type="cpu"), A14B_SIZES)
+    assert offload.policy is MemoryPolicy.OFFLOAD and not offload.text_encoder_resident
+    # `resident` keeps the text encoder only where the automatic rule would.
+    assert plan_from_override("resident", gpu(139), A14B_SIZES).text_encoder_resident
+    forced = plan_from_override("resident", gpu(48), A14B_SIZES)
+    assert forced.policy is MemoryPolicy.RESIDENT and not forced.text_encoder_resident
+    with pytest.raises(ValueError):
+        plan_from_override("everywhere", gpu(80), A14B_SIZES)
+
+
+# --- the policies on the tiny model ---
+
+
+def spec(**overrides: object) -> GenerationSpec:
+    """4 steps at shift 5: two high-noise steps, then two low-noise ones; CFG on both experts."""
+    return small_spec(**{"num_inference_steps": 4, "guidance_scale": 4.0, "guidance_scale_2": 3.0, "seed": 77,
+                         **overrides})  # fmt: skip
+
+
+def test_swap_gives_the_resident_frames_and_hands_off_both_ways(model_cache: Path) -> None:
+    resident = tiny_engine(model_cache, memory_policy="resident")
+    assert resident.memory_plan.policy is MemoryPolicy.RESIDENT and resident.memory.swap is None
+    want = resident.generate(spec()).frames
+
+    swap = tiny_engine(model_cache, memory_policy="swap")
+    assert swap.memory_plan.policy is MemoryPolicy.SWAP and "swap" in swap.describe()
+    assert swap.memory.swap is not None
+    blocks = len(swap.pipe.transformer.blocks)
+    assert isinstance(swap.pipe.transformer.blocks, HandoffBlocks)
+    assert isinstance(swap.pipe.transformer_2.blocks, HandoffBlocks)
+    got = swap.generate(spec()).frames
+    assert rel_error(got, want) <= 1e-6
+    # At the last high-noise step the low-noise expert comes in; at the last step the high-noise one comes back for
+    # the next request. Each time every block moved while the step ran.
+    assert swap.memory.swap.handoffs == [(Expert.HIGH, Expert.LOW, blocks), (Expert.LOW, Expert.HIGH, blocks)]
+    assert swap.memory.swap.on_device is Expert.HIGH
+    # Without CFG on the low-noise expert the handoff sits on its single forward instead.
+    swap.generate(spec(guidance_scale_2=1.0))
+    assert swap.memory.swap.handoffs[2:] == [(Expert.HIGH, Expert.LOW, blocks), (Expert.LOW, Expert.HIGH, blocks)]
+
+
+def test_swap_with_the_step_cache_still_hands_off(model_cache: Path) -> None:
+    engine = tiny_engine(model_cache, memory_policy="swap", step_cache_threshold=0.99)
+    assert engine.memory.swap is not None
+    blocks = len(engine.pipe.transformer.blocks)
+    first = engine.generate(spec(num_inference_steps=6)).frames
+    second = engine.generate(spec(num_inference_steps=6)).frames
+    assert np.isfinite(first).all()
+    assert np.array_equal(first, second)  # the cache state is reset per request
+    uncached = tiny_engine(model_cache, memory_policy="swap").generate(spec(num_inference_steps=6)).frames
+    assert 0 < rel_error(first, uncached) < 0.05  # the cache did skip work (measured 0.1%)
+    one_request = [(Expert.HIGH, Expert.LOW, blocks), (Expert.LOW, Expert.HIGH, blocks)]
+    assert engine.memory.swap.handoffs == one_request * 2
+    assert engine.memory.swap.on_device is Expert.HIGH
+
+
+def test_offload_completes_close_to_resident(model_cache: Path) -> None:
+    # Larger than the VAE's 256-pixel tile, so the tiled decode is used.
+    big = spec(width=288, height=272, num_inference_steps=2)
+    want = tiny_engine(model_cache, memory_policy="resident").generate(big).frames
+    engine = tiny_engine(model_cache, memory_policy="offload")
+    assert engine.memory_plan.policy is MemoryPolicy.OFFLOAD
+    assert engine.pipe.vae.use_tiling
+    assert _is_group_offload_enabled(engine.pipe.transformer) and _is_group_offload_enabled(engine.pipe.transformer_2)
+    assert not engine.batch_cfg
+    got = engine.generate(big).frames
+    assert got.shape == want.shape == (9, 272, 288, 3)
+    assert rel_error(got, want) < 1e-2
+
+
+def test_offload_turns_off_batched_cfg_and_compile(model_cache: Path) -> None:
+    engine = tiny_engine(model_cache, preset="exact", compile=True, memory_policy="offload")
+    assert engine.speed.batch_cfg and not engine.batch_cfg
+    assert not engine.speed.compile
+    assert "no compile under offload" in engine.speed.notes
+    assert "two forwards" in engine.describe()
+
+
+# --- the handoff itself ---
+
+
+def test_handoff_blocks_calls_after_block_once_per_block_in_order() -> None:
+    layers = [nn.Linear(4, 4) for _ in range(3)]
+    plain = nn.ModuleList(layers)
+    blocks = HandoffBlocks(layers)
+    assert list(blocks.state_dict()) == list(plain.state_dict())
+    assert [name for name, _ in blocks.named_modules()] == [name for name, _ in plain.named_modules()]
+    assert len(blocks) == 3 and blocks[1] is layers[1]
+
+    events: list[str] = []
+    blocks.after_block = lambda i: events.append(f"after {i}")
+    for i, block in enumerate(blocks):
+        assert block is layers[i]
+        events.append(f"run {i}")
+    assert events == ["run 0", "after 0", "run 1", "after 1", "run 2", "after 2"]
+    blocks.after_block = None
+    assert list(blocks) == layers  # no hook: a plain iteration
+    assert events[-1] == "after 2"
+
+
+def test_handoff_blocks_under_a_model_keeps_its_state_dict_keys() -> None:
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+    before = list(model.state_dict())
+    model.blocks = HandoffBlocks(model.blocks)
+    assert list(model.state_dict()) == before
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    assert all(not p.detach().any() for p in model.parameters())
+
+
+class RecordingWeights(PinnedWeights):
+    """PinnedWeights whose 'device' is a set of tensor ids: what was uploaded and not released since."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.resident: set[int] = set()
+
+    def adopt(self, module: nn.Module) -> None:
+        pass
+
+    def upload(self, module: nn.Module, recurse: bool = True) -> None:
+        self.resident.update(id(t) for t in self.tensors(module, recurse))
+
+    def release(self, module: nn.Module, recurse: bool = True) -> None:
+        self.resident.difference_update(id(t) for t in self.tensors(module, recurse))
+
+    def on_device(self, module: nn.Module) -> bool:
+        return all(id(t) in self.resident for t in self.tensors(module))
+
+    def off_device(self, module: nn.Module) -> bool:
+        return not any(id(t) in self.resident for t in self.tensors(module))
+
+
+@pytest.fixture
+def experts(model_cache: Path) -> Iterator[tuple[ExpertSwap, RecordingWeights, nn.Module, nn.Module]]:
+    pipe = load_pipeline("tiny", model_cache, torch.float32)
+    weights = RecordingWeights()
+    swap = ExpertSwap({Expert.HIGH: pipe.transformer, Expert.LOW: pipe.transformer_2}, weights)
+    yield swap, weights, pipe.transformer, pipe.transformer_2
+
+
+def outside_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for name, m in model.named_children() if name != "blocks"]
+
+
+def test_handoff_moves_each_block_after_its_last_use(experts: tuple) -> None:
+    swap, weights, high, low = experts
+    swap.ensure(Expert.HIGH)
+    assert weights.on_device(high) and weights.off_device(low)
+    with swap.handing_off(Expert.HIGH, Expert.LOW):
+        for i, block in enumerate(high.blocks):  # the expert's forward loop
+            assert weights.on_device(block), f"block {i} released before it ran"
+            for j in range(len(low.blocks)):
+                assert weights.on_device(low.blocks[j]) is (j < i)
+                assert weights.off_device(high.blocks[j]) is (j < i)
+    assert all(weights.off_device(b) for b in high.blocks)
+    assert all(weights.on_device(b) for b in low.blocks)
+    assert all(weights.on_device(m) for m in outside_blocks(low))
+    assert all(weights.off_device(m) for m in outside_blocks(high))
+    assert swap.on_device is Expert.LOW
+    assert swap.handoffs == [(Expert.HIGH, Expert.LOW, len(high.blocks))]
+    swap.ensure(Expert.LOW)  # already there: nothing moves
+    assert swap.handoffs == [(Expert.HIGH, Expert.LOW, len(high.blocks))]
+
+
+def test_handoff_moves_blocks_the_forward_did_not_reach(experts: tuple) -> None:
+    """A step cache may skip blocks: whatever the forward did not reach is moved when the handoff ends."""
+    swap, weights, high, low = experts
+    swap.ensure(Expert.HIGH)
+    with swap.handing_off(Expert.HIGH, Expert.LOW):
+        for _block in high.blocks:
+            break
+    assert all(weights.on_device(b) for b in low.blocks) and all(weights.off_device(b) for b in high.blocks)
+    assert swap.handoffs == [(Expert.HIGH, Expert.LOW, 0)]
+    assert high.blocks.after_block is None
+
+
+def test_handoff_leaves_the_whole_next_expert_on_the_device(experts: tuple) -> None:
+    """After a handoff the next expert runs with no further upload (ensure() is a no-op), so every one of its
+    tensors must be on the device, and none of the previous expert's."""
+    swap, weights, high, low = experts
+    swap.ensure(Expert.HIGH)
+    with swap.handing_off(Expert.HIGH, Expert.LOW):
+        for _block in high.blocks:
+            pass
+    swap.ensure(Expert.LOW)
+    missing = [name for name, t in [*low.named_parameters(), *low.named_buffers()] if id(t) not in weights.resident]
+    left = [name for name, t in [*high.named_parameters(), *high.named_buffers()] if id(t) in weights.resident]
+    assert missing == [], f"low-noise expert tensors left in host memory: {missing}"
+    assert left == [], f"high-noise expert tensors left on the device: {left}"
+
+
+def test_an_error_during_a_handoff_leaves_a_usable_expert(experts: tuple) -> None:
+    """An exception in the last forward before a handoff (an OOM, a bad LoRA) must not leave the current expert
+    half released: the next request's ensure() has to find every block of the expert it runs on the device."""
+    swap, weights, high, _low = experts
+    swap.ensure(Expert.HIGH)
+    with pytest.raises(RuntimeError, match="boom"), swap.handing_off(Expert.HIGH, Expert.LOW):
+        for i, _block in enumerate(high.blocks):
+            if i == 1:
+                raise RuntimeError("boom")
+    assert high.blocks.after_block is None
+    swap.ensure(Expert.HIGH)  # the next request starts on the high-noise expert
+    assert all(weights.on_device(b) for b in high.blocks), "high-noise blocks released by the failed handoff"

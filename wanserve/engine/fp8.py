@@ -1,0 +1,126 @@
+"""Low-bit numerics of the `fast` preset: FP8 (e4m3) linears and INT8-QK / FP8-PV attention.
+
+On a CUDA GPU with FP8 tensor cores (compute capability >= 8.9) linears run `torch._scaled_mm` and
+self-attention runs the Triton kernel in `kernels/fp8_attention.py`. Anywhere else the same quantization is
+*emulated* (quantize, dequantize, compute in float32): slow, but numerically the same function, which is what
+lets CI check the error of the `fast` preset on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+_TINY = 1e-12
+
+
+def fp8_hardware(device: torch.device) -> bool:
+    """True where FP8 matrix instructions exist (Ada and Hopper: compute capability 8.9 and later)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_rows(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 values and float32 scales such that `x ~= values * scale`, one scale per slice along `dim`
+    (the slice's absolute maximum maps to the largest finite FP8 value)."""
+    scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Linear):
+    """A Linear whose weight is stored in FP8 with one scale per output row; activations are quantized per
+    token on the fly. Stays an `nn.Linear` (same features, bias, device) so that PEFT can put LoRA adapters on it;
+    `compute_dtype` tells PEFT (and our LoRA loader) the dtype that adapters and outputs use."""
+
+    weight_scale: torch.Tensor
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
+        values, scale = quantize_rows(linear.weight.data)
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.register_buffer("weight_scale", scale)  # (out_features, 1)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        x8, x_scale = quantize_rows(rows)
+        if rows.is_cuda:
+            # Row-wise scaled FP8 GEMM: float32 scales (M, 1) and (1, N), bf16 out.
+            out = torch._scaled_mm(
+                x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), out_dtype=self.compute_dtype
+            )
+        else:
+            out = ((x8.float() * x_scale) @ (self.weight.float() * self.weight_scale).t()).to(self.compute_dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def use_fp8_linears(root: nn.Module, include: Callable[[str], bool]) -> int:
+    """Replace every `nn.Linear` under `root` whose qualified name `include` accepts (and, on a GPU, whose sizes
+    the FP8 GEMM takes: multiples of 16) by an Fp8Linear. Returns how many were replaced."""
+
+    def fits(module: nn.Linear) -> bool:
+        return not module.weight.is_cuda or (module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    targets = [
+        (name, module)
+        for name, module in root.named_modules()
+        if type(module) is nn.Linear and include(name) and fits(module)
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, Fp8Linear(module))
+    return len(targets)
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 values and float32 scales along the last dim: `x ~= values * scale` (symmetric, round to nearest)."""
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / 127.0
+    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (batch, heads, tokens, head_dim) -> low-bit values and float32 scales for the attention kernel.
+
+    q and k become INT8 with one scale per token (FP8 scores lose 4-12% on Wan-like inputs, INT8 about 1%); k is
+    first centred on its mean over the tokens (softmax is invariant to
+    adding the same q.mean(k) to every score of a row, and Wan's keys carry a large shared offset that would
+    otherwise eat the FP8 range). v becomes FP8 with one scale per channel, since P.V sums over tokens.
+    Returns q8, q_scale (b, h, tokens), k8, k_scale (b, h, tokens), v8, v_scale (b, h, head_dim)."""
+    k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
+    q8, q_scale = quantize_int8_rows(q)
+    k8, k_scale = quantize_int8_rows(k)
+    v8, v_scale = quantize_rows(v, dim=2)
+    return q8, q_scale.squeeze(-1), k8, k_scale.squeeze(-1), v8, v_scale.squeeze(-2)
+
+
+def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The low-bit attention's numerics in float32 (q, k, v: (batch, heads, tokens, head_dim)); what the Triton
+    kernel computes, and what runs where the kernel cannot: scores from INT8 q and k, probabilities scaled to the FP8
+    range and quantized, FP8 v, float32 accumulation, the row sum taken of the quantized probabilities. Queries go
+    `chunk` at a time to bound the score matrix's memory."""
+    q8, q_scale, k8, k_scale, v8, v_scale = quantize_attention_inputs(q, k, v)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    k8f, v8f = k8.float().transpose(-1, -2), v8.float()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for start in range(0, q.shape[-2], chunk):
+        rows = slice(start, start + chunk)
+        scores = (q8[..., rows, :].float() @ k8f) * (q_scale[..., rows, None] * sm_scale) * k_scale[..., None, :]
+        # exp(s - rowmax) spans [0, 1]; scaled to [0, 448] it uses the FP8 range (and its subnormals) fully.
+        probs = (torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * FP8_MAX).to(FP8).float()
+        part = (probs @ v8f) * v_scale[..., None, :]
+        out[..., rows, :] = (part / probs.sum(dim=-1, keepdim=True)).to(q.dtype)
+    return out

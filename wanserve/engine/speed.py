@@ -1,0 +1,220 @@
+"""Speed presets: what runs the experts' forwards, chosen per device.
+
+- `eager`: diffusers' modules as they come (default attention, no compile); the CPU default and the baseline.
+- `exact` (GPU default): bf16 with no numerical change beyond float noise: regional compile of the repeated
+  transformer block with a persistent compile cache, cuDNN attention, cond and uncond batched in one forward.
+- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and INT8-QK / FP8-PV
+  self-attention (`fp8.py`, `kernels/fp8_attention.py`). Off the FP8 hardware its numerics are emulated in
+  float32, which is slow but lets CI measure its error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from wanserve.engine.fp8 import fp8_attention_reference, use_fp8_linears
+
+log = logging.getLogger("wanserve.engine")
+
+
+class Preset(StrEnum):
+    EAGER = "eager"
+    EXACT = "exact"
+    FAST = "fast"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What preset and memory-policy choices depend on; `probe` reads it, tests construct it."""
+
+    type: str  # "cuda" or "cpu"
+    name: str = ""
+    capability: tuple[int, int] = (0, 0)
+    total_bytes: int = 0
+    free_bytes: int = 0
+
+    @classmethod
+    def probe(cls, device: torch.device) -> DeviceInfo:
+        if device.type != "cuda":
+            return cls(type=device.type, name=device.type)
+        free, total = torch.cuda.mem_get_info(device)
+        return cls(
+            type="cuda",
+            name=torch.cuda.get_device_name(device),
+            capability=torch.cuda.get_device_capability(device),
+            total_bytes=total,
+            free_bytes=free,
+        )
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.type == "cuda" and self.capability >= (8, 9)
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    preset: Preset
+    compile: bool = False
+    attention_backend: str | None = None  # a diffusers AttentionBackendName; None: diffusers' default
+    batch_cfg: bool = False  # cond and uncond in one batch-2 forward
+    fp8_linears: bool = False
+    lowbit_attention: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        parts = [self.preset.value]
+        parts += [name for name, on in (("compile", self.compile), ("batched CFG", self.batch_cfg)) if on]
+        if self.attention_backend:
+            parts.append(f"attention {self.attention_backend}")
+        if self.fp8_linears:
+            parts.append("FP8 linears")
+        if self.lowbit_attention:
+            parts.append("INT8/FP8 attention")
+        return ", ".join(parts) + "".join(f" ({note})" for note in self.notes)
+
+
+def default_preset(device: DeviceInfo) -> Preset:
+    return Preset.EXACT if device.type == "cuda" else Preset.EAGER
+
+
+# The one GPU run of `fast` so far (H200, 720p) returned non-finite predictions; until a GPU run shows it finite and
+# within its error budget, `fast` on a GPU runs as `exact` unless the caller (the bench) asks for it explicitly.
+FAST_GPU_VALIDATED = False
+
+
+def plan_speed(
+    preset: Preset | str, device: DeviceInfo, compile: bool | None = None, unvalidated_fast_gpu: bool = False
+) -> SpeedPlan:
+    """The concrete settings of `preset` ("auto" = the device's default) on `device`. `compile` overrides the
+    preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains)."""
+    chosen = default_preset(device) if preset == "auto" else Preset(preset)
+    if chosen is Preset.EAGER:
+        return SpeedPlan(chosen, compile=bool(compile))
+    on_gpu = device.type == "cuda"
+    # cuDNN's fused attention is exact and the fastest measured on Hopper (DESIGN.md section 5); it needs sm80+.
+    backend = "_native_cudnn" if on_gpu and device.capability >= (8, 0) else None
+    use_compile = on_gpu if compile is None else compile
+    if chosen is Preset.EXACT:
+        return SpeedPlan(chosen, compile=use_compile, attention_backend=backend, batch_cfg=True)
+    notes: tuple[str, ...] = ()
+    fallback = None
+    if on_gpu and not device.has_fp8:
+        fallback = f"{device.name} has no FP8 tensor cores: fast runs as exact"
+    elif on_gpu and not (FAST_GPU_VALIDATED or unvalidated_fast_gpu):
+        fallback = "fast is not yet validated on GPUs: runs as exact"
+    if fallback is not None:
+        return SpeedPlan(
+            Preset.EXACT, compile=use_compile, attention_backend=backend, batch_cfg=True, notes=(fallback,)
+        )
+    if not on_gpu:
+        notes = ("FP8 emulated in float32 off the GPU",)
+    return SpeedPlan(
+        chosen,
+        compile=use_compile,
+        attention_backend=backend,
+        batch_cfg=True,
+        fp8_linears=True,
+        lowbit_attention=True,
+        notes=notes,
+    )
+
+
+def configure_compile_cache(cache_dir: Path) -> None:
+    """Inductor's compiled kernels and graphs on disk, so that a worker's second start loads them instead of
+    compiling again (dynamo still traces, which takes seconds)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    # Two experts x a few video sizes x batch 1/2 are distinct graphs of the one block; allow them all.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+_kernel_ready = False  # set once the Triton kernel's op is registered (prepare_experts on a GPU)
+
+
+def _load_kernel() -> None:
+    global _kernel_ready
+    import wanserve.engine.kernels.fp8_attention  # noqa: F401  (registers torch.ops.wanserve.lowbit_attention)
+
+    _kernel_ready = True
+
+
+def lowbit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Self-attention of (batch, tokens, heads, head_dim) tensors with INT8 scores and FP8 P.V: the Triton kernel
+    on a GPU, the float32 reference of the same numerics elsewhere."""
+    if _kernel_ready and query.is_cuda and query.shape[-1] in (64, 128):
+        return torch.ops.wanserve.lowbit_attention(query, key, value)
+    out = fp8_attention_reference(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved channel pairs (the math of diffusers' WanAttnProcessor)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class LowBitSelfAttnProcessor(WanAttnProcessor):
+    """diffusers' Wan attention with the self-attention product in INT8/FP8; cross-attention (512 text tokens,
+    a small share of the work) stays on the default path."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = lowbit_attention(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> None:
+    """Set up the experts' layers for `plan` (in place): FP8 linears, the attention backend and processors."""
+    for expert in experts:
+        if plan.fp8_linears:
+            count = use_fp8_linears(expert, lambda name: name.startswith("blocks."))
+            log.info("FP8 linears: %d layers of %s", count, type(expert).__name__)
+        if plan.attention_backend:
+            expert.set_attention_backend(plan.attention_backend)
+        if plan.lowbit_attention:
+            if next(expert.parameters()).is_cuda:
+                _load_kernel()
+            for block in expert.blocks:
+                processor = LowBitSelfAttnProcessor()
+                if plan.attention_backend:  # what set_attention_backend gave the processor it replaces
+                    processor._attention_backend = AttentionBackendName(plan.attention_backend)
+                block.attn1.set_processor(processor)
+
+
+def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache_dir: Path) -> None:
+    """Regional compile: the repeated transformer block is compiled once per shape and reused by all 40 blocks
+    of both experts (parameters are graph inputs), in seconds instead of the minutes a whole-model compile takes."""
+    if not plan.compile:
+        return
+    configure_compile_cache(cache_dir)
+    for expert in experts:
+        expert.compile_repeated_blocks(fullgraph=True, dynamic=False)
