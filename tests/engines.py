@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,3 +35,21 @@ def small_spec(**overrides: object) -> GenerationSpec:
     )
     base.update(overrides)
     return GenerationSpec(**base)  # type: ignore[arg-type]
+
+
+@contextmanager
+def record_forwards(engine: WanEngine) -> Iterator[list[tuple[str, int, int]]]:
+    """Record (expert, timestep, batch size) of every real forward call of either expert."""
+    calls: list[tuple[str, int, int]] = []
+    handles = []
+    for name, model in (("high", engine.pipe.transformer), ("low", engine.pipe.transformer_2)):
+
+        def hook(_m: torch.nn.Module, _args: tuple, kwargs: dict, name: str = name) -> None:
+            calls.append((name, int(kwargs["timestep"][0]), int(kwargs["hidden_states"].shape[0])))
+
+        handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()

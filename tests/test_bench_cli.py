@@ -11,11 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from engines import record_forwards, tiny_engine
 from pydantic import ValidationError
 
 from wanserve.config import Settings
 from wanserve.engine.bench import A14B_EXPERT, VideoCase, forward_flops, video_tokens
-from wanserve.engine.runner import engine_options, warmup_resolutions
+from wanserve.engine.runner import EngineRunner, engine_options, warmup_resolutions
 
 A14B = SimpleNamespace(**A14B_EXPERT)
 
@@ -134,3 +135,13 @@ def test_speed_settings_defaults(tmp_path: Path) -> None:
     assert engine_options(settings).compile_cache_dir == tmp_path / "kernels"
     with pytest.raises(ValidationError):
         Settings(step_cache_threshold=1.5)
+
+
+def test_warm_up_runs_both_experts_at_both_batch_sizes(model_cache: Path, tmp_path: Path) -> None:
+    # A compiled engine keeps one graph per input shape; the warm-up must reach batch 2 (CFG) and batch 1 (guidance
+    # 1, the distilled-LoRA shape) so that neither compiles inside a request.
+    runner = EngineRunner(tiny_engine(model_cache, preset="exact"), Settings(warmup=["480p"], data_dir=tmp_path))
+    with record_forwards(runner.engine) as calls:
+        assert runner.warm_up() == ["480p"]
+    assert calls == [("high", 999, 2), ("low", 833, 1)]
+    assert EngineRunner(runner.engine, Settings(warmup=[], data_dir=tmp_path)).warm_up() == []

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-import torch
+from engines import record_forwards
 
 from wanserve.engine.pipeline import GenerationSpec, StepProgress, WanEngine
 from wanserve.engine.sampling import Expert, reference_timesteps
@@ -13,24 +12,6 @@ from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
 
 Spec = Callable[..., GenerationSpec]
-
-
-@contextmanager
-def record_forwards(engine: WanEngine) -> Iterator[list[tuple[str, int]]]:
-    """Record (expert, timestep) of every real forward call of either expert."""
-    calls: list[tuple[str, int]] = []
-    handles = []
-    for name, model in (("high", engine.pipe.transformer), ("low", engine.pipe.transformer_2)):
-
-        def hook(_m: torch.nn.Module, _args: tuple, kwargs: dict, name: str = name) -> None:
-            calls.append((name, int(kwargs["timestep"][0])))
-
-        handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def test_same_seed_same_frames_other_seed_differs(engine: WanEngine, small_spec: Spec) -> None:
@@ -57,7 +38,7 @@ def test_experts_follow_the_boundary(engine: WanEngine, small_spec: Spec) -> Non
     assert [s.timestep for s in result.steps] == expected_t
     assert any(t >= 875 for t in expected_t) and any(t < 875 for t in expected_t)
     # Two forwards (cond + uncond) per step, by the expert that owns the timestep.
-    assert calls == [("high" if t >= 875 else "low", t) for t in expected_t for _ in range(2)]
+    assert [(e, t) for e, t, _ in calls] == [("high" if t >= 875 else "low", t) for t in expected_t for _ in range(2)]
 
 
 @pytest.mark.parametrize(
@@ -73,8 +54,8 @@ def test_guidance_is_per_expert(
     timesteps = reference_timesteps(6, 5.0)
     high = [t for t in timesteps if t >= 875]
     low = [t for t in timesteps if t < 875]
-    assert sum(1 for e, _ in calls if e == "high") == high_forwards * len(high)
-    assert sum(1 for e, _ in calls if e == "low") == low_forwards * len(low)
+    assert sum(1 for e, _, _ in calls if e == "high") == high_forwards * len(high)
+    assert sum(1 for e, _, _ in calls if e == "low") == low_forwards * len(low)
 
 
 def test_guidance_scale_values_change_the_output(engine: WanEngine, small_spec: Spec) -> None:
@@ -151,4 +132,4 @@ def test_engine_feeds_the_model_reference_timesteps(
     spec = small_spec(num_inference_steps=steps, shift=shift, guidance_scale=1.0, guidance_scale_2=1.0)
     with record_forwards(engine) as calls:
         engine.generate(spec)
-    assert [t for _, t in calls] == expected
+    assert [t for _, t, _ in calls] == expected

@@ -142,7 +142,7 @@ def test_offload_completes_close_to_resident(model_cache: Path) -> None:
 
 def test_offload_turns_off_batched_cfg_and_compile(model_cache: Path) -> None:
     engine = tiny_engine(model_cache, preset="exact", compile=True, memory_policy="offload")
-    assert engine.speed.batch_cfg and not engine.batch_cfg
+    assert not engine.speed.batch_cfg and not engine.batch_cfg
     assert not engine.speed.compile
     assert "no compile under offload" in engine.speed.notes
     assert "two forwards" in engine.describe()

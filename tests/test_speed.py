@@ -9,14 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from engines import small_spec, tiny_engine
+from engines import record_forwards, small_spec, tiny_engine
 from torch import nn
 
 import wanserve.engine.speed as speed
@@ -30,13 +28,13 @@ from wanserve.engine.fp8 import (
     use_fp8_linears,
 )
 from wanserve.engine.loading import load_pipeline
-from wanserve.engine.pipeline import GenerationSpec, WanEngine
+from wanserve.engine.pipeline import GenerationSpec
 from wanserve.engine.speed import DeviceInfo, LowBitSelfAttnProcessor, Preset, default_preset, plan_speed
 
 CPU = DeviceInfo(type="cpu", name="cpu")
-H100 = DeviceInfo(type="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_bytes=80 << 30)
-A100 = DeviceInfo(type="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0), total_bytes=80 << 30)
-T4 = DeviceInfo(type="cuda", name="Tesla T4", capability=(7, 5), total_bytes=16 << 30)
+H100 = DeviceInfo(type="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0))
+A100 = DeviceInfo(type="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0))
+T4 = DeviceInfo(type="cuda", name="Tesla T4", capability=(7, 5))
 
 
 def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -> float:
@@ -345,29 +343,11 @@ def cfg_spec(**overrides: object) -> GenerationSpec:
     return small_spec(**{"num_inference_steps": 4, "guidance_scale": 1.0, "guidance_scale_2": 4.0, **overrides})
 
 
-@contextmanager
-def forward_batches(engine: WanEngine) -> Iterator[list[tuple[str, int, int]]]:
-    """(expert, timestep, batch size) of every forward call of either expert."""
-    calls: list[tuple[str, int, int]] = []
-    handles = []
-    for name, model in (("high", engine.pipe.transformer), ("low", engine.pipe.transformer_2)):
-
-        def hook(_m: nn.Module, _args: tuple, kwargs: dict, _out: object, name: str = name) -> None:
-            calls.append((name, int(kwargs["timestep"][0]), int(kwargs["hidden_states"].shape[0])))
-
-        handles.append(model.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def test_cfg_is_decided_per_expert_and_batched_by_exact(model_cache: Path) -> None:
     spec = cfg_spec()
     eager = tiny_engine(model_cache, preset="eager")
     assert eager.speed.preset is Preset.EAGER and not eager.batch_cfg
-    with forward_batches(eager) as calls:
+    with record_forwards(eager) as calls:
         eager_frames = eager.generate(spec).frames
     # High-noise steps (guidance 1): one batch-1 forward; low-noise steps (guidance 4): cond and uncond.
     assert calls == [("high", 999, 1), ("high", 937, 1), ("low", 833, 1), ("low", 833, 1), ("low", 624, 1),
@@ -375,14 +355,14 @@ def test_cfg_is_decided_per_expert_and_batched_by_exact(model_cache: Path) -> No
 
     exact = tiny_engine(model_cache, preset="exact")
     assert exact.speed.preset is Preset.EXACT and exact.batch_cfg
-    with forward_batches(exact) as calls:
+    with record_forwards(exact) as calls:
         exact_frames = exact.generate(spec).frames
     assert calls == [("high", 999, 1), ("high", 937, 1), ("low", 833, 2), ("low", 624, 2)]
     assert rel_error(exact_frames, eager_frames) < 1e-4
     assert "batched" in exact.describe() and "exact" in exact.describe()
 
     # The mirror case: CFG on the high-noise expert only.
-    with forward_batches(exact) as calls:
+    with record_forwards(exact) as calls:
         exact.generate(cfg_spec(guidance_scale=3.0, guidance_scale_2=1.0))
     assert calls == [("high", 999, 2), ("high", 937, 2), ("low", 833, 1), ("low", 624, 1)]
 

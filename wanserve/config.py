@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from wanserve.schema import Resolution
+
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "wanserve"
@@ -201,10 +203,10 @@ class Settings(BaseSettings):
     @field_validator("warmup")
     @classmethod
     def _known_resolutions(cls, value: list[str]) -> list[str]:
-        allowed = {"auto", "480p", "580p", "720p"}
+        allowed = ["auto", *(r.value for r in Resolution)]
         for item in value:
             if item not in allowed:
-                raise ValueError(f"unknown warm-up resolution {item!r} (use auto, 480p, 580p or 720p)")
+                raise ValueError(f"unknown warm-up resolution {item!r} (use {', '.join(allowed)})")
         return value
 
     def resolved_compile_cache_dir(self) -> Path:

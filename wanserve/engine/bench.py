@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -130,7 +131,6 @@ class ForwardRow:
     tflops: float
     rel_error: float  # vs the eager predictions on the same inputs
     peak_gib: float
-    note: str = ""
 
 
 @dataclass
@@ -161,6 +161,22 @@ class VideoCase:
     def name(self) -> str:
         return f"{self.resolution} {self.frames}f {self.steps} steps g{self.guidance:g}"
 
+    def spec(self) -> GenerationSpec:
+        """The one request every contender renders for this case (16:9, seed 0)."""
+        width, height = frame_size(self.resolution, "16:9")
+        return GenerationSpec(
+            prompt="a red fox running through snow",
+            negative_prompt="blurry",
+            width=width,
+            height=height,
+            num_frames=self.frames,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            guidance_scale_2=self.guidance,
+            shift=5.0,
+            seed=0,
+        )
+
 
 class Bench:
     def __init__(
@@ -173,6 +189,8 @@ class Bench:
     ) -> None:
         self.pipe, self.device, self.emit = pipe, device, emit
         self.dtype = pipe.transformer.dtype  # before any preset turns layers FP8
+        self.frame_step = int(pipe.vae_scale_factor_temporal)
+        self.keep_frames = False  # keep each video's frames (to measure the step cache's error against them)
         self.json_path = json_path
         self.start = time.perf_counter()
         self.deadline_s = deadline_s
@@ -210,44 +228,41 @@ class Bench:
             doc = {"forwards": [asdict(r) for r in self.forwards], "videos": [asdict(r) for r in self.videos]}
             self.json_path.write_text(json.dumps(doc, indent=1))
 
-    def _inputs(self, resolution: str, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(
+        self, resolution: str, frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Latents, timestep, cond and uncond text embeddings (seeded), and the video's token count."""
         config = self.pipe.transformer.config
         width, height = frame_size(resolution, "16:9")
         gen = torch.Generator(device="cpu").manual_seed(0)
-        latent_frames = (frames_to_generate(frames, int(self.pipe.vae_scale_factor_temporal)) - 1) // int(
-            self.pipe.vae_scale_factor_temporal
-        ) + 1
+        generated = frames_to_generate(frames, self.frame_step)
+        latent_frames = (generated - 1) // self.frame_step + 1
         s = int(self.pipe.vae_scale_factor_spatial)
         shape = (1, config.in_channels, latent_frames, height // s, width // s)
         dtype = self.dtype
         latents = torch.randn(shape, generator=gen).to(self.device, dtype)
         cond = torch.randn((1, TEXT_TOKENS, config.text_dim), generator=gen).to(self.device, dtype)
         uncond = torch.randn((1, TEXT_TOKENS, config.text_dim), generator=gen).to(self.device, dtype)
-        return latents, torch.tensor([999], device=self.device), cond, uncond
-
-    def _tokens(self, resolution: str, frames: int) -> int:
-        width, height = frame_size(resolution, "16:9")
-        config = self.pipe.transformer.config
-        return video_tokens(self.pipe, config, width, height, frames_to_generate(frames, 4))
+        tokens = video_tokens(self.pipe, config, width, height, generated)
+        return latents, torch.tensor([999], device=self.device), cond, uncond, tokens
 
     # --- forwards ---
     def diffusers_forward(self, resolution: str, frames: int) -> None:
         """Plain diffusers: the expert as loaded, default attention, eager, cond then uncond."""
         model = self.pipe.transformer
-        latents, t, cond, uncond = self._inputs(resolution, frames)
+        latents, t, cond, uncond, tokens = self._inputs(resolution, frames)
         run = lambda text: model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)[0]  # noqa: E731
         with torch.no_grad(), self._measured() as m:
             out = (run(cond), run(uncond))
         self.reference[resolution] = (out[0].float(), out[1].float())
         self.baseline_s[resolution] = m["seconds"]
-        tokens = self._tokens(resolution, frames)
         self._forward_row(resolution, "diffusers", m, tokens, 0.0)
 
     def preset_forward(self, resolution: str, frames: int, label: str) -> None:
         """Our engine's step path (`WanEngine.predict_noise`) for the high-noise expert with CFG: warm-up (compiles
         this shape), then timed."""
         assert self.engine is not None
-        latents, t, cond, uncond = self._inputs(resolution, frames)
+        latents, t, cond, uncond, tokens = self._inputs(resolution, frames)
         both = torch.cat([cond, uncond]) if self.engine.batch_cfg else None
         embeds = PromptEmbeds(cond, uncond, both)
         step = StepPlan(index=0, timestep=999, expert=Expert.HIGH, guidance_scale=5.0)
@@ -262,7 +277,7 @@ class Bench:
             got = torch.cat([got_cond.float(), got_uncond.float()])
             want = torch.cat(ref)
             error = float((got - want).norm() / want.norm())
-        self._forward_row(resolution, label, m, self._tokens(resolution, frames), error)
+        self._forward_row(resolution, label, m, tokens, error)
 
     def _forward_row(self, size: str, preset: str, m: dict[str, float], tokens: int, error: float) -> None:
         flops = forward_flops(tokens, self.pipe.transformer.config, batch=2)
@@ -278,18 +293,18 @@ class Bench:
 
     # --- whole videos ---
     def diffusers_video(self, case: VideoCase, out_dir: Path) -> None:
-        width, height = frame_size(case.resolution, "16:9")
-        gen = torch.Generator(device="cpu").manual_seed(0)
+        spec = case.spec()
+        gen = torch.Generator(device="cpu").manual_seed(spec.seed)
         with torch.no_grad(), self._measured() as m:
             frames = self.pipe(
-                prompt="a red fox running through snow",
-                negative_prompt="blurry",
-                height=height,
-                width=width,
-                num_frames=frames_to_generate(case.frames, 4),
-                num_inference_steps=case.steps,
-                guidance_scale=case.guidance,
-                guidance_scale_2=case.guidance,
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                height=spec.height,
+                width=spec.width,
+                num_frames=frames_to_generate(spec.num_frames, self.frame_step),
+                num_inference_steps=spec.num_inference_steps,
+                guidance_scale=spec.guidance_scale,
+                guidance_scale_2=spec.guidance_scale_2,
                 generator=gen,
                 output_type="np",
             ).frames[0]
@@ -299,26 +314,14 @@ class Bench:
 
     def engine_video(self, case: VideoCase, label: str, out_dir: Path) -> np.ndarray:
         assert self.engine is not None
-        width, height = frame_size(case.resolution, "16:9")
-        spec = GenerationSpec(
-            prompt="a red fox running through snow",
-            negative_prompt="blurry",
-            width=width,
-            height=height,
-            num_frames=case.frames,
-            num_inference_steps=case.steps,
-            guidance_scale=case.guidance,
-            guidance_scale_2=case.guidance,
-            shift=5.0,
-            seed=0,
-        )
         with self._measured() as m:
-            result = self.engine.generate(spec)
+            result = self.engine.generate(case.spec())
             t0 = time.perf_counter()
             encode_mp4(result.frames, out_dir / f"{label}.mp4", fps=16)
             phases = {**result.timings, "mp4_s": time.perf_counter() - t0}
         self._video_row(case, label, m, phases)
-        self.frames[(case.name, label)] = result.frames
+        if self.keep_frames:
+            self.frames[(case.name, label)] = result.frames
         return result.frames
 
     def _video_row(self, case: VideoCase, preset: str, m: dict[str, float], phases: dict[str, float]) -> None:
@@ -388,8 +391,9 @@ def run_bench(config: BenchConfig, emit: Callable[[str], None] = print) -> Bench
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     emit(f"model {config.model} on {_device_name(device)}: built in {time.perf_counter() - t0:.1f} s; "
-         f"torch {torch.__version__}, diffusers {_version('diffusers')}")  # fmt: skip
+         f"torch {torch.__version__}, diffusers {diffusers.__version__}")  # fmt: skip
     bench = Bench(pipe, device, emit, config.out_dir / "bench.json", config.deadline_s)
+    bench.keep_frames = config.step_cache > 0
     cases = [VideoCase.parse(text, config.frames) for text in config.videos]
 
     def each(items: Any, run: Callable[[Any], Any]) -> None:
@@ -457,9 +461,3 @@ def _cache_video(bench: Bench, label: str, preset: str, out: Path, case: VideoCa
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

@@ -19,18 +19,20 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 _TINY = 1e-12
 
 
-def fp8_hardware(device: torch.device) -> bool:
-    """True where FP8 matrix instructions exist (Ada and Hopper: compute capability 8.9 and later)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+def _quantize(x: torch.Tensor, dim: int, limit: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric scaling: the absolute maximum of each slice along `dim` maps to `limit`. Returns values in `dtype`
+    and the float32 scales with `x ~= values * scale`. Integers round to nearest; FP8 rounds in the cast."""
+    scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=_TINY) / limit
+    scaled = x.float() / scale
+    if not dtype.is_floating_point:
+        scaled = scaled.round()
+    return scaled.clamp(-limit, limit).to(dtype), scale
 
 
 def quantize_rows(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 values and float32 scales such that `x ~= values * scale`, one scale per slice along `dim`
     (the slice's absolute maximum maps to the largest finite FP8 value)."""
-    scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return _quantize(x, dim, FP8_MAX, FP8)
 
 
 class Fp8Linear(nn.Linear):
@@ -86,8 +88,7 @@ def use_fp8_linears(root: nn.Module, include: Callable[[str], bool]) -> int:
 
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 values and float32 scales along the last dim: `x ~= values * scale` (symmetric, round to nearest)."""
-    scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / 127.0
-    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+    return _quantize(x, -1, 127.0, torch.int8)
 
 
 def quantize_attention_inputs(

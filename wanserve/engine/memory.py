@@ -12,9 +12,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import cast
 
@@ -24,8 +23,6 @@ from torch import nn
 
 from wanserve.engine.sampling import Expert
 from wanserve.engine.speed import DeviceInfo
-
-log = logging.getLogger("wanserve.engine")
 
 GiB = 1024**3
 # Activation peak of one expert forward per token per batch row, per model channel (DESIGN.md section 5: 720p,
@@ -87,11 +84,27 @@ def plan_from_override(policy: str, device: DeviceInfo, sizes: tuple[int, int, i
     return MemoryPlan(chosen, keep_encoder, f"set to {chosen.value}")
 
 
+def plan_memory(policy: str, device: DeviceInfo, pipe: WanPipeline) -> MemoryPlan:
+    """The plan for `pipe` on `device`: sizes read off the modules (before any FP8 conversion, so conservatively),
+    and what the pipeline already holds on the GPU counted as available to it."""
+    experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+    if device.type == "cuda":
+        held = [*experts, pipe.text_encoder, pipe.vae]
+        on_gpu = sum(module_bytes(m) for m in held if next(m.parameters()).is_cuda)
+        device = replace(device, free_bytes=device.free_bytes + on_gpu)
+    config = experts[0].config
+    sizes = (module_bytes(experts[0]), len(experts), module_bytes(pipe.text_encoder),
+             config.num_attention_heads * config.attention_head_dim)  # fmt: skip
+    return plan_from_override(policy, device, sizes)
+
+
 class PinnedWeights:
     """Host copies of modules' weights in page-locked memory; a module is uploaded into fresh device tensors and
     released by pointing its tensors back at the host copies (weights never change, so nothing is copied back)."""
 
     def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda" and device.index is None:  # tensors report cuda:N; compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._host: dict[int, torch.Tensor] = {}
@@ -246,10 +259,6 @@ class MemoryManager:
                     record_stream=device.type == "cuda",
                 )
             pipe.vae.enable_tiling()
-
-    @property
-    def batch_cfg_allowed(self) -> bool:
-        return self.plan.policy is not MemoryPolicy.OFFLOAD
 
     @contextlib.contextmanager
     def text_encoder(self) -> Iterator[None]:

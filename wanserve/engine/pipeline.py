@@ -18,7 +18,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from wanserve.engine.lora import LoraAdapters
-from wanserve.engine.memory import GiB, MemoryManager, MemoryPlan, MemoryPolicy, module_bytes, plan_from_override
+from wanserve.engine.memory import GiB, MemoryManager, MemoryPlan, MemoryPolicy, plan_memory
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.engine.speed import DeviceInfo, SpeedPlan, compile_experts, plan_speed, prepare_experts
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
@@ -195,43 +195,42 @@ class WanEngine:
         self.device = device
         self.options = options
         info = device_info or DeviceInfo.probe(device)
-        if info.type == "cuda":  # what the model already holds there is available to the policy too
-            held = [m for m in (pipe.transformer, pipe.transformer_2, pipe.text_encoder, pipe.vae) if m is not None]
-            info = replace(info, free_bytes=info.free_bytes + sum(
-                module_bytes(m) for m in held if next(m.parameters()).device.type == "cuda"))  # fmt: skip
-        self.speed: SpeedPlan = plan_speed(options.preset, info, options.compile, options.unvalidated_fast_gpu)
-        experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
-        high = self._expert(Expert.HIGH)
-        self.dtype = high.dtype  # the compute dtype (read before any layer turns FP8)
-        sizes = (module_bytes(high), len(experts), module_bytes(pipe.text_encoder), high.config.num_attention_heads
-                 * high.config.attention_head_dim)  # fmt: skip
-        self.memory_plan: MemoryPlan = plan_from_override(options.memory_policy, info, sizes)
-        if self.memory_plan.policy is MemoryPolicy.OFFLOAD and self.speed.compile:
-            # Block-by-block offloading is bound by host-to-device copies, and its hooks sit on the very blocks a
-            # regional compile would compile: compiling would gain nothing there.
-            self.speed = replace(self.speed, compile=False, notes=(*self.speed.notes, "no compile under offload"))
+        # Experts as distinct modules (a single-expert model serves both roles).
+        self.experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+        self.dtype = self.experts[0].dtype  # the compute dtype (read before any layer turns FP8)
+        self.memory_plan: MemoryPlan = plan_memory(options.memory_policy, info, pipe)
+        self.speed: SpeedPlan = plan_speed(
+            options.preset,
+            info,
+            options.compile,
+            options.unvalidated_fast_gpu,
+            offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD,
+        )
         # FP8 conversion is fastest where the weights are: on the GPU when they will live there, else before they
         # move to host memory.
         if self.memory_plan.policy is MemoryPolicy.RESIDENT:
             self.memory = MemoryManager(pipe, self.memory_plan, device)
-            prepare_experts(experts, self.speed)
+            prepare_experts(self.experts, self.speed)
         else:
-            prepare_experts(experts, self.speed)
+            prepare_experts(self.experts, self.speed)
             self.memory = MemoryManager(pipe, self.memory_plan, device)
-        for model in experts:
+        for model in self.experts:
             if model.is_cache_enabled:  # an engine made again on the same pipeline (the bench) starts clean
                 model.disable_cache()
             if options.step_cache_threshold > 0:
                 from diffusers.hooks import FirstBlockCacheConfig
 
                 model.enable_cache(FirstBlockCacheConfig(threshold=options.step_cache_threshold))
-        compile_experts(experts, self.speed, options.compile_cache_dir)
-        self.batch_cfg = self.speed.batch_cfg and self.memory.batch_cfg_allowed
+        compile_experts(self.experts, self.speed, options.compile_cache_dir)
         self.loras = LoraAdapters(
-            {"high": high, "low": self._expert(Expert.LOW)},
+            {"high": self._expert(Expert.HIGH), "low": self._expert(Expert.LOW)},
             options.lora_memory_bytes,
             device=device if self.memory_plan.policy is not MemoryPolicy.RESIDENT else None,
         )
+
+    @property
+    def batch_cfg(self) -> bool:
+        return self.speed.batch_cfg
 
     def describe(self) -> str:
         """One line on how the model runs (for the worker's start-up log and the bench)."""
@@ -334,7 +333,7 @@ class WanEngine:
         )
         scheduler.set_begin_index(0)
         if self.options.step_cache_threshold > 0:
-            for model in {id(m): m for m in (self._expert(Expert.HIGH), self._expert(Expert.LOW))}.values():
+            for model in self.experts:
                 model._reset_stateful_cache()
 
         t_loop = time.perf_counter()

@@ -22,7 +22,7 @@ from wanserve.engine.pipeline import (
 )
 from wanserve.engine.video import VideoInfo, encode_mp4
 from wanserve.lora.sources import LoraUse
-from wanserve.schema import WanT2VRequest
+from wanserve.schema import Resolution, WanT2VRequest
 
 
 @dataclass
@@ -47,14 +47,21 @@ class EngineRunner:
         return cls(WanEngine(pipe, device, engine_options(settings)), settings)
 
     def warm_up(self, on_phase: Callable[[str], None] | None = None) -> list[str]:
-        """Run the settings' warm-up resolutions once (81 frames, 2 steps: both experts, batched CFG, the VAE) so
-        that compilation happens now rather than in a request. Returns the resolutions warmed."""
+        """Run the settings' warm-up resolutions once so that compilation happens now rather than in a request:
+        81 frames, 2 steps, one per expert, the first with CFG (batch 2) and the second without (batch 1, the
+        distilled-LoRA shape; the experts share compiled graphs), then the VAE. Returns the resolutions warmed."""
         resolutions = warmup_resolutions(self.settings.warmup, self.engine.speed.compile)
         for resolution in resolutions:
             if on_phase is not None:
                 on_phase(f"Warm-up: {resolution}, 81 frames ({self.engine.describe()})")
             request = WanT2VRequest.model_validate(
-                {"prompt": "warm-up", "resolution": resolution, "num_inference_steps": 2, "seed": 0}
+                {
+                    "prompt": "warm-up",
+                    "resolution": resolution,
+                    "num_inference_steps": 2,
+                    "guidance_scale_2": 1.0,
+                    "seed": 0,
+                }
             )
             self.engine.generate(GenerationSpec.from_request(request))
         return resolutions
@@ -123,7 +130,8 @@ def warmup_resolutions(setting: Sequence[str], compiling: bool) -> list[str]:
     """`auto` means the common sizes when compiling (a first request would otherwise compile) and none when not."""
     out: list[str] = []
     for item in setting:
-        for resolution in (["480p", "720p"] if compiling else []) if item == "auto" else [item]:
+        common = [Resolution.P480.value, Resolution.P720.value] if compiling else []
+        for resolution in common if item == "auto" else [item]:
             if resolution not in out:
                 out.append(resolution)
     return out

@@ -39,20 +39,17 @@ class DeviceInfo:
     type: str  # "cuda" or "cpu"
     name: str = ""
     capability: tuple[int, int] = (0, 0)
-    total_bytes: int = 0
     free_bytes: int = 0
 
     @classmethod
     def probe(cls, device: torch.device) -> DeviceInfo:
         if device.type != "cuda":
             return cls(type=device.type, name=device.type)
-        free, total = torch.cuda.mem_get_info(device)
         return cls(
             type="cuda",
             name=torch.cuda.get_device_name(device),
             capability=torch.cuda.get_device_capability(device),
-            total_bytes=total,
-            free_bytes=free,
+            free_bytes=torch.cuda.mem_get_info(device)[0],
         )
 
     @property
@@ -92,39 +89,44 @@ FAST_GPU_VALIDATED = False
 
 
 def plan_speed(
-    preset: Preset | str, device: DeviceInfo, compile: bool | None = None, unvalidated_fast_gpu: bool = False
+    preset: Preset | str,
+    device: DeviceInfo,
+    compile: bool | None = None,
+    unvalidated_fast_gpu: bool = False,
+    offloaded: bool = False,
 ) -> SpeedPlan:
     """The concrete settings of `preset` ("auto" = the device's default) on `device`. `compile` overrides the
-    preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains)."""
+    preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains). `offloaded`:
+    the experts stream in block by block (memory.MemoryPolicy.OFFLOAD), which rules out batched CFG (twice the
+    activations on a small card) and compiling (the offload hooks sit on the blocks a regional compile compiles,
+    and the copies bound the speed anyway)."""
     chosen = default_preset(device) if preset == "auto" else Preset(preset)
     if chosen is Preset.EAGER:
-        return SpeedPlan(chosen, compile=bool(compile))
+        return SpeedPlan(chosen, compile=bool(compile) and not offloaded)
     on_gpu = device.type == "cuda"
-    # cuDNN's fused attention is exact and the fastest measured on Hopper (DESIGN.md section 5); it needs sm80+.
-    backend = "_native_cudnn" if on_gpu and device.capability >= (8, 0) else None
+    notes: list[str] = []
+    if chosen is Preset.FAST and on_gpu and not device.has_fp8:
+        chosen = Preset.EXACT
+        notes.append(f"{device.name} has no FP8 tensor cores: fast runs as exact")
+    elif chosen is Preset.FAST and on_gpu and not (FAST_GPU_VALIDATED or unvalidated_fast_gpu):
+        chosen = Preset.EXACT
+        notes.append("fast is not yet validated on GPUs: runs as exact")
+    elif chosen is Preset.FAST and not on_gpu:
+        notes.append("FP8 emulated in float32 off the GPU")
     use_compile = on_gpu if compile is None else compile
-    if chosen is Preset.EXACT:
-        return SpeedPlan(chosen, compile=use_compile, attention_backend=backend, batch_cfg=True)
-    notes: tuple[str, ...] = ()
-    fallback = None
-    if on_gpu and not device.has_fp8:
-        fallback = f"{device.name} has no FP8 tensor cores: fast runs as exact"
-    elif on_gpu and not (FAST_GPU_VALIDATED or unvalidated_fast_gpu):
-        fallback = "fast is not yet validated on GPUs: runs as exact"
-    if fallback is not None:
-        return SpeedPlan(
-            Preset.EXACT, compile=use_compile, attention_backend=backend, batch_cfg=True, notes=(fallback,)
-        )
-    if not on_gpu:
-        notes = ("FP8 emulated in float32 off the GPU",)
+    if offloaded and use_compile:
+        use_compile = False
+        notes.append("no compile under offload")
+    low_bit = chosen is Preset.FAST
     return SpeedPlan(
         chosen,
         compile=use_compile,
-        attention_backend=backend,
-        batch_cfg=True,
-        fp8_linears=True,
-        lowbit_attention=True,
-        notes=notes,
+        # cuDNN's fused attention is exact and the fastest measured on Hopper (DESIGN.md section 5); needs sm80+.
+        attention_backend="_native_cudnn" if on_gpu and device.capability >= (8, 0) else None,
+        batch_cfg=not offloaded,
+        fp8_linears=low_bit,
+        lowbit_attention=low_bit,
+        notes=tuple(notes),
     )
 
 

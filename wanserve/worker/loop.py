@@ -92,10 +92,9 @@ class Worker:
             from wanserve.engine.runner import EngineRunner  # the engine (torch) loads only in workers
 
             runner = EngineRunner.from_settings(self.settings)
-            log.info("engine: %s", runner.engine.describe())
-            warmed = runner.warm_up(on_phase=lambda line: log.info("%s", line))
             self._detail["engine"] = runner.engine.describe()
-            self._detail["warmed_up"] = warmed
+            log.info("engine: %s", self._detail["engine"])
+            self._detail["warmed_up"] = runner.warm_up(on_phase=lambda line: log.info("%s", line))
             self._runner = runner
         else:
             self._runner = self._runner_factory(self.settings)
