@@ -19,6 +19,9 @@ from wanserve.engine.tiny import TinyConfig, ensure_tiny_model
 
 torch.set_num_threads(2)
 
+# fixtures: a real redis-server; a real S3 API (moto's server)
+pytest_plugins = ["redis_server", "s3_server"]
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ from typing import Any
 
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
+from wanserve.errors import GenerationCancelled
 from wanserve.jobs.model import JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.worker.loop import Worker
@@ -73,3 +75,67 @@ def test_expansion_asked_for_without_a_backend_uses_the_prompt_and_says_why(tmp_
     done, logs = run_one(settings, {"prompt": "a fox", "enable_prompt_expansion": True})
     assert done.failure is None and done.output["prompt"] == "a fox"
     assert any(line.startswith("Prompt expansion skipped: no expansion model or API is configured") for line in logs)
+
+
+class SteppingRunner(InstantRunner):
+    """Takes `steps` x 50 ms, checking for cancellation between steps like the engine."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.started = threading.Event()
+
+    def generate_video(
+        self, request: Any, output: Path, on_step: Any, is_cancelled: Any, on_phase: Any, **extra: Any
+    ) -> Any:
+        self.started.set()
+        for _ in range(self.steps):
+            time.sleep(0.05)
+            if is_cancelled():
+                raise GenerationCancelled("cancelled")
+        return super().generate_video(request, output, on_step, lambda: False, on_phase, **extra)
+
+
+def drained_worker(tmp_path: Path, drain_s: float, steps: int) -> tuple[Any, Worker, SteppingRunner, threading.Thread]:
+    """A running worker with one job running and one queued."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test", drain_s=drain_s, worker_poll_s=0.01)
+    store = open_job_store(settings)
+    runner = SteppingRunner(steps)
+    worker = Worker(settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: runner)
+    for job_id in ("running", "queued"):
+        store.submit(NewJob(job_id, "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    assert runner.started.wait(30)
+    return store, worker, runner, thread
+
+
+def test_a_draining_worker_finishes_its_job_takes_no_new_one_and_exits(tmp_path: Path) -> None:
+    store, worker, _, thread = drained_worker(tmp_path, drain_s=60, steps=10)
+    worker.drain()  # what SIGTERM does
+    assert not store.workers()[0].ready  # advertised at once: no load balancer or autoscaler counts on it
+    thread.join(30)
+    assert not thread.is_alive()
+    done, queued = store.get("running"), store.get("queued")
+    assert done is not None and done.state is JobState.COMPLETED and done.failure is None
+    assert queued is not None and queued.state is JobState.QUEUED and queued.attempts == 0
+    assert store.workers() == []
+
+
+def test_a_drain_that_runs_out_hands_the_job_back_without_counting_the_run(tmp_path: Path) -> None:
+    store, worker, _, thread = drained_worker(tmp_path, drain_s=0.2, steps=1000)
+    worker.drain()
+    thread.join(30)
+    assert not thread.is_alive()
+    job = store.get("running")
+    assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
+    assert "Worker shutting down; the request goes back to the queue" in [e.message for e in store.logs("running")]
+
+
+def test_a_second_drain_signal_hands_the_job_back_at_once(tmp_path: Path) -> None:
+    store, worker, _, thread = drained_worker(tmp_path, drain_s=600, steps=1000)
+    worker.drain()
+    worker.drain()
+    thread.join(10)
+    assert not thread.is_alive()
+    job = store.get("running")
+    assert job is not None and job.state is JobState.QUEUED

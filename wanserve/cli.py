@@ -220,8 +220,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if inherited:  # started by `wanserve serve`: exactly the server's settings
         settings = Settings.model_validate_json(inherited)
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if settings.gpus and len(settings.gpus) > 1:
+        from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
+
+        return run_worker_group(settings, args.worker_id, settings.gpus)
     worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    # SIGTERM (systemd, Kubernetes, the supervisor): finish the running job first; Ctrl-C: hand it back now.
+    signal.signal(signal.SIGTERM, lambda *_: worker.drain())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     parent = os.getppid()
     worker.run(stop_when=lambda: args.exit_with_parent and os.getppid() != parent)
@@ -286,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", dest="api_keys", action="append", default=None, help="accepted API key (repeatable)"
     )
     serve.add_argument("--workers", type=int, default=None, help="worker processes to supervise (default 1)")
+    serve.add_argument(
+        "--no-worker", dest="workers", action="store_const", const=0, help="API only: workers run elsewhere"
+    )
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(func=cmd_serve)
 
@@ -293,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(worker)
     _add_service_flags(worker)
     worker.add_argument("--worker-id", default=None, help="unique worker name (default host-pid)")
+    worker.add_argument(
+        "--gpus", default=None, help="spread each video over these GPUs, e.g. 0,1,2,3 (env WANSERVE_GPUS)"
+    )
+    worker.add_argument("--drain-s", type=float, default=None, help="on SIGTERM, finish the running job this long")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
     bench = sub.add_parser(
@@ -364,6 +376,9 @@ def _add_client_commands(sub: Any) -> None:
 
 def _add_service_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="jobs database and files (env WANSERVE_DATA_DIR)")
+    p.add_argument("--store", default=None, help="job store: sqlite or redis://HOST:PORT/DB (env WANSERVE_STORE)")
+    p.add_argument("--files", default=None, help="file store: local or s3://BUCKET/PREFIX (env WANSERVE_FILES)")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3 API URL for MinIO etc. (env WANSERVE_S3_ENDPOINT_URL)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -387,6 +402,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "public_url",
             "api_keys",
             "workers",
+            "store",
+            "files",
+            "s3_endpoint_url",
+            "gpus",
+            "drain_s",
         )
         if getattr(args, key, None) is not None
     }

@@ -81,6 +81,52 @@ class Settings(BaseSettings):
         description="Endpoint ids served; `<id>/lora` takes the LoRA request.",
     )
     workers: int = Field(1, ge=0, le=64, description="Worker child processes `serve` supervises (0: none).")
+    store: str = Field(
+        "sqlite",
+        pattern=r"^(sqlite(:///.+)?|rediss?://.+|unix://.+)$",
+        description="Job store: `sqlite` (<data-dir>/jobs.sqlite3), `sqlite:///PATH`, or `redis://[:PASSWORD@]HOST:"
+        "PORT/DB` (`rediss://` for TLS) shared by API replicas and workers on many machines.",
+    )
+    redis_prefix: str = Field(
+        "wanserve",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Prefix of every Redis key (several deployments can share one Redis).",
+    )
+    files: str = Field(
+        "local",
+        pattern=r"^(local|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?)$",
+        description="File store: `local` (<data-dir>/files) or `s3://BUCKET/PREFIX` (any S3-compatible service).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3 API URL for MinIO, R2, Ceph and friends (default: AWS). Credentials: the usual AWS_* "
+        "variables or instance roles.",
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: boto3's, e.g. AWS_DEFAULT_REGION).")
+    s3_delivery: Literal["redirect", "stream"] = Field(
+        "redirect",
+        description="How /files/ URLs serve S3 objects: `redirect` (307 to a short-lived presigned GET URL; bytes "
+        "never pass through the API) or `stream` (the API relays them: for buckets clients cannot reach).",
+    )
+    s3_presign_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="Lifetime of the presigned GET URLs `redirect` hands out."
+    )
+    keys_dir: Path | None = Field(
+        None,
+        description="Signing keys (upload URLs, webhooks); every API replica must see the same files "
+        "(default: <data-dir>/keys).",
+    )
+    gpus: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="GPUs one worker spreads each video over (`0,1,...`: one process per GPU, CFG-parallel and "
+        "Ulysses sequence-parallel). Empty: one process on `device`.",
+    )
+    drain_s: float = Field(
+        120.0,
+        ge=0,
+        description="On SIGTERM a worker takes no new job and finishes the running one for up to this long, then "
+        "hands it back to the queue (SIGINT, or a second SIGTERM: hand it back at once).",
+    )
     job_lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")
     job_max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker died before it is failed.")
     job_stall_s: float = Field(
@@ -191,7 +237,14 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "api_keys", "app_ids", "lora_roots", "safety_text_labels", "safety_image_labels", "warmup", mode="before"
+        "api_keys",
+        "app_ids",
+        "lora_roots",
+        "safety_text_labels",
+        "safety_image_labels",
+        "warmup",
+        "gpus",
+        mode="before",
     )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -208,6 +261,9 @@ class Settings(BaseSettings):
             if item not in allowed:
                 raise ValueError(f"unknown warm-up resolution {item!r} (use {', '.join(allowed)})")
         return value
+
+    def resolved_keys_dir(self) -> Path:
+        return self.keys_dir or self.data_dir / "keys"
 
     def resolved_compile_cache_dir(self) -> Path:
         return self.compile_cache_dir or self.cache_dir / "compile"

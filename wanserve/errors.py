@@ -78,6 +78,13 @@ class InvalidUpload(BadRequest):
     """An upload this server refuses: a bad content type, lifecycle, part number or multipart completion."""
 
 
+class StorageUnavailable(WanserveError):
+    """The remote file store (S3) refused or could not be reached: the message names the operation and cause."""
+
+    http_status = 503
+    error_type = "storage_unavailable"
+
+
 class RangeNotSatisfiable(WanserveError):
     """No byte of the requested HTTP Range exists in the file."""
 
@@ -148,3 +155,11 @@ class ContentPolicyViolation(WanserveError):
     def detail(self) -> dict[str, object]:
         loc = ["body", "prompt"] if self.target == "prompt" else ["output", "video"]
         return {"loc": loc, "msg": str(self), "type": self.error_type}
+
+
+class ParallelGroupFailed(WanserveError):
+    """A process of a multi-GPU worker died or stopped answering in the middle of a generation: the job fails and
+    the worker restarts its whole process group."""
+
+    http_status = 503
+    error_type = "runner_server_error"

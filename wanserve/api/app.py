@@ -27,7 +27,7 @@ from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
 from wanserve.errors import WanserveError
 from wanserve.jobs.endpoints import EndpointRegistry
-from wanserve.jobs.service import JobService, recover_lost_jobs
+from wanserve.jobs.service import JobService, forget_silent_workers, recover_lost_jobs
 from wanserve.webhooks import WebhookDispatcher, WebhookSigner
 from wanserve.worker.supervisor import WorkerSupervisor
 
@@ -39,7 +39,7 @@ WEBHOOK_POLL_S = 0.25
 
 def build_context(settings: Settings) -> ServerContext:
     """The stores the settings name, plus the keys kept under the data directory."""
-    data = settings.data_dir
+    keys = settings.resolved_keys_dir()
     public_url = settings.resolved_public_url()
     store = open_job_store(settings)
     file_store = open_file_store(settings)
@@ -56,8 +56,8 @@ def build_context(settings: Settings) -> ServerContext:
             max_loras=settings.max_loras,
         ),
         api_keys=ApiKeys(settings.api_keys),
-        url_signer=UrlSigner(read_or_create_secret(data / "keys" / "url-secret")),
-        webhook_signer=WebhookSigner.load_or_create(data / "keys" / "webhook-ed25519.pem"),
+        url_signer=UrlSigner(read_or_create_secret(keys / "url-secret")),
+        webhook_signer=WebhookSigner.load_or_create(keys / "webhook-ed25519.pem"),
         metrics=Metrics(store, settings.job_lease_s),
     )
 
@@ -89,6 +89,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     async def housekeeping() -> None:
         await asyncio.to_thread(ctx.store.expire_overdue, time.time())
         await asyncio.to_thread(recover_lost_jobs, ctx.store, [], settings.job_max_attempts)
+        await asyncio.to_thread(forget_silent_workers, ctx.store, max(20 * settings.job_lease_s, 600.0))
         if time.monotonic() - last_sweep[0] >= settings.file_sweep_s:
             last_sweep[0] = time.monotonic()
             deleted = await asyncio.to_thread(ctx.files.sweep_expired, time.time())

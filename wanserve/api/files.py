@@ -1,21 +1,22 @@
-"""Stored files under /files/: public by unguessable URL (as fal's CDN), with HTTP Range for video seeking."""
+"""Stored files under /files/: public by unguessable URL (as fal's CDN), with HTTP Range for video seeking.
+A store that offers a direct URL (S3's presigned GET) gets a redirect there; otherwise the API sends the bytes."""
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Header
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from wanserve.api.context import Context
 from wanserve.api.responses import error_response
 from wanserve.errors import BadRequest, RangeNotSatisfiable
+from wanserve.files.base import FileStore, StoredFile, content_disposition
 
 router = APIRouter()
-
-INLINE_TYPES = {"video", "image", "audio"}
 
 
 _RANGE = re.compile(r"bytes=\s*\d*-\d*(\s*,\s*\d*-\d*)*")
@@ -40,19 +41,35 @@ def check_range(header: str | None, size: int) -> None:
         raise RangeNotSatisfiable(f"no byte of {header[:100]!r} exists in a {size}-byte file")
 
 
+def single_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The (first, last) byte a valid (see `check_range`) Range header asks for, or None to send the whole
+    file: no header, or several ranges (which a server may answer whole)."""
+    if header is None or "," in header or size == 0:
+        return None
+    start, _, end = header.strip()[len("bytes=") :].strip().partition("-")
+    if not start:  # `-N`: the last N bytes
+        return max(0, size - int(end)), size - 1
+    return int(start), (min(int(end), size - 1) if end else size - 1)
+
+
 @router.api_route("/files/{key:path}", methods=["GET", "HEAD"])
-def get_file(ctx: Context, key: str, range: Annotated[str | None, Header()] = None) -> Response:
-    stored = ctx.files.stat(key, time.time())
+def get_file(ctx: Context, key: str, request: Request, range: Annotated[str | None, Header()] = None) -> Response:
+    now = time.time()
+    # HEAD is answered here: a presigned URL signs one method (GET), and HEAD moves no bytes anyway.
+    direct = ctx.files.download_url(key, now) if request.method == "GET" else None
+    if direct is not None:
+        # Never cached: the presigned URL behind the stable one expires.
+        return RedirectResponse(direct, status_code=307, headers={"Cache-Control": "no-store, private"})
+    stored = ctx.files.stat(key, now)
     try:
         check_range(range, stored.size)
     except RangeNotSatisfiable as exc:
         return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
-    # Anyone may upload, and files share the API's origin: never let a browser run one as a page.
-    inline = stored.content_type.split("/")[0] in INLINE_TYPES
+    # Files share the API's origin here: never let a browser run one as a page.
     headers = {
         "ETag": f'"{stored.etag}"',
         "Cache-Control": "public, max-age=3600",
-        "Content-Disposition": f'{"inline" if inline else "attachment"}; filename="{stored.file_name}"',
+        "Content-Disposition": content_disposition(stored),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox; default-src 'none'",
     }
@@ -60,9 +77,28 @@ def get_file(ctx: Context, key: str, range: Annotated[str | None, Header()] = No
     if path is not None:
         # FileResponse answers Range requests (206 + Content-Range) and sets Content-Length.
         return FileResponse(path, media_type=stored.content_type, headers=headers)
-    handle = ctx.files.open(key)
+    return _relay(ctx.files, stored, single_range(range, stored.size), headers, request.method == "HEAD")
+
+
+def _relay(
+    files: FileStore, stored: StoredFile, span: tuple[int, int] | None, headers: dict[str, str], head_only: bool
+) -> Response:
+    """The bytes of a remote file (or the asked span of them: 206), passed through as they arrive."""
+    headers = {**headers, "Accept-Ranges": "bytes", "Content-Length": str(stored.size)}
+    status = 200
+    if span is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{stored.size}"
+        headers["Content-Length"] = str(span[1] - span[0] + 1)
+    if head_only:
+        return Response(status_code=status, media_type=stored.content_type, headers=headers)
     return StreamingResponse(
-        iter(lambda: handle.read(1 << 20), b""),
-        media_type=stored.content_type,
-        headers={**headers, "Content-Length": str(stored.size)},
+        _chunks(files.open(stored.key, span)), status_code=status, media_type=stored.content_type, headers=headers
     )
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    """Closes the source however the response ends (a client that hangs up included): a remote store's
+    connection goes back to its pool instead of waiting for the garbage collector."""
+    with handle:
+        yield from iter(lambda: handle.read(1 << 20), b"")

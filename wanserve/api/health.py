@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter
@@ -10,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wanserve import __version__
 from wanserve.api.context import Context
-from wanserve.api.metrics import ready_workers
+from wanserve.api.metrics import live_workers
 
 router = APIRouter()
 
@@ -22,8 +23,16 @@ def health() -> dict[str, str]:
 
 @router.get("/ready")
 def ready(ctx: Context) -> JSONResponse:
-    workers = ready_workers(ctx.store, ctx.settings.job_lease_s)
-    return JSONResponse({"ready": bool(workers), "workers": workers}, status_code=200 if workers else 503)
+    """200 while some worker can take a job. `workers` names those; `details` is every live worker as it
+    advertises itself (host, GPUs, model, engine, current job, draining)."""
+    now = time.time()
+    live = live_workers(ctx.store, ctx.settings.job_lease_s)
+    ready_ids = [w.id for w in live if w.ready]
+    details = [
+        {"id": w.id, "ready": w.ready, "heartbeat_age_s": round(now - w.heartbeat_at, 3), **w.detail} for w in live
+    ]
+    body = {"ready": bool(ready_ids), "workers": ready_ids, "details": details}
+    return JSONResponse(body, status_code=200 if ready_ids else 503)
 
 
 @router.get("/metrics")

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from wanserve.jobs.model import WorkerInfo
 from wanserve.store.base import JobStore
 
 
@@ -43,11 +44,20 @@ class _StoreCollector(Collector):
                 outcomes.add_metric([name.split(":", 1)[1]], value)
             else:
                 jobs.add_metric([name], value)
-        workers = GaugeMetricFamily("wanserve_workers_ready", "Workers with the model loaded and a fresh heartbeat")
-        workers.add_metric([], len(ready_workers(self.store, self.lease_s)))
-        yield from (jobs, outcomes, workers)
+        live = live_workers(self.store, self.lease_s)
+        ready = GaugeMetricFamily("wanserve_workers_ready", "Workers with the model loaded and a fresh heartbeat")
+        ready.add_metric([], sum(1 for w in live if w.ready))
+        labels = ["worker", "host", "model", "gpus"]
+        info = GaugeMetricFamily("wanserve_worker_info", "Live workers (heartbeat within the lease)", labels=labels)
+        busy = GaugeMetricFamily("wanserve_worker_busy", "1 while the worker runs a job", labels=["worker"])
+        for w in live:
+            gpus = ",".join(str(g) for g in w.detail.get("gpus") or [])
+            info.add_metric([w.id, str(w.detail.get("host", "")), str(w.detail.get("model", "")), gpus], 1)
+            busy.add_metric([w.id], 1 if w.detail.get("current_job") else 0)
+        yield from (jobs, outcomes, ready, info, busy)
 
 
-def ready_workers(store: JobStore, lease_s: float) -> list[str]:
+def live_workers(store: JobStore, lease_s: float) -> list[WorkerInfo]:
+    """Workers whose heartbeat is fresh: one silent for a lease is gone (or hung) whatever it last said."""
     now = time.time()
-    return [w.id for w in store.workers() if w.ready and now - w.heartbeat_at < lease_s]
+    return [w for w in store.workers() if now - w.heartbeat_at < lease_s]

@@ -11,6 +11,9 @@ from typing import Any, BinaryIO, Protocol
 
 from wanserve.errors import InvalidFileKey, InvalidUpload
 
+ABANDONED_UPLOAD_S = 24 * 3600
+INLINE_TYPES = {"video", "image", "audio"}
+
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -51,6 +54,60 @@ def check_key(key: str) -> str:
     if not _KEY.fullmatch(key):  # fullmatch: `$` alone would let a trailing newline through
         raise InvalidFileKey(f"not a stored file key: {key!r}")
     return key
+
+
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def new_upload_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def check_upload_id(upload_id: str) -> str:
+    """Upload ids come from URLs too: the shape `new_upload_id` makes, nothing a path or key could hide in."""
+    if not _UPLOAD_ID.fullmatch(upload_id):
+        raise InvalidUpload(f"not an upload id: {upload_id!r}")
+    return upload_id
+
+
+MAX_PARTS = 10_000
+
+
+def check_part_number(part_number: int) -> None:
+    if not 1 <= part_number <= MAX_PARTS:
+        raise InvalidUpload(f"part number must be 1..{MAX_PARTS}, got {part_number}")
+
+
+def check_part_numbers(parts: list[tuple[int, str]]) -> None:
+    """A completion lists parts 1..n, each once: joined in order, they leave no hole in the file."""
+    if not parts:
+        raise InvalidUpload("a multipart upload needs at least one part")
+    numbers = sorted(n for n, _ in parts)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise InvalidUpload(f"parts must be numbered 1..{len(numbers)} without gaps, got {numbers}")
+
+
+def file_url(public_url: str, key: str) -> str:
+    return f"{public_url.rstrip('/')}/files/{check_key(key)}"
+
+
+def key_from_file_url(public_url: str, url: str) -> str | None:
+    """The key in a URL `file_url` made for this `public_url`; None for any other URL."""
+    prefix = f"{public_url.rstrip('/')}/files/"
+    if not url.startswith(prefix):
+        return None
+    key = url[len(prefix) :].split("?", 1)[0]
+    try:
+        return check_key(key)
+    except InvalidFileKey:
+        return None
+
+
+def content_disposition(stored: StoredFile) -> str:
+    """Media plays in the browser; anything else downloads. Anyone may upload, so an upload must never open
+    as a page (wherever it is served from)."""
+    inline = stored.content_type.split("/")[0] in INLINE_TYPES
+    return f'{"inline" if inline else "attachment"}; filename="{stored.file_name}"'
 
 
 MAX_LIFETIME_S = 100 * 365 * 24 * 3600
@@ -111,9 +168,18 @@ class FileStore(Protocol):
         """Metadata of a live file; FileNotFound when absent or expired."""
         ...
 
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
+        """The bytes of a file, or only those from `byte_range[0]` to `byte_range[1]` (inclusive, both within
+        the file); FileNotFound when absent."""
+        ...
+
     def local_path(self, key: str) -> Path | None:
         """Where the bytes are on this machine (None for remote stores)."""
+        ...
+
+    def download_url(self, key: str, now: float) -> str | None:
+        """A URL the client may fetch the bytes from directly (e.g. a presigned GET), or None when the API
+        serves them itself. A store that gives URLs raises FileNotFound for a file absent or expired."""
         ...
 
     def delete(self, key: str) -> None: ...

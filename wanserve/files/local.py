@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
-import re
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
-from wanserve.files.base import StoredFile, check_key
-
-ABANDONED_UPLOAD_S = 24 * 3600
-_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+from wanserve.errors import FileNotFound, InvalidUpload
+from wanserve.files.base import (
+    ABANDONED_UPLOAD_S,
+    StoredFile,
+    check_key,
+    check_part_number,
+    check_part_numbers,
+    check_upload_id,
+    file_url,
+    key_from_file_url,
+    new_upload_id,
+)
 
 
 def _atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
@@ -43,6 +49,26 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _Window(io.RawIOBase):
+    """The next `length` bytes of a file, then its end: a byte range read without loading it."""
+
+    def __init__(self, f: io.BufferedReader, length: int) -> None:
+        self._f = f
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._f.readinto(memoryview(buffer)[: self._left])
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 class LocalFileStore:
     def __init__(self, root: Path, public_url: str) -> None:
         self.root = Path(root)
@@ -55,17 +81,10 @@ class LocalFileStore:
             d.mkdir(parents=True, exist_ok=True)
 
     def url(self, key: str) -> str:
-        return f"{self.public_url}/files/{check_key(key)}"
+        return file_url(self.public_url, key)
 
     def key_from_url(self, url: str) -> str | None:
-        prefix = f"{self.public_url}/files/"
-        if not url.startswith(prefix):
-            return None
-        key = url[len(prefix) :].split("?", 1)[0]
-        try:
-            return check_key(key)
-        except InvalidFileKey:
-            return None
+        return key_from_file_url(self.public_url, url)
 
     def _object(self, key: str) -> Path:
         return self._objects / check_key(key)
@@ -137,14 +156,22 @@ class LocalFileStore:
             raise FileNotFound(f"no such file: {key}")
         return stored
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
         try:
-            return self._object(key).open("rb")
+            f = self._object(key).open("rb")
         except FileNotFoundError:
             raise FileNotFound(f"no such file: {key}") from None
+        if byte_range is None:
+            return f
+        start, end = byte_range
+        f.seek(start)
+        return io.BufferedReader(_Window(f, end - start + 1))
 
     def local_path(self, key: str) -> Path | None:
         return self._object(key)
+
+    def download_url(self, key: str, now: float) -> str | None:
+        return None  # the API serves local files itself
 
     def delete(self, key: str) -> None:
         # Metadata first: once it is gone the key is dead, even if removing the object then fails.
@@ -176,16 +203,14 @@ class LocalFileStore:
 
     # --- multipart ---
     def _upload_dir(self, upload_id: str) -> Path:
-        if not _UPLOAD_ID.fullmatch(upload_id):
-            raise InvalidUpload(f"not an upload id: {upload_id!r}")
-        path = self._multipart / upload_id
+        path = self._multipart / check_upload_id(upload_id)
         if not path.is_dir():
             raise FileNotFound(f"no such multipart upload: {upload_id}")
         return path
 
     def create_multipart(self, key: str, content_type: str, expires_at: float | None) -> str:
         check_key(key)
-        upload_id = secrets.token_urlsafe(18)
+        upload_id = new_upload_id()
         path = self._multipart / upload_id
         path.mkdir(parents=True)
         info = {"key": key, "content_type": content_type, "expires_at": expires_at}
@@ -193,19 +218,14 @@ class LocalFileStore:
         return upload_id
 
     def put_part(self, upload_id: str, part_number: int, data: bytes) -> str:
-        if not 1 <= part_number <= 10_000:
-            raise InvalidUpload(f"part number must be 1..10000, got {part_number}")
+        check_part_number(part_number)
         _atomic_write(self._upload_dir(upload_id) / f"part-{part_number:05d}", data, self._tmp)
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile:
         folder = self._upload_dir(upload_id)
         info = json.loads((folder / "upload.json").read_text())
-        if not parts:
-            raise InvalidUpload("a multipart upload needs at least one part")
-        numbers = [n for n, _ in parts]
-        if sorted(numbers) != list(range(1, len(numbers) + 1)):
-            raise InvalidUpload(f"parts must be numbered 1..{len(numbers)} without gaps, got {sorted(numbers)}")
+        check_part_numbers(parts)
         fd, tmp = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as out:

@@ -251,3 +251,13 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
         if store.finish(job.id, now, failure=failure):
             failed.append(job.id)
     return failed
+
+
+def forget_silent_workers(store: JobStore, silent_s: float) -> list[str]:
+    """Drops the registrations of workers silent for `silent_s` (killed machines never unregister); their
+    jobs were already recovered when the leases ran out."""
+    now = time.time()
+    gone = [w.id for w in store.workers() if now - w.heartbeat_at > silent_s]
+    for worker_id in gone:
+        store.remove_worker(worker_id)
+    return gone

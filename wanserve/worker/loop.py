@@ -77,13 +77,37 @@ class Worker:
         self._progress_at = time.monotonic()  # last sign of life of the running job
         self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
         self._stop = threading.Event()
-        self._detail = {"host": socket.gethostname(), "pid": os.getpid(), "model": settings.model}
+        self._draining = threading.Event()
+        self._detail: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "model": settings.model,
+            "gpus": settings.gpus or [settings.device],
+            "current_job": None,
+            "draining": False,
+        }
 
     # --- lifecycle ---
     def stop(self) -> None:
+        """Stop now: the running job goes back to the queue (it runs again elsewhere)."""
         self._stop.set()
 
+    def drain(self) -> None:
+        """Take no new job; let the running one finish for up to `drain_s`, then stop. Asked again: stop now."""
+        if self._draining.is_set():
+            self.stop()
+            return
+        self._draining.set()
+        self._detail["draining"] = True
+        log.info("worker %s draining: no new job; the running one has %.0f s to finish", self.id, self.settings.drain_s)
+        timer = threading.Timer(self.settings.drain_s, self.stop)
+        timer.daemon = True
+        timer.start()
+        with contextlib.suppress(Exception):  # the heartbeat re-registers anyway; this makes it visible sooner
+            self._register(ready=False)
+
     def _register(self, ready: bool) -> None:
+        ready = ready and not self._draining.is_set()
         self.store.register_worker(WorkerInfo(self.id, ready, time.time(), self._detail))
 
     def load(self) -> None:
@@ -119,7 +143,7 @@ class Worker:
         heartbeat.start()
         try:
             self.load()
-            while not self._stop.is_set() and not stop_when():
+            while not self._stop.is_set() and not self._draining.is_set() and not stop_when():
                 job = self.store.claim(self.id, self.settings.job_lease_s, time.time())
                 if job is None:
                     self._stop.wait(self.settings.worker_poll_s)
@@ -172,6 +196,7 @@ class Worker:
         self._progress_at = time.monotonic()
         self._lease_lost_job = None
         self._current, started = job, time.perf_counter()
+        self._detail["current_job"] = job.id
         try:
             output, inference_time = self._run(job)
         except LeaseLost:
@@ -203,6 +228,7 @@ class Worker:
             self._finish(job, output=output, inference_time=inference_time)
         finally:
             self._current = None
+            self._detail["current_job"] = None
 
     def _finish(self, job: Job, **outcome: Any) -> None:
         if not self.store.finish(job.id, time.time(), worker_id=self.id, **outcome):

@@ -135,7 +135,9 @@ class WorkerSupervisor:
             self._thread.join()
         procs = [s.process for s in self.slots if s.process is not None]
         for proc in procs:
-            proc.terminate()
+            # SIGINT, not SIGTERM (a drain): the server is going away, so running jobs go back to the queue
+            # at once, for another worker or the next start, instead of holding the shutdown up.
+            proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + timeout_s
         for proc in procs:
             try:

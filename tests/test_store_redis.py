@@ -1,0 +1,70 @@
+"""What only the Redis store has: surviving a Redis restart, and scripts that are safe to run twice (a call
+whose reply was lost is retried). The shared behaviour is in test_store_contract.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from redis_server import RedisServer
+from test_store_contract import T0, new_job, submit_many
+
+from wanserve.jobs.model import JobState, LogLevel, Priority, cancelled_failure
+from wanserve.store.redis import RedisJobStore
+
+
+def test_a_redis_killed_and_restarted_loses_no_job_and_the_store_reconnects(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisJobStore.from_url(server.url, prefix="restart")
+    try:
+        ids = submit_many(store, 10)
+        running = store.claim("w1", 60, T0 + 1)
+        assert running is not None
+        store.add_log(running.id, LogLevel.INFO, "step 1/30", T0 + 2)
+        store.cancel(ids[5], cancelled_failure(), T0 + 3)
+
+        server.kill()  # kill -9: only the append-only file survives
+        restarted = threading.Timer(1.0, server.start)  # the store's calls wait and retry meanwhile
+        restarted.start()
+        before = time.monotonic()
+        assert store.heartbeat(running.id, "w1", 60, T0 + 4) is True
+        assert time.monotonic() - before >= 0.5  # it really waited for the restart
+        restarted.join()
+
+        counts = store.counts()
+        assert counts["IN_QUEUE"] == 8 and counts["IN_PROGRESS"] == 1 and counts["COMPLETED"] == 1
+        assert [e.message for e in store.logs(running.id)] == ["step 1/30"]
+        claimed = []
+        while (job := store.claim("w2", 60, T0 + 5)) is not None:
+            claimed.append(job.id)
+        assert claimed == [i for i in ids if i not in (running.id, ids[5])]  # same order as before the crash
+        assert store.finish(running.id, T0 + 6, worker_id="w1", output={"ok": True})
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_a_submit_sent_twice_queues_one_job(redis_server: RedisServer, redis_prefix: str) -> None:
+    store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
+    first = store.submit(new_job("same", webhook_url="http://hook.test/"), T0)
+    again = store.submit(new_job("same", webhook_url="http://hook.test/"), T0 + 1)
+    assert again == first and store.counts()["IN_QUEUE"] == 1
+    job = store.claim("w", 60, T0 + 2)
+    assert job is not None and job.state is JobState.RUNNING
+    assert store.finish("same", T0 + 3, worker_id="w", output={})
+    assert not store.finish("same", T0 + 4, worker_id="w", output={})  # a retried finish: no second webhook
+    assert len(store.due_webhooks(T0 + 10)) == 1
+    store.close()
+
+
+def test_queue_order_is_exact_for_large_submission_numbers(redis_server: RedisServer, redis_prefix: str) -> None:
+    """The queue score packs (priority, seq) into one float: it must stay exact for 15-digit values."""
+    store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
+    store.redis.set(f"{redis_prefix}:seq", 10**13)
+    submit_many(store, 3, priority=Priority.LOW)  # scores near 3e14
+    a, b, c = (store.get(f"j00{i}") for i in range(3))
+    assert a and b and c and (a.seq, b.seq, c.seq) == (10**13 + 1, 10**13 + 2, 10**13 + 3)
+    assert [store.queue_position(j) for j in (a, b, c)] == [0, 1, 2]
+    assert [store.claim("w", 60, T0).id for _ in range(3)] == ["j000", "j001", "j002"]  # type: ignore[union-attr]
+    store.close()

@@ -1,0 +1,527 @@
+"""The distributed job store: one Redis (with AOF persistence on) shared by API replicas and workers on
+many machines.
+
+Every state change is one Lua script, which Redis runs atomically: a claim, a cancel or a finish is
+all-or-nothing, whoever runs it. Times are computed by the caller and passed in as exact decimal strings
+that the scripts store as they are: Lua's own number formatting (tostring, cjson) keeps 14 digits, which
+would round a Unix time to the millisecond.
+
+Layout, every key under `<prefix>:`:
+  job:<id>         hash, the job's fields (JSON for structured ones); `qscore` its queue order
+  queue            zset of queued ids by (priority, submission order)
+  deadlines        zset of queued, never-started ids by start deadline
+  leases           zset of running ids by lease expiry
+  completed        zset of completed ids by finish time; `prunable`: those whose webhook has settled
+  outcomes         hash outcome -> completed jobs (`ok` or the error type)
+  logs:<id>        list of [ts, level, message]; an entry's seq is its position from 1
+  workers          hash worker id -> JSON
+  webhook:<n>      hash, one delivery; `webhooks:due`: zset of pending ones by next attempt
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.retry import Retry
+
+from wanserve.jobs.model import (
+    CancelOutcome,
+    Failure,
+    Job,
+    JobState,
+    LogEntry,
+    LogLevel,
+    NewJob,
+    Priority,
+    Webhook,
+    WorkerInfo,
+    start_timeout_failure,
+)
+
+# Queue order as one exact zset score: priority first, then submission order (seq < 2^48).
+_PRIORITY_WEIGHT = 2**48
+_QUEUED, _RUNNING, _COMPLETED = JobState.QUEUED.value, JobState.RUNNING.value, JobState.COMPLETED.value
+
+# Shared by the scripts that complete a job. ARGV from `first`: now, output, failure, inference_time,
+# outcome, log level, log message ('' = none).
+_COMPLETE = """
+local function complete(p, id, now, output, failure, inference_time, outcome, level, message)
+  local jk = p .. ':job:' .. id
+  redis.call('HSET', jk, 'state', 'COMPLETED', 'finished_at', now, 'outcome', outcome)
+  for field, value in pairs({output = output, failure = failure, inference_time = inference_time}) do
+    if value ~= '' then redis.call('HSET', jk, field, value) end
+  end
+  redis.call('HDEL', jk, 'lease_expires_at')
+  redis.call('ZREM', p .. ':queue', id)
+  redis.call('ZREM', p .. ':deadlines', id)
+  redis.call('ZREM', p .. ':leases', id)
+  redis.call('ZADD', p .. ':completed', now, id)
+  redis.call('HINCRBY', p .. ':outcomes', outcome, 1)
+  if message ~= '' then
+    redis.call('RPUSH', p .. ':logs:' .. id, cjson.encode({now, level, message}))
+  end
+  local url = redis.call('HGET', jk, 'webhook_url')
+  if url then
+    local wid = redis.call('INCR', p .. ':webhook_seq')
+    redis.call('HSET', p .. ':webhook:' .. wid, 'job_id', id, 'url', url, 'state', 'pending', 'attempts', 0,
+      'next_attempt_at', now)
+    redis.call('ZADD', p .. ':webhooks:due', now, wid)
+    redis.call('HSET', jk, 'webhook_id', wid)
+  else
+    redis.call('ZADD', p .. ':prunable', now, id)
+  end
+end
+"""
+
+_SUBMIT = """
+local p, id = ARGV[1], ARGV[2]
+local jk = p .. ':job:' .. id
+if redis.call('EXISTS', jk) == 1 then return 0 end  -- a retried submit after a lost reply
+local seq = redis.call('INCR', p .. ':seq')
+local qscore = string.format('%d', tonumber(ARGV[3]) * 281474976710656 + seq)
+redis.call('HSET', jk, 'seq', seq, 'qscore', qscore, 'state', 'IN_QUEUE', 'attempts', 0, unpack(ARGV, 5))
+redis.call('ZADD', p .. ':queue', qscore, id)
+if ARGV[4] ~= '' then redis.call('ZADD', p .. ':deadlines', ARGV[4], id) end
+return seq
+"""
+
+_CANCEL = (
+    _COMPLETE
+    + """
+local p, id, now = ARGV[1], ARGV[2], ARGV[3]
+local jk = p .. ':job:' .. id
+local state = redis.call('HGET', jk, 'state')
+if not state then return 'NOT_FOUND' end
+if state == 'COMPLETED' then return 'ALREADY_COMPLETED' end
+if state == 'IN_QUEUE' then
+  complete(p, id, now, '', ARGV[4], '', ARGV[5], ARGV[6], ARGV[7])
+  return 'CANCELLED'
+end
+redis.call('HSET', jk, 'cancel_requested', 1)
+redis.call('RPUSH', p .. ':logs:' .. id, cjson.encode({now, 'INFO', ARGV[8]}))
+return 'CANCELLATION_REQUESTED'
+"""
+)
+
+# Completes one queued job whose start deadline passed (the failure names its own timeout, so the caller
+# builds it); a job claimed in the meantime is left alone.
+_EXPIRE = (
+    _COMPLETE
+    + """
+local p, id, now = ARGV[1], ARGV[2], ARGV[3]
+local jk = p .. ':job:' .. id
+if redis.call('HGET', jk, 'state') ~= 'IN_QUEUE' or redis.call('HEXISTS', jk, 'first_started_at') == 1 then
+  redis.call('ZREM', p .. ':deadlines', id)
+  return 0
+end
+complete(p, id, now, '', ARGV[4], '', 'request_timeout', 'ERROR', ARGV[5])
+return 1
+"""
+)
+
+# The head of the queue, unless its start deadline passed (then the caller expires it and asks again).
+_CLAIM = """
+local p, worker, now, lease_until = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local head = redis.call('ZRANGE', p .. ':queue', 0, 0)
+if #head == 0 then return false end
+local id = head[1]
+local deadline = redis.call('ZSCORE', p .. ':deadlines', id)
+if deadline and tonumber(deadline) < tonumber(now) then return {'overdue', id} end
+local jk = p .. ':job:' .. id
+redis.call('ZREM', p .. ':queue', id)
+redis.call('ZREM', p .. ':deadlines', id)
+redis.call('HSET', jk, 'state', 'IN_PROGRESS', 'worker_id', worker, 'started_at', now, 'lease_expires_at', lease_until)
+redis.call('HSETNX', jk, 'first_started_at', now)
+redis.call('HINCRBY', jk, 'attempts', 1)
+redis.call('ZADD', p .. ':leases', lease_until, id)
+return {'claimed', id}
+"""
+
+_HEARTBEAT = """
+local p, id, worker, lease_until = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local jk = p .. ':job:' .. id
+local fields = redis.call('HMGET', jk, 'state', 'worker_id')
+if fields[1] ~= 'IN_PROGRESS' or fields[2] ~= worker then return 0 end
+redis.call('HSET', jk, 'lease_expires_at', lease_until)
+redis.call('ZADD', p .. ':leases', lease_until, id)
+return 1
+"""
+
+# Back to the queue at its old place. Used by `release` (the run does not count) and `recover_lost`.
+_REQUEUE = """
+local function requeue(p, id, uncount)
+  local jk = p .. ':job:' .. id
+  redis.call('HSET', jk, 'state', 'IN_QUEUE')
+  redis.call('HDEL', jk, 'worker_id', 'lease_expires_at', 'started_at')
+  if uncount then
+    local attempts = tonumber(redis.call('HGET', jk, 'attempts') or '0')
+    redis.call('HSET', jk, 'attempts', math.max(attempts - 1, 0))
+  end
+  redis.call('ZREM', p .. ':leases', id)
+  redis.call('ZADD', p .. ':queue', redis.call('HGET', jk, 'qscore'), id)
+end
+"""
+
+_RELEASE = (
+    _REQUEUE
+    + """
+local p, id, worker = ARGV[1], ARGV[2], ARGV[3]
+local fields = redis.call('HMGET', p .. ':job:' .. id, 'state', 'worker_id')
+if fields[1] ~= 'IN_PROGRESS' or fields[2] ~= worker then return 0 end
+requeue(p, id, true)
+return 1
+"""
+)
+
+_FINISH = (
+    _COMPLETE
+    + """
+local p, id, worker = ARGV[1], ARGV[2], ARGV[3]
+local fields = redis.call('HMGET', p .. ':job:' .. id, 'state', 'worker_id')
+if not fields[1] or fields[1] == 'COMPLETED' then return 0 end
+if worker ~= '' and (fields[1] ~= 'IN_PROGRESS' or fields[2] ~= worker) then return 0 end
+complete(p, id, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+return 1
+"""
+)
+
+# Running jobs of the named dead workers, or whose lease expired. Running jobs number at most the workers,
+# so reading them all is cheap. Returns the ids the caller must complete (out of attempts, or cancelled).
+_RECOVER = (
+    _REQUEUE
+    + """
+local p, now, max_attempts = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local dead = {}
+for i = 4, #ARGV do dead[ARGV[i]] = true end
+local exhausted = {}
+local running = redis.call('ZRANGE', p .. ':leases', 0, -1, 'WITHSCORES')
+for i = 1, #running, 2 do
+  local id, lease_until = running[i], tonumber(running[i + 1])
+  local fields = redis.call('HMGET', p .. ':job:' .. id, 'worker_id', 'attempts', 'cancel_requested')
+  if dead[fields[1]] or lease_until < now then
+    if tonumber(fields[2] or '0') >= max_attempts or fields[3] == '1' then
+      table.insert(exhausted, id)
+    else
+      requeue(p, id, false)
+    end
+  end
+end
+return exhausted
+"""
+)
+
+_CLAIM_WEBHOOKS = """
+local p, now, hold_until, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ids = redis.call('ZRANGEBYSCORE', p .. ':webhooks:due', '-inf', now, 'LIMIT', 0, limit)
+local out = {}
+for _, wid in ipairs(ids) do
+  local wk = p .. ':webhook:' .. wid
+  table.insert(out, {wid, unpack(redis.call('HMGET', wk, 'job_id', 'url', 'attempts', 'next_attempt_at'))})
+  redis.call('HSET', wk, 'next_attempt_at', hold_until)
+  redis.call('ZADD', p .. ':webhooks:due', hold_until, wid)
+end
+return out
+"""
+
+# A delivery's outcome. ARGV: prefix, webhook id, new state ('delivered' / 'pending' / 'failed'), time
+# (delivered_at or the next attempt; '' keeps it), error.
+_WEBHOOK_SETTLE = """
+local p, wid, state, at, err = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local wk = p .. ':webhook:' .. wid
+if redis.call('EXISTS', wk) == 0 then return 0 end
+redis.call('HINCRBY', wk, 'attempts', 1)
+redis.call('HSET', wk, 'state', state)
+if err ~= '' then redis.call('HSET', wk, 'last_error', err) end
+if state == 'pending' then
+  if at ~= '' then redis.call('HSET', wk, 'next_attempt_at', at) end
+  redis.call('ZADD', p .. ':webhooks:due', redis.call('HGET', wk, 'next_attempt_at'), wid)
+  return 1
+end
+if state == 'delivered' then redis.call('HSET', wk, 'delivered_at', at) end
+redis.call('ZREM', p .. ':webhooks:due', wid)
+local id = redis.call('HGET', wk, 'job_id')
+local finished = redis.call('HGET', p .. ':job:' .. id, 'finished_at')
+if finished then redis.call('ZADD', p .. ':prunable', finished, id) end
+return 1
+"""
+
+_PRUNE = """
+local p, before, limit = ARGV[1], ARGV[2], ARGV[3]
+local ids = redis.call('ZRANGEBYSCORE', p .. ':prunable', '-inf', '(' .. before, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local jk = p .. ':job:' .. id
+  local fields = redis.call('HMGET', jk, 'outcome', 'webhook_id')
+  if fields[1] then redis.call('HINCRBY', p .. ':outcomes', fields[1], -1) end
+  if fields[2] then redis.call('DEL', p .. ':webhook:' .. fields[2]) end
+  redis.call('DEL', jk, p .. ':logs:' .. id)
+  redis.call('ZREM', p .. ':completed', id)
+  redis.call('ZREM', p .. ':prunable', id)
+end
+return #ids
+"""
+
+
+def _num(value: float | None) -> str:
+    """An exact decimal form of a float for Lua ('' for None): repr round-trips."""
+    return "" if value is None else repr(float(value))
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _failure_message(failure: Failure) -> tuple[str, str]:
+    """The log line written with a failure, in the same script that completes the job."""
+    level = LogLevel.INFO if failure.error_type == "client_cancelled" else LogLevel.ERROR
+    return level.value, f"{failure.message} ({failure.error_type})"
+
+
+def _job(fields: dict[str, str]) -> Job:
+    timeout = _float(fields.get("start_timeout_s"))
+    created = float(fields["created_at"])
+    return Job(
+        id=fields["id"],
+        endpoint=fields["endpoint"],
+        app=fields["app"],
+        input=json.loads(fields["input"]),
+        priority=Priority(int(fields["priority"])),
+        state=JobState(fields["state"]),
+        seq=int(fields["seq"]),
+        created_at=created,
+        start_deadline=created + timeout if timeout is not None else None,
+        started_at=_float(fields.get("started_at")),
+        finished_at=_float(fields.get("finished_at")),
+        attempts=int(fields.get("attempts", 0)),
+        worker_id=fields.get("worker_id") or None,
+        lease_expires_at=_float(fields.get("lease_expires_at")),
+        cancel_requested=fields.get("cancel_requested") == "1",
+        output=json.loads(fields["output"]) if fields.get("output") else None,
+        failure=Failure.from_json(fields["failure"]) if fields.get("failure") else None,
+        inference_time=_float(fields.get("inference_time")),
+        webhook_url=fields.get("webhook_url") or None,
+        output_lifecycle=json.loads(fields["output_lifecycle"]) if fields.get("output_lifecycle") else None,
+    )
+
+
+class RedisJobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "wanserve") -> None:
+        # Any: redis-py's annotations cannot tell that `decode_responses=True` makes every reply a str.
+        self.redis: Any = client
+        self.prefix = prefix
+        scripts = {
+            "submit": _SUBMIT,
+            "cancel": _CANCEL,
+            "expire": _EXPIRE,
+            "claim": _CLAIM,
+            "heartbeat": _HEARTBEAT,
+            "release": _RELEASE,
+            "finish": _FINISH,
+            "recover": _RECOVER,
+            "claim_webhooks": _CLAIM_WEBHOOKS,
+            "webhook_settle": _WEBHOOK_SETTLE,
+            "prune": _PRUNE,
+        }
+        # register_script reloads a script that a restarted Redis no longer has (NOSCRIPT) by itself.
+        self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "wanserve", retries: int = 40) -> RedisJobStore:
+        """A store on the Redis at `url`. Calls ride out a Redis restart or failover (retried with backoff for
+        about `retries` x 0.5 s); every script is safe to run again after a reply was lost."""
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries),
+            retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+        )
+        return cls(client, prefix)
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _run(self, script: str, *args: str | int) -> Any:
+        return self._scripts[script](keys=[], args=[self.prefix, *args])
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # --- requests ---
+    def submit(self, new: NewJob, now: float) -> Job:
+        timeout = new.start_timeout_s
+        fields: dict[str, str] = {
+            "id": new.id,
+            "endpoint": new.endpoint,
+            "app": new.app,
+            "input": json.dumps(new.input),
+            "priority": str(int(new.priority)),
+            "created_at": _num(now),
+        }
+        if timeout is not None:
+            fields["start_timeout_s"] = _num(timeout)
+        if new.webhook_url is not None:
+            fields["webhook_url"] = new.webhook_url
+        if new.output_lifecycle is not None:
+            fields["output_lifecycle"] = json.dumps(new.output_lifecycle)
+        flat = [item for pair in fields.items() for item in pair]
+        deadline = _num(now + timeout) if timeout is not None else ""
+        self._run("submit", new.id, int(new.priority), deadline, *flat)
+        job = self.get(new.id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        fields = self.redis.hgetall(self._key("job", job_id))
+        return _job(fields) if fields else None
+
+    def queue_position(self, job: Job) -> int:
+        score = int(job.priority) * _PRIORITY_WEIGHT + job.seq
+        return int(self.redis.zcount(self._key("queue"), "-inf", f"({score}"))
+
+    def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
+        level, message = _failure_message(failure)
+        outcome = self._run(
+            "cancel",
+            job_id,
+            _num(now),
+            failure.to_json(),
+            failure.error_type,
+            level,
+            message,
+            "Cancellation requested: stopping at the next denoising step",
+        )
+        return CancelOutcome(outcome)
+
+    def expire_overdue(self, now: float) -> list[str]:
+        expired = []
+        for job_id in self.redis.zrangebyscore(self._key("deadlines"), "-inf", f"({_num(now)}"):
+            timeout = _float(self.redis.hget(self._key("job", job_id), "start_timeout_s"))
+            failure = start_timeout_failure(timeout or 0.0)
+            if self._run("expire", job_id, _num(now), failure.to_json(), _failure_message(failure)[1]):
+                expired.append(job_id)
+        return expired
+
+    # --- logs ---
+    def add_log(self, job_id: str, level: LogLevel, message: str, now: float) -> None:
+        self.redis.rpush(self._key("logs", job_id), json.dumps([now, level.value, message]))
+
+    def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]:
+        rows = self.redis.lrange(self._key("logs", job_id), after_seq, -1)
+        entries = []
+        for seq, row in enumerate(rows, start=after_seq + 1):
+            ts, level, message = json.loads(row)
+            entries.append(LogEntry(seq, float(ts), LogLevel(level), message))
+        return entries
+
+    # --- workers ---
+    def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
+        while True:
+            found = self._run("claim", worker_id, _num(now), _num(now + lease_s))
+            if not found:
+                return None
+            outcome, job_id = found
+            if outcome == "claimed":
+                return self.get(job_id)
+            self.expire_overdue(now)  # the head was past its start deadline: complete it, take the next
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
+        return bool(self._run("heartbeat", job_id, worker_id, _num(now + lease_s)))
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        return bool(self._run("release", job_id, worker_id))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self._key("job", job_id), "cancel_requested") == "1"
+
+    def finish(
+        self,
+        job_id: str,
+        now: float,
+        *,
+        worker_id: str | None = None,
+        output: dict[str, Any] | None = None,
+        failure: Failure | None = None,
+        inference_time: float | None = None,
+    ) -> bool:
+        level, message = _failure_message(failure) if failure is not None else ("", "")
+        return bool(
+            self._run(
+                "finish",
+                job_id,
+                worker_id or "",
+                _num(now),
+                json.dumps(output) if output is not None else "",
+                failure.to_json() if failure is not None else "",
+                _num(inference_time),
+                failure.error_type if failure is not None else "ok",
+                level,
+                message,
+            )
+        )
+
+    def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:
+        exhausted = self._run("recover", _num(now), max_attempts, *dead_workers)
+        return [job for job in (self.get(i) for i in exhausted) if job is not None]
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        record = {"ready": info.ready, "heartbeat_at": info.heartbeat_at, "detail": info.detail}
+        self.redis.hset(self._key("workers"), info.id, json.dumps(record))
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.redis.hdel(self._key("workers"), worker_id)
+
+    def workers(self) -> list[WorkerInfo]:
+        records = self.redis.hgetall(self._key("workers"))
+        out = []
+        for worker_id in sorted(records):
+            record = json.loads(records[worker_id])
+            out.append(WorkerInfo(worker_id, bool(record["ready"]), float(record["heartbeat_at"]), record["detail"]))
+        return out
+
+    # --- webhooks ---
+    def _webhooks(self, rows: list[list[str]]) -> list[Webhook]:
+        return [Webhook(int(w), job_id, url, int(attempts), float(at)) for w, job_id, url, attempts, at in rows]
+
+    def due_webhooks(self, now: float, limit: int = 20) -> list[Webhook]:
+        ids = self.redis.zrangebyscore(self._key("webhooks:due"), "-inf", _num(now), start=0, num=limit)
+        rows = []
+        for wid in ids:
+            fields = self.redis.hmget(self._key("webhook", wid), "job_id", "url", "attempts", "next_attempt_at")
+            if fields[0] is not None:
+                rows.append([wid, *fields])
+        return self._webhooks(rows)
+
+    def claim_due_webhooks(self, now: float, hold_s: float, limit: int = 20) -> list[Webhook]:
+        return self._webhooks(self._run("claim_webhooks", _num(now), _num(now + hold_s), limit))
+
+    def webhook_delivered(self, webhook_id: int, now: float) -> None:
+        self._run("webhook_settle", webhook_id, "delivered", _num(now), "")
+
+    def webhook_failed(self, webhook_id: int, error: str, retry_at: float | None) -> None:
+        state = "pending" if retry_at is not None else "failed"
+        self._run("webhook_settle", webhook_id, state, _num(retry_at), error[:1000])
+
+    def prune_completed(self, finished_before: float, batch: int = 500) -> int:
+        pruned = 0
+        while True:  # batches: one script holds Redis for its whole run, so keep each short
+            count = int(self._run("prune", _num(finished_before), batch))
+            pruned += count
+            if count < batch:
+                return pruned
+
+    # --- metrics ---
+    def counts(self) -> dict[str, int]:
+        with self.redis.pipeline(transaction=True) as pipe:
+            for name in ("queue", "leases", "completed"):
+                pipe.zcard(self._key(name))
+            pipe.hgetall(self._key("outcomes"))
+            queued, running, completed, outcomes = pipe.execute()
+        counts = {_QUEUED: int(queued), _RUNNING: int(running), _COMPLETED: int(completed)}
+        counts.update({f"outcome:{name}": int(n) for name, n in outcomes.items() if int(n) > 0})
+        return counts
