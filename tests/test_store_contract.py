@@ -567,3 +567,34 @@ def test_prune_deletes_old_completed_jobs_with_their_logs_but_waits_for_pending_
     store.webhook_delivered(hook.id, T0 + 2)
     assert store.prune_completed(T0 + 50) == 1
     assert store.get("old-hooked") is None and store.due_webhooks(T0 + 10**6) == []
+
+
+def test_claim_expires_every_overdue_job_not_only_the_head(store: JobStore) -> None:
+    store.submit(new_job("first"), T0)
+    store.submit(new_job("late", start_timeout_s=5), T0 + 1)
+    job = store.claim("w", 60, T0 + 10)
+    assert job is not None and job.id == "first"
+    late = store.get("late")
+    assert late is not None and late.state is JobState.COMPLETED  # expired by the claim, as a queue scan would
+    assert late.failure is not None and late.failure.error_type == "request_timeout"
+    assert store.counts()["IN_QUEUE"] == 0
+
+
+def test_logs_after_a_negative_seq_are_all_of_them(store: JobStore) -> None:
+    store.submit(new_job("a"), T0)
+    store.add_log("a", LogLevel.INFO, "one", T0)
+    store.add_log("a", LogLevel.INFO, "two", T0)
+    assert store.logs("a", after_seq=-1) == store.logs("a")
+
+
+def test_a_webhook_pending_again_after_it_settled_keeps_its_job_from_pruning(store: JobStore) -> None:
+    """Two deliveries of one webhook overlapped (the first outlived its hold): the first settled it, the second
+    failed and scheduled a retry. The job must stay until that retry settles, and the retry must still run."""
+    store.submit(new_job("h", webhook_url="http://hook.test/"), T0)
+    store.finish("h", T0, output={})
+    (hook,) = store.claim_due_webhooks(T0, hold_s=10)
+    store.webhook_delivered(hook.id, T0 + 1)
+    store.webhook_failed(hook.id, "HTTP 500", retry_at=T0 + 20)
+    assert store.prune_completed(T0 + 10**6) == 0
+    assert store.get("h") is not None
+    assert [w.job_id for w in store.claim_due_webhooks(T0 + 20, hold_s=10)] == ["h"]

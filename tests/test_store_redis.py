@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+import redis
 from redis_server import RedisServer
 from test_store_contract import T0, new_job, submit_many
 
@@ -67,4 +69,27 @@ def test_queue_order_is_exact_for_large_submission_numbers(redis_server: RedisSe
     assert a and b and c and (a.seq, b.seq, c.seq) == (10**13 + 1, 10**13 + 2, 10**13 + 3)
     assert [store.queue_position(j) for j in (a, b, c)] == [0, 1, 2]
     assert [store.claim("w", 60, T0).id for _ in range(3)] == ["j000", "j001", "j002"]  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_claim_whose_reply_was_lost_is_retried_without_claiming_a_second_job(
+    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
+    submit_many(store, 2)
+    send = store.redis._send_command_parse_response
+    lost: list[object] = []
+
+    def lose_first_script_reply(conn: object, command_name: str, *args: object, **options: object) -> object:
+        reply = send(conn, command_name, *args, **options)  # Redis ran it...
+        if command_name == "EVALSHA" and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("connection reset")  # ...but the reply never arrived: redis-py resends
+        return reply
+
+    monkeypatch.setattr(store.redis, "_send_command_parse_response", lose_first_script_reply)
+    job = store.claim("w", 60, T0)
+    assert lost and job is not None and job.id == "j000" and job.attempts == 1
+    assert store.counts()["IN_PROGRESS"] == 1  # not j000 stranded with a second job claimed behind it
+    assert store.get("j001").state is JobState.QUEUED  # type: ignore[union-attr]
     store.close()

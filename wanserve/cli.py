@@ -223,7 +223,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.gpus and len(settings.gpus) > 1:
         from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
 
-        return run_worker_group(settings, args.worker_id, settings.gpus)
+        return run_worker_group(settings, args.worker_id, settings.gpus, exit_with_parent=args.exit_with_parent)
     worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
     # SIGTERM (systemd, Kubernetes, the supervisor): finish the running job first; Ctrl-C: hand it back now.
     signal.signal(signal.SIGTERM, lambda *_: worker.drain())

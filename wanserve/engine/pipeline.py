@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,11 +28,15 @@ from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DMode
 
 from wanserve.engine.lora import LoraAdapters
 from wanserve.engine.memory import GiB, MemoryManager, MemoryPlan, MemoryPolicy, plan_memory
+from wanserve.engine.parallel import tokens_of
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.engine.speed import DeviceInfo, SpeedPlan, compile_experts, plan_speed, prepare_experts
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
+
+if TYPE_CHECKING:
+    from wanserve.engine.parallel import ParallelContext
 
 TEXT_CONTEXT_TOKENS = 512  # the reference pads the text context to 512 rows
 
@@ -187,16 +191,22 @@ class WanEngine:
         device: torch.device,
         options: EngineOptions | None = None,
         device_info: DeviceInfo | None = None,
+        parallel: ParallelContext | None = None,
     ) -> None:
+        """`parallel`: this process's share of a multi-GPU generation (parallel.py); every rank makes the same
+        calls on its own engine."""
         if pipe.transformer is None and pipe.transformer_2 is None:
             raise InvalidGenerationInput("the pipeline has no transformer")
         options = options or EngineOptions()
+        # Experts as distinct modules (a single-expert model serves both roles).
+        self.experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+        self.parallel = parallel
+        if parallel is not None:
+            options = parallel.bind(self.experts, options)
         self.pipe = pipe
         self.device = device
         self.options = options
         info = device_info or DeviceInfo.probe(device)
-        # Experts as distinct modules (a single-expert model serves both roles).
-        self.experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
         self.dtype = self.experts[0].dtype  # the compute dtype (read before any layer turns FP8)
         self.memory_plan: MemoryPlan = plan_memory(options.memory_policy, info, pipe)
         self.speed: SpeedPlan = plan_speed(
@@ -206,6 +216,8 @@ class WanEngine:
             options.unvalidated_fast_gpu,
             offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD,
         )
+        if parallel is not None:
+            self.speed = parallel.adjust_speed(self.speed)
         # FP8 conversion is fastest where the weights are: on the GPU when they will live there, else before they
         # move to host memory.
         if self.memory_plan.policy is MemoryPolicy.RESIDENT:
@@ -214,6 +226,8 @@ class WanEngine:
         else:
             prepare_experts(self.experts, self.speed)
             self.memory = MemoryManager(pipe, self.memory_plan, device)
+        if parallel is not None:  # after the attention backend is set, before compiling
+            parallel.enable(self.experts)
         for model in self.experts:
             if model.is_cache_enabled:  # an engine made again on the same pipeline (the bench) starts clean
                 model.disable_cache()
@@ -235,9 +249,11 @@ class WanEngine:
     def describe(self) -> str:
         """One line on how the model runs (for the worker's start-up log and the bench)."""
         batch = "cond+uncond batched" if self.batch_cfg else "cond and uncond as two forwards"
+        split = f"; {self.parallel.describe()}" if self.parallel is not None else ""
         return (
             f"preset {self.speed.describe()}; memory {self.memory_plan.policy.value} ({self.memory_plan.reason}); "
             + batch
+            + split
         )
 
     @property
@@ -270,6 +286,9 @@ class WanEngine:
             raise InvalidGenerationInput(f"width and height must be multiples of {m} for this model")
         if not 0 <= spec.seed <= MAX_SEED:
             raise InvalidGenerationInput("seed out of range")
+        if self.parallel is not None:
+            generated = frames_to_generate(spec.num_frames, self.frame_step)
+            self.parallel.check_tokens(tokens_of(generated, spec.height, spec.width, self.frame_step, m))
 
     @torch.no_grad()
     def generate(
@@ -389,6 +408,10 @@ class WanEngine:
         if not step.uses_cfg:
             with self.memory.handing_off(step.expert, following):
                 return forward("cond", latent_input, embeds.cond), None
+        if self.parallel is not None and self.parallel.splits_cfg:  # cond on one half of the ranks, uncond on the other
+            return self.parallel.cfg_parallel(
+                forward, latent_input, embeds, lambda: self.memory.handing_off(step.expert, following)
+            )
         if embeds.both is not None:
             with self.memory.handing_off(step.expert, following):
                 cond, uncond = forward("cond_uncond", torch.cat([latent_input] * 2), embeds.both).chunk(2)

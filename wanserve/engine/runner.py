@@ -12,6 +12,7 @@ import torch
 from wanserve.config import Settings
 from wanserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
 from wanserve.engine.lora import LoraLoad
+from wanserve.engine.parallel import ParallelContext
 from wanserve.engine.pipeline import (
     CancelCheck,
     EngineOptions,
@@ -38,13 +39,14 @@ class EngineRunner:
         self.settings = settings
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EngineRunner:
+    def from_settings(cls, settings: Settings, parallel: ParallelContext | None = None) -> EngineRunner:
+        """`parallel`: this process's share of a multi-GPU worker (wanserve.worker.group)."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         pipe = load_pipeline(settings.model, settings.cache_dir, dtype)
-        return cls(WanEngine(pipe, device, engine_options(settings)), settings)
+        return cls(WanEngine(pipe, device, engine_options(settings), parallel=parallel), settings)
 
     def warm_up(self, on_phase: Callable[[str], None] | None = None) -> list[str]:
         """Run the settings' warm-up resolutions once so that compilation happens now rather than in a request:

@@ -15,12 +15,14 @@ Layout, every key under `<prefix>:`:
   outcomes         hash outcome -> completed jobs (`ok` or the error type)
   logs:<id>        list of [ts, level, message]; an entry's seq is its position from 1
   workers          hash worker id -> JSON
+  claim:<token>    the job one claim took, for an hour: a claim resent after a lost reply returns it again
   webhook:<n>      hash, one delivery; `webhooks:due`: zset of pending ones by next attempt
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import redis
@@ -124,8 +126,12 @@ return 1
 )
 
 # The head of the queue, unless its start deadline passed (then the caller expires it and asks again).
+# `token` is the caller's own for this claim: run again (a lost reply is resent), it returns the same job.
 _CLAIM = """
-local p, worker, now, lease_until = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local p, worker, now, lease_until, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local tk = p .. ':claim:' .. token
+local done = redis.call('GET', tk)
+if done then return {'claimed', done} end
 local head = redis.call('ZRANGE', p .. ':queue', 0, 0)
 if #head == 0 then return false end
 local id = head[1]
@@ -138,6 +144,7 @@ redis.call('HSET', jk, 'state', 'IN_PROGRESS', 'worker_id', worker, 'started_at'
 redis.call('HSETNX', jk, 'first_started_at', now)
 redis.call('HINCRBY', jk, 'attempts', 1)
 redis.call('ZADD', p .. ':leases', lease_until, id)
+redis.call('SET', tk, id, 'EX', 3600)
 return {'claimed', id}
 """
 
@@ -237,6 +244,8 @@ redis.call('HINCRBY', wk, 'attempts', 1)
 redis.call('HSET', wk, 'state', state)
 if err ~= '' then redis.call('HSET', wk, 'last_error', err) end
 if state == 'pending' then
+  -- pending again (a second delivery of it overlapped one that settled): its job must wait for it again
+  redis.call('ZREM', p .. ':prunable', redis.call('HGET', wk, 'job_id'))
   if at ~= '' then redis.call('HSET', wk, 'next_attempt_at', at) end
   redis.call('ZADD', p .. ':webhooks:due', redis.call('HGET', wk, 'next_attempt_at'), wid)
   return 1
@@ -331,7 +340,10 @@ class RedisJobStore:
     @classmethod
     def from_url(cls, url: str, prefix: str = "wanserve", retries: int = 40) -> RedisJobStore:
         """A store on the Redis at `url`. Calls ride out a Redis restart or failover (retried with backoff for
-        about `retries` x 0.5 s); every script is safe to run again after a reply was lost."""
+        about `retries` x 0.5 s). A call whose reply was lost is sent again: no script then corrupts the store
+        (a claim returns the job it took; a submit, finish or expire never acts twice), but a resent finish or
+        release answers False, a resent cancel ALREADY_COMPLETED, a resent webhook outcome counts its attempt
+        twice and a resent add_log writes its line twice."""
         client = redis.Redis.from_url(
             url,
             decode_responses=True,
@@ -412,6 +424,7 @@ class RedisJobStore:
         self.redis.rpush(self._key("logs", job_id), json.dumps([now, level.value, message]))
 
     def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]:
+        after_seq = max(after_seq, 0)  # a list index: a negative one would count from the end
         rows = self.redis.lrange(self._key("logs", job_id), after_seq, -1)
         entries = []
         for seq, row in enumerate(rows, start=after_seq + 1):
@@ -421,8 +434,10 @@ class RedisJobStore:
 
     # --- workers ---
     def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
+        self.expire_overdue(now)  # as SQLite's claim does: every queued job past its start deadline ends now
+        token = uuid.uuid4().hex
         while True:
-            found = self._run("claim", worker_id, _num(now), _num(now + lease_s))
+            found = self._run("claim", worker_id, _num(now), _num(now + lease_s), token)
             if not found:
                 return None
             outcome, job_id = found

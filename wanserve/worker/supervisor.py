@@ -26,6 +26,11 @@ SETTINGS_ENV = "WANSERVE_WORKER_SETTINGS"
 MAX_RESTART_DELAY_S = 30.0
 
 
+def next_restart_delay(previous_s: float, lived_s: float) -> float:
+    """Back off when a worker dies young (a broken model would crash-loop); start again soon when it lived."""
+    return 1.0 if lived_s > 60 else min(previous_s * 2, MAX_RESTART_DELAY_S)
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: the kernel kills it when the server dies, even by kill -9."""
     try:
@@ -121,9 +126,7 @@ class WorkerSupervisor:
             self.store.remove_worker(slot.worker_id)
             if failed:
                 log.error("failed %d job(s) after their last attempt: %s", len(failed), ", ".join(failed))
-            # Back off when a worker dies young (it would crash-loop on a broken model); reset when it lived.
-            lived = time.monotonic() - slot.started_at
-            slot.restart_delay = 1.0 if lived > 60 else min(slot.restart_delay * 2, MAX_RESTART_DELAY_S)
+            slot.restart_delay = next_restart_delay(slot.restart_delay, time.monotonic() - slot.started_at)
             slot.restart_at = time.monotonic() + slot.restart_delay
             slot.process = None
         if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
