@@ -28,8 +28,9 @@ def _default(value: Any) -> str:
         return "~" + text[len(home) :] if text.startswith(home) else text
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
-    if isinstance(value, int) and value >= 1024**3 and value % 1024**3 == 0:
-        return f"{value // 1024**3} GiB"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= size and value % size == 0:
+            return f"{value // size} {unit}"
     if isinstance(value, float) and value >= 86400 and value % 86400 == 0:
         return f"{value:g} ({value / 86400:g} days)"
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,4 +1,5 @@
-"""API keys: on by default off loopback (a key is generated), checked on every API route, never on files."""
+"""API keys: on by default off loopback (a key is generated), checked on every API route; files need the signed
+URLs the API hands out instead."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ APP = "fal-ai/wan-22"
 
 
 @pytest.fixture(scope="module")
-def open_host_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
+def open_host_server(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, coarse_model: Path
+) -> Iterator[Server]:
     srv = Server(
         tmp_path_factory.mktemp("auth") / "data",
         model_cache,
-        args=["--host", "0.0.0.0"],
+        args=["--host", "0.0.0.0", "--model", str(coarse_model)],  # the cheaper tiny variant: one video is made
         env={"WANSERVE_ALLOW_PRIVATE_URLS": "false"},  # the default of a real deployment
     ).start()
     yield srv
@@ -52,7 +55,7 @@ def test_a_server_reachable_from_the_network_requires_its_generated_key(open_hos
         f"{srv.url}/api/fal/proxy", json=CHEAP_INPUT, headers={"x-fal-target-url": f"https://queue.fal.run/{APP}"}
     )
     assert proxied.status_code == 401
-    # Open routes: health and readiness for load balancers, stored files (unguessable URLs) and the JWKS.
+    # Open routes: health and readiness for load balancers and the JWKS (stored files: by signed URL).
     for path in ("/health", "/ready", "/.well-known/jwks.json"):
         assert httpx.get(srv.url + path).status_code == 200, path
 
@@ -79,6 +82,21 @@ def test_the_official_client_with_a_key(
     with pytest.raises(fal_client.FalClientHTTPError) as err:
         fal_client.submit(APP, arguments=CHEAP_INPUT)
     assert err.value.status_code == 401
+
+
+def test_the_official_client_downloads_its_result_by_signed_url(
+    open_host_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = (open_host_server.data_dir / "api-key").read_text().strip()
+    monkeypatch.setenv("FAL_KEY", "restored-after-the-test")
+    use_wanserve(open_host_server.url, key=key)
+    result = fal_client.subscribe(APP, arguments=CHEAP_INPUT)
+    url = result["video"]["url"]
+    assert "?exp=" in url and "&sig=" in url
+    video = httpx.get(url)  # a plain GET, as the clients and browsers download
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4" and len(video.content) > 0
+    unsigned = httpx.get(url.split("?")[0])
+    assert unsigned.status_code == 403 and unsigned.json()["error_type"] == "forbidden"
 
 
 def test_webhooks_to_private_addresses_are_refused_by_default(open_host_server: Server) -> None:

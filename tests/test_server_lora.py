@@ -169,18 +169,16 @@ def test_too_many_loras_are_refused_at_submit(lora_server: Server) -> None:
     assert detail["loc"] == ["body", "loras"] and "at most 3 LoRAs" in detail["msg"]
 
 
-def test_private_address_lora_url_is_refused_by_default(tmp_path: Path, model_cache: Path, coarse_model: Path) -> None:
-    strict = Server(
-        tmp_path / "data",
-        model_cache,
-        env={"WANSERVE_ALLOW_PRIVATE_URLS": "false"},
-        args=["--model", str(coarse_model)],
-    )
-    strict.start()
+def test_private_address_lora_url_is_refused_by_default(tmp_path: Path, model_cache: Path) -> None:
+    """Refused at submit, before a job exists (the worker checks again when it downloads: tests/test_ssrf.py)."""
+    strict = Server(tmp_path / "data", model_cache, env={"WANSERVE_ALLOW_PRIVATE_URLS": "false"}, args=["--no-worker"])
+    strict.start(wait_ready=False)
     try:
         for url in ("http://127.0.0.1:9/x.safetensors", "http://169.254.169.254/latest/x.safetensors"):
-            status, body = failure(strict, {"path": url})
-            assert status["error_type"] == "file_download_error"
-            assert "private or local address" in body["detail"][0]["msg"]
+            response = httpx.post(f"{strict.url}/{LORA_APP}", json={**INPUT, "loras": [{"path": url}]})
+            assert response.status_code == 422, response.text
+            (detail,) = response.json()["detail"]
+            assert detail["loc"] == ["body", "loras", 0, "path"] and detail["type"] == "file_download_error"
+            assert "private or local address" in detail["msg"]
     finally:
         strict.stop()

@@ -44,7 +44,8 @@ def test_bad_input_gets_a_clear_error_never_a_trace(server: Server) -> None:
     enum_error = cases[3][0].json()["detail"][0]
     assert enum_error["loc"] == ["body", "resolution"] and "480p" in enum_error["msg"]
     cancel = httpx.put(f"{server.url}/{APP}/requests/nope/cancel")
-    assert cancel.status_code == 404 and cancel.json() == {"status": "NOT_FOUND"}
+    assert cancel.status_code == 404 and cancel.json()["status"] == "NOT_FOUND"  # fal's field, plus the reason:
+    assert cancel.json()["error_type"] == cancel.headers["x-fal-error-type"] == "not_found" and cancel.json()["detail"]
 
 
 def test_proxy_route_dispatches_by_target_url(server: Server) -> None:

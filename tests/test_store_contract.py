@@ -81,6 +81,7 @@ def test_submit_get_round_trip(store: JobStore) -> None:
             start_timeout_s=30.0,
             webhook_url="https://example.test/hook?x=1",
             output_lifecycle=lifecycle,
+            owner="0123456789ab",
         ),
         T0,
     )
@@ -94,6 +95,7 @@ def test_submit_get_round_trip(store: JobStore) -> None:
     assert got.app == "fal-ai/wan-22"
     assert got.webhook_url == "https://example.test/hook?x=1"
     assert got.output_lifecycle == lifecycle
+    assert got.owner == "0123456789ab"
     assert got.created_at == T0
     assert got.start_deadline == T0 + 30.0
     assert got.attempts == 0 and got.worker_id is None and got.output is None and got.failure is None
@@ -106,6 +108,43 @@ def test_submit_defaults_have_no_deadline_webhook_or_lifecycle(store: JobStore) 
     assert job.start_deadline is None
     assert job.webhook_url is None
     assert job.output_lifecycle is None
+    assert job.owner is None
+
+
+# --- owners (API key ids) ---
+
+
+def test_queued_count_follows_an_owners_jobs_through_every_transition(store: JobStore) -> None:
+    submit_many(store, 3, prefix="a", owner="key-a")
+    submit_many(store, 1, prefix="b", now=T0 + 1, owner="key-b")
+    submit_many(store, 1, prefix="n", now=T0 + 2)  # no owner: counted for nobody
+    assert (store.queued_count("key-a"), store.queued_count("key-b"), store.queued_count("nobody")) == (3, 1, 0)
+    claimed = store.claim("w", 10, T0 + 3)
+    assert claimed is not None and claimed.id == "a000" and claimed.owner == "key-a"
+    assert store.queued_count("key-a") == 2  # running is not queued
+    assert store.release("a000", "w") is True
+    assert store.queued_count("key-a") == 3  # back in the queue
+    store.claim("w", 10, T0 + 4)
+    assert store.recover_lost(T0 + 100, ["w"], max_attempts=3) == []  # requeued: queued again
+    assert store.queued_count("key-a") == 3
+    assert store.cancel("a001", cancelled_failure(), T0 + 101) is CancelOutcome.CANCELLED
+    assert store.queued_count("key-a") == 2
+    assert store.finish("a002", T0 + 102, failure=cancelled_failure()) is True  # completed while queued
+    assert store.queued_count("key-a") == 1
+    store.claim("w", 10, T0 + 103)
+    assert store.finish("a000", T0 + 104, worker_id="w", output={}) is True
+    assert (store.queued_count("key-a"), store.queued_count("key-b")) == (0, 1)
+    assert store.cancel("a000", cancelled_failure(), T0 + 105) is CancelOutcome.ALREADY_COMPLETED
+    assert store.queued_count("key-a") == 0  # never below zero, never counted twice
+
+
+def test_queued_count_drops_when_the_start_deadline_expires_a_job(store: JobStore) -> None:
+    store.submit(new_job("late", start_timeout_s=5.0, owner="key-a"), T0)
+    store.submit(new_job("patient", owner="key-a"), T0)
+    assert store.queued_count("key-a") == 2
+    assert store.expire_overdue(T0 + 10) == ["late"]
+    assert store.queued_count("key-a") == 1
+    assert store.get("late").owner == "key-a"  # type: ignore[union-attr]
 
 
 # --- ordering ---

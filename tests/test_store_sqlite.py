@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from test_store_contract import T0, new_job
 
+from wanserve.jobs.model import NewJob
 from wanserve.store.sqlite import SCHEMA, SQLiteJobStore
 
 
@@ -49,3 +50,24 @@ def test_opening_a_database_from_before_first_started_at_migrates_it(tmp_path: P
     assert store.expire_overdue(T0 + 100) == []  # it had started before the upgrade: no start deadline
     job = store.claim("w", 10, T0 + 100)
     assert job is not None and job.id == "ran-once" and job.attempts == 2
+
+
+def test_opening_a_database_from_before_owners_migrates_it(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "old.sqlite3")
+    old_schema = SCHEMA.replace(",\n    owner TEXT", "")
+    assert "owner" not in old_schema
+    old.executescript(old_schema)
+    old.execute(
+        "INSERT INTO jobs (id, endpoint, app, input, priority, state, created_at) VALUES ('old', 'a/b', 'a/b', '{}',"
+        " 0, 'IN_QUEUE', ?)",
+        (T0,),
+    )
+    old.commit()
+    old.close()
+    store = SQLiteJobStore(tmp_path / "old.sqlite3")
+    job = store.get("old")
+    assert job is not None and job.owner is None  # submitted before there were owners
+    store.submit(NewJob(id="new", endpoint="a/b", app="a/b", input={}, owner="key-a"), T0 + 1)
+    assert store.queued_count("key-a") == 1
+    indexes = {row[1] for row in store._conn().execute("PRAGMA index_list(jobs)")}
+    assert "jobs_owner" in indexes

@@ -173,19 +173,24 @@ def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
     import uvicorn
 
     from wanserve.api.app import create_app
-    from wanserve.api.security import is_loopback_host, read_or_create_secret
+    from wanserve.api.security import hash_key, is_loopback_host, read_or_create_secret, without_plain_keys
 
     if settings.port == 0:
         settings = settings.model_copy(update={"port": _free_port(settings.host)})
-    if not settings.api_keys and not is_loopback_host(settings.host):
-        # Reachable from other machines: never open by default. The key is kept for the next start.
+    keyed = settings.api_keys or settings.api_key_hashes or settings.api_key_hashes_file
+    if not keyed and not is_loopback_host(settings.host):
+        # Reachable from other machines: never open by default. The key is kept for the next start (for the
+        # operator to read); the server itself keeps only its hash.
         key_file = settings.data_dir / "api-key"
-        settings = settings.model_copy(update={"api_keys": [read_or_create_secret(key_file)]})
+        settings = settings.model_copy(update={"api_key_hashes": [hash_key(read_or_create_secret(key_file))]})
         log.warning("no API key configured for host %s: using the key in %s", settings.host, key_file)
-    settings = settings.model_copy(update={"public_url": settings.resolved_public_url()})
+    settings = without_plain_keys(settings.model_copy(update={"public_url": settings.resolved_public_url()}))
+    os.environ.pop("WANSERVE_API_KEYS", None)  # not inherited by the worker processes either
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     app = create_app(settings)
     log.info("serving %s on %s (data in %s)", ", ".join(settings.app_ids), settings.public_url, settings.data_dir)
@@ -197,6 +202,24 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
     )
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace, settings: Settings) -> int:
+    """Prints the hash of the key on stdin, for `WANSERVE_API_KEY_HASHES` or a hashes file (the server then never
+    sees the plain key)."""
+    from wanserve.api.security import hash_key, key_id
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print('no key on stdin (e.g. `printf %s "$KEY" | wanserve hash-key`)', file=sys.stderr)
+        return 2
+    if len(key) < 32:
+        print("warning: short key; generate keys with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+              file=sys.stderr)  # fmt: skip
+    digest = hash_key(key)
+    print(digest)
+    print(f"key id: {key_id(digest)}", file=sys.stderr)
     return 0
 
 
@@ -296,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.set_defaults(func=cmd_serve)
+
+    hash_cmd = sub.add_parser(
+        "hash-key", help="print the hash of the API key read from stdin (for WANSERVE_API_KEY_HASHES)"
+    )
+    hash_cmd.set_defaults(func=cmd_hash_key)
 
     worker = sub.add_parser("worker", help="run one worker against the job store")
     _add_model_flags(worker)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -73,8 +74,40 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys (`Authorization: Key <key>`). Empty: no auth on a loopback host; on "
-        "any other host a key is generated into <data-dir>/api-key.",
+        description="Accepted API keys (`Authorization: Key <key>`), hashed at start (only the hashes are kept). "
+        "With no keys nor key hashes: no auth on a loopback host; on any other host a key is generated into "
+        "<data-dir>/api-key.",
+    )
+    api_key_hashes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys given by hash only, `sha256:<hex>` (`wanserve hash-key` prints one), "
+        "so the plain keys never reach the server's configuration.",
+    )
+    api_key_hashes_file: Path | None = Field(
+        None, description="A file of more key hashes, one `sha256:<hex>` per line (`#` comments), read at start."
+    )
+    rate_limit_per_s: float = Field(
+        10.0,
+        ge=0,
+        description="Requests that create work (submit, run, upload) one API key may send per second, on average "
+        "(per API replica; 0: no limit). Over it: 429 with Retry-After.",
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="How many such requests a key may send at once.")
+    read_rate_limit_per_s: float = Field(
+        100.0,
+        ge=0,
+        description="Status, result, cancel and stream calls one API key may make per second (per API replica; 0: "
+        "no limit): loose, as the Python client polls each request it follows 10 times a second.",
+    )
+    read_rate_limit_burst: int = Field(200, ge=1, description="How many such calls a key may make at once.")
+    max_queued_per_key: int = Field(
+        100, ge=0, description="Queued requests one API key may have at a time (0: no limit). Over it: 429."
+    )
+    file_url_ttl_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Lifetime of the signed /files/ URLs handed out when the server has API keys (a result read "
+        "again gets a fresh one).",
     )
     app_ids: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["fal-ai/wan-22", "fal-ai/wan/v2.2-a14b/text-to-video"],
@@ -155,6 +188,21 @@ class Settings(BaseSettings):
     )
     file_sweep_s: float = Field(60.0, gt=0, description="How often expired stored files are deleted.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest file the storage API accepts.")
+    max_body_bytes: int = Field(
+        1024**2,
+        gt=0,
+        description="Largest JSON request body, counted as it streams in (uploads have `max_upload_bytes`); "
+        "larger: 413 `payload_too_large`.",
+    )
+    max_prompt_chars: int = Field(
+        10_000, gt=0, description="Longest `prompt` and `negative_prompt`, in characters; longer: 422 on the field."
+    )
+    max_data_uri_bytes: int = Field(
+        512 * 1024,
+        ge=0,
+        description="Longest `data:` URI an input (a LoRA `path`) may carry, measured before decoding (0: none); "
+        "longer: 422 on the field. Larger files are uploaded and passed by URL.",
+    )
 
     # --- LoRAs (the `<id>/lora` endpoint) ---
     lora_roots: Annotated[list[Path], NoDecode] = Field(
@@ -238,6 +286,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "api_keys",
+        "api_key_hashes",
         "app_ids",
         "lora_roots",
         "safety_text_labels",
@@ -252,6 +301,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _key_hashes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", item.strip().lower()):
+                # The value is never echoed: it may be a plain key put here by mistake.
+                raise ValueError("an API key hash is `sha256:<64 hex digits>` (`wanserve hash-key` prints one)")
+        return [item.strip().lower() for item in value]
 
     @field_validator("warmup")
     @classmethod

@@ -163,3 +163,32 @@ class ParallelGroupFailed(WanserveError):
 
     http_status = 503
     error_type = "runner_server_error"
+
+
+class Forbidden(WanserveError):
+    """A stored file's URL without a valid, unexpired signature (when the server has API keys)."""
+
+    http_status = 403
+    error_type = "forbidden"
+
+
+class RateLimited(WanserveError):
+    """One API key sent more requests than its rate allows: answered with a `Retry-After` (whole seconds)."""
+
+    http_status = 429
+    error_type = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class TooManyQueued(WanserveError):
+    """A submit while the key already has its maximum of queued requests: nothing is created."""
+
+    http_status = 429
+    error_type = "too_many_queued"

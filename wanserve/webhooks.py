@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,12 @@ class WebhookDispatcher:
         max_attempts: int,
         retry_base_s: float,
         allow_private: bool = False,
+        sign_output: Callable[[Any], Any] = lambda output: output,
     ) -> None:
+        """`sign_output` turns a result's file URLs into ones the receiver may download (signed, when the server
+        has keys), as the result route does."""
         self.store = store
+        self.sign_output = sign_output
         self.signer = signer
         self.user_id = user_id
         self.timeout_s = timeout_s
@@ -170,7 +175,10 @@ class WebhookDispatcher:
         except InputFetchError as exc:  # cannot resolve (yet): retried like a refused connection
             await self._failed(hook_id, job_id, url, attempts, str(exc))
             return
-        body = json.dumps(webhook_payload(job)).encode()
+        payload = webhook_payload(job)
+        if job.failure is None:
+            payload["payload"] = self.sign_output(payload["payload"])
+        body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
         error: str | None = None
         try:
@@ -180,6 +188,7 @@ class WebhookDispatcher:
                 headers={**headers, **target.headers},
                 extensions=target.extensions,
                 timeout=self.timeout_s,
+                follow_redirects=False,  # a redirect is a failure: it could point at a private address
             )
             if not 200 <= response.status_code < 300:
                 error = f"receiver answered HTTP {response.status_code}"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -19,14 +21,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from wanserve import __version__
 from wanserve.api import files, health, playground, queue, run, storage
 from wanserve.api.context import ServerContext
+from wanserve.api.limits import ERROR_TYPE as PAYLOAD_TOO_LARGE
+from wanserve.api.limits import BodyLimitMiddleware
 from wanserve.api.metrics import Metrics
 from wanserve.api.proxy import FalProxyMiddleware
+from wanserve.api.ratelimit import RateLimiter
 from wanserve.api.responses import error_response
-from wanserve.api.security import ApiKeys, UrlSigner, read_or_create_secret
+from wanserve.api.security import ApiKeys, UrlSigner, read_or_create_secret, without_plain_keys
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
-from wanserve.errors import WanserveError
+from wanserve.errors import RateLimited, WanserveError
 from wanserve.jobs.endpoints import EndpointRegistry
+from wanserve.jobs.limits import InputLimits
 from wanserve.jobs.service import JobService, forget_silent_workers, recover_lost_jobs
 from wanserve.webhooks import WebhookDispatcher, WebhookSigner
 from wanserve.worker.supervisor import WorkerSupervisor
@@ -39,6 +45,7 @@ WEBHOOK_POLL_S = 0.25
 
 def build_context(settings: Settings) -> ServerContext:
     """The stores the settings name, plus the keys kept under the data directory."""
+    settings = without_plain_keys(settings)
     keys = settings.resolved_keys_dir()
     public_url = settings.resolved_public_url()
     store = open_job_store(settings)
@@ -50,15 +57,18 @@ def build_context(settings: Settings) -> ServerContext:
         files=file_store,
         service=JobService(
             store,
-            EndpointRegistry(settings.app_ids),
+            EndpointRegistry(settings.app_ids, InputLimits.from_settings(settings)),
             public_url,
             settings.allow_private_urls,
             max_loras=settings.max_loras,
+            max_queued_per_key=settings.max_queued_per_key,
         ),
-        api_keys=ApiKeys(settings.api_keys),
+        api_keys=ApiKeys(settings.api_key_hashes),
         url_signer=UrlSigner(read_or_create_secret(keys / "url-secret")),
         webhook_signer=WebhookSigner.load_or_create(keys / "webhook-ed25519.pem"),
         metrics=Metrics(store, settings.job_lease_s),
+        submit_limit=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        read_limit=RateLimiter(settings.read_rate_limit_per_s, settings.read_rate_limit_burst),
     )
 
 
@@ -73,6 +83,7 @@ async def _every(seconds: float, work: Callable[[], Awaitable[object]], name: st
 
 def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     """The app for `settings` (whose `public_url` should be set: workers build output URLs from it)."""
+    settings = without_plain_keys(settings)  # from here on, only the keys' hashes are kept
     ctx = build_context(settings)
     supervisor = WorkerSupervisor(settings, ctx.store, settings.workers if workers is None else workers)
     dispatcher = WebhookDispatcher(
@@ -83,6 +94,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         max_attempts=settings.webhook_max_attempts,
         retry_base_s=settings.webhook_retry_base_s,
         allow_private=settings.allow_private_urls,
+        sign_output=lambda output: files.with_signed_urls(ctx, output),
     )
     last_sweep = [0.0]
 
@@ -128,17 +140,47 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.state.context = ctx
     app.state.supervisor = supervisor
     _install_error_handlers(app)
+    _unique_operation_ids(app)
     for router in (health.router, playground.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
         app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(FalProxyMiddleware, public_url=ctx.public_url)
     return app
 
 
+HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
+
+
+def _unique_operation_ids(app: FastAPI) -> None:
+    """FastAPI names an operation `<function><path>_<method>` with a single method for a route that serves several
+    (GET and HEAD of /files/, POST and GET of /run/): two operations under one id, the method picked by set order.
+    Here each operation ends with its own method, so ids are unique and the same on every run."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
+            schema = generate()  # cached by FastAPI: the edits below are in the cached schema
+        for item in schema["paths"].values():
+            for method, operation in item.items():
+                base, _, suffix = str(operation.get("operationId", "")).rpartition("_")
+                if base and suffix in HTTP_METHODS:
+                    operation["operationId"] = f"{base}_{method}"
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WanserveError)
     async def wanserve_error(request: Request, exc: WanserveError) -> JSONResponse:
-        return error_response(exc)
+        response = error_response(exc, exc.headers if isinstance(exc, RateLimited) else None)
+        if exc.http_status == 413:  # the rest of the body is never read: hang up rather than keep receiving it
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -147,7 +189,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        error_type = {404: "not_found", 405: "method_not_allowed", 413: PAYLOAD_TOO_LARGE}.get(
+            exc.status_code, "bad_request"
+        )
         return JSONResponse(
             {"detail": exc.detail, "error_type": error_type},
             status_code=exc.status_code,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
 from wanserve.api.metrics import Metrics
+from wanserve.api.ratelimit import RateLimiter, retry_after_s
 from wanserve.api.security import ApiKeys, UrlSigner
 from wanserve.config import Settings
+from wanserve.errors import RateLimited
 from wanserve.files.base import FileStore
 from wanserve.jobs.service import JobService
 from wanserve.store.base import JobStore
@@ -27,6 +29,9 @@ class ServerContext:
     url_signer: UrlSigner
     webhook_signer: WebhookSigner
     metrics: Metrics
+    # per API key: calls that create work (submit, run, uploads), and reads (status, result, cancel, stream)
+    submit_limit: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    read_limit: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
 
 
 def get_context(request: Request) -> ServerContext:
@@ -37,8 +42,41 @@ def get_context(request: Request) -> ServerContext:
 Context = Annotated[ServerContext, Depends(get_context)]
 
 
-def require_api_key(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> None:
-    ctx.api_keys.check(authorization)
+# The dependencies below are async: they only hash and compare, so they run on the event loop (a sync one would
+# cost each status poll a thread-pool hop).
+async def require_api_key(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> str | None:
+    """The caller's key id (the owner of what it creates), or None when the server has no keys."""
+    return ctx.api_keys.check(authorization)
 
 
 Authorized = Depends(require_api_key)
+# The same dependency, as a route parameter: FastAPI runs it once per request however often it is named.
+Caller = Annotated[str | None, Depends(require_api_key)]
+
+
+def check_rate(limiter: RateLimiter, caller: str | None, what: str) -> None:
+    """RateLimited (429 + Retry-After) when `caller` has no token left in `limiter`."""
+    if caller is None:  # no keys on this server: nothing to count by
+        return
+    wait = limiter.acquire(caller)
+    if wait > 0:
+        raise RateLimited(
+            f"Too many {what} for this API key (at most {limiter.rate_per_s:g} per second, {limiter.burst:g} at once)",
+            retry_after_s(wait),
+        )
+
+
+def check_submit_rate(ctx: ServerContext, caller: str | None) -> None:
+    check_rate(ctx.submit_limit, caller, "requests and uploads")
+
+
+async def limit_submits(ctx: Context, caller: Caller) -> None:
+    check_submit_rate(ctx, caller)
+
+
+async def limit_reads(ctx: Context, caller: Caller) -> None:
+    check_rate(ctx.read_limit, caller, "status and result calls")
+
+
+SubmitLimited = Depends(limit_submits)
+ReadLimited = Depends(limit_reads)

@@ -1,22 +1,63 @@
 """Stored files under /files/: public by unguessable URL (as fal's CDN), with HTTP Range for video seeking.
-A store that offers a direct URL (S3's presigned GET) gets a redirect there; otherwise the API sends the bytes."""
+A store that offers a direct URL (S3's presigned GET) gets a redirect there; otherwise the API sends the bytes.
+
+When the server has API keys, a file URL also needs a signature with an expiry (`?exp=...&sig=...`): the URLs this
+server hands out (upload answers, and results, whose stored URLs are signed afresh each time they are read) carry
+one, so browsers and the fal clients still download them with a plain GET, and a leaked key alone opens nothing."""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Iterator
-from typing import Annotated, BinaryIO
+from dataclasses import replace
+from typing import Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, Header, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
-from wanserve.api.context import Context
-from wanserve.api.responses import error_response
-from wanserve.errors import BadRequest, RangeNotSatisfiable
+from wanserve.api.context import Context, ServerContext
+from wanserve.api.responses import error_response, reply_response
+from wanserve.errors import BadRequest, Forbidden, RangeNotSatisfiable
 from wanserve.files.base import FileStore, StoredFile, content_disposition
+from wanserve.jobs.service import Reply
 
 router = APIRouter()
+
+
+def file_url(ctx: ServerContext, key: str, now: float | None = None) -> str:
+    """The URL of a stored file to hand to a client: signed, with an expiry, when the server has API keys."""
+    url = ctx.files.url(key)
+    if not ctx.api_keys.enabled:
+        return url
+    return f"{url}?{ctx.url_signer.file_query(key, ctx.settings.file_url_ttl_s, time.time() if now is None else now)}"
+
+
+def with_signed_urls(ctx: ServerContext, value: Any) -> Any:
+    """`value` (a request's output) with every `url` field that points at this server's files replaced by a freshly
+    signed URL. Workers store plain URLs (a stored signature would expire); they are signed when read. Only `url`
+    fields (fal's File objects) are touched: a prompt quoting a file URL must not come back signed."""
+    if not ctx.api_keys.enabled:
+        return value
+    now = time.time()
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, list):
+            return [walk(x) for x in item]
+        if not isinstance(item, dict):
+            return item
+        out = {}
+        for name, field in item.items():
+            key = ctx.files.key_from_url(field) if name == "url" and isinstance(field, str) else None
+            out[name] = file_url(ctx, key, now) if key is not None else walk(field)
+        return out
+
+    return walk(value)
+
+
+def signed_reply(ctx: ServerContext, reply: Reply) -> JSONResponse:
+    """A result as a response, its file URLs signed (see `with_signed_urls`)."""
+    return reply_response(replace(reply, body=with_signed_urls(ctx, reply.body)))
 
 
 _RANGE = re.compile(r"bytes=\s*\d*-\d*(\s*,\s*\d*-\d*)*")
@@ -53,8 +94,18 @@ def single_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 @router.api_route("/files/{key:path}", methods=["GET", "HEAD"])
-def get_file(ctx: Context, key: str, request: Request, range: Annotated[str | None, Header()] = None) -> Response:
+def get_file(
+    ctx: Context,
+    key: str,
+    request: Request,
+    range: Annotated[str | None, Header()] = None,
+    exp: Annotated[str | None, Query(description="expiry of a signed URL (servers with API keys)")] = None,
+    sig: Annotated[str | None, Query(description="signature of a signed URL (servers with API keys)")] = None,
+) -> Response:
     now = time.time()
+    if ctx.api_keys.enabled and not ctx.url_signer.file_signature_valid(key, exp, sig, now):
+        # Checked before the file is looked up: the answer says nothing about whether it exists.
+        raise Forbidden("this file URL is not signed, or its signature is invalid or expired: read the result again")
     # HEAD is answered here: a presigned URL signs one method (GET), and HEAD moves no bytes anyway.
     direct = ctx.files.download_url(key, now) if request.method == "GET" else None
     if direct is not None:

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from wanserve.api.context import Authorized, Context, ServerContext
+from wanserve.api.context import Authorized, Caller, Context, ReadLimited, ServerContext, SubmitLimited, get_context
+from wanserve.api.files import signed_reply
 from wanserve.api.responses import reply_response
 from wanserve.errors import BadRequest, PayloadTooLarge
 from wanserve.jobs.model import JobState
@@ -28,18 +29,16 @@ def wants_logs(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-MAX_INPUT_BYTES = 1024 * 1024  # a request's JSON input; files travel as URLs, never inline in the body
-
-
 async def read_json(request: Request) -> Any:
+    limit = get_context(request).settings.max_body_bytes  # also enforced, as the body streams, by api.limits
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_INPUT_BYTES:
-        raise PayloadTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes; upload files and pass their URLs")
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
-        if len(raw) > MAX_INPUT_BYTES:
-            raise PayloadTooLarge(f"the request body is over {MAX_INPUT_BYTES} bytes; upload files and pass their URLs")
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes; upload files and pass their URLs")
     if not raw.strip():
         return {}
     try:
@@ -57,7 +56,7 @@ def query_input(request: Request) -> dict[str, Any]:
     return {key: value for key, value in request.query_params.items() if key not in RESERVED_QUERY}
 
 
-async def submit_job(ctx: ServerContext, endpoint: str, request: Request) -> Any:
+async def submit_job(ctx: ServerContext, endpoint: str, request: Request, owner: str | None) -> Any:
     body = query_input(request) if request.method == "GET" else await read_json(request)
     headers = request.headers
     return await run_in_threadpool(
@@ -68,6 +67,7 @@ async def submit_job(ctx: ServerContext, endpoint: str, request: Request) -> Any
         start_timeout=headers.get("x-fal-request-timeout"),
         webhook_url=request.query_params.get("fal_webhook"),
         lifecycle=headers.get("x-fal-object-lifecycle-preference"),
+        owner=owner,
     )
 
 
@@ -94,11 +94,11 @@ async def status_events(ctx: ServerContext, job_id: str, with_logs: bool) -> Asy
         await asyncio.sleep(STREAM_POLL_S)
 
 
-@router.get("/{app:path}/requests/{request_id}/status/stream")
+@router.get("/{app:path}/requests/{request_id}/status/stream", dependencies=[ReadLimited])
 async def status_stream(
-    ctx: Context, app: str, request_id: str, logs: Annotated[str | None, Query()] = None
+    ctx: Context, caller: Caller, app: str, request_id: str, logs: Annotated[str | None, Query()] = None
 ) -> StreamingResponse:
-    job = ctx.service.find(app, request_id)
+    job = ctx.service.find(app, request_id, caller)
     return StreamingResponse(
         status_events(ctx, job.id, wants_logs(logs)),
         media_type="text/event-stream",
@@ -108,30 +108,34 @@ async def status_stream(
 
 # Status and result only read the store: SQLite readers in WAL mode never wait for writers, so these
 # run on the event loop (skipping the threadpool hop gives ~1.5x the throughput under many pollers).
-@router.get("/{app:path}/requests/{request_id}/status")
-async def status(ctx: Context, app: str, request_id: str, logs: Annotated[str | None, Query()] = None) -> JSONResponse:
-    return reply_response(ctx.service.status(app, request_id, wants_logs(logs)))
+# Another key's request answers 404, as an unknown one: its existence is not revealed.
+@router.get("/{app:path}/requests/{request_id}/status", dependencies=[ReadLimited])
+async def status(
+    ctx: Context, caller: Caller, app: str, request_id: str, logs: Annotated[str | None, Query()] = None
+) -> JSONResponse:
+    return reply_response(ctx.service.status(app, request_id, wants_logs(logs), caller))
 
 
-@router.get("/{app:path}/requests/{request_id}")
-async def result(ctx: Context, app: str, request_id: str) -> JSONResponse:
-    return reply_response(ctx.service.result(app, request_id))
+@router.get("/{app:path}/requests/{request_id}", dependencies=[ReadLimited])
+async def result(ctx: Context, caller: Caller, app: str, request_id: str) -> JSONResponse:
+    return signed_reply(ctx, ctx.service.result(app, request_id, caller))
 
 
-@router.put("/{app:path}/requests/{request_id}/cancel")
-def cancel(ctx: Context, app: str, request_id: str) -> JSONResponse:
-    return reply_response(ctx.service.cancel(app, request_id))
+@router.put("/{app:path}/requests/{request_id}/cancel", dependencies=[ReadLimited])
+def cancel(ctx: Context, caller: Caller, app: str, request_id: str) -> JSONResponse:
+    return reply_response(ctx.service.cancel(app, request_id, caller))
 
 
-@router.post("/{endpoint:path}", status_code=200)
+@router.post("/{endpoint:path}", status_code=200, dependencies=[SubmitLimited])
 async def submit(
     ctx: Context,
+    caller: Caller,
     endpoint: str,
     request: Request,
     x_fal_queue_priority: Annotated[str | None, Header(description="normal | low")] = None,
     x_fal_request_timeout: Annotated[str | None, Header(description="start timeout, seconds")] = None,
 ) -> JSONResponse:
     """Queue a request. The body is the endpoint's input (see the schemas of `fal-ai/wan-22`)."""
-    job = await submit_job(ctx, endpoint, request)
+    job = await submit_job(ctx, endpoint, request, caller)
     body = await run_in_threadpool(ctx.service.submit_reply, job)
     return JSONResponse(body, headers={"x-fal-request-id": job.id})

@@ -9,9 +9,21 @@ from fastapi.responses import JSONResponse
 from wanserve.errors import InputValidationError, WanserveError
 from wanserve.jobs.service import Reply
 
+# Why a fal-style `{"status": ...}` error body (cancel's) failed, said as every other error says it.
+STATUS_REASONS = {
+    "NOT_FOUND": ("request not found", "not_found"),
+    "ALREADY_COMPLETED": ("the request has already completed", "bad_request"),
+}
+
 
 def reply_response(reply: Reply) -> JSONResponse:
-    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+    body, headers = reply.body, reply.headers
+    if reply.status >= 400 and isinstance(body, dict) and not (body.get("detail") or body.get("error_type")):
+        # Keeps the fal fields (`status`) and adds the `detail` and `error_type` the clients show.
+        detail, error_type = STATUS_REASONS.get(str(body.get("status")), (f"HTTP {reply.status}", "bad_request"))
+        body = {**body, "detail": detail, "error_type": error_type}
+        headers = {"x-fal-error-type": error_type, **headers}
+    return JSONResponse(body, status_code=reply.status, headers=headers)
 
 
 def error_response(exc: WanserveError, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from wanserve.api.context import Authorized, Context, ServerContext
+from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited
+from wanserve.api.files import signed_reply, with_signed_urls
 from wanserve.api.queue import STREAM_POLL_S, status_events, submit_job
-from wanserve.api.responses import reply_response
 from wanserve.jobs.model import Job, JobState
 
 router = APIRouter(prefix="/run", dependencies=[Authorized])
@@ -53,13 +53,13 @@ async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
     done = ctx.store.get(job.id)
     if done is not None:
         reply = ctx.service.result_of(done)
-        yield f"data: {json.dumps(reply.body)}\n\n".encode()
+        yield f"data: {json.dumps(with_signed_urls(ctx, reply.body))}\n\n".encode()
 
 
-@router.api_route("/{endpoint:path}", methods=["POST", "GET"])
-async def run(ctx: Context, endpoint: str, request: Request) -> Response:
+@router.api_route("/{endpoint:path}", methods=["POST", "GET"], dependencies=[SubmitLimited])
+async def run(ctx: Context, caller: Caller, endpoint: str, request: Request) -> Response:
     streaming = endpoint.endswith("/stream") and ctx.service.endpoints.get(endpoint) is None
-    job = await submit_job(ctx, endpoint.removesuffix("/stream") if streaming else endpoint, request)
+    job = await submit_job(ctx, endpoint.removesuffix("/stream") if streaming else endpoint, request, caller)
     if streaming:
         return StreamingResponse(
             stream_run(ctx, job), media_type="text/event-stream", headers={"x-fal-request-id": job.id}
@@ -67,4 +67,4 @@ async def run(ctx: Context, endpoint: str, request: Request) -> Response:
     done = await wait_for(ctx, job, request)
     if done is None:
         return JSONResponse({"detail": "client disconnected", "error_type": "client_disconnected"}, status_code=499)
-    return reply_response(ctx.service.result_of(done))
+    return signed_reply(ctx, ctx.service.result_of(done))

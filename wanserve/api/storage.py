@@ -6,6 +6,12 @@
   token, then POST /cdn/files/upload carries the bytes.
 - Multipart for both: JS PUTs `{upload_url}/{n}` and POSTs `{upload_url}/complete`; Python POSTs
   /cdn/files/upload/multipart, PUTs `{access_url}/multipart/{id}/{n}` and POSTs `.../complete`.
+
+Ownership: an upload belongs to the key that started it. The REST flow's signed URLs are its proof (only that key
+was given them); the CDN flow's upload id carries a MAC of its file and owner, so another key's token cannot add
+parts to it or complete it. File URLs in the answers are signed when the server has keys (see wanserve.api.files),
+except the CDN multipart `access_url`, to which the Python client appends paths: the URL that client returns for a
+multipart upload is then unsigned, which serves as an input of this server (read by key) but not as a download.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
-from wanserve.api.context import Authorized, Context, ServerContext
-from wanserve.errors import InvalidUpload, PayloadTooLarge, Unauthorized
+from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited, check_submit_rate
+from wanserve.api.files import file_url
+from wanserve.errors import InvalidUpload, NotFound, PayloadTooLarge, Unauthorized
 from wanserve.files.base import (
     StoredFile,
     check_content_type,
@@ -115,26 +122,38 @@ async def _store_body(request: Request, ctx: ServerContext, key: str, content_ty
         tmp.unlink(missing_ok=True)
 
 
-def _check_cdn_auth(ctx: ServerContext, authorization: str | None) -> None:
-    """CDN routes take the bearer token from /rest/storage/auth/token, or an API key."""
+def _check_cdn_auth(ctx: ServerContext, authorization: str | None) -> str | None:
+    """CDN routes take the bearer token from /rest/storage/auth/token, or an API key: the caller's key id (None when
+    the server has no keys)."""
     if not ctx.api_keys.enabled:
-        return
+        return None
     scheme, _, credential = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and ctx.url_signer.token_valid(credential.strip()):
-        return
-    if ctx.api_keys.matches(authorization):
-        return
+    owner = ctx.url_signer.token_owner(credential.strip()) if scheme.lower() == "bearer" else None
+    if owner:
+        return owner
+    owner = ctx.api_keys.identify(authorization)
+    if owner is not None:
+        return owner
     raise Unauthorized("Missing or expired upload token")
 
 
+def _bound_upload(ctx: ServerContext, handed_out: str, key: str, owner: str | None) -> str:
+    """The store's upload id behind a CDN upload id, if it was made for this file and caller; else not found (as
+    an unknown one: another key's upload is not revealed)."""
+    upload_id = ctx.url_signer.bound_upload(handed_out, key, owner or "")
+    if upload_id is None:
+        raise NotFound(f"no such multipart upload: {handed_out[:100]!r}")
+    return upload_id
+
+
 # --- REST: initiate + signed PUT ---
-@rest.post("/upload/initiate", dependencies=[Authorized])
+@rest.post("/upload/initiate", dependencies=[Authorized, SubmitLimited])
 def initiate(ctx: Context, body: InitiateUpload, life: Lifetime) -> dict[str, str]:
     key = new_key(body.file_name, "upload.bin")
     exp = str(int(time.time() + UPLOAD_URL_TTL_S))
     sig = ctx.url_signer.sign("put", key, body.content_type, life, exp)
     query = urlencode({"content_type": body.content_type, "life": life, "exp": exp, "sig": sig})
-    return {"upload_url": f"{ctx.public_url}/rest/storage/upload/put/{key}?{query}", "file_url": ctx.files.url(key)}
+    return {"upload_url": f"{ctx.public_url}/rest/storage/upload/put/{key}?{query}", "file_url": file_url(ctx, key)}
 
 
 @rest.put("/upload/put/{key:path}")
@@ -150,10 +169,10 @@ async def put_upload(
     if not ctx.url_signer.verify(sig, "put", key, content_type, life, exp) or int(exp or 0) < time.time():
         raise Unauthorized("upload URL signature is invalid or expired")
     stored = await _store_body(request, ctx, key, content_type, _expiry(life, time.time()))
-    return JSONResponse({"file_url": ctx.files.url(key), "file_size": stored.size})
+    return JSONResponse({"file_url": file_url(ctx, key), "file_size": stored.size})
 
 
-@rest.post("/upload/initiate-multipart", dependencies=[Authorized])
+@rest.post("/upload/initiate-multipart", dependencies=[Authorized, SubmitLimited])
 def initiate_multipart(ctx: Context, body: InitiateUpload, life: Lifetime) -> dict[str, str]:
     key = new_key(body.file_name, "upload.bin")
     upload_id = ctx.files.create_multipart(key, body.content_type, _expiry(life, time.time()))
@@ -161,7 +180,7 @@ def initiate_multipart(ctx: Context, body: InitiateUpload, life: Lifetime) -> di
     query = urlencode({"exp": exp, "sig": ctx.url_signer.sign("multipart", upload_id, exp)})
     return {
         "upload_url": f"{ctx.public_url}/rest/storage/upload/multipart/{upload_id}?{query}",
-        "file_url": ctx.files.url(key),
+        "file_url": file_url(ctx, key),
     }
 
 
@@ -184,7 +203,7 @@ def complete_multipart_rest(
 ) -> dict[str, Any]:
     _check_multipart_sig(ctx, upload_id, exp, sig)
     stored = _complete(ctx, upload_id, body)
-    return {"file_url": ctx.files.url(stored.key), "file_size": stored.size}
+    return {"file_url": file_url(ctx, stored.key), "file_size": stored.size}
 
 
 @rest.put("/upload/multipart/{upload_id}/{part_number}")
@@ -210,9 +229,9 @@ async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, reques
 
 
 # --- CDN token + direct upload (Python's fal_v3 repository) ---
-@rest.post("/auth/token", dependencies=[Authorized])
-def cdn_token(ctx: Context) -> dict[str, str]:
-    token, expires = ctx.url_signer.token(CDN_TOKEN_TTL_S)
+@rest.post("/auth/token", dependencies=[Authorized, SubmitLimited])
+def cdn_token(ctx: Context, caller: Caller) -> dict[str, str]:
+    token, expires = ctx.url_signer.token(CDN_TOKEN_TTL_S, caller or "")
     return {
         "token": token,
         "token_type": "Bearer",
@@ -229,6 +248,7 @@ class CdnUpload:
     key: str
     content_type: str
     expires_at: float | None
+    owner: str | None  # the uploading key's id (None when the server has no keys)
 
 
 def cdn_upload_headers(
@@ -238,9 +258,10 @@ def cdn_upload_headers(
     content_type: Annotated[str, Header()] = "application/octet-stream",
     x_fal_file_name: Annotated[str | None, Header()] = None,
 ) -> CdnUpload:
-    _check_cdn_auth(ctx, authorization)
+    owner = _check_cdn_auth(ctx, authorization)
+    check_submit_rate(ctx, owner)
     return CdnUpload(
-        new_key(x_fal_file_name, "upload.bin"), check_content_type(content_type), _expiry(life, time.time())
+        new_key(x_fal_file_name, "upload.bin"), check_content_type(content_type), _expiry(life, time.time()), owner
     )
 
 
@@ -250,13 +271,17 @@ NewCdnUpload = Annotated[CdnUpload, Depends(cdn_upload_headers)]
 @cdn.post("/cdn/files/upload")
 async def cdn_upload(ctx: Context, request: Request, upload: NewCdnUpload) -> dict[str, Any]:
     stored = await _store_body(request, ctx, upload.key, upload.content_type, upload.expires_at)
-    return {"access_url": ctx.files.url(upload.key), "file_size": stored.size}
+    return {"access_url": file_url(ctx, upload.key), "file_size": stored.size}
 
 
 @cdn.post("/cdn/files/upload/multipart")
 def cdn_multipart(ctx: Context, upload: NewCdnUpload) -> dict[str, str]:
     upload_id = ctx.files.create_multipart(upload.key, upload.content_type, upload.expires_at)
-    return {"access_url": ctx.files.url(upload.key), "uploadId": upload_id}
+    # Unsigned: the client appends `/multipart/...` to it (a query string would end up in the middle).
+    return {
+        "access_url": ctx.files.url(upload.key),
+        "uploadId": ctx.url_signer.bind_upload(upload_id, upload.key, upload.owner or ""),
+    }
 
 
 @cdn.put("/files/{key:path}/multipart/{upload_id}/{part_number}")
@@ -268,7 +293,7 @@ async def cdn_put_part(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    _check_cdn_auth(ctx, authorization)
+    upload_id = _bound_upload(ctx, upload_id, key, _check_cdn_auth(ctx, authorization))
     etag = await _put_part(ctx, upload_id, part_number, request)
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
 
@@ -281,8 +306,7 @@ def cdn_complete(
     body: CompleteMultipart,
     authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
-    _check_cdn_auth(ctx, authorization)
-    stored = _complete(ctx, upload_id, body)
-    if stored.key != key:
+    stored = _complete(ctx, _bound_upload(ctx, upload_id, key, _check_cdn_auth(ctx, authorization)), body)
+    if stored.key != key:  # cannot happen with a bound upload id; kept as the last line of defence
         raise InvalidUpload("the multipart upload belongs to another file")
-    return {"access_url": ctx.files.url(stored.key), "file_size": stored.size}
+    return {"access_url": file_url(ctx, stored.key), "file_size": stored.size}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -22,6 +23,10 @@ from wanserve.files.base import FileStore
 MAX_REDIRECTS = 5
 
 
+class HostNotResolved(InputFetchError):
+    """The URL's host name does not resolve (now): DNS may answer later, unlike for a private address."""
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     max_bytes: int = 2 * 1024**3
@@ -29,13 +34,23 @@ class FetchPolicy:
     allow_private: bool = False
 
 
-NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix: the last 32 bits are an IPv4 address
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet reaches (or may reach) through translation
+EMBEDS_IPV4 = (
+    ipaddress.ip_network("64:ff9b::/96"),  # well-known NAT64 prefix (RFC 6052)
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT, RFC 2765)
+    ipaddress.ip_network("::/96"),  # IPv4-compatible (deprecated; still routed by some stacks)
+)
+NEVER_PUBLIC = (
+    ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215): a site's own translator
+    ipaddress.ip_network("fec0::/10"),  # site-local (deprecated, but still routed on some networks)
+)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses an IPv6 address reaches through a translation mechanism (mapped, 6to4, NAT64, Teredo)."""
+    """IPv4 addresses an IPv6 address reaches through a translation mechanism (mapped, 6to4, NAT64, SIIT,
+    IPv4-compatible, Teredo)."""
     found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
-    if ip in NAT64:
+    if any(ip in net for net in EMBEDS_IPV4):
         found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     if ip.teredo is not None:
         found.extend(ip.teredo)
@@ -45,22 +60,59 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in NEVER_PUBLIC):
+            return False
         embedded = _embedded_ipv4(ip)
         if embedded:
             return all(v4.is_global and not v4.is_multicast for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 
+_IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+
+
+def _ipv4_part(part: str) -> int:
+    if part[:2].lower() == "0x":
+        return int(part[2:] or "0", 16)
+    return int(part, 8) if part.startswith("0") else int(part)
+
+
+def ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a host name spells the way `inet_aton` (and so `getaddrinfo`) or a browser reads it:
+    `2130706433`, `0x7f.1`, `017700000001`, `127.1`, `127.0.0.1.`... None when it is not such a spelling.
+    Read here rather than left to the resolver, so the check never depends on which resolver runs."""
+    parts = host.removesuffix(".").split(".")
+    if not 1 <= len(parts) <= 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
+        return None
+    *leading, last = [_ipv4_part(part) for part in parts]
+    if any(v > 0xFF for v in leading) or last >= 1 << (8 * (4 - len(leading))):
+        return None
+    number = last
+    for i, v in enumerate(leading):
+        number |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
+
+
 def check_public_host(host: str, port: int) -> list[str]:
     """Refuses a host that is, or resolves to, anything but public unicast addresses; returns the addresses."""
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
-        raise InputFetchError(f"cannot resolve {host[:100]}: {exc}") from None
-    addresses = [str(info[4][0]) for info in infos]
+    literal = ipv4_literal(host)
+    if literal is not None:
+        addresses = [str(literal)]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
+            raise HostNotResolved(f"cannot resolve {host[:100]}: {exc}") from None
+        addresses = [str(info[4][0]) for info in infos]
+    if not addresses:
+        raise HostNotResolved(f"cannot resolve {host[:100]}: no address")
     for address in addresses:
-        if not _is_public(address):
-            raise PrivateAddress(f"{host} resolves to a private or local address; URL inputs must be public")
+        try:
+            public = _is_public(address)
+        except ValueError:  # not an address at all: nothing to connect to that we could check
+            public = False
+        if not public:
+            raise PrivateAddress(f"{host[:100]} resolves to a private or local address; URL inputs must be public")
     return addresses
 
 
@@ -74,8 +126,12 @@ class PinnedTarget:
     extensions: dict[str, Any]
 
 
-def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
-    """Checks `url` (http(s), public unless `allow_private`) and pins it to the checked address."""
+_USERINFO = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:-]*")  # RFC 3986 userinfo: nothing a parser reads as a delimiter
+
+
+def parse_http_url(url: str) -> tuple[SplitResult, str, int]:
+    """`url`'s parts, host name and port (the scheme's default if none); InputFetchError if it is not a valid
+    http(s) URL with a host."""
     try:
         parts = urlsplit(url)
         hostname, port = parts.hostname, parts.port
@@ -83,14 +139,24 @@ def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
         raise InputFetchError(f"not a valid URL: {url[:200]}") from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise InputFetchError(f"not an http(s) URL: {url[:200]}")
+    return parts, hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
+    """Checks `url` (http(s), public unless `allow_private`) and pins it to the checked address."""
+    parts, hostname, default_port = parse_http_url(url)
     if allow_private:
         return PinnedTarget(url, {}, {})
-    address = check_public_host(hostname, port or (443 if parts.scheme == "https" else 80))[0]
+    port = parts.port
+    address = check_public_host(hostname, default_port)[0]
     host = f"[{address}]" if ":" in address else address
     netloc = f"{host}:{port}" if port else host
+    userinfo, at, host_and_port = parts.netloc.rpartition("@")
+    if at and _USERINFO.fullmatch(userinfo):  # credentials in the URL still travel (as HTTP basic auth)
+        netloc = f"{userinfo}@{netloc}"
     return PinnedTarget(
         urlunsplit(parts._replace(netloc=netloc)),
-        {"Host": parts.netloc.rsplit("@", 1)[-1]},
+        {"Host": host_and_port},
         {"sni_hostname": hostname} if parts.scheme == "https" else {},
     )
 

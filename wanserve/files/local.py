@@ -97,15 +97,32 @@ class LocalFileStore:
     ) -> StoredFile:
         target = self._object(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(source, bytes):
-            _atomic_write(target, source, self._tmp)
-        else:
-            self._move_in(source, target)
+        try:
+            if isinstance(source, bytes):
+                _atomic_write(target, source, self._tmp)
+            else:
+                self._move_in(source, target)
+        except BaseException:
+            self._remove_empty_dirs(key)  # nothing was written under the key (a full disk, say)
+            raise
+        return self._write_meta_or_discard(key, target, content_type, expires_at, now)
+
+    def _write_meta_or_discard(
+        self, key: str, target: Path, content_type: str, expires_at: float | None, now: float
+    ) -> StoredFile:
+        """The metadata that makes `key` live; if it cannot be written, the object goes too (an object without
+        metadata is invisible and never swept)."""
         try:
             return self._write_meta(key, target, content_type, expires_at, now)
         except BaseException:
-            target.unlink(missing_ok=True)  # an object without metadata is invisible and never swept
+            target.unlink(missing_ok=True)
+            self._remove_empty_dirs(key)
             raise
+
+    def _remove_empty_dirs(self, key: str) -> None:
+        for d in (self._meta_path(key).parent, self._object(key).parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
     def _move_in(self, source: Path, target: Path) -> None:
         """Moves a finished file into place: a rename when it is on this filesystem (uploads and videos are
@@ -177,9 +194,7 @@ class LocalFileStore:
         # Metadata first: once it is gone the key is dead, even if removing the object then fails.
         self._meta_path(key).unlink(missing_ok=True)
         self._object(key).unlink(missing_ok=True)
-        for d in (self._meta_path(key).parent, self._object(key).parent):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        self._remove_empty_dirs(key)
 
     def sweep_expired(self, now: float) -> int:
         deleted = 0
@@ -245,6 +260,7 @@ class LocalFileStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        stored = self._write_meta(info["key"], target, info["content_type"], info["expires_at"], now)
+        # The parts stay until the metadata is written: a completion that failed (a full disk) can be retried.
+        stored = self._write_meta_or_discard(info["key"], target, info["content_type"], info["expires_at"], now)
         shutil.rmtree(folder, ignore_errors=True)
         return stored

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from wanserve.jobs.limits import InputLimits
 from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
 
 # First path segments that other routes of the server own: an app id there would be unreachable.
@@ -25,12 +26,16 @@ class Endpoint:
     id: str  # full id, as submitted: `fal-ai/wan-22/lora`
     app: str  # `fal-ai/wan-22`
     request_model: type[WanT2VRequest]
+    # what the input must keep beyond the schema (checked at submit)
+    limits: InputLimits = field(default_factory=InputLimits)
 
 
 class EndpointRegistry:
-    """Each configured app id serves the T2V request; `<id>/lora` serves the LoRA request."""
+    """Each configured app id serves the T2V request; `<id>/lora` serves the LoRA request. Every endpoint
+    checks its input against `limits` at submit."""
 
-    def __init__(self, app_ids: list[str]) -> None:
+    def __init__(self, app_ids: list[str], limits: InputLimits | None = None) -> None:
+        limits = limits or InputLimits()
         self._endpoints: dict[str, Endpoint] = {}
         for app_id in app_ids:
             app_id = app_id.strip("/")
@@ -38,8 +43,8 @@ class EndpointRegistry:
                 raise ValueError(f"an app id is owner/app[/path], got {app_id!r}")
             if app_id.split("/")[0] in RESERVED_PREFIXES:
                 raise ValueError(f"app id {app_id!r} starts with {app_id.split('/')[0]!r}, a path this server uses")
-            self._endpoints[app_id] = Endpoint(app_id, app_of(app_id), WanT2VRequest)
-            self._endpoints[f"{app_id}/lora"] = Endpoint(f"{app_id}/lora", app_of(app_id), WanLoRAT2VRequest)
+            self._endpoints[app_id] = Endpoint(app_id, app_of(app_id), WanT2VRequest, limits)
+            self._endpoints[f"{app_id}/lora"] = Endpoint(f"{app_id}/lora", app_of(app_id), WanLoRAT2VRequest, limits)
 
     def get(self, endpoint_id: str) -> Endpoint | None:
         return self._endpoints.get(endpoint_id.strip("/"))

@@ -87,6 +87,7 @@ class NewJob:
     start_timeout_s: float | None = None
     webhook_url: str | None = None
     output_lifecycle: dict[str, Any] | None = None
+    owner: str | None = None  # the public id of the API key that submitted it (None: the server has no keys)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Job:
     inference_time: float | None = None
     webhook_url: str | None = None
     output_lifecycle: dict[str, Any] | None = None
+    owner: str | None = None
 
     @property
     def succeeded(self) -> bool:

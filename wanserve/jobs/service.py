@@ -11,10 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from wanserve.errors import BadRequest, InputFetchError, InputValidationError, NotFound, StillInProgress
+from wanserve.errors import BadRequest, InputFetchError, InputValidationError, NotFound, StillInProgress, TooManyQueued
 from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
 from wanserve.files.inputs import check_public_url
 from wanserve.jobs.endpoints import EndpointRegistry
+from wanserve.jobs.limits import check_input_limits
 from wanserve.jobs.model import (
     CancelOutcome,
     Job,
@@ -26,6 +27,7 @@ from wanserve.jobs.model import (
     cancelled_failure,
     disconnected_failure,
 )
+from wanserve.lora.sources import check_lora_urls
 from wanserve.store.base import JobStore
 
 
@@ -99,7 +101,9 @@ class JobService:
         public_url: str,
         allow_private_urls: bool = False,
         max_loras: int = 8,
+        max_queued_per_key: int = 0,
     ) -> None:
+        self.max_queued_per_key = max_queued_per_key  # 0: no limit
         self.allow_private_urls = allow_private_urls
         self.max_loras = max_loras
         self.store = store
@@ -121,7 +125,9 @@ class JobService:
         start_timeout: str | None = None,
         webhook_url: str | None = None,
         lifecycle: str | None = None,
+        owner: str | None = None,
     ) -> Job:
+        """Queues a request for `owner` (the caller's key id; None when the server has no keys)."""
         endpoint = self.endpoints.get(endpoint_id)
         if endpoint is None:
             raise NotFound(f"unknown endpoint: {endpoint_id}; this server serves {', '.join(self.endpoints.ids)}")
@@ -145,10 +151,13 @@ class JobService:
                     }
                 ]
             )
+        check_input_limits(request, endpoint.limits)
+        check_lora_urls(loras, self.public_url, self.allow_private_urls)  # before a job exists
         if webhook_url is not None:
             self._check_webhook_url(webhook_url)
         output_lifecycle = parse_lifecycle_header(lifecycle)
         lifecycle_expiry(output_lifecycle, 0.0)  # validates it now rather than after the generation
+        self._check_queued(owner)
         now = time.time()
         job = self.store.submit(
             NewJob(
@@ -160,6 +169,7 @@ class JobService:
                 start_timeout_s=parse_start_timeout(start_timeout),
                 webhook_url=webhook_url,
                 output_lifecycle=output_lifecycle,
+                owner=owner,
             ),
             now,
         )
@@ -168,6 +178,16 @@ class JobService:
             names = ", ".join(name.encode("utf-8", "backslashreplace").decode()[:100] for name in unknown)
             self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {names}", now)
         return job
+
+    def _check_queued(self, owner: str | None) -> None:
+        """Refuses a key's submit while it has `max_queued_per_key` requests queued. Counted before the job is
+        stored, so submits racing each other may overshoot by how many arrive at once (the rate limit bounds it)."""
+        if owner is None or not self.max_queued_per_key:
+            return
+        if self.store.queued_count(owner) >= self.max_queued_per_key:
+            raise TooManyQueued(
+                f"This API key already has {self.max_queued_per_key} requests queued: wait for some to start"
+            )
 
     def _check_webhook_url(self, url: str) -> None:
         if not url.startswith(("http://", "https://")):
@@ -188,9 +208,12 @@ class JobService:
         }
 
     # --- status ---
-    def find(self, app: str, job_id: str) -> Job:
+    def find(self, app: str, job_id: str, owner: str | None = None) -> Job:
+        """The job, if `owner` may see it: the key that submitted it (any caller when the server has no keys,
+        and any key for a job submitted before it had keys). Another key's job is not found, not forbidden: its
+        existence is not revealed."""
         job = self.store.get(job_id)
-        if job is None or job.app != app.strip("/"):
+        if job is None or job.app != app.strip("/") or not visible_to(job, owner):
             raise NotFound(f"request {job_id} not found for {app}")
         return job
 
@@ -207,15 +230,15 @@ class JobService:
                 body["error_type"] = job.failure.error_type
         return body
 
-    def status(self, app: str, job_id: str, with_logs: bool) -> Reply:
-        job = self.find(app, job_id)
+    def status(self, app: str, job_id: str, with_logs: bool, owner: str | None = None) -> Reply:
+        job = self.find(app, job_id, owner)
         logs = self.store.logs(job.id) if with_logs else None
         code = 200 if job.state is JobState.COMPLETED else 202
         return Reply(code, self.status_body(job, logs), {"x-fal-request-id": job.id})
 
     # --- result ---
-    def result(self, app: str, job_id: str) -> Reply:
-        job = self.find(app, job_id)
+    def result(self, app: str, job_id: str, owner: str | None = None) -> Reply:
+        job = self.find(app, job_id, owner)
         return self.result_of(job)
 
     def result_of(self, job: Job) -> Reply:
@@ -230,9 +253,9 @@ class JobService:
         return Reply(job.failure.http_status, job.failure.result_body(), headers)
 
     # --- cancel ---
-    def cancel(self, app: str, job_id: str) -> Reply:
+    def cancel(self, app: str, job_id: str, owner: str | None = None) -> Reply:
         job = self.store.get(job_id)
-        if job is None or job.app != app.strip("/"):
+        if job is None or job.app != app.strip("/") or not visible_to(job, owner):
             return Reply(404, {"status": CancelOutcome.NOT_FOUND.value}, {})
         outcome = self.store.cancel(job_id, cancelled_failure(), time.time())
         if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
@@ -240,6 +263,10 @@ class JobService:
         if outcome is CancelOutcome.ALREADY_COMPLETED:
             return Reply(400, {"status": outcome.value}, {})
         return Reply(404, {"status": outcome.value}, {})
+
+
+def visible_to(job: Job, owner: str | None) -> bool:
+    return owner is None or job.owner is None or job.owner == owner
 
 
 def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: int) -> list[str]:

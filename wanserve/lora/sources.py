@@ -24,9 +24,9 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from wanserve.config import Settings
-from wanserve.errors import FieldError, LoraError, WanserveError
-from wanserve.files.base import FileStore
-from wanserve.files.inputs import FetchPolicy, fetch_input
+from wanserve.errors import FieldError, InputFetchError, InputValidationError, LoraError, PrivateAddress, WanserveError
+from wanserve.files.base import FileStore, key_from_file_url
+from wanserve.files.inputs import FetchPolicy, HostNotResolved, check_public_host, fetch_input, parse_http_url
 from wanserve.lora.cache import ContentCache, file_sha256
 from wanserve.schema import LoRAWeight
 
@@ -98,6 +98,41 @@ def classify(path: str, files: FileStore) -> SourceKind:
     raise LoraError(
         f"{describe_path(path)} is not a URL, a local .safetensors path or a Hugging Face repo id (owner/name)"
     )
+
+
+def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private: bool) -> None:
+    """At submit, before any job exists: refuses a LoRA URL that is not a valid http(s) URL or whose host is,
+    or resolves to, a private, loopback or link-local address (unless `allow_private`), naming `loras.N.path`.
+    The worker checks again when it downloads, and connects to the address it checked; a name that does not
+    resolve now is left to it (its error says so). This server's own file URLs are read locally: allowed."""
+    errors: list[dict[str, object]] = []
+    for i, lora in enumerate(loras):
+        if not lora.path.lower().startswith(("http://", "https://")):
+            continue
+        if key_from_file_url(public_url, lora.path) is not None:
+            continue
+        try:
+            _, host, port = parse_http_url(lora.path)
+            if not allow_private:
+                check_public_host(host, port)
+        except PrivateAddress as exc:
+            why = f"{exc} (the operator can allow private URLs)"
+        except HostNotResolved:
+            continue
+        except InputFetchError as exc:
+            why = str(exc)
+        else:
+            continue
+        errors.append(
+            {
+                "loc": ["body", "loras", i, "path"],
+                "msg": why,
+                "type": InputFetchError.error_type,
+                "input": describe_path(lora.path),
+            }
+        )
+    if errors:
+        raise InputValidationError(errors)
 
 
 class LoraResolver:

@@ -24,6 +24,10 @@ class JobStore(Protocol):
         """How many queued jobs run before this one (0: next)."""
         ...
 
+    def queued_count(self, owner: str) -> int:
+        """How many of this owner's (API key id's) jobs are queued (not running, not completed)."""
+        ...
+
     def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
         """A queued job completes at once with `failure`; a running one is flagged for its worker."""
         ...

@@ -16,6 +16,8 @@ Layout, every key under `<prefix>:`:
   logs:<id>        list of [ts, level, message]; an entry's seq is its position from 1
   workers          hash worker id -> JSON
   claim:<token>    the job one claim took, for an hour: a claim resent after a lost reply returns it again
+  queued_by:<key>  set of the queued ids one owner (API key id) submitted: kept by the scripts that queue,
+                   claim or complete a job, so `queued_count` is one SCARD
   webhook:<n>      hash, one delivery; `webhooks:due`: zset of pending ones by next attempt
 """
 
@@ -58,6 +60,8 @@ local function complete(p, id, now, output, failure, inference_time, outcome, le
     if value ~= '' then redis.call('HSET', jk, field, value) end
   end
   redis.call('HDEL', jk, 'lease_expires_at')
+  local owner = redis.call('HGET', jk, 'owner')
+  if owner then redis.call('SREM', p .. ':queued_by:' .. owner, id) end
   redis.call('ZREM', p .. ':queue', id)
   redis.call('ZREM', p .. ':deadlines', id)
   redis.call('ZREM', p .. ':leases', id)
@@ -85,8 +89,9 @@ local jk = p .. ':job:' .. id
 if redis.call('EXISTS', jk) == 1 then return 0 end  -- a retried submit after a lost reply
 local seq = redis.call('INCR', p .. ':seq')
 local qscore = string.format('%d', tonumber(ARGV[3]) * 281474976710656 + seq)
-redis.call('HSET', jk, 'seq', seq, 'qscore', qscore, 'state', 'IN_QUEUE', 'attempts', 0, unpack(ARGV, 5))
+redis.call('HSET', jk, 'seq', seq, 'qscore', qscore, 'state', 'IN_QUEUE', 'attempts', 0, unpack(ARGV, 6))
 redis.call('ZADD', p .. ':queue', qscore, id)
+if ARGV[5] ~= '' then redis.call('SADD', p .. ':queued_by:' .. ARGV[5], id) end
 if ARGV[4] ~= '' then redis.call('ZADD', p .. ':deadlines', ARGV[4], id) end
 return seq
 """
@@ -140,6 +145,8 @@ if deadline and tonumber(deadline) < tonumber(now) then return {'overdue', id} e
 local jk = p .. ':job:' .. id
 redis.call('ZREM', p .. ':queue', id)
 redis.call('ZREM', p .. ':deadlines', id)
+local owner = redis.call('HGET', jk, 'owner')
+if owner then redis.call('SREM', p .. ':queued_by:' .. owner, id) end
 redis.call('HSET', jk, 'state', 'IN_PROGRESS', 'worker_id', worker, 'started_at', now, 'lease_expires_at', lease_until)
 redis.call('HSETNX', jk, 'first_started_at', now)
 redis.call('HINCRBY', jk, 'attempts', 1)
@@ -170,6 +177,8 @@ local function requeue(p, id, uncount)
   end
   redis.call('ZREM', p .. ':leases', id)
   redis.call('ZADD', p .. ':queue', redis.call('HGET', jk, 'qscore'), id)
+  local owner = redis.call('HGET', jk, 'owner')
+  if owner then redis.call('SADD', p .. ':queued_by:' .. owner, id) end
 end
 """
 
@@ -313,6 +322,7 @@ def _job(fields: dict[str, str]) -> Job:
         inference_time=_float(fields.get("inference_time")),
         webhook_url=fields.get("webhook_url") or None,
         output_lifecycle=json.loads(fields["output_lifecycle"]) if fields.get("output_lifecycle") else None,
+        owner=fields.get("owner") or None,
     )
 
 
@@ -381,9 +391,11 @@ class RedisJobStore:
             fields["webhook_url"] = new.webhook_url
         if new.output_lifecycle is not None:
             fields["output_lifecycle"] = json.dumps(new.output_lifecycle)
+        if new.owner:
+            fields["owner"] = new.owner
         flat = [item for pair in fields.items() for item in pair]
         deadline = _num(now + timeout) if timeout is not None else ""
-        self._run("submit", new.id, int(new.priority), deadline, *flat)
+        self._run("submit", new.id, int(new.priority), deadline, new.owner or "", *flat)
         job = self.get(new.id)
         assert job is not None
         return job
@@ -395,6 +407,9 @@ class RedisJobStore:
     def queue_position(self, job: Job) -> int:
         score = int(job.priority) * _PRIORITY_WEIGHT + job.seq
         return int(self.redis.zcount(self._key("queue"), "-inf", f"({score}"))
+
+    def queued_count(self, owner: str) -> int:
+        return int(self.redis.scard(self._key("queued_by", owner)))
 
     def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
         level, message = _failure_message(failure)

@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     inference_time REAL,
     webhook_url TEXT,
     output_lifecycle TEXT,
-    first_started_at REAL
+    first_started_at REAL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority, seq);
 CREATE TABLE IF NOT EXISTS logs (
@@ -107,6 +108,7 @@ def _job(row: sqlite3.Row) -> Job:
         inference_time=row["inference_time"],
         webhook_url=row["webhook_url"],
         output_lifecycle=json.loads(row["output_lifecycle"]) if row["output_lifecycle"] else None,
+        owner=row["owner"],
     )
 
 
@@ -130,6 +132,9 @@ class SQLiteJobStore:
                     " WHERE attempts > 0 OR started_at IS NOT NULL OR state != ?",
                     (_QUEUED,),
                 )
+            if "owner" not in columns:
+                db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")  # jobs from before it have no owner
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, state)")
 
     # --- connections: one per thread, autocommit; writes take the database lock up front ---
     def _conn(self) -> sqlite3.Connection:
@@ -165,7 +170,7 @@ class SQLiteJobStore:
         with self._write() as db:
             db.execute(
                 "INSERT INTO jobs (id, endpoint, app, input, priority, state, created_at, start_timeout_s,"
-                " webhook_url, output_lifecycle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " webhook_url, output_lifecycle, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.id,
                     new.endpoint,
@@ -177,6 +182,7 @@ class SQLiteJobStore:
                     new.start_timeout_s,
                     new.webhook_url,
                     json.dumps(new.output_lifecycle) if new.output_lifecycle is not None else None,
+                    new.owner or None,
                 ),
             )
         job = self.get(new.id)
@@ -195,6 +201,12 @@ class SQLiteJobStore:
                 (_QUEUED, int(job.priority), int(job.priority), job.seq),
             )
             .fetchone()
+        )
+        return int(row[0])
+
+    def queued_count(self, owner: str) -> int:
+        row = (
+            self._conn().execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state = ?", (owner, _QUEUED)).fetchone()
         )
         return int(row[0])
 

@@ -7,9 +7,12 @@ all go through it, so a worker can be a child of `wanserve serve` or a process o
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +45,61 @@ def _describe_file(file: LoraFile) -> str:
 
 
 STALLED_EXIT_CODE = 70
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFull(WanserveError):
+    """No space left where the worker writes (the file store's disk, or its own temp dir): the job fails,
+    the worker goes on, and the next job succeeds once space is freed."""
+
+    http_status = 507
+    error_type = "storage_full"
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The `No space left on device` (or disk quota) error behind `exc`, if that is what it is."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA or another accelerator), older torch's `RuntimeError: CUDA out of
+    memory`, or host memory running out, here or behind the exception. Found without importing torch: an
+    exception raised by torch means torch is loaded already."""
+    torch = sys.modules.get("torch")
+    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
+    if torch is not None:
+        oom_types += tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if isinstance(t, type))
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, oom_types):
+            return True
+        if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def free_accelerator_memory() -> None:
+    """After an out-of-memory: drops the failed run's tensors (their frames held them until now) and hands
+    the allocator's cached blocks back, so the next job starts from a clean GPU."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # never imported here: without torch loaded there is no GPU memory to free
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # a broken CUDA context: the next job will say so
+        log.exception("freeing GPU memory after an out-of-memory failed")
 
 
 class LeaseLost(Exception):
@@ -74,6 +132,7 @@ class Worker:
         self._expander: Any = None
         self._expander_error: str | None = None
         self._current: Job | None = None
+        self._shape: str | None = None  # the running job's frames and size, for an out-of-memory message
         self._progress_at = time.monotonic()  # last sign of life of the running job
         self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
         self._stop = threading.Event()
@@ -197,6 +256,7 @@ class Worker:
         self._lease_lost_job = None
         self._current, started = job, time.perf_counter()
         self._detail["current_job"] = job.id
+        out_of_memory = False
         try:
             output, inference_time = self._run(job)
         except LeaseLost:
@@ -217,18 +277,45 @@ class Worker:
             flagged = isinstance(exc, ContentPolicyViolation)
             self._log(job, f"{'Flagged by the safety checker' if flagged else 'Failed'}: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
+        except DiskFull as exc:
+            log.error("job %s: %s (%s)", job.id, exc, exc.__cause__)
+            self._log(job, f"Failed: {exc}", LogLevel.ERROR)
+            self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except WanserveError as exc:
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except Exception as exc:  # any engine crash fails this job only; the worker goes on
-            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
-            self._log(job, f"Internal error: {type(exc).__name__}: {exc}", LogLevel.ERROR)
-            self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
+            out_of_memory = is_out_of_memory(exc)
+            full = disk_full_cause(exc)
+            if out_of_memory:
+                message = self._out_of_memory_message()
+                log.error("job %s: %s (%s: %s)", job.id, message, type(exc).__name__, str(exc)[:500])
+                self._log(job, f"Failed: {message}", LogLevel.ERROR)
+                self._finish(job, failure=Failure("out_of_memory", message, 503))
+            elif full is not None:
+                message = f"no space left on the worker's disk while generating the video ({full.strerror})"
+                log.error("job %s: %s: %s", job.id, message, full)
+                self._log(job, f"Failed: {message}", LogLevel.ERROR)
+                self._finish(job, failure=Failure(DiskFull.error_type, message, DiskFull.http_status))
+            else:
+                log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+                self._log(job, f"Internal error: {type(exc).__name__}: {exc}", LogLevel.ERROR)
+                self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
         else:
             self._log(job, f"Completed in {time.perf_counter() - started:.1f}s")
             self._finish(job, output=output, inference_time=inference_time)
         finally:
             self._current = None
             self._detail["current_job"] = None
+            self._shape = None
+        if out_of_memory:  # here, not in the handler: the exception's frames (and their tensors) are gone now
+            free_accelerator_memory()
+
+    def _out_of_memory_message(self) -> str:
+        shape = self._shape or "this request"
+        return (
+            f"out of memory generating {shape}: try a lower resolution (480p) or fewer frames; "
+            "the worker freed its cached memory and goes on with the next request"
+        )
 
     def _finish(self, job: Job, **outcome: Any) -> None:
         if not self.store.finish(job.id, time.time(), worker_id=self.id, **outcome):
@@ -273,6 +360,7 @@ class Worker:
         if job.attempts > 1:
             self._log(job, f"Retrying after the previous worker stopped (attempt {job.attempts})", LogLevel.WARN)
         width, height = request.frame_size
+        self._shape = f"{request.num_frames} frames at {width}x{height} ({request.resolution})"
         self._log(
             job,
             f"Started on worker {self.id}: {request.num_frames} frames at {width}x{height},"
@@ -311,7 +399,15 @@ class Worker:
             now = time.time()
             expires = lifecycle_expiry(job.output_lifecycle, now)
             key = new_key(f"{job.id}.mp4")
-            stored = self.files.put(key, out_path, "video/mp4", expires, now)
+            try:
+                stored = self.files.put(key, out_path, "video/mp4", expires, now)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                raise DiskFull(
+                    f"the file store's disk is full ({exc.strerror}): the video could not be stored; "
+                    "the operator must free space there"
+                ) from exc
         self._log(job, f"Stored video ({stored.size / 1e6:.2f} MB)")
         output = {
             "video": {

@@ -47,7 +47,15 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A worker killed with its server is a zombie until its new parent reaps it (seconds, under some inits):
+    # dead already, or its job would wait for its lease to run out instead of going back to the queue at once.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (not Linux): os.kill's answer stands
+        return True
 
 
 @dataclass

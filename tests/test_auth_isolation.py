@@ -1,0 +1,382 @@
+"""API keys as owners: hashed keys, one key's requests and uploads hidden from another, signed expiring file
+URLs, per-key rate limits and queued-request limits. An in-process app with no worker: jobs are completed by
+hand through its job store, so nothing here runs the model."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from wanserve import cli
+from wanserve.api.app import create_app
+from wanserve.api.context import ServerContext
+from wanserve.api.ratelimit import RateLimiter, retry_after_s
+from wanserve.api.security import ApiKeys, hash_key, key_id
+from wanserve.config import Settings
+from wanserve.files.base import new_key
+
+APP = "fal-ai/wan-22"
+KEY_A = "key-a-" + "a" * 40
+KEY_B = "key-b-" + "b" * 40
+A = {"Authorization": f"Key {KEY_A}"}
+B = {"Authorization": f"Key {KEY_B}"}
+BASE = "http://testserver"
+INPUT = {"prompt": "a red fox in snow", "resolution": "480p", "num_inference_steps": 1}
+
+
+def make_app(tmp_path: Path, **overrides: Any) -> FastAPI:
+    settings = {"data_dir": tmp_path, "public_url": BASE, "api_keys": [KEY_A, KEY_B], **overrides}
+    return create_app(Settings(**settings), workers=0)
+
+
+def context(client: TestClient) -> ServerContext:
+    ctx: ServerContext = client.app.state.context  # type: ignore[attr-defined]
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    with TestClient(make_app(tmp_path_factory.mktemp("auth-isolation")), base_url=BASE) as c:
+        yield c
+
+
+def submit(client: TestClient, headers: dict[str, str], endpoint: str = APP) -> dict[str, Any]:
+    response = client.post(f"/{endpoint}", json=INPUT, headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def complete_with_video(ctx: ServerContext, job_id: str, data: bytes = b"not really an mp4") -> str:
+    """What a worker does: claim the job, store its video, finish it with the plain (unsigned) file URL."""
+    now = time.time()
+    while (claimed := ctx.store.claim("test-worker", 60, now)) is not None and claimed.id != job_id:
+        ctx.store.release(claimed.id, "test-worker")  # not ours: back it goes (only ours is queued in practice)
+    assert claimed is not None and claimed.id == job_id
+    key = new_key(f"{job_id}.mp4")
+    ctx.files.put(key, data, "video/mp4", None, now)
+    output = {"video": {"url": ctx.files.url(key), "content_type": "video/mp4"}, "seed": 1, "prompt": "p"}
+    assert ctx.store.finish(job_id, now, worker_id="test-worker", output=output)
+    return key
+
+
+def signed_parts(url: str) -> tuple[str, dict[str, str]]:
+    split = urlsplit(url)
+    return split.path, {k: v[0] for k, v in parse_qs(split.query).items()}
+
+
+# --- keys are kept hashed ---
+
+
+def test_the_app_keeps_only_hashes_of_its_keys(client: TestClient) -> None:
+    ctx = context(client)
+    plain = [KEY_A.encode(), KEY_B.encode()]
+
+    def contents(value: Any, depth: int = 0) -> Iterator[bytes]:
+        if depth > 4:
+            return
+        if isinstance(value, str):
+            yield value.encode()
+        elif isinstance(value, bytes | bytearray):
+            yield bytes(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from contents(k, depth + 1)
+                yield from contents(v, depth + 1)
+        elif isinstance(value, list | tuple | set):
+            for item in value:
+                yield from contents(item, depth + 1)
+        elif hasattr(value, "__dict__"):
+            yield from contents(vars(value), depth + 1)
+
+    held = b"\n".join(contents(ctx.api_keys))
+    assert held and not any(key in held for key in plain)
+    # nor in the settings the app (and its worker processes) run with
+    dumped = ctx.settings.model_dump_json().encode()
+    assert ctx.settings.api_keys == [] and not any(key in dumped for key in plain)
+    supervisor_settings = client.app.state.supervisor.settings.model_dump_json().encode()  # type: ignore[attr-defined]
+    assert not any(key in supervisor_settings for key in plain)
+    assert sorted(ctx.api_keys.ids) == sorted(key_id(hash_key(k)) for k in (KEY_A, KEY_B))
+
+
+def test_keys_given_by_hash_only(tmp_path: Path) -> None:
+    hashes_file = tmp_path / "key-hashes"
+    hashes_file.write_text(f"# operators\n{hash_key('from-the-file-' + 'f' * 30)}  # alice\n\n")
+    app = make_app(tmp_path, api_keys=[], api_key_hashes=[hash_key(KEY_B).upper()], api_key_hashes_file=hashes_file)
+    with TestClient(app, base_url=BASE) as c:
+        assert c.get(f"/{APP}/requests/x/status", headers=B).status_code == 404  # accepted: not found
+        file_key = {"Authorization": "Key from-the-file-" + "f" * 30}
+        assert c.get(f"/{APP}/requests/x/status", headers=file_key).status_code == 404
+        refused = c.get(f"/{APP}/requests/x/status", headers=A)
+        assert refused.status_code == 401 and refused.json()["error_type"] == "unauthorized"
+    with pytest.raises(ValueError, match="sha256"):
+        Settings(api_key_hashes=["plain-key-by-mistake"])
+
+
+def test_api_keys_identify_in_constant_form() -> None:
+    keys = ApiKeys([hash_key(KEY_A), hash_key(KEY_B)])
+    assert keys.identify(f"Key {KEY_A}") == key_id(hash_key(KEY_A))
+    assert keys.identify(f"Bearer {KEY_B}") == key_id(hash_key(KEY_B))
+    assert keys.identify(f"Key {KEY_A}x") is None
+    assert keys.identify("Key ") is None and keys.identify(None) is None and keys.identify("Basic x") is None
+    assert keys.identify("Key \udcff\u00e9") is None  # attacker bytes: no exception
+
+
+def test_hash_key_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(KEY_A + "\n"))
+    assert cli.main(["hash-key"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == hash_key(KEY_A) and key_id(hash_key(KEY_A)) in out.err
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert cli.main(["hash-key"]) == 2
+
+
+# --- one key's requests are invisible to another ---
+
+
+def test_another_keys_request_is_not_found(client: TestClient) -> None:
+    reply = submit(client, A)
+    rid = reply["request_id"]
+    base = f"/{APP}/requests/{rid}"
+    unknown = client.get(f"/{APP}/requests/00000000-0000-4000-8000-000000000000/status", headers=B)
+    assert unknown.status_code == 404
+    for method, path in [
+        ("GET", f"{base}/status"),
+        ("GET", f"{base}/status?logs=1"),
+        ("GET", f"{base}/status/stream?logs=1"),
+        ("GET", base),
+    ]:
+        answer = client.request(method, path, headers=B)
+        assert answer.status_code == 404, path
+        assert answer.json()["error_type"] == unknown.json()["error_type"] == "not_found"  # as if it did not exist
+    cancel = client.put(f"{base}/cancel", headers=B)
+    assert cancel.status_code == 404 and cancel.json()["status"] == "NOT_FOUND"
+    assert context(client).store.get(rid).state.value == "IN_QUEUE"  # type: ignore[union-attr]
+    # its owner sees and cancels it
+    assert client.get(f"{base}/status", headers=A).status_code == 202
+    assert client.put(f"{base}/cancel", headers=A).status_code == 202
+    assert client.get(f"{base}/status", headers=A).json()["status"] == "COMPLETED"
+
+
+def test_the_owner_is_recorded_and_the_result_is_only_the_owners(client: TestClient) -> None:
+    ctx = context(client)
+    rid = submit(client, A)["request_id"]
+    assert ctx.store.get(rid).owner == key_id(hash_key(KEY_A))  # type: ignore[union-attr]
+    complete_with_video(ctx, rid)
+    assert client.get(f"/{APP}/requests/{rid}", headers=B).status_code == 404
+    assert client.get(f"/{APP}/requests/{rid}/status?logs=true", headers=B).status_code == 404
+    assert client.get(f"/{APP}/requests/{rid}", headers=A).status_code == 200
+
+
+# --- signed, expiring file URLs ---
+
+
+def test_result_urls_are_signed_and_work_without_headers(client: TestClient) -> None:
+    ctx = context(client)
+    rid = submit(client, A)["request_id"]
+    data = b"\x00\x00\x00\x18ftypmp42 video bytes"
+    key = complete_with_video(ctx, rid, data)
+    assert ctx.store.get(rid).output["video"]["url"] == f"{BASE}/files/{key}"  # type: ignore[index, union-attr]
+
+    result = client.get(f"/{APP}/requests/{rid}", headers=A).json()
+    url = result["video"]["url"]
+    path, query = signed_parts(url)
+    assert path == f"/files/{key}" and set(query) == {"exp", "sig"}
+    ttl = ctx.settings.file_url_ttl_s
+    assert time.time() + ttl <= int(query["exp"]) <= time.time() + ttl * 1.02
+    assert result["prompt"] == "p"  # other fields untouched
+    assert ctx.files.key_from_url(url) == key  # a signed URL given back as an input is still read by key
+    # the same URL when read again soon after (cacheable)
+    assert client.get(f"/{APP}/requests/{rid}", headers=A).json()["video"]["url"] == url
+
+    fetched = client.get(url)  # no Authorization: a browser, an <video> tag, the fal clients
+    assert fetched.status_code == 200 and fetched.content == data
+    assert client.head(url).status_code == 200
+    assert client.get(url, headers={"Range": "bytes=0-3"}).content == data[:4]
+
+    def refused(target: str) -> None:
+        for method in ("GET", "HEAD"):
+            answer = client.request(method, target)
+            assert answer.status_code == 403, (method, target)
+            if method == "GET":
+                assert answer.json()["error_type"] == "forbidden"
+
+    refused(f"{BASE}/files/{key}")  # unsigned
+    refused(f"{BASE}/files/{key}?exp={query['exp']}")  # no signature
+    bad_sig = ("0" if query["sig"][0] != "0" else "1") + query["sig"][1:]
+    refused(f"{BASE}/files/{key}?exp={query['exp']}&sig={bad_sig}")  # tampered signature
+    refused(f"{BASE}/files/{key}?exp={int(query['exp']) + 1}&sig={query['sig']}")  # a longer life
+    other = new_key("other.mp4")
+    ctx.files.put(other, b"other", "video/mp4", None, time.time())
+    refused(f"{BASE}/files/{other}?exp={query['exp']}&sig={query['sig']}")  # another file
+    expired = ctx.url_signer.file_query(key, 10, time.time() - 100)
+    refused(f"{BASE}/files/{key}?{expired}")
+    refused(f"{BASE}/files/{key}?exp=9999999999999999999999&sig=%FF%FE")
+
+
+def test_the_sync_run_route_signs_its_output_too(client: TestClient) -> None:
+    ctx = context(client)
+    answers: list[Any] = []
+    thread = threading.Thread(target=lambda: answers.append(client.post(f"/run/{APP}", json=INPUT, headers=B)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    owner_b = key_id(hash_key(KEY_B))
+    while not (queued := [j for j in _queued_jobs(ctx) if j.owner == owner_b]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    complete_with_video(ctx, queued[0].id, b"run output")
+    thread.join(10)
+    answer = answers[0]
+    assert answer.status_code == 200
+    assert client.get(answer.json()["video"]["url"]).content == b"run output"
+
+
+def _queued_jobs(ctx: ServerContext) -> list[Any]:
+    db = ctx.store._conn()  # type: ignore[attr-defined]
+    ids = [row[0] for row in db.execute("SELECT id FROM jobs WHERE state = 'IN_QUEUE'")]
+    return [job for job in (ctx.store.get(i) for i in ids) if job is not None]
+
+
+def test_uploads_answer_signed_urls_and_stay_their_owners(client: TestClient) -> None:
+    # REST flow (JS): initiate with the key, PUT to the signed upload URL without one
+    initiate = client.post("/rest/storage/upload/initiate", json={"file_name": "a.txt", "content_type": "text/plain"})
+    assert initiate.status_code == 401
+    target = client.post(
+        "/rest/storage/upload/initiate", json={"file_name": "a.txt", "content_type": "text/plain"}, headers=A
+    ).json()
+    assert client.put(target["upload_url"], content=b"mine", headers={"content-type": "text/plain"}).status_code == 200
+    assert client.get(target["file_url"]).content == b"mine"
+    assert client.get(target["file_url"].split("?")[0]).status_code == 403
+
+    # CDN flow (Python): a token per key; a multipart upload only takes its owner's parts and completion
+    token_a = client.post("/rest/storage/auth/token", headers=A).json()["token"]
+    token_b = client.post("/rest/storage/auth/token", headers=B).json()["token"]
+    started = client.post(
+        "/cdn/files/upload/multipart",
+        headers={"Authorization": f"Bearer {token_a}", "content-type": "text/plain", "x-fal-file-name": "big.txt"},
+    ).json()
+    access, upload_id = started["access_url"], started["uploadId"]
+    for bearer in (f"Bearer {token_b}", f"Key {KEY_B}"):
+        part = client.put(f"{access}/multipart/{upload_id}/1", content=b"theirs", headers={"Authorization": bearer})
+        assert part.status_code == 404 and part.json()["error_type"] == "not_found"
+        done = client.post(
+            f"{access}/multipart/{upload_id}/complete", json={"parts": []}, headers={"Authorization": bearer}
+        )
+        assert done.status_code == 404
+    # B's own upload id cannot be aimed at A's file either
+    b_started = client.post(
+        "/cdn/files/upload/multipart", headers={"Authorization": f"Bearer {token_b}", "x-fal-file-name": "b.txt"}
+    ).json()
+    hijack = client.put(
+        f"{access}/multipart/{b_started['uploadId']}/1", content=b"x", headers={"Authorization": f"Bearer {token_b}"}
+    )
+    assert hijack.status_code == 404
+    mine = {"Authorization": f"Bearer {token_a}"}
+    etag = client.put(f"{access}/multipart/{upload_id}/1", content=b"big upload", headers=mine).json()["etag"]
+    done = client.post(
+        f"{access}/multipart/{upload_id}/complete", json={"parts": [{"partNumber": 1, "etag": etag}]}, headers=mine
+    )
+    assert done.status_code == 200
+    assert client.get(done.json()["access_url"]).content == b"big upload"
+    # a forged token (another owner under A's signature) is refused
+    expires, _owner, signature = token_a.split(".")
+    forged = f"{expires}.{key_id(hash_key(KEY_B))}.{signature}"
+    assert (
+        client.post("/cdn/files/upload", content=b"x", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    )
+
+
+# --- rate limits ---
+
+
+def test_submits_over_the_rate_get_429_with_retry_after(tmp_path: Path) -> None:
+    app = make_app(tmp_path, rate_limit_per_s=0.5, rate_limit_burst=3, read_rate_limit_per_s=1, read_rate_limit_burst=4)
+    with TestClient(app, base_url=BASE) as c:
+        ids = [submit(c, A)["request_id"] for _ in range(3)]
+        over = c.post(f"/{APP}", json=INPUT, headers=A)
+        assert over.status_code == 429
+        assert over.json()["error_type"] == "rate_limited" and over.headers["x-fal-error-type"] == "rate_limited"
+        assert over.headers["Retry-After"].isdigit() and 1 <= int(over.headers["Retry-After"]) <= 2
+        assert c.post(f"/run/{APP}", json=INPUT, headers=A).status_code == 429  # the same budget
+        assert c.post("/rest/storage/upload/initiate", json={}, headers=A).status_code == 429
+        submit(c, B)  # another key has its own budget
+        statuses = [c.get(f"/{APP}/requests/{ids[0]}/status", headers=A).status_code for _ in range(5)]
+        assert statuses == [202, 202, 202, 202, 429]
+        assert c.get(f"/{APP}/requests/{ids[0]}/status", headers=B).status_code == 404  # B's reads: own budget
+        assert c.post(f"/{APP}", json=INPUT).status_code == 401  # auth first: no key, no budget spent
+
+
+def test_token_buckets_refill_and_forget_idle_keys() -> None:
+    limiter = RateLimiter(rate_per_s=2, burst=2, max_keys=3)
+    assert [limiter.acquire("k", now=0.0) for _ in range(2)] == [0.0, 0.0]
+    assert limiter.acquire("k", now=0.0) == pytest.approx(0.5)
+    assert limiter.acquire("k", now=0.25) == pytest.approx(0.25)  # a refused call takes nothing
+    assert limiter.acquire("k", now=0.5) == 0.0
+    assert retry_after_s(0.01) == 1 and retry_after_s(1.2) == 2
+    for i in range(10):
+        limiter.acquire(f"other{i}", now=1.0)
+    assert len(limiter) <= 3  # the least recently used go
+    limiter.acquire("x", now=100.0)
+    assert len(limiter) == 1  # full buckets are forgotten: the same as new ones
+    assert RateLimiter(0, 1).acquire("k") == 0.0  # 0: no limit
+
+
+# --- queued requests per key ---
+
+
+def test_a_key_with_too_many_queued_requests_gets_429_and_no_job(tmp_path: Path) -> None:
+    with TestClient(make_app(tmp_path, max_queued_per_key=2), base_url=BASE) as c:
+        ctx = context(c)
+        first, _ = submit(c, A), submit(c, A)
+        before = ctx.store.counts()["IN_QUEUE"]
+        refused = c.post(f"/{APP}", json=INPUT, headers=A)
+        assert refused.status_code == 429 and refused.json()["error_type"] == "too_many_queued"
+        assert c.post(f"/run/{APP}", json=INPUT, headers=A).status_code == 429
+        assert ctx.store.counts()["IN_QUEUE"] == before  # nothing was created
+        submit(c, B)  # B's queue is B's
+        assert c.put(first["cancel_url"].removeprefix(BASE), headers=A).status_code == 202
+        submit(c, A)  # room again
+
+
+# --- without keys: as before ---
+
+
+def test_without_keys_urls_stay_plain_and_files_open(tmp_path: Path) -> None:
+    with TestClient(make_app(tmp_path, api_keys=[]), base_url=BASE) as c:
+        ctx = context(c)
+        assert not ctx.api_keys.enabled
+        rid = submit(c, {})["request_id"]
+        assert ctx.store.get(rid).owner is None  # type: ignore[union-attr]
+        key = complete_with_video(ctx, rid, b"open")
+        url = c.get(f"/{APP}/requests/{rid}").json()["video"]["url"]
+        assert url == f"{BASE}/files/{key}"
+        assert c.get(url).content == b"open"
+
+
+def test_webhook_payloads_carry_signed_urls_the_receiver_can_download(
+    tmp_path: Path, receiver: tuple[Any, str]
+) -> None:
+    delivered, hook_url = receiver
+    with TestClient(make_app(tmp_path, allow_private_urls=True), base_url=BASE) as client:  # receiver on loopback
+        response = client.post(f"/{APP}", params={"fal_webhook": hook_url}, json=INPUT, headers=A)
+        assert response.status_code == 200, response.text
+        complete_with_video(context(client), response.json()["request_id"], b"the video")
+        deadline = time.monotonic() + 20
+        while not delivered.deliveries and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert delivered.deliveries, "the webhook was never delivered"
+        url = json.loads(delivered.deliveries[0][2])["payload"]["video"]["url"]
+        path, query = signed_parts(url)
+        assert {"exp", "sig"} <= set(query)
+        download = client.get(path, params=query)  # no Authorization header: the signature is the permission
+        assert download.status_code == 200 and download.content == b"the video"

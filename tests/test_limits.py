@@ -1,0 +1,426 @@
+"""Input limits: each one is a setting, and going over it is a clear 4xx that leaves the job store as it was.
+
+- JSON request bodies (`max_body_bytes`): 413, counted as the body streams in (a chunked body without a
+  Content-Length is stopped too, without being read to its end); uploads are not JSON bodies and keep theirs;
+- prompt and negative prompt (`max_prompt_chars`), LoRAs per request (`max_loras`) and `data:` URIs
+  (`max_data_uri_bytes`): 422 whose `loc` names the field;
+- uploads (`max_upload_bytes`): 413, whichever upload flow, and nothing stored;
+- URL downloads (`lora_max_bytes`, `lora_download_timeout_s`): the LoRA fails with `file_download_error` on its
+  field, stopped at the limit rather than after the whole file or the whole trickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from wanserve.api.app import create_app
+from wanserve.client.local_server import free_port
+from wanserve.config import Settings
+from wanserve.errors import FieldError
+from wanserve.files.local import LocalFileStore
+from wanserve.lora.sources import LoraResolver
+from wanserve.schema import LoRAWeight, WanT2VRequest
+
+APP = "fal-ai/wan-22"
+LORA_APP = f"{APP}/lora"
+KiB = 1024
+LIMITS: dict[str, Any] = {
+    "max_body_bytes": 4 * KiB,
+    "max_prompt_chars": 100,
+    "max_loras": 2,
+    "max_data_uri_bytes": 256,
+    "max_upload_bytes": 64 * KiB,
+}
+
+
+def limited_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"data_dir": tmp_path / "data", "public_url": "http://testserver", **LIMITS, **overrides}
+    return Settings(**values)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> FastAPI:
+    return create_app(limited_settings(tmp_path), workers=0)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def job_counts(client: TestClient) -> dict[str, int]:
+    counts: dict[str, int] = client.app.state.context.store.counts()  # type: ignore[attr-defined]
+    return counts
+
+
+def stored_files(client: TestClient) -> list[Path]:
+    files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+    return [p for p in files.root.rglob("*") if p.is_file()]
+
+
+def assert_refused(response: Any, status: int, error_type: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-fal-error-type"] == error_type
+    body: dict[str, Any] = response.json()
+    assert "Traceback" not in response.text
+    return body
+
+
+def assert_field_refused(response: Any, *locs: list[Any]) -> list[dict[str, Any]]:
+    """422 whose `detail` entries name exactly these fields (as FastAPI and fal answer a schema violation)."""
+    detail: list[dict[str, Any]] = assert_refused(response, 422, "validation_error")["detail"]
+    assert [entry["loc"] for entry in detail] == list(locs)
+    assert all(entry["msg"] and entry["type"] for entry in detail)
+    return detail
+
+
+class Chunks:
+    """A request body sent in chunks with no Content-Length; remembers how many chunks the server pulled."""
+
+    def __init__(self, chunk: bytes, count: int) -> None:
+        self.chunk, self.count, self.sent = chunk, count, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            self.sent += 1
+            yield self.chunk
+
+
+def send_chunked(client: TestClient, method: str, path: str, chunks: Chunks, headers: dict[str, str]) -> httpx.Response:
+    """Sends `chunks` to the client's app through httpx's ASGI transport, which passes the body on one chunk at a
+    time as the app asks for it (the test client reads a body whole before the app sees any of it)."""
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            return await http.request(method, path, content=chunks, headers=headers)
+
+    return asyncio.run(send())
+
+
+# --- request bodies ---
+
+
+def big_input(size: int) -> bytes:
+    """A valid submit body of exactly `size` bytes (padded with an unknown field, which is ignored)."""
+    body = json.dumps({"prompt": "a fox", "padding": ""}).encode()
+    return body.replace(b'"padding": ""', b'"padding": "' + b"x" * (size - len(body)) + b'"')
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("POST", f"/{APP}", {}),
+        ("POST", f"/run/{APP}", {}),
+        ("POST", "/api/fal/proxy", {"x-fal-target-url": f"https://queue.fal.run/{APP}"}),
+        ("POST", "/rest/storage/upload/initiate", {}),  # a body the framework parses itself
+        ("PUT", f"/{APP}/requests/x/cancel", {}),  # a route that never reads its body
+    ],
+)
+def test_a_json_body_over_the_limit_is_413_declared_or_streamed(
+    client: TestClient, method: str, path: str, headers: dict[str, str]
+) -> None:
+    before = job_counts(client)
+    headers = {"content-type": "application/json", **headers}
+    declared = client.request(method, path, content=big_input(4 * KiB + 1), headers=headers)
+    body = assert_refused(declared, 413, "payload_too_large")
+    assert body["error_type"] == "payload_too_large" and "4096-byte limit" in body["detail"]
+
+    chunks = Chunks(b" " * KiB, 1000)  # 1000 KiB of JSON whitespace, without a Content-Length
+    streamed = send_chunked(client, method, path, chunks, headers)
+    if path.endswith("/cancel"):
+        assert streamed.status_code == 404  # the body is never read, so never counted: nothing to refuse
+    else:
+        assert_refused(streamed, 413, "payload_too_large")
+        assert chunks.sent <= 6, f"read {chunks.sent} KiB of a body over a 4 KiB limit"
+    assert job_counts(client) == before
+
+
+def test_a_body_at_the_limit_is_read(client: TestClient) -> None:
+    before = job_counts(client)["IN_QUEUE"]
+    response = client.post(f"/{APP}", content=big_input(4 * KiB), headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert job_counts(client)["IN_QUEUE"] == before + 1
+
+
+def test_a_raised_body_limit_raises_it_for_submits_too(tmp_path: Path) -> None:
+    app = create_app(limited_settings(tmp_path, max_body_bytes=2 * 1024**2), workers=0)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        ok = client.post(f"/{APP}", content=big_input(1024**2 + 1), headers={"content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+
+
+@contextmanager
+def live_app(tmp_path: Path) -> Iterator[tuple[int, FastAPI]]:
+    """The app (limits as above) on uvicorn in a thread: (its port, the app)."""
+    port = free_port()
+    app = create_app(limited_settings(tmp_path, port=port, public_url=f"http://127.0.0.1:{port}"), workers=0)
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.01)
+    try:
+        yield port, app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def send_chunked_over_a_socket(port: int, method: str, path: str, chunks: int, until_answered: bool = True) -> bytes:
+    """Sends a chunked body of `chunks` KiB (never its end; stopping once an answer comes, if `until_answered`);
+    then reads until the server closes the connection, which it must do within 2 s (uvicorn's own keep-alive
+    timeout is 5 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
+        answer = b""
+        for _ in range(chunks):
+            try:
+                sock.sendall(b"400\r\n" + b" " * KiB + b"\r\n")
+            except OSError:
+                break  # the server hung up: its answer is waiting
+            sock.settimeout(0.02)
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            if until_answered and b"\r\n\r\n" in answer:
+                break
+        sock.settimeout(2)
+        while data := sock.recv(65536):
+            answer += data
+    return answer
+
+
+@pytest.mark.parametrize(("path", "limit"), [(f"/{APP}", 4 * KiB), ("/cdn/files/upload", 64 * KiB)])
+def test_a_real_server_stops_a_chunked_body_and_hangs_up(tmp_path: Path, path: str, limit: int) -> None:
+    """Over a socket: the 413 comes back while the client is still sending, and the server closes the connection
+    at once (rather than reading the rest of the body until its keep-alive timeout)."""
+    with live_app(tmp_path) as (port, _):
+        answer = send_chunked_over_a_socket(port, "POST", path, 2 * limit // KiB)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413"), answer[:300]
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower()
+    assert json.loads(body)["error_type"] == "payload_too_large"
+
+
+def test_a_body_sent_to_an_open_stream_is_cut_off_at_the_limit(tmp_path: Path) -> None:
+    """A status stream has answered already (no 413 possible) when it reads the body to watch for a hang-up:
+    past the limit it reads no more and the connection is closed, as when the client goes."""
+    with live_app(tmp_path) as (port, app):
+        job = app.state.context.service.submit(APP, {"prompt": "a fox"})  # queued: its stream would stay open
+        stream = f"/{APP}/requests/{job.id}/status/stream"
+        answer = send_chunked_over_a_socket(port, "GET", stream, 64, until_answered=False)
+    assert answer.startswith(b"HTTP/1.1 200") and b"IN_QUEUE" in answer
+
+
+# --- fields: prompt, LoRAs, data URIs ---
+
+
+def test_prompts_over_the_limit_are_422_on_their_field(client: TestClient) -> None:
+    before = job_counts(client)
+    long_text = "x" * 101
+    assert_field_refused(client.post(f"/{APP}", json={"prompt": long_text}), ["body", "prompt"])
+    assert_field_refused(
+        client.post(f"/{APP}", json={"prompt": "a fox", "negative_prompt": long_text}), ["body", "negative_prompt"]
+    )
+    both = assert_field_refused(
+        client.post(f"/{LORA_APP}", json={"prompt": long_text, "negative_prompt": long_text}),
+        ["body", "prompt"],
+        ["body", "negative_prompt"],
+    )
+    assert both[0]["type"] == "string_too_long" and both[0]["ctx"] == {"max_length": 100}
+    # the sync routes check before they wait (there is no worker here: a wait would never end)
+    assert_field_refused(client.post(f"/run/{APP}", json={"prompt": long_text}), ["body", "prompt"])
+    assert_field_refused(client.get(f"/run/{APP}", params={"prompt": long_text}), ["body", "prompt"])
+    assert job_counts(client) == before
+    at_limit = client.post(f"/{APP}", json={"prompt": "x" * 100, "negative_prompt": "y" * 100})
+    assert at_limit.status_code == 200, at_limit.text
+    assert job_counts(client)["IN_QUEUE"] == before["IN_QUEUE"] + 1
+
+
+def test_the_default_negative_prompt_is_not_the_callers_to_shorten(client: TestClient) -> None:
+    assert len(WanT2VRequest(prompt="x").negative_prompt) > LIMITS["max_prompt_chars"]
+    assert client.post(f"/{APP}", json={"prompt": "a fox"}).status_code == 200
+
+
+def test_the_prompt_limit_counts_characters_not_bytes(client: TestClient) -> None:
+    assert client.post(f"/{APP}", json={"prompt": "狐" * 100}).status_code == 200  # 300 bytes of UTF-8
+    assert_field_refused(client.post(f"/{APP}", json={"prompt": "狐" * 101}), ["body", "prompt"])
+
+
+def test_too_many_loras_is_422_on_the_list(client: TestClient) -> None:
+    before = job_counts(client)
+    lora = {"path": "owner/style", "scale": 0.5}
+    detail = assert_field_refused(
+        client.post(f"/{LORA_APP}", json={"prompt": "a fox", "loras": [lora] * 3}), ["body", "loras"]
+    )
+    assert detail[0]["type"] == "too_long" and detail[0]["ctx"] == {"max_length": 2}
+    assert job_counts(client) == before
+    assert client.post(f"/{LORA_APP}", json={"prompt": "a fox", "loras": [lora] * 2}).status_code == 200
+
+
+def data_uri(length: int, prefix: str = "data:application/octet-stream;base64,") -> str:
+    return prefix + "A" * (length - len(prefix))
+
+
+def test_data_uris_over_the_limit_are_422_on_their_field(client: TestClient) -> None:
+    before = job_counts(client)
+    for path in (
+        data_uri(257),
+        data_uri(257, "DATA:;base64,"),  # the scheme is case-insensitive, as where the LoRA is read
+        data_uri(257, "data:,"),
+        "data:;base64," + "@" * 3_000,  # not even base64: refused from its length, never decoded
+    ):
+        body = {"prompt": "a fox", "loras": [{"path": "owner/style"}, {"path": path}]}
+        detail = assert_field_refused(client.post(f"/{LORA_APP}", json=body), ["body", "loras", 1, "path"])
+        assert detail[0]["type"] == "data_uri_too_large" and detail[0]["ctx"] == {"max_length": 256}
+        assert "upload the file" in detail[0]["msg"] and "input" not in detail[0]  # the URI is not echoed
+    assert job_counts(client) == before
+    at_limit = client.post(f"/{LORA_APP}", json={"prompt": "a fox", "loras": [{"path": data_uri(256)}]})
+    assert at_limit.status_code == 200, at_limit.text
+
+
+def test_the_limits_are_settings_with_safe_defaults() -> None:
+    defaults = Settings()
+    assert defaults.max_body_bytes == 1024**2 and defaults.max_prompt_chars == 10_000
+    assert defaults.max_data_uri_bytes == 512 * KiB < defaults.max_body_bytes  # a data URI can reach its limit
+    assert defaults.max_loras == 8 and defaults.max_upload_bytes == 2 * 1024**3
+
+
+# --- uploads ---
+
+
+def test_uploads_are_not_json_bodies_but_have_their_own_limit(client: TestClient) -> None:
+    headers = {"content-type": "application/octet-stream"}
+    # over max_body_bytes, under max_upload_bytes: an upload, not a JSON body
+    ok = client.post("/cdn/files/upload", content=b"x" * (16 * KiB), headers=headers)
+    assert ok.status_code == 200, ok.text
+    stored = stored_files(client)
+    over = 64 * KiB + 1
+    body = assert_refused(
+        client.post("/cdn/files/upload", content=b"x" * over, headers=headers), 413, "payload_too_large"
+    )
+    assert "65536" in body["detail"]
+    chunks = Chunks(b"x" * KiB, 1000)
+    assert_refused(send_chunked(client, "POST", "/cdn/files/upload", chunks, headers), 413, "payload_too_large")
+    assert chunks.sent <= 66
+    assert stored_files(client) == stored  # nothing of the refused uploads was kept
+
+
+def test_a_signed_put_over_the_upload_limit(client: TestClient) -> None:
+    initiated = client.post("/rest/storage/upload/initiate", json={"content_type": "image/png", "file_name": "a.png"})
+    assert initiated.status_code == 200, initiated.text
+    upload_url = initiated.json()["upload_url"]
+    stored = stored_files(client)
+    refused = client.put(upload_url, content=b"x" * (64 * KiB + 1), headers={"content-type": "image/png"})
+    assert_refused(refused, 413, "payload_too_large")
+    assert stored_files(client) == stored
+
+
+def test_multipart_parts_and_totals_over_the_upload_limit(client: TestClient) -> None:
+    created = client.post("/cdn/files/upload/multipart", headers={"content-type": "video/mp4"})
+    assert created.status_code == 200, created.text
+    access_url, upload_id = created.json()["access_url"], created.json()["uploadId"]
+    base = access_url.split("?")[0] + f"/multipart/{upload_id}"
+    assert_refused(client.put(f"{base}/1", content=b"x" * (64 * KiB + 1)), 413, "payload_too_large")
+    etags = []
+    for number in (1, 2):  # each part fits, the whole does not
+        part = client.put(f"{base}/{number}", content=b"x" * (40 * KiB))
+        assert part.status_code == 200, part.text
+        etags.append({"partNumber": number, "etag": part.json()["etag"]})
+    assert_refused(client.post(f"{base}/complete", json={"parts": etags}), 413, "payload_too_large")
+    assert client.get(access_url).status_code == 404  # the assembled file was deleted
+
+
+# --- URL downloads (LoRA files) ---
+
+
+@contextmanager
+def hostile_server() -> Iterator[str]:
+    """`/endless`: bytes without a Content-Length, never ending; `/trickle`: one byte every 50 ms."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(100_000):
+                    if self.path == "/trickle":
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    else:
+                        self.wfile.write(b"x" * 65536)
+            except OSError:
+                pass  # the client hung up: what it should do
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def resolver_for(tmp_path: Path) -> Any:
+    def make(**overrides: Any) -> LoraResolver:
+        settings = Settings(
+            cache_dir=tmp_path / "cache", data_dir=tmp_path / "data", allow_private_urls=True, **overrides
+        )
+        return LoraResolver(settings, LocalFileStore(tmp_path / "files", "http://testserver"))
+
+    return make
+
+
+def assert_download_refused(resolver: LoraResolver, url: str) -> FieldError:
+    with pytest.raises(FieldError) as err:
+        resolver.uses([LoRAWeight(path=url)])
+    assert err.value.loc == ("loras", 0, "path")
+    assert err.value.error_type == "file_download_error" and err.value.http_status == 422
+    assert not [p for p in resolver.cache.root.rglob("*") if p.is_file() and p.stat().st_size > 0]  # nothing kept
+    return err.value
+
+
+def test_a_download_over_lora_max_bytes_stops_at_the_limit(resolver_for: Any) -> None:
+    with hostile_server() as base:
+        started = time.monotonic()
+        error = assert_download_refused(resolver_for(lora_max_bytes=256 * KiB), f"{base}/endless")
+        assert "262144" in str(error)
+        assert time.monotonic() - started < 5  # it stopped at the limit: the body never ends
+
+
+def test_a_trickling_download_stops_at_lora_download_timeout_s(resolver_for: Any) -> None:
+    with hostile_server() as base:
+        started = time.monotonic()
+        assert_download_refused(resolver_for(lora_download_timeout_s=0.5), f"{base}/trickle")
+        assert time.monotonic() - started < 3  # each byte comes in time: only the whole-download limit stops it

@@ -1,0 +1,101 @@
+"""The request body limit of the JSON routes, as a pure ASGI middleware.
+
+Bytes are counted as they stream in, so a chunked body (no Content-Length) is stopped at the limit too,
+never buffered whole; a declared Content-Length over the limit is refused before a byte is read. Uploads
+are not counted here: their routes stream to disk under their own `max_upload_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ERROR_TYPE = "payload_too_large"
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once the body passes the limit. An HTTPException, so the framework's body parsing
+    passes it through (it turns other errors into a 400) and the app's handler answers it as a JSON 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"the request body is over the {limit}-byte limit; upload files and pass their URLs",
+            headers={"connection": "close"},  # the rest of the body is never read: the server hangs up after this
+        )
+
+
+def is_upload(method: str, path: str) -> bool:
+    """The storage routes that take file bytes (see wanserve.api.storage): a signed PUT, a multipart part
+    (both flows), the CDN upload."""
+    if method == "PUT":
+        return path.startswith(("/rest/storage/upload/", "/files/"))
+    return method == "POST" and path.rstrip("/") == "/cdn/files/upload"
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_upload(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.strip().isdigit() and int(value) > limit:
+                await _refuse(send, BodyTooLarge(limit))
+                return
+
+        received = 0
+        over = started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, over
+            if not over:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                received += len(message.get("body", b""))
+                if received <= limit:
+                    return message
+                over = True
+            if started:
+                # Too late for a 413 (a stream that watches for a hang-up reads on): the rest is not read, as if the
+                # client had gone; the response ends unfinished and the server closes the connection.
+                return {"type": "http.disconnect"}
+            raise BodyTooLarge(limit)
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge as exc:
+            # A route that read the body outside the framework's handlers: answer here unless it already began.
+            if started:
+                raise
+            await _refuse(send, exc)
+
+
+async def _refuse(send: Send, exc: BodyTooLarge) -> None:
+    payload = json.dumps({"detail": exc.detail, "error_type": ERROR_TYPE}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"x-fal-error-type", ERROR_TYPE.encode()),
+                *[(name.encode(), value.encode()) for name, value in (exc.headers or {}).items()],
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
