@@ -147,6 +147,12 @@ def test_base64_data_uri_decodes_exactly(fs: LocalFileStore, dest: Path) -> None
     assert dest.read_bytes() == data
 
 
+def test_the_data_scheme_and_base64_marker_are_case_insensitive(fs: LocalFileStore, dest: Path) -> None:
+    data = bytes(range(256))
+    fetch_input("DATA:application/octet-stream;BASE64," + base64.b64encode(data).decode(), dest, fs, FetchPolicy())
+    assert dest.read_bytes() == data
+
+
 def test_percent_encoded_data_uri_decodes_exactly(fs: LocalFileStore, dest: Path) -> None:
     fetch_input("data:text/plain,hello%20world%00%FF/ok", dest, fs, FetchPolicy())
     assert dest.read_bytes() == b"hello world\x00\xff/ok"

@@ -166,11 +166,16 @@ def check_public_url(url: str) -> None:
     pin_public_url(url, allow_private=False)
 
 
+def is_data_uri(value: str) -> bool:
+    """RFC 2397: the scheme (like every URI scheme) and `;base64` are case-insensitive."""
+    return value[:5].lower() == "data:"
+
+
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     header, sep, payload = uri.partition(",")
-    if not sep or not header.startswith("data:"):
+    if not sep or not is_data_uri(header):
         raise InputFetchError("malformed data URI")
-    base64_encoded = header.endswith(";base64")
+    base64_encoded = header.lower().endswith(";base64")
     # the longest payload that can decode to max_bytes: 4 characters per 3 bytes, or 3 ("%XX") per byte
     if len(payload) > (max_bytes * 4 // 3 + 4 if base64_encoded else max_bytes * 3):
         raise InputFetchError(f"data URI is over the {max_bytes}-byte input limit")
@@ -185,7 +190,7 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
 
 def fetch_input(url: str, dest: Path, files: FileStore, policy: FetchPolicy) -> Path:
     """Writes the input at `url` to `dest` and returns it."""
-    if url.startswith("data:"):
+    if is_data_uri(url):
         dest.write_bytes(decode_data_uri(url, policy.max_bytes))
         return dest
     key = files.key_from_url(url)

@@ -8,6 +8,7 @@ from typing import Any
 
 from wanserve.config import Settings
 from wanserve.errors import InputValidationError
+from wanserve.files.inputs import is_data_uri
 from wanserve.schema import WanT2VRequest
 
 PROMPT_FIELDS = ("prompt", "negative_prompt")
@@ -22,10 +23,6 @@ class InputLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> InputLimits:
         return cls(max_prompt_chars=settings.max_prompt_chars, max_data_uri_bytes=settings.max_data_uri_bytes)
-
-
-def is_data_uri(value: str) -> bool:
-    return value[:5].lower() == "data:"  # as the LoRA sources classify it
 
 
 def check_input_limits(request: WanT2VRequest, limits: InputLimits) -> None:

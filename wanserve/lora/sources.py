@@ -26,7 +26,14 @@ from urllib.parse import unquote, urlsplit
 from wanserve.config import Settings
 from wanserve.errors import FieldError, InputFetchError, InputValidationError, LoraError, PrivateAddress, WanserveError
 from wanserve.files.base import FileStore, key_from_file_url
-from wanserve.files.inputs import FetchPolicy, HostNotResolved, check_public_host, fetch_input, parse_http_url
+from wanserve.files.inputs import (
+    FetchPolicy,
+    HostNotResolved,
+    check_public_host,
+    fetch_input,
+    is_data_uri,
+    parse_http_url,
+)
 from wanserve.lora.cache import ContentCache, file_sha256
 from wanserve.schema import LoRAWeight
 
@@ -78,7 +85,7 @@ def _is_network_error(exc: BaseException) -> bool:
 
 
 def describe_path(path: str) -> str:
-    if path.startswith("data:"):
+    if is_data_uri(path):
         return f"data URI ({len(path)} characters)"
     return path if len(path) <= 120 else path[:117] + "..."
 
@@ -87,7 +94,7 @@ def classify(path: str, files: FileStore) -> SourceKind:
     lowered = path.lower()
     if lowered.startswith(("http://", "https://")):
         return SourceKind.STORAGE if files.key_from_url(path) is not None else SourceKind.URL
-    if lowered.startswith("data:"):
+    if is_data_uri(path):
         return SourceKind.DATA
     if lowered.startswith("file://") or os.path.isabs(path) or lowered.endswith(WEIGHT_SUFFIXES):
         return SourceKind.LOCAL
