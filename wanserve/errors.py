@@ -85,6 +85,14 @@ class StorageUnavailable(WanserveError):
     error_type = "storage_unavailable"
 
 
+class StorageFull(WanserveError):
+    """No space left where a worker writes (the file store's disk, or its own temp dir): the job fails, the worker
+    goes on, and the next job succeeds once space is freed."""
+
+    http_status = 507
+    error_type = "storage_full"
+
+
 class RangeNotSatisfiable(WanserveError):
     """No byte of the requested HTTP Range exists in the file."""
 

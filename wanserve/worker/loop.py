@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wanserve.config import Settings
-from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, WanserveError
+from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, StorageFull, WanserveError
 from wanserve.files.base import FileStore, lifecycle_expiry, new_key
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
@@ -46,14 +46,6 @@ def _describe_file(file: LoraFile) -> str:
 
 STALLED_EXIT_CODE = 70
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class DiskFull(WanserveError):
-    """No space left where the worker writes (the file store's disk, or its own temp dir): the job fails,
-    the worker goes on, and the next job succeeds once space is freed."""
-
-    http_status = 507
-    error_type = "storage_full"
 
 
 def disk_full_cause(exc: BaseException) -> OSError | None:
@@ -277,7 +269,7 @@ class Worker:
             flagged = isinstance(exc, ContentPolicyViolation)
             self._log(job, f"{'Flagged by the safety checker' if flagged else 'Failed'}: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status, {"detail": [exc.detail()]}))
-        except DiskFull as exc:
+        except StorageFull as exc:
             log.error("job %s: %s (%s)", job.id, exc, exc.__cause__)
             self._log(job, f"Failed: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
@@ -295,7 +287,7 @@ class Worker:
                 message = f"no space left on the worker's disk while generating the video ({full.strerror})"
                 log.error("job %s: %s: %s", job.id, message, full)
                 self._log(job, f"Failed: {message}", LogLevel.ERROR)
-                self._finish(job, failure=Failure(DiskFull.error_type, message, DiskFull.http_status))
+                self._finish(job, failure=Failure(StorageFull.error_type, message, StorageFull.http_status))
             else:
                 log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
                 self._log(job, f"Internal error: {type(exc).__name__}: {exc}", LogLevel.ERROR)
@@ -404,7 +396,7 @@ class Worker:
             except OSError as exc:
                 if exc.errno not in DISK_FULL_ERRNOS:
                     raise
-                raise DiskFull(
+                raise StorageFull(
                     f"the file store's disk is full ({exc.strerror}): the video could not be stored; "
                     "the operator must free space there"
                 ) from exc
