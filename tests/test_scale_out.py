@@ -127,7 +127,8 @@ def _wait_all(replica: Server, ids: list[str], timeout_s: float = 300) -> None:
 
 
 def _messages(replica: Server, request_id: str) -> list[str]:
-    return [entry["message"] for entry in _status(replica, request_id, logs=True)["logs"]]  # type: ignore[attr-defined]
+    logs = _status(replica, request_id, logs=True).get("logs") or []  # a queued request has no logs yet
+    return [entry["message"] for entry in logs]  # type: ignore[attr-defined]
 
 
 def test_twenty_jobs_across_two_replicas_complete_once_each_and_either_replica_answers(cluster: Cluster) -> None:
