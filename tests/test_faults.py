@@ -318,11 +318,18 @@ def _assert_no_half_written_files(root: Path) -> None:
     assert list((root / "tmp").iterdir()) == []
 
 
+def _not_root_or_fail() -> None:
+    """Without root no tmpfs can be mounted: skip. As root (CI) a failed mount is a failure, never a quiet skip."""
+    if os.geteuid() == 0:
+        pytest.fail("could not mount a tmpfs as root")
+    pytest.skip("mounting a tmpfs needs root")
+
+
 @pytest.fixture
 def full_disk_store(tmp_path: Path) -> Iterator[LocalFileStore]:
     with _tmpfs(tmp_path / "files", "256k") as mounted:
         if not mounted:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
+            _not_root_or_fail()
         yield LocalFileStore(tmp_path / "files", "http://127.0.0.1:1")
 
 
@@ -370,7 +377,7 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
 
 def test_a_full_disk_fails_the_job_cleanly_and_the_next_one_succeeds(faulty: Faulty) -> None:
     if not faulty.files_on_tmpfs:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+        _not_root_or_fail()
     server, store = faulty.server, faulty.store
     faulty.ensure_running()
     earlier = _completed_ok(store)

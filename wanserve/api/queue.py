@@ -12,10 +12,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from wanserve.api.context import Authorized, Caller, Context, ReadLimited, ServerContext, SubmitLimited, get_context
+from wanserve.api.context import Authorized, Caller, Context, ReadLimited, ServerContext, SubmitLimited
 from wanserve.api.files import signed_reply
 from wanserve.api.responses import reply_response
-from wanserve.errors import BadRequest, PayloadTooLarge
+from wanserve.errors import BadRequest
 from wanserve.jobs.model import JobState
 
 router = APIRouter(dependencies=[Authorized])
@@ -30,15 +30,8 @@ def wants_logs(value: str | None) -> bool:
 
 
 async def read_json(request: Request) -> Any:
-    limit = get_context(request).settings.max_body_bytes  # also enforced, as the body streams, by api.limits
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes; upload files and pass their URLs")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes; upload files and pass their URLs")
+    # The size limit is api.limits' (a middleware that counts the body as it streams in, for every JSON route).
+    raw = await request.body()
     if not raw.strip():
         return {}
     try:

@@ -99,7 +99,8 @@ class ApiKeys:
     def __init__(self, key_hashes: list[str]) -> None:
         digests: dict[bytes, str] = {}
         for item in key_hashes:
-            digests[bytes.fromhex(item.strip().lower().removeprefix(KEY_HASH_PREFIX))] = key_id(item.strip().lower())
+            item = item.strip().lower()
+            digests[bytes.fromhex(item.removeprefix(KEY_HASH_PREFIX))] = key_id(item)
         if len(set(digests.values())) != len(digests):
             raise ValueError("two API keys share a key id (the first 12 hex digits of their hashes): replace one")
         self._digests = list(digests.items())
@@ -126,9 +127,6 @@ class ApiKeys:
             if hmac.compare_digest(given, digest):
                 found = owner
         return found
-
-    def matches(self, authorization: str | None) -> bool:
-        return self.identify(authorization) is not None
 
     def check(self, authorization: str | None) -> str | None:
         """The caller's key id (None when the server has no keys); Unauthorized without an accepted key."""
@@ -169,9 +167,6 @@ class UrlSigner:
         if not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():
             return None
         return owner if self.verify(signature, "cdn", expires, owner) else None
-
-    def token_valid(self, token: str) -> bool:
-        return self.token_owner(token) is not None
 
     # --- /files/ URLs ---
     def file_query(self, key: str, ttl_s: float, now: float) -> str:

@@ -49,6 +49,11 @@ class Failure:
     def result_body(self) -> dict[str, Any]:
         return self.body if self.body is not None else {"detail": self.message, "error_type": self.error_type}
 
+    def log_line(self) -> tuple[LogLevel, str]:
+        """The log line a job gets when it completes with this failure (in the same write as the completion)."""
+        level = LogLevel.INFO if self.error_type == "client_cancelled" else LogLevel.ERROR
+        return level, f"{self.message} ({self.error_type})"
+
     def to_json(self) -> str:
         return json.dumps(
             {"error_type": self.error_type, "message": self.message, "http_status": self.http_status, "body": self.body}

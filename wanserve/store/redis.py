@@ -293,9 +293,9 @@ def _float(value: str | None) -> float | None:
 
 
 def _failure_message(failure: Failure) -> tuple[str, str]:
-    """The log line written with a failure, in the same script that completes the job."""
-    level = LogLevel.INFO if failure.error_type == "client_cancelled" else LogLevel.ERROR
-    return level.value, f"{failure.message} ({failure.error_type})"
+    """The failure's log line (Failure.log_line) as script arguments."""
+    level, message = failure.log_line()
+    return level.value, message
 
 
 def _job(fields: dict[str, str]) -> Job:

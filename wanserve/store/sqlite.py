@@ -339,8 +339,7 @@ class SQLiteJobStore:
         )
         if failure is not None:
             # In the same transaction: whoever sees COMPLETED (a status stream) also sees why.
-            level = LogLevel.INFO if failure.error_type == "client_cancelled" else LogLevel.ERROR
-            self._log(db, job_id, level, f"{failure.message} ({failure.error_type})", now)
+            self._log(db, job_id, *failure.log_line(), now)
         db.execute(
             "INSERT INTO webhooks (job_id, url, next_attempt_at) SELECT id, webhook_url, ? FROM jobs"
             " WHERE id = ? AND webhook_url IS NOT NULL",

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +48,21 @@ STALLED_EXIT_CODE = 70
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def disk_full_cause(exc: BaseException) -> OSError | None:
-    """The `No space left on device` (or disk quota) error behind `exc`, if that is what it is."""
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it (or what it was raised while handling), and so on; each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The `No space left on device` (or disk quota) error behind `exc`, if that is what it is."""
+    for current in _exception_chain(exc):
         if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
             return current
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -68,15 +74,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     oom_types: tuple[type[BaseException], ...] = (MemoryError,)
     if torch is not None:
         oom_types += tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if isinstance(t, type))
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _exception_chain(exc):
         if isinstance(current, oom_types):
             return True
         if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
             return True
-        current = current.__cause__ or current.__context__
     return False
 
 
@@ -277,13 +279,12 @@ class Worker:
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except Exception as exc:  # any engine crash fails this job only; the worker goes on
             out_of_memory = is_out_of_memory(exc)
-            full = disk_full_cause(exc)
             if out_of_memory:
                 message = self._out_of_memory_message()
                 log.error("job %s: %s (%s: %s)", job.id, message, type(exc).__name__, str(exc)[:500])
                 self._log(job, f"Failed: {message}", LogLevel.ERROR)
                 self._finish(job, failure=Failure("out_of_memory", message, 503))
-            elif full is not None:
+            elif (full := disk_full_cause(exc)) is not None:
                 message = f"no space left on the worker's disk while generating the video ({full.strerror})"
                 log.error("job %s: %s: %s", job.id, message, full)
                 self._log(job, f"Failed: {message}", LogLevel.ERROR)
