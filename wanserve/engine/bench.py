@@ -80,10 +80,31 @@ def forward_flops(tokens: int, config: Any, batch: int = 1, text_tokens: int = T
 
 
 def video_tokens(pipe: WanPipeline, config: Any, width: int, height: int, frames: int) -> int:
-    latent_frames = (frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
-    spatial = int(pipe.vae_scale_factor_spatial)
+    temporal, spatial = int(pipe.vae_scale_factor_temporal), int(pipe.vae_scale_factor_spatial)
+    return _tokens(config, width, height, frames, temporal, spatial)
+
+
+def _tokens(config: Any, width: int, height: int, frames: int, temporal: int, spatial: int) -> int:
+    latent_frames = (frames - 1) // temporal + 1
     pt, ph, pw = config.patch_size
     return (latent_frames // pt) * (height // spatial // ph) * (width // spatial // pw)
+
+
+def forward_inputs(
+    config: Any, resolution: str, frames: int, temporal: int, spatial: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One expert forward's inputs for a 16:9 video (seeded): latents, timestep, cond and uncond text embeddings,
+    and the video's token count. `temporal` and `spatial` are the VAE's compression factors."""
+    width, height = frame_size(resolution, "16:9")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    generated = frames_to_generate(frames, temporal)
+    latent_frames = (generated - 1) // temporal + 1
+    shape = (1, config.in_channels, latent_frames, height // spatial, width // spatial)
+    latents = torch.randn(shape, generator=gen).to(device, dtype)
+    cond = torch.randn((1, TEXT_TOKENS, config.text_dim), generator=gen).to(device, dtype)
+    uncond = torch.randn((1, TEXT_TOKENS, config.text_dim), generator=gen).to(device, dtype)
+    tokens = _tokens(config, width, height, generated, temporal, spatial)
+    return latents, torch.tensor([999], device=device), cond, uncond, tokens
 
 
 def _on_device(make: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype, seed: int) -> Any:
@@ -100,15 +121,18 @@ def _on_device(make: Callable[[], torch.nn.Module], device: torch.device, dtype:
     return module.eval()
 
 
+def random_a14b_expert(device: torch.device, seed: int) -> WanTransformer3DModel:
+    """One full-size Wan 2.2 A14B expert with random bf16 weights, made on `device`."""
+    return _on_device(lambda: WanTransformer3DModel(**A14B_EXPERT), device, torch.bfloat16, seed)
+
+
 def random_a14b_pipeline(device: torch.device, cache_dir: Path) -> WanPipeline:
     """The full-size architecture (two 14B experts, UMT5-XXL, the Wan 2.1 VAE) with random weights (bf16; the VAE
     float32), made on `device`; the tokenizer is the tiny model's (token ids only feed the random embedding)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     tiny = load_pipeline("tiny", cache_dir, torch.float32)
-    experts = [
-        _on_device(lambda: WanTransformer3DModel(**A14B_EXPERT), device, torch.bfloat16, seed) for seed in (1, 2)
-    ]
+    experts = [random_a14b_expert(device, seed) for seed in (1, 2)]
     text_encoder = _on_device(lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL)), device, torch.bfloat16, 3)
     vae = _on_device(AutoencoderKLWan, device, torch.float32, 4)  # the Wan 2.1 VAE's architecture is the default
     return WanPipeline(
@@ -231,20 +255,10 @@ class Bench:
     def _inputs(
         self, resolution: str, frames: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Latents, timestep, cond and uncond text embeddings (seeded), and the video's token count."""
-        config = self.pipe.transformer.config
-        width, height = frame_size(resolution, "16:9")
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        generated = frames_to_generate(frames, self.frame_step)
-        latent_frames = (generated - 1) // self.frame_step + 1
-        s = int(self.pipe.vae_scale_factor_spatial)
-        shape = (1, config.in_channels, latent_frames, height // s, width // s)
-        dtype = self.dtype
-        latents = torch.randn(shape, generator=gen).to(self.device, dtype)
-        cond = torch.randn((1, TEXT_TOKENS, config.text_dim), generator=gen).to(self.device, dtype)
-        uncond = torch.randn((1, TEXT_TOKENS, config.text_dim), generator=gen).to(self.device, dtype)
-        tokens = video_tokens(self.pipe, config, width, height, generated)
-        return latents, torch.tensor([999], device=self.device), cond, uncond, tokens
+        return forward_inputs(
+            self.pipe.transformer.config, resolution, frames, self.frame_step, int(self.pipe.vae_scale_factor_spatial),
+            self.device, self.dtype,
+        )  # fmt: skip
 
     # --- forwards ---
     def diffusers_forward(self, resolution: str, frames: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
@@ -194,6 +195,18 @@ class LowBitSelfAttnProcessor(WanAttnProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def use_lowbit_self_attention(block: torch.nn.Module, attention_backend: str | None) -> None:
+    """Give one transformer block the INT8/FP8 self-attention (the Triton kernel when the block is on a GPU)."""
+    if next(block.parameters()).is_cuda:
+        _load_kernel()
+    processor = LowBitSelfAttnProcessor()
+    if attention_backend:  # what set_attention_backend gave the processor it replaces (cross-attention uses it)
+        processor._attention_backend = AttentionBackendName(attention_backend)
+    attention = block.get_submodule("attn1")
+    assert isinstance(attention, AttentionModuleMixin)
+    attention.set_processor(processor)
+
+
 def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> None:
     """Set up the experts' layers for `plan` (in place): FP8 linears, the attention backend and processors."""
     for expert in experts:
@@ -203,13 +216,8 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> No
         if plan.attention_backend:
             expert.set_attention_backend(plan.attention_backend)
         if plan.lowbit_attention:
-            if next(expert.parameters()).is_cuda:
-                _load_kernel()
             for block in expert.blocks:
-                processor = LowBitSelfAttnProcessor()
-                if plan.attention_backend:  # what set_attention_backend gave the processor it replaces
-                    processor._attention_backend = AttentionBackendName(plan.attention_backend)
-                block.attn1.set_processor(processor)
+                use_lowbit_self_attention(block, plan.attention_backend)
 
 
 def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache_dir: Path) -> None:
