@@ -3,12 +3,14 @@ URLs the API hands out instead."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import fal_client
 import httpx
 import pytest
+from js_client import run_js_suite
 from server import CHEAP_INPUT, Server
 
 from wanserve.client.fal import use_wanserve
@@ -117,3 +119,17 @@ def test_webhooks_to_private_addresses_are_refused_by_default(open_host_server: 
         )
         assert response.status_code == 400, target
         assert "refused" in response.json()["detail"]
+
+
+def test_the_official_js_client_works_with_its_key(open_host_server: Server) -> None:
+    """@fal-ai/client configured with `credentials` (sent as `Authorization: Key`) against a server that requires
+    one: validation errors, a plain download of an uploaded file's (signed) URL, and a generation end to end."""
+    key = (open_host_server.data_dir / "api-key").read_text().strip()
+    wanted = [
+        "422: subscribe rejects with ValidationError naming num_frames",
+        "storage.upload returns a URL that serves exactly the uploaded bytes",
+        "queue.submit / status / result",
+    ]
+    output = run_js_suite(open_host_server.url, key=key, only="|".join(re.escape(name) for name in wanted))
+    for name in wanted:
+        assert re.search(rf"✔ {re.escape(name)}", output), output
