@@ -129,6 +129,7 @@ def big_input(size: int) -> bytes:
     [
         ("POST", f"/{APP}", {}),
         ("POST", f"/run/{APP}", {}),
+        ("GET", f"/run/{APP}?prompt=a+fox", {}),  # the input is in the query; a body is still limited
         ("POST", "/api/fal/proxy", {"x-fal-target-url": f"https://queue.fal.run/{APP}"}),
         ("POST", "/rest/storage/upload/initiate", {}),  # a body the framework parses itself
         ("PUT", f"/{APP}/requests/x/cancel", {}),  # a route that never reads its body
