@@ -11,6 +11,7 @@ from typing import Any
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
 from wanserve.errors import GenerationCancelled
+from wanserve.files.base import check_key
 from wanserve.jobs.model import JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.worker.loop import Worker
@@ -139,3 +140,43 @@ def test_a_second_drain_signal_hands_the_job_back_at_once(tmp_path: Path) -> Non
     assert not thread.is_alive()
     job = store.get("running")
     assert job is not None and job.state is JobState.QUEUED
+
+
+class Died(BaseException):
+    """The worker process dying (kill -9, power loss) at a chosen point: nothing after it runs."""
+
+
+def test_a_retry_removes_the_video_that_a_dead_attempt_stored_but_never_reported(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+    store, files = open_job_store(settings), open_file_store(settings)
+    stored_videos = lambda: sorted(p.name for p in tmp_path.rglob("*.mp4"))  # noqa: E731
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+
+    def dies_before_reporting(*_args: Any, **_kwargs: Any) -> bool:
+        raise Died
+
+    first = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: InstantRunner())
+    first.load()
+    first.store = SimpleNamespace(**{name: getattr(store, name) for name in dir(store) if not name.startswith("__")})
+    first.store.finish = dies_before_reporting
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+    try:
+        first.process(job)
+        raise AssertionError("the first attempt reported its video")
+    except Died:
+        pass
+    assert stored_videos() == ["j1.mp4"]  # stored, never reported
+
+    recover_lost_jobs(store, ["w1"], max_attempts=3)  # the dead worker's job goes back to the queue
+    second = Worker(settings, store, files, worker_id="w2", runner_factory=lambda s: InstantRunner())
+    second.load()
+    again = store.claim("w2", 10, time.time())
+    assert again is not None and again.attempts == 2
+    second.process(again)
+    done = store.get("j1")
+    assert done is not None and done.state is JobState.COMPLETED and done.output is not None
+    assert stored_videos() == ["j1.mp4"]  # one video: the reported one
+    key = files.key_from_url(done.output["video"]["url"])
+    assert key is not None and check_key(key) == key  # a key that the file routes accept
+    assert files.stat(key, time.time()).size == done.output["video"]["file_size"]

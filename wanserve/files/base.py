@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -47,6 +48,14 @@ def safe_file_name(name: str | None, default: str = "file.bin") -> str:
 def new_key(file_name: str | None, default: str = "file.bin") -> str:
     """A fresh, unguessable key: `<random>/<safe file name>`."""
     return f"{secrets.token_urlsafe(16)}/{safe_file_name(file_name, default)}"
+
+
+def output_key(job_id: str, attempt: int) -> str:
+    """Where attempt `attempt` of job `job_id` stores its video. Derived rather than random, so that a later attempt
+    can delete what an earlier one stored but never reported (its worker died in between). As hard to guess as the
+    request id, whose result already names the file (and with API keys on, files need signed URLs anyway)."""
+    digest = hashlib.sha256(f"{job_id}\n{attempt}".encode()).hexdigest()[:32]
+    return f"{digest}/{safe_file_name(f'{job_id}.mp4')}"
 
 
 def check_key(key: str) -> str:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from wanserve.config import Settings
 from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, StorageFull, WanserveError
-from wanserve.files.base import FileStore, lifecycle_expiry, new_key
+from wanserve.files.base import FileStore, lifecycle_expiry, output_key
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
 from wanserve.jobs.service import validation_errors
@@ -236,6 +236,15 @@ class Worker:
         self._progress_at = time.monotonic()
         self.store.add_log(job.id, level, message, time.time())
 
+    def _discard_earlier_outputs(self, job: Job) -> None:
+        """A video that an earlier attempt stored but never reported (its worker died in between) is referenced by
+        nothing: remove it rather than leave it in the store for ever. Failing to is not worth failing the job."""
+        for attempt in range(1, job.attempts):
+            try:
+                self.files.delete(output_key(job.id, attempt))
+            except Exception as exc:  # a store outage: the file stays, as before
+                log.warning("job %s: could not remove attempt %d's unreported video: %s", job.id, attempt, exc)
+
     def _is_cancelled(self, job: Job) -> bool:
         if self._lease_lost_job == job.id:
             raise LeaseLost(job.id)
@@ -391,7 +400,8 @@ class Worker:
                 raise GenerationCancelled("cancelled before the upload")
             now = time.time()
             expires = lifecycle_expiry(job.output_lifecycle, now)
-            key = new_key(f"{job.id}.mp4")
+            key = output_key(job.id, job.attempts)
+            self._discard_earlier_outputs(job)
             try:
                 stored = self.files.put(key, out_path, "video/mp4", expires, now)
             except OSError as exc:
