@@ -4,10 +4,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 from engines import record_forwards
 
 from wanserve.engine.pipeline import GenerationSpec, StepProgress, WanEngine
 from wanserve.engine.sampling import Expert, reference_timesteps
+from wanserve.engine.tiny import TinyConfig, build_vae
+from wanserve.engine.vae import decode_latents
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
 
@@ -133,3 +136,20 @@ def test_engine_feeds_the_model_reference_timesteps(
     with record_forwards(engine) as calls:
         engine.generate(spec)
     assert [t for _, t, _ in calls] == expected
+
+
+@pytest.mark.parametrize("layout", ["fast", "coarse", "wan2.1"])
+def test_our_vae_decode_is_diffusers_decode_bit_for_bit(layout: str) -> None:
+    """decode_latents joins the frames once instead of once per frame; the values must not change at all."""
+    torch.manual_seed(0)
+    vae = build_vae(TinyConfig(vae=layout)).eval()
+    patch = vae.config.scale_factor_spatial
+    z = torch.randn(1, 16, 4, 64 // patch, 96 // patch) * 2
+    with torch.no_grad():
+        ours = decode_latents(vae, z)
+        theirs = vae.decode(z, return_dict=False)[0]
+        assert ours.shape == theirs.shape == (1, 3, 13, 64, 96)
+        assert torch.equal(ours, theirs)
+        assert ours.abs().max() > 0.1  # a real picture, not zeros
+        vae.enable_tiling()  # what the tiled policy uses: diffusers' own decode
+        assert torch.equal(decode_latents(vae, z), vae.decode(z, return_dict=False)[0])

@@ -152,7 +152,7 @@ def _two_rank_session(rank: int, model_cache: Path, coarse_model: Path, tmp: Pat
     out["cfg"] = _generate(model_cache, None)
     out["ulysses"] = _generate(model_cache, ParallelPlan(2, ulysses_degree=2))
     out["ring"] = _generate(model_cache, ParallelPlan(2, ring_degree=2))
-    out["cancel"] = _cancel_session(rank, coarse_model, tmp)
+    out["group"] = _group_session(rank, coarse_model, tmp)
     out["uneven"] = _uneven(model_cache)
     return out
 
@@ -177,9 +177,9 @@ def _automatic_plan_session(rank: int, model_cache: Path) -> dict[str, Any]:
     return {"auto": _generate(model_cache, None)}
 
 
-def _cancel_session(rank: int, coarse_model: Path, tmp: Path) -> dict[str, Any]:
-    """Rank 0 runs the worker's runner and cancels after step 1; rank 1 follows. Each reports the steps it ran and
-    how it ended."""
+def _group_session(rank: int, coarse_model: Path, tmp: Path) -> dict[str, Any]:
+    """Rank 0 runs the worker's runner: one video to the end, then one cancelled after step 1; rank 1 follows. Each
+    reports the steps it ran, how the second ended and how many times it decoded latents into frames."""
     from wanserve.engine.parallel import ParallelContext
     from wanserve.engine.runner import EngineRunner
     from wanserve.errors import GenerationCancelled
@@ -189,21 +189,27 @@ def _cancel_session(rank: int, coarse_model: Path, tmp: Path) -> dict[str, Any]:
     channel = GroupChannel()
     settings = Settings(model=str(coarse_model), device="cpu", warmup=[])
     runner = EngineRunner.from_settings(settings, ParallelContext(torch.device("cpu")))
+    decodes: list[int] = []
+    decode = runner.engine.decode
+    runner.engine.decode = lambda latents: decodes.append(1) or decode(latents)  # type: ignore[method-assign]
     steps: list[int] = []
     if rank > 0:
         code = follow(runner, channel, step_hook=lambda _rank, p: steps.append(p.step))
-        return {"steps": steps, "ended": f"follow returned {code}"}
+        return {"steps": steps, "ended": f"follow returned {code}", "decodes": len(decodes)}
     leader = LeaderRunner(runner, channel)
+    video = tmp / "video.mp4"
+    leader.generate_video(WanT2VRequest(prompt="a fox", resolution="480p", num_inference_steps=1, seed=4), video)
     request = WanT2VRequest(prompt="a fox", resolution="480p", num_inference_steps=4, seed=5)
     try:
         leader.generate_video(
-            request, tmp / "video.mp4", on_step=lambda p: steps.append(p.step), is_cancelled=lambda: len(steps) >= 1
+            request, tmp / "cancelled.mp4", on_step=lambda p: steps.append(p.step), is_cancelled=lambda: len(steps) >= 1
         )
         ended = "completed"
     except GenerationCancelled as exc:
         ended = f"cancelled: {exc}"
     leader.close()
-    return {"steps": steps, "ended": ended, "broken": leader.broken}
+    return {"steps": steps, "ended": ended, "broken": leader.broken, "decodes": len(decodes),
+            "video_bytes": video.stat().st_size if video.exists() else 0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -260,11 +266,19 @@ def test_a_video_that_does_not_split_evenly_is_refused_on_every_rank(two_ranks: 
 
 
 def test_cancel_stops_every_rank_at_the_same_step(two_ranks: dict[int, Any]) -> None:
-    leader, follower = two_ranks[0]["cancel"], two_ranks[1]["cancel"]
+    leader, follower = two_ranks[0]["group"], two_ranks[1]["group"]
     assert leader["ended"] == "cancelled: cancelled before step 2/4"
     assert leader["broken"] is None  # the group is in step and takes the next generation
-    assert leader["steps"] == follower["steps"] == [1]
+    assert leader["steps"] == [1]
+    assert follower["steps"] == [1, 1]  # the 1-step video, then step 1 of the cancelled one
     assert follower["ended"] == "follow returned 0"  # it stopped, then left on rank 0's exit
+
+
+def test_only_rank_0_decodes_the_video(two_ranks: dict[int, Any]) -> None:
+    leader, follower = two_ranks[0]["group"], two_ranks[1]["group"]
+    assert leader["video_bytes"] > 1000
+    assert leader["decodes"] == 1
+    assert follower["decodes"] == 0  # every rank holds the same latents: decoding them again would be wasted
 
 
 # --- the worker group: a rank that dies ---

@@ -31,6 +31,7 @@ from wanserve.engine.memory import GiB, MemoryManager, MemoryPlan, MemoryPolicy,
 from wanserve.engine.parallel import tokens_of
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.engine.speed import DeviceInfo, SpeedPlan, compile_experts, plan_speed, prepare_experts
+from wanserve.engine.vae import decode_latents
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
@@ -296,14 +297,17 @@ class WanEngine:
         spec: GenerationSpec,
         on_step: StepCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
+        """The video of `spec`. `decode=False` stops after denoising with no frames (a GPU group's ranks > 0: rank 0
+        decodes the latents that every rank holds)."""
         self.validate(spec)
         self.loras.load(spec.loras)  # a no-op when the caller loaded them already (to report on it)
         with self.loras.active(spec.loras):
-            return self._generate(spec, on_step, is_cancelled)
+            return self._generate(spec, on_step, is_cancelled, decode)
 
     def _generate(
-        self, spec: GenerationSpec, on_step: StepCallback | None, is_cancelled: CancelCheck | None
+        self, spec: GenerationSpec, on_step: StepCallback | None, is_cancelled: CancelCheck | None, decode: bool
     ) -> GenerationResult:
         pipe, device = self.pipe, self.device
         timings: dict[str, float] = {}
@@ -373,6 +377,10 @@ class WanEngine:
         if is_cancelled is not None and is_cancelled():
             raise GenerationCancelled("cancelled before decoding")
 
+        if not decode:
+            timings["total_s"] = time.perf_counter() - t0
+            no_frames = np.empty((0, spec.height, spec.width, 3), dtype=np.float32)
+            return GenerationResult(no_frames, spec.seed, plan, generated, timings)
         t_decode = time.perf_counter()
         frames = self.decode(latents)[: spec.num_frames]
         timings["decode_s"] = time.perf_counter() - t_decode
@@ -427,8 +435,8 @@ class WanEngine:
         z_dim = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
-        # The same elementwise ops as diffusers' VideoProcessor ([-1, 1] -> [0, 1]), on the whole clip at
-        # once instead of frame by frame: identical values, a fraction of the time.
-        frames = (video[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1)
+        video = decode_latents(vae, latents / inv_std + mean)
+        # diffusers' VideoProcessor maps [-1, 1] to [0, 1] frame by frame with a clamp; here the whole clip at once,
+        # and without the clamp, which cannot change a value: the VAE's output is clamped to [-1, 1] already.
+        frames = video[0].permute(1, 2, 3, 0) / 2 + 0.5
         return frames.float().cpu().numpy()

@@ -216,7 +216,8 @@ def follow(runner: EngineRunner, channel: GroupChannel, step_hook: FollowerHook 
         spec = GenerationSpec.from_request(command["request"], loras=tuple(command["loras"]))
         on_step = None if step_hook is None else (lambda p: step_hook(rank, p))
         try:
-            runner.engine.generate(spec, on_step=on_step, is_cancelled=lambda: channel.agree(False))
+            # Every rank ends with the same latents; rank 0 decodes them and reports.
+            runner.engine.generate(spec, on_step=on_step, is_cancelled=lambda: channel.agree(False), decode=False)
         except GenerationCancelled:
             log.info("rank %d: generation stopped with the group", rank)
         except WanserveError as exc:
