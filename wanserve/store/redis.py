@@ -88,13 +88,13 @@ local p, id = ARGV[1], ARGV[2]
 local jk = p .. ':job:' .. id
 if redis.call('EXISTS', jk) == 1 then return 0 end  -- a retried submit after a lost reply
 local seq = redis.call('INCR', p .. ':seq')
-local qscore = string.format('%d', tonumber(ARGV[3]) * 281474976710656 + seq)
+local qscore = string.format('%d', tonumber(ARGV[3]) * PRIORITY_WEIGHT + seq)
 redis.call('HSET', jk, 'seq', seq, 'qscore', qscore, 'state', 'IN_QUEUE', 'attempts', 0, unpack(ARGV, 6))
 redis.call('ZADD', p .. ':queue', qscore, id)
 if ARGV[5] ~= '' then redis.call('SADD', p .. ':queued_by:' .. ARGV[5], id) end
 if ARGV[4] ~= '' then redis.call('ZADD', p .. ':deadlines', ARGV[4], id) end
 return seq
-"""
+""".replace("PRIORITY_WEIGHT", str(_PRIORITY_WEIGHT))
 
 _CANCEL = (
     _COMPLETE
