@@ -42,3 +42,14 @@ def test_cli_reports_bad_settings_without_traceback(
     assert main(["generate", "p"]) == 2
     err = capsys.readouterr().err
     assert "invalid settings" in err and "video_crf" in err and "Traceback" not in err
+
+
+def test_cfg_parallel_on_needs_two_halves_of_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANSERVE_GPUS", "0,1,2")
+    monkeypatch.setenv("WANSERVE_CFG_PARALLEL", "on")
+    with pytest.raises(ValidationError, match="3 GPUs cannot be"):
+        Settings()
+    args = build_parser().parse_args(["worker", "--cfg-parallel", "off"])
+    assert settings_from_args(args).cfg_parallel == "off"  # the flag, over the environment
+    monkeypatch.setenv("WANSERVE_GPUS", "0,1,2,3")
+    assert Settings().cfg_parallel == "on"

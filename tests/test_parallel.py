@@ -358,8 +358,8 @@ def test_a_rank_that_dies_fails_the_job_and_the_group_restarts(running_group: An
 def test_sigterm_lets_the_running_job_finish_then_every_rank_exits(
     group_settings: Settings, coarse_model: Path, model_cache: Path
 ) -> None:
-    """`wanserve worker --gpus 0,1` as a real command: SIGTERM drains (the running job completes), then the
-    launcher and its ranks exit cleanly."""
+    """`wanserve worker --gpus 0,1 --cfg-parallel off` as a real command: both processes on the sequence; SIGTERM
+    drains (the running job completes), then the launcher and its ranks exit cleanly."""
     from wanserve.backends import open_job_store
 
     env = dict(os.environ)
@@ -368,13 +368,16 @@ def test_sigterm_lets_the_running_job_finish_then_every_rank_exits(
         WANSERVE_CACHE_DIR=str(model_cache), WANSERVE_DATA_DIR=str(group_settings.data_dir),
         WANSERVE_PUBLIC_URL="http://test",
     )  # fmt: skip
-    launcher = subprocess.Popen([sys.executable, "-m", "wanserve", "worker", "--worker-id", "cli-w"], env=env)
+    command = [sys.executable, "-m", "wanserve", "worker", "--worker-id", "cli-w", "--cfg-parallel", "off"]
+    launcher = subprocess.Popen(command, env=env)
     try:
         store = open_job_store(group_settings)
         job_input = {"prompt": "a fox", "resolution": "480p", "num_inference_steps": 8, "seed": 3}
         store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", job_input), time.time())
         running = _wait_for(lambda: (j := store.get("j1")) and j.state is JobState.RUNNING and j, 60, "the job")
-        leader_pid = int(next(w for w in store.workers() if w.id == "cli-w").detail["pid"])
+        detail = next(w for w in store.workers() if w.id == "cli-w").detail
+        assert "2 processes: Ulysses 2" in detail["engine"], detail  # not the automatic CFG 2
+        leader_pid = int(detail["pid"])
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0
         done = store.get("j1")

@@ -332,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--gpus", default=None, help="spread each video over these GPUs, e.g. 0,1,2,3 (env WANSERVE_GPUS)"
     )
+    worker.add_argument(
+        "--cfg-parallel", choices=["auto", "on", "off"], default=None,
+        help="with --gpus: CFG halves on separate GPUs (on) or every GPU on the sequence (off; for guidance-1 work)",
+    )  # fmt: skip
     worker.add_argument("--drain-s", type=float, default=None, help="on SIGTERM, finish the running job this long")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
@@ -434,6 +438,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "files",
             "s3_endpoint_url",
             "gpus",
+            "cfg_parallel",
             "drain_s",
         )
         if getattr(args, key, None) is not None

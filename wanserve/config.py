@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from wanserve.schema import Resolution
@@ -154,6 +154,13 @@ class Settings(BaseSettings):
         description="GPUs one worker spreads each video over (`0,1,...`: one process per GPU, CFG-parallel and "
         "Ulysses sequence-parallel). Empty: one process on `device`.",
     )
+    cfg_parallel: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="With `gpus`: `on` splits each CFG step's conditional and unconditional predictions over two "
+        "halves of the GPUs; `off` puts every GPU on the sequence (Ulysses/ring) instead; `auto` = `on` for an even "
+        "GPU count. A step with guidance <= 1 (4-step distilled LoRAs) has no unconditional half, so under `on` "
+        "both halves compute the same prediction: `off` suits such workloads.",
+    )
     drain_s: float = Field(
         120.0,
         ge=0,
@@ -283,6 +290,12 @@ class Settings(BaseSettings):
     safety_force: bool = Field(
         False, description="Check every request, even those that send `enable_safety_checker: false`."
     )
+
+    @model_validator(mode="after")
+    def _cfg_parallel_needs_an_even_gpu_count(self) -> Settings:
+        if self.cfg_parallel == "on" and len(self.gpus) > 1 and len(self.gpus) % 2:
+            raise ValueError(f"cfg_parallel=on splits the GPUs in two halves: {len(self.gpus)} GPUs cannot be")
+        return self
 
     @field_validator(
         "api_keys",

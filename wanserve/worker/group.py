@@ -247,6 +247,10 @@ class _RankConfig:
     step_hook: FollowerHook | None
 
 
+# settings.cfg_parallel -> the CFG degree ParallelContext plans with (None: its own choice).
+CFG_DEGREES: dict[str, int | None] = {"auto": None, "on": 2, "off": 1}
+
+
 def _rank_main(config: _RankConfig) -> None:
     """One rank's process: join the group, load the model with its share of the plan, then lead or follow."""
     _die_with_parent()
@@ -265,7 +269,7 @@ def _rank_main(config: _RankConfig) -> None:
     try:
         init_distributed(device, config.collective_timeout_s)
         channel = GroupChannel()
-        parallel = ParallelContext(device, config.plan)
+        parallel = ParallelContext(device, config.plan, cfg_degree=CFG_DEGREES[settings.cfg_parallel])
 
         def build(s: Settings) -> EngineRunner:
             runner = EngineRunner.from_settings(s, parallel)

@@ -175,6 +175,9 @@ class Worker:
             self._runner = runner
         else:
             self._runner = self._runner_factory(self.settings)
+            engine = getattr(self._runner, "engine", None)  # a GPU group's leader has one; test stand-ins do not
+            if engine is not None:
+                self._detail["engine"] = engine.describe()
         self._load_checks()
         self._register(ready=True)
         log.info("worker %s ready (model %s)", self.id, self.settings.model)
