@@ -276,9 +276,12 @@ def test_cancel_running_requests_and_completed_and_unknown(store: JobStore) -> N
 def test_finish_only_once_and_only_by_owner(store: JobStore) -> None:
     store.submit(new_job("a"), T0)
     store.claim("owner", 60, T0)
-    assert store.finish("a", T0 + 1, worker_id="intruder", output={"x": 1}) is False
+    assert store.finish("a", T0 + 1, worker_id="intruder", output={"x": 1}, note="Completed by the intruder") is False
     assert store.get("a").state is JobState.RUNNING  # type: ignore[union-attr]
-    assert store.finish("a", T0 + 2, worker_id="owner", output={"video": {"url": "u"}}, inference_time=1.5)
+    assert store.finish("a", T0 + 2, worker_id="owner", output={"video": {"url": "u"}}, inference_time=1.5,
+                        note="Completed in 1.5s")  # fmt: skip
+    # The note is logged with the completion, in the same write; a refused finish logs nothing.
+    assert [(entry.level, entry.message) for entry in store.logs("a")] == [(LogLevel.INFO, "Completed in 1.5s")]
     job = store.get("a")
     assert job is not None
     assert job.succeeded and job.output == {"video": {"url": "u"}} and job.inference_time == 1.5
@@ -289,6 +292,7 @@ def test_finish_only_once_and_only_by_owner(store: JobStore) -> None:
     job = store.get("a")
     assert job is not None and job.failure is None and job.output == {"video": {"url": "u"}}
     assert job.finished_at == T0 + 2
+    assert [entry.message for entry in store.logs("a")] == ["Completed in 1.5s"]
     assert store.finish("missing", T0) is False
 
 

@@ -63,8 +63,11 @@ class JobStore(Protocol):
         output: dict[str, Any] | None = None,
         failure: Failure | None = None,
         inference_time: float | None = None,
+        note: str | None = None,
     ) -> bool:
-        """Completes a job (once). With `worker_id`, only if that worker still holds it. Queues the webhook."""
+        """Completes a job (once). With `worker_id`, only if that worker still holds it. Queues the webhook. The
+        log gets the failure's line, or else `note`, in the same write: a reader that sees the job COMPLETED has
+        that line, and a job whose finish is refused (its lease went to another worker) never shows it."""
         ...
 
     def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:

@@ -478,8 +478,12 @@ class RedisJobStore:
         output: dict[str, Any] | None = None,
         failure: Failure | None = None,
         inference_time: float | None = None,
+        note: str | None = None,
     ) -> bool:
-        level, message = _failure_message(failure) if failure is not None else ("", "")
+        if failure is not None:
+            level, message = _failure_message(failure)
+        else:
+            level, message = (LogLevel.INFO.value, note) if note is not None else ("", "")
         return bool(
             self._run(
                 "finish",

@@ -306,6 +306,7 @@ class SQLiteJobStore:
         output: dict[str, Any] | None = None,
         failure: Failure | None = None,
         inference_time: float | None = None,
+        note: str | None = None,
     ) -> bool:
         with self._write() as db:
             row = db.execute("SELECT state, worker_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -313,7 +314,7 @@ class SQLiteJobStore:
                 return False
             if worker_id is not None and (row["state"] != _RUNNING or row["worker_id"] != worker_id):
                 return False
-            self._complete(db, job_id, now, output, failure, inference_time)
+            self._complete(db, job_id, now, output, failure, inference_time, note)
             return True
 
     def _complete(
@@ -324,6 +325,7 @@ class SQLiteJobStore:
         output: dict[str, Any] | None,
         failure: Failure | None,
         inference_time: float | None,
+        note: str | None = None,
     ) -> None:
         db.execute(
             "UPDATE jobs SET state = ?, finished_at = ?, output = ?, failure = ?, inference_time = ?,"
@@ -337,9 +339,11 @@ class SQLiteJobStore:
                 job_id,
             ),
         )
+        # In the same transaction: whoever sees COMPLETED (a status stream) also sees why.
         if failure is not None:
-            # In the same transaction: whoever sees COMPLETED (a status stream) also sees why.
             self._log(db, job_id, *failure.log_line(), now)
+        elif note is not None:
+            self._log(db, job_id, LogLevel.INFO, note, now)
         db.execute(
             "INSERT INTO webhooks (job_id, url, next_attempt_at) SELECT id, webhook_url, ? FROM jobs"
             " WHERE id = ? AND webhook_url IS NOT NULL",

@@ -306,8 +306,8 @@ class Worker:
                 self._log(job, f"Internal error: {type(exc).__name__}: {exc}", LogLevel.ERROR)
                 self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
         else:
-            self._log(job, f"Completed in {time.perf_counter() - started:.1f}s")
-            self._finish(job, output=output, inference_time=inference_time)
+            note = f"Completed in {time.perf_counter() - started:.1f}s"
+            self._finish(job, output=output, inference_time=inference_time, note=note)
         finally:
             self._current = None
             self._detail["current_job"] = None
