@@ -113,7 +113,11 @@ def test_webhook_delivery_resumes_after_a_kill(
 ) -> None:
     state, url = receiver
     state.fail_first = 3
-    server = Server(tmp_path / "data", model_cache, args=["--model", str(coarse_model)]).start()
+    # Retries after 0.5, 1 and 2 s instead of the default 5, 10 and 20: the same schedule, a quarter of the wait.
+    server = Server(
+        tmp_path / "data", model_cache, args=["--model", str(coarse_model)],
+        env={"WANSERVE_WEBHOOK_RETRY_BASE_S": "0.5"},
+    ).start()  # fmt: skip
     try:
         response = httpx.post(f"{server.url}/{APP}", json=CHEAP_INPUT, params={"fal_webhook": url})
         request_id = response.json()["request_id"]
