@@ -61,7 +61,7 @@ def complete_with_video(ctx: ServerContext, job_id: str, data: bytes = b"not rea
     """What a worker does: claim the job, store its video, finish it with the plain (unsigned) file URL."""
     now = time.time()
     while (claimed := ctx.store.claim("test-worker", 60, now)) is not None and claimed.id != job_id:
-        ctx.store.release(claimed.id, "test-worker")  # not ours: back it goes (only ours is queued in practice)
+        ctx.store.release(claimed.id, "test-worker", now)  # not ours: back it goes (only ours is queued in practice)
     assert claimed is not None and claimed.id == job_id
     key = new_key(f"{job_id}.mp4")
     ctx.files.put(key, data, "video/mp4", None, now)

@@ -122,7 +122,7 @@ def test_queued_count_follows_an_owners_jobs_through_every_transition(store: Job
     claimed = store.claim("w", 10, T0 + 3)
     assert claimed is not None and claimed.id == "a000" and claimed.owner == "key-a"
     assert store.queued_count("key-a") == 2  # running is not queued
-    assert store.release("a000", "w") is True
+    assert store.release("a000", "w", T0 + 3) is True
     assert store.queued_count("key-a") == 3  # back in the queue
     store.claim("w", 10, T0 + 4)
     assert store.recover_lost(T0 + 100, ["w"], max_attempts=3) == []  # requeued: queued again
@@ -413,15 +413,31 @@ def test_expired_lease_is_recovered_without_naming_the_worker(store: JobStore) -
 def test_release_requeues_without_counting_the_attempt(store: JobStore) -> None:
     submit_many(store, 2)
     store.claim("w", 60, T0)
-    assert store.release("j000", "other") is False
-    assert store.release("j000", "w") is True
+    assert store.release("j000", "other", T0) is False
+    assert store.release("j000", "w", T0, note="Worker shutting down") is True
     job = store.get("j000")
     assert job is not None
     assert job.state is JobState.QUEUED and job.attempts == 0 and job.worker_id is None and job.started_at is None
     assert store.queue_position(job) == 0
-    assert store.release("j000", "w") is False  # no longer running
+    assert [(e.level, e.message) for e in store.logs("j000")] == [(LogLevel.WARN, "Worker shutting down")]
+    assert store.release("j000", "w", T0) is False  # no longer running
     again = store.claim("w2", 60, T0 + 1)
     assert again is not None and again.id == "j000" and again.attempts == 1
+
+
+def test_a_job_cancelled_while_running_is_not_queued_again_when_released(store: JobStore) -> None:
+    """A cancel that lands between a shutting-down worker's last cancel check and its hand-back."""
+    submit_many(store, 2)
+    store.claim("w", 60, T0)
+    assert store.cancel("j000", cancelled_failure(), T0 + 1) is CancelOutcome.REQUESTED
+    assert store.release("j000", "w", T0 + 2, note="Worker shutting down") is True
+    job = store.get("j000")
+    assert job is not None and job.state is JobState.COMPLETED and job.finished_at == T0 + 2
+    assert job.failure is not None and job.failure.error_type == "client_cancelled"
+    assert "Worker shutting down" not in [e.message for e in store.logs("j000")]
+    assert store.counts()["IN_QUEUE"] == 1
+    again = store.claim("w2", 60, T0 + 3)
+    assert again is not None and again.id == "j001"  # the cancelled one never runs again
 
 
 # --- logs ---
@@ -566,7 +582,7 @@ def test_the_start_deadline_never_expires_a_job_that_already_started(store: JobS
     store.submit(new_job("released", start_timeout_s=5), T0)
     assert store.claim("w1", 10, T0 + 1) is not None
     assert store.claim("w2", 100, T0 + 1) is not None
-    assert store.release("released", "w2")
+    assert store.release("released", "w2", T0 + 1)
     assert store.recover_lost(T0 + 20, [], max_attempts=3) == []  # w1's lease ran out: back to the queue
     assert store.expire_overdue(T0 + 21) == []
     claimed = {store.claim("w3", 10, T0 + 22).id, store.claim("w3", 10, T0 + 22).id}  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ from wanserve.errors import GenerationCancelled
 from wanserve.files.base import check_key
 from wanserve.jobs.model import JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
+from wanserve.worker import loop
 from wanserve.worker.loop import Worker
 
 
@@ -79,10 +80,10 @@ def test_expansion_asked_for_without_a_backend_uses_the_prompt_and_says_why(tmp_
 
 
 class SteppingRunner(InstantRunner):
-    """Takes `steps` x 50 ms, checking for cancellation between steps like the engine."""
+    """Takes `steps` x `step_s`, checking for cancellation between steps like the engine."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self, steps: int, step_s: float = 0.05) -> None:
+        self.steps, self.step_s = steps, step_s
         self.started = threading.Event()
 
     def generate_video(
@@ -90,7 +91,7 @@ class SteppingRunner(InstantRunner):
     ) -> Any:
         self.started.set()
         for _ in range(self.steps):
-            time.sleep(0.05)
+            time.sleep(self.step_s)
             if is_cancelled():
                 raise GenerationCancelled("cancelled")
         return super().generate_video(request, output, on_step, lambda: False, on_phase, **extra)
@@ -142,6 +143,26 @@ def test_a_second_drain_signal_hands_the_job_back_at_once(tmp_path: Path) -> Non
     assert job is not None and job.state is JobState.QUEUED
 
 
+def test_a_stopped_worker_keeps_the_lease_of_a_step_that_outlasts_it_and_hands_the_job_back(tmp_path: Path) -> None:
+    """stop() (SIGINT, a drain that ran out) lands mid-step; the step takes longer than a lease. The heartbeat must
+    go on until the job is handed back, or the API's housekeeping takes the job as lost and counts the run."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=0.4, job_max_attempts=1,
+                        worker_poll_s=0.01)  # fmt: skip
+    store = open_job_store(settings)
+    runner = SteppingRunner(steps=5, step_s=1.0)
+    worker = Worker(settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: runner)
+    store.submit(NewJob("running", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    assert runner.started.wait(30)
+    worker.stop()
+    while thread.is_alive():  # the API's housekeeping, meanwhile
+        assert recover_lost_jobs(store, [], max_attempts=1) == [], [e.message for e in store.logs("running")]
+        time.sleep(0.05)
+    job = store.get("running")
+    assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
+
+
 class Died(BaseException):
     """The worker process dying (kill -9, power loss) at a chosen point: nothing after it runs."""
 
@@ -180,3 +201,48 @@ def test_a_retry_removes_the_video_that_a_dead_attempt_stored_but_never_reported
     key = files.key_from_url(done.output["video"]["url"])
     assert key is not None and check_key(key) == key  # a key that the file routes accept
     assert files.stat(key, time.time()).size == done.output["video"]["file_size"]
+
+
+class FlakyStore:
+    """A store whose calls named in `failures` raise ConnectionError that many times first (a store outage longer
+    than its client's own retries)."""
+
+    def __init__(self, store: Any, failures: dict[str, int]) -> None:
+        self._store, self.failures = store, dict(failures)
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._store, name)
+        if name not in self.failures:
+            return call
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            if self.failures[name] > 0:
+                self.failures[name] -= 1
+                raise ConnectionError(f"store down ({name})")
+            return call(*args, **kwargs)
+
+        return flaky
+
+
+def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_video(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    store = open_job_store(settings)
+    flaky = FlakyStore(store, {"claim": 3, "add_log": 2, "finish": 3})
+    files = open_file_store(settings)
+    worker = Worker(settings, flaky, files, worker_id="w1", runner_factory=lambda s: InstantRunner())  # type: ignore[arg-type]
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when": lambda: finished(store, "j1")})
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert flaky.failures == {"claim": 0, "add_log": 0, "finish": 0}  # every outage happened and was ridden out
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
+
+
+def finished(store: Any, job_id: str) -> bool:
+    job = store.get(job_id)
+    return job is not None and job.state is JobState.COMPLETED

@@ -49,8 +49,10 @@ class JobStore(Protocol):
         """Extends the lease; False when the job is no longer this worker's (it was recovered or ended)."""
         ...
 
-    def release(self, job_id: str, worker_id: str) -> bool:
-        """A worker that shuts down gives its running job back to the queue (the run does not count)."""
+    def release(self, job_id: str, worker_id: str, now: float, note: str | None = None) -> bool:
+        """A worker that shuts down gives its running job back to the queue (the run does not count), logging
+        `note` (a warning) with it. A job whose cancel was requested while it ran completes as cancelled instead:
+        it is never queued again. False when the job is not running on `worker_id`."""
         ...
 
     def cancel_requested(self, job_id: str) -> bool: ...

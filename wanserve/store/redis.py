@@ -43,6 +43,7 @@ from wanserve.jobs.model import (
     Priority,
     Webhook,
     WorkerInfo,
+    cancelled_failure,
     start_timeout_failure,
 )
 
@@ -182,13 +183,20 @@ local function requeue(p, id, uncount)
 end
 """
 
+# ARGV: prefix, id, worker, now, note ('' = none), then the cancelled failure: JSON, outcome, log level, message.
 _RELEASE = (
     _REQUEUE
+    + _COMPLETE
     + """
-local p, id, worker = ARGV[1], ARGV[2], ARGV[3]
-local fields = redis.call('HMGET', p .. ':job:' .. id, 'state', 'worker_id')
+local p, id, worker, now, note = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local fields = redis.call('HMGET', p .. ':job:' .. id, 'state', 'worker_id', 'cancel_requested')
 if fields[1] ~= 'IN_PROGRESS' or fields[2] ~= worker then return 0 end
+if fields[3] == '1' then
+  complete(p, id, now, '', ARGV[6], '', ARGV[7], ARGV[8], ARGV[9])
+  return 1
+end
 requeue(p, id, true)
+if note ~= '' then redis.call('RPUSH', p .. ':logs:' .. id, cjson.encode({now, 'WARN', note})) end
 return 1
 """
 )
@@ -463,8 +471,11 @@ class RedisJobStore:
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
         return bool(self._run("heartbeat", job_id, worker_id, _num(now + lease_s)))
 
-    def release(self, job_id: str, worker_id: str) -> bool:
-        return bool(self._run("release", job_id, worker_id))
+    def release(self, job_id: str, worker_id: str, now: float, note: str | None = None) -> bool:
+        failure = cancelled_failure()
+        level, message = _failure_message(failure)
+        cancelled = (failure.to_json(), failure.error_type, level, message)
+        return bool(self._run("release", job_id, worker_id, _num(now), note or "", *cancelled))
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self._key("job", job_id), "cancel_requested") == "1"

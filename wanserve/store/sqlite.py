@@ -25,6 +25,7 @@ from wanserve.jobs.model import (
     Priority,
     Webhook,
     WorkerInfo,
+    cancelled_failure,
     start_timeout_failure,
 )
 
@@ -284,14 +285,25 @@ class SQLiteJobStore:
             )
             return cur.rowcount == 1
 
-    def release(self, job_id: str, worker_id: str) -> bool:
+    def release(self, job_id: str, worker_id: str, now: float, note: str | None = None) -> bool:
         with self._write() as db:
-            cur = db.execute(
+            row = db.execute(
+                "SELECT cancel_requested FROM jobs WHERE id = ? AND state = ? AND worker_id = ?",
+                (job_id, _RUNNING, worker_id),
+            ).fetchone()
+            if row is None:
+                return False
+            if row["cancel_requested"]:
+                self._complete(db, job_id, now, None, cancelled_failure(), None)
+                return True
+            db.execute(
                 "UPDATE jobs SET state = ?, worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
-                " attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ? AND worker_id = ?",
-                (_QUEUED, job_id, _RUNNING, worker_id),
+                " attempts = MAX(attempts - 1, 0) WHERE id = ?",
+                (_QUEUED, job_id),
             )
-            return cur.rowcount == 1
+            if note is not None:
+                self._log(db, job_id, LogLevel.WARN, note, now)
+            return True
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()

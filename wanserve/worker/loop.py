@@ -104,6 +104,29 @@ class ShuttingDown(Exception):
     """The worker was asked to stop: the running job goes back to the queue."""
 
 
+STORE_RETRY_FIRST_S = 1.0  # then doubling, up to 30 s
+
+
+class StoreOutage:
+    """Backoff and one log line per outage, for a worker calling a store that is down."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+        self.delay = 0.0
+
+    def failed(self, exc: BaseException) -> float:
+        """The seconds to wait before trying again."""
+        if self.delay == 0.0:
+            log.error("job store unreachable (%s: %s); will %s when it is back", type(exc).__name__, exc, self.doing)
+        self.delay = min(max(2 * self.delay, STORE_RETRY_FIRST_S), 30.0)
+        return self.delay
+
+    def over(self) -> None:
+        if self.delay:
+            log.info("job store reachable again")
+        self.delay = 0.0
+
+
 class Worker:
     def __init__(
         self,
@@ -160,7 +183,7 @@ class Worker:
             self._register(ready=False)
 
     def _register(self, ready: bool) -> None:
-        ready = ready and not self._draining.is_set()
+        ready = ready and not self._draining.is_set() and not self._stop.is_set()
         self.store.register_worker(WorkerInfo(self.id, ready, time.time(), self._detail))
 
     def load(self) -> None:
@@ -195,23 +218,33 @@ class Worker:
 
     def run(self, stop_when: Callable[[], bool] = lambda: False) -> None:
         """Loads the model, then runs jobs until `stop()` or `stop_when()`."""
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        # The heartbeat outlives stop(): the running job keeps its lease until it is handed back or finished (a
+        # step can take longer than a lease, and a lease that ran out would count the run as a failed attempt).
+        finished = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(finished,), name="heartbeat", daemon=True)
         heartbeat.start()
         try:
             self.load()
+            outage = StoreOutage("claim a job")
             while not self._stop.is_set() and not self._draining.is_set() and not stop_when():
-                job = self.store.claim(self.id, self.settings.job_lease_s, time.time())
+                try:
+                    job = self.store.claim(self.id, self.settings.job_lease_s, time.time())
+                except Exception as exc:  # the store is down for longer than its client retries: wait, not die
+                    self._stop.wait(outage.failed(exc))
+                    continue
+                outage.over()
                 if job is None:
                     self._stop.wait(self.settings.worker_poll_s)
                     continue
                 self.process(job)
         finally:
             self._stop.set()
+            finished.set()
             self.store.remove_worker(self.id)
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, finished: threading.Event) -> None:
         interval = max(self.settings.job_lease_s / 4, 0.05)
-        while not self._stop.wait(interval):
+        while not finished.wait(interval):
             job = self._current
             if job is not None and time.monotonic() - self._progress_at > self.settings.job_stall_s:
                 self._exit_stalled(job)
@@ -237,7 +270,10 @@ class Worker:
     # --- one job ---
     def _log(self, job: Job, message: str, level: LogLevel = LogLevel.INFO) -> None:
         self._progress_at = time.monotonic()
-        self.store.add_log(job.id, level, message, time.time())
+        try:
+            self.store.add_log(job.id, level, message, time.time())
+        except Exception as exc:  # a progress line lost in a store outage must not fail the video
+            log.warning("job %s: log line not stored (%s: %s): %s", job.id, type(exc).__name__, exc, message)
 
     def _discard_earlier_outputs(self, job: Job) -> None:
         """A video that an earlier attempt stored but never reported (its worker died in between) is referenced by
@@ -268,11 +304,10 @@ class Worker:
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to the store", job.id)
         except ShuttingDown:
-            if self.store.cancel_requested(job.id):
-                self._finish(job, failure=cancelled_failure())
-            else:
-                self._log(job, "Worker shutting down; the request goes back to the queue", LogLevel.WARN)
-                self.store.release(job.id, self.id)
+            # The store decides atomically: back to the queue, or (cancel requested meanwhile) completed as cancelled.
+            note = "Worker shutting down; the request goes back to the queue"
+            if not self.store.release(job.id, self.id, time.time(), note=note):
+                log.warning("job %s was no longer this worker's when it was handed back", job.id)
         except GenerationCancelled:
             self._finish(job, failure=cancelled_failure())
         except ValidationError as exc:
@@ -323,7 +358,19 @@ class Worker:
         )
 
     def _finish(self, job: Job, **outcome: Any) -> None:
-        if not self.store.finish(job.id, time.time(), worker_id=self.id, **outcome):
+        """Report the outcome, through a store outage too: a finished video is worth waiting for the store (while
+        it is down nobody can take the job from this worker; once it is back, the lease decides)."""
+        outage = StoreOutage(f"report job {job.id}")
+        give_up = time.monotonic() + max(60.0, 10 * self.settings.job_lease_s)
+        while True:
+            try:
+                finished = self.store.finish(job.id, time.time(), worker_id=self.id, **outcome)
+                break
+            except Exception as exc:
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(outage.failed(exc))
+        if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
 
     def _expand(self, job: Job, prompt: str) -> str:
