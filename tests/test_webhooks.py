@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import socket
 import stat
 import threading
 import time
@@ -366,3 +367,43 @@ def test_a_claimed_webhook_is_not_handed_out_again_while_in_flight(store: SQLite
     (hook,) = store.claim_due_webhooks(now + 61, hold_s=60)  # a delivery that never reported is retried
     store.webhook_delivered(hook.id, now + 62)
     assert store.claim_due_webhooks(now + 10**6, hold_s=60) == []
+
+
+def deliver_through(d: WebhookDispatcher, handler: Any) -> int:
+    async def run() -> int:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            started = await d.deliver_due(client)
+            await d.drain()
+            return started
+
+    return asyncio.run(run())
+
+
+def test_a_webhook_to_an_internationalised_host_is_sent_with_its_ascii_name(
+    store: SQLiteJobStore, signer: WebhookSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *_a, **_k: public)
+    finished_job(store, "idn-1", "https://bücher.example/hook", output={})
+    seen: list[httpx.Request] = []
+    d = dispatcher(store, signer, allow_private=False)
+    assert deliver_through(d, lambda request: seen.append(request) or httpx.Response(200)) == 1
+    (request,) = seen
+    assert request.url.host == "93.184.216.34"  # pinned to the checked address
+    assert request.headers["host"] == "xn--bcher-kva.example"
+    assert request.extensions["sni_hostname"] == "xn--bcher-kva.example"
+    assert store.due_webhooks(time.time() + 10**6) == []  # delivered
+
+
+def test_an_unforeseen_error_in_a_delivery_counts_as_a_failed_try(store: SQLiteJobStore, signer: WebhookSigner) -> None:
+    """Not an HTTP error: a bug, say. The webhook must be retried and in the end given up, never left pending for
+    ever (which would also keep its job from ever being pruned)."""
+    finished_job(store, "bug-1", "http://hook.test/", output={})
+
+    def broken(_request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("something nobody expected")
+
+    d = dispatcher(store, signer, max_attempts=2, retry_base_s=60)
+    assert deliver_through(d, broken) == 1
+    (hook,) = store.due_webhooks(time.time() + 120)
+    assert hook.attempts == 1 and hook.next_attempt_at > time.time() + 30

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -160,6 +161,15 @@ class WebhookDispatcher:
         await self.drain()
 
     async def _deliver(self, client: httpx.AsyncClient, hook_id: int, job_id: str, url: str, attempts: int) -> None:
+        try:
+            await self._attempt(client, hook_id, job_id, url, attempts)
+        except Exception as exc:  # unforeseen: a failed try like any other, never a webhook left pending for ever
+            log.exception("webhook for %s to %s: unexpected error", job_id, url)
+            # If the store is what failed, the claim on this webhook expires and it is tried again then.
+            with contextlib.suppress(Exception):
+                await self._failed(hook_id, job_id, url, attempts, f"{type(exc).__name__}: {exc}")
+
+    async def _attempt(self, client: httpx.AsyncClient, hook_id: int, job_id: str, url: str, attempts: int) -> None:
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None:
             await asyncio.to_thread(self.store.webhook_failed, hook_id, "job no longer exists", None)

@@ -151,13 +151,18 @@ def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
     address = check_public_host(hostname, default_port)[0]
     host = f"[{address}]" if ":" in address else address
     netloc = f"{host}:{port}" if port else host
-    userinfo, at, host_and_port = parts.netloc.rpartition("@")
+    userinfo, at, _host_and_port = parts.netloc.rpartition("@")
     if at and _USERINFO.fullmatch(userinfo):  # credentials in the URL still travel (as HTTP basic auth)
         netloc = f"{userinfo}@{netloc}"
+    try:  # the Host header and the TLS server name are ASCII: an internationalised name goes as its IDNA form
+        wire = httpx.URL(url)
+        host_header, server_name = wire.netloc.decode("ascii"), wire.raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise InputFetchError(f"not a valid URL: {url[:200]} ({exc})") from None
     return PinnedTarget(
         urlunsplit(parts._replace(netloc=netloc)),
-        {"Host": host_and_port},
-        {"sni_hostname": hostname} if parts.scheme == "https" else {},
+        {"Host": host_header},
+        {"sni_hostname": server_name} if parts.scheme == "https" else {},
     )
 
 
