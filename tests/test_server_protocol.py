@@ -198,8 +198,9 @@ def one_more_cancellation(server: Server) -> Iterator[None]:
 
 
 def test_a_sync_run_whose_caller_hangs_up_is_cancelled(server: Server) -> None:
+    # 40 steps: far longer than the caller waits (4 steps of the test model can finish inside its 2.5 s)
     with one_more_cancellation(server), pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/run/{APP}", json={**CHEAP_INPUT, "num_inference_steps": 4}, timeout=2.5)
+        httpx.post(f"{server.url}/run/{APP}", json={**CHEAP_INPUT, "num_inference_steps": 40}, timeout=2.5)
 
 
 def test_hostile_inputs_get_4xx_never_500(server: Server) -> None:

@@ -40,6 +40,8 @@ def metrics(ctx: Context) -> Response:
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# fal serves it from rest.alpha.fal.ai, which the proxy route maps to /rest.
 @router.get("/.well-known/jwks.json")
+@router.get("/rest/.well-known/jwks.json", include_in_schema=False)
 def jwks(ctx: Context) -> dict[str, Any]:
     return ctx.webhook_signer.jwks()

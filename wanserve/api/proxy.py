@@ -7,10 +7,12 @@ body unchanged, so the answer is exactly what the direct route answers.
 
 from __future__ import annotations
 
-import json
 from urllib.parse import unquote, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from wanserve.api.responses import error_response
+from wanserve.errors import BadRequest
 
 PROXY_PATH = "/api/fal/proxy"
 
@@ -56,20 +58,8 @@ class FalProxyMiddleware:
         resolved = local_target(target, self.public_url) if target else None
         if resolved is None:
             detail = "Invalid request: missing x-fal-target-url" if not target else f"Invalid target URL: {target}"
-            await _json(send, 400, {"detail": detail, "error_type": "bad_request"})
+            await error_response(BadRequest(detail))(scope, receive, send)
             return
         raw_path, query = resolved
         scope = {**scope, "path": unquote(raw_path), "raw_path": raw_path.encode(), "query_string": query}
         await self.app(scope, receive, send)
-
-
-async def _json(send: Send, status: int, body: dict[str, str]) -> None:
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from wanserve.api.context import Authorized, Caller, Context, ReadLimited, ServerContext, SubmitLimited
 from wanserve.api.files import signed_reply
 from wanserve.api.responses import reply_response
-from wanserve.errors import BadRequest
+from wanserve.errors import BadRequest, NotFound
 from wanserve.jobs.model import JobState
 
 router = APIRouter(dependencies=[Authorized])
@@ -35,9 +35,19 @@ async def read_json(request: Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_int=_parse_int)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {type(exc).__name__}") from None
+
+
+def _parse_int(text: str) -> int | float:
+    """Python refuses integers over 4,300 digits (a guard against quadratic conversion). Such a number is valid
+    JSON and outside every field's range: it becomes an infinity, which validation then refuses (422, naming the
+    field) like any other out-of-range value, instead of the body being called malformed."""
+    try:
+        return int(text)
+    except ValueError:
+        return float("-inf") if text.startswith("-") else float("inf")
 
 
 RESERVED_QUERY = {"fal_webhook"}
@@ -75,7 +85,9 @@ async def status_events(ctx: ServerContext, job_id: str, with_logs: bool) -> Asy
         job = ctx.store.get(job_id)  # reads run on the event loop (see `status` below)
         if job is None:
             return
-        logs = ctx.store.logs(job_id, last_seq) if with_logs else None
+        # A queued status has no logs field: lines written meanwhile (an ignored-fields warning, a hand-back note)
+        # go out with the first event that has one, instead of being skipped over.
+        logs = ctx.store.logs(job_id, last_seq) if with_logs and job.state is not JobState.QUEUED else None
         body = ctx.service.status_body(job, logs)
         position = body.get("queue_position")
         if job.state != last_state or logs or position != last_position:
@@ -136,3 +148,10 @@ async def submit(
     job = await submit_job(ctx, endpoint, request, caller)
     body = await run_in_threadpool(ctx.service.submit_reply, job)
     return JSONResponse(body, headers={"x-fal-request-id": job.id})
+
+
+@router.get("/{path:path}", include_in_schema=False)
+async def unknown_get(path: str) -> None:
+    """Registered last: without it a GET that matches no route would partly match the submit route above and be
+    answered 405 Method Not Allowed instead of 404."""
+    raise NotFound(f"Not Found: GET /{path}")

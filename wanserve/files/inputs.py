@@ -101,8 +101,10 @@ def check_public_host(host: str, port: int) -> list[str]:
     else:
         try:
             infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode
+        except socket.gaierror as exc:
             raise HostNotResolved(f"cannot resolve {host[:100]}: {exc}") from None
+        except UnicodeError as exc:  # a label IDNA cannot encode (empty, too long): no DNS answer will ever come
+            raise InputFetchError(f"not a valid host name: {host[:100]} ({exc})") from None
         addresses = [str(info[4][0]) for info in infos]
     if not addresses:
         raise HostNotResolved(f"cannot resolve {host[:100]}: no address")

@@ -11,9 +11,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from wanserve.errors import BadRequest, InputFetchError, InputValidationError, NotFound, StillInProgress, TooManyQueued
+from wanserve.errors import (
+    BadRequest,
+    InputFetchError,
+    InputValidationError,
+    NotFound,
+    PrivateAddress,
+    StillInProgress,
+    TooManyQueued,
+)
 from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
-from wanserve.files.inputs import check_public_url
+from wanserve.files.inputs import HostNotResolved, check_public_url
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.limits import check_input_limits
 from wanserve.jobs.model import (
@@ -195,8 +203,12 @@ class JobService:
         if not self.allow_private_urls:
             try:
                 check_public_url(url)
-            except InputFetchError as exc:
+            except HostNotResolved:
+                pass  # DNS may answer by delivery time, which checks again (and retries, as for any failed try)
+            except PrivateAddress as exc:
                 raise BadRequest(f"fal_webhook is refused: {exc} (the operator can allow private URLs)") from None
+            except InputFetchError as exc:
+                raise BadRequest(f"fal_webhook is refused: {exc}") from None
 
     def submit_reply(self, job: Job) -> dict[str, Any]:
         return {

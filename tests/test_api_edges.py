@@ -1,0 +1,103 @@
+"""Protocol edges of the API, in-process (no worker): what a stream carries while queued, submit-time webhook
+checks, numbers too long for Python, proxy errors, unknown routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from wanserve.api.app import create_app
+from wanserve.api.queue import status_events
+from wanserve.config import Settings
+
+APP = "fal-ai/wan-22"
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> FastAPI:
+    return create_app(Settings(data_dir=tmp_path / "data", public_url="http://testserver"), workers=0)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def events(app: FastAPI, request_id: str, between: Any) -> list[dict[str, Any]]:
+    """The first status-stream event, then `between()`, then the next one."""
+    ctx = app.state.context
+
+    async def read() -> list[dict[str, Any]]:
+        stream = status_events(ctx, request_id, True)
+        first = await anext(stream)
+        between()
+        second = await anext(stream)
+        return [json.loads(event.decode().removeprefix("data: ")) for event in (first, second)]
+
+    return asyncio.run(read())
+
+
+def test_log_lines_written_while_queued_reach_the_stream(app: FastAPI, client: TestClient) -> None:
+    """A queued status has no logs; the lines written meanwhile must come with the next event (JS concatenates the
+    events' logs, so a skipped line is lost for a streaming client although a polling one sees it)."""
+    request_id = client.post(f"/{APP}", json={"prompt": "a fox", "unknown_field": 1}).json()["request_id"]
+    queued, cancelled = events(app, request_id, lambda: client.put(f"/{APP}/requests/{request_id}/cancel"))
+    assert queued["status"] == "IN_QUEUE" and "logs" not in queued
+    assert cancelled["status"] == "COMPLETED"
+    streamed = [line["message"] for line in cancelled["logs"]]
+    polled = client.get(f"/{APP}/requests/{request_id}/status", params={"logs": 1}).json()["logs"]
+    assert streamed == [line["message"] for line in polled]
+    assert streamed[0] == "Ignored unknown input fields: unknown_field"
+
+
+def test_a_webhook_host_that_does_not_resolve_yet_is_accepted_a_private_one_is_not(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivery checks the host again and retries; DNS failing at submit time must not lose the request."""
+
+    def resolve(host: str, *_args: Any, **_kwargs: Any) -> Any:
+        if host == "hooks.example.com":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    later = client.post(f"/{APP}", params={"fal_webhook": "https://hooks.example.com/h"}, json={"prompt": "a fox"})
+    assert later.status_code == 200, later.text
+    private = client.post(f"/{APP}", params={"fal_webhook": "https://intranet.example/h"}, json={"prompt": "a fox"})
+    assert private.status_code == 400 and "private" in private.json()["detail"]
+
+
+def test_an_integer_too_long_for_python_is_a_422_naming_its_field(client: TestClient) -> None:
+    body = b'{"prompt": "a fox", "num_frames": ' + b"9" * 5000 + b"}"
+    response = client.post(f"/{APP}", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [["body", "num_frames"]]
+
+
+@pytest.mark.parametrize("target", [None, "https://evil.example/x"])
+def test_proxy_errors_carry_the_error_type_header(client: TestClient, target: str | None) -> None:
+    headers = {"x-fal-target-url": target} if target else {}
+    response = client.post("/api/fal/proxy", json={}, headers=headers)
+    assert response.status_code == 400
+    assert response.headers["x-fal-error-type"] == response.json()["error_type"] == "bad_request"
+
+
+def test_unknown_get_routes_are_404_and_the_jwks_is_also_where_fal_serves_it(client: TestClient) -> None:
+    missing = client.get("/no/such/route")
+    assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
+    assert client.get("/openapi.json").status_code == 200  # the framework's own routes still answer
+    jwks = client.get("/.well-known/jwks.json").json()
+    assert client.get("/rest/.well-known/jwks.json").json() == jwks
+    proxied = client.get(
+        "/api/fal/proxy", headers={"x-fal-target-url": "https://rest.alpha.fal.ai/.well-known/jwks.json"}
+    )
+    assert proxied.status_code == 200 and proxied.json() == jwks
