@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from server import CHEAP_INPUT, Server
 
+from wanserve.api.queue import KEEPALIVE_S
 from wanserve.client import (
     AsyncWanserveClient,
     AuthError,
@@ -20,7 +24,9 @@ from wanserve.client import (
     RequestCancelled,
     WanserveClient,
 )
+from wanserve.client import client as client_module
 from wanserve.client.client import (
+    STREAM_TIMEOUT,
     SseDecoder,
     StatusAccumulator,
     app_of,
@@ -57,6 +63,9 @@ def test_sse_decoding_accumulates_logs_and_skips_keep_alives() -> None:
 def test_endpoints_and_error_types() -> None:
     assert resolve_endpoint({"loras": [{"path": "x"}]}, "fal-ai/wan-22", None) == "fal-ai/wan-22/lora"
     assert resolve_endpoint({"loras": []}, "fal-ai/wan-22", None) == "fal-ai/wan-22"
+    # reverse_video exists only on /lora: sent to the base endpoint it would be ignored
+    assert resolve_endpoint({"reverse_video": True}, "fal-ai/wan-22", None) == "fal-ai/wan-22/lora"
+    assert resolve_endpoint({"reverse_video": False}, "fal-ai/wan-22", None) == "fal-ai/wan-22"
     assert resolve_endpoint({"loras": [{"path": "x"}]}, "fal-ai/wan-22", "acme/custom") == "acme/custom"
     assert resolve_endpoint({}, "fal-ai/wan/v2.2-a14b/text-to-video", None) == "fal-ai/wan/v2.2-a14b/text-to-video"
     assert app_of("fal-ai/wan/v2.2-a14b/text-to-video/lora") == "fal-ai/wan"  # the server's rule
@@ -137,6 +146,63 @@ def test_the_key_never_leaves_for_another_host(tmp_path: Path) -> None:
         ("http://api.test/files/a.mp4", "Key secret"),
         ("https://bucket.s3.example.com/b.mp4?X-Amz-Signature=x", None),
     ]
+
+
+S3_URL = "https://bucket.s3.example.com/c.mp4?X-Amz-Signature=x"
+
+
+def s3_redirecting(seen: list[tuple[str, str | None]]) -> httpx.MockTransport:
+    """A server whose files live on S3: /files/ answers 307 to a presigned URL, which serves the bytes."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization")))
+        if request.url.host == "api.test":
+            return httpx.Response(307, headers={"location": S3_URL})
+        return httpx.Response(200, content=b"video from s3")
+
+    return httpx.MockTransport(handler)
+
+
+def test_download_follows_the_redirect_to_s3_without_the_key(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+    client = WanserveClient("http://api.test", key="secret")
+    client.http = httpx.Client(base_url=client.url, headers=client.http.headers, transport=s3_redirecting(seen))
+    assert client.download("http://api.test/files/c.mp4", tmp_path / "c.mp4").read_bytes() == b"video from s3"
+    assert seen == [("http://api.test/files/c.mp4", "Key secret"), (S3_URL, None)]
+
+    async def download_async() -> bytes:
+        aclient = AsyncWanserveClient("http://api.test", key="secret")
+        transport = httpx.MockTransport(s3_redirecting(seen).handler)  # type: ignore[arg-type]
+        aclient.http = httpx.AsyncClient(base_url=aclient.url, headers=aclient.http.headers, transport=transport)
+        path = await aclient.download("http://api.test/files/c.mp4", tmp_path / "d.mp4")
+        await aclient.aclose()
+        return path.read_bytes()
+
+    seen.clear()
+    assert asyncio.run(download_async()) == b"video from s3"
+    assert seen == [("http://api.test/files/c.mp4", "Key secret"), (S3_URL, None)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4", "d.mp4"]  # no partial files left
+
+
+def test_a_status_stream_that_goes_silent_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server sends a keep-alive every KEEPALIVE_S; a stream silent for much longer is a dead connection, which
+    must raise (subscribe then polls) rather than block for ever."""
+    assert STREAM_TIMEOUT.read is not None and KEEPALIVE_S < STREAM_TIMEOUT.read <= 4 * KEEPALIVE_S
+    monkeypatch.setattr(client_module, "STREAM_TIMEOUT", httpx.Timeout(5.0, read=0.3))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def silent_stream() -> None:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            time.sleep(3)
+            conn.close()
+
+        thread = threading.Thread(target=silent_stream, daemon=True)
+        thread.start()
+        with WanserveClient(f"http://127.0.0.1:{port}") as client, pytest.raises(httpx.ReadTimeout):
+            list(client.stream_status("00000000-0000-0000-0000-000000000000"))
 
 
 def test_sync_client_errors_and_cancel(server: Server) -> None:

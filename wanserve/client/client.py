@@ -13,6 +13,7 @@ protocol logic below (URLs, bodies, parsing, SSE decoding); they differ only in 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 import os
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from wanserve.jobs.endpoints import app_of  # the server's own rule for status/result/cancel URLs
 from wanserve.progress import StepLine
-from wanserve.schema import WanT2VRequest, WanT2VResponse
+from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest, WanT2VResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_APP = "fal-ai/wan-22"
@@ -163,7 +164,12 @@ def resolve_endpoint(arguments: Mapping[str, Any], app: str, endpoint: str | Non
     if endpoint is not None:
         return endpoint.strip("/")
     base = app.strip("/")
-    return f"{base}/lora" if arguments.get("loras") else base
+    return f"{base}/lora" if any(arguments.get(name) for name in LORA_ONLY_FIELDS) else base
+
+
+# Inputs that only the `/lora` endpoint reads (the base endpoint ignores unknown fields): a request that sets one
+# goes there, or it would be silently dropped.
+LORA_ONLY_FIELDS = tuple(sorted(set(WanLoRAT2VRequest.model_fields) - set(WanT2VRequest.model_fields)))
 
 
 def request_body(arguments: Arguments) -> dict[str, Any]:
@@ -248,7 +254,10 @@ def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     return base, ({"Authorization": f"Key {key}"} if key else {})
 
 
-STREAM_TIMEOUT = httpx.Timeout(60.0, read=None)  # a status stream may sit quiet through a long step
+# A status stream is quiet through a long step, but the server sends a keep-alive every 15 s: silence for much
+# longer means a dead connection (a proxy that went away, a half-open socket), which subscribe() then replaces by
+# polling instead of waiting for ever.
+STREAM_TIMEOUT = httpx.Timeout(60.0, read=45.0)
 UPLOAD_INITIATE = "/rest/storage/upload/initiate"
 
 
@@ -384,11 +393,12 @@ class WanserveClient(_Routes):
         return str(target["file_url"])
 
     def download(self, url: str, path: Path | str) -> Path:
-        """Downloads a result file (written whole, then renamed into place)."""
+        """Downloads a result file (written whole, then renamed into place). Redirects are followed: a server that
+        keeps its files on S3 answers with one to a presigned URL (httpx drops the API key on the way there)."""
         path = Path(path)
         staging = path.with_name(f".{path.name}.part")
         try:
-            with self._for(url).stream("GET", url) as response:
+            with self._for(url).stream("GET", url, follow_redirects=True) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise error_from_response(response)
@@ -488,8 +498,6 @@ class AsyncWanserveClient(_Routes):
         return await self.result(submitted.request_id, app=app)
 
     async def _follow(self, request_id: str, app: str, with_logs: bool) -> AsyncIterator[QueueStatus]:
-        import asyncio
-
         try:
             async for status in self.stream_status(request_id, logs=with_logs, app=app):
                 yield status
@@ -520,3 +528,23 @@ class AsyncWanserveClient(_Routes):
         upload_url = target["upload_url"]
         check(await self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
         return str(target["file_url"])
+
+    async def download(self, url: str, path: Path | str) -> Path:
+        """WanserveClient.download, asynchronously (the file is written by a thread, chunk by chunk)."""
+        path = Path(path)
+        staging = path.with_name(f".{path.name}.part")
+        try:
+            async with self._for(url).stream("GET", url, follow_redirects=True) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_from_response(response)
+                out = await asyncio.to_thread(staging.open, "wb")
+                try:
+                    async for chunk in response.aiter_bytes():
+                        await asyncio.to_thread(out.write, chunk)
+                finally:
+                    await asyncio.to_thread(out.close)
+            await asyncio.to_thread(staging.replace, path)
+        finally:
+            staging.unlink(missing_ok=True)
+        return path
