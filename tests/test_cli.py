@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -108,13 +109,17 @@ def test_generate_with_a_local_lora_file_and_a_bad_one(tmp_path: Path, model_cac
 
     from wanserve.engine.tiny import TinyConfig, build_expert
 
-    write_wan(tmp_path / "style.safetensors", random_factors(build_expert(TinyConfig()), seed=3), alpha=4)
-    (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
+    (tmp_path / "loras").mkdir()
+    write_wan(tmp_path / "loras" / "style.safetensors", random_factors(build_expert(TinyConfig()), seed=3), alpha=4)
     common = ["generate", "a fox", "--model", str(coarse_model), "--resolution", "480p",
               "--num-inference-steps", "1", "--seed", "1", "--json"]  # fmt: skip
-    ok = run_cli([*common, "--lora", "style.safetensors:0.5:high", "-o", "a.mp4"], model_cache, tmp_path)
+    # A path relative to the working directory, in a subfolder.
+    ok = run_cli([*common, "--lora", "loras/style.safetensors:0.5:high", "-o", "a.mp4"], model_cache, tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert "LoRA 1/1 (style.safetensors): loaded into the high-noise expert" in ok.stderr and "scale 0.5" in ok.stderr
-    bad = run_cli([*common, "--lora", str(tmp_path / "junk.safetensors"), "-o", "b.mp4"], model_cache, tmp_path)
+    assert re.search(r"LoRA 1/1 \(\S*/loras/style\.safetensors\): loaded into the high-noise expert", ok.stderr)
+    assert "scale 0.5" in ok.stderr
+    # A data URI longer than a file name may be (the file system refuses to even look it up).
+    junk = "data:application/octet-stream;base64," + base64.b64encode(b"junk" * 2000).decode()
+    bad = run_cli([*common, "--lora", junk, "-o", "b.mp4"], model_cache, tmp_path)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "error (invalid_lora): loras.0.path: not a valid safetensors file" in bad.stderr

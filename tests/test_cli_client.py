@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from server import Server
 
-from wanserve.client.commands import parse_lora
+from wanserve.client.commands import local_file, parse_lora
 from wanserve.engine.video import probe_mp4
 
 CHEAP_FLAGS = ["--resolution", "480p", "--guidance-scale", "1", "--guidance-scale-2", "1"]
@@ -119,3 +120,15 @@ def test_errors_are_messages_not_tracebacks(server: Server) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert unreachable.returncode == 1 and "cannot reach the server" in unreachable.stderr
+
+
+def test_which_lora_arguments_are_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "a.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert local_file("loras/a.safetensors") == tmp_path / "loras" / "a.safetensors"
+    assert local_file("./loras/a.safetensors") == tmp_path / "loras" / "a.safetensors"
+    assert local_file("loras/missing.safetensors") is None
+    assert local_file("https://example.com/loras/a.safetensors") is None
+    assert local_file("data:application/octet-stream;base64," + "QUFB" * 5000) is None  # no OSError: too long
+    assert local_file("x" * 5000) is None and local_file("a\0b") is None

@@ -89,6 +89,23 @@ def test_cache_entries_expire_after_their_ttl(tmp_path: Path) -> None:
     assert cache.lookup("https://example.com/other.safetensors", now=1001.0) is None
 
 
+def test_url_index_entries_go_once_expired_even_while_their_file_stays(tmp_path: Path) -> None:
+    """Presigned URLs differ on every request: each adds an index entry for the same (fresh) file."""
+    cache = ContentCache(tmp_path / "c", max_bytes=1 << 20, url_ttl_s=60)
+    for i in range(50):
+        staged = cache.temp_path()
+        staged.write_bytes(b"the same lora")
+        cache.add(staged, f"https://bucket.example/l.safetensors?X-Amz-Signature={i}", now=time.time())
+    assert len(list(cache.index.glob("*.json"))) == 50 and len(list(cache.blobs.iterdir())) == 1
+    cache.evict(time.time() + 61)  # what the next download runs; a minute later every entry is past its TTL
+    assert list(cache.index.glob("*.json")) == [] and len(list(cache.blobs.iterdir())) == 1
+    no_ttl = ContentCache(tmp_path / "c2", max_bytes=1 << 20, url_ttl_s=0)
+    staged = no_ttl.temp_path()
+    staged.write_bytes(b"x")
+    no_ttl.add(staged, "https://example.com/x.safetensors", now=time.time())
+    assert list(no_ttl.index.glob("*.json")) == []  # never looked up: never written
+
+
 def test_disk_cache_is_bounded_least_recently_used_first_but_spares_files_in_use(tmp_path: Path) -> None:
     cache = ContentCache(tmp_path / "c", max_bytes=250, url_ttl_s=10**9)
 

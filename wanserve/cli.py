@@ -121,15 +121,21 @@ def _local_loras(request: WanLoRAT2VRequest, settings: Settings) -> list[Any]:
         return []
     import tempfile
 
+    from wanserve.client.commands import local_file
     from wanserve.files.local import LocalFileStore
     from wanserve.lora.sources import LoraResolver
 
-    named = [Path(lora.path).expanduser() for lora in request.loras]
-    roots = [*settings.lora_roots, *(path.resolve().parent for path in named if path.is_file())]
+    files = [local_file(lora.path) for lora in request.loras]
+    # A file named on the command line goes by its absolute path, inside a root made of its own folder.
+    loras = [
+        lora if file is None else lora.model_copy(update={"path": str(file)})
+        for lora, file in zip(request.loras, files, strict=True)
+    ]
+    roots = [*settings.lora_roots, *(file.parent for file in files if file is not None)]
     local = settings.model_copy(update={"lora_roots": roots, "allow_private_urls": True})
     with tempfile.TemporaryDirectory() as no_storage:  # a local run has no file storage of its own
         resolver = LoraResolver(local, LocalFileStore(Path(no_storage), "http://wanserve.invalid"))
-        return resolver.uses(request.loras)
+        return resolver.uses(loras)
 
 
 class _progress_bar:

@@ -39,14 +39,26 @@ def parse_lora(spec: str) -> dict[str, Any]:
     return {"path": path, **lora}
 
 
+def local_file(path: str) -> Path | None:
+    """`path` as a file on this machine, if it names one. URLs and data URIs never do (and a data URI is too long
+    to be a file name: asking the file system would fail rather than answer no)."""
+    if "://" in path or path[:5].lower() == "data:":
+        return None
+    try:
+        local = Path(path).expanduser()
+        return local.resolve() if local.is_file() else None
+    except (OSError, ValueError):  # a name too long, or with a NUL byte: not a file here
+        return None
+
+
 def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> list[dict[str, Any]]:
     """LoRA entries of a request; a path that is a file on this machine is uploaded first (as the fal clients
     do with a Blob), anything else goes to the server as it is (a URL, a server-side path, `owner/name`)."""
     loras = []
     for spec in specs:
         lora = parse_lora(spec)
-        local = Path(lora["path"]).expanduser()
-        if local.is_file():
+        local = local_file(lora["path"])
+        if local is not None:
             lora["path"] = client.upload_file(local)
             print(f"uploaded {local} -> {lora['path']}", file=out, flush=True)
         loras.append(lora)

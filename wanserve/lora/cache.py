@@ -78,7 +78,7 @@ class ContentCache:
         blob = self.blobs / sha
         os.replace(downloaded, blob)
         size = blob.stat().st_size
-        if url is not None:
+        if url is not None and self.url_ttl_s > 0:  # with no TTL, lookups never read an entry: write none
             entry = {"url": url, "sha256": sha, "size": size, "fetched_at": now}
             staged = self.temp_path()
             staged.write_text(json.dumps(entry))
@@ -106,7 +106,16 @@ class ContentCache:
             removed.append(path.name)
         if removed:
             self._drop_index_entries(set(removed))
+        self._drop_expired_index_entries(now)
         return removed
+
+    def _drop_expired_index_entries(self, now: float) -> None:
+        """An entry older than the URL TTL is never used again (its file's mtime is when it was written). Without
+        this, URLs that differ on every request (presigned ones) would add an entry each, for ever."""
+        for entry_path in self.index.glob("*.json"):
+            with contextlib.suppress(OSError):
+                if now - entry_path.stat().st_mtime > max(self.url_ttl_s, 0.0):
+                    entry_path.unlink()
 
     def _drop_index_entries(self, gone: set[str]) -> None:
         for entry_path in self.index.glob("*.json"):
