@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 from wanserve.jobs.model import JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
@@ -52,3 +53,38 @@ def test_a_stalled_worker_exits_and_its_job_is_retried(tmp_path: Path) -> None:
     assert recover_lost_jobs(store, ["hung"], max_attempts=2) == []  # first attempt: back to the queue
     requeued = store.get("j1")
     assert requeued is not None and requeued.state is JobState.QUEUED
+
+
+# A worker stand-in that takes a second to hand its job back on SIGINT, as a real one does.
+SLOW_TO_STOP = (
+    "import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *_: (time.sleep(1), sys.exit(3)))\ntime.sleep(60)"
+)
+
+
+def test_a_restarted_worker_is_stopped_with_sigint_not_killed(tmp_path: Path, monkeypatch: Any) -> None:
+    """The parent-death signal (PR_SET_PDEATHSIG) is per thread: a worker restarted by the supervisor's thread
+    was SIGKILLed as soon as that thread ended at shutdown, before it could hand its job back."""
+    from wanserve.backends import open_job_store
+    from wanserve.config import Settings
+    from wanserve.worker import supervisor
+
+    spawned: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def stand_in(_args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        spawned.append(popen([sys.executable, "-c", SLOW_TO_STOP], preexec_fn=kwargs.get("preexec_fn")))
+        return spawned[-1]
+
+    monkeypatch.setattr(supervisor.subprocess, "Popen", stand_in)
+    settings = Settings(data_dir=tmp_path / "data", public_url="http://test")
+    workers = supervisor.WorkerSupervisor(settings, open_job_store(settings), 1)
+    workers.start()
+    time.sleep(0.5)
+    spawned[0].kill()  # a crash: the supervisor's thread starts the next one
+    deadline = time.monotonic() + 30
+    while len(spawned) < 2:
+        assert time.monotonic() < deadline, "the crashed worker was not restarted"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the stand-in installs its SIGINT handler
+    workers.stop()
+    assert spawned[1].returncode == 3  # its SIGINT handler ran to the end (-9: killed)

@@ -75,6 +75,10 @@ class WorkerSupervisor:
         self.store = store
         self.slots = [_Slot(i) for i in range(count)]
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a check (and the restart it may do) and stop() never overlap
+        # The parent-death signal is per thread: the thread that restarted a worker must outlive it, so it runs
+        # until stop() has seen every worker exit, not merely until stop() begins.
+        self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self.host = socket.gethostname()
         self.boot = secrets.token_hex(3)
@@ -117,10 +121,13 @@ class WorkerSupervisor:
         log.info("started worker %s (pid %d)", slot.worker_id, slot.process.pid)
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._done.wait(0.2):
+            if self._stop.is_set():
+                continue
             for slot in self.slots:
                 try:
-                    self._check(slot)
+                    with self._lock:
+                        self._check(slot)
                 except Exception:
                     log.exception("supervising worker %s failed", slot.worker_id)
 
@@ -142,9 +149,8 @@ class WorkerSupervisor:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        procs = [s.process for s in self.slots if s.process is not None]
+        with self._lock:  # a restart in progress completes first; none starts after this
+            procs = [s.process for s in self.slots if s.process is not None]
         for proc in procs:
             # SIGINT, not SIGTERM (a drain): the server is going away, so running jobs go back to the queue
             # at once, for another worker or the next start, instead of holding the shutdown up.
@@ -156,6 +162,11 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        # Only now: the supervisor thread's exit would SIGKILL the workers it restarted (their jobs would count an
+        # attempt) had they not stopped already.
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
         # A child that had to be killed leaves its job running: hand it back now, not after its lease.
         ids = [slot.worker_id for slot in self.slots if slot.worker_id]
         recover_lost_jobs(self.store, ids, self.settings.job_max_attempts)
