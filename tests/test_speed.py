@@ -17,6 +17,7 @@ import torch
 from engines import record_forwards, small_spec, tiny_engine
 from torch import nn
 
+import wanserve.engine.pipeline as pipeline
 import wanserve.engine.speed as speed
 from wanserve.engine.fp8 import (
     FP8,
@@ -343,7 +344,7 @@ def cfg_spec(**overrides: object) -> GenerationSpec:
     return small_spec(**{"num_inference_steps": 4, "guidance_scale": 1.0, "guidance_scale_2": 4.0, **overrides})
 
 
-def test_cfg_is_decided_per_expert_and_batched_by_exact(model_cache: Path) -> None:
+def test_cfg_is_decided_per_expert_and_batched_by_exact(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = cfg_spec()
     eager = tiny_engine(model_cache, preset="eager")
     assert eager.speed.preset is Preset.EAGER and not eager.batch_cfg
@@ -365,6 +366,15 @@ def test_cfg_is_decided_per_expert_and_batched_by_exact(model_cache: Path) -> No
     with record_forwards(exact) as calls:
         exact.generate(cfg_spec(guidance_scale=3.0, guidance_scale_2=1.0))
     assert calls == [("high", 999, 2), ("high", 937, 2), ("low", 833, 1), ("low", 624, 1)]
+
+    # A video over the memory plan's largest (121 frames at 720p where the plan holds 81 batched) goes as two
+    # forwards: the same predictions, two thirds of the activation memory.
+    monkeypatch.setattr(pipeline, "LARGEST_VIDEO_TOKENS", 10)
+    with record_forwards(exact) as calls:
+        long_frames = exact.generate(spec).frames
+    assert calls == [("high", 999, 1), ("high", 937, 1), ("low", 833, 1), ("low", 833, 1), ("low", 624, 1),
+                     ("low", 624, 1)]  # fmt: skip
+    assert rel_error(long_frames, exact_frames) < 1e-4
 
 
 def test_fast_preset_on_the_tiny_engine(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,9 @@ GiB = 1024**3
 # Activation peak of one expert forward per token per batch row, per model channel (DESIGN.md section 5: 720p,
 # 75,600 tokens, batch 2, dim 5120 peaks at 15.9 GiB, i.e. ~22 bytes per token-channel).
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 22
-LARGEST_VIDEO_TOKENS = 75_600  # 1280x720, 81 frames
+# The video the policies are sized for: 1280x720, 81 frames (the default), cond and uncond in one batch-2 forward.
+# Longer ones (up to 121 frames) run cond and uncond as two forwards, which needs less (WanEngine.predict_noise).
+LARGEST_VIDEO_TOKENS = 75_600
 HEADROOM_BYTES = 2 * GiB  # VAE decode workspace, allocator fragmentation, LoRA adapters
 
 

@@ -27,7 +27,7 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from wanserve.engine.lora import LoraAdapters
-from wanserve.engine.memory import GiB, MemoryManager, MemoryPlan, MemoryPolicy, plan_memory
+from wanserve.engine.memory import LARGEST_VIDEO_TOKENS, GiB, MemoryManager, MemoryPlan, MemoryPolicy, plan_memory
 from wanserve.engine.parallel import tokens_of
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.engine.speed import DeviceInfo, SpeedPlan, compile_experts, plan_speed, prepare_experts
@@ -181,6 +181,12 @@ class _StepClock:
                     elapsed=now - self.start,
                 )
             )
+
+
+def _tokens(model: WanTransformer3DModel, latents: torch.Tensor) -> int:
+    """Sequence length of one forward of `model` over `latents` (batch, channels, frames, height, width)."""
+    pt, ph, pw = model.config.patch_size
+    return (latents.shape[2] // pt) * (latents.shape[3] // ph) * (latents.shape[4] // pw)
 
 
 class WanEngine:
@@ -420,10 +426,12 @@ class WanEngine:
             return self.parallel.cfg_parallel(
                 forward, latent_input, embeds, lambda: self.memory.handing_off(step.expert, following)
             )
-        if embeds.both is not None:
+        if embeds.both is not None and _tokens(model, latent_input) <= LARGEST_VIDEO_TOKENS:
             with self.memory.handing_off(step.expert, following):
                 cond, uncond = forward("cond_uncond", torch.cat([latent_input] * 2), embeds.both).chunk(2)
             return cond, uncond
+        # Two forwards: not batching, or a video longer than the memory plan's largest (up to 121 frames are
+        # allowed; the plan holds 81 at 720p with CFG batched, and two batch-1 forwards need two thirds of that).
         assert embeds.uncond is not None
         cond = forward("cond", latent_input, embeds.cond)
         with self.memory.handing_off(step.expert, following):
