@@ -101,3 +101,13 @@ def test_unknown_get_routes_are_404_and_the_jwks_is_also_where_fal_serves_it(cli
         "/api/fal/proxy", headers={"x-fal-target-url": "https://rest.alpha.fal.ai/.well-known/jwks.json"}
     )
     assert proxied.status_code == 200 and proxied.json() == jwks
+
+
+def test_a_file_is_never_cached_past_its_expiry(client: TestClient) -> None:
+    lifecycle = {"x-fal-object-lifecycle-preference": json.dumps({"expiration_duration_seconds": 60})}
+    for headers, longest in (({}, 3600), (lifecycle, 60)):
+        init = client.post("/rest/storage/upload/initiate", json={"file_name": "a.bin"}, headers=headers).json()
+        assert client.put(init["upload_url"], content=b"bytes").status_code == 200
+        cache_control = client.get(init["file_url"]).headers["cache-control"]
+        scope, _, max_age = cache_control.partition(", max-age=")
+        assert scope == "public" and longest - 5 <= int(max_age) <= longest, cache_control

@@ -158,3 +158,15 @@ def test_cancel_stops_a_running_request(page: Page) -> None:
     expect(page.locator("#status")).to_have_text("Cancelled.", timeout=60_000)
     expect(page.locator("#history li").first).to_contain_text("cancelled")
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+
+
+def test_reverse_video_is_sent_to_the_endpoint_that_reads_it(page: Page) -> None:
+    """reverse_video exists only on /lora; the base endpoint would ignore it (with a warning in the logs)."""
+    submitted: list[str] = []
+    page.on("request", lambda r: submitted.append(r.url) if r.method == "POST" else None)
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=81, steps=1)
+    page.get_by_label("Reverse video").check()
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done", timeout=120_000)
+    assert [url.split("/", 3)[3] for url in submitted] == ["fal-ai/wan-22/lora"], submitted

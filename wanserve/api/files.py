@@ -116,10 +116,13 @@ def get_file(
         check_range(range, stored.size)
     except RangeNotSatisfiable as exc:
         return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
+    # Cached for an hour at most, never past the file's expiry or its signed URL's (a cache would outlive them).
+    limits = [3600.0] + [float(t) - now for t in (stored.expires_at, exp if exp and exp.isdigit() else None) if t]
+    max_age = max(0, int(min(limits)))
     # Files share the API's origin here: never let a browser run one as a page.
     headers = {
         "ETag": f'"{stored.etag}"',
-        "Cache-Control": "public, max-age=3600",
+        "Cache-Control": f"{'private' if ctx.api_keys.enabled else 'public'}, max-age={max_age}",
         "Content-Disposition": content_disposition(stored),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox; default-src 'none'",

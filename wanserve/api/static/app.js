@@ -256,7 +256,8 @@ async function submit(event) {
   clearErrors();
   const body = readForm();
   localStorage.setItem(KEY_KEY, $("api-key").value);
-  const endpoint = body.loras ? `${app}/lora` : app;
+  // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs.
+  const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
   $("submit").disabled = true;
   setStatus("Submitting…");
   try {
