@@ -183,12 +183,6 @@ class _StepClock:
             )
 
 
-def _tokens(model: WanTransformer3DModel, latents: torch.Tensor) -> int:
-    """Sequence length of one forward of `model` over `latents` (batch, channels, frames, height, width)."""
-    pt, ph, pw = model.config.patch_size
-    return (latents.shape[2] // pt) * (latents.shape[3] // ph) * (latents.shape[4] // pw)
-
-
 class WanEngine:
     """Turns a GenerationSpec into frames with a loaded Wan 2.2 pipeline."""
 
@@ -343,9 +337,11 @@ class WanEngine:
         prompt_embeds = prompt_embeds.to(transformer_dtype)
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(transformer_dtype)
-        both_embeds = (
-            torch.cat([prompt_embeds, negative_embeds]) if self.batch_cfg and negative_embeds is not None else None
-        )
+        # Cond and uncond in one batch-2 forward, up to the video the memory plan holds that way (720p, 81 frames);
+        # a longer one (up to 121 frames) runs them as two forwards, which needs two thirds of the memory.
+        tokens = tokens_of(generated, spec.height, spec.width, self.frame_step, self.size_multiple)
+        batched = self.batch_cfg and negative_embeds is not None and tokens <= LARGEST_VIDEO_TOKENS
+        both_embeds = torch.cat([prompt_embeds, negative_embeds]) if batched else None
         timings["encode_s"] = time.perf_counter() - t0
 
         # Noise is drawn on the CPU so that a seed gives the same video on any device.
@@ -426,12 +422,10 @@ class WanEngine:
             return self.parallel.cfg_parallel(
                 forward, latent_input, embeds, lambda: self.memory.handing_off(step.expert, following)
             )
-        if embeds.both is not None and _tokens(model, latent_input) <= LARGEST_VIDEO_TOKENS:
+        if embeds.both is not None:
             with self.memory.handing_off(step.expert, following):
                 cond, uncond = forward("cond_uncond", torch.cat([latent_input] * 2), embeds.both).chunk(2)
             return cond, uncond
-        # Two forwards: not batching, or a video longer than the memory plan's largest (up to 121 frames are
-        # allowed; the plan holds 81 at 720p with CFG batched, and two batch-1 forwards need two thirds of that).
         assert embeds.uncond is not None
         cond = forward("cond", latent_input, embeds.cond)
         with self.memory.handing_off(step.expert, following):
