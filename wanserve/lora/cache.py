@@ -104,24 +104,19 @@ class ContentCache:
             path.unlink(missing_ok=True)
             total -= size
             removed.append(path.name)
-        if removed:
-            self._drop_index_entries(set(removed))
-        self._drop_expired_index_entries(now)
+        self._prune_index(now, set(removed))
         return removed
 
-    def _drop_expired_index_entries(self, now: float) -> None:
-        """An entry older than the URL TTL is never used again (its file's mtime is when it was written). Without
-        this, URLs that differ on every request (presigned ones) would add an entry each, for ever."""
-        for entry_path in self.index.glob("*.json"):
-            with contextlib.suppress(OSError):
-                if now - entry_path.stat().st_mtime > max(self.url_ttl_s, 0.0):
-                    entry_path.unlink()
-
-    def _drop_index_entries(self, gone: set[str]) -> None:
+    def _prune_index(self, now: float, gone: set[str]) -> None:
+        """One pass over the URL index: entries of removed blobs go, and so do entries past the URL TTL, which are
+        never used again (an entry file's mtime is when it was written). Without the latter, URLs that differ on
+        every request (presigned ones) would add an entry each, for ever."""
         for entry_path in self.index.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                if json.loads(entry_path.read_text())["sha256"] in gone:
-                    entry_path.unlink(missing_ok=True)
+                if now - entry_path.stat().st_mtime > max(self.url_ttl_s, 0.0) or (
+                    gone and json.loads(entry_path.read_text())["sha256"] in gone
+                ):
+                    entry_path.unlink()
 
     def _remove_abandoned_temp(self, now: float) -> None:
         for path in self.tmp.iterdir():
