@@ -306,6 +306,11 @@ def _failure_message(failure: Failure) -> tuple[str, str]:
     return level.value, message
 
 
+def _completion_args(failure: Failure) -> tuple[str, str, str, str]:
+    """What `complete()` needs of a failure, in the order _CANCEL and _RELEASE take it: JSON, outcome, log line."""
+    return (failure.to_json(), failure.error_type, *_failure_message(failure))
+
+
 def _job(fields: dict[str, str]) -> Job:
     timeout = _float(fields.get("start_timeout_s"))
     created = float(fields["created_at"])
@@ -420,15 +425,11 @@ class RedisJobStore:
         return int(self.redis.scard(self._key("queued_by", owner)))
 
     def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
-        level, message = _failure_message(failure)
         outcome = self._run(
             "cancel",
             job_id,
             _num(now),
-            failure.to_json(),
-            failure.error_type,
-            level,
-            message,
+            *_completion_args(failure),
             "Cancellation requested: stopping at the next denoising step",
         )
         return CancelOutcome(outcome)
@@ -472,9 +473,7 @@ class RedisJobStore:
         return bool(self._run("heartbeat", job_id, worker_id, _num(now + lease_s)))
 
     def release(self, job_id: str, worker_id: str, now: float, note: str | None = None) -> bool:
-        failure = cancelled_failure()
-        level, message = _failure_message(failure)
-        cancelled = (failure.to_json(), failure.error_type, level, message)
+        cancelled = _completion_args(cancelled_failure())
         return bool(self._run("release", job_id, worker_id, _num(now), note or "", *cancelled))
 
     def cancel_requested(self, job_id: str) -> bool:
