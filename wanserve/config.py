@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     preset: Literal["auto", "eager", "exact", "fast"] = Field(
         "auto",
         description="Speed preset: `exact` (GPU default: compiled, cuDNN attention, batched CFG, same output), "
-        "`fast` (FP8 linears and INT8/FP8 attention, ~1-3% error), `eager` (CPU default: plain diffusers).",
+        "`fast` (FP8 linears and INT8 attention, ~2% error), `eager` (CPU default: plain diffusers).",
     )
     memory_policy: Literal["auto", "resident", "swap", "offload"] = Field(
         "auto",

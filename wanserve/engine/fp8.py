@@ -1,7 +1,7 @@
-"""Low-bit numerics of the `fast` preset: FP8 (e4m3) linears and INT8-QK / FP8-PV attention.
+"""Low-bit numerics of the `fast` preset: FP8 (e4m3) linears and INT8-QK / FP16-PV attention.
 
 On a CUDA GPU with FP8 tensor cores (compute capability >= 8.9) linears run `torch._scaled_mm` and
-self-attention runs the Triton kernel in `kernels/fp8_attention.py`. Anywhere else the same quantization is
+self-attention runs the Triton kernel in `kernels/int8_attention.py`. Anywhere else the same quantization is
 *emulated* (quantize, dequantize, compute in float32): slow, but numerically the same function, which is what
 lets CI check the error of the `fast` preset on a CPU.
 """
@@ -21,7 +21,7 @@ _TINY = 1e-12
 
 def _quantize(x: torch.Tensor, dim: int, limit: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric scaling: the absolute maximum of each slice along `dim` maps to `limit`. Returns values in `dtype`
-    and the float32 scales with `x ~= values * scale`. Integers round to nearest; FP8 rounds in the cast."""
+    and the float32 scales with `x ~= values * scale`. Integers round to nearest; floats round in the cast."""
     scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=_TINY) / limit
     scaled = x.float() / scale
     if not dtype.is_floating_point:
@@ -94,34 +94,33 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_attention_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as (batch, heads, tokens, head_dim) -> low-bit values and float32 scales for the attention kernel.
+    """q, k, v as (batch, heads, tokens, head_dim) -> the attention kernel's operands and float32 scales.
 
     q and k become INT8 with one scale per token (FP8 scores lose 4-12% on Wan-like inputs, INT8 about 1%); k is
-    first centred on its mean over the tokens (softmax is invariant to
-    adding the same q.mean(k) to every score of a row, and Wan's keys carry a large shared offset that would
-    otherwise eat the FP8 range). v becomes FP8 with one scale per channel, since P.V sums over tokens.
-    Returns q8, q_scale (b, h, tokens), k8, k_scale (b, h, tokens), v8, v_scale (b, h, head_dim)."""
+    first centred on its mean over the tokens (softmax is invariant to adding the same q.mean(k) to every score of a
+    row, and Wan's keys carry a large shared offset that would otherwise eat the INT8 range). v becomes float16 in
+    [-1, 1] with one scale per channel (P.V sums over tokens; bf16 values can lie beyond float16's range).
+    Returns q8, q_scale (b, h, tokens), k8, k_scale (b, h, tokens), v16, v_scale (b, h, head_dim)."""
     k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
     q8, q_scale = quantize_int8_rows(q)
     k8, k_scale = quantize_int8_rows(k)
-    v8, v_scale = quantize_rows(v, dim=2)
-    return q8, q_scale.squeeze(-1), k8, k_scale.squeeze(-1), v8, v_scale.squeeze(-2)
+    v16, v_scale = _quantize(v, 2, 1.0, torch.float16)
+    return q8, q_scale.squeeze(-1), k8, k_scale.squeeze(-1), v16, v_scale.squeeze(-2)
 
 
-def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def int8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """The low-bit attention's numerics in float32 (q, k, v: (batch, heads, tokens, head_dim)); what the Triton
-    kernel computes, and what runs where the kernel cannot: scores from INT8 q and k, probabilities scaled to the FP8
-    range and quantized, FP8 v, float32 accumulation, the row sum taken of the quantized probabilities. Queries go
-    `chunk` at a time to bound the score matrix's memory."""
-    q8, q_scale, k8, k_scale, v8, v_scale = quantize_attention_inputs(q, k, v)
+    kernel computes, and what runs where the kernel cannot: scores from INT8 q and k, probabilities rounded to
+    float16, float16 v, float32 accumulation, the row sum taken of the rounded probabilities. Queries go `chunk` at
+    a time to bound the score matrix's memory."""
+    q8, q_scale, k8, k_scale, v16, v_scale = quantize_attention_inputs(q, k, v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    k8f, v8f = k8.float().transpose(-1, -2), v8.float()
+    k8f, v16f = k8.float().transpose(-1, -2), v16.float()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for start in range(0, q.shape[-2], chunk):
         rows = slice(start, start + chunk)
         scores = (q8[..., rows, :].float() @ k8f) * (q_scale[..., rows, None] * sm_scale) * k_scale[..., None, :]
-        # exp(s - rowmax) spans [0, 1]; scaled to [0, 448] it uses the FP8 range (and its subnormals) fully.
-        probs = (torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * FP8_MAX).to(FP8).float()
-        part = (probs @ v8f) * v_scale[..., None, :]
+        probs = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).to(torch.float16).float()
+        part = (probs @ v16f) * v_scale[..., None, :]
         out[..., rows, :] = (part / probs.sum(dim=-1, keepdim=True)).to(q.dtype)
     return out

@@ -3,8 +3,8 @@
 - `eager`: diffusers' modules as they come (default attention, no compile); the CPU default and the baseline.
 - `exact` (GPU default): bf16 with no numerical change beyond float noise: regional compile of the repeated
   transformer block with a persistent compile cache, cuDNN attention, cond and uncond batched in one forward.
-- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and INT8-QK / FP8-PV
-  self-attention (`fp8.py`, `kernels/fp8_attention.py`). Off the FP8 hardware its numerics are emulated in
+- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and INT8-QK / FP16-PV
+  self-attention (`fp8.py`, `kernels/int8_attention.py`). Off the FP8 hardware its numerics are emulated in
   float32, which is slow but lets CI measure its error.
 """
 
@@ -22,7 +22,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from wanserve.engine.fp8 import fp8_attention_reference, use_fp8_linears
+from wanserve.engine.fp8 import int8_attention_reference, use_fp8_linears
 
 log = logging.getLogger("wanserve.engine")
 
@@ -76,7 +76,7 @@ class SpeedPlan:
         if self.fp8_linears:
             parts.append("FP8 linears")
         if self.lowbit_attention:
-            parts.append("INT8/FP8 attention")
+            parts.append("INT8 attention")
         return ", ".join(parts) + "".join(f" ({note})" for note in self.notes)
 
 
@@ -84,8 +84,10 @@ def default_preset(device: DeviceInfo) -> Preset:
     return Preset.EXACT if device.type == "cuda" else Preset.EAGER
 
 
-# The one GPU run of `fast` so far (H200, 720p) returned non-finite predictions; until a GPU run shows it finite and
-# within its error budget, `fast` on a GPU runs as `exact` unless the caller (the bench) asks for it explicitly.
+# `fast` on a GPU runs as `exact` unless the caller (the bench) asks for it explicitly. Its predictions are finite
+# and 2.0% from eager since P.V went float16 (H200, 480p), but it is slower than diffusers there (0.67x): the INT8
+# attention kernel reaches 200-370 TFLOP/s where cuDNN's bf16 attention reaches about 580. Set this once `fast` beats
+# `exact` in `wanserve bench` on the same GPU.
 FAST_GPU_VALIDATED = False
 
 
@@ -111,7 +113,7 @@ def plan_speed(
         notes.append(f"{device.name} has no FP8 tensor cores: fast runs as exact")
     elif chosen is Preset.FAST and on_gpu and not (FAST_GPU_VALIDATED or unvalidated_fast_gpu):
         chosen = Preset.EXACT
-        notes.append("fast is not yet validated on GPUs: runs as exact")
+        notes.append("fast is slower than exact on GPUs so far: runs as exact")
     elif chosen is Preset.FAST and not on_gpu:
         notes.append("FP8 emulated in float32 off the GPU")
     use_compile = on_gpu if compile is None else compile
@@ -150,17 +152,17 @@ _kernel_ready = False  # set once the Triton kernel's op is registered (prepare_
 
 def _load_kernel() -> None:
     global _kernel_ready
-    import wanserve.engine.kernels.fp8_attention  # noqa: F401  (registers torch.ops.wanserve.lowbit_attention)
+    import wanserve.engine.kernels.int8_attention  # noqa: F401  (registers torch.ops.wanserve.lowbit_attention)
 
     _kernel_ready = True
 
 
 def lowbit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Self-attention of (batch, tokens, heads, head_dim) tensors with INT8 scores and FP8 P.V: the Triton kernel
+    """Self-attention of (batch, tokens, heads, head_dim) tensors with INT8 scores and FP16 P.V: the Triton kernel
     on a GPU, the float32 reference of the same numerics elsewhere."""
     if _kernel_ready and query.is_cuda and query.shape[-1] in (64, 128):
         return torch.ops.wanserve.lowbit_attention(query, key, value)
-    out = fp8_attention_reference(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    out = int8_attention_reference(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
     return out.transpose(1, 2)
 
 
@@ -172,7 +174,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class LowBitSelfAttnProcessor(WanAttnProcessor):
-    """diffusers' Wan attention with the self-attention product in INT8/FP8; cross-attention (512 text tokens,
+    """diffusers' Wan attention with the self-attention product in INT8/FP16; cross-attention (512 text tokens,
     a small share of the work) stays on the default path."""
 
     def __call__(
@@ -196,7 +198,7 @@ class LowBitSelfAttnProcessor(WanAttnProcessor):
 
 
 def use_lowbit_self_attention(block: torch.nn.Module, attention_backend: str | None) -> None:
-    """Give one transformer block the INT8/FP8 self-attention (the Triton kernel when the block is on a GPU)."""
+    """Give one transformer block the INT8/FP16 self-attention (the Triton kernel when the block is on a GPU)."""
     if next(block.parameters()).is_cuda:
         _load_kernel()
     processor = LowBitSelfAttnProcessor()
