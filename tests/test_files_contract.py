@@ -12,7 +12,7 @@ import httpx
 import pytest
 from s3_server import PUBLIC, s3_store
 
-from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
+from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload, PayloadTooLarge
 from wanserve.files.base import FileStore, new_key
 from wanserve.files.local import LocalFileStore
 
@@ -162,6 +162,20 @@ def test_multipart_refusals_leave_the_upload_completable(fs: FileStore) -> None:
         fs.stat(key, T0)
     assert fs.complete_multipart(upload_id, [(1, e1)], T0).size == 3
     assert read(fs, key) == b"one"
+
+
+def test_multipart_parts_are_held_to_a_total(open_store: OpenStore) -> None:
+    key = new_key("x.bin")
+    limit = 6 * MiB  # parts but the last are at least 5 MiB on S3
+    upload_id = open_store().create_multipart(key, "x/y", None)
+    open_store().put_part(upload_id, 1, b"a" * (5 * MiB + 1), max_total=limit)
+    with pytest.raises(PayloadTooLarge):
+        open_store().put_part(upload_id, 2, b"b" * MiB, max_total=limit)  # counted on another replica too
+    open_store().put_part(upload_id, 1, b"a" * (5 * MiB), max_total=limit)  # a part sent again replaces its bytes
+    e2 = open_store().put_part(upload_id, 2, b"b" * MiB, max_total=limit)  # exactly the limit
+    fs = open_store()
+    assert fs.complete_multipart(upload_id, [(1, ""), (2, e2)], T0).size == limit
+    assert read(fs, key) == b"a" * (5 * MiB) + b"b" * MiB
 
 
 def test_multipart_ids_and_part_numbers_are_checked(fs: FileStore) -> None:

@@ -225,7 +225,9 @@ async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, reques
         data += chunk
         if len(data) > limit:
             raise PayloadTooLarge(f"a multipart part is limited to {limit} bytes")
-    return await run_in_threadpool(ctx.files.put_part, upload_id, part_number, bytes(data))
+    return await run_in_threadpool(
+        ctx.files.put_part, upload_id, part_number, bytes(data), ctx.settings.max_upload_bytes
+    )
 
 
 # --- CDN token + direct upload (Python's fal_v3 repository) ---

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from wanserve.errors import InvalidFileKey, InvalidUpload
+from wanserve.errors import InvalidFileKey, InvalidUpload, PayloadTooLarge
 
 ABANDONED_UPLOAD_S = 24 * 3600
 INLINE_TYPES = {"video", "image", "audio"}
@@ -85,6 +85,18 @@ MAX_PARTS = 10_000
 def check_part_number(part_number: int) -> None:
     if not 1 <= part_number <= MAX_PARTS:
         raise InvalidUpload(f"part number must be 1..{MAX_PARTS}, got {part_number}")
+
+
+def check_parts_total(stored: dict[int, int], part_number: int, size: int, max_total: int | None) -> None:
+    """Refuse a part that would take an upload's stored parts (part number -> bytes) past `max_total` bytes; a part
+    sent again replaces its earlier bytes. Checked per part, so that parts cannot fill a disk before the completion
+    (which checks the joined file) ever comes; parts uploaded in parallel can pass it together, at most one part
+    each past the limit."""
+    if max_total is None:
+        return
+    total = sum(n for number, n in stored.items() if number != part_number) + size
+    if total > max_total:
+        raise PayloadTooLarge(f"the upload's parts come to {total} bytes, over the {max_total}-byte limit")
 
 
 def check_part_numbers(parts: list[tuple[int, str]]) -> None:
@@ -198,8 +210,9 @@ class FileStore(Protocol):
 
     # multipart uploads: parts are numbered from 1 and joined in order on completion
     def create_multipart(self, key: str, content_type: str, expires_at: float | None) -> str: ...
-    def put_part(self, upload_id: str, part_number: int, data: bytes) -> str:
-        """Stores one part; returns its ETag."""
+    def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
+        """Stores one part; returns its ETag. With `max_total`, a part that would take the upload's parts past that
+        many bytes is refused (PayloadTooLarge, see check_parts_total)."""
         ...
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile: ...

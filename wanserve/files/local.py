@@ -20,6 +20,7 @@ from wanserve.files.base import (
     check_key,
     check_part_number,
     check_part_numbers,
+    check_parts_total,
     check_upload_id,
     file_url,
     key_from_file_url,
@@ -232,9 +233,12 @@ class LocalFileStore:
         _atomic_write(path / "upload.json", json.dumps(info).encode(), self._tmp)
         return upload_id
 
-    def put_part(self, upload_id: str, part_number: int, data: bytes) -> str:
+    def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
         check_part_number(part_number)
-        _atomic_write(self._upload_dir(upload_id) / f"part-{part_number:05d}", data, self._tmp)
+        folder = self._upload_dir(upload_id)
+        stored = {int(p.name[5:]): p.stat().st_size for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]")}
+        check_parts_total(stored, part_number, len(data), max_total)
+        _atomic_write(folder / f"part-{part_number:05d}", data, self._tmp)
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile:

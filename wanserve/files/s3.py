@@ -35,6 +35,7 @@ from wanserve.files.base import (
     check_key,
     check_part_number,
     check_part_numbers,
+    check_parts_total,
     check_upload_id,
     content_disposition,
     file_url,
@@ -341,9 +342,12 @@ class S3FileStore:
             state = json.loads(self._client.get_object(Bucket=self.bucket, Key=self._state(upload_id))["Body"].read())
         return str(state["key"]), str(state["s3_upload_id"])
 
-    def put_part(self, upload_id: str, part_number: int, data: bytes) -> str:
+    def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
         check_part_number(part_number)
         key, s3_upload = self._upload(upload_id)
+        if max_total is not None:
+            sizes = {number: size for number, (_etag, size) in self._uploaded_parts(upload_id, key, s3_upload).items()}
+            check_parts_total(sizes, part_number, len(data), max_total)
         with _s3("UploadPart", f"no such multipart upload: {upload_id}"):
             answer = self._client.upload_part(
                 Bucket=self.bucket, Key=self._object(key), UploadId=s3_upload, PartNumber=part_number, Body=data
@@ -357,9 +361,9 @@ class S3FileStore:
         for number, etag in sorted(parts):
             if number not in uploaded:
                 raise InvalidUpload(f"part {number} was never uploaded")
-            if etag and etag.strip('"') != uploaded[number]:
+            if etag and etag.strip('"') != uploaded[number][0]:
                 raise InvalidUpload(f"part {number}: ETag does not match the uploaded bytes")
-        listed = [{"PartNumber": number, "ETag": uploaded[number]} for number, _ in sorted(parts)]
+        listed = [{"PartNumber": number, "ETag": uploaded[number][0]} for number, _ in sorted(parts)]
         with _s3("CompleteMultipartUpload", f"no such multipart upload: {upload_id}"):
             self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self._object(key), UploadId=s3_upload, MultipartUpload={"Parts": listed}
@@ -369,10 +373,14 @@ class S3FileStore:
             self._client.delete_object(Bucket=self.bucket, Key=self._state(upload_id))
         return self._still_swept(self._head(key))
 
-    def _uploaded_parts(self, upload_id: str, key: str, s3_upload: str) -> dict[int, str]:
-        """Part number -> ETag, as S3 has them (a completion may list a part without its ETag)."""
+    def _uploaded_parts(self, upload_id: str, key: str, s3_upload: str) -> dict[int, tuple[str, int]]:
+        """Part number -> (ETag, bytes), as S3 has them (a completion may list a part without its ETag)."""
         pages = self._client.get_paginator("list_parts").paginate(
             Bucket=self.bucket, Key=self._object(key), UploadId=s3_upload
         )
         with _s3("ListParts", f"no such multipart upload: {upload_id}"):
-            return {int(p["PartNumber"]): str(p["ETag"]).strip('"') for page in pages for p in page.get("Parts", [])}
+            return {
+                int(p["PartNumber"]): (str(p["ETag"]).strip('"'), int(p["Size"]))
+                for page in pages
+                for p in page.get("Parts", [])
+            }
