@@ -456,6 +456,10 @@ def test_api_streams_from_s3_with_ranges(tmp_path: Path, s3_endpoint: str, s3_bu
         open_ended = httpx.get(url, headers={"Range": "bytes=1000-"})
         assert open_ended.status_code == 206 and open_ended.content == data[1000:]
         assert httpx.get(url, headers={"Range": "bytes=5000-"}).status_code == 416
+        one_left = httpx.get(url, headers={"Range": "bytes=5000-, 10-19"})  # the unsatisfiable range is ignored
+        assert one_left.status_code == 206 and one_left.content == data[10:20]
+        several = httpx.get(url, headers={"Range": "bytes=0-1, 10-19"})  # answered whole, as a server may
+        assert several.status_code == 200 and several.content == data
 
         head = httpx.head(url, headers={"Range": "bytes=0-9"})
         assert head.status_code == 206 and head.headers["content-length"] == "10" and head.content == b""

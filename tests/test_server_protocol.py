@@ -300,3 +300,10 @@ def test_range_errors_are_json(server: Server) -> None:
         assert response.headers["content-type"] == "application/json" and response.json()["error_type"]
     assert httpx.get(url, headers={"Range": "bytes=999999999-"}).headers["content-range"] == "bytes */10"
     assert httpx.get(url, headers={"Range": "bytes=-3"}).content == b"789"
+    # One satisfiable range in the set is enough: the others are ignored (RFC 9110 14.1.1), not a 416.
+    one_left = httpx.get(url, headers={"Range": "bytes=2-4, 50-60"})
+    assert one_left.status_code == 206 and one_left.content == b"234"
+    assert one_left.headers["content-range"] == "bytes 2-4/10"
+    two_left = httpx.get(url, headers={"Range": "bytes=0-1,99-,8-"})
+    assert two_left.status_code == 206 and two_left.headers["content-type"].startswith("multipart/byteranges")
+    assert b"01" in two_left.content and b"89" in two_left.content

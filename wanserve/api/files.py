@@ -63,27 +63,31 @@ def signed_reply(ctx: ServerContext, reply: Reply) -> JSONResponse:
 _RANGE = re.compile(r"bytes=\s*\d*-\d*(\s*,\s*\d*-\d*)*")
 
 
-def check_range(header: str | None, size: int) -> None:
-    """Answers bad Range headers here, in JSON like every other error (the file response would answer them
-    in plain text): 400 when malformed, 416 when no requested byte exists."""
+def satisfiable_ranges(header: str | None, size: int) -> str | None:
+    """A Range header with the ranges that name no byte of the file left out (RFC 9110 14.1.1: a set of ranges is
+    satisfiable when one of them is, and the others are ignored), or None without one. Bad ones are answered here,
+    in JSON like every other error (the file response would answer them in plain text): 400 when malformed, 416
+    when no requested byte exists."""
     if header is None:
-        return
+        return None
     if not _RANGE.fullmatch(header.strip()):
         raise BadRequest(f"malformed Range header: {header[:100]!r}")
-    satisfiable = False
+    kept = []
     for spec in header.strip()[len("bytes=") :].split(","):
         start, _, end = spec.strip().partition("-")
         if not start and not end:
             raise BadRequest(f"malformed Range header: {header[:100]!r}")
         if start and end and int(end) < int(start):
             raise BadRequest(f"Range ends before it starts: {header[:100]!r}")
-        satisfiable |= int(start) < size if start else int(end) > 0
-    if not satisfiable:
+        if int(start) < size if start else int(end) > 0:
+            kept.append(spec.strip())
+    if not kept:
         raise RangeNotSatisfiable(f"no byte of {header[:100]!r} exists in a {size}-byte file")
+    return "bytes=" + ",".join(kept)
 
 
 def single_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The (first, last) byte a valid (see `check_range`) Range header asks for, or None to send the whole
+    """The (first, last) byte a satisfiable (see `satisfiable_ranges`) Range header asks for, or None to send the whole
     file: no header, or several ranges (which a server may answer whole)."""
     if header is None or "," in header or size == 0:
         return None
@@ -113,7 +117,7 @@ def get_file(
         return RedirectResponse(direct, status_code=307, headers={"Cache-Control": "no-store, private"})
     stored = ctx.files.stat(key, now)
     try:
-        check_range(range, stored.size)
+        range = satisfiable_ranges(range, stored.size)
     except RangeNotSatisfiable as exc:
         return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
     # Cached for an hour at most, never past the file's expiry or its signed URL's (a cache would outlive them).
@@ -129,7 +133,11 @@ def get_file(
     }
     path = ctx.files.local_path(key)
     if path is not None:
-        # FileResponse answers Range requests (206 + Content-Range) and sets Content-Length.
+        # FileResponse answers Range requests (206 + Content-Range) and sets Content-Length. It reads the header from
+        # the request, and refuses a whole set for one unsatisfiable range: it gets the satisfiable ones only.
+        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"range"]
+        if range is not None:
+            request.scope["headers"].append((b"range", range.encode("latin-1")))
         return FileResponse(path, media_type=stored.content_type, headers=headers)
     return _relay(ctx.files, stored, single_range(range, stored.size), headers, request.method == "HEAD")
 
