@@ -3,6 +3,7 @@ an API key: the form built from the schema, submit, live progress, the video, fi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -139,13 +140,17 @@ def test_bad_values_show_field_errors(page: Page) -> None:
     expect(page.locator("#err-num_frames")).to_have_text("Input should be less than or equal to 121")
     expect(page.locator("#err-guidance_scale")).to_contain_text("less than or equal to 20")
     expect(page.get_by_label("Num frames")).to_have_attribute("aria-invalid", "true")
-    # a LoRA the server cannot use: its row shows the reason once the request fails
+    # a LoRA the server cannot use: its row shows the reason once the request fails. The first row is left empty
+    # (not sent): the server's `loras[0]` is the page's second row.
     page.get_by_label("Num frames").fill("81")
     page.get_by_label("Guidance scale", exact=True).fill("1")
     page.get_by_role("button", name="Add LoRA").click()
-    page.locator(".lora-row").get_by_label("Path or URL").fill("/etc/passwd.safetensors")
+    page.get_by_role("button", name="Add LoRA").click()
+    rows = page.locator(".lora-row")
+    rows.nth(1).get_by_label("Path or URL").fill("/etc/passwd.safetensors")
     page.get_by_role("button", name="Generate").click()
-    expect(page.locator(".lora-row .error").first).to_contain_text("local LoRA paths are disabled", timeout=60_000)
+    expect(rows.nth(1).locator(".error").first).to_contain_text("local LoRA paths are disabled", timeout=60_000)
+    expect(rows.nth(0).locator(".error").first).to_be_empty()
 
 
 def test_cancel_stops_a_running_request(page: Page) -> None:
@@ -154,6 +159,14 @@ def test_cancel_stops_a_running_request(page: Page) -> None:
     page.get_by_label("Resolution").select_option("580p")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+/100"), timeout=120_000)
+    # A cancel that does not get through says so, and can be tried again.
+    page.route("**/cancel", lambda route: route.fulfill(status=503, json={"detail": "store unavailable"}))
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#form-error")).to_have_text(
+        "Cancel failed (HTTP 503: store unavailable); the request is still running."
+    )
+    expect(page.get_by_role("button", name="Cancel")).to_be_enabled()
+    page.unroute("**/cancel")
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#status")).to_have_text("Cancelled.", timeout=60_000)
     expect(page.locator("#history li").first).to_contain_text("cancelled")
@@ -161,12 +174,22 @@ def test_cancel_stops_a_running_request(page: Page) -> None:
 
 
 def test_reverse_video_is_sent_to_the_endpoint_that_reads_it(page: Page) -> None:
-    """reverse_video exists only on /lora; the base endpoint would ignore it (with a warning in the logs)."""
-    submitted: list[str] = []
-    page.on("request", lambda r: submitted.append(r.url) if r.method == "POST" else None)
+    """reverse_video exists only on /lora; the base endpoint would ignore it (with a warning in the logs). The same
+    request checks what the form sends as typed: a seed past 2^53 to the digit (a JS number would round it, and
+    the video would not be the one asked for), and an emptied negative prompt (none, not the default)."""
+    submitted: list[tuple[str, str]] = []
+    page.on("request", lambda r: submitted.append((r.url, r.post_data or "")) if r.method == "POST" else None)
     page.get_by_label("API key").fill(KEY)
     fill_request(page, frames=81, steps=1)
+    big_seed = str(2**53 + 1)  # 9007199254740993; as a JS number, 9007199254740992
+    page.get_by_label("Seed").fill(big_seed)
+    page.get_by_label("Negative prompt").fill("")
     page.get_by_label("Reverse video").check()
     page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#status")).to_contain_text("Done", timeout=120_000)
-    assert [url.split("/", 3)[3] for url in submitted] == ["fal-ai/wan-22/lora"], submitted
+    expect(page.locator("#status")).to_have_text(f"Done · seed {big_seed}", timeout=120_000)
+    assert [url.split("/", 3)[3] for url, _ in submitted] == ["fal-ai/wan-22/lora"], submitted
+    sent = json.loads(submitted[0][1], parse_int=int)
+    assert sent["seed"] == 2**53 + 1 and sent["negative_prompt"] == "" and sent["reverse_video"] is True
+    page.get_by_label("Seed").fill("")
+    page.get_by_role("button", name="Use this seed").click()
+    expect(page.get_by_label("Seed")).to_have_value(big_seed)

@@ -133,24 +133,39 @@ function addLora(values = {}) {
   row.querySelector("input").focus();
 }
 
+// An integer as typed: seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53).
+function exactInteger(text) {
+  const value = Number(text);
+  return Number.isSafeInteger(value) || !/^\d+$/.test(text) || !JSON.rawJSON ? value : JSON.rawJSON(text);
+}
+
+// The request body, and the LoRA rows it carries (rows without a path are left out: `loras[i]` in an error is the
+// i-th of these, not of the page's rows).
 function readForm() {
   const body = {};
   for (const input of $("fields").querySelectorAll("input, select, textarea")) {
     const kind = input.dataset.kind;
+    const text = input.value.trim();
     if (input.type === "checkbox") body[input.name] = input.checked;
-    else if (input.value.trim() === "") continue; // not given: the server's default (a random seed...)
-    else if (kind === "integer" || kind === "number") body[input.name] = Number(input.value);
+    else if (input.tagName === "TEXTAREA") {
+      // Sent as typed: an emptied negative prompt means none, not the default. An empty required one is left
+      // out, and the server's error names it.
+      if (text !== "" || !input.required) body[input.name] = input.value;
+    } else if (text === "") continue; // not given: the server's default (a random seed...)
+    else if (kind === "integer") body[input.name] = exactInteger(text);
+    else if (kind === "number") body[input.name] = Number(text);
     else body[input.name] = input.value;
   }
-  const loras = [...$("loras").querySelectorAll(".lora-row")]
-    .map((row) => ({
-      path: row.querySelector("[name=path]").value.trim(),
-      scale: Number(row.querySelector("[name=scale]").value),
-      transformer: row.querySelector("[name=transformer]").value,
-    }))
-    .filter((l) => l.path);
+  const loraRows = [...$("loras").querySelectorAll(".lora-row")].filter((row) =>
+    row.querySelector("[name=path]").value.trim(),
+  );
+  const loras = loraRows.map((row) => ({
+    path: row.querySelector("[name=path]").value.trim(),
+    scale: Number(row.querySelector("[name=scale]").value),
+    transformer: row.querySelector("[name=transformer]").value,
+  }));
   if (loras.length) body.loras = loras;
-  return body;
+  return { body, loraRows };
 }
 
 function headers(extra = {}) {
@@ -164,7 +179,7 @@ function clearErrors() {
   for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
 }
 
-function showErrors(detail) {
+function showErrors(detail, loraRows = []) {
   if (!Array.isArray(detail)) {
     $("form-error").textContent = typeof detail === "string" ? detail : JSON.stringify(detail);
     return;
@@ -175,7 +190,7 @@ function showErrors(detail) {
     let errorId = `err-${loc[0]}`;
     let inputId = `f-${loc[0]}`;
     if (loc[0] === "loras" && loc.length >= 3) {
-      const row = $("loras").querySelectorAll(".lora-row")[loc[1]];
+      const row = loraRows[loc[1]];
       if (row) {
         errorId = `err-lora-${row.dataset.row}-${loc[2]}`;
         inputId = `lora-${row.dataset.row}-${loc[2]}`;
@@ -204,13 +219,24 @@ function showProgress(step, total) {
   bar.value = step;
 }
 
+// Seeds read as their digits (a string): one over 2^53 would come back rounded as a JS number.
+function exactSeed(key, value, context) {
+  return key === "seed" && typeof value === "number" && context?.source ? context.source : value;
+}
+
 async function api(method, path, body) {
   const response = await fetch(path, {
     method,
     headers: headers(body ? { "content-type": "application/json" } : {}),
     body: body ? JSON.stringify(body) : undefined,
   });
-  const data = await response.json().catch(() => ({ detail: response.statusText }));
+  const text = await response.text();
+  let data;
+  try {
+    data = JSON.parse(text, exactSeed);
+  } catch {
+    data = { detail: response.statusText };
+  }
   return { response, data };
 }
 
@@ -254,7 +280,7 @@ function onStatus(status) {
 async function submit(event) {
   event.preventDefault();
   clearErrors();
-  const body = readForm();
+  const { body, loraRows } = readForm();
   localStorage.setItem(KEY_KEY, $("api-key").value);
   // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs.
   const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
@@ -263,7 +289,7 @@ async function submit(event) {
   try {
     const { response, data } = await api("POST", `/${endpoint}`, body);
     if (!response.ok) {
-      showErrors(data.detail ?? data);
+      showErrors(data.detail ?? data, loraRows);
       setStatus(`Request refused (HTTP ${response.status}).`);
       return;
     }
@@ -279,7 +305,7 @@ async function submit(event) {
       if (abort.signal.aborted) return;
       await pollUntilDone(id);
     }
-    await showResult(id);
+    await showResult(id, loraRows);
   } catch (error) {
     $("form-error").textContent = String(error);
     setStatus("Something went wrong.");
@@ -300,12 +326,12 @@ async function pollUntilDone(id) {
   }
 }
 
-async function showResult(id) {
+async function showResult(id, loraRows) {
   const { response, data } = await api("GET", `/${queueApp}/requests/${id}`);
   if (!response.ok) {
     const cancelled = response.status === 499;
     setStatus(cancelled ? "Cancelled." : `Failed: ${data.error_type || response.status}`);
-    if (!cancelled) showErrors(data.detail ?? data);
+    if (!cancelled) showErrors(data.detail ?? data, loraRows);
     update(id, { status: cancelled ? "cancelled" : "failed" });
     return;
   }
@@ -328,7 +354,19 @@ async function cancel() {
   const { id } = current;
   $("cancel").disabled = true;
   setStatus("Cancelling…");
-  await api("PUT", `/${queueApp}/requests/${id}/cancel`);
+  let refusal;
+  try {
+    const { response, data } = await api("PUT", `/${queueApp}/requests/${id}/cancel`);
+    if (response.ok) return; // the status stream reports the end
+    refusal = `HTTP ${response.status}${data.detail ? `: ${data.detail}` : data.status ? `: ${data.status}` : ""}`;
+  } catch (error) {
+    refusal = String(error);
+  }
+  if (current?.id !== id) return; // it ended meanwhile
+  const message = `Cancel failed (${refusal}); the request is still running.`;
+  setStatus(message);
+  $("form-error").textContent = message; // the status line moves on with the next step
+  $("cancel").disabled = false;
 }
 
 function history() {
