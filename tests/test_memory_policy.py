@@ -19,6 +19,8 @@ from wanserve.engine.memory import (
     ExpertSwap,
     GiB,
     HandoffBlocks,
+    MemoryManager,
+    MemoryPlan,
     MemoryPolicy,
     PinnedWeights,
     choose_memory_plan,
@@ -59,6 +61,27 @@ def test_choose_memory_plan_for_a14b(free_gib: float, policy: MemoryPolicy, text
     assert plan.policy is policy
     assert plan.text_encoder_resident is text_encoder_resident
     assert f"{free_gib:.1f} GiB free" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "policy", "tiled"),
+    [
+        (139, MemoryPolicy.RESIDENT, False),  # 53.4 experts + 10.6 encoder + 20.0 decode + 2 = 86.0 GiB
+        (79, MemoryPolicy.RESIDENT, False),  # 53.4 + 20.0 + 2 = 75.4 GiB
+        (50, MemoryPolicy.SWAP, False),  # 26.7 + 20.0 + 2 = 48.7 GiB
+        (48, MemoryPolicy.SWAP, True),  # the denoising fits (44.6 GiB), an untiled 720p decode would not
+        (24, MemoryPolicy.OFFLOAD, True),
+    ],
+)
+def test_the_vae_decode_is_tiled_where_it_would_not_fit(free_gib: float, policy: MemoryPolicy, tiled: bool) -> None:
+    """The decode runs after the denoising loop, beside the weights that stay on the GPU: about 20 GiB at 720p."""
+    plan = choose_memory_plan(gpu(free_gib), **A14B)
+    assert (plan.policy, plan.tiled_decode) == (policy, tiled)
+    assert ("tiled VAE decode" in plan.reason) is tiled
+    # A policy forced onto a card too small for it tiles its decode the same way.
+    assert plan_from_override("resident", gpu(60), A14B_SIZES).tiled_decode
+    assert not plan_from_override("resident", gpu(79), A14B_SIZES).tiled_decode
+    assert plan_from_override("offload", DeviceInfo(type="cpu"), A14B_SIZES).tiled_decode
 
 
 def test_choose_memory_plan_on_cpu_keeps_everything() -> None:
@@ -138,6 +161,16 @@ def test_offload_completes_close_to_resident(model_cache: Path) -> None:
     got = engine.generate(big).frames
     assert got.shape == want.shape == (9, 272, 288, 3)
     assert rel_error(got, want) < 1e-2
+
+
+def test_a_plan_with_tiled_decode_tiles_the_vae_under_any_policy(model_cache: Path) -> None:
+    pipe = load_pipeline("tiny", model_cache, torch.float32)
+    for policy in (MemoryPolicy.RESIDENT, MemoryPolicy.SWAP):
+        MemoryManager(pipe, MemoryPlan(policy, False, "test"), torch.device("cpu"))
+        assert not pipe.vae.use_tiling, policy
+        MemoryManager(pipe, MemoryPlan(policy, False, "test", tiled_decode=True), torch.device("cpu"))
+        assert pipe.vae.use_tiling, policy
+        pipe.vae.disable_tiling()
 
 
 def test_offload_turns_off_batched_cfg_and_compile(model_cache: Path) -> None:

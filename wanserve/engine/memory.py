@@ -7,6 +7,9 @@
   the memory that block leaves: the upload overlaps that step's compute and the switch does not stall.
 - `offload`: diffusers' group offloading (one block at a time, prefetched on a CUDA stream) and a tiled VAE
   decode, for 24-48 GB cards; cond and uncond run as two forwards to halve the activations.
+
+The VAE decode comes after the denoising loop, so it needs room beside what stays on the GPU rather than beside
+the activations; where that room is missing, the decode is tiled (slower, a few GiB at most) under any policy.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 22
 # The video the policies are sized for: 1280x720, 81 frames (the default), cond and uncond in one batch-2 forward.
 # Longer ones (up to 121 frames) run cond and uncond as two forwards, which needs less (WanEngine.predict_noise).
 LARGEST_VIDEO_TOKENS = 75_600
-HEADROOM_BYTES = 2 * GiB  # VAE decode workspace, allocator fragmentation, LoRA adapters
+HEADROOM_BYTES = 2 * GiB  # allocator fragmentation, LoRA adapters, the VAE's own weights
+# The untiled VAE decode's working memory per output pixel (float32 VAE): about 20 GiB for a 1280x720 video, measured
+# on an H200 as the decode's peak above the resident weights (a review's run, and the 720p video row of stop 13's
+# bench: 47.5 GiB peak with one 26.7 GiB expert resident). It depends on the frame size, not on the frame count
+# (the decoder works a few latent frames at a time).
+DECODE_BYTES_PER_PIXEL = 23_300
+LARGEST_VIDEO_PIXELS = 1280 * 720
 
 
 class MemoryPolicy(StrEnum):
@@ -45,6 +54,7 @@ class MemoryPlan:
     policy: MemoryPolicy
     text_encoder_resident: bool
     reason: str
+    tiled_decode: bool = False  # the VAE decodes in tiles: an untiled decode would not fit beside the weights
 
 
 def module_bytes(module: nn.Module | None) -> int:
@@ -57,22 +67,44 @@ def activation_bytes(model_dim: int, batch: int, tokens: int = LARGEST_VIDEO_TOK
     return ACTIVATION_BYTES_PER_TOKEN_CHANNEL * model_dim * tokens * batch
 
 
+def decode_bytes(pixels: int = LARGEST_VIDEO_PIXELS) -> int:
+    return DECODE_BYTES_PER_PIXEL * pixels
+
+
+def _with_decode(
+    plan: MemoryPlan, device: DeviceInfo, expert_bytes: int, experts: int, text_encoder_bytes: int
+) -> MemoryPlan:
+    """`plan` with its decode tiled where an untiled one would not fit beside what the plan keeps on the GPU (and
+    always under `offload`, the policy of small cards)."""
+    if plan.policy is not MemoryPolicy.OFFLOAD:
+        if device.type != "cuda":
+            return plan
+        kept = experts * expert_bytes if plan.policy is MemoryPolicy.RESIDENT else expert_bytes
+        kept += text_encoder_bytes if plan.text_encoder_resident else 0
+        if kept + decode_bytes() + HEADROOM_BYTES <= device.free_bytes:
+            return plan
+    return replace(plan, tiled_decode=True, reason=plan.reason + "; tiled VAE decode")
+
+
 def choose_memory_plan(
     device: DeviceInfo, expert_bytes: int, experts: int, text_encoder_bytes: int, model_dim: int
 ) -> MemoryPlan:
-    """The cheapest policy that holds the largest video (batched CFG) in the device's free memory."""
+    """The cheapest policy that holds the largest video (batched CFG) in the device's free memory, and whether
+    its VAE decode must be tiled."""
     if device.type != "cuda":
         return MemoryPlan(MemoryPolicy.RESIDENT, True, "not a GPU: everything stays in host memory")
     free = device.free_bytes
     need_both = experts * expert_bytes + activation_bytes(model_dim, 2) + HEADROOM_BYTES
     gib = f"{free / GiB:.1f} GiB free"
     if need_both + text_encoder_bytes <= free:
-        return MemoryPlan(MemoryPolicy.RESIDENT, True, f"{gib}: experts and text encoder fit")
-    if need_both <= free:
-        return MemoryPlan(MemoryPolicy.RESIDENT, False, f"{gib}: experts fit, the text encoder visits to encode")
-    if expert_bytes + activation_bytes(model_dim, 2) + HEADROOM_BYTES <= free:
-        return MemoryPlan(MemoryPolicy.SWAP, False, f"{gib}: one expert at a time")
-    return MemoryPlan(MemoryPolicy.OFFLOAD, False, f"{gib}: block-by-block offload")
+        plan = MemoryPlan(MemoryPolicy.RESIDENT, True, f"{gib}: experts and text encoder fit")
+    elif need_both <= free:
+        plan = MemoryPlan(MemoryPolicy.RESIDENT, False, f"{gib}: experts fit, the text encoder visits to encode")
+    elif expert_bytes + activation_bytes(model_dim, 2) + HEADROOM_BYTES <= free:
+        plan = MemoryPlan(MemoryPolicy.SWAP, False, f"{gib}: one expert at a time")
+    else:
+        plan = MemoryPlan(MemoryPolicy.OFFLOAD, False, f"{gib}: block-by-block offload")
+    return _with_decode(plan, device, expert_bytes, experts, text_encoder_bytes)
 
 
 def plan_from_override(policy: str, device: DeviceInfo, sizes: tuple[int, int, int, int]) -> MemoryPlan:
@@ -83,7 +115,7 @@ def plan_from_override(policy: str, device: DeviceInfo, sizes: tuple[int, int, i
         return auto
     chosen = MemoryPolicy(policy)
     keep_encoder = chosen is MemoryPolicy.RESIDENT and auto.text_encoder_resident
-    return MemoryPlan(chosen, keep_encoder, f"set to {chosen.value}")
+    return _with_decode(MemoryPlan(chosen, keep_encoder, f"set to {chosen.value}"), device, *sizes[:3])
 
 
 def plan_memory(policy: str, device: DeviceInfo, pipe: WanPipeline) -> MemoryPlan:
@@ -260,6 +292,7 @@ class MemoryManager:
                     use_stream=device.type == "cuda",
                     record_stream=device.type == "cuda",
                 )
+        if plan.tiled_decode:
             pipe.vae.enable_tiling()
 
     @contextlib.contextmanager
