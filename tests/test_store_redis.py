@@ -47,6 +47,20 @@ def test_a_redis_killed_and_restarted_loses_no_job_and_the_store_reconnects(tmp_
         server.stop()
 
 
+def test_a_claim_sent_twice_claims_one_job(redis_server: RedisServer, redis_prefix: str) -> None:
+    """The claim script run again with the same token (what a retried call whose reply was lost does) answers the
+    job it claimed the first time, with its fields, and claims nothing more."""
+    store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
+    submit_many(store, 2)
+    first = store._run("claim", "w", "1700000001", "1700000061", "token-1")
+    again = store._run("claim", "w", "1700000002", "1700000062", "token-1")
+    assert first == again and first[0] == "claimed"
+    fields = dict(zip(first[1::2], first[2::2], strict=True))
+    assert (fields["id"], fields["state"], fields["attempts"], fields["worker_id"]) == ("j000", "IN_PROGRESS", "1", "w")
+    assert store.counts()["IN_QUEUE"] == 1 and store.counts()["IN_PROGRESS"] == 1
+    store.close()
+
+
 def test_a_submit_sent_twice_queues_one_job(redis_server: RedisServer, redis_prefix: str) -> None:
     store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
     first = store.submit(new_job("same", webhook_url="http://hook.test/"), T0)

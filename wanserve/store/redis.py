@@ -84,17 +84,18 @@ local function complete(p, id, now, output, failure, inference_time, outcome, le
 end
 """
 
+# Returns the stored job's fields (one round trip for the submit and the read-back).
 _SUBMIT = """
 local p, id = ARGV[1], ARGV[2]
 local jk = p .. ':job:' .. id
-if redis.call('EXISTS', jk) == 1 then return 0 end  -- a retried submit after a lost reply
+if redis.call('EXISTS', jk) == 1 then return redis.call('HGETALL', jk) end  -- a retried submit after a lost reply
 local seq = redis.call('INCR', p .. ':seq')
 local qscore = string.format('%d', tonumber(ARGV[3]) * PRIORITY_WEIGHT + seq)
 redis.call('HSET', jk, 'seq', seq, 'qscore', qscore, 'state', 'IN_QUEUE', 'attempts', 0, unpack(ARGV, 6))
 redis.call('ZADD', p .. ':queue', qscore, id)
 if ARGV[5] ~= '' then redis.call('SADD', p .. ':queued_by:' .. ARGV[5], id) end
 if ARGV[4] ~= '' then redis.call('ZADD', p .. ':deadlines', ARGV[4], id) end
-return seq
+return redis.call('HGETALL', jk)
 """.replace("PRIORITY_WEIGHT", str(_PRIORITY_WEIGHT))
 
 _CANCEL = (
@@ -131,13 +132,19 @@ return 1
 """
 )
 
-# The head of the queue, unless its start deadline passed (then the caller expires it and asks again).
-# `token` is the caller's own for this claim: run again (a lost reply is resent), it returns the same job.
+# The head of the queue, unless its start deadline passed (then the caller expires it and asks again): 'claimed'
+# followed by the claimed job's fields, or 'overdue' and the head's id. `token` is the caller's own for this claim:
+# run again (a lost reply is resent), it returns the same job.
 _CLAIM = """
 local p, worker, now, lease_until, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local tk = p .. ':claim:' .. token
+local function claimed(id)
+  local reply = redis.call('HGETALL', p .. ':job:' .. id)
+  table.insert(reply, 1, 'claimed')
+  return reply
+end
 local done = redis.call('GET', tk)
-if done then return {'claimed', done} end
+if done then return claimed(done) end
 local head = redis.call('ZRANGE', p .. ':queue', 0, 0)
 if #head == 0 then return false end
 local id = head[1]
@@ -153,7 +160,7 @@ redis.call('HSETNX', jk, 'first_started_at', now)
 redis.call('HINCRBY', jk, 'attempts', 1)
 redis.call('ZADD', p .. ':leases', lease_until, id)
 redis.call('SET', tk, id, 'EX', 3600)
-return {'claimed', id}
+return claimed(id)
 """
 
 _HEARTBEAT = """
@@ -311,6 +318,11 @@ def _completion_args(failure: Failure) -> tuple[str, str, str, str]:
     return (failure.to_json(), failure.error_type, *_failure_message(failure))
 
 
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as HGETALL returns it from a script: field, value, field, value..."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _job(fields: dict[str, str]) -> Job:
     timeout = _float(fields.get("start_timeout_s"))
     created = float(fields["created_at"])
@@ -408,10 +420,7 @@ class RedisJobStore:
             fields["owner"] = new.owner
         flat = [item for pair in fields.items() for item in pair]
         deadline = _num(now + timeout) if timeout is not None else ""
-        self._run("submit", new.id, int(new.priority), deadline, new.owner or "", *flat)
-        job = self.get(new.id)
-        assert job is not None
-        return job
+        return _job(_pairs(self._run("submit", new.id, int(new.priority), deadline, new.owner or "", *flat)))
 
     def get(self, job_id: str) -> Job | None:
         fields = self.redis.hgetall(self._key("job", job_id))
@@ -464,9 +473,8 @@ class RedisJobStore:
             found = self._run("claim", worker_id, _num(now), _num(now + lease_s), token)
             if not found:
                 return None
-            outcome, job_id = found
-            if outcome == "claimed":
-                return self.get(job_id)
+            if found[0] == "claimed":
+                return _job(_pairs(found[1:]))
             self.expire_overdue(now)  # the head was past its start deadline: complete it, take the next
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
