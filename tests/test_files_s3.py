@@ -460,6 +460,10 @@ def test_api_streams_from_s3_with_ranges(tmp_path: Path, s3_endpoint: str, s3_bu
         assert one_left.status_code == 206 and one_left.content == data[10:20]
         several = httpx.get(url, headers={"Range": "bytes=0-1, 10-19"})  # answered whole, as a server may
         assert several.status_code == 200 and several.content == data
+        other_version = httpx.get(url, headers={"Range": "bytes=10-19", "If-Range": '"another-version"'})
+        assert other_version.status_code == 200 and other_version.content == data
+        same_version = httpx.get(url, headers={"Range": "bytes=10-19", "If-Range": whole.headers["etag"]})
+        assert same_version.status_code == 206 and same_version.content == data[10:20]
 
         head = httpx.head(url, headers={"Range": "bytes=0-9"})
         assert head.status_code == 206 and head.headers["content-length"] == "10" and head.content == b""

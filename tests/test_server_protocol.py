@@ -304,6 +304,21 @@ def test_range_errors_are_json(server: Server) -> None:
     one_left = httpx.get(url, headers={"Range": "bytes=2-4, 50-60"})
     assert one_left.status_code == 206 and one_left.content == b"234"
     assert one_left.headers["content-range"] == "bytes 2-4/10"
+    assert httpx.get(url, headers={"Range": "bytes=0-" + "9" * 5000}).status_code == 400  # not a 500
+    etag = httpx.head(url).headers["etag"]
+    assert httpx.get(url, headers={"Range": "bytes=2-4", "If-Range": etag}).content == b"234"
+    changed = httpx.get(url, headers={"Range": "bytes=2-4", "If-Range": '"another-version"'})
+    assert changed.status_code == 200 and changed.content == b"0123456789"  # the Range is ignored
+    stale = httpx.get(url, headers={"Range": "bytes=50-", "If-Range": '"another-version"'})
+    assert stale.status_code == 200  # not a 416 for a Range that is ignored
     two_left = httpx.get(url, headers={"Range": "bytes=0-1,99-,8-"})
     assert two_left.status_code == 206 and two_left.headers["content-type"].startswith("multipart/byteranges")
     assert b"01" in two_left.content and b"89" in two_left.content
+    empty = httpx.post(
+        f"{server.url}/rest/storage/upload/initiate",
+        json={"content_type": "application/octet-stream", "file_name": "empty.bin"},
+    ).json()
+    assert httpx.put(empty["upload_url"], content=b"").status_code == 200
+    for header in ("bytes=-5", "bytes=0-"):  # no byte of an empty file exists
+        response = httpx.get(empty["file_url"], headers={"Range": header})
+        assert response.status_code == 416 and response.json()["error_type"], header

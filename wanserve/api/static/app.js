@@ -136,7 +136,10 @@ function addLora(values = {}) {
 // An integer as typed: seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53).
 function exactInteger(text) {
   const value = Number(text);
-  return Number.isSafeInteger(value) || !/^\d+$/.test(text) || !JSON.rawJSON ? value : JSON.rawJSON(text);
+  // BigInt first: JSON has no leading zeros, which a number field accepts.
+  return Number.isSafeInteger(value) || !/^\d+$/.test(text) || !JSON.rawJSON
+    ? value
+    : JSON.rawJSON(BigInt(text).toString());
 }
 
 // The request body, and the LoRA rows it carries (rows without a path are left out: `loras[i]` in an error is the
@@ -280,7 +283,13 @@ function onStatus(status) {
 async function submit(event) {
   event.preventDefault();
   clearErrors();
-  const { body, loraRows } = readForm();
+  let body, loraRows;
+  try {
+    ({ body, loraRows } = readForm());
+  } catch (error) {
+    $("form-error").textContent = `The form could not be read: ${error}`;
+    return;
+  }
   localStorage.setItem(KEY_KEY, $("api-key").value);
   // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs.
   const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
@@ -357,7 +366,8 @@ async function cancel() {
   let refusal;
   try {
     const { response, data } = await api("PUT", `/${queueApp}/requests/${id}/cancel`);
-    if (response.ok) return; // the status stream reports the end
+    // Cancelled, or it ended first (already completed): either way the status stream reports the end.
+    if (response.ok || data.status === "ALREADY_COMPLETED") return;
     refusal = `HTTP ${response.status}${data.detail ? `: ${data.detail}` : data.status ? `: ${data.status}` : ""}`;
   } catch (error) {
     refusal = String(error);

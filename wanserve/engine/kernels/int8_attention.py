@@ -8,7 +8,7 @@ float16 v (per-channel scales), accumulating in float32 with an online softmax. 
 P.V was FP8 at first. On an H200 (Triton 3.6, torch 2.11) that version left NaN in its output in every tile
 configuration tried, with and without software pipelining: about the first wave of programs (8,448 query rows of
 one head at 720p), or far more. The float16 P.V was finite in all three configurations below and is 4x more
-accurate (0.99% from exact attention instead of 3.9%). `benchmarks/lowbit_configs.py` checks each configuration
+accurate (0.99% from exact attention instead of 3.9%). `benchmarks/lowbit_attention.py` checks each configuration
 on a GPU this way (output filled with NaN first).
 """
 
@@ -24,7 +24,7 @@ from wanserve.engine.fp8 import quantize_attention_inputs
 
 LOG2E = 1.4426950408889634
 
-_CONFIGS = [  # the three checked on an H200 (benchmarks/lowbit_configs.py)
+_CONFIGS = [  # the three checked on an H200 (benchmarks/lowbit_attention.py)
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
