@@ -1,7 +1,9 @@
 """Where the `fast` preset's low-bit numerics go wrong, block by block: `python -m wanserve.engine.diagnose`.
 
-The one GPU run of `fast` (H200, 720p) gave non-finite predictions with FP8 linears, the low-bit self-attention and
-compile all switched on at once. This check takes them apart on one expert, in one process:
+The first GPU run of `fast` (H200, 720p) gave non-finite predictions with FP8 linears, the low-bit self-attention and
+compile all switched on at once. This check takes them apart on one expert, in one process. Its first GPU run found
+the cause: the low-bit attention's output was not finite from block 1 on (its first call, which autotunes, was), and
+FP8 linears alone were finite; the kernel's FP8 P.V is now float16 (kernels/int8_attention.py).
 
 1. Teacher-forced. The expert runs its plain forward (cond and uncond batched). Each transformer block's exact
    input is also fed to copies of that block changed one way each (`VARIANTS`), and each copy's output is compared
