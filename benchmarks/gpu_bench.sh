@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
 # A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24|diagnose [OUT_DIR]
-#   main:     one 720p expert forward (diffusers eager, exact, fast), a 720p 4-step guidance-1 video per preset.
+#   main:     one 720p expert forward (diffusers eager, exact, fast), a 720p 4-step guidance-1 video per preset;
+#             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper).
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 # Python packages the machine lacks may sit as wheels in .whl/ (installed to /tmp/site first).
@@ -19,7 +20,8 @@ python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, '
 if [ "$MODE" = main ]; then
   [ -n "${SKIP_KERNEL:-}" ] || timeout 100 python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
   timeout "${BENCH_TIMEOUT:-380}" python3 -m wanserve bench --model a14b --device cuda --sizes 720p --presets exact,fast \
-    --videos "${VIDEOS-720p:4:1}" --no-baseline-videos --deadline-s "${DEADLINE:-290}" --out-dir /tmp/bench-main 2>&1 | tee "$OUT/bench.log"
+    --videos "${VIDEOS-720p:4:1}" --no-baseline-videos --deadline-s "${DEADLINE:-290}" --out-dir /tmp/bench-main \
+    --lowbit-attention "${LOWBIT:-auto}" 2>&1 | tee "$OUT/bench.log"
   cp /tmp/bench-main/bench.json "$OUT/bench-main.json" 2>/dev/null
 elif [ "$MODE" = diagnose ]; then
   timeout "${BENCH_TIMEOUT:-420}" python3 -m wanserve.engine.diagnose --model a14b --device cuda --size "${SIZE:-720p}" \

@@ -76,13 +76,24 @@ def test_fast_on_a_gpu_runs_as_exact_until_validated() -> None:
     assert len(plan.notes) == 1 and "slower than exact" in plan.notes[0]
 
 
-def test_fast_on_hopper_turns_on_the_low_bit_paths() -> None:
+def test_fast_on_hopper_turns_on_fp8_linears_and_keeps_cudnn_attention() -> None:
+    """Our INT8 attention kernel was slower than cuDNN on an H200: `fast` uses it only where it is measured faster
+    (speed.LOWBIT_ATTENTION_FASTER), or when asked to (the bench's --lowbit-attention)."""
     plan = plan_speed("fast", H100, unvalidated_fast_gpu=True)
     assert plan.preset is Preset.FAST
-    assert plan.fp8_linears and plan.lowbit_attention
+    assert plan.fp8_linears and not plan.lowbit_attention
     assert plan.compile and plan.batch_cfg and plan.attention_backend == "_native_cudnn"
     assert plan.notes == ()
-    assert "FP8 linears" in plan.describe()
+    assert "FP8 linears" in plan.describe() and "INT8" not in plan.describe()
+    forced = plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_attention=True)
+    assert forced.fp8_linears and forced.lowbit_attention and "INT8 attention" in forced.describe()
+    assert not plan_speed("exact", H100, lowbit_attention=True).lowbit_attention  # only `fast` has it
+
+
+def test_fast_uses_the_int8_attention_where_it_is_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(speed, "LOWBIT_ATTENTION_FASTER", frozenset({(9, 0)}))
+    assert plan_speed("fast", H100, unvalidated_fast_gpu=True).lowbit_attention
+    assert not plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_attention=False).lowbit_attention
 
 
 def test_fast_without_fp8_tensor_cores_falls_back_to_exact() -> None:

@@ -387,6 +387,7 @@ class BenchConfig:
     step_cache: float = 0.0  # > 0: the first preset's videos again with First Block Cache at this threshold
     memory_policy: str = "auto"
     memory_cap_gib: float = 0.0  # > 0: cap this process's GPU memory (to prove a small-card policy)
+    lowbit_attention: bool | None = None  # `fast`'s INT8 attention forced on or off; None: the device's rule
     deadline_s: float = float("inf")
     out_dir: Path = Path("bench-out")
     cache_dir: Path = Path.home() / ".cache" / "wanserve"
@@ -431,6 +432,7 @@ def run_bench(config: BenchConfig, emit: Callable[[str], None] = print) -> Bench
             memory_policy=config.memory_policy,
             compile_cache_dir=config.cache_dir / "compile",
             unvalidated_fast_gpu=True,  # the bench is where `fast` gets validated
+            lowbit_attention=config.lowbit_attention,
         )
         each([preset], partial(_use_engine, bench, options))
         if bench.engine is None:

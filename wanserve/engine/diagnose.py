@@ -268,7 +268,7 @@ def diagnose(
     if exact.attention_backend:
         expert.set_attention_backend(exact.attention_backend)
         chained("cuDNN attention (eager)", True)
-    fast = plan_speed(Preset.FAST, info, compile=False, unvalidated_fast_gpu=True)
+    fast = plan_speed(Preset.FAST, info, compile=False, unvalidated_fast_gpu=True, lowbit_attention=True)
     prepare_experts([expert], fast)
     chained("fast (eager)", True)
     if compile_dir is not None:

@@ -130,6 +130,7 @@ class EngineOptions:
     compile_cache_dir: Path = Path.home() / ".cache" / "wanserve" / "compile"
     step_cache_threshold: float = 0.0  # > 0: diffusers' First Block Cache with this threshold
     unvalidated_fast_gpu: bool = False  # the bench's way to run `fast` on a GPU (speed.FAST_GPU_VALIDATED)
+    lowbit_attention: bool | None = None  # `fast`'s INT8 attention; None: where it is faster (speed.py)
     lora_memory_bytes: int = 4 * GiB
 
 
@@ -216,6 +217,7 @@ class WanEngine:
             options.compile,
             options.unvalidated_fast_gpu,
             offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD,
+            lowbit_attention=options.lowbit_attention,
         )
         if parallel is not None:
             self.speed = parallel.adjust_speed(self.speed)

@@ -3,8 +3,9 @@
 - `eager`: diffusers' modules as they come (default attention, no compile); the CPU default and the baseline.
 - `exact` (GPU default): bf16 with no numerical change beyond float noise: regional compile of the repeated
   transformer block with a persistent compile cache, cuDNN attention, cond and uncond batched in one forward.
-- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and INT8-QK / FP16-PV
-  self-attention (`fp8.py`, `kernels/int8_attention.py`). Off the FP8 hardware its numerics are emulated in
+- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and, where our kernel is the faster
+  attention (LOWBIT_ATTENTION_FASTER; everywhere off the GPU), INT8-QK / FP16-PV self-attention (`fp8.py`,
+  `kernels/int8_attention.py`). Off the FP8 hardware its numerics are emulated in
   float32, which is slow but lets CI measure its error.
 """
 
@@ -90,6 +91,12 @@ def default_preset(device: DeviceInfo) -> Preset:
 # `exact` in `wanserve bench` on the same GPU.
 FAST_GPU_VALIDATED = False
 
+# Compute capabilities where our INT8 attention kernel beat cuDNN's bf16 attention (`benchmarks/lowbit_attention.py`).
+# None so far: on an H200 (9.0) it reached 200-370 TFLOP/s-equivalent against cuDNN's ~580. Elsewhere `fast` keeps
+# cuDNN attention and gains what its FP8 linears give (DESIGN.md section 5: 10.2 s -> 9.2 s per 720p forward on an
+# H100 with compile). Off the GPU the kernel's numerics always run (emulated), which is how CI checks them.
+LOWBIT_ATTENTION_FASTER: frozenset[tuple[int, int]] = frozenset()
+
 
 def plan_speed(
     preset: Preset | str,
@@ -97,12 +104,14 @@ def plan_speed(
     compile: bool | None = None,
     unvalidated_fast_gpu: bool = False,
     offloaded: bool = False,
+    lowbit_attention: bool | None = None,
 ) -> SpeedPlan:
     """The concrete settings of `preset` ("auto" = the device's default) on `device`. `compile` overrides the
     preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains). `offloaded`:
     the experts stream in block by block (memory.MemoryPolicy.OFFLOAD), which rules out batched CFG (twice the
     activations on a small card) and compiling (the offload hooks sit on the blocks a regional compile compiles,
-    and the copies bound the speed anyway)."""
+    and the copies bound the speed anyway). `lowbit_attention` overrides where `fast` uses the INT8 attention
+    (None: where LOWBIT_ATTENTION_FASTER says it is faster)."""
     chosen = default_preset(device) if preset == "auto" else Preset(preset)
     if chosen is Preset.EAGER:
         return SpeedPlan(chosen, compile=bool(compile) and not offloaded)
@@ -121,6 +130,8 @@ def plan_speed(
         use_compile = False
         notes.append("no compile under offload")
     low_bit = chosen is Preset.FAST
+    if lowbit_attention is None:
+        lowbit_attention = not on_gpu or device.capability in LOWBIT_ATTENTION_FASTER
     return SpeedPlan(
         chosen,
         compile=use_compile,
@@ -128,7 +139,7 @@ def plan_speed(
         attention_backend="_native_cudnn" if on_gpu and device.capability >= (8, 0) else None,
         batch_cfg=not offloaded,
         fp8_linears=low_bit,
-        lowbit_attention=low_bit,
+        lowbit_attention=low_bit and lowbit_attention,
         notes=tuple(notes),
     )
 
