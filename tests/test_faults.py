@@ -27,7 +27,7 @@ from server import CHEAP_INPUT, Server
 
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
-from wanserve.errors import FileNotFound
+from wanserve.errors import FileNotFound, ModelLoadError, StorageUnavailable
 from wanserve.files.base import new_key
 from wanserve.files.local import LocalFileStore
 from wanserve.jobs.model import Job, JobState, NewJob
@@ -462,6 +462,16 @@ def _run_worker(tmp_path: Path, runner: FailingRunner, inputs: list[dict[str, An
     return store, [store.get(j) for j in ids]
 
 
+def test_a_failed_job_never_answers_a_status_the_js_client_runs_again(tmp_path: Path) -> None:
+    """The official JS client posts a request again on 429/502/503/504 (FAL_PROTOCOL.md section 5): a failed
+    generation answered 503 would run up to 3 more times. A worker's failures are answered 500, type unchanged."""
+    failures = [StorageUnavailable("S3 PutObject failed: endpoint unreachable"), ModelLoadError("weights missing")]
+    _store, jobs = _run_worker(tmp_path, FailingRunner(list(failures)), [{"prompt": "a fox"}] * 2)
+    for job, error in zip(jobs, failures, strict=True):
+        assert job.failure is not None and job.failure.error_type == error.error_type
+        assert job.failure.http_status == 500 and error.http_status == 503
+
+
 def test_an_out_of_memory_fails_one_job_frees_gpu_memory_and_the_worker_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -479,7 +489,7 @@ def test_an_out_of_memory_fails_one_job_frees_gpu_memory_and_the_worker_goes_on(
     store, (oom, legacy, ok) = _run_worker(tmp_path, runner, [big, {"prompt": "a fox"}, {"prompt": "a fox"}])
     for job in (oom, legacy):
         assert job.failure is not None and job.failure.error_type == "out_of_memory"
-        assert job.failure.http_status == 503
+        assert job.failure.http_status == 500  # not 503: the JS client would run the whole request again
         assert "try a lower resolution (480p) or fewer frames" in job.failure.message
         assert job.failure.result_body()["error_type"] == "out_of_memory"
     assert "out of memory generating 121 frames at 1280x720 (720p)" in oom.failure.message

@@ -345,7 +345,7 @@ def test_a_rank_that_dies_fails_the_job_and_the_group_restarts(running_group: An
     first = _wait_for(lambda: finished(store, "j1"), 90, "the first job")
     print(f"job ended {time.monotonic() - started:.1f}s after it was submitted")
     assert first.failure is not None, "the job completed although a rank died"
-    assert first.failure.error_type == "runner_server_error" and first.failure.http_status == 503
+    assert first.failure.error_type == "runner_server_error" and first.failure.http_status == 500
     assert "GPU group died or stopped answering" in first.failure.message
 
     # The launcher starts a new group, which runs the next job to the end.

@@ -7,7 +7,7 @@ COMPLETED with a `Failure`; there is no other terminal state on the wire.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any
 
@@ -68,6 +68,19 @@ class Failure:
 # The failures the queue itself produces (the worker adds the engine's own from wanserve.errors).
 def cancelled_failure() -> Failure:
     return Failure("client_cancelled", "Request was cancelled", 499)
+
+
+# Statuses the official JS client answers by posting the whole request again, up to 3 times (FAL_PROTOCOL.md
+# section 5). A job that ran and failed is not helped by running it again, so a worker never settles a job with one
+# (`settled`). `runner_disconnected` (503, from the queue, not a worker) keeps the status the spec gives it.
+CLIENT_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def settled(failure: Failure) -> Failure:
+    """`failure` as a worker stores it: a status the clients would retry becomes 500 (the error type stays)."""
+    if failure.http_status in CLIENT_RETRIED_STATUSES:
+        return replace(failure, http_status=500)
+    return failure
 
 
 def start_timeout_failure(seconds: float) -> Failure:

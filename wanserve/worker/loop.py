@@ -27,7 +27,7 @@ from wanserve.config import Settings
 from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, StorageFull, WanserveError
 from wanserve.files.base import FileStore, lifecycle_expiry, output_key
 from wanserve.jobs.endpoints import EndpointRegistry
-from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure
+from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure, settled
 from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
@@ -330,7 +330,7 @@ class Worker:
                 message = self._out_of_memory_message()
                 log.error("job %s: %s (%s: %s)", job.id, message, type(exc).__name__, str(exc)[:500])
                 self._log(job, f"Failed: {message}", LogLevel.ERROR)
-                self._finish(job, failure=Failure("out_of_memory", message, 503))
+                self._finish(job, failure=Failure("out_of_memory", message, 500))
             elif (full := disk_full_cause(exc)) is not None:
                 message = f"no space left on the worker's disk while generating the video ({full.strerror})"
                 log.error("job %s: %s: %s", job.id, message, full)
@@ -360,6 +360,8 @@ class Worker:
     def _finish(self, job: Job, **outcome: Any) -> None:
         """Report the outcome, through a store outage too: a finished video is worth waiting for the store (while
         it is down nobody can take the job from this worker; once it is back, the lease decides)."""
+        if (failure := outcome.get("failure")) is not None:
+            outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
         give_up = time.monotonic() + max(60.0, 10 * self.settings.job_lease_s)
         while True:
