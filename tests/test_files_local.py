@@ -242,9 +242,11 @@ def test_lifecycle_expiry() -> None:
     assert lifecycle_expiry({"initial_acl": {"default": "allow"}}, T0) is None
     assert lifecycle_expiry({"expiration_duration_seconds": 3600}, T0) == T0 + 3600
     assert lifecycle_expiry({"expiration_duration_seconds": 1.5}, T0) == T0 + 1.5
+    for no_expiry in (0, 0.0, None):  # as fal's backend reads them
+        assert lifecycle_expiry({"expiration_duration_seconds": no_expiry}, T0) is None
 
 
-@pytest.mark.parametrize("value", [0, -1, -0.5, True, False, "60", [60], {"s": 1}, float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [-1, -0.5, True, False, "60", [60], {"s": 1}, float("nan"), float("inf")])
 def test_lifecycle_expiry_rejects(value: object) -> None:
     with pytest.raises(InvalidUpload):
         lifecycle_expiry({"expiration_duration_seconds": value}, T0)

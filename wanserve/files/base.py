@@ -145,11 +145,12 @@ def check_content_type(value: str) -> str:
 
 
 def lifecycle_expiry(preference: dict[str, Any] | None, now: float) -> float | None:
-    """`{"expiration_duration_seconds": N}` (fal's object lifecycle preference) -> absolute expiry time."""
+    """`{"expiration_duration_seconds": N}` (fal's object lifecycle preference) -> absolute expiry time. None and 0
+    mean no expiry, as fal's backend reads them (fal-client says so, and the JS client sends `expiresIn: 0` as is)."""
     if not preference:
         return None
     seconds = preference.get("expiration_duration_seconds")
-    if seconds is None:
+    if seconds is None or (seconds == 0 and not isinstance(seconds, bool)):
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (0 < seconds <= MAX_LIFETIME_S):
         raise InvalidUpload(f"expiration_duration_seconds must be a number of seconds in (0, {MAX_LIFETIME_S}]")
