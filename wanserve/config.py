@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="Lifetime of the signed /files/ URLs handed out when the server has API keys (a result read "
         "again gets a fresh one).",
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins (`https://app.example.com`, or `*` for any) whose pages may call this API "
+        "and upload to it directly, as the official JS client does from a browser (none: same origin only).",
+    )
     app_ids: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["fal-ai/wan-22", "fal-ai/wan/v2.2-a14b/text-to-video"],
         description="Endpoint ids served; `<id>/lora` takes the LoRA request.",
@@ -301,6 +306,7 @@ class Settings(BaseSettings):
     @field_validator(
         "api_keys",
         "api_key_hashes",
+        "cors_origins",
         "app_ids",
         "lora_roots",
         "safety_text_labels",

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve import __version__
@@ -146,7 +147,28 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(FalProxyMiddleware, public_url=ctx.public_url)
+    if settings.cors_origins:  # outermost: preflights and every answer, errors included, carry the CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+            allow_headers=["*"],  # the requested ones are echoed, Authorization and the x-fal-* headers included
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
     return app
+
+
+# What a page may read from answers: the request id (sync runs), error details, upload ETags, rate-limit waits.
+CORS_EXPOSED_HEADERS = [
+    "x-fal-request-id",
+    "x-fal-error-type",
+    "x-fal-retryable",
+    "x-fal-request-timeout-type",
+    "etag",
+    "content-range",
+    "retry-after",
+]
 
 
 HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
