@@ -111,3 +111,18 @@ def test_a_file_is_never_cached_past_its_expiry(client: TestClient) -> None:
         cache_control = client.get(init["file_url"]).headers["cache-control"]
         scope, _, max_age = cache_control.partition(", max-age=")
         assert scope == "public" and longest - 5 <= int(max_age) <= longest, cache_control
+
+
+def test_fal_max_queue_length_refuses_a_submit_to_a_longer_queue(client: TestClient) -> None:
+    """fal's `fal_max_queue_length` query parameter: not queued (429, nothing created) when that many requests wait;
+    never taken as an input field of a GET run."""
+    for _ in range(2):
+        assert client.post(f"/{APP}?fal_max_queue_length=5", json={"prompt": "a fox"}).status_code == 200
+    refused = client.post(f"/{APP}?fal_max_queue_length=2", json={"prompt": "a fox"})
+    assert refused.status_code == 429 and refused.json()["error_type"] == "queue_full"
+    assert refused.headers["x-fal-error-type"] == "queue_full"
+    assert client.app.state.context.store.queued_count() == 2  # type: ignore[attr-defined]
+    for bad in ("-1", "two", "1e3", "9" * 40):
+        answer = client.post(f"/{APP}", params={"fal_max_queue_length": bad}, json={"prompt": "a fox"})
+        assert answer.status_code == 400, bad
+    assert client.post(f"/{APP}?fal_max_queue_length=3", json={"prompt": "a fox"}).status_code == 200

@@ -119,9 +119,11 @@ def test_queued_count_follows_an_owners_jobs_through_every_transition(store: Job
     submit_many(store, 1, prefix="b", now=T0 + 1, owner="key-b")
     submit_many(store, 1, prefix="n", now=T0 + 2)  # no owner: counted for nobody
     assert (store.queued_count("key-a"), store.queued_count("key-b"), store.queued_count("nobody")) == (3, 1, 0)
+    assert store.queued_count() == 5  # everyone's, the ownerless job included
     claimed = store.claim("w", 10, T0 + 3)
     assert claimed is not None and claimed.id == "a000" and claimed.owner == "key-a"
     assert store.queued_count("key-a") == 2  # running is not queued
+    assert store.queued_count() == 4
     assert store.release("a000", "w", T0 + 3) is True
     assert store.queued_count("key-a") == 3  # back in the queue
     store.claim("w", 10, T0 + 4)
@@ -133,7 +135,7 @@ def test_queued_count_follows_an_owners_jobs_through_every_transition(store: Job
     assert store.queued_count("key-a") == 1
     store.claim("w", 10, T0 + 103)
     assert store.finish("a000", T0 + 104, worker_id="w", output={}) is True
-    assert (store.queued_count("key-a"), store.queued_count("key-b")) == (0, 1)
+    assert (store.queued_count("key-a"), store.queued_count("key-b"), store.queued_count()) == (0, 1, 2)
     assert store.cancel("a000", cancelled_failure(), T0 + 105) is CancelOutcome.ALREADY_COMPLETED
     assert store.queued_count("key-a") == 0  # never below zero, never counted twice
 

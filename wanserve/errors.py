@@ -195,6 +195,13 @@ class RateLimited(WanserveError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class QueueFull(WanserveError):
+    """A submit with `fal_max_queue_length=N` while N or more requests are queued: nothing is created."""
+
+    http_status = 429
+    error_type = "queue_full"
+
+
 class TooManyQueued(WanserveError):
     """A submit while the key already has its maximum of queued requests: nothing is created."""
 

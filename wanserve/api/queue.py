@@ -50,7 +50,7 @@ def _parse_int(text: str) -> int | float:
         return float("-inf") if text.startswith("-") else float("inf")
 
 
-RESERVED_QUERY = {"fal_webhook"}
+RESERVED_QUERY = {"fal_webhook", "fal_max_queue_length"}
 
 
 def query_input(request: Request) -> dict[str, Any]:
@@ -75,6 +75,7 @@ async def submit_job(ctx: ServerContext, endpoint: str, request: Request, owner:
         webhook_url=request.query_params.get("fal_webhook"),
         lifecycle=headers.get("x-fal-object-lifecycle-preference"),
         owner=owner,
+        max_queue_length=request.query_params.get("fal_max_queue_length"),
     )
 
 

@@ -17,6 +17,7 @@ from wanserve.errors import (
     InputValidationError,
     NotFound,
     PrivateAddress,
+    QueueFull,
     StillInProgress,
     TooManyQueued,
 )
@@ -134,8 +135,10 @@ class JobService:
         webhook_url: str | None = None,
         lifecycle: str | None = None,
         owner: str | None = None,
+        max_queue_length: str | None = None,
     ) -> Job:
-        """Queues a request for `owner` (the caller's key id; None when the server has no keys)."""
+        """Queues a request for `owner` (the caller's key id; None when the server has no keys). With
+        `max_queue_length` (fal's `fal_max_queue_length` query parameter), only while fewer requests are queued."""
         endpoint = self.endpoints.get(endpoint_id)
         if endpoint is None:
             raise NotFound(f"unknown endpoint: {endpoint_id}; this server serves {', '.join(self.endpoints.ids)}")
@@ -166,6 +169,7 @@ class JobService:
         output_lifecycle = parse_lifecycle_header(lifecycle)
         lifecycle_expiry(output_lifecycle, 0.0)  # validates it now rather than after the generation
         self._check_queued(owner)
+        self._check_queue_length(max_queue_length)
         now = time.time()
         job = self.store.submit(
             NewJob(
@@ -196,6 +200,17 @@ class JobService:
             raise TooManyQueued(
                 f"This API key already has {self.max_queued_per_key} requests queued: wait for some to start"
             )
+
+    def _check_queue_length(self, text: str | None) -> None:
+        """The caller's cap on the queue it joins (all requests queued on this server, every key's): counted before
+        the job is stored, like `_check_queued`."""
+        if text is None:
+            return
+        if not text.strip().isdigit() or len(text.strip()) > 9:
+            raise BadRequest(f"fal_max_queue_length must be a whole number of requests, got {text[:30]!r}")
+        limit = int(text)
+        if (queued := self.store.queued_count()) >= limit:
+            raise QueueFull(f"{queued} requests are queued, and fal_max_queue_length is {limit}: not queued")
 
     def _check_webhook_url(self, url: str) -> None:
         if not url.startswith(("http://", "https://")):

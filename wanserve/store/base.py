@@ -24,8 +24,8 @@ class JobStore(Protocol):
         """How many queued jobs run before this one (0: next)."""
         ...
 
-    def queued_count(self, owner: str) -> int:
-        """How many of this owner's (API key id's) jobs are queued (not running, not completed)."""
+    def queued_count(self, owner: str | None = None) -> int:
+        """How many of this owner's (API key id's) jobs are queued (not running, not completed); None: everyone's."""
         ...
 
     def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:

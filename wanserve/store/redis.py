@@ -430,7 +430,9 @@ class RedisJobStore:
         score = int(job.priority) * _PRIORITY_WEIGHT + job.seq
         return int(self.redis.zcount(self._key("queue"), "-inf", f"({score}"))
 
-    def queued_count(self, owner: str) -> int:
+    def queued_count(self, owner: str | None = None) -> int:
+        if owner is None:
+            return int(self.redis.zcard(self._key("queue")))
         return int(self.redis.scard(self._key("queued_by", owner)))
 
     def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:

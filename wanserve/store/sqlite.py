@@ -205,11 +205,11 @@ class SQLiteJobStore:
         )
         return int(row[0])
 
-    def queued_count(self, owner: str) -> int:
-        row = (
-            self._conn().execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state = ?", (owner, _QUEUED)).fetchone()
-        )
-        return int(row[0])
+    def queued_count(self, owner: str | None = None) -> int:
+        query, args = "SELECT COUNT(*) FROM jobs WHERE state = ?", [_QUEUED]
+        if owner is not None:
+            query, args = query + " AND owner = ?", [_QUEUED, owner]
+        return int(self._conn().execute(query, args).fetchone()[0])
 
     def cancel(self, job_id: str, failure: Failure, now: float) -> CancelOutcome:
         with self._write() as db:
