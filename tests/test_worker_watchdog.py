@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -88,3 +89,37 @@ def test_a_restarted_worker_is_stopped_with_sigint_not_killed(tmp_path: Path, mo
     time.sleep(0.5)  # the stand-in installs its SIGINT handler
     workers.stop()
     assert spawned[1].returncode == 3  # its SIGINT handler ran to the end (-9: killed)
+
+
+def test_a_starting_server_recovers_only_workers_it_can_see_are_dead(tmp_path: Path) -> None:
+    """At start, workers registered from this process space whose process is gone are dead: their jobs are requeued
+    at once. A worker registered from another space (a container or machine with the same host name) may be alive
+    although its pid is not found here: its job is left to its lease."""
+    import socket
+
+    from wanserve.backends import open_job_store
+    from wanserve.config import Settings
+    from wanserve.jobs.model import WorkerInfo
+    from wanserve.worker import supervisor
+    from wanserve.worker.processes import process_space
+
+    settings = Settings(data_dir=tmp_path / "data", public_url="http://test")
+    store = open_job_store(settings)
+    now = time.time()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that was a process of this space, and is not any more
+    host = socket.gethostname()
+    registered = {
+        "dead-here": {"host": host, "pid": gone.pid, "pid_space": process_space()},
+        "alive-here": {"host": host, "pid": os.getpid(), "pid_space": process_space()},
+        "elsewhere": {"host": host, "pid": gone.pid, "pid_space": "another-boot/pid:[1]"},
+    }
+    for worker_id, detail in registered.items():
+        store.register_worker(WorkerInfo(worker_id, True, now, detail))
+        store.submit(NewJob(f"job-{worker_id}", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), now)
+        claimed = store.claim(worker_id, 600, now)
+        assert claimed is not None and claimed.id == f"job-{worker_id}"
+    supervisor.WorkerSupervisor(settings, store, 0).recover_previous_run()
+    states = {worker_id: store.get(f"job-{worker_id}").state for worker_id in registered}  # type: ignore[union-attr]
+    assert states == {"dead-here": JobState.QUEUED, "alive-here": JobState.RUNNING, "elsewhere": JobState.RUNNING}
+    assert sorted(w.id for w in store.workers()) == ["alive-here", "elsewhere"]

@@ -32,6 +32,7 @@ from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
 from wanserve.store.base import JobStore
+from wanserve.worker.processes import process_space
 
 log = logging.getLogger("wanserve.worker")
 
@@ -157,6 +158,7 @@ class Worker:
         self._detail: dict[str, Any] = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_space": process_space(),  # where `pid` means this process (WorkerSupervisor.recover_previous_run)
             "model": settings.model,
             "gpus": settings.gpus or [settings.device],
             "current_job": None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from wanserve.config import Settings
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.store.base import JobStore
+from wanserve.worker.processes import pid_alive, process_space
 
 log = logging.getLogger("wanserve.supervisor")
 
@@ -38,24 +39,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the worker also exits when it sees its parent change
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A worker killed with its server is a zombie until its new parent reaps it (seconds, under some inits):
-    # dead already, or its job would wait for its lease to run out instead of going back to the queue at once.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc (not Linux): os.kill's answer stands
-        return True
 
 
 @dataclass
@@ -84,12 +67,14 @@ class WorkerSupervisor:
         self.boot = secrets.token_hex(3)
 
     def recover_previous_run(self) -> None:
-        """Workers of this host registered by an earlier server that are not running any more are dead:
-        their jobs go back to the queue (or fail after their last attempt)."""
+        """Workers registered from this process space (see `process_space`) that are not running any more are dead:
+        their jobs go back to the queue (or fail after their last attempt) at once. A worker of another space (another
+        container or machine, perhaps with this host name) is left to its lease: its pid means nothing here."""
+        space = process_space()
         dead = [
             w.id
             for w in self.store.workers()
-            if w.detail.get("host") == self.host and not _pid_alive(int(w.detail.get("pid", 0) or 0))
+            if w.detail.get("pid_space") == space and not pid_alive(int(w.detail.get("pid", 0) or 0))
         ]
         if dead:
             failed = recover_lost_jobs(self.store, dead, self.settings.job_max_attempts)
