@@ -291,7 +291,11 @@ class Worker:
             raise LeaseLost(job.id)
         if self._stop.is_set():
             raise ShuttingDown(job.id)
-        return self.store.cancel_requested(job.id)
+        try:
+            return self.store.cancel_requested(job.id)
+        except Exception as exc:  # a store outage: the video goes on (its lease, not this check, bounds a cut-off run)
+            log.warning("job %s: could not check for a cancel: %s", job.id, exc)
+            return False
 
     def process(self, job: Job) -> None:
         # In this order: the heartbeat thread may look between two lines, and must never see this job with an
