@@ -8,10 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
-from wanserve.errors import GenerationCancelled
-from wanserve.files.base import check_key
+from wanserve.errors import FileNotFound, GenerationCancelled
+from wanserve.files.base import check_key, output_key
 from wanserve.jobs.model import JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.worker import loop
@@ -248,3 +250,57 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
 def finished(store: Any, job_id: str) -> bool:
     job = store.get(job_id)
     return job is not None and job.state is JobState.COMPLETED
+
+
+class TakenAwayRunner(InstantRunner):
+    """Renders while the store gives the job away (its lease ran out and recovery failed it): the worker's video
+    is stored, and then its finish is refused."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def generate_video(self, request: Any, output: Path, *args: Any, **kwargs: Any) -> Any:
+        recover_lost_jobs(self.store, ["w1"], max_attempts=1)
+        return super().generate_video(request, output, *args, **kwargs)
+
+
+def test_the_video_of_a_refused_finish_is_deleted(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+    store = open_job_store(settings)
+    files = open_file_store(settings)
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: TakenAwayRunner(store))
+    worker.load()
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+    worker.process(job)
+    done = store.get("j1")
+    assert done is not None and done.failure is not None and done.failure.error_type == "runner_disconnected"
+    with pytest.raises(FileNotFound):  # stored, then removed: nothing refers to it
+        files.stat(output_key("j1", 1), time.time())
+
+
+def test_a_finish_retried_after_a_lost_reply_keeps_its_video(tmp_path: Path) -> None:
+    """On Redis a finish whose first reply was lost is refused when sent again, though it landed: the video the
+    job now holds must stay."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+    store = open_job_store(settings)
+    files = open_file_store(settings)
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: InstantRunner())
+    worker.load()
+    landed: list[bool] = []
+
+    def finish_twice(job_id: str, now: float, **outcome: Any) -> bool:
+        landed.append(store.finish(job_id, now, **outcome))
+        return store.finish(job_id, now, **outcome)  # the resent call: refused
+
+    worker.store = SimpleNamespace(  # type: ignore[assignment]
+        finish=finish_twice, **{name: getattr(store, name) for name in ("get", "add_log", "cancel_requested")}
+    )
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+    worker.process(job)
+    done = store.get("j1")
+    assert landed == [True] and done is not None and done.output is not None
+    assert files.stat(output_key("j1", 1), time.time()).size > 0

@@ -348,7 +348,8 @@ class Worker:
                 self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
         else:
             note = f"Completed in {time.perf_counter() - started:.1f}s"
-            self._finish(job, output=output, inference_time=inference_time, note=note)
+            if not self._finish(job, output=output, inference_time=inference_time, note=note):
+                self._discard_refused_output(job, output)
         finally:
             self._current = None
             self._detail["current_job"] = None
@@ -363,9 +364,10 @@ class Worker:
             "the worker freed its cached memory and goes on with the next request"
         )
 
-    def _finish(self, job: Job, **outcome: Any) -> None:
+    def _finish(self, job: Job, **outcome: Any) -> bool:
         """Report the outcome, through a store outage too: a finished video is worth waiting for the store (while
-        it is down nobody can take the job from this worker; once it is back, the lease decides)."""
+        it is down nobody can take the job from this worker; once it is back, the lease decides). False: the store
+        refused it (the job was no longer this worker's)."""
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
@@ -380,6 +382,19 @@ class Worker:
                 time.sleep(outage.failed(exc))
         if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
+        return bool(finished)
+
+    def _discard_refused_output(self, job: Job, output: dict[str, Any]) -> None:
+        """The video of a finish the store refused (the job was taken back, failed or cancelled meanwhile) is
+        referenced by nothing, unless the refusal answered a retried finish whose first reply was lost: then the
+        job holds this very output."""
+        try:
+            current = self.store.get(job.id)
+            if current is not None and current.output == output:
+                return
+            self.files.delete(output_key(job.id, job.attempts))
+        except Exception as exc:  # a store outage: the file stays
+            log.warning("job %s: could not remove the video of a refused finish: %s", job.id, exc)
 
     def _expand(self, job: Job, prompt: str) -> str:
         """The expanded prompt, or the original one with a log line saying why (expansion never fails a job)."""
