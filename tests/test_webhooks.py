@@ -407,3 +407,44 @@ def test_an_unforeseen_error_in_a_delivery_counts_as_a_failed_try(store: SQLiteJ
     assert deliver_through(d, broken) == 1
     (hook,) = store.due_webhooks(time.time() + 120)
     assert hook.attempts == 1 and hook.next_attempt_at > time.time() + 30
+
+
+def test_a_receiver_trickling_its_answer_fails_the_try_within_the_timeout(
+    store: SQLiteJobStore, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx's timeout bounds each read alone: a receiver sending a byte now and then would hold a delivery past its
+    claim, and another replica would send the webhook again. The whole try has the one limit."""
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.2)  # each read well within the 1 s timeout, the answer never done in time
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        finished_job(store, "slow-1", f"http://127.0.0.1:{server.server_address[1]}/hook", output={})
+        d = dispatcher(store, signer, timeout_s=1.0, retry_base_s=60)
+        started = time.monotonic()
+        assert deliver(d) == 1
+        assert time.monotonic() - started < 3  # not the 20 s the answer takes
+        hooks = store.due_webhooks(time.time() + 120)
+        assert [(h.job_id, h.attempts) for h in hooks] == [("slow-1", 1)]  # a failed try, retried later
+        assert "no complete answer within 1 s" in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

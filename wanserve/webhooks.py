@@ -174,10 +174,17 @@ class WebhookDispatcher:
         if job is None:
             await asyncio.to_thread(self.store.webhook_failed, hook_id, "job no longer exists", None)
             return
+        # One limit on the whole try, name lookup included: httpx's timeout bounds each connect or read alone, so a
+        # receiver trickling its answer would outlast the claim (deliver_due) and another replica would send it again.
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             # Checked again at every delivery (DNS may have changed since the submit), and the POST goes to
             # the address that was checked.
-            target = await asyncio.to_thread(pin_public_url, url, self.allow_private)
+            async with asyncio.timeout_at(deadline):
+                target = await asyncio.to_thread(pin_public_url, url, self.allow_private)
+        except TimeoutError:
+            await self._failed(hook_id, job_id, url, attempts, f"name lookup took over {self.timeout_s:g} s")
+            return
         except PrivateAddress as exc:
             log.warning("webhook for %s to %s refused: %s", job_id, url, exc)
             await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
@@ -192,16 +199,19 @@ class WebhookDispatcher:
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
         error: str | None = None
         try:
-            response = await client.post(
-                target.url,
-                content=body,
-                headers={**headers, **target.headers},
-                extensions=target.extensions,
-                timeout=self.timeout_s,
-                follow_redirects=False,  # a redirect is a failure: it could point at a private address
-            )
+            async with asyncio.timeout_at(deadline):
+                response = await client.post(
+                    target.url,
+                    content=body,
+                    headers={**headers, **target.headers},
+                    extensions=target.extensions,
+                    timeout=self.timeout_s,
+                    follow_redirects=False,  # a redirect is a failure: it could point at a private address
+                )
             if not 200 <= response.status_code < 300:
                 error = f"receiver answered HTTP {response.status_code}"
+        except TimeoutError:
+            error = f"no complete answer within {self.timeout_s:g} s"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
             error = f"{type(exc).__name__}: {exc}"
         if error is None:
