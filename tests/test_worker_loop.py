@@ -304,3 +304,19 @@ def test_a_finish_retried_after_a_lost_reply_keeps_its_video(tmp_path: Path) -> 
     done = store.get("j1")
     assert landed == [True] and done is not None and done.output is not None
     assert files.stat(output_key("j1", 1), time.time()).size > 0
+
+
+def test_a_worker_start_removes_the_job_folders_of_workers_that_are_gone(tmp_path: Path) -> None:
+    """A worker ended by its watchdog (os._exit) leaves its job's folder (the video being encoded) behind."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    names = [f"wanserve-{gone.pid}-abc", f"wanserve-{os.getpid()}-def", "wanserve-cache", "other-1-x"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "video.mp4").write_bytes(b"x")
+    assert loop.remove_stale_temp_dirs(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])

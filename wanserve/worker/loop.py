@@ -11,6 +11,7 @@ import errno
 import gc
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -32,9 +33,23 @@ from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
 from wanserve.store.base import JobStore
-from wanserve.worker.processes import process_space
+from wanserve.worker.processes import pid_alive, process_space
 
 log = logging.getLogger("wanserve.worker")
+
+# A job renders into `<tmp>/wanserve-<pid>-<random>/`: a worker ended by its watchdog (os._exit) leaves its own.
+TEMP_PREFIX = "wanserve-"
+
+
+def remove_stale_temp_dirs(root: Path | None = None) -> int:
+    """Removes the job folders of worker processes that are gone; returns how many. Run at worker start."""
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _describe_file(file: LoraFile) -> str:
@@ -190,6 +205,7 @@ class Worker:
 
     def load(self) -> None:
         self._register(ready=False)
+        remove_stale_temp_dirs()
         if self._runner_factory is None:
             from wanserve.engine.runner import EngineRunner  # the engine (torch) loads only in workers
 
@@ -458,7 +474,7 @@ class Worker:
             if p.step == p.total:
                 self._log(job, "Decoding video")
 
-        with tempfile.TemporaryDirectory(prefix="wanserve-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
             out_path = Path(tmp) / "video.mp4"
             result = self._runner.generate_video(
                 request,
