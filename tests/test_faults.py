@@ -33,6 +33,7 @@ from wanserve.files.local import LocalFileStore
 from wanserve.jobs.model import Job, JobState, NewJob
 from wanserve.store.sqlite import SQLiteJobStore
 from wanserve.worker.loop import Worker
+from wanserve.worker.processes import pid_alive
 
 APP = "fal-ai/wan-22"
 SEED = 20260522
@@ -56,18 +57,8 @@ PLAN = ["claimed", "claimed", "denoising", "denoising", "decoding", "decoding", 
 # --- helpers ---
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    return False
-
-
 def _worker_pids(store: SQLiteJobStore) -> list[int]:
-    return [int(w.detail["pid"]) for w in store.workers() if _pid_alive(int(w.detail.get("pid", 0) or 0))]
+    return [int(w.detail["pid"]) for w in store.workers() if pid_alive(int(w.detail.get("pid", 0) or 0))]
 
 
 def _submit(server: Server, body: dict[str, Any]) -> str:
@@ -100,7 +91,7 @@ def _kill_server(server: Server, store: SQLiteJobStore) -> None:
     workers = _worker_pids(store)
     server.kill()
     deadline = time.monotonic() + 10
-    while any(_pid_alive(pid) for pid in workers):
+    while any(pid_alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived its killed server"
         time.sleep(0.02)
 

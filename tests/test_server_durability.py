@@ -11,6 +11,7 @@ from server import CHEAP_INPUT, Server, wait_completed
 from webhook_receiver import Receiver
 
 from wanserve.store.sqlite import SQLiteJobStore
+from wanserve.worker.processes import pid_alive
 
 APP = "fal-ai/wan-22"
 
@@ -29,14 +30,6 @@ def _wait_for_log(server: Server, request_id: str, prefix: str, timeout_s: float
             return
         time.sleep(0.05)
     raise TimeoutError(f"no log line starting with {prefix!r}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/status").read_text().count("State:\tZ")
 
 
 def _worker_pids(data_dir: Path) -> list[int]:
@@ -63,7 +56,7 @@ def test_kill_9_of_the_server_mid_run_loses_nothing(tmp_path: Path, model_cache:
 
         # The worker dies with its server (no orphan keeps the GPU busy).
         deadline = time.monotonic() + 10
-        while any(_pid_alive(pid) for pid in workers):
+        while any(pid_alive(pid) for pid in workers):
             assert time.monotonic() < deadline, "worker outlived its killed server"
             time.sleep(0.1)
 
