@@ -14,7 +14,7 @@ from file_server import FileServer, running_file_server
 
 from wanserve.client.local_server import free_port
 from wanserve.config import Settings
-from wanserve.errors import FieldError, InputFetchError, LoraError, PrivateAddress
+from wanserve.errors import FieldError, InputFetchError, LoraError, PrivateAddress, StorageUnavailable
 from wanserve.files.base import new_key
 from wanserve.files.local import LocalFileStore
 from wanserve.lora.cache import ContentCache, file_sha256
@@ -179,6 +179,17 @@ def test_own_storage_and_data_uris_are_read_without_http(files: LocalFileStore, 
     assert stored.kind is SourceKind.STORAGE and stored.path.read_bytes() == b"stored lora"
     data = make().resolve("data:application/octet-stream;base64," + base64.b64encode(b"inline lora").decode())
     assert data.kind is SourceKind.DATA and data.path.read_bytes() == b"inline lora"
+
+
+def test_a_missing_file_of_our_own_storage_is_a_422_on_its_field(files: LocalFileStore, make: Make) -> None:
+    """Not the store's 404: on a result that would read as "no such request"."""
+    gone = files.url(new_key("deleted.safetensors"))
+    with pytest.raises(FieldError) as err:
+        make().uses([LoRAWeight(path=gone)])
+    assert err.value.http_status == 422 and err.value.error_type == "file_not_found"
+    assert err.value.detail()["loc"] == ["body", "loras", 0, "path"]
+    outage = FieldError(("loras", 0, "path"), StorageUnavailable("S3 GetObject failed"))
+    assert outage.http_status == 503  # the server failed, not the input
 
 
 def test_local_paths_inside_the_roots(make: Make, roots: list[Path]) -> None:

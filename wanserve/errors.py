@@ -139,7 +139,9 @@ class FieldError(WanserveError):
         self.loc = loc
         self.cause = cause
         self.value = value
-        self.http_status = cause.http_status
+        # The request's input is what could not be used (a missing file is a bad input here, not a missing route),
+        # unless the server itself failed (a storage outage): that keeps its status.
+        self.http_status = cause.http_status if cause.http_status >= 500 else 422
         self.error_type = cause.error_type
         super().__init__(f"{'.'.join(str(p) for p in loc)}: {cause}")
 
