@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import WanPipeline
 from engines import record_forwards
 
+from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import GenerationSpec, StepProgress, WanEngine
 from wanserve.engine.sampling import Expert, reference_timesteps
 from wanserve.engine.tiny import TinyConfig, build_vae
@@ -59,6 +62,19 @@ def test_guidance_is_per_expert(
     low = [t for t in timesteps if t < 875]
     assert sum(1 for e, _, _ in calls if e == "high") == high_forwards * len(high)
     assert sum(1 for e, _, _ in calls if e == "low") == low_forwards * len(low)
+
+
+def test_a_single_expert_model_runs_every_step_with_guidance_scale(model_cache: Path, small_spec: Spec) -> None:
+    """A pipeline with one transformer and no boundary (Wan 2.1-style) runs it at every step with `guidance_scale`,
+    as diffusers does; `guidance_scale_2` belongs to a second expert it does not have."""
+    p = load_pipeline("tiny", model_cache, torch.float32)
+    single = WanPipeline(tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, scheduler=p.scheduler,
+                         transformer=p.transformer, transformer_2=None, boundary_ratio=None)  # fmt: skip
+    engine = WanEngine(single, torch.device("cpu"))
+    result = engine.generate(small_spec(num_inference_steps=3, guidance_scale=5.0, guidance_scale_2=1.0))
+    assert [(s.expert, s.guidance_scale) for s in result.steps] == [(Expert.HIGH, 5.0)] * 3
+    other = engine.generate(small_spec(num_inference_steps=3, guidance_scale=9.0, guidance_scale_2=1.0))
+    assert np.abs(result.frames - other.frames).mean() > 1e-6
 
 
 def test_guidance_scale_values_change_the_output(engine: WanEngine, small_spec: Spec) -> None:

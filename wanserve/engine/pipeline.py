@@ -323,7 +323,8 @@ class WanEngine:
             [int(t) for t in scheduler.timesteps.tolist()],
             spec.guidance_scale,
             spec.guidance_scale_2,
-            boundary_ratio=1.0 if boundary is None else boundary,
+            # One expert (no boundary, Wan 2.1-style): every step is its, with `guidance_scale`, as diffusers runs it.
+            boundary_ratio=0.0 if boundary is None else boundary,
         )
         any_cfg = any(p.uses_cfg for p in plan)
 
