@@ -33,6 +33,15 @@ def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
         Settings()
 
 
+def test_a_misspelt_x264_preset_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at the first encode, after a whole generation."""
+    monkeypatch.setenv("WANSERVE_VIDEO_PRESET", "ultrafastx")
+    with pytest.raises(ValidationError, match="video_preset"):
+        Settings()
+    monkeypatch.setenv("WANSERVE_VIDEO_PRESET", "slow")
+    assert Settings().video_preset == "slow"
+
+
 def test_cli_reports_bad_settings_without_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

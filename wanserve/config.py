@@ -30,7 +30,10 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where built models are cached.")
     video_crf: int = Field(18, ge=0, le=51, description="H.264 constant rate factor of output videos.")
-    video_preset: str = Field("veryfast", description="x264 preset of output videos.")
+    # Checked here: x264 would refuse a misspelt one only at the first encode, after a whole generation.
+    video_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
+    ] = Field("veryfast", description="x264 preset of output videos.")
     torch_threads: int = Field(
         0, ge=0, description="CPU threads torch may use in a worker (0: torch's default). For CPU-only serving."
     )
