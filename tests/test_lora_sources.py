@@ -299,3 +299,25 @@ def test_a_failed_download_is_not_cached(http: FileServer, make: Make) -> None:
         make().resolve(http.url("/absent.safetensors"))
     http.files["/absent.safetensors"] = b"now here"
     assert make().resolve(http.url("/absent.safetensors")).path.read_bytes() == b"now here"
+
+
+def test_loras_resolved_first_are_not_evicted_by_the_downloads_after_them(
+    http: FileServer, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's LoRAs are all resolved, then read: a cached one must survive the long downloads of those after
+    it, however full the cache (eviction spares what was used in the last IN_USE_S seconds)."""
+    from wanserve.lora import cache
+
+    monkeypatch.setattr(cache, "IN_USE_S", 0.5)  # each download below takes 0.35 s: two take longer than this
+    for name in ("a", "b", "c"):
+        http.files[f"/{name}.safetensors"] = name.encode() * 1000
+    urls = [http.url(f"/{name}.safetensors") for name in ("a", "b", "c")]
+    resolver = make(lora_cache_bytes=1)  # always over: only "in use" keeps a file
+    resolver.resolve(urls[0])  # cached earlier: a hit in the request below
+
+    def slow_downloads(i: int, _label: str) -> None:
+        if i > 0:
+            time.sleep(0.35)
+
+    uses = resolver.uses([LoRAWeight(path=url) for url in urls], before_each=slow_downloads)
+    assert [use.file.path.read_bytes()[:1] for use in uses] == [b"a", b"b", b"c"]  # all still there to be read

@@ -66,6 +66,12 @@ class ContentCache:
         except (OSError, ValueError, KeyError, TypeError):  # absent, evicted, or an index entry cut short
             return None
 
+    def keep(self, path: Path) -> None:
+        """Marks a blob of this cache as in use now (see IN_USE_S); any other path is left untouched."""
+        if path.parent == self.blobs:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
+
     def temp_path(self) -> Path:
         return self.tmp / uuid.uuid4().hex
 

@@ -161,8 +161,11 @@ class LoraResolver:
     def uses(self, loras: Sequence[LoRAWeight], before_each: Callable[[int, str], None] | None = None) -> list[LoraUse]:
         """Resolves every LoRA of a request; a failure names the field (`loras.N.path`) it came from.
         `before_each(index, label)` runs before each one (the worker logs progress and checks for a cancel)."""
-        out = []
+        out: list[LoraUse] = []
         for i, lora in enumerate(loras):
+            # The files resolved so far are read only once all are: a long download must not let them age out of
+            # the cache meanwhile (eviction spares what was used in the last IN_USE_S seconds).
+            self._keep(out)
             if before_each is not None:
                 before_each(i, describe_path(lora.path))
             try:
@@ -170,7 +173,12 @@ class LoraResolver:
             except WanserveError as exc:
                 raise FieldError(("loras", i, "path"), exc, describe_path(lora.path)) from exc
             out.append(LoraUse(file, lora.scale, EXPERTS[lora.transformer], describe_path(lora.path)))
+        self._keep(out)
         return out
+
+    def _keep(self, uses: list[LoraUse]) -> None:
+        for use in uses:
+            self.cache.keep(use.file.path)
 
     def resolve(self, path: str, weight_name: str | None = None) -> LoraFile:
         started = time.perf_counter()
