@@ -15,11 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from wanserve import __version__
-from wanserve.client.client import ApiError
 from wanserve.config import Settings
 from wanserve.errors import WanserveError
 from wanserve.schema import WanLoRAT2VRequest
@@ -471,7 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WanserveError as exc:
         print(f"error ({exc.error_type}): {exc}", file=sys.stderr)
         return 1
-    except (ApiError, httpx.TransportError) as exc:  # the client commands: the server said no, or is unreachable
-        from wanserve.client.commands import report_error
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the client commands: the server said no, is unreachable, or is not one
+        from wanserve.client.commands import CLIENT_ERRORS, report_error
 
-        return report_error(exc, args)
+        if hasattr(args, "url") and isinstance(exc, CLIENT_ERRORS):
+            return report_error(exc, args)
+        raise

@@ -33,6 +33,9 @@ from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest, WanT2VResponse
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_APP = "fal-ai/wan-22"
 POLL_INTERVAL_S = 0.5
+# How long `follow` keeps polling through a server that cannot be reached or answers 502-504 (a restart, a proxy
+# between two upstreams) before it gives up: the request lives in the server's queue meanwhile.
+RECONNECT_GRACE_S = 300.0
 
 Arguments = WanT2VRequest | Mapping[str, Any]
 
@@ -47,6 +50,10 @@ class ApiError(Exception):
         self.error_type = error_type
         self.request_id = request_id
         super().__init__(f"HTTP {status_code}{f' {error_type}' if error_type else ''}: {_detail_text(detail)}")
+
+
+class ConfigError(ValueError):
+    """The client cannot be used as configured (a server URL or API key no HTTP request can carry)."""
 
 
 class InputError(ApiError):
@@ -248,10 +255,28 @@ def same_origin(base: str, url: str) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
+def server_url(url: str | None) -> str:
+    return (url or os.environ.get("WANSERVE_URL") or DEFAULT_URL).rstrip("/")
+
+
 def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
-    base = (url or os.environ.get("WANSERVE_URL") or DEFAULT_URL).rstrip("/")
-    key = key if key is not None else os.environ.get("WANSERVE_KEY")
+    base = server_url(url)
+    try:
+        httpx.URL(base)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"not a valid server URL: {base[:200]!r} ({exc})") from None
+    # Stripped: a key read from a file often ends in a line break. Never echoed: it is a secret.
+    key = (key if key is not None else os.environ.get("WANSERVE_KEY") or "").strip()
+    if key and not (key.isascii() and key.isprintable()):
+        raise ConfigError("the API key (--key or WANSERVE_KEY) has characters an HTTP header cannot carry")
     return base, ({"Authorization": f"Key {key}"} if key else {})
+
+
+def _reconnectable(exc: Exception) -> bool:
+    """A failed status poll that a server restart or a proxy explains, worth trying again."""
+    return isinstance(exc, httpx.TransportError) or (
+        isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
+    )
 
 
 # A status stream is quiet through a long step, but the server sends a keep-alive every 15 s: silence for much
@@ -355,21 +380,32 @@ class WanserveClient(_Routes):
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
-        for status in self._follow(submitted.request_id, app, with_logs):
+        for status in self.follow(submitted.request_id, app=app, logs=with_logs):
             if on_queue_update is not None:
                 on_queue_update(status)
         return self.result(submitted.request_id, app=app)
 
-    def _follow(self, request_id: str, app: str, with_logs: bool) -> Iterator[QueueStatus]:
+    def follow(self, request_id: str, *, app: str | None = None, logs: bool = True) -> Iterator[QueueStatus]:
+        """The request's statuses until it completes: the status stream, then polling if the stream breaks (a proxy
+        that cuts long streams, a server restart), through RECONNECT_GRACE_S of an unreachable server."""
         try:
-            for status in self.stream_status(request_id, logs=with_logs, app=app):
+            for status in self.stream_status(request_id, logs=logs, app=app):
                 yield status
                 if status.status == "COMPLETED":
                     return
         except httpx.TransportError:
-            pass  # a proxy that cuts long streams: fall back to polling
+            pass
+        unreachable_since: float | None = None
         while True:
-            status = self.status(request_id, logs=with_logs, app=app)
+            try:
+                status = self.status(request_id, logs=logs, app=app)
+            except Exception as exc:
+                unreachable_since = unreachable_since or time.monotonic()
+                if not _reconnectable(exc) or time.monotonic() - unreachable_since > RECONNECT_GRACE_S:
+                    raise
+                time.sleep(min(5.0, POLL_INTERVAL_S * 4))
+                continue
+            unreachable_since = None
             yield status
             if status.status == "COMPLETED":
                 return
@@ -490,23 +526,33 @@ class AsyncWanserveClient(_Routes):
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
-        async for status in self._follow(submitted.request_id, app, with_logs):
+        async for status in self.follow(submitted.request_id, app=app, logs=with_logs):
             if on_queue_update is not None:
                 outcome = on_queue_update(status)
                 if outcome is not None:
                     await outcome
         return await self.result(submitted.request_id, app=app)
 
-    async def _follow(self, request_id: str, app: str, with_logs: bool) -> AsyncIterator[QueueStatus]:
+    async def follow(self, request_id: str, *, app: str | None = None, logs: bool = True) -> AsyncIterator[QueueStatus]:
+        """As WanserveClient.follow."""
         try:
-            async for status in self.stream_status(request_id, logs=with_logs, app=app):
+            async for status in self.stream_status(request_id, logs=logs, app=app):
                 yield status
                 if status.status == "COMPLETED":
                     return
         except httpx.TransportError:
             pass
+        unreachable_since: float | None = None
         while True:
-            status = await self.status(request_id, logs=with_logs, app=app)
+            try:
+                status = await self.status(request_id, logs=logs, app=app)
+            except Exception as exc:
+                unreachable_since = unreachable_since or time.monotonic()
+                if not _reconnectable(exc) or time.monotonic() - unreachable_since > RECONNECT_GRACE_S:
+                    raise
+                await asyncio.sleep(min(5.0, POLL_INTERVAL_S * 4))
+                continue
+            unreachable_since = None
             yield status
             if status.status == "COMPLETED":
                 return

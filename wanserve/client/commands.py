@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+from pydantic import ValidationError
 
-from wanserve.client.client import DEFAULT_APP, ApiError, InputError, QueueStatus, WanserveClient, detail_lines
+from wanserve.client.client import (
+    DEFAULT_APP,
+    ApiError,
+    ConfigError,
+    InputError,
+    QueueStatus,
+    WanserveClient,
+    detail_lines,
+    server_url,
+)
 from wanserve.lora.sources import EXPERTS
 from wanserve.progress import format_duration
 
@@ -122,11 +132,28 @@ def _client(args: argparse.Namespace) -> WanserveClient:
     return WanserveClient(args.url, args.key, app=args.app)
 
 
+def check_output_path(args: argparse.Namespace) -> None:
+    """`-o PATH` checked before anything runs: a generation must not be lost to a typo in a folder name."""
+    if not getattr(args, "output", None):
+        return
+    path = Path(args.output)
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise ConfigError(f"-o {args.output}: a folder; give a file name (e.g. {path / 'video.mp4'})")
+    if not path.parent.is_dir():
+        raise ConfigError(f"-o {args.output}: the folder {path.parent} does not exist")
+
+
 def _print_output(args: argparse.Namespace, client: WanserveClient, output: Any, request_id: str | None) -> None:
     body = output.model_dump(mode="json", exclude_none=True)
     saved = None
     if getattr(args, "output", None):
-        saved = str(client.download(output.video.url, args.output).resolve())
+        try:
+            saved = str(client.download(output.video.url, args.output).resolve())
+        except OSError as exc:  # the video is made and stored on the server: say where, rather than lose it
+            raise ConfigError(
+                f"could not save the video to {args.output} ({exc.strerror or exc}); it is at {output.video.url} "
+                f"(request {request_id}, seed {output.seed})"
+            ) from None
     if args.json:
         print(json.dumps({"request_id": request_id, **body, **({"path": saved} if saved else {})}))
         return
@@ -147,6 +174,7 @@ def cmd_submit(args: argparse.Namespace, body: dict[str, Any]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    check_output_path(args)
     with _client(args) as client:
         if args.lora:
             body["loras"] = lora_arguments(client, args.lora, sys.stderr)
@@ -158,7 +186,18 @@ def cmd_run(args: argparse.Namespace, body: dict[str, Any]) -> int:
             if not args.json:
                 print(f"request {request_id}", file=sys.stderr, flush=True)
 
-        output = client.subscribe(body, on_enqueue=enqueued, on_queue_update=view.update)
+        try:
+            output = client.subscribe(body, on_enqueue=enqueued, on_queue_update=view.update)
+        except KeyboardInterrupt:
+            # Ctrl-C means stop: the GPU should not go on with a video nobody waits for.
+            view._end()
+            if request_ids:
+                print(f"interrupted: cancelling request {request_ids[0]}", file=sys.stderr)
+                try:
+                    client.cancel(request_ids[0])
+                except (ApiError, httpx.HTTPError):
+                    print(f"could not cancel it: wanserve cancel {request_ids[0]}", file=sys.stderr)
+            return 130
         _print_output(args, client, output, request_ids[0] if request_ids else None)
     return 0
 
@@ -168,11 +207,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.follow:
             view = ProgressView(sys.stderr)
             status = None
-            for status in client.stream_status(args.request_id, logs=True):
-                view.update(status)
+            try:
+                for status in client.follow(args.request_id):
+                    view.update(status)
+            except KeyboardInterrupt:  # stops following; the request goes on
+                view._end()
+                return 130
             assert status is not None
         else:
-            status = client.status(args.request_id, logs=args.logs)
+            status = client.status(args.request_id, logs=True)  # the step line comes from the logs
     if args.json:
         print(status.model_dump_json(exclude_none=True))
         return 0
@@ -190,6 +233,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_result(args: argparse.Namespace) -> int:
+    check_output_path(args)
     with _client(args) as client:
         _print_output(args, client, client.result(args.request_id), args.request_id)
     return 0
@@ -205,21 +249,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a client command can fail with, besides its own errors: each gets a message, never a traceback.
+CLIENT_ERRORS = (ApiError, ConfigError, httpx.TransportError, httpx.InvalidURL, json.JSONDecodeError, ValidationError)
+
+
 def report_error(exc: Exception, args: argparse.Namespace) -> int:
     """A failed call as a clear message (and JSON with `--json`), exit status 1."""
+    server = server_url(getattr(args, "url", None))
     if isinstance(exc, ApiError):
-        if getattr(args, "json", False):
-            print(json.dumps({"status_code": exc.status_code, "error_type": exc.error_type, "detail": exc.detail}))
+        error: dict[str, Any] = {"status_code": exc.status_code, "error_type": exc.error_type, "detail": exc.detail}
         if isinstance(exc, InputError) and exc.field_errors:
             fields = "\n".join(f"  {line}" for line in detail_lines(exc.field_errors))
-            print(f"error: invalid request ({exc.error_type}):\n{fields}", file=sys.stderr)
+            message = f"invalid request ({exc.error_type}):\n{fields}"
         else:
-            print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if isinstance(exc, httpx.TransportError):
-        print(f"error: cannot reach the server at {args.url or 'WANSERVE_URL'}: {exc}", file=sys.stderr)
-        return 1
-    raise exc
+            message = str(exc)
+    elif isinstance(exc, httpx.LocalProtocolError):  # its text can quote the request's headers, the key among them
+        error, message = {"error_type": "request_not_sent"}, "the request could not be sent (a bad header value?)"
+    elif isinstance(exc, httpx.TransportError):
+        error, message = {"error_type": "unreachable"}, f"cannot reach the server at {server}: {exc}"
+    elif isinstance(exc, json.JSONDecodeError | ValidationError):
+        error = {"error_type": "unexpected_answer"}
+        message = f"{server} answered with something a wanserve (or fal) server does not send: is --url right?"
+    else:  # ConfigError, httpx.InvalidURL
+        error, message = {"error_type": "bad_configuration"}, str(exc)
+    request_id = getattr(exc, "request_id", None)
+    if getattr(args, "json", False):
+        print(json.dumps({**({"request_id": request_id} if request_id else {}), **error, "message": message}))
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:

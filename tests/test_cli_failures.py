@@ -1,0 +1,172 @@
+"""How the client and CLI behave when things go wrong around them: a server that restarts mid-wait, one that is not
+a wanserve server, a bad `-o` path or API key, Ctrl-C. A stand-in server plays each part (the real server's own
+behaviour is tested elsewhere); the CLI runs in process through `wanserve.cli.main`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wanserve.cli import main
+from wanserve.client import client as client_module
+from wanserve.client import commands
+from wanserve.client.client import ConfigError, WanserveClient
+
+APP = "fal-ai/wan-22"
+RID = "req-1"
+
+
+class Stand:
+    """What the stand-in server answers; `seen` records (method, path, authorization)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+        self.status_failures = 0  # status polls answered 503 before the real answer (a restarting server)
+        self.status_body: dict[str, Any] = {"status": "COMPLETED", "request_id": RID, "logs": []}
+        self.not_json = False
+
+
+@pytest.fixture
+def stand() -> Iterator[tuple[Stand, str]]:
+    state = Stand()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, code: int, body: Any) -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "text/html" if isinstance(body, str) else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _record(self) -> str:
+            self.seen_path = self.path
+            state.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
+            return self.path.split("?")[0]
+
+        def do_GET(self) -> None:
+            path = self._record()
+            if state.not_json:
+                self._answer(200, "<html>a web server, not wanserve</html>")
+            elif path.endswith("/status/stream"):
+                self.connection.close()  # a stream cut by a proxy or a restart: the client falls back to polling
+            elif path.endswith("/status"):
+                if state.status_failures > 0:
+                    state.status_failures -= 1
+                    self._answer(503, {"detail": "restarting"})
+                else:
+                    with_logs = "logs=1" in self.path or "logs=true" in self.path
+                    self._answer(200, {**state.status_body, **({} if with_logs else {"logs": None})})
+            else:
+                self._answer(404, {"detail": "not found"})
+
+        def do_POST(self) -> None:
+            self._record()
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            base = f"http://127.0.0.1:{self.server.server_address[1]}/{APP}/requests/{RID}"
+            self._answer(
+                200,
+                {"request_id": RID, "status_url": f"{base}/status", "response_url": base,
+                 "cancel_url": f"{base}/cancel", "queue_position": 0},
+            )  # fmt: skip
+
+        def do_PUT(self) -> None:
+            self._record()
+            self._answer(202, {"status": "CANCELLATION_REQUESTED"})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield state, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_following_a_request_rides_out_a_restarting_server(
+    stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, url = stand
+    monkeypatch.setattr(client_module, "POLL_INTERVAL_S", 0.01)
+    state.status_failures = 3  # 503s after the stream broke: the client keeps polling instead of giving up
+    with WanserveClient(url) as client:
+        statuses = [s.status for s in client.follow(RID)]
+    assert statuses == ["COMPLETED"] and state.status_failures == 0
+    monkeypatch.setattr(client_module, "RECONNECT_GRACE_S", 0.0)  # past the grace period it does give up
+    state.status_failures = 3
+    with WanserveClient(url) as client, pytest.raises(client_module.ServerError):
+        list(client.follow(RID))
+
+
+def test_an_api_key_is_stripped_and_never_echoed(stand: tuple[Stand, str], capsys: pytest.CaptureFixture[str]) -> None:
+    state, url = stand
+    with WanserveClient(url, "secret-key\n") as client:  # read from a file, line break and all
+        client.status(RID)
+    assert state.seen[-1][2] == "Key secret-key"
+    with pytest.raises(ConfigError) as err:
+        WanserveClient(url, "clé-secrète")
+    assert "secrète" not in str(err.value)
+    assert main(["status", RID, "--url", url, "--key", "secret\r\nX-Evil: 1"]) == 1
+    err_text = capsys.readouterr().err
+    assert "cannot carry" in err_text and "secret" not in err_text.replace("--key", "")
+
+
+def test_a_bad_output_path_is_refused_before_anything_is_submitted(
+    stand: tuple[Stand, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, url = stand
+    for bad in (str(tmp_path / "missing" / "fox.mp4"), str(tmp_path)):
+        assert main(["run", "a fox", "--url", url, "-o", bad]) == 1
+        assert "-o" in capsys.readouterr().err
+    assert state.seen == []  # no request: nothing generated for nothing
+
+
+def test_a_server_that_is_not_wanserve_is_a_clear_error(
+    stand: tuple[Stand, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, url = stand
+    state.not_json = True
+    assert main(["status", RID, "--url", url, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "is --url right?" in captured.err and "Traceback" not in captured.err
+    assert json.loads(captured.out)["error_type"] == "unexpected_answer"
+    assert main(["status", RID, "--url", "http://[::1"]) == 1
+    assert "not a valid server URL" in capsys.readouterr().err
+
+
+def test_plain_status_shows_the_step_without_logs_flag(
+    stand: tuple[Stand, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, url = stand
+    line = "step 3/6 · high-noise expert · 1.50s/step · ETA 4s"
+    state.status_body = {"status": "IN_PROGRESS", "request_id": RID, "logs": [{"message": line, "level": "INFO"}]}
+    assert main(["status", RID, "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "IN_PROGRESS · step 3/6" in out and line not in out  # the log lines themselves only with --logs
+
+
+def test_ctrl_c_while_running_cancels_the_request(
+    stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, url = stand
+    state.status_body = {"status": "IN_PROGRESS", "request_id": RID, "logs": []}
+    monkeypatch.setattr(client_module, "POLL_INTERVAL_S", 0.01)
+
+    def interrupted(self: Any, status: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.ProgressView, "update", interrupted)
+    assert main(["run", "a fox", "--url", url]) == 130
+    assert ("PUT", f"/{APP}/requests/{RID}/cancel", "") in state.seen
+    assert f"cancelling request {RID}" in capsys.readouterr().err
