@@ -237,8 +237,12 @@ def test_async_client_every_call(server: Server) -> None:
             async def on_update(status: QueueStatus) -> None:
                 seen.append(status.status)
 
-            assert (await client.subscribe({**CHEAP_INPUT, "seed": 22}, on_queue_update=on_update)).seed == 22
-            assert seen[-1] == "COMPLETED"
+            async def on_enqueue(request_id: str) -> None:  # a coroutine function is awaited, like on_update
+                seen.append(f"enqueued {request_id}")
+
+            done = await client.subscribe({**CHEAP_INPUT, "seed": 22}, on_enqueue=on_enqueue, on_queue_update=on_update)
+            assert done.seed == 22
+            assert seen[0].startswith("enqueued ") and seen[-1] == "COMPLETED"
             assert (await client.run({**CHEAP_INPUT, "seed": 23})).seed == 23
             url = await client.upload_file(b"async bytes")
             assert httpx.get(url).content == b"async bytes"

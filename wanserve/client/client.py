@@ -518,14 +518,17 @@ class AsyncWanserveClient(_Routes):
         arguments: Arguments,
         *,
         endpoint: str | None = None,
-        on_enqueue: Callable[[str], None] | None = None,
+        on_enqueue: Callable[[str], Awaitable[None] | None] | None = None,
         on_queue_update: Callable[[QueueStatus], Awaitable[None] | None] | None = None,
         with_logs: bool = True,
     ) -> WanT2VResponse:
+        """As WanserveClient.subscribe; either callback may be a coroutine function."""
         submitted = await self.submit(arguments, endpoint=endpoint)
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
-            on_enqueue(submitted.request_id)
+            enqueued = on_enqueue(submitted.request_id)
+            if enqueued is not None:
+                await enqueued
         async for status in self.follow(submitted.request_id, app=app, logs=with_logs):
             if on_queue_update is not None:
                 outcome = on_queue_update(status)
