@@ -272,11 +272,22 @@ def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     return base, ({"Authorization": f"Key {key}"} if key else {})
 
 
-def _reconnectable(exc: Exception) -> bool:
-    """A failed status poll that a server restart or a proxy explains, worth trying again."""
-    return isinstance(exc, httpx.TransportError) or (
-        isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
-    )
+class _FailedPolls:
+    """The status polls of `follow` that failed in a row: a server restart or a proxy (unreachable, 502-504) is
+    waited out for RECONNECT_GRACE_S; anything else, or longer, is the caller's error."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def wait_s(self, exc: Exception) -> float:
+        """How long to wait before polling again; raises `exc` when it is not worth trying again."""
+        self.since = self.since or time.monotonic()
+        reconnectable = isinstance(exc, httpx.TransportError) or (
+            isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
+        )
+        if not reconnectable or time.monotonic() - self.since > RECONNECT_GRACE_S:
+            raise exc
+        return 4 * POLL_INTERVAL_S
 
 
 # A status stream is quiet through a long step, but the server sends a keep-alive every 15 s: silence for much
@@ -395,17 +406,14 @@ class WanserveClient(_Routes):
                     return
         except httpx.TransportError:
             pass
-        unreachable_since: float | None = None
+        failed = _FailedPolls()
         while True:
             try:
                 status = self.status(request_id, logs=logs, app=app)
             except Exception as exc:
-                unreachable_since = unreachable_since or time.monotonic()
-                if not _reconnectable(exc) or time.monotonic() - unreachable_since > RECONNECT_GRACE_S:
-                    raise
-                time.sleep(min(5.0, POLL_INTERVAL_S * 4))
+                time.sleep(failed.wait_s(exc))
                 continue
-            unreachable_since = None
+            failed = _FailedPolls()
             yield status
             if status.status == "COMPLETED":
                 return
@@ -545,17 +553,14 @@ class AsyncWanserveClient(_Routes):
                     return
         except httpx.TransportError:
             pass
-        unreachable_since: float | None = None
+        failed = _FailedPolls()
         while True:
             try:
                 status = await self.status(request_id, logs=logs, app=app)
             except Exception as exc:
-                unreachable_since = unreachable_since or time.monotonic()
-                if not _reconnectable(exc) or time.monotonic() - unreachable_since > RECONNECT_GRACE_S:
-                    raise
-                await asyncio.sleep(min(5.0, POLL_INTERVAL_S * 4))
+                await asyncio.sleep(failed.wait_s(exc))
                 continue
-            unreachable_since = None
+            failed = _FailedPolls()
             yield status
             if status.status == "COMPLETED":
                 return
