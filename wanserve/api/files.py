@@ -73,13 +73,11 @@ def ranges_to_serve(header: str | None, if_range: str | None, etag: str, size: i
     return satisfiable_ranges(header, size)
 
 
-def satisfiable_ranges(header: str | None, size: int) -> str | None:
-    """A Range header with the ranges that name no byte of the file left out (RFC 9110 14.1.1: a set of ranges is
-    satisfiable when one of them is, and the others are ignored), or None without one. Bad ones are answered here,
-    in JSON like every other error (the file response would answer them in plain text): 400 when malformed, 416
-    when no requested byte exists."""
-    if header is None:
-        return None
+def satisfiable_ranges(header: str, size: int) -> str:
+    """The Range header with the ranges that name no byte of the file left out (RFC 9110 14.1.1: a set of ranges is
+    satisfiable when one of them is, and the others are ignored). Bad ones are answered here, in JSON like every
+    other error (the file response would answer them in plain text): 400 when malformed, 416 when no requested byte
+    exists."""
     if not _RANGE.fullmatch(header.strip()):
         raise BadRequest(f"malformed Range header: {header[:100]!r}")
     kept = []

@@ -40,7 +40,7 @@ HEADROOM_BYTES = 2 * GiB  # allocator fragmentation, LoRA adapters, the VAE's ow
 # bench: 47.5 GiB peak with one 26.7 GiB expert resident). It depends on the frame size, not on the frame count
 # (the decoder works a few latent frames at a time).
 DECODE_BYTES_PER_PIXEL = 23_300
-LARGEST_VIDEO_PIXELS = 1280 * 720
+LARGEST_DECODE_BYTES = DECODE_BYTES_PER_PIXEL * 1280 * 720
 
 
 class MemoryPolicy(StrEnum):
@@ -67,22 +67,16 @@ def activation_bytes(model_dim: int, batch: int, tokens: int = LARGEST_VIDEO_TOK
     return ACTIVATION_BYTES_PER_TOKEN_CHANNEL * model_dim * tokens * batch
 
 
-def decode_bytes(pixels: int = LARGEST_VIDEO_PIXELS) -> int:
-    return DECODE_BYTES_PER_PIXEL * pixels
-
-
 def _with_decode(
     plan: MemoryPlan, device: DeviceInfo, expert_bytes: int, experts: int, text_encoder_bytes: int
 ) -> MemoryPlan:
     """`plan` with its decode tiled where an untiled one would not fit beside what the plan keeps on the GPU (and
     always under `offload`, the policy of small cards)."""
-    if plan.policy is not MemoryPolicy.OFFLOAD:
-        if device.type != "cuda":
-            return plan
-        kept = experts * expert_bytes if plan.policy is MemoryPolicy.RESIDENT else expert_bytes
-        kept += text_encoder_bytes if plan.text_encoder_resident else 0
-        if kept + decode_bytes() + HEADROOM_BYTES <= device.free_bytes:
-            return plan
+    kept = (experts if plan.policy is MemoryPolicy.RESIDENT else 1) * expert_bytes
+    kept += text_encoder_bytes if plan.text_encoder_resident else 0
+    fits = device.type != "cuda" or kept + LARGEST_DECODE_BYTES + HEADROOM_BYTES <= device.free_bytes
+    if fits and plan.policy is not MemoryPolicy.OFFLOAD:
+        return plan
     return replace(plan, tiled_decode=True, reason=plan.reason + "; tiled VAE decode")
 
 
