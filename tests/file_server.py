@@ -1,4 +1,5 @@
-"""A real HTTP file server on loopback for tests: serves set bytes per path and counts every request."""
+"""A real HTTP file server on loopback for tests (serves set bytes per path and counts every request), and
+`serving`, which runs any request handler on loopback."""
 
 from __future__ import annotations
 
@@ -47,13 +48,20 @@ def running_file_server() -> Iterator[FileServer]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serving(Handler) as state.base:
+        yield state
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` answering on a loopback port for as long as the context lasts; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    state.base = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
-        yield state
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+        thread.join(5)

@@ -5,13 +5,13 @@ behaviour is tested elsewhere); the CLI runs in process through `wanserve.cli.ma
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
+from file_server import serving
 
 from wanserve.cli import main
 from wanserve.client import client as client_module
@@ -46,7 +46,6 @@ def stand() -> Iterator[tuple[Stand, str]]:
             self.wfile.write(data)
 
         def _record(self) -> str:
-            self.seen_path = self.path
             state.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
             return self.path.split("?")[0]
 
@@ -83,15 +82,8 @@ def stand() -> Iterator[tuple[Stand, str]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(Handler) as url:
+        yield state, url
 
 
 def test_following_a_request_rides_out_a_restarting_server(

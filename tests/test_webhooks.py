@@ -21,6 +21,7 @@ import httpx
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from file_server import serving
 
 from wanserve.jobs.model import Failure, Job, JobState, NewJob, Priority
 from wanserve.store.sqlite import SQLiteJobStore
@@ -432,19 +433,12 @@ def test_a_receiver_trickling_its_answer_fails_the_try_within_the_timeout(
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        finished_job(store, "slow-1", f"http://127.0.0.1:{server.server_address[1]}/hook", output={})
+    with serving(Trickle) as url:
+        finished_job(store, "slow-1", f"{url}/hook", output={})
         d = dispatcher(store, signer, timeout_s=1.0, retry_base_s=60)
         started = time.monotonic()
         assert deliver(d) == 1
         assert time.monotonic() - started < 3  # not the 20 s the answer takes
-        hooks = store.due_webhooks(time.time() + 120)
-        assert [(h.job_id, h.attempts) for h in hooks] == [("slow-1", 1)]  # a failed try, retried later
-        assert "no complete answer within 1 s" in caplog.text
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    hooks = store.due_webhooks(time.time() + 120)
+    assert [(h.job_id, h.attempts) for h in hooks] == [("slow-1", 1)]  # a failed try, retried later
+    assert "no complete answer within 1 s" in caplog.text
