@@ -72,6 +72,7 @@ def bench_size(size: str, tokens: int, batch: int) -> list[dict[str, object]]:
 
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
 
+        # The copy into `out` (for the NaN check) is timed too: about 1 ms of ~400 at 720p, against SDPA.
         def sdpa(out: torch.Tensor, backend: SDPBackend = backend) -> None:
             with sdpa_kernel(backend):
                 out.copy_(torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2))

@@ -85,10 +85,9 @@ def default_preset(device: DeviceInfo) -> Preset:
     return Preset.EXACT if device.type == "cuda" else Preset.EAGER
 
 
-# `fast` on a GPU runs as `exact` unless the caller (the bench) asks for it explicitly. Its predictions are finite
-# and 2.0% from eager since P.V went float16 (H200, 480p), but it is slower than diffusers there (0.67x): the INT8
-# attention kernel reaches 200-370 TFLOP/s where cuDNN's bf16 attention reaches about 580. Set this once `fast` beats
-# `exact` in `wanserve bench` on the same GPU.
+# `fast` on a GPU runs as `exact` unless the caller (the bench) asks for it explicitly. With the INT8 attention it
+# was finite and 2.0% from eager but 0.67x diffusers' speed (H200, 480p: the kernel is slower than cuDNN, see below);
+# FP8 linears with cuDNN attention have not run on a GPU. Set this once `fast` beats `exact` in `wanserve bench`.
 FAST_GPU_VALIDATED = False
 
 # Compute capabilities where our INT8 attention kernel beat cuDNN's bf16 attention (`benchmarks/lowbit_attention.py`).
