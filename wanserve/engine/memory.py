@@ -35,10 +35,10 @@ ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 22
 # Longer ones (up to 121 frames) run cond and uncond as two forwards, which needs less (WanEngine.predict_noise).
 LARGEST_VIDEO_TOKENS = 75_600
 HEADROOM_BYTES = 2 * GiB  # allocator fragmentation, LoRA adapters, the VAE's own weights
-# The untiled VAE decode's working memory per output pixel (float32 VAE): about 20 GiB for a 1280x720 video, measured
-# on an H200 as the decode's peak above the resident weights (a review's run, and the 720p video row of stop 13's
-# bench: 47.5 GiB peak with one 26.7 GiB expert resident). It depends on the frame size, not on the frame count
-# (the decoder works a few latent frames at a time).
+# The untiled VAE decode's working memory per output pixel (float32 VAE): about 20 GiB for a 1280x720 video, the
+# decode's peak above the resident weights in the 720p video row of `benchmarks/gpu_bench.sh main` on an H200 (47.5 GiB
+# peak with one 26.7 GiB expert resident). It depends on the frame size, not on the frame count (the decoder works a
+# few latent frames at a time).
 DECODE_BYTES_PER_PIXEL = 23_300
 LARGEST_DECODE_BYTES = DECODE_BYTES_PER_PIXEL * 1280 * 720
 
