@@ -71,7 +71,6 @@ def bench_size(size: str, tokens: int, batch: int) -> list[dict[str, object]]:
         print(rows[-1], flush=True)
 
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-
         # The copy into `out` (for the NaN check) is timed too: about 1 ms of ~400 at 720p, against SDPA.
         def sdpa(out: torch.Tensor, backend: SDPBackend = backend) -> None:
             with sdpa_kernel(backend):
