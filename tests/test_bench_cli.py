@@ -15,7 +15,7 @@ from engines import record_forwards, tiny_engine
 from pydantic import ValidationError
 
 from wanserve.config import Settings
-from wanserve.engine.bench import A14B_EXPERT, VideoCase, forward_flops, video_tokens
+from wanserve.engine.bench import A14B_EXPERT, Bench, VideoCase, forward_flops, video_tokens
 from wanserve.engine.runner import EngineRunner, engine_options, warmup_resolutions
 
 A14B = SimpleNamespace(**A14B_EXPERT)
@@ -46,6 +46,7 @@ def test_bench_cli_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
     assert list(videos) == ["diffusers", "exact", "exact+fbc0.99", "fast"]
     assert all(row["case"] == "480p 9f 2 steps g5" for row in doc["videos"])
     assert {"encode_s", "denoise_s", "decode_s", "mp4_s"} <= set(videos["exact"]["phases"])
+    assert all(row["warmup_s"] > 0 for row in doc["videos"]), doc["videos"]
     note = videos["exact+fbc0.99"]["note"]
     assert re.fullmatch(r"frames differ by \d+\.\d\d% from exact without the cache", note), note
     assert note in proc.stdout
@@ -55,6 +56,30 @@ def test_bench_cli_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
     # The emulated FP8 path measures 2.5% on the tiny model: 10% leaves room and still catches a forward that
     # runs with something else switched on (such as a step cache left over from the previous engine).
     assert 0 < forwards["fast"]["rel_error"] < 0.10, forwards["fast"]
+
+
+def test_bench_videos_are_timed_after_a_warm_up_of_their_shapes(tmp_path: Path, model_cache: Path) -> None:
+    """A worker compiles its shapes at start (EngineRunner.warm_up), so the bench times a video after an untimed
+    2-step run at the same size and guidance: both experts, the same batch sizes as the timed run."""
+    engine = tiny_engine(model_cache, preset="exact")
+    bench = Bench(engine.pipe, engine.device, emit=lambda _line: None, json_path=tmp_path / "bench.json")
+    bench.engine = engine
+    case = VideoCase("480p", 3, 1.0, frames=9)  # guidance 1: one batch-1 forward per step
+    with record_forwards(engine) as calls:
+        bench.engine_video(case, "exact", tmp_path)
+    assert len(calls) == 2 + 3
+    warm, timed = calls[:2], calls[2:]
+    assert {expert for expert, _t, _b in warm} == {"high", "low"}
+    assert {batch for *_x, batch in calls} == {1}
+    assert [t for _e, t, _b in timed] == sorted((t for _e, t, _b in timed), reverse=True)
+    row = json.loads((tmp_path / "bench.json").read_text())["videos"][0]
+    assert row["warmup_s"] > 0 and row["seconds"] > 0
+
+    bench.warm_up_videos = False
+    with record_forwards(engine) as calls:
+        bench.engine_video(case, "exact", tmp_path)
+    assert len(calls) == 3
+    assert "untimed warm-up s" in bench.table() and bench.table().rstrip().endswith("| - |")
 
 
 def test_forward_flops_matches_the_design_note() -> None:

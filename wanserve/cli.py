@@ -274,6 +274,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         presets=items(args.presets),
         videos=items(args.videos),
         baseline_videos=not args.no_baseline_videos,
+        warm_up_videos=not args.cold_videos,
         step_cache=args.step_cache,
         memory_policy=args.memory_policy,
         memory_cap_gib=args.memory_cap_gib,
@@ -356,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--videos", default="480p:30:5,720p:4:1",
                        help="whole videos as RESOLUTION:STEPS:GUIDANCE, comma-separated ('' for none)")  # fmt: skip
     bench.add_argument("--no-baseline-videos", action="store_true", help="skip the plain-diffusers videos")
+    bench.add_argument(
+        "--cold-videos",
+        action="store_true",
+        help="time each video's first run (compiling included) instead of after a 2-step warm-up",
+    )
     bench.add_argument("--step-cache", type=float, default=0.0,
                        help="also run the first preset's videos with First Block Cache at this threshold")  # fmt: skip
     bench.add_argument("--memory-policy", choices=["auto", "resident", "swap", "offload"], default="auto")
