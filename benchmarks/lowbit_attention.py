@@ -1,4 +1,5 @@
-"""The `fast` preset's INT8-QK / FP16-PV attention kernel against PyTorch's exact attention backends, at Wan 2.2's
+"""The `fast` preset's INT8-QK / FP16-PV attention kernel against the exact ones (PyTorch's cuDNN and flash backends,
+FlashAttention 4 where `flash-attn-4` is installed), at Wan 2.2's
 self-attention shapes (batch 2 = cond + uncond, 40 heads x 128) for 480p and 720p, 81 frames. Needs a CUDA GPU.
 
     python benchmarks/lowbit_attention.py [--json out.json] [--then-bench BENCH_ARGS...]
@@ -25,6 +26,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from wanserve.engine.attention import flash4_attention, flash4_installed
 from wanserve.engine.kernels import int8_attention as kernel
 
 SHAPES = {"480p": 32_760, "720p": 75_600}
@@ -77,6 +79,12 @@ def bench_size(size: str, tokens: int, batch: int) -> list[dict[str, object]]:
                 out.copy_(torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2))
 
         add(name, None, sdpa)
+    if flash4_installed():  # FlashAttention 4, an `exact` candidate where installed (wanserve/engine/attention.py)
+
+        def flash4(out: torch.Tensor) -> None:
+            out.copy_(flash4_attention(q, k, v))
+
+        add("flash4", None, flash4)
     for index, config in enumerate(kernel._CONFIGS):
         add(f"int8 {config}", index, partial(kernel.int8_attention, q, k, v, config))
     kernel.int8_attention(q, k, v)  # autotunes: the checked call below is then an ordinary one

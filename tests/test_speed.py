@@ -30,7 +30,7 @@ from wanserve.engine.fp8 import (
 )
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import GenerationSpec
-from wanserve.engine.speed import DeviceInfo, LowBitSelfAttnProcessor, Preset, default_preset, plan_speed
+from wanserve.engine.speed import DeviceInfo, Preset, SelfAttnKernelProcessor, default_preset, plan_speed
 
 CPU = DeviceInfo(type="cpu", name="cpu")
 H100 = DeviceInfo(type="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0))
@@ -378,28 +378,28 @@ def test_fast_preset_on_the_tiny_engine(model_cache: Path, monkeypatch: pytest.M
         assert not any(type(m) is nn.Linear for m in in_blocks)
         assert not any(isinstance(m, Fp8Linear) for m in expert.proj_out.modules())  # outside the blocks: kept
         for block in expert.blocks:
-            assert isinstance(block.attn1.processor, LowBitSelfAttnProcessor)
-            assert not isinstance(block.attn2.processor, LowBitSelfAttnProcessor)
+            assert isinstance(block.attn1.processor, SelfAttnKernelProcessor)
+            assert block.attn1.processor.kernel is speed.lowbit_attention
+            assert not isinstance(block.attn2.processor, SelfAttnKernelProcessor)
 
     calls: list[tuple[int, ...]] = []
-    lowbit = speed.lowbit_attention
 
     def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(query.shape))
-        return lowbit(query, key, value)
+        return speed.lowbit_attention(query, key, value)
 
-    monkeypatch.setattr(speed, "lowbit_attention", spy)
+    for expert in (fast.pipe.transformer, fast.pipe.transformer_2):
+        for block in expert.blocks:
+            block.attn1.processor.kernel = spy
     fast_frames = fast.generate(spec).frames
     # 4 steps x 2 blocks, each a batched cond+uncond forward: (batch 2, 72 tokens, 2 heads, head_dim 12)
     assert calls == [(2, 72, 2, 12)] * 8
     assert 0 < rel_error(fast_frames, eager_frames) < 0.10
 
 
-def test_lowbit_processor_with_exact_attention_is_the_default_processor(
-    model_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The processor's own q/k/v, norm and rotary code: with exact attention in place of the low-bit one, the
-    expert's output must not change."""
+def test_self_attention_processor_with_exact_attention_is_the_default_processor(model_cache: Path) -> None:
+    """The processor's own q/k/v, norm and rotary code (what the INT8 and FlashAttention 4 kernels plug into): with
+    exact attention as its kernel, the expert's output must not change."""
     expert = load_pipeline("tiny", model_cache, torch.float32).transformer
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 16, 3, 4, 6, generator=gen)
@@ -411,18 +411,18 @@ def test_lowbit_processor_with_exact_attention_is_the_default_processor(
             return expert(hidden_states=hidden, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
     want = run()
-    for block in expert.blocks:
-        block.attn1.set_processor(LowBitSelfAttnProcessor())
     used: list[bool] = []
 
     def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         used.append(True)
         return sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
 
-    monkeypatch.setattr(speed, "lowbit_attention", exact_attention)
+    for block in expert.blocks:
+        speed.use_self_attention_kernel(block, exact_attention, None)
     assert rel_error(run(), want) < 1e-5
     assert len(used) == len(expert.blocks)
-    monkeypatch.undo()
+    for block in expert.blocks:
+        speed.use_lowbit_self_attention(block, None)
     low_bit = run()  # the real low-bit attention (the float32 reference off the GPU)
     assert 0 < rel_error(low_bit, want) < 0.05
 

@@ -39,9 +39,15 @@ class Settings(BaseSettings):
     )
     preset: Literal["auto", "eager", "exact", "fast"] = Field(
         "auto",
-        description="Speed preset: `exact` (GPU default: compiled, cuDNN attention, batched CFG, same output), "
+        description="Speed preset: `exact` (GPU default: compiled, fastest exact attention, batched CFG, same output), "
         "`fast` (FP8 linears, INT8 attention where it beats cuDNN, ~2% error; runs as `exact` on GPUs while it is "
         "slower, see docs/performance.md), `eager` (CPU default: plain diffusers).",
+    )
+    attention: Literal["auto", "cudnn", "flash", "efficient", "flash4", "default"] = Field(
+        "auto",
+        description="Exact attention kernel of `exact`/`fast`: `auto` times cuDNN, PyTorch's flash and "
+        "memory-efficient kernels and FlashAttention 4 (if `flash-attn-4` is installed, Hopper/Blackwell) once per "
+        "GPU and keeps the fastest exact one (stored in the compile cache); or one of them; `default`: PyTorch's pick.",
     )
     memory_policy: Literal["auto", "resident", "swap", "offload"] = Field(
         "auto",

@@ -18,7 +18,8 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
+from wanserve.engine.attention import AttentionChoice
+from wanserve.engine.attention import resolve as resolve_attention
 from wanserve.engine.lora import LoraAdapters
 from wanserve.engine.memory import LARGEST_VIDEO_TOKENS, GiB, MemoryManager, MemoryPlan, MemoryPolicy, plan_memory
 from wanserve.engine.parallel import tokens_of
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
-from wanserve.engine.speed import DeviceInfo, SpeedPlan, compile_experts, plan_speed, prepare_experts
+from wanserve.engine.speed import DeviceInfo, Preset, SpeedPlan, compile_experts, plan_speed, prepare_experts
 from wanserve.engine.vae import decode_latents
 from wanserve.errors import GenerationCancelled, InvalidGenerationInput
 from wanserve.lora.sources import LoraUse
@@ -131,6 +134,7 @@ class EngineOptions:
     step_cache_threshold: float = 0.0  # > 0: diffusers' First Block Cache with this threshold
     unvalidated_fast_gpu: bool = False  # the bench's way to run `fast` on a GPU (speed.FAST_GPU_VALIDATED)
     lowbit_attention: bool | None = None  # `fast`'s INT8 attention; None: where it is faster (speed.py)
+    attention: str = "auto"  # the exact attention kernel: auto (measured on a GPU) or an AttentionKernel value
     lora_memory_bytes: int = 4 * GiB
 
 
@@ -211,7 +215,8 @@ class WanEngine:
         info = device_info or DeviceInfo.probe(device)
         self.dtype = self.experts[0].dtype  # the compute dtype (read before any layer turns FP8)
         self.memory_plan: MemoryPlan = plan_memory(options.memory_policy, info, pipe)
-        self.speed: SpeedPlan = plan_speed(
+        planned = partial(
+            plan_speed,
             options.preset,
             info,
             options.compile,
@@ -219,6 +224,10 @@ class WanEngine:
             offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD,
             lowbit_attention=options.lowbit_attention,
         )
+        self.speed: SpeedPlan = planned()
+        if self.speed.preset is not Preset.EAGER:  # eager is plain diffusers: its default attention
+            choice = self._choose_attention(options, info)
+            self.speed = replace(planned(attention=choice.kernel), attention_note=choice.describe())
         if parallel is not None:
             self.speed = parallel.adjust_speed(self.speed)
         # FP8 conversion is fastest where the weights are: on the GPU when they will live there, else before they
@@ -244,6 +253,14 @@ class WanEngine:
             options.lora_memory_bytes,
             device=device if self.memory_plan.policy is not MemoryPolicy.RESIDENT else None,
         )
+
+    def _choose_attention(self, options: EngineOptions, info: DeviceInfo) -> AttentionChoice:
+        """The exact attention kernel, timed (attention.py) on one 720p 81-frame self-attention of this model."""
+        config = self.experts[0].config
+        tokens = tokens_of(81, 720, 1280, self.frame_step, self.size_multiple)
+        shape = (1, tokens, config.num_attention_heads, config.attention_head_dim)
+        cache_file = options.compile_cache_dir / "attention.json"
+        return resolve_attention(options.attention, self.device, info.capability, shape, self.dtype, cache_file)
 
     @property
     def batch_cfg(self) -> bool:

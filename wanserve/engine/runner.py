@@ -122,6 +122,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         preset=settings.preset,
         memory_policy=settings.memory_policy,
         compile=settings.compile,
+        attention=settings.attention,
         compile_cache_dir=settings.resolved_compile_cache_dir(),
         step_cache_threshold=settings.step_cache_threshold,
         lora_memory_bytes=settings.lora_memory_bytes,

@@ -2,7 +2,8 @@
 
 - `eager`: diffusers' modules as they come (default attention, no compile); the CPU default and the baseline.
 - `exact` (GPU default): bf16 with no numerical change beyond float noise: regional compile of the repeated
-  transformer block with a persistent compile cache, cuDNN attention, cond and uncond batched in one forward.
+  transformer block with a persistent compile cache, the fastest exact attention kernel measured on this GPU
+  (`attention.py`; cuDNN unless another measures faster), cond and uncond batched in one forward.
 - `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and, where our kernel is the faster
   attention (LOWBIT_ATTENTION_FASTER; everywhere off the GPU), INT8-QK / FP16-PV self-attention (`fp8.py`,
   `kernels/int8_attention.py`). Off the FP8 hardware its numerics are emulated in
@@ -23,6 +24,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+from wanserve.engine.attention import DIFFUSERS_BACKEND, AttentionFn, AttentionKernel, flash4_attention, static_choice
 from wanserve.engine.fp8 import int8_attention_reference, use_fp8_linears
 
 log = logging.getLogger("wanserve.engine")
@@ -66,7 +68,9 @@ class SpeedPlan:
     attention_backend: str | None = None  # a diffusers AttentionBackendName; None: diffusers' default
     batch_cfg: bool = False  # cond and uncond in one batch-2 forward
     fp8_linears: bool = False
-    lowbit_attention: bool = False
+    lowbit_attention: bool = False  # `fast`'s INT8/FP16 kernel takes the self-attention
+    flash4_self_attention: bool = False  # FlashAttention 4 takes the self-attention (attention.py)
+    attention_note: str = ""  # how the attention kernel was chosen (attention.AttentionChoice.describe)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
@@ -74,10 +78,14 @@ class SpeedPlan:
         parts += [name for name, on in (("compile", self.compile), ("batched CFG", self.batch_cfg)) if on]
         if self.attention_backend:
             parts.append(f"attention {self.attention_backend}")
+        if self.flash4_self_attention:
+            parts.append("FlashAttention 4 self-attention")
         if self.fp8_linears:
             parts.append("FP8 linears")
         if self.lowbit_attention:
             parts.append("INT8 attention")
+        if self.attention_note:
+            parts.append(f"attention choice {self.attention_note}")
         return ", ".join(parts) + "".join(f" ({note})" for note in self.notes)
 
 
@@ -104,13 +112,16 @@ def plan_speed(
     unvalidated_fast_gpu: bool = False,
     offloaded: bool = False,
     lowbit_attention: bool | None = None,
+    attention: AttentionKernel | None = None,
 ) -> SpeedPlan:
     """The concrete settings of `preset` ("auto" = the device's default) on `device`. `compile` overrides the
     preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains). `offloaded`:
     the experts stream in block by block (memory.MemoryPolicy.OFFLOAD), which rules out batched CFG (twice the
     activations on a small card) and compiling (the offload hooks sit on the blocks a regional compile compiles,
     and the copies bound the speed anyway). `lowbit_attention` overrides where `fast` uses the INT8 attention
-    (None: where LOWBIT_ATTENTION_FASTER says it is faster)."""
+    (None: where LOWBIT_ATTENTION_FASTER says it is faster). `attention` is the exact kernel (attention.resolve
+    measures it; None: cuDNN on sm80+ GPUs, diffusers' default elsewhere); `fast`'s INT8 kernel, where on,
+    takes the self-attention instead."""
     chosen = default_preset(device) if preset == "auto" else Preset(preset)
     if chosen is Preset.EAGER:
         return SpeedPlan(chosen, compile=bool(compile) and not offloaded)
@@ -131,14 +142,18 @@ def plan_speed(
     low_bit = chosen is Preset.FAST
     if lowbit_attention is None:
         lowbit_attention = not on_gpu or device.capability in LOWBIT_ATTENTION_FASTER
+    kernel = attention or (static_choice(device.capability) if on_gpu else AttentionKernel.DEFAULT)
+    if not on_gpu and kernel is not AttentionKernel.DEFAULT:
+        notes.append(f"{kernel.value} attention needs a GPU: default attention")
+        kernel = AttentionKernel.DEFAULT
     return SpeedPlan(
         chosen,
         compile=use_compile,
-        # cuDNN's fused attention is exact and the fastest measured on Hopper (DESIGN.md section 5); needs sm80+.
-        attention_backend="_native_cudnn" if on_gpu and device.capability >= (8, 0) else None,
+        attention_backend=DIFFUSERS_BACKEND[kernel],
         batch_cfg=not offloaded,
         fp8_linears=low_bit,
         lowbit_attention=low_bit and lowbit_attention,
+        flash4_self_attention=kernel is AttentionKernel.FLASH4 and not (low_bit and lowbit_attention),
         notes=tuple(notes),
     )
 
@@ -187,9 +202,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
 
-class LowBitSelfAttnProcessor(WanAttnProcessor):
-    """diffusers' Wan attention with the self-attention product in INT8/FP16; cross-attention (512 text tokens,
-    a small share of the work) stays on the default path."""
+class SelfAttnKernelProcessor(WanAttnProcessor):
+    """diffusers' Wan attention with the self-attention product done by `kernel` (the INT8/FP16 one of `fast`, or
+    FlashAttention 4); cross-attention (512 text tokens, a small share of the work) stays on the diffusers backend."""
+
+    def __init__(self, kernel: AttentionFn) -> None:
+        super().__init__()
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -207,20 +226,25 @@ class LowBitSelfAttnProcessor(WanAttnProcessor):
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = lowbit_attention(query, key, value).flatten(2, 3).type_as(query)
+        out = self.kernel(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def use_self_attention_kernel(block: torch.nn.Module, kernel: AttentionFn, attention_backend: str | None) -> None:
+    """Give one transformer block's self-attention `kernel` (cross-attention keeps `attention_backend`)."""
+    processor = SelfAttnKernelProcessor(kernel)
+    if attention_backend:  # what set_attention_backend gave the processor it replaces (cross-attention uses it)
+        processor._attention_backend = AttentionBackendName(attention_backend)
+    attention = block.get_submodule("attn1")
+    assert isinstance(attention, AttentionModuleMixin)
+    attention.set_processor(processor)
 
 
 def use_lowbit_self_attention(block: torch.nn.Module, attention_backend: str | None) -> None:
     """Give one transformer block the INT8/FP16 self-attention (the Triton kernel when the block is on a GPU)."""
     if next(block.parameters()).is_cuda:
         _load_kernel()
-    processor = LowBitSelfAttnProcessor()
-    if attention_backend:  # what set_attention_backend gave the processor it replaces (cross-attention uses it)
-        processor._attention_backend = AttentionBackendName(attention_backend)
-    attention = block.get_submodule("attn1")
-    assert isinstance(attention, AttentionModuleMixin)
-    attention.set_processor(processor)
+    use_self_attention_kernel(block, lowbit_attention, attention_backend)
 
 
 def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> None:
@@ -234,6 +258,15 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> No
         if plan.lowbit_attention:
             for block in expert.blocks:
                 use_lowbit_self_attention(block, plan.attention_backend)
+        elif plan.flash4_self_attention:
+            for block in expert.blocks:
+                use_self_attention_kernel(block, flash4_attention, plan.attention_backend)
+        else:  # an engine made again on the same pipeline (the bench) drops what an earlier plan put there
+            for block in expert.blocks:
+                if isinstance(block.attn1.processor, SelfAttnKernelProcessor):
+                    processor = WanAttnProcessor()
+                    processor._attention_backend = block.attn1.processor._attention_backend
+                    block.attn1.set_processor(processor)
 
 
 def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache_dir: Path) -> None:
