@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
-# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24|diagnose [OUT_DIR]
+# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24|diagnose|stash [OUT_DIR]
 #   main:     one 720p expert forward (diffusers eager, exact, fast), a 720p 4-step guidance-1 video per preset;
 #             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper).
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
-# Python packages the machine lacks may sit as wheels in .whl/ (installed to /tmp/site first).
+#   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh).
+# Python packages the machine lacks come from benchmarks/device_wheels.sh: wheels in .whl/ (installed to /tmp/site),
+# and FlashAttention 4's packed site in .fa4keep/ (stashed by an earlier call) plus .fa4b/ (unpacked to /tmp/fa4site).
 set -u
 MODE=${1:-main}
 OUT=${2:-${OUT:-gpu-out}}
+if [ "$MODE" = stash ]; then
+  mkdir -p .fa4keep && cp .fa4a/* .fa4keep/ && ls -la .fa4keep && exit 0
+  exit 1
+fi
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ -d .fa4b ] && [ -d .fa4keep ]; then
+  mkdir -p /tmp/fa4site && cat .fa4keep/* .fa4b/* | xz -d | tar -C /tmp/fa4site -x || exit 1
+  export PYTHONPATH=/tmp/fa4site:${PYTHONPATH:-$PWD} FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+  python3 -c "import flash_attn.cute, cutlass; print('flash-attn-4 importable')" 2>&1 | tail -3 | tee "$OUT/flash4-import.txt"
 fi
 export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device-$MODE.txt"

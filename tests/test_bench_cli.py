@@ -24,12 +24,14 @@ A14B = SimpleNamespace(**A14B_EXPERT)
 def test_bench_cli_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
     out = tmp_path / "bench"
     args = ["--device", "cpu", "--sizes", "480p", "--frames", "9", "--videos", "480p:2:5", "--step-cache", "0.99",
-            "--out-dir", str(out), "--cache-dir", str(model_cache)]  # fmt: skip
+            "--attention", "flash", "--out-dir", str(out), "--cache-dir", str(model_cache)]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "wanserve", "bench", *args], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" not in proc.stdout, proc.stdout
+    # --attention reaches our presets' engines (a GPU kernel on a CPU: kept off, with the reason in the engine line)
+    assert re.search(r"^engine: preset exact.*flash attention needs a GPU: default attention", proc.stdout, re.M)
 
     # The markdown table: one forward row per preset, one video row per run.
     for preset in ("diffusers", "exact", "fast"):

@@ -279,6 +279,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         memory_policy=args.memory_policy,
         memory_cap_gib=args.memory_cap_gib,
         lowbit_attention={"auto": None, "on": True, "off": False}[args.lowbit_attention],
+        attention=args.attention or settings.attention,
         deadline_s=args.deadline_s,
         out_dir=Path(args.out_dir),
         cache_dir=settings.cache_dir,
@@ -369,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap this process's GPU memory (e.g. 24 to prove the small-card policy)")  # fmt: skip
     bench.add_argument("--lowbit-attention", choices=["auto", "on", "off"], default="auto",
                        help="fast's INT8 attention (auto: where it beats cuDNN)")  # fmt: skip
+    bench.add_argument(
+        "--attention",
+        default=None,
+        choices=typing.get_args(Settings.model_fields["attention"].annotation),
+        help="our presets' exact attention kernel (default: WANSERVE_ATTENTION, auto = measured)",
+    )
     bench.add_argument("--deadline-s", type=float, default=float("inf"), help="skip what would start after this")
     bench.add_argument("--out-dir", default="bench-out", help="bench.json and the videos go here")
     bench.add_argument("--cache-dir", default=None, help="model and compile caches (env WANSERVE_CACHE_DIR)")

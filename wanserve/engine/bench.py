@@ -414,6 +414,7 @@ class BenchConfig:
     memory_policy: str = "auto"
     memory_cap_gib: float = 0.0  # > 0: cap this process's GPU memory (to prove a small-card policy)
     lowbit_attention: bool | None = None  # `fast`'s INT8 attention forced on or off; None: the device's rule
+    attention: str = "auto"  # the exact attention kernel of our presets (attention.py; auto: measured)
     deadline_s: float = float("inf")
     out_dir: Path = Path("bench-out")
     cache_dir: Path = Path.home() / ".cache" / "wanserve"
@@ -460,6 +461,7 @@ def run_bench(config: BenchConfig, emit: Callable[[str], None] = print) -> Bench
             compile_cache_dir=config.cache_dir / "compile",
             unvalidated_fast_gpu=True,  # the bench is where `fast` gets validated
             lowbit_attention=config.lowbit_attention,
+            attention=config.attention,
         )
         each([preset], partial(_use_engine, bench, options))
         if bench.engine is None:
