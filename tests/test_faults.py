@@ -27,7 +27,7 @@ from server import CHEAP_INPUT, Server
 
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
-from wanserve.errors import FileNotFound, ModelLoadError, StorageUnavailable
+from wanserve.errors import FileNotFound, ModelLoadError, StorageFull, StorageUnavailable
 from wanserve.files.base import new_key
 from wanserve.files.local import LocalFileStore
 from wanserve.jobs.model import Job, JobState, NewJob
@@ -357,7 +357,7 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
     upload = store.create_multipart(key, "application/octet-stream", None)
     etags = [store.put_part(upload, n, os.urandom(60 * 1024)) for n in (1, 2)]
     filler = _fill(store.root)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageFull):  # refused before copying: the parts' size is not free
         store.complete_multipart(upload, [(1, etags[0]), (2, etags[1])], now)
     with pytest.raises(FileNotFound):
         store.stat(key, now)

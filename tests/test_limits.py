@@ -12,8 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import json
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -374,6 +379,96 @@ def test_multipart_completion_over_the_limit_deletes_the_file(client: TestClient
     base = access_url.split("?")[0] + f"/multipart/{handed_out}"
     assert_refused(client.post(f"{base}/complete", json={"parts": etags}), 413, "payload_too_large")
     assert client.get(access_url).status_code == 404  # the assembled file was deleted
+
+
+# --- the disk reserve: uploads never take the room results and the job database need ---
+
+
+def reserving_client(tmp_path: Path, spare: int) -> TestClient:
+    """A client of an app whose upload reserve leaves `spare` bytes of this disk's real free space to uploads."""
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+    reserve = shutil.disk_usage(tmp_path / "data").free - spare
+    return TestClient(create_app(limited_settings(tmp_path, upload_disk_reserve_bytes=reserve), workers=0),
+                      raise_server_exceptions=False)  # fmt: skip
+
+
+def test_an_upload_that_would_eat_into_the_disk_reserve_is_507(tmp_path: Path) -> None:
+    with reserving_client(tmp_path, spare=-(2**30)) as client:  # the disk is already inside the reserve
+        headers = {"content-type": "application/octet-stream"}
+        stored = stored_files(client)
+        body = assert_refused(
+            client.post("/cdn/files/upload", content=b"x" * KiB, headers=headers), 507, "storage_full"
+        )
+        assert "free disk space" in body["detail"]
+        assert_refused(send_chunked(client, "POST", "/cdn/files/upload", Chunks(b"x" * KiB, 4), headers),
+                       507, "storage_full")  # fmt: skip
+        initiated = client.post("/rest/storage/upload/initiate", json={"content_type": "image/png"})
+        assert_refused(client.put(initiated.json()["upload_url"], content=b"x" * KiB), 507, "storage_full")
+        created = client.post("/cdn/files/upload/multipart", headers={"content-type": "video/mp4"})
+        base = created.json()["access_url"].split("?")[0] + f"/multipart/{created.json()['uploadId']}"
+        assert_refused(client.put(f"{base}/1", content=b"x" * KiB), 507, "storage_full")
+        # Nothing of the refused uploads was kept (the multipart upload's own record aside: the sweep takes it).
+        assert [p for p in stored_files(client) if p not in stored and p.name != "upload.json"] == []
+
+
+def test_a_multipart_completion_is_refused_before_copying_and_can_be_retried(tmp_path: Path) -> None:
+    with reserving_client(tmp_path, spare=2**30) as client:
+        created = client.post("/cdn/files/upload/multipart", headers={"content-type": "video/mp4"})
+        access_url = created.json()["access_url"]
+        base = access_url.split("?")[0] + f"/multipart/{created.json()['uploadId']}"
+        parts = [{"partNumber": n, "etag": client.put(f"{base}/{n}", content=b"y" * (30 * KiB)).json()["etag"]}
+                 for n in (1, 2)]  # fmt: skip
+        files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+        free = shutil.disk_usage(files.root).free
+        files.upload_reserve = free - 50 * KiB  # room for one part more, not for joining two (60 KiB)
+        assert_refused(client.post(f"{base}/complete", json={"parts": parts}), 507, "storage_full")
+        assert client.get(access_url).status_code == 404
+        files.upload_reserve = 0  # the operator freed space: the same completion goes through
+        done = client.post(f"{base}/complete", json={"parts": parts})
+        assert done.status_code == 200, done.text
+        assert client.get(access_url).content == b"y" * (60 * KiB)
+
+
+def test_an_upload_meeting_a_full_disk_is_507_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills while an upload streams (another process wrote to it): ENOSPC becomes a clear 507."""
+    with reserving_client(tmp_path, spare=2**30) as client:
+        files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+        real_fdopen = os.fdopen
+
+        class FullDisk(io.FileIO):
+            def write(self, data: Any) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            return FullDisk(fd, "wb") if mode == "wb" else real_fdopen(fd, mode, *args, **kwargs)
+
+        monkeypatch.setattr("wanserve.api.storage.os.fdopen", fdopen)
+        stored = stored_files(client)
+        response = client.post("/cdn/files/upload", content=b"x" * KiB, headers={"content-type": "text/plain"})
+        body = assert_refused(response, 507, "storage_full")
+        assert "disk is full" in body["detail"] and "No space left" in body["detail"]
+        assert stored_files(client) == stored and not list((files.root / "tmp").iterdir())
+
+
+def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So that storing them is a rename on the same disk the reserve is checked on, and a crash's leftovers are
+    swept with the store's own."""
+    files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+    seen: list[Path] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)
+        seen.append(Path(name))
+        return fd, name
+
+    monkeypatch.setattr("wanserve.api.storage.tempfile.mkstemp", mkstemp)
+    ok = client.post("/cdn/files/upload", content=b"z" * KiB, headers={"content-type": "text/plain"})
+    assert ok.status_code == 200, ok.text
+    assert seen and seen[0].parent == files.root / "tmp"
+    assert not seen[0].exists()  # renamed into place
 
 
 # --- URL downloads (LoRA files) ---

@@ -29,4 +29,6 @@ def open_file_store(settings: Settings) -> FileStore:
         return S3FileStore.from_settings(settings)
     from wanserve.files.local import LocalFileStore
 
-    return LocalFileStore(settings.data_dir / "files", settings.resolved_public_url())
+    return LocalFileStore(
+        settings.data_dir / "files", settings.resolved_public_url(), upload_reserve=settings.upload_disk_reserve_bytes
+    )

@@ -210,6 +210,13 @@ class Settings(BaseSettings):
     )
     file_sweep_s: float = Field(60.0, gt=0, description="How often expired stored files are deleted.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest file the storage API accepts.")
+    upload_disk_reserve_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Free space uploads leave on the disk they are written to (the local file store's, or the temp "
+        "dir that stages uploads for S3): one that would go below it is refused with 507 `storage_full`, so that "
+        "uploads never take the room results and the job database need.",
+    )
     max_body_bytes: int = Field(
         1024**2,
         gt=0,

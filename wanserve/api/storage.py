@@ -20,6 +20,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +42,7 @@ from wanserve.files.base import (
     new_key,
     parse_lifecycle_header,
 )
+from wanserve.files.space import check_room, is_disk_full, upload_disk_full
 from wanserve.jobs.service import iso_time
 
 UPLOAD_URL_TTL_S = 3600
@@ -93,20 +96,39 @@ def requested_lifetime(
 Lifetime = Annotated[str, Depends(requested_lifetime)]
 
 
+ROOM_CHECK_EVERY = 64 * 1024**2  # a body without Content-Length is checked against the disk reserve this often
+
+
+@contextmanager
+def _disk_full_is_507() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise upload_disk_full(exc) from exc
+        raise
+
+
 async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
-    """The request body in a temporary file, refusing anything over the upload limit while it streams."""
-    limit = ctx.settings.max_upload_bytes
+    """The request body in a temporary file on the file store's disk (or the temp dir), refusing anything over the
+    upload limit, or that would leave less than the disk reserve free, while it streams."""
+    limit, reserve = ctx.settings.max_upload_bytes, ctx.settings.upload_disk_reserve_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
-    fd, name = tempfile.mkstemp(prefix="upload-")
-    size = 0
+    staging = ctx.files.staging_dir() or Path(tempfile.gettempdir())
+    check_room(staging, int(declared) if declared and declared.isdigit() else 0, reserve)
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=staging)
+    size, checked = 0, 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        with _disk_full_is_507(), os.fdopen(fd, "wb") as out:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"upload is over the {limit}-byte limit")
+                if size - checked >= ROOM_CHECK_EVERY:
+                    check_room(staging, 0, reserve)
+                    checked = size
                 out.write(chunk)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -117,7 +139,8 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
 async def _store_body(request: Request, ctx: ServerContext, key: str, content_type: str, expires: float | None) -> Any:
     tmp = await _receive_to_file(request, ctx)
     try:
-        return await run_in_threadpool(ctx.files.put, key, tmp, content_type, expires, time.time())
+        with _disk_full_is_507():
+            return await run_in_threadpool(ctx.files.put, key, tmp, content_type, expires, time.time())
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -190,7 +213,8 @@ def _check_multipart_sig(ctx: ServerContext, upload_id: str, exp: str, sig: str)
 
 
 def _complete(ctx: ServerContext, upload_id: str, body: CompleteMultipart) -> StoredFile:
-    stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
+    with _disk_full_is_507():
+        stored = ctx.files.complete_multipart(upload_id, [(p.partNumber, p.etag) for p in body.parts], time.time())
     if stored.size > ctx.settings.max_upload_bytes:
         ctx.files.delete(stored.key)
         raise PayloadTooLarge(f"the upload is over the {ctx.settings.max_upload_bytes}-byte limit")
@@ -225,9 +249,10 @@ async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, reques
         data += chunk
         if len(data) > limit:
             raise PayloadTooLarge(f"a multipart part is limited to {limit} bytes")
-    return await run_in_threadpool(
-        ctx.files.put_part, upload_id, part_number, bytes(data), ctx.settings.max_upload_bytes
-    )
+    with _disk_full_is_507():
+        return await run_in_threadpool(
+            ctx.files.put_part, upload_id, part_number, bytes(data), ctx.settings.max_upload_bytes
+        )
 
 
 # --- CDN token + direct upload (Python's fal_v3 repository) ---

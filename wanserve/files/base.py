@@ -199,6 +199,11 @@ class FileStore(Protocol):
         """Where the bytes are on this machine (None for remote stores)."""
         ...
 
+    def staging_dir(self) -> Path | None:
+        """Where an upload's bytes are best written before `put` (on the store's own disk, so that `put` renames
+        them in and stale ones are swept); None: the system temp dir."""
+        ...
+
     def download_url(self, key: str, now: float) -> str | None:
         """A URL the client may fetch the bytes from directly (e.g. a presigned GET), or None when the API
         serves them itself. A store that gives URLs raises FileNotFound for a file absent or expired."""
@@ -213,7 +218,8 @@ class FileStore(Protocol):
     def create_multipart(self, key: str, content_type: str, expires_at: float | None) -> str: ...
     def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
         """Stores one part; returns its ETag. With `max_total`, a part that would take the upload's parts past that
-        many bytes is refused (PayloadTooLarge, see check_parts_total)."""
+        many bytes is refused (PayloadTooLarge, see check_parts_total). A store on a local disk refuses parts and
+        completions that would leave less than its upload reserve free (StorageFull)."""
         ...
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile: ...

@@ -26,6 +26,7 @@ from wanserve.files.base import (
     key_from_file_url,
     new_upload_id,
 )
+from wanserve.files.space import check_room
 
 
 def _atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
@@ -71,9 +72,11 @@ class _Window(io.RawIOBase):
 
 
 class LocalFileStore:
-    def __init__(self, root: Path, public_url: str) -> None:
+    def __init__(self, root: Path, public_url: str, upload_reserve: int = 0) -> None:
+        """`upload_reserve`: bytes multipart uploads leave free on this disk (space.check_room)."""
         self.root = Path(root)
         self.public_url = public_url.rstrip("/")
+        self.upload_reserve = upload_reserve
         self._objects = self.root / "objects"
         self._meta = self.root / "meta"
         self._multipart = self.root / "multipart"
@@ -188,6 +191,9 @@ class LocalFileStore:
     def local_path(self, key: str) -> Path | None:
         return self._object(key)
 
+    def staging_dir(self) -> Path | None:
+        return self._tmp
+
     def download_url(self, key: str, now: float) -> str | None:
         return None  # the API serves local files itself
 
@@ -238,6 +244,7 @@ class LocalFileStore:
         folder = self._upload_dir(upload_id)
         stored = {int(p.name[5:]): p.stat().st_size for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]")}
         check_parts_total(stored, part_number, len(data), max_total)
+        check_room(self._tmp, len(data), self.upload_reserve)
         _atomic_write(folder / f"part-{part_number:05d}", data, self._tmp)
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
@@ -245,6 +252,9 @@ class LocalFileStore:
         folder = self._upload_dir(upload_id)
         info = json.loads((folder / "upload.json").read_text())
         check_part_numbers(parts)
+        # The parts are copied into one file (then deleted): the copy needs their size again, for a moment.
+        paths = [folder / f"part-{number:05d}" for number, _etag in parts]
+        check_room(self._tmp, sum(path.stat().st_size for path in paths if path.is_file()), self.upload_reserve)
         fd, tmp = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as out:

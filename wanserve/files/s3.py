@@ -230,6 +230,9 @@ class S3FileStore:
     def local_path(self, key: str) -> Path | None:
         return None
 
+    def staging_dir(self) -> Path | None:
+        return None
+
     def download_url(self, key: str, now: float) -> str | None:
         if self.delivery != "redirect":
             return None

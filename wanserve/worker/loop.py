@@ -7,7 +7,6 @@ all go through it, so a worker can be a child of `wanserve serve` or a process o
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import logging
 import os
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 from wanserve.config import Settings
 from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, StorageFull, WanserveError
 from wanserve.files.base import FileStore, lifecycle_expiry, output_key
+from wanserve.files.space import is_disk_full
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure, settled
 from wanserve.jobs.service import validation_errors
@@ -61,7 +61,6 @@ def _describe_file(file: LoraFile) -> str:
 
 
 STALLED_EXIT_CODE = 70
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -77,7 +76,7 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
 def disk_full_cause(exc: BaseException) -> OSError | None:
     """The `No space left on device` (or disk quota) error behind `exc`, if that is what it is."""
     for current in _exception_chain(exc):
-        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+        if isinstance(current, OSError) and is_disk_full(current):
             return current
     return None
 
@@ -494,7 +493,7 @@ class Worker:
             try:
                 stored = self.files.put(key, out_path, "video/mp4", expires, now)
             except OSError as exc:
-                if exc.errno not in DISK_FULL_ERRNOS:
+                if not is_disk_full(exc):
                     raise
                 raise StorageFull(
                     f"the file store's disk is full ({exc.strerror}): the video could not be stored; "
