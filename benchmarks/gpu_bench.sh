@@ -22,7 +22,9 @@ if [ -d .whl ]; then
 fi
 if [ -d .fa4b ] && [ -d .fa4keep ]; then
   mkdir -p /tmp/fa4site && cat .fa4keep/* .fa4b/* | xz -d | tar -C /tmp/fa4site -x || exit 1
-  export PYTHONPATH=/tmp/fa4site:${PYTHONPATH:-$PWD} FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+  # The DSL's own .pth file (which adds its packages folder to sys.path) is not read from PYTHONPATH: named here.
+  export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-$PWD}
+  export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
   python3 -c "import flash_attn.cute, cutlass; print('flash-attn-4 importable')" 2>&1 | tail -3 | tee "$OUT/flash4-import.txt"
 fi
 export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
