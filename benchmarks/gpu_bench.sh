@@ -31,7 +31,7 @@ export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device-$MODE.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/device-$MODE.txt"
 if [ "$MODE" = main ]; then
-  [ -n "${SKIP_KERNEL:-}" ] || timeout 100 python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
+  [ -n "${SKIP_KERNEL:-}" ] || timeout "${KERNEL_TIMEOUT:-160}" python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
   timeout "${BENCH_TIMEOUT:-380}" python3 -m wanserve bench --model a14b --device cuda --sizes 720p --presets exact,fast \
     --videos "${VIDEOS-720p:4:1}" --no-baseline-videos --deadline-s "${DEADLINE:-290}" --out-dir /tmp/bench-main \
     --lowbit-attention "${LOWBIT:-auto}" 2>&1 | tee "$OUT/bench.log"

@@ -40,8 +40,10 @@ def fake_flash4(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     calls: list[tuple[int, ...]] = []
 
     def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Like the real JIT kernel, nothing dynamo can trace: a fullgraph compile passes only if the op is opaque.
+        torch._dynamo.graph_break()
         calls.append(tuple(q.shape))
-        return exact(q, k, v), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+        return exact(q, k, v).contiguous(), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
 
     package = types.ModuleType("flash_attn")
     package.__path__ = []
@@ -68,6 +70,17 @@ def test_candidates_per_gpu(fake_flash4: list) -> None:
 
 def test_flash4_is_not_a_candidate_without_the_package() -> None:
     assert not attention.flash4_installed()  # not a dependency: CI never installs it
+    assert AttentionKernel.FLASH4 not in attention.candidates((9, 0))
+
+
+def test_a_broken_flash_attn_install_is_no_flash4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FlashAttention 2 build whose extension does not match torch raises ImportError on import; diffusers
+    carries on without it, and so must the engine."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10...')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert not attention.flash4_installed()
     assert AttentionKernel.FLASH4 not in attention.candidates((9, 0))
 
 
@@ -166,6 +179,45 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path: Path) -> None
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed into place
 
 
+def test_a_kernel_that_raised_is_tried_again_at_the_next_start(tmp_path: Path) -> None:
+    """Its failure may have passed (memory another process held, a first-use compile): not stored."""
+    cache = tmp_path / "attention.json"
+    fail = [True]
+
+    def flaky(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if fail[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return exact(q, k, v)
+
+    functions = {"flash": exact, "flash4": flaky}
+    first = choose(functions, SHAPE, CPU_DEVICE, torch.float32, cache, AttentionKernel.CUDNN)
+    assert first.kernel is AttentionKernel.FLASH and not cache.exists()
+    fail[0] = False
+    again = choose(functions, SHAPE, CPU_DEVICE, torch.float32, cache, AttentionKernel.CUDNN)
+    assert again.how == "measured" and {t.kernel for t in again.timings if t.usable} == {"flash", "flash4"}
+    assert cache.exists()  # everything ran: stored
+    # A kernel found not exact is stored with the rest: its numerics are what they are.
+    wrong = {"flash": exact, "flash4": lambda q, k, v: exact(q, k, v) * 2}
+    choose(wrong, (1, 64, 2, 16), CPU_DEVICE, torch.float32, cache, AttentionKernel.CUDNN)
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_a_failed_measurement_runs_on_the_usual_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*args: object, **kwargs: object) -> list[Timing]:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(attention, "measure", no_memory)
+    got = choose({"flash": exact}, SHAPE, CPU_DEVICE, torch.float32, None, AttentionKernel.CUDNN)
+    assert (got.kernel, got.how) == (AttentionKernel.CUDNN, "not measured: OutOfMemoryError")
+
+
+def test_the_reference_is_computed_a_few_heads_at_a_time() -> None:
+    """The float32 reference at 720p for all 40 heads at once needs ~5 GiB; in slices of heads it gives the same."""
+    shape = (1, 80, attention.REFERENCE_HEADS * 2 + 3, 16)  # a last slice of 3 heads
+    timings = measure({"flash": exact}, shape, CPU_DEVICE, torch.float32)
+    assert timings[0].usable and timings[0].rel_error < 1e-6
+
+
 def test_nothing_usable_is_not_stored(tmp_path: Path) -> None:
     cache = tmp_path / "attention.json"
 
@@ -182,6 +234,34 @@ def test_resolve_the_setting() -> None:
     assert auto.kernel is AttentionKernel.DEFAULT and auto.how.startswith("not measured")
     with pytest.raises(ValueError):
         resolve("sage", CPU_DEVICE, (0, 0), SHAPE, torch.float32, None)
+
+
+GPU = torch.device("cuda")  # only a name: nothing here runs on it
+
+
+@pytest.mark.parametrize(
+    ("setting", "capability", "dtype", "message"),
+    [
+        ("flash4", (9, 0), torch.bfloat16, "FlashAttention 4 is not installed (pip install 'wanserve[flash4]')"),
+        ("flash4", (8, 0), torch.bfloat16, "not for this GPU (sm_80); use auto, or one of cudnn, flash, efficient"),
+        ("cudnn", (7, 5), torch.float16, "not for this GPU (sm_75); use auto, or one of efficient"),
+        ("cudnn", (9, 0), torch.float32, "the model runs in torch.float32, and the fused kernels take float16"),
+    ],
+)
+def test_a_kernel_set_that_cannot_run_stops_the_start_with_the_reason(
+    setting: str, capability: tuple[int, int], dtype: torch.dtype, message: str
+) -> None:
+    with pytest.raises(attention.AttentionUnavailable) as refused:
+        resolve(setting, GPU, capability, SHAPE, dtype, None)
+    assert message in str(refused.value) and str(refused.value).startswith(f"attention={setting} cannot run here")
+
+
+def test_what_a_gpu_runs_without_measuring() -> None:
+    assert resolve("cudnn", GPU, (9, 0), SHAPE, torch.bfloat16, None).kernel is AttentionKernel.CUDNN
+    assert resolve("default", GPU, (7, 5), SHAPE, torch.float32, None).kernel is AttentionKernel.DEFAULT
+    # float32 on a GPU: no fused kernel takes it, so PyTorch's default, not cuDNN (which would fail at the forward)
+    in_float32 = resolve("auto", GPU, (9, 0), SHAPE, torch.float32, None)
+    assert (in_float32.kernel, in_float32.how) == (AttentionKernel.DEFAULT, "not measured: float32")
 
 
 def test_the_attention_setting() -> None:
@@ -214,12 +294,25 @@ def test_a_gpu_kernel_set_on_a_cpu_falls_back_with_a_note() -> None:
     assert any("cudnn attention needs a GPU" in note for note in plan.notes)
 
 
-def test_sequence_parallelism_turns_flash4_off() -> None:
+def ulysses_context() -> ParallelContext:
     context = object.__new__(ParallelContext)  # its constructor joins a process group; only the plan matters here
-    context._plan, context.device = ParallelPlan(world_size=2, ulysses_degree=2), CPU_DEVICE
-    plan = context.adjust_speed(plan_speed(Preset.EXACT, H100, attention=AttentionKernel.FLASH4))
-    assert not plan.flash4_self_attention
+    context._plan, context.device = ParallelPlan(world_size=2, ulysses_degree=2), torch.device("cuda")
+    return context
+
+
+def test_sequence_parallelism_turns_flash4_off() -> None:
+    plan = ulysses_context().adjust_speed(plan_speed(Preset.EXACT, H100, attention=AttentionKernel.FLASH4))
+    assert not plan.flash4_self_attention and plan.attention_backend == "_native_cudnn"
     assert any("FlashAttention 4 off" in note for note in plan.notes)
+
+
+def test_sequence_parallelism_leaves_the_memory_efficient_kernel() -> None:
+    """diffusers refuses context parallelism on `_native_efficient` (the engine would not start)."""
+    plan = ulysses_context().adjust_speed(plan_speed(Preset.EXACT, H100, attention=AttentionKernel.EFFICIENT))
+    assert plan.attention_backend is None
+    assert any("has no sequence parallelism" in note for note in plan.notes)
+    kept = ulysses_context().adjust_speed(plan_speed(Preset.EXACT, H100, attention=AttentionKernel.FLASH))
+    assert kept.attention_backend == "_native_flash"
 
 
 def test_the_engine_on_a_cpu_keeps_the_default_and_says_why(model_cache: Path, tmp_path: Path) -> None:
@@ -255,13 +348,34 @@ def test_flash4_op_in_a_block_is_the_default_processor(model_cache: Path, fake_f
     assert fake_flash4 == [(1, tokens, heads, head_dim)] * len(expert.blocks)  # (batch, tokens, heads, dim)
 
 
-def test_flash4_op_compiles_as_one_opaque_call(fake_flash4: list) -> None:
-    """fullgraph compile (what the regional compile of the blocks uses) must not trace into the JIT kernel."""
-    q, k, v = (torch.randn(SHAPE) for _ in range(3))
-    compiled = torch.compile(lambda q, k, v: attention.flash4_attention(q, k, v) * 2, fullgraph=True, dynamic=False)
+def test_flash4_op_compiles_as_one_opaque_call(fake_flash4: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fullgraph compile (what the regional compile of the blocks uses) must not trace into the JIT kernel (the
+    stand-in breaks the graph if it is traced), and the op's fake output must match the kernel's: a new contiguous
+    tensor, even for a query that is not (Inductor checks the strides)."""
+    # Inductor's on-disk graph cache does not key on the fake's code: a graph compiled against an older one is reused
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    q = torch.randn(SHAPE[0], SHAPE[2], SHAPE[1], SHAPE[3]).transpose(1, 2)  # (b, s, h, d) view of (b, h, s, d)
+    k, v = (torch.randn(SHAPE) for _ in range(2))
+    # .flatten(2, 3) as the processor does: a view whose strides Inductor takes from the op's fake output
+    compiled = torch.compile(lambda q, k, v: attention.flash4_attention(q, k, v).flatten(2, 3) * 2, fullgraph=True)
     got = compiled(q, k, v)
-    assert torch.allclose(got, exact(q, k, v) * 2, atol=1e-6)
+    assert torch.allclose(got, exact(q, k, v).flatten(2, 3) * 2, atol=1e-6)
     assert fake_flash4 == [SHAPE]
+
+
+def test_flash4_in_the_regionally_compiled_blocks(model_cache: Path, fake_flash4: list) -> None:
+    """The blocks as `exact` compiles them (compile_repeated_blocks, fullgraph) with the FlashAttention 4 op."""
+    expert = load_pipeline("tiny", model_cache, torch.float32).transformer
+    hidden = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 512, expert.config.text_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = expert(hidden, torch.tensor([500]), text, return_dict=False)[0]
+        for block in expert.blocks:
+            use_self_attention_kernel(block, attention.flash4_attention, None)
+        expert.compile_repeated_blocks(fullgraph=True, dynamic=False, backend="aot_eager")
+        got = expert(hidden, torch.tensor([500]), text, return_dict=False)[0]
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert len(fake_flash4) == len(expert.blocks)
 
 
 def test_flash4_is_measured_beside_the_others(fake_flash4: list, tmp_path: Path) -> None:

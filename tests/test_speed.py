@@ -479,9 +479,30 @@ def test_compile_cache_is_reused_by_the_next_process(model_cache: Path, tmp_path
     assert first.get("fxgraph_cache_miss", 0) > 0, first
     written = [p for p in cache.rglob("*") if p.is_file()]
     assert written, "the first process wrote nothing under the compile cache dir"
+    assert {p.relative_to(cache).parts[0] for p in written} == {f"inductor-{speed._custom_op_fingerprint()}"}
     second = run()
     assert second.get("fxgraph_cache_hit", 0) > 0, second
     assert second.get("fxgraph_cache_miss", 0) == 0, second
+
+
+def test_each_version_of_the_custom_ops_compiles_into_its_own_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor's graph cache does not key on a custom op's fake implementation: graphs compiled against an older
+    version of ours must not be loaded by a newer one."""
+    engine = Path(speed.__file__).parent
+    copy = tmp_path / "engine"
+    (copy / "kernels").mkdir(parents=True)
+    for name in ("attention.py", "kernels/int8_attention.py"):
+        (copy / name).write_bytes((engine / name).read_bytes())
+    monkeypatch.setattr(speed, "__file__", str(copy / "speed.py"))
+    assert speed._custom_op_fingerprint() == (before := speed._custom_op_fingerprint())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # so that the test's teardown puts back what was there
+    speed.configure_compile_cache(tmp_path / "compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / f"inductor-{before}")
+    with open(copy / "attention.py", "a") as f:
+        f.write("\n# the fake's output changed\n")
+    assert speed._custom_op_fingerprint() != before
 
 
 EAGER_ROUNDING_SCRIPT = textwrap.dedent(

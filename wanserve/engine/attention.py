@@ -66,12 +66,20 @@ _SDPA_BACKEND = {
 # (bf16 rounding alone gives ~0.3%; a kernel that writes garbage or NaN gives far more).
 EXACT_TOLERANCE = 0.02
 REFERENCE_QUERIES = 64  # queries checked against float32 math attention (its score matrix grows with them)
+NOT_EXACT = "not exact"
+REFERENCE_HEADS = 8  # heads per float32 reference call: ~1 GiB at 720p instead of ~5 for all 40 at once
+
+
+class AttentionUnavailable(ValueError):
+    """The `attention` setting names a kernel this GPU or this installation cannot run."""
 
 
 def flash4_installed() -> bool:
     try:
         return importlib.util.find_spec("flash_attn.cute") is not None
-    except ModuleNotFoundError:  # no flash_attn at all
+    except (ImportError, OSError, RuntimeError, ValueError):
+        # No flash_attn at all, or a FlashAttention 2 build whose extension does not load (finding the submodule
+        # imports the package): either way no FlashAttention 4, and no reason to stop the engine.
         return False
 
 
@@ -116,7 +124,8 @@ def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 @flash4_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(query)
+    # FlashAttention 4 returns a new contiguous tensor whatever the inputs' strides.
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
 def kernel_function(kernel: AttentionKernel) -> AttentionFn:
@@ -136,6 +145,11 @@ class Timing:
     @property
     def usable(self) -> bool:
         return not self.error
+
+    @property
+    def settled(self) -> bool:
+        """Ran, or was found not exact (its numerics, which the next start would find again); not one that raised."""
+        return self.usable or self.error.startswith(NOT_EXACT)
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,8 @@ def measure(
     gen = torch.Generator(device=device).manual_seed(0)
     query, key, value = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(3))
     head = query[:, :REFERENCE_QUERIES]
-    reference = _math_attention(head.float(), key.float(), value.float())
+    heads = [slice(h, h + REFERENCE_HEADS) for h in range(0, shape[2], REFERENCE_HEADS)]
+    reference = torch.cat([_math_attention(*(x[:, :, h].float() for x in (head, key, value))) for h in heads], dim=2)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -182,7 +197,7 @@ def measure(
                 error = _rel(out[:, :REFERENCE_QUERIES], reference)
                 del out
                 if not error <= EXACT_TOLERANCE:  # NaN fails this too
-                    timings.append(Timing(name, rel_error=error, error=f"not exact: {error:.2%} from float32"))
+                    timings.append(Timing(name, rel_error=error, error=f"{NOT_EXACT}: {error:.2%} from float32"))
                     continue
                 seconds = []
                 for _ in range(repeats):
@@ -254,11 +269,20 @@ def choose(
             return AttentionChoice(AttentionKernel(stored["kernel"]), "measured earlier", timings)
         except (KeyError, TypeError, ValueError):
             pass  # an entry from another version of this file: measure again
-    timings = tuple(measure(functions, shape, device, dtype))
+    try:
+        timings = tuple(measure(functions, shape, device, dtype))
+    except Exception as exc:  # the inputs or the reference did not fit (memory): run on the usual kernel
+        log.warning("attention not measured (%s: %s): %s", type(exc).__name__, exc, fallback.value)
+        return AttentionChoice(fallback, f"not measured: {type(exc).__name__}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     kernel = fastest(timings, fallback)
     for timing in timings:
         log.info("attention %s: %s", timing.kernel, timing.error or f"{timing.ms:.2f} ms, {timing.rel_error:.2%}")
-    if cache_file is not None and any(t.usable for t in timings):
+    # Stored only when every candidate ran (or was found not exact, which is its numerics): one that raised may
+    # have met a passing condition (memory taken by another process, a first-use compile) and is tried next start.
+    if cache_file is not None and all(t.settled for t in timings):
         try:
             doc = _read(cache_file)
             doc[key] = {"kernel": kernel.value, "timings": [asdict(t) for t in timings]}
@@ -278,12 +302,30 @@ def resolve(
 ) -> AttentionChoice:
     """The kernel for the `attention` setting: itself when set; with `auto`, measured on a CUDA GPU (elsewhere
     diffusers' default)."""
-    if setting != "auto":
-        return AttentionChoice(AttentionKernel(setting), "set")
     if device.type != "cuda":
-        return AttentionChoice(AttentionKernel.DEFAULT, "not measured: no GPU")
-    kernels = candidates(capability)
-    if dtype not in (torch.float16, torch.bfloat16):
-        return AttentionChoice(static_choice(capability), f"not measured: {dtype} runs no fused kernel")
+        # speed.plan_speed notes a GPU kernel set here and keeps diffusers' default
+        how = "set" if setting != "auto" else "not measured: no GPU"
+        return AttentionChoice(AttentionKernel(setting if setting != "auto" else "default"), how)
+    half = dtype in (torch.float16, torch.bfloat16)
+    kernels = candidates(capability) if half else []  # the fused kernels take float16 and bfloat16 only
+    if setting != "auto":
+        chosen = AttentionKernel(setting)
+        if chosen is not AttentionKernel.DEFAULT and chosen not in kernels:
+            raise AttentionUnavailable(_unavailable(chosen, capability, dtype))
+        return AttentionChoice(chosen, "set")
+    if not half:
+        return AttentionChoice(AttentionKernel.DEFAULT, f"not measured: {str(dtype).removeprefix('torch.')}")
     functions = {kernel.value: kernel_function(kernel) for kernel in kernels}
     return choose(functions, shape, device, dtype, cache_file, fallback=static_choice(capability))
+
+
+def _unavailable(kernel: AttentionKernel, capability: tuple[int, int], dtype: torch.dtype) -> str:
+    head = f"attention={kernel.value} cannot run here"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{head}: the model runs in {dtype}, and the fused kernels take float16 or bfloat16 (dtype=auto)"
+    if kernel is AttentionKernel.FLASH4 and capability[0] in (9, 10):
+        return f"{head}: FlashAttention 4 is not installed (pip install 'wanserve[flash4]')"
+    arch = f"sm_{capability[0]}{capability[1]}"
+    return (
+        f"{head}: not for this GPU ({arch}); use auto, or one of {', '.join(k.value for k in candidates(capability))}"
+    )

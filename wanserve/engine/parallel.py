@@ -182,6 +182,13 @@ def _register_cpu_flash_attention() -> None:
     _cpu_flash_lib = lib
 
 
+def _context_parallel_backend(backend: str | None) -> bool:
+    """Whether diffusers' context parallelism runs on this attention backend (None: its default, which does)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return backend is None or _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend))
+
+
 class ParallelContext:
     """One rank's share of a multi-process generation (module docstring). Built after `init_distributed`; bound
     to a pipeline's experts by `WanEngine`."""
@@ -268,6 +275,10 @@ class ParallelContext:
             changes["attention_backend"] = "_native_cudnn" if self.device.type == "cuda" else "_native_flash"
             if self.device.type != "cuda":
                 _register_cpu_flash_attention()
+        elif plan.sp_degree > 1 and not _context_parallel_backend(speed.attention_backend):
+            # diffusers refuses context parallelism on some backends (the memory-efficient one): its default does.
+            changes["attention_backend"] = None
+            notes.append(f"attention {speed.attention_backend} has no sequence parallelism: PyTorch's default")
         return replace(speed, notes=tuple(notes), **changes)
 
     def enable(self, experts: list[Any]) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -158,9 +159,21 @@ def plan_speed(
     )
 
 
+def _custom_op_fingerprint() -> str:
+    """A digest of the code behind our custom ops. Inductor's graph cache keys on the traced graph, not on an op's
+    fake implementation, so a graph compiled against an older one (another wanserve version) would be reused with
+    the wrong output strides: each version of that code gets its own cache folder."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for source in (here / "attention.py", here / "kernels" / "int8_attention.py"):  # read, not imported (Triton)
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def configure_compile_cache(cache_dir: Path) -> None:
     """Inductor's compiled kernels and graphs on disk, so that a worker's second start loads them instead of
     compiling again (dynamo still traces, which takes seconds)."""
+    cache_dir = cache_dir / f"inductor-{_custom_op_fingerprint()}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
