@@ -10,7 +10,7 @@ import pytest
 from wanserve.config import Settings
 from wanserve.engine.pipeline import WanEngine
 from wanserve.engine.runner import EngineRunner
-from wanserve.engine.video import encode_mp4, probe_mp4, read_frames
+from wanserve.engine.video import encode_mp4, probe_mp4, read_frames, to_uint8
 from wanserve.schema import WanLoRAT2VRequest
 
 
@@ -76,3 +76,19 @@ def test_encode_rejects_bad_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         encode_mp4(np.zeros((3, 64, 64), np.float32), tmp_path / "x.mp4", fps=8)
     assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_uint8_rounds_as_numpy_does(dtype: type) -> None:
+    """The threaded conversion gives numpy's bytes: clip to [0, 1], x255, round half to even."""
+    halves = (np.arange(256) + 0.5) / 255.0  # each value lands on k + 0.5 (or next to it in float)
+    edges = np.array([0.0, 1.0, -0.1, 1.2, 1e-9, 0.999999, 0.5, 2 / 255, 254.5 / 255])
+    rng = np.random.default_rng(3)
+    values = np.concatenate([halves, edges, rng.uniform(-0.2, 1.2, 3 * 64 * 2 - 265)]).astype(dtype)
+    frames = values.reshape(2, 8, 8, 3)
+    want = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    got = to_uint8(frames)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    reversed_view = frames[::-1]  # negative strides, as a reversed video is before it is copied
+    assert np.array_equal(to_uint8(reversed_view), want[::-1])
+    assert to_uint8(want) is want

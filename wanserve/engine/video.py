@@ -9,6 +9,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,13 @@ class VideoInfo:
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """float frames in [0, 1] -> uint8, rounding to nearest."""
+    """float frames in [0, 1] -> uint8, rounding to nearest (half to even). Through torch's threaded kernels: numpy
+    runs each of the four passes on one core, which took 3.8 s for a 720p 81-frame clip on 2 cores (torch: 0.8 s);
+    both compute the same float operations, so the bytes are the same."""
     if frames.dtype == np.uint8:
         return frames
-    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    pixels = torch.from_numpy(np.ascontiguousarray(frames))
+    return pixels.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8).numpy()
 
 
 def encode_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18, preset: str = "veryfast") -> VideoInfo:
