@@ -26,11 +26,12 @@ from wanserve.engine.prompt_expansion import (
     clean_expansion,
     expand_with_deadline,
 )
-from wanserve.engine.safety import SafetyChecker, SafetyConfigError
+from wanserve.engine.safety import SafetyChecker, SafetyConfigError, prompt_as_read, text_windows
 from wanserve.errors import ContentPolicyViolation
 
 APP = "fal-ai/wan-22"
 EXPANDED = "A red fox trots through deep fresh snow at golden sunrise, slow tracking shot, soft mist."
+EXPANDED_FLAGGED = "A red fox guards a forbidden temple at dusk."
 
 
 @dataclass
@@ -54,6 +55,9 @@ def chat() -> Iterator[ChatServer]:
                 time.sleep(3)
             if state.mode == "garbage":
                 payload = b"<html>oops</html>"
+            elif state.mode == "flagged":  # an expansion the term policy flags
+                answer = f"{EXPANDED_FLAGGED}"
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
             else:
                 answer = f'Here is the rewritten prompt: "{EXPANDED}"'
                 payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
@@ -159,6 +163,45 @@ def test_term_policy_matches_whole_words_case_insensitively_and_follows_edits(tm
         checker.check_prompt("x")
 
 
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a &#102;orbidden statue",  # an HTML entity, unescaped by the encoder's cleaning
+        "a f&amp;#111;rbidden statue",  # escaped twice: the cleaning unescapes twice
+        "&#x66;&#x6F;&#x72;&#x62;&#x69;&#x64;&#x64;&#x65;&#x6E;",
+        "a ｆｏｒｂｉｄｄｅｎ statue",  # full-width letters: UMT5's tokenizer reads them as ASCII (NFKC)
+        "a\u00a0forbidden\tstatue",
+    ],
+)
+def test_the_term_policy_reads_the_prompt_as_the_encoder_does(tmp_path: Path, prompt: str) -> None:
+    terms = tmp_path / "terms.txt"
+    terms.write_text("forbidden\n")
+    assert "forbidden" in prompt_as_read(prompt)
+    with pytest.raises(ContentPolicyViolation, match="forbidden"):
+        SafetyChecker(Settings(safety_terms_file=terms)).check_prompt(prompt)
+
+
+def test_the_text_classifier_reads_every_part_of_a_long_prompt() -> None:
+    """A classifier reads a few hundred tokens; a prompt may be 10,000 characters. Every window is classified."""
+    seen: list[str] = []
+
+    def classifier(texts: list[str], top_k: None, truncation: bool) -> list[list[dict[str, Any]]]:
+        seen.extend(texts)
+        return [[{"label": "toxic", "score": 1.0 if "forbidden" in t else 0.0}] for t in texts]
+
+    checker = SafetyChecker(Settings(safety_text_model=Path("never-loaded")))
+    checker._text = classifier  # stands in for the loaded pipeline: flags any window holding the word
+    filler = "a red fox runs through the snow " * 200  # 6,400 characters
+    checker.check_prompt(filler)
+    assert len(seen) > 15 and all(len(t) <= 400 for t in seen)
+    with pytest.raises(ContentPolicyViolation, match="text classifier scored 'toxic'"):
+        checker.check_prompt(filler + "a forbidden fox")
+    text = "".join(chr(65 + i % 26) for i in range(1000))
+    windows = text_windows(text)
+    assert [len(w) for w in windows] == [400, 400, 400]
+    assert windows[0] + "".join(w[100:] for w in windows[1:]) == text  # each overlaps the one before by 100
+
+
 def test_classifiers_flag_by_label_and_threshold(models: dict[str, Path]) -> None:
     frames = np.random.default_rng(0).random((81, 64, 96, 3), dtype=np.float32)
     flagging = SafetyChecker(Settings(safety_image_model=models["nsfw"], safety_text_model=models["toxic"]))
@@ -245,6 +288,11 @@ def test_expansion_through_the_server_and_its_fallback(safe_server: Server, chat
     _, result, logs = run(safe_server, EXPAND)
     assert result.json()["prompt"] == EXPANDED
     assert "Expanded prompt" in "\n".join(logs) and any(EXPANDED in line for line in logs)
+    chat.mode = "flagged"  # the caller's prompt passes; its expansion does not: dropped, never shown
+    _, result, logs = run(safe_server, {**EXPAND, "enable_safety_checker": True})
+    assert any(line.startswith("The expanded prompt was flagged (it matches the term policy") for line in logs), logs
+    assert not any(EXPANDED_FLAGGED in line for line in logs)
+    assert result.json()["detail"][0]["loc"] == ["output", "video"]  # it went on (this server flags every video)
     chat.mode = "slow"
     _, result, logs = run(safe_server, EXPAND)
     assert result.status_code == 200 and result.json()["prompt"] == "a red fox"

@@ -160,6 +160,7 @@ class ContentPolicyViolation(WanserveError):
 
     def __init__(self, target: str, reason: str) -> None:
         self.target = target  # "prompt" or "output"
+        self.reason = reason
         super().__init__(f"the {'prompt' if target == 'prompt' else 'generated video'} was flagged: {reason}")
 
     def detail(self) -> dict[str, object]:

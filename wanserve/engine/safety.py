@@ -11,6 +11,7 @@ A label from the configured list scoring at or above its threshold flags the req
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,25 @@ class TermPolicy:
             if pattern.search(text):
                 return term
         return None
+
+
+WINDOW_CHARS, WINDOW_STEP = 400, 300  # ~100-150 tokens of English, ~400 of CJK: inside a 512-token classifier
+
+
+def prompt_as_read(prompt: str) -> str:
+    """The prompt as the text encoder reads it: diffusers' Wan cleaning (ftfy, HTML entities unescaped twice,
+    whitespace runs), then NFKC, which UMT5's tokenizer applies too (full-width letters read as ASCII)."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    return unicodedata.normalize("NFKC", prompt_clean(prompt))
+
+
+def text_windows(text: str) -> list[str]:
+    """`text` in overlapping windows of WINDOW_CHARS that together cover all of it."""
+    if len(text) <= WINDOW_CHARS:
+        return [text]
+    starts = range(0, len(text) - WINDOW_CHARS + WINDOW_STEP, WINDOW_STEP)
+    return [text[i : i + WINDOW_CHARS] for i in starts]
 
 
 def _flagged(scores: list[dict[str, Any]], labels: list[str], threshold: float) -> tuple[str, float] | None:
@@ -109,18 +129,23 @@ class SafetyChecker:
             raise SafetyConfigError(f"cannot load the {task} model {path}: {type(exc).__name__}: {exc}") from None
 
     def check_prompt(self, prompt: str) -> None:
+        """Checks the prompt as given and as the text encoder reads it (`prompt_as_read`): HTML entities or
+        full-width letters must not carry past the checks what the model then reads in plain letters."""
+        read = prompt_as_read(prompt)
         if self.terms is not None:
-            term = self.terms.match(prompt)
+            term = self.terms.match(prompt) or self.terms.match(read)
             if term is not None:
                 raise ContentPolicyViolation("prompt", f"it matches the term policy ({term!r})")
         s = self.settings
         if s.safety_text_model is not None:
             if self._text is None:
                 self._text = self._pipeline("text-classification", s.safety_text_model)
-            scores = self._text(prompt, top_k=None, truncation=True)
-            hit = _flagged(scores, s.safety_text_labels, s.safety_text_threshold)
-            if hit is not None:
-                raise ContentPolicyViolation("prompt", f"the text classifier scored {hit[0]!r} at {hit[1]:.2f}")
+            # The classifier reads a few hundred tokens; the encoder reads up to 512 of its own. Every part of the
+            # prompt is classified, in overlapping windows, so nothing past the classifier's length goes unread.
+            for scores in self._text(text_windows(read), top_k=None, truncation=True):
+                hit = _flagged(scores, s.safety_text_labels, s.safety_text_threshold)
+                if hit is not None:
+                    raise ContentPolicyViolation("prompt", f"the text classifier scored {hit[0]!r} at {hit[1]:.2f}")
 
     def check_frames(self, frames: np.ndarray) -> None:
         """`frames`: (n, height, width, 3) floats in [0, 1], as the engine returns them."""

@@ -412,7 +412,8 @@ class Worker:
             log.warning("job %s: could not remove the video of a refused finish: %s", job.id, exc)
 
     def _expand(self, job: Job, prompt: str) -> str:
-        """The expanded prompt, or the original one with a log line saying why (expansion never fails a job)."""
+        """The expanded prompt, or the original one with a log line saying why (expansion never fails a job: an
+        expansion the safety checker flags is dropped too, in `_run`)."""
         from wanserve.engine.prompt_expansion import ExpansionFailed, expand_with_deadline
 
         if self._expander is None:
@@ -426,7 +427,8 @@ class Worker:
         except ExpansionFailed as exc:
             self._log(job, f"Prompt expansion failed ({exc}); using the prompt as given", LogLevel.WARN)
             return prompt
-        self._log(job, f"Expanded prompt ({time.perf_counter() - started:.1f}s): {expanded}")
+        # The text itself is logged once the safety checker has seen it (`_run`).
+        self._log(job, f"Prompt expanded in {time.perf_counter() - started:.1f}s")
         return expanded
 
     def _resolve_loras(self, job: Job, loras: list[Any]) -> list[LoraUse]:
@@ -463,9 +465,15 @@ class Worker:
         if request.enable_prompt_expansion:
             expanded = self._expand(job, request.prompt)
             if expanded != request.prompt:
-                if checked:
-                    self._safety.check_prompt(expanded)
-                request = request.model_copy(update={"prompt": expanded})
+                try:
+                    if checked:
+                        self._safety.check_prompt(expanded)
+                except ContentPolicyViolation as exc:  # the caller's prompt passed: its expansion is dropped, unshown
+                    why = exc.reason
+                    self._log(job, f"The expanded prompt was flagged ({why}); using the prompt as given", LogLevel.WARN)
+                else:
+                    self._log(job, f"Expanded prompt: {expanded}")
+                    request = request.model_copy(update={"prompt": expanded})
         loras = self._resolve_loras(job, getattr(request, "loras", None) or [])
 
         def on_step(p: Any) -> None:
