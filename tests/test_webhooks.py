@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from file_server import serving
 
+from wanserve.config import Settings
 from wanserve.jobs.model import Failure, Job, JobState, NewJob, Priority
 from wanserve.store.sqlite import SQLiteJobStore
 from wanserve.webhooks import MAX_RETRY_DELAY_S, WebhookDispatcher, WebhookSigner, retry_delay, webhook_payload
@@ -162,6 +163,15 @@ def test_payload_failure() -> None:
     assert generic["status"] == "ERROR" and generic["error"] == "Invalid status code: 504"
     assert generic["payload"] == {"detail": "late", "error_type": "request_timeout"}
     json.dumps(payload)  # serialisable as sent
+
+
+def test_the_default_retries_span_about_two_hours_as_fals_do() -> None:
+    """FAL_PROTOCOL.md section 8: up to 10 retries over 2 h. A receiver down for an hour still gets the webhook."""
+    s = Settings()
+    delays = [retry_delay(n, s.webhook_retry_base_s) for n in range(1, s.webhook_max_attempts)]
+    assert len(delays) == 10
+    assert 1.9 * 3600 < sum(delays) < 2.2 * 3600
+    assert sum(delays[:-1]) > 3600  # the last try comes more than an hour after the first
 
 
 def test_retry_delay_doubles_and_caps() -> None:

@@ -193,9 +193,14 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(0.05, gt=0, description="How often an idle worker looks for a queued job.")
     webhook_user_id: str = Field("wanserve", description="X-Fal-Webhook-User-Id sent with webhooks.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time limit of one webhook delivery.")
-    webhook_max_attempts: int = Field(10, ge=1, description="Deliveries tried before a webhook is given up.")
+    webhook_max_attempts: int = Field(
+        11, ge=1, description="Deliveries tried before a webhook is given up (the first and 10 retries, as fal's)."
+    )
     webhook_retry_base_s: float = Field(
-        5.0, gt=0, description="First retry delay of a failed webhook; doubles up to 15 minutes."
+        15.0,
+        gt=0,
+        description="First retry delay of a failed webhook; doubles up to 30 minutes (with the defaults the 10 "
+        "retries span about 2 hours, as fal's do).",
     )
     allow_private_urls: bool = Field(
         False,

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from wanserve.errors import InputFetchError, PrivateAddress
 from wanserve.files.inputs import pin_public_url
 from wanserve.jobs.model import Job
+from wanserve.keyfiles import read_or_create
 from wanserve.store.base import JobStore
 
 log = logging.getLogger("wanserve.webhooks")
 
-MAX_RETRY_DELAY_S = 900.0
+MAX_RETRY_DELAY_S = 1800.0
 
 
 def _b64url(data: bytes) -> str:
@@ -44,22 +44,17 @@ class WebhookSigner:
 
     @classmethod
     def load_or_create(cls, path: Path) -> WebhookSigner:
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} is not an Ed25519 private key")
-            return cls(key)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a stale tmp file left by a crash keeps its old mode through O_TRUNC
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        tmp.replace(path)
+        """The key in `path`, made there first if there is none (by one process only: replicas share it)."""
+
+        def new_pem() -> bytes:
+            fresh = Ed25519PrivateKey.generate()
+            return fresh.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+
+        key = serialization.load_pem_private_key(read_or_create(path, new_pem), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
         return cls(key)
 
     @property

@@ -116,7 +116,11 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(supervisor.start)
-        async with httpx.AsyncClient(follow_redirects=False) as client:
+        # No kept-alive connections for webhooks: each delivery is pinned to the address checked for its URL, and a
+        # pooled connection is found by address alone (another receiver on a shared address would get a TLS session
+        # verified for the first).
+        no_pooling = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(follow_redirects=False, limits=no_pooling) as client:
             tasks = [
                 asyncio.create_task(_every(HOUSEKEEPING_S, housekeeping, "housekeeping")),
                 asyncio.create_task(_every(WEBHOOK_POLL_S, lambda: dispatcher.deliver_due(client), "webhooks")),

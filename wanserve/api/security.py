@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from urllib.parse import urlencode
 
 from wanserve.config import Settings
 from wanserve.errors import Unauthorized
+from wanserve.keyfiles import read_or_create
 
 
 def is_loopback_host(host: str) -> bool:
@@ -27,16 +27,7 @@ def is_loopback_host(host: str) -> bool:
 
 def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
     """A random secret kept in a 0600 file, created on first use."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(nbytes)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    tmp.replace(path)
-    return value
+    return read_or_create(path, lambda: (secrets.token_urlsafe(nbytes) + "\n").encode()).decode().strip()
 
 
 KEY_HASH_PREFIX = "sha256:"

@@ -9,12 +9,15 @@ import binascii
 import ipaddress
 import re
 import socket
+import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from wanserve.errors import InputFetchError, PrivateAddress
@@ -148,6 +151,10 @@ def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
     """Checks `url` (http(s), public unless `allow_private`) and pins it to the checked address."""
     parts, hostname, default_port = parse_http_url(url)
     if allow_private:
+        try:  # what httpx would refuse later, as a 500, refused here as the bad input it is
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise InputFetchError(f"not a valid URL: {url[:200]} ({exc})") from None
         return PinnedTarget(url, {}, {})
     port = parts.port
     address = check_public_host(hostname, default_port)[0]
@@ -212,12 +219,85 @@ def fetch_input(url: str, dest: Path, files: FileStore, policy: FetchPolicy) -> 
     return _download(url, dest, policy)
 
 
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write must end by `deadline` (monotonic): httpx's timeouts bound each
+    read alone, so a server sending its headers a byte at a time could hold a download for ever."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
+        self._inner, self._deadline = inner, deadline
+
+    def _left(self, timeout: float | None) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the download's time limit passed")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, self._left(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, self._left(timeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        tls = self._inner.start_tls(ssl_context, server_hostname, self._left(timeout))
+        return _DeadlineStream(tls, self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend, deadline: float) -> None:
+        self._inner, self._deadline = inner, deadline
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        left = max(self._deadline - time.monotonic(), 0.0)
+        stream = self._inner.connect_tcp(host, port, left if timeout is None else min(timeout, left), local_address,
+                                         socket_options)  # fmt: skip
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(path, timeout, socket_options), self._deadline)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _deadline_transport(deadline: float) -> httpx.HTTPTransport:
+    """httpx's own transport, its connections bounded by `deadline`. No kept-alive connections either: a pinned
+    request names the checked address, and a pooled connection is found by address alone, so a redirect to
+    another host on the same address would reuse a TLS session verified for the first one."""
+    transport = httpx.HTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+    pool = transport._pool  # httpcore's pool: httpx (>=0.27, <1) has no public way to give it a network backend
+    pool._network_backend = _DeadlineBackend(pool._network_backend, deadline)
+    return transport
+
+
 def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
     deadline = time.monotonic() + policy.timeout_s
-    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False) as client:
+    transport = _deadline_transport(deadline)
+    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                parts = urlsplit(url)
+                web = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except ValueError:  # an unclosed IPv6 bracket, a bad port (from a redirect's Location, say)
+                web = False
+            if not web:
                 raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
             target = pin_public_url(url, policy.allow_private)
             remaining = deadline - time.monotonic()
@@ -247,9 +327,11 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
                             out.write(chunk)
                     return dest
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: urljoin of a bad Location
                 dest.unlink(missing_ok=True)
-                raise InputFetchError(f"cannot download {url}: {type(exc).__name__}: {exc}") from None
+                if time.monotonic() >= deadline:
+                    raise InputFetchError(f"{url[:200]} took longer than {policy.timeout_s:g} s") from None
+                raise InputFetchError(f"cannot download {url[:200]}: {type(exc).__name__}: {exc}") from None
             except InputFetchError:
                 dest.unlink(missing_ok=True)
                 raise
