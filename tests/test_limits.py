@@ -471,6 +471,31 @@ def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, monkeypa
     assert not seen[0].exists()  # renamed into place
 
 
+def test_a_remote_stores_uploads_stage_in_a_folder_of_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With S3 (no staging folder of the store's own), uploads stage in `<tmp>/wanserve-<pid>-uploads`: what an API
+    process killed mid-upload left there is removed when the next one starts."""
+    stale = Path(tempfile.gettempdir()) / "wanserve-999999999-uploads"  # no such process
+    stale.mkdir(exist_ok=True)
+    (stale / "upload-half").write_bytes(b"x" * 100)
+    seen: list[Path] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)
+        seen.append(Path(name))
+        return fd, name
+
+    with TestClient(create_app(limited_settings(tmp_path), workers=0), raise_server_exceptions=False) as client:
+        assert not stale.exists()  # removed at start
+        monkeypatch.setattr(client.app.state.context.files, "staging_dir", lambda: None)  # type: ignore[attr-defined]
+        monkeypatch.setattr("wanserve.api.storage.tempfile.mkstemp", mkstemp)
+        ok = client.post("/cdn/files/upload", content=b"s" * KiB, headers={"content-type": "text/plain"})
+        assert ok.status_code == 200, ok.text
+        assert seen[0].parent.name == f"wanserve-{os.getpid()}-uploads" and not seen[0].exists()
+
+
 # --- URL downloads (LoRA files) ---
 
 

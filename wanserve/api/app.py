@@ -35,6 +35,7 @@ from wanserve.errors import RateLimited, WanserveError
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.limits import InputLimits
 from wanserve.jobs.service import JobService, forget_silent_workers, recover_lost_jobs
+from wanserve.tempdirs import remove_stale_temp_dirs
 from wanserve.webhooks import WebhookDispatcher, WebhookSigner
 from wanserve.worker.supervisor import WorkerSupervisor
 
@@ -115,6 +116,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(remove_stale_temp_dirs)  # uploads a killed API process was staging
         await asyncio.to_thread(supervisor.start)
         # No kept-alive connections for webhooks: each delivery is pinned to the address checked for its URL, and a
         # pooled connection is found by address alone (another receiver on a shared address would get a TLS session

@@ -44,6 +44,7 @@ from wanserve.files.base import (
 )
 from wanserve.files.space import check_room, is_disk_full, upload_disk_full
 from wanserve.jobs.service import iso_time
+from wanserve.tempdirs import process_temp_dir
 
 UPLOAD_URL_TTL_S = 3600
 CDN_TOKEN_TTL_S = 3600
@@ -116,7 +117,9 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
-    staging = ctx.files.staging_dir() or Path(tempfile.gettempdir())
+    # A remote store's uploads stage in this process's own temp folder: what a killed process left there is
+    # removed by the next one to start (tempdirs.remove_stale_temp_dirs).
+    staging = ctx.files.staging_dir() or process_temp_dir("uploads")
     check_room(staging, int(declared) if declared and declared.isdigit() else 0, reserve)
     fd, name = tempfile.mkstemp(prefix="upload-", dir=staging)
     size, checked = 0, 0

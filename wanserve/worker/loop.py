@@ -10,7 +10,6 @@ import contextlib
 import gc
 import logging
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -33,23 +32,13 @@ from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
 from wanserve.store.base import JobStore
-from wanserve.worker.processes import pid_alive, process_space
+from wanserve.tempdirs import TEMP_PREFIX, remove_stale_temp_dirs
+from wanserve.worker.processes import process_space
 
 log = logging.getLogger("wanserve.worker")
 
-# A job renders into `<tmp>/wanserve-<pid>-<random>/`: a worker ended by its watchdog (os._exit) leaves its own.
-TEMP_PREFIX = "wanserve-"
-
-
-def remove_stale_temp_dirs(root: Path | None = None) -> int:
-    """Removes the job folders of worker processes that are gone; returns how many. Run at worker start."""
-    removed = 0
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
-        pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
-    return removed
+# A job renders into `<tmp>/wanserve-<pid>-<random>/` (tempdirs.py): a worker ended by its watchdog (os._exit)
+# leaves its own, removed by the next worker to start.
 
 
 def _describe_file(file: LoraFile) -> str:

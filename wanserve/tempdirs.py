@@ -1,0 +1,32 @@
+"""Temporary folders named after the process that made them (`<tmp>/wanserve-<pid>-...`), so that what a killed
+process left (a worker ended by its watchdog, an API process killed mid-upload) is found and removed by the next
+one to start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from wanserve.worker.processes import pid_alive
+
+TEMP_PREFIX = "wanserve-"
+
+
+def process_temp_dir(purpose: str) -> Path:
+    """This process's folder for `purpose` (made on first use, readable by this user only)."""
+    folder = Path(tempfile.gettempdir()) / f"{TEMP_PREFIX}{os.getpid()}-{purpose}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def remove_stale_temp_dirs(root: Path | None = None) -> int:
+    """Removes the folders of processes that are gone; returns how many. Run when a worker or API process starts."""
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
