@@ -452,19 +452,27 @@ def test_an_upload_meeting_a_full_disk_is_507_and_leaves_nothing(
         assert stored_files(client) == stored and not list((files.root / "tmp").iterdir())
 
 
-def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """So that storing them is a rename on the same disk the reserve is checked on, and a crash's leftovers are
-    swept with the store's own."""
-    files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+@pytest.fixture
+def staged(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The temporary files the upload routes stage bodies in (`upload-*`), in order."""
     seen: list[Path] = []
     real_mkstemp = tempfile.mkstemp
 
     def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
         fd, name = real_mkstemp(*args, **kwargs)
-        seen.append(Path(name))
+        if Path(name).name.startswith("upload-"):
+            seen.append(Path(name))
         return fd, name
 
     monkeypatch.setattr("wanserve.api.storage.tempfile.mkstemp", mkstemp)
+    return seen
+
+
+def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, staged: list[Path]) -> None:
+    """So that storing them is a rename on the same disk the reserve is checked on, and a crash's leftovers are
+    swept with the store's own."""
+    files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+    seen = staged
     ok = client.post("/cdn/files/upload", content=b"z" * KiB, headers={"content-type": "text/plain"})
     assert ok.status_code == 200, ok.text
     assert seen and seen[0].parent == files.root / "tmp"
@@ -472,28 +480,19 @@ def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, monkeypa
 
 
 def test_a_remote_stores_uploads_stage_in_a_folder_of_this_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: list[Path]
 ) -> None:
     """With S3 (no staging folder of the store's own), uploads stage in `<tmp>/wanserve-<pid>-uploads`: what an API
     process killed mid-upload left there is removed when the next one starts."""
     stale = Path(tempfile.gettempdir()) / "wanserve-999999999-uploads"  # no such process
     stale.mkdir(exist_ok=True)
     (stale / "upload-half").write_bytes(b"x" * 100)
-    seen: list[Path] = []
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
-        fd, name = real_mkstemp(*args, **kwargs)
-        seen.append(Path(name))
-        return fd, name
-
     with TestClient(create_app(limited_settings(tmp_path), workers=0), raise_server_exceptions=False) as client:
         assert not stale.exists()  # removed at start
         monkeypatch.setattr(client.app.state.context.files, "staging_dir", lambda: None)  # type: ignore[attr-defined]
-        monkeypatch.setattr("wanserve.api.storage.tempfile.mkstemp", mkstemp)
         ok = client.post("/cdn/files/upload", content=b"s" * KiB, headers={"content-type": "text/plain"})
         assert ok.status_code == 200, ok.text
-        assert seen[0].parent.name == f"wanserve-{os.getpid()}-uploads" and not seen[0].exists()
+        assert staged[0].parent.name == f"wanserve-{os.getpid()}-uploads" and not staged[0].exists()
 
 
 # --- URL downloads (LoRA files) ---
