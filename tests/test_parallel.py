@@ -319,7 +319,7 @@ def running_group(group_settings: Settings, tmp_path: Path) -> Iterator[Any]:
     from wanserve.worker.group import WorkerGroup
 
     group = WorkerGroup(
-        group_settings, "group-w", [0, 1], collective_timeout_s=20, stop_timeout_s=20, ping_s=1,
+        group_settings, "group-w", [0, 1], collective_timeout_s=20, stop_timeout_s=20,
         follower_step_hook=functools.partial(die_once, tmp_path / "died"),
     )  # fmt: skip
     codes: list[int] = []
@@ -335,31 +335,32 @@ def running_group(group_settings: Settings, tmp_path: Path) -> Iterator[Any]:
         assert multiprocessing.active_children() == []
 
 
-def test_a_rank_that_dies_fails_the_job_and_the_group_restarts(running_group: Any, group_settings: Settings) -> None:
+def test_a_rank_that_dies_puts_the_job_back_and_the_restarted_group_runs_it(
+    running_group: Any, group_settings: Settings
+) -> None:
+    """As when a single-GPU worker dies: the job goes back to the queue with the attempt counted (a request that
+    kills a rank every time fails after the last one), and the group the launcher starts again runs it."""
     from wanserve.backends import open_job_store
 
     store = open_job_store(group_settings)
     job_input = {"prompt": "a fox", "resolution": "480p", "num_inference_steps": 3, "seed": 2}
     store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", job_input), time.time())
     started = time.monotonic()
-    first = _wait_for(lambda: finished(store, "j1"), 90, "the first job")
+    first = _wait_for(lambda: finished(store, "j1"), 120, "the job")
     print(f"job ended {time.monotonic() - started:.1f}s after it was submitted")
-    assert first.failure is not None, "the job completed although a rank died"
-    assert first.failure.error_type == "runner_server_error" and first.failure.http_status == 500
-    assert "GPU group died or stopped answering" in first.failure.message
-
-    # The launcher starts a new group, which runs the next job to the end.
-    store.submit(NewJob("j2", "fal-ai/wan-22", "fal-ai/wan-22", job_input), time.time())
-    second = _wait_for(lambda: finished(store, "j2"), 90, "the second job")
-    assert second.failure is None and second.output is not None
-    assert running_group.starts == 2
+    assert first.failure is None and first.output is not None, first.failure
+    assert first.attempts == 2 and running_group.starts == 2
+    logs = [entry.message for entry in store.logs("j1")]
+    assert "A GPU process of this worker failed; the request goes back to the queue" in logs, logs
 
 
+@pytest.mark.parametrize("to", ["launcher", "every process"])
 def test_sigterm_lets_the_running_job_finish_then_every_rank_exits(
-    group_settings: Settings, coarse_model: Path, model_cache: Path
+    group_settings: Settings, coarse_model: Path, model_cache: Path, to: str
 ) -> None:
     """`wanserve worker --gpus 0,1 --cfg-parallel off` as a real command: both processes on the sequence; SIGTERM
-    drains (the running job completes), then the launcher and its ranks exit cleanly."""
+    drains (the running job completes), then the launcher and its ranks exit cleanly. Sent to every process at once
+    too, as `systemctl stop` does (rank 1 must not die of it, nor rank 0 take it as a second, impatient stop)."""
     from wanserve.backends import open_job_store
 
     env = dict(os.environ)
@@ -369,7 +370,7 @@ def test_sigterm_lets_the_running_job_finish_then_every_rank_exits(
         WANSERVE_PUBLIC_URL="http://test",
     )  # fmt: skip
     command = [sys.executable, "-m", "wanserve", "worker", "--worker-id", "cli-w", "--cfg-parallel", "off"]
-    launcher = subprocess.Popen(command, env=env)
+    launcher = subprocess.Popen(command, env=env, start_new_session=True)  # its own process group
     try:
         store = open_job_store(group_settings)
         job_input = {"prompt": "a fox", "resolution": "480p", "num_inference_steps": 8, "seed": 3}
@@ -378,7 +379,10 @@ def test_sigterm_lets_the_running_job_finish_then_every_rank_exits(
         detail = next(w for w in store.workers() if w.id == "cli-w").detail
         assert "2 processes: Ulysses 2" in detail["engine"], detail  # not the automatic CFG 2
         leader_pid = int(detail["pid"])
-        launcher.send_signal(signal.SIGTERM)
+        if to == "launcher":
+            launcher.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(launcher.pid, signal.SIGTERM)
         assert launcher.wait(60) == 0
         done = store.get("j1")
         assert running is not None and done is not None

@@ -659,3 +659,28 @@ def test_a_webhook_pending_again_after_it_settled_keeps_its_job_from_pruning(sto
     assert store.prune_completed(T0 + 10**6) == 0
     assert store.get("h") is not None
     assert [w.job_id for w in store.claim_due_webhooks(T0 + 20, hold_s=10)] == ["h"]
+
+
+def test_recovering_an_out_of_attempts_job_leaves_a_newer_run_alone(store: JobStore) -> None:
+    """The sweep reads the jobs out of attempts, then completes them. If in between the slow original worker handed
+    the job back and another worker claimed it, the new run must not be failed under it."""
+    store.submit(new_job("j1"), T0)
+    first = store.claim("w1", 10, T0)
+    assert first is not None and first.attempts == 1
+    found = store.recover_lost(T0 + 60, ["w1"], max_attempts=1)  # w1's lease ran out: out of attempts
+    assert [job.id for job in found] == ["j1"]
+
+    class Interleaved:  # the store as the sweep sees it, with the two workers acting between its two steps
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        def recover_lost(self, now: float, dead: list[str], max_attempts: int) -> list[object]:
+            jobs = store.recover_lost(now, dead, max_attempts)
+            assert store.release("j1", "w1", now)
+            assert store.claim("w2", 60, now) is not None
+            return jobs
+
+    assert recover_lost_jobs(Interleaved(), ["w1"], 1) == []  # type: ignore[arg-type]
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.RUNNING and job.worker_id == "w2"
+    assert store.heartbeat("j1", "w2", 60, T0 + 61)

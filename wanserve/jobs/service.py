@@ -302,7 +302,8 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
     failed = []
     for job in store.recover_lost(now, dead_workers, max_attempts):
         failure = cancelled_failure() if job.cancel_requested else disconnected_failure(job.attempts)
-        if store.finish(job.id, now, failure=failure):
+        # As the worker that held it: if it was handed back and claimed again meanwhile, the new run is left alone.
+        if store.finish(job.id, now, worker_id=job.worker_id, failure=failure):
             failed.append(job.id)
     return failed
 

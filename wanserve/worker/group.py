@@ -7,8 +7,9 @@ run what they are sent, until told to exit. Rank 0 also decides, before every st
 (cancel, lease lost, shutdown), and all ranks learn that decision at the same step, so they stop together.
 
 A rank that dies breaks the group: rank 0's next collective fails (gloo notices a closed connection at once; the
-collective timeout bounds a rank that hangs), the job fails with `ParallelGroupFailed`, rank 0 exits, and the
-launcher restarts the whole group, handing back to the queue any job the dead group still held. Without CUDA (or
+collective timeout bounds a rank that hangs; rank 0 pings the group before each claim, so a rank that died while
+idle is found before a job is claimed), rank 0 exits, and the launcher restarts the whole group, handing back to the
+queue the job the dead group held (the attempt counts, as when a single-GPU worker dies). Without CUDA (or
 with `device` set to `cpu`) the GPU indices only count CPU processes on gloo: CI's way to run a group.
 """
 
@@ -114,13 +115,11 @@ class LeaderRunner:
     """Rank 0's runner, as the Worker sees it (the EngineRunner interface): each generation goes to the other
     ranks first, then rank 0 runs its share; the cancel check becomes a decision all ranks share."""
 
-    def __init__(self, runner: EngineRunner, channel: GroupChannel, ping_s: float = 30.0) -> None:
+    def __init__(self, runner: EngineRunner, channel: GroupChannel) -> None:
         self.runner = runner
         self.channel = channel
-        self.ping_s = ping_s
         self.broken: str | None = None  # why the group cannot go on, once it cannot
         self.on_broken: Callable[[], None] = lambda: None  # the Worker's stop()
-        self._last_contact = time.monotonic()
 
     @property
     def engine(self) -> Any:
@@ -161,7 +160,6 @@ class LeaderRunner:
 
         try:
             self.channel.send({"op": "generate", "request": request, "loras": list(loras)})
-            self._last_contact = time.monotonic()
             return self.runner.generate_video(
                 request, output, on_step, cancelled, on_phase, loras=loras, check_frames=check_frames
             )
@@ -184,14 +182,14 @@ class LeaderRunner:
             raise
 
     def tick(self) -> bool:
-        """The Worker's `stop_when`, called between jobs: pings the group when it has been idle for `ping_s`.
+        """The Worker's `stop_when`, called before each claim: pings the group (a round trip of a millisecond or
+        so), so that a rank that died while the group was idle is found before a job is claimed, not by that job.
         True (stop the worker) once the group is broken."""
-        if self.broken is None and time.monotonic() - self._last_contact >= self.ping_s:
+        if self.broken is None:
             try:
                 self.channel.ping()
             except Exception as exc:
                 self._break(str(_group_error(exc)))
-            self._last_contact = time.monotonic()
         return self.broken is not None
 
     def close(self) -> None:
@@ -243,7 +241,6 @@ class _RankConfig:
     device: str
     plan: ParallelPlan | None
     collective_timeout_s: float
-    ping_s: float
     step_hook: FollowerHook | None
 
 
@@ -254,8 +251,11 @@ CFG_DEGREES: dict[str, int | None] = {"auto": None, "on": 2, "off": 1}
 def _rank_main(config: _RankConfig) -> None:
     """One rank's process: join the group, load the model with its share of the plan, then lead or follow."""
     _die_with_parent()
-    # Ctrl-C reaches every process of the terminal; rank 0 alone acts on it (ranks > 0 leave on its word).
+    # Ctrl-C reaches every process of the terminal, and `systemctl stop` sends SIGTERM to every process of the
+    # unit: the ranks take their orders from the launcher alone (rank 0: SIGUSR1 drain, SIGINT now, see `_lead`;
+    # ranks > 0 leave on rank 0's word, or with the launcher).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s [rank {config.rank}] %(name)s %(levelname)s: %(message)s"
@@ -303,7 +303,7 @@ def _lead(
 
     def factory(s: Settings) -> LeaderRunner:
         nonlocal leader
-        leader = LeaderRunner(build(s), channel, config.ping_s)
+        leader = LeaderRunner(build(s), channel)
         leader.on_broken = worker.stop
         return leader
 
@@ -311,9 +311,9 @@ def _lead(
         settings, open_job_store(settings), open_file_store(settings), worker_id=config.worker_id,
         runner_factory=factory,
     )  # fmt: skip
-    # As `wanserve worker`: SIGTERM finishes the running job first (asked again: hands it back); SIGINT hands it
-    # back now. The launcher forwards its own signals so.
-    signal.signal(signal.SIGTERM, lambda *_: worker.drain())
+    # The launcher's orders: SIGUSR1 finishes the running job first, SIGINT hands it back now. (SIGTERM, which a
+    # service manager sends to every process at once, is the launcher's to act on: ignored here, see _rank_main.)
+    signal.signal(signal.SIGUSR1, lambda *_: worker.drain())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     worker.run(stop_when=lambda: leader is not None and leader.tick())
     if leader is None or leader.broken is not None:
@@ -329,7 +329,7 @@ def rank_process_context(devices: Sequence[str]) -> Any:
     if any(device.startswith("cuda") for device in devices):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["wanserve.worker.group"])
+    context.set_forkserver_preload(["wanserve.worker.forkserver_preload"])
     return context
 
 
@@ -357,7 +357,6 @@ class WorkerGroup:
         stop_event: threading.Event | None = None,
         collective_timeout_s: float = 600.0,
         stop_timeout_s: float = 60.0,
-        ping_s: float = 30.0,
         exit_with_parent: bool = False,
         plan: ParallelPlan | None = None,
         follower_step_hook: FollowerHook | None = None,
@@ -372,7 +371,6 @@ class WorkerGroup:
         self.stop_event = stop_event or threading.Event()
         self.collective_timeout_s = collective_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.ping_s = ping_s
         self.exit_with_parent = exit_with_parent
         self.plan = plan
         self.follower_step_hook = follower_step_hook
@@ -428,7 +426,7 @@ class WorkerGroup:
         for rank, device in enumerate(devices):
             config = _RankConfig(
                 self.settings, self.worker_id, rank, len(devices), port, device, self.plan,
-                self.collective_timeout_s, self.ping_s, self.follower_step_hook,
+                self.collective_timeout_s, self.follower_step_hook,
             )  # fmt: skip
             proc = self._context.Process(target=_rank_main, args=(config,), name=f"wanserve-rank{rank}")
             proc.start()
@@ -449,14 +447,14 @@ class WorkerGroup:
 
     def _end(self, procs: list[Any], died: bool) -> None:
         """Stops the group. On a stop, rank 0 is asked first (it drains, or hands back its job at once, and tells
-        the others to exit). After a death, rank 0 gets one collective timeout (plus a ping) to fail its job and
+        the others to exit). After a death, rank 0 gets one collective timeout (plus a claim poll) to notice it and
         exit."""
         leader = procs[0]
         if died:
-            leader.join(self.collective_timeout_s + self.ping_s + 5)
+            leader.join(self.collective_timeout_s + self.settings.worker_poll_s + 5)
         else:
             now = self._now.is_set()
-            self._signal_leader(signal.SIGINT if now else signal.SIGTERM)
+            self._signal_leader(signal.SIGINT if now else signal.SIGUSR1)
             deadline = time.monotonic() + self.stop_timeout_s + (0 if now else self.settings.drain_s)
             while leader.exitcode is None and time.monotonic() < deadline:
                 if not now and self._now.is_set():  # asked again while draining: no more waiting for the job

@@ -23,7 +23,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from wanserve.config import Settings
-from wanserve.errors import ContentPolicyViolation, FieldError, GenerationCancelled, StorageFull, WanserveError
+from wanserve.errors import (
+    ContentPolicyViolation,
+    FieldError,
+    GenerationCancelled,
+    ParallelGroupFailed,
+    StorageFull,
+    WanserveError,
+)
 from wanserve.files.base import FileStore, lifecycle_expiry, output_key
 from wanserve.files.space import is_disk_full
 from wanserve.jobs.endpoints import EndpointRegistry
@@ -320,6 +327,12 @@ class Worker:
                 log.warning("job %s was no longer this worker's when it was handed back", job.id)
         except GenerationCancelled:
             self._finish(job, failure=cancelled_failure())
+        except ParallelGroupFailed as exc:
+            # As when a single-GPU worker dies: the job stays with this worker, which stops; its launcher hands it
+            # back (the attempt counts, so a request that kills a rank every time fails after the last attempt).
+            log.error("job %s: %s", job.id, exc)
+            self._log(job, "A GPU process of this worker failed; the request goes back to the queue", LogLevel.WARN)
+            self.stop()
         except ValidationError as exc:
             self._finish(
                 job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
