@@ -107,3 +107,15 @@ def test_a_claim_whose_reply_was_lost_is_retried_without_claiming_a_second_job(
     assert store.counts()["IN_PROGRESS"] == 1  # not j000 stranded with a second job claimed behind it
     assert store.get("j001").state is JobState.QUEUED  # type: ignore[union-attr]
     store.close()
+
+
+def test_claim_with_a_token_again_returns_the_job_it_took(redis_server: RedisServer, redis_prefix: str) -> None:
+    store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
+    submit_many(store, 2)
+    first = store.claim("w", 60, T0, token="t-1")
+    again = store.claim("w", 60, T0 + 1, token="t-1")
+    assert first is not None and again is not None and again.id == first.id == "j000"
+    assert store.counts()["IN_QUEUE"] == 1
+    other = store.claim("w", 60, T0 + 2, token="t-2")
+    assert other is not None and other.id == "j001"
+    store.close()

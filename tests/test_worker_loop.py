@@ -320,3 +320,34 @@ def test_a_worker_start_removes_the_job_folders_of_workers_that_are_gone(tmp_pat
         (tmp_path / name / "video.mp4").write_bytes(b"x")
     assert loop.remove_stale_temp_dirs(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_a_claim_whose_reply_was_lost_is_made_again_under_its_own_token(tmp_path: Path, monkeypatch: Any) -> None:
+    """The store took a job, then the reply was lost (the call raised): the worker's next claim carries the same
+    token, so a store that remembers it (Redis) gives back that job instead of leaving it running with no worker."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    store = open_job_store(settings)
+    tokens: list[str | None] = []
+
+    class LostReply:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def claim(self, worker_id: str, lease_s: float, now: float, token: str | None = None) -> Any:
+            tokens.append(token)
+            job = store.claim(worker_id, lease_s, now, token)
+            if len(tokens) == 1:
+                raise ConnectionError("reply lost")
+            return job
+
+    worker = Worker(
+        settings, LostReply(), open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
+    )  # type: ignore[arg-type]
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when": lambda: len(tokens) >= 3})
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert tokens[0] is not None and tokens[1] == tokens[0]  # the retry of the lost claim
+    assert tokens[2] != tokens[0]  # the claim after an answered one is a new one

@@ -41,8 +41,10 @@ class JobStore(Protocol):
     def logs(self, job_id: str, after_seq: int = 0) -> list[LogEntry]: ...
 
     # --- workers ---
-    def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
-        """The next queued job (priority, then submission order), now running on `worker_id`."""
+    def claim(self, worker_id: str, lease_s: float, now: float, token: str | None = None) -> Job | None:
+        """The next queued job (priority, then submission order), now running on `worker_id`. `token` names this
+        claim: a call that raised (its reply lost, say) and is made again with the same token returns the job the
+        first one took, if it took one, rather than taking another and leaving that one without a worker."""
         ...
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:

@@ -468,9 +468,9 @@ class RedisJobStore:
         return entries
 
     # --- workers ---
-    def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
+    def claim(self, worker_id: str, lease_s: float, now: float, token: str | None = None) -> Job | None:
         self.expire_overdue(now)  # as SQLite's claim does: every queued job past its start deadline ends now
-        token = uuid.uuid4().hex
+        token = token or uuid.uuid4().hex
         while True:
             found = self._run("claim", worker_id, _num(now), _num(now + lease_s), token)
             if not found:

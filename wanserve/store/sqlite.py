@@ -262,7 +262,8 @@ class SQLiteJobStore:
         return [LogEntry(r["seq"], r["ts"], LogLevel(r["level"]), r["message"]) for r in rows]
 
     # --- workers ---
-    def claim(self, worker_id: str, lease_s: float, now: float) -> Job | None:
+    def claim(self, worker_id: str, lease_s: float, now: float, token: str | None = None) -> Job | None:
+        # `token` needs nothing here: a claim that raised rolled back whole, so a retry takes the same head.
         with self._write() as db:
             self._expire_overdue(db, now)
             row = db.execute(

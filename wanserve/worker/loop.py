@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,13 +240,16 @@ class Worker:
         try:
             self.load()
             outage = StoreOutage("claim a job")
+            token = uuid.uuid4().hex
             while not self._stop.is_set() and not self._draining.is_set() and not stop_when():
                 try:
-                    job = self.store.claim(self.id, self.settings.job_lease_s, time.time())
+                    job = self.store.claim(self.id, self.settings.job_lease_s, time.time(), token=token)
                 except Exception as exc:  # the store is down for longer than its client retries: wait, not die
+                    # The same token next time: if this claim took a job before its reply was lost, that job.
                     self._stop.wait(outage.failed(exc))
                     continue
                 outage.over()
+                token = uuid.uuid4().hex
                 if job is None:
                     self._stop.wait(self.settings.worker_poll_s)
                     continue
