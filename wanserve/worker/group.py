@@ -58,6 +58,8 @@ GROUP_BROKEN_EXIT = 75  # a rank's exit code when the group can no longer run ge
 # channel allows this much (rank 0 pings while idle, so an idle group never comes near it).
 COMMAND_TIMEOUT_S = 3600.0
 
+PING_S = 1.0  # how often an idle rank 0 checks that the other ranks are alive (tick)
+
 FollowerHook = Callable[[int, StepProgress], None]
 
 
@@ -119,6 +121,7 @@ class LeaderRunner:
         self.runner = runner
         self.channel = channel
         self.broken: str | None = None  # why the group cannot go on, once it cannot
+        self._pinged = -PING_S
         self.on_broken: Callable[[], None] = lambda: None  # the Worker's stop()
 
     @property
@@ -182,14 +185,16 @@ class LeaderRunner:
             raise
 
     def tick(self) -> bool:
-        """The Worker's `stop_when`, called before each claim: pings the group (a round trip of a millisecond or
-        so), so that a rank that died while the group was idle is found before a job is claimed, not by that job.
-        True (stop the worker) once the group is broken."""
-        if self.broken is None:
+        """The Worker's `stop_when`, called before each claim (every `worker_poll_s` while idle): pings the group
+        (a round trip of a millisecond or so) at most every PING_S, so that a rank that died while the group was
+        idle is found before a job is claimed rather than by that job (which would then go back to the queue, its
+        attempt spent). True (stop the worker) once the group is broken."""
+        if self.broken is None and time.monotonic() - self._pinged >= PING_S:
             try:
                 self.channel.ping()
             except Exception as exc:
                 self._break(str(_group_error(exc)))
+            self._pinged = time.monotonic()
         return self.broken is not None
 
     def close(self) -> None:
@@ -447,11 +452,11 @@ class WorkerGroup:
 
     def _end(self, procs: list[Any], died: bool) -> None:
         """Stops the group. On a stop, rank 0 is asked first (it drains, or hands back its job at once, and tells
-        the others to exit). After a death, rank 0 gets one collective timeout (plus a claim poll) to notice it and
+        the others to exit). After a death, rank 0 gets one collective timeout (plus a ping interval) to notice it and
         exit."""
         leader = procs[0]
         if died:
-            leader.join(self.collective_timeout_s + self.settings.worker_poll_s + 5)
+            leader.join(self.collective_timeout_s + PING_S + 5)
         else:
             now = self._now.is_set()
             self._signal_leader(signal.SIGINT if now else signal.SIGUSR1)
