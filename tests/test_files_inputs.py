@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from file_server import serving
 
 import wanserve.files.inputs as inputs
 from wanserve.errors import FileNotFound, InputFetchError
@@ -511,3 +512,34 @@ def test_a_checked_host_is_pinned_so_a_second_dns_answer_cannot_redirect_the_dow
         http.shutdown()
     assert dest.read_bytes() == b"pinned body"
     assert hits == [f"rebind.test:{port}"]
+
+
+def test_downloads_go_through_the_environments_proxy_as_httpx_would(
+    fs: LocalFileStore, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deployments whose outbound traffic must pass a proxy: HTTP_PROXY is honoured (and NO_PROXY), although the
+    download brings its own transports, which httpx would otherwise leave without the environment's proxies."""
+    asked: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)  # absolute form: the proxy is told the whole URL
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(SMALL)))
+            self.end_headers()
+            self.wfile.write(SMALL)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with serving(Proxy) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        fetch_input("http://files.example.invalid/lora.safetensors", dest, fs, OPEN)
+        assert dest.read_bytes() == SMALL and asked == ["http://files.example.invalid/lora.safetensors"]
+        dest.unlink()
+        monkeypatch.setenv("NO_PROXY", "files.example.invalid")  # direct: the name does not resolve
+        with pytest.raises(InputFetchError):
+            fetch_input("http://files.example.invalid/lora.safetensors", dest, fs, OPEN)
+        assert len(asked) == 1

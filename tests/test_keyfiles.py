@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 import stat
 from pathlib import Path
+
+import pytest
 
 from wanserve.api.security import read_or_create_secret
 from wanserve.keyfiles import read_or_create
@@ -57,3 +61,30 @@ def test_an_existing_file_is_read_not_replaced(tmp_path: Path) -> None:
     assert read_or_create(path, lambda: b"new") == b"kept\n"
     fresh = tmp_path / "deeper" / "secret"
     assert read_or_create(fresh, lambda: b"made") == b"made" and fresh.read_bytes() == b"made"
+
+
+def test_on_a_filesystem_without_hard_links_one_creation_still_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vfat, gcsfuse, s3fs, many SMB mounts: os.link fails with EPERM; an exclusive create claims the name."""
+
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "keys" / "url-secret"
+    first = read_or_create_secret(path)
+    assert first and read_or_create_secret(path) == first
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["url-secret"]
+    signer = tmp_path / "keys" / "webhook.pem"
+    assert WebhookSigner.load_or_create(signer).key_id == WebhookSigner.load_or_create(signer).key_id
+
+
+def test_an_empty_secret_file_is_an_error_not_an_empty_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exclusive create whose writer died before writing leaves an empty file: never used as a secret."""
+    monkeypatch.setattr("wanserve.keyfiles.SETTLE_S", 0.05)
+    path = tmp_path / "url-secret"
+    path.touch()
+    with pytest.raises(RuntimeError, match="is empty"):
+        read_or_create_secret(path)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -482,9 +483,9 @@ def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, staged: 
 def test_a_remote_stores_uploads_stage_in_a_folder_of_this_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: list[Path]
 ) -> None:
-    """With S3 (no staging folder of the store's own), uploads stage in `<tmp>/wanserve-<pid>-uploads`: what an API
+    """With S3 (no staging folder of the store's own), uploads stage in `<tmp>/wanserve-<pid>-uploads-*`: what an API
     process killed mid-upload left there is removed when the next one starts."""
-    stale = Path(tempfile.gettempdir()) / "wanserve-999999999-uploads"  # no such process
+    stale = Path(tempfile.gettempdir()) / "wanserve-999999999-uploads-x1y2"  # no such process
     stale.mkdir(exist_ok=True)
     (stale / "upload-half").write_bytes(b"x" * 100)
     with TestClient(create_app(limited_settings(tmp_path), workers=0), raise_server_exceptions=False) as client:
@@ -492,7 +493,9 @@ def test_a_remote_stores_uploads_stage_in_a_folder_of_this_process(
         monkeypatch.setattr(client.app.state.context.files, "staging_dir", lambda: None)  # type: ignore[attr-defined]
         ok = client.post("/cdn/files/upload", content=b"s" * KiB, headers={"content-type": "text/plain"})
         assert ok.status_code == 200, ok.text
-        assert staged[0].parent.name == f"wanserve-{os.getpid()}-uploads" and not staged[0].exists()
+        folder = staged[0].parent
+        assert folder.name.startswith(f"wanserve-{os.getpid()}-uploads-") and not staged[0].exists()
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and not folder.is_symlink()
 
 
 # --- URL downloads (LoRA files) ---

@@ -119,3 +119,23 @@ def test_claim_with_a_token_again_returns_the_job_it_took(redis_server: RedisSer
     other = store.claim("w", 60, T0 + 2, token="t-2")
     assert other is not None and other.id == "j001"
     store.close()
+
+
+def test_a_retried_claim_does_not_return_a_job_that_is_no_longer_its_own(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The retry came after the job's lease ran out and another worker took it: the token gives nothing back, and
+    the claim goes on to the queue."""
+    store = RedisJobStore.from_url(redis_server.url, prefix=redis_prefix)
+    submit_many(store, 2)
+    assert store.claim("w1", 10, T0, token="t-1") is not None  # j000, its reply "lost"
+    assert store.recover_lost(T0 + 30, [], max_attempts=3) == []  # its lease ran out: back in the queue
+    requeued = store.get("j000")
+    assert requeued is not None and requeued.state is JobState.QUEUED
+    taken = store.claim("w2", 60, T0 + 31)
+    assert taken is not None and taken.id == "j000"
+    retried = store.claim("w1", 60, T0 + 32, token="t-1")
+    assert retried is not None and retried.id == "j001"  # the next job, not w2's
+    job = store.get("j000")
+    assert job is not None and job.worker_id == "w2"
+    store.close()

@@ -14,10 +14,16 @@ from wanserve.worker.processes import pid_alive
 TEMP_PREFIX = "wanserve-"
 
 
+_made: dict[tuple[int, str], Path] = {}
+
+
 def process_temp_dir(purpose: str) -> Path:
-    """This process's folder for `purpose` (made on first use, readable by this user only)."""
-    folder = Path(tempfile.gettempdir()) / f"{TEMP_PREFIX}{os.getpid()}-{purpose}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    """This process's folder for `purpose`, made on first use by mkdtemp (a new name, mode 0700: never a folder or
+    link another user put in a shared temp dir under a name they could guess)."""
+    key = (os.getpid(), purpose)  # a forked child makes its own
+    folder = _made.get(key)
+    if folder is None or not folder.is_dir():
+        folder = _made[key] = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{purpose}-"))
     return folder
 
 

@@ -19,6 +19,7 @@ from urllib.parse import SplitResult, unquote_to_bytes, urljoin, urlsplit, urlun
 
 import httpcore
 import httpx
+from httpx._utils import get_environment_proxies  # what httpx's own clients mount
 
 from wanserve.errors import InputFetchError, PrivateAddress
 from wanserve.files.base import FileStore
@@ -277,20 +278,31 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def _deadline_transport(deadline: float) -> httpx.HTTPTransport:
-    """httpx's own transport, its connections bounded by `deadline`. No kept-alive connections either: a pinned
-    request names the checked address, and a pooled connection is found by address alone, so a redirect to
-    another host on the same address would reuse a TLS session verified for the first one."""
-    transport = httpx.HTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
-    pool = transport._pool  # httpcore's pool: httpx (>=0.27, <1) has no public way to give it a network backend
+def _deadline_transport(deadline: float, proxy: str | None = None) -> httpx.HTTPTransport:
+    """httpx's own transport (through `proxy` if any), its connections bounded by `deadline`. No kept-alive
+    connections either: a pinned request names the checked address, and a pooled connection is found by address
+    alone, so a redirect to another host on the same address would reuse a TLS session verified for the first."""
+    transport = httpx.HTTPTransport(proxy=proxy, limits=httpx.Limits(max_keepalive_connections=0))
+    pool = transport._pool  # httpcore's pool (a proxy's too): httpx (>=0.27, <1) cannot be given a network backend
     pool._network_backend = _DeadlineBackend(pool._network_backend, deadline)
     return transport
 
 
+def _deadline_client(deadline: float, timeout_s: float) -> httpx.Client:
+    """A client as httpx would make it (HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment, which httpx
+    reads only when it builds the transports itself), with every transport bounded by `deadline`."""
+    mounts = {
+        pattern: _deadline_transport(deadline, proxy)
+        for pattern, proxy in get_environment_proxies().items()  # the patterns httpx itself would mount
+    }
+    return httpx.Client(
+        timeout=timeout_s, follow_redirects=False, transport=_deadline_transport(deadline), mounts=mounts
+    )
+
+
 def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
     deadline = time.monotonic() + policy.timeout_s
-    transport = _deadline_transport(deadline)
-    with httpx.Client(timeout=policy.timeout_s, follow_redirects=False, transport=transport) as client:
+    with _deadline_client(deadline, policy.timeout_s) as client:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 parts = urlsplit(url)

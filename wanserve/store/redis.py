@@ -134,7 +134,7 @@ return 1
 
 # The head of the queue, unless its start deadline passed (then the caller expires it and asks again): 'claimed'
 # followed by the claimed job's fields, or 'overdue' and the head's id. `token` is the caller's own for this claim:
-# run again (a lost reply is resent), it returns the same job.
+# run again (a lost reply is resent), it returns the same job, while that job is still running on this worker.
 _CLAIM = """
 local p, worker, now, lease_until, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local tk = p .. ':claim:' .. token
@@ -144,7 +144,14 @@ local function claimed(id)
   return reply
 end
 local done = redis.call('GET', tk)
-if done then return claimed(done) end
+if done then
+  -- Only while the job is still this claim's: its lease may have run out and another worker taken it since.
+  local jk = p .. ':job:' .. done
+  if redis.call('HGET', jk, 'state') == 'IN_PROGRESS' and redis.call('HGET', jk, 'worker_id') == worker then
+    return claimed(done)
+  end
+  redis.call('DEL', tk)
+end
 local head = redis.call('ZRANGE', p .. ':queue', 0, 0)
 if #head == 0 then return false end
 local id = head[1]
