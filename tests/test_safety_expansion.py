@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safety_models import write_causal_lm, write_image_classifier, write_text_classifier
 from server import CHEAP_INPUT, Server, run_request
+from transformers import PreTrainedTokenizerFast
 
 from wanserve.config import Settings
 from wanserve.engine.prompt_expansion import (
@@ -26,7 +27,7 @@ from wanserve.engine.prompt_expansion import (
     clean_expansion,
     expand_with_deadline,
 )
-from wanserve.engine.safety import SafetyChecker, SafetyConfigError, prompt_as_read, text_windows
+from wanserve.engine.safety import SafetyChecker, SafetyConfigError, prompt_as_read, text_windows, token_windows
 from wanserve.errors import ContentPolicyViolation
 
 APP = "fal-ai/wan-22"
@@ -298,3 +299,39 @@ def test_expansion_through_the_server_and_its_fallback(safe_server: Server, chat
     assert result.status_code == 200 and result.json()["prompt"] == "a red fox"
     assert any(line.startswith("Prompt expansion failed (no answer within 2 s)") for line in logs), logs
     chat.mode = "ok"
+
+
+def char_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
+    """One token per character (a stand-in for a tokenizer that spends many tokens on few characters), with the
+    [CLS]/[SEP] a BERT-style classifier adds."""
+    from tokenizers import Tokenizer, models, processors
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz .,"))
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[PAD]", "[CLS]", "[SEP]", *chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=max_length,
+    )  # fmt: skip
+
+
+def test_classifier_windows_fit_its_own_tokens_and_start_at_words() -> None:
+    tokenizer = char_tokenizer(64)
+    words = ["w" + "".join("abcdefghij"[int(d)] for d in f"{i:03d}") for i in range(300)]  # all different
+    text = " ".join(words)
+    windows = token_windows(text, tokenizer)
+    assert len(windows) > 10
+    for i, window in enumerate(windows):
+        assert len(tokenizer(window)["input_ids"]) <= 64  # nothing cut off by the classifier's truncation
+        if i:
+            start = text.index(window)
+            assert text[start - 1] == " "  # a word's start, not the middle of one
+    covered = set()
+    for window in windows:
+        start = text.index(window)
+        covered.update(range(start, start + len(window)))
+    assert covered == set(range(len(text)))
+    assert token_windows("a short prompt", tokenizer) == ["a short prompt"]

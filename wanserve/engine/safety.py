@@ -80,6 +80,39 @@ def text_windows(text: str) -> list[str]:
     return [text[i : i + WINDOW_CHARS] for i in starts]
 
 
+WINDOW_OVERLAP_TOKENS = 64
+
+
+def token_windows(text: str, tokenizer: Any) -> list[str]:
+    """`text` in overlapping windows that each fit the classifier's input (its own tokens, special ones included),
+    cut where a word starts; together they cover all of it. Character windows (`text_windows`) where the tokenizer
+    cannot map tokens back to the text."""
+    limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    body = limit - int(tokenizer.num_special_tokens_to_add(pair=False))
+    try:
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: no offsets
+        return text_windows(text)
+    if len(spans) <= body:
+        return [text]
+
+    def word_start(i: int) -> bool:
+        begin = spans[i][0]
+        return begin == 0 or text[begin - 1].isspace()
+
+    overlap = max(1, min(WINDOW_OVERLAP_TOKENS, body // 4))
+    windows, start = [], 0
+    while True:
+        end = min(start + body, len(spans))
+        windows.append(text[spans[start][0] : spans[end - 1][1]])
+        if end == len(spans):
+            return windows
+        # the next window starts `overlap` tokens back (so a word the cut split is whole in it), at the first token
+        # of a word if one is within another `overlap`
+        candidates = range(end - overlap, max(end - 2 * overlap, start + 1) - 1, -1)
+        start = max(next((i for i in candidates if word_start(i)), end - overlap), start + 1)
+
+
 def _flagged(scores: list[dict[str, Any]], labels: list[str], threshold: float) -> tuple[str, float] | None:
     wanted = {label.lower() for label in labels}
     for entry in scores:
@@ -141,8 +174,11 @@ class SafetyChecker:
             if self._text is None:
                 self._text = self._pipeline("text-classification", s.safety_text_model)
             # The classifier reads a few hundred tokens; the encoder reads up to 512 of its own. Every part of the
-            # prompt is classified, in overlapping windows, so nothing past the classifier's length goes unread.
-            for scores in self._text(text_windows(read), top_k=None, truncation=True):
+            # prompt is classified, in overlapping windows of the classifier's own tokens, so nothing past its
+            # length goes unread.
+            tokenizer = getattr(self._text, "tokenizer", None)
+            windows = token_windows(read, tokenizer) if tokenizer is not None else text_windows(read)
+            for scores in self._text(windows, top_k=None, truncation=True):
                 hit = _flagged(scores, s.safety_text_labels, s.safety_text_threshold)
                 if hit is not None:
                     raise ContentPolicyViolation("prompt", f"the text classifier scored {hit[0]!r} at {hit[1]:.2f}")
