@@ -118,10 +118,14 @@ def test_webhook_delivery_resumes_after_a_kill(
         while not state.deliveries:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        server.kill()  # right after the first (failed) delivery: the retries are only in the database
+        # Right after the first (failed) delivery: the retries are only in the database. A moment first, for the
+        # failure to be written: killed before that, the webhook stays held (one delivery's time limit + 30 s, so
+        # no replica sends it twice) and the retries start only after the hold.
+        time.sleep(0.3)
+        server.kill()
         attempts_before_restart = len(state.deliveries)
         server.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not any(status == 200 for status, _, _ in state.deliveries):
             assert time.monotonic() < deadline, state.deliveries
             time.sleep(0.1)
