@@ -122,7 +122,46 @@ def test_fal_max_queue_length_refuses_a_submit_to_a_longer_queue(client: TestCli
     assert refused.status_code == 429 and refused.json()["error_type"] == "queue_full"
     assert refused.headers["x-fal-error-type"] == "queue_full"
     assert client.app.state.context.store.queued_count() == 2  # type: ignore[attr-defined]
-    for bad in ("-1", "two", "1e3", "9" * 40):
+    for bad in ("-1", "two", "1e3", "9" * 40, "①", "²"):  # str.isdigit() accepts the last two; int() does not
         answer = client.post(f"/{APP}", params={"fal_max_queue_length": bad}, json={"prompt": "a fox"})
         assert answer.status_code == 400, bad
     assert client.post(f"/{APP}?fal_max_queue_length=3", json={"prompt": "a fox"}).status_code == 200
+
+
+def test_a_run_whose_worker_died_every_time_is_not_answered_with_a_status_the_js_client_reposts(
+    client: TestClient,
+) -> None:
+    """`runner_disconnected` is 503 in fal's spec, and the JS client posts a run again on 503 (a new job, which
+    would kill its worker again, up to three more times): the run answers 500 with the same error type. The queue's
+    result route keeps 503 (fetching a result again runs nothing)."""
+    import threading
+    import time
+
+    from wanserve.jobs.model import disconnected_failure
+
+    store = client.app.state.context.store  # type: ignore[attr-defined]
+
+    def worker_dies() -> None:
+        deadline = time.monotonic() + 10
+        while (job := store.claim("w", 30, time.time())) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        store.finish(job.id, time.time(), worker_id="w", failure=disconnected_failure(3))
+
+    thread = threading.Thread(target=worker_dies)
+    thread.start()
+    response = client.post("/run/fal-ai/wan-22", json={"prompt": "a fox"})
+    thread.join(10)
+    assert response.status_code == 500 and response.json()["error_type"] == "runner_disconnected"
+    assert response.headers["x-fal-error-type"] == "runner_disconnected"
+    request_id = response.headers["x-fal-request-id"]
+    again = client.get(f"/fal-ai/wan-22/requests/{request_id}")
+    assert again.status_code == 503 and again.json()["error_type"] == "runner_disconnected"
+
+
+def test_a_signed_url_expiry_that_is_not_a_number_is_not_a_500(client: TestClient) -> None:
+    init = client.post("/rest/storage/upload/initiate", json={"content_type": "text/plain", "file_name": "a.txt"})
+    assert client.put(init.json()["upload_url"], content=b"abc").status_code == 200
+    url = init.json()["file_url"]
+    answer = client.get(url, params={"exp": "²"})
+    assert answer.status_code < 500 and "Traceback" not in answer.text

@@ -63,6 +63,7 @@ def test_sse_decoding_accumulates_logs_and_skips_keep_alives() -> None:
 def test_endpoints_and_error_types() -> None:
     assert resolve_endpoint({"loras": [{"path": "x"}]}, "fal-ai/wan-22", None) == "fal-ai/wan-22/lora"
     assert resolve_endpoint({"loras": []}, "fal-ai/wan-22", None) == "fal-ai/wan-22"
+    assert resolve_endpoint({"loras": [{"path": "x"}]}, "fal-ai/wan-22/lora", None) == "fal-ai/wan-22/lora"
     # reverse_video exists only on /lora: sent to the base endpoint it would be ignored
     assert resolve_endpoint({"reverse_video": True}, "fal-ai/wan-22", None) == "fal-ai/wan-22/lora"
     assert resolve_endpoint({"reverse_video": False}, "fal-ai/wan-22", None) == "fal-ai/wan-22"

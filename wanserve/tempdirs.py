@@ -32,7 +32,7 @@ def remove_stale_temp_dirs(root: Path | None = None) -> int:
     removed = 0
     for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
         pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+        if folder.is_dir() and pid.isascii() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed

@@ -70,6 +70,8 @@ def ranges_to_serve(header: str | None, if_range: str | None, etag: str, size: i
     matching, which is always safe: the whole file is sent)."""
     if header is None or (if_range is not None and if_range.strip() != etag):
         return None
+    if not header.strip().lower().startswith("bytes="):  # RFC 9110 14.2: a range unit we do not know is ignored
+        return None
     return satisfiable_ranges(header, size)
 
 
@@ -130,7 +132,9 @@ def get_file(
     except RangeNotSatisfiable as exc:
         return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
     # Cached for an hour at most, never past the file's expiry or its signed URL's (a cache would outlive them).
-    limits = [3600.0] + [float(t) - now for t in (stored.expires_at, exp if exp and exp.isdigit() else None) if t]
+    limits = [3600.0] + [
+        float(t) - now for t in (stored.expires_at, exp if exp and exp.isascii() and exp.isdigit() else None) if t
+    ]
     max_age = max(0, int(min(limits)))
     # Files share the API's origin here: never let a browser run one as a page.
     headers = {

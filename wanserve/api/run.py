@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited
 from wanserve.api.files import signed_reply, with_signed_urls
 from wanserve.api.queue import STREAM_POLL_S, status_events, submit_job
-from wanserve.jobs.model import Job, JobState
+from wanserve.jobs.model import CLIENT_RETRIED_STATUSES, Job, JobState
+from wanserve.jobs.service import Reply
 
 router = APIRouter(prefix="/run", dependencies=[Authorized])
 
@@ -67,4 +68,13 @@ async def run(ctx: Context, caller: Caller, endpoint: str, request: Request) -> 
     done = await wait_for(ctx, job, request)
     if done is None:
         return JSONResponse({"detail": "client disconnected", "error_type": "client_disconnected"}, status_code=499)
-    return signed_reply(ctx, ctx.service.result_of(done))
+    return signed_reply(ctx, not_reposted(ctx.service.result_of(done)))
+
+
+def not_reposted(reply: Reply) -> Reply:
+    """A run's failure in a status the JS client would answer by posting the request again (a new job: a request
+    whose worker died every time would run up to three times more) becomes 500; the error type stays. The queue's
+    result route keeps the spec's status (`runner_disconnected`: 503): fetching a result again runs nothing."""
+    if reply.status in CLIENT_RETRIED_STATUSES:
+        return Reply(500, reply.body, reply.headers)
+    return reply

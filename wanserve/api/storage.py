@@ -115,12 +115,12 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
     upload limit, or that would leave less than the disk reserve free, while it streams."""
     limit, reserve = ctx.settings.max_upload_bytes, ctx.settings.upload_disk_reserve_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
     # A remote store's uploads stage in this process's own temp folder: what a killed process left there is
     # removed by the next one to start (tempdirs.remove_stale_temp_dirs).
     staging = ctx.files.staging_dir() or process_temp_dir("uploads")
-    check_room(staging, int(declared) if declared and declared.isdigit() else 0, reserve)
+    check_room(staging, int(declared) if declared and declared.isascii() and declared.isdigit() else 0, reserve)
     fd, name = tempfile.mkstemp(prefix="upload-", dir=staging)
     size, checked = 0, 0
     try:

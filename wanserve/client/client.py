@@ -171,7 +171,8 @@ def resolve_endpoint(arguments: Mapping[str, Any], app: str, endpoint: str | Non
     if endpoint is not None:
         return endpoint.strip("/")
     base = app.strip("/")
-    return f"{base}/lora" if any(arguments.get(name) for name in LORA_ONLY_FIELDS) else base
+    lora = any(arguments.get(name) for name in LORA_ONLY_FIELDS) and not base.endswith("/lora")
+    return f"{base}/lora" if lora else base
 
 
 # Inputs that only the `/lora` endpoint reads (the base endpoint ignores unknown fields): a request that sets one

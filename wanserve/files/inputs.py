@@ -326,7 +326,7 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                     if response.status_code != 200:
                         raise InputFetchError(f"{url} answered HTTP {response.status_code}")
                     declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+                    if declared and declared.isascii() and declared.isdigit() and int(declared) > policy.max_bytes:
                         raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
                     size = 0
                     with dest.open("wb") as out:

@@ -276,7 +276,7 @@ class S3FileStore:
             for page in pages:
                 for entry in page.get("Contents", []):
                     second, _, name = entry["Key"][len(prefix) :].partition("/")
-                    if not second.isdigit():
+                    if not (second.isascii() and second.isdigit()):
                         continue
                     if int(second) > now:
                         return

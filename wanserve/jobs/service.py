@@ -206,7 +206,7 @@ class JobService:
         the job is stored, like `_check_queued`."""
         if text is None:
             return
-        if not text.strip().isdigit() or len(text.strip()) > 9:
+        if not (text.strip().isascii() and text.strip().isdigit()) or len(text.strip()) > 9:  # "①".isdigit()
             raise BadRequest(f"fal_max_queue_length must be a whole number of requests, got {text[:30]!r}")
         limit = int(text)
         if (queued := self.store.queued_count()) >= limit:
