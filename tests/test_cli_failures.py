@@ -30,6 +30,7 @@ class Stand:
         self.status_failures = 0  # status polls answered 503 before the real answer (a restarting server)
         self.status_body: dict[str, Any] = {"status": "COMPLETED", "request_id": RID, "logs": []}
         self.not_json = False
+        self.stream_status_code = 0  # > 0: the status stream is answered so (a proxy during a restart), not cut
 
 
 @pytest.fixture
@@ -53,6 +54,8 @@ def stand() -> Iterator[tuple[Stand, str]]:
             path = self._record()
             if state.not_json:
                 self._answer(200, "<html>a web server, not wanserve</html>")
+            elif path.endswith("/status/stream") and state.stream_status_code:
+                self._answer(state.stream_status_code, {"detail": "upstream restarting"})
             elif path.endswith("/status/stream"):
                 self.connection.close()  # a stream cut by a proxy or a restart: the client falls back to polling
             elif path.endswith("/status"):
@@ -98,6 +101,20 @@ def test_following_a_request_rides_out_a_restarting_server(
     monkeypatch.setattr(client_module, "RECONNECT_GRACE_S", 0.0)  # past the grace period it does give up
     state.status_failures = 3
     with WanserveClient(url) as client, pytest.raises(client_module.ServerError):
+        list(client.follow(RID))
+
+
+@pytest.mark.parametrize("code", [502, 503, 504])
+def test_a_status_stream_refused_by_a_restarting_proxy_falls_back_to_polling(
+    stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    state, url = stand
+    monkeypatch.setattr(client_module, "POLL_INTERVAL_S", 0.01)
+    state.stream_status_code = code
+    with WanserveClient(url) as client:
+        assert [s.status for s in client.follow(RID)] == ["COMPLETED"]
+    state.stream_status_code = 404  # not a restart: the caller's error, at once
+    with WanserveClient(url) as client, pytest.raises(client_module.ApiError):
         list(client.follow(RID))
 
 

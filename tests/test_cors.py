@@ -77,3 +77,22 @@ def test_cors_is_off_by_default(tmp_path: Path) -> None:
     with TestClient(create_app(settings, workers=0)) as c:
         answer = preflight(c, "/fal-ai/wan-22", "POST")
         assert "access-control-allow-origin" not in answer
+
+
+def test_an_unexpected_error_carries_the_cors_headers_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette answers an unhandled error outside CORSMiddleware: the page must still read the 500's body."""
+    settings = Settings(data_dir=tmp_path, public_url="http://testserver", api_keys=[KEY], cors_origins=[APP_ORIGIN])
+    with TestClient(create_app(settings, workers=0), raise_server_exceptions=False) as client:
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(client.app.state.context.store, "counts", broken)  # type: ignore[attr-defined]
+        monkeypatch.setattr(client.app.state.context.store, "get", broken)  # type: ignore[attr-defined]
+        headers = {"Origin": APP_ORIGIN, "Authorization": f"Key {KEY}"}
+        answer = client.get("/fal-ai/wan-22/requests/abc/status", headers=headers)
+        assert answer.status_code == 500 and answer.json()["error_type"] == "internal_error"
+        assert answer.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "x-fal-error-type" in answer.headers["access-control-expose-headers"]
+        other = client.get("/fal-ai/wan-22/requests/abc/status", headers={**headers, "Origin": "https://evil.example"})
+        assert other.status_code == 500 and "access-control-allow-origin" not in other.headers

@@ -232,8 +232,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": "Internal server error", "error_type": "internal_error"},
             status_code=500,
-            headers={"x-fal-error-type": "internal_error"},
+            headers={"x-fal-error-type": "internal_error", **_cors_headers(request)},
         )
+
+
+def _cors_headers(request: Request) -> dict[str, str]:
+    """CORS headers for an answer made outside CORSMiddleware: Starlette answers an unhandled error from its
+    outermost layer, so without these a page would see a CORS failure instead of the `internal_error` body."""
+    origin = request.headers.get("origin")
+    allowed = request.app.state.context.settings.cors_origins
+    if not origin or not (origin in allowed or "*" in allowed):
+        return {}
+    return {
+        "access-control-allow-origin": "*" if "*" in allowed else origin,
+        "access-control-expose-headers": ", ".join(CORS_EXPOSED_HEADERS),
+        "vary": "Origin",
+    }
 
 
 class MetricsMiddleware:

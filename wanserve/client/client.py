@@ -283,12 +283,17 @@ class _FailedPolls:
     def wait_s(self, exc: Exception) -> float:
         """How long to wait before polling again; raises `exc` when it is not worth trying again."""
         self.since = self.since or time.monotonic()
-        reconnectable = isinstance(exc, httpx.TransportError) or (
-            isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
-        )
-        if not reconnectable or time.monotonic() - self.since > RECONNECT_GRACE_S:
+        if not reconnectable(exc) or time.monotonic() - self.since > RECONNECT_GRACE_S:
             raise exc
         return 4 * POLL_INTERVAL_S
+
+
+def reconnectable(exc: BaseException) -> bool:
+    """A server restarting or a proxy in front of it: unreachable, or 502-504. A status stream that fails so
+    (opening or later) gives way to polling, which waits such failures out."""
+    return isinstance(exc, httpx.TransportError) or (
+        isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
+    )
 
 
 # A status stream is quiet through a long step, but the server sends a keep-alive every 15 s: silence for much
@@ -405,8 +410,9 @@ class WanserveClient(_Routes):
                 yield status
                 if status.status == "COMPLETED":
                     return
-        except httpx.TransportError:
-            pass
+        except Exception as exc:  # the stream could not open, or broke: polling takes over (or the error is real)
+            if not reconnectable(exc):
+                raise
         failed = _FailedPolls()
         while True:
             try:
@@ -552,8 +558,9 @@ class AsyncWanserveClient(_Routes):
                 yield status
                 if status.status == "COMPLETED":
                     return
-        except httpx.TransportError:
-            pass
+        except Exception as exc:  # the stream could not open, or broke: polling takes over (or the error is real)
+            if not reconnectable(exc):
+                raise
         failed = _FailedPolls()
         while True:
             try:
