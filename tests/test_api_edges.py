@@ -165,3 +165,24 @@ def test_a_signed_url_expiry_that_is_not_a_number_is_not_a_500(client: TestClien
     url = init.json()["file_url"]
     answer = client.get(url, params={"exp": "²"})
     assert answer.status_code < 500 and "Traceback" not in answer.text
+
+
+def test_a_page_on_another_site_cannot_start_work_on_a_server_without_keys(tmp_path: Path) -> None:
+    """A server at localhost with no API keys: a browser page elsewhere could post a form (text/plain, no CORS
+    preflight) or load an image URL to start generations. Browsers mark such requests `Sec-Fetch-Site: cross-site`."""
+    cross = {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+    with TestClient(create_app(Settings(data_dir=tmp_path / "a", public_url="http://testserver"), workers=0)) as c:
+        for answer in (
+            c.post(f"/{APP}", content=b'{"prompt": "a fox"}', headers={**cross, "Content-Type": "text/plain"}),
+            c.get(f"/run/{APP}", params={"prompt": "a fox"}, headers=cross),
+            c.post("/rest/storage/upload/initiate", json={"content_type": "text/plain"}, headers=cross),
+            c.post("/cdn/files/upload", content=b"x", headers=cross),
+        ):
+            assert answer.status_code == 403 and answer.json()["error_type"] == "forbidden", answer.text
+        assert c.app.state.context.store.queued_count() == 0  # type: ignore[attr-defined]
+        # the same page's own origin (the playground), and clients that are not browsers, are served
+        assert c.post(f"/{APP}", json={"prompt": "a fox"}, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+        assert c.post(f"/{APP}", json={"prompt": "a fox"}).status_code == 200
+    allowed = Settings(data_dir=tmp_path / "b", public_url="http://testserver", cors_origins=["https://evil.example"])
+    with TestClient(create_app(allowed, workers=0)) as c:  # an origin the operator allowed
+        assert c.post(f"/{APP}", json={"prompt": "a fox"}, headers=cross).status_code == 200

@@ -11,7 +11,7 @@ from wanserve.api.metrics import Metrics
 from wanserve.api.ratelimit import RateLimiter, retry_after_s
 from wanserve.api.security import ApiKeys, UrlSigner
 from wanserve.config import Settings
-from wanserve.errors import RateLimited
+from wanserve.errors import Forbidden, RateLimited
 from wanserve.files.base import FileStore
 from wanserve.jobs.service import JobService
 from wanserve.store.base import JobStore
@@ -70,8 +70,25 @@ def check_submit_rate(ctx: ServerContext, caller: str | None) -> None:
     check_rate(ctx.submit_limit, caller, "requests and uploads")
 
 
-async def limit_submits(ctx: Context, caller: Caller) -> None:
+async def limit_submits(ctx: Context, caller: Caller, request: Request) -> None:
+    check_cross_site(ctx, caller, request)
     check_submit_rate(ctx, caller)
+
+
+def check_cross_site(ctx: ServerContext, caller: str | None, request: Request) -> None:
+    """A server with no API keys takes work from anyone who can reach it, a browser included: a page on another
+    site could start generations on a server at localhost with a plain form or image request. Browsers say so
+    (`Sec-Fetch-Site: cross-site`; other clients send no such header): refused unless the page's origin is one
+    the operator allowed (WANSERVE_CORS_ORIGINS). With API keys a request needs a key anyway."""
+    if caller is not None or request.headers.get("sec-fetch-site") != "cross-site":
+        return
+    allowed = ctx.settings.cors_origins
+    if "*" in allowed or request.headers.get("origin") in allowed:
+        return
+    raise Forbidden(
+        "a page on another site may not create work on this server (it has no API keys): "
+        "allow its origin with WANSERVE_CORS_ORIGINS, or set API keys"
+    )
 
 
 async def limit_reads(ctx: Context, caller: Caller) -> None:

@@ -32,7 +32,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
-from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited, check_submit_rate
+from wanserve.api.context import (
+    Authorized,
+    Caller,
+    Context,
+    ServerContext,
+    SubmitLimited,
+    check_cross_site,
+    check_submit_rate,
+)
 from wanserve.api.files import file_url
 from wanserve.errors import InvalidUpload, NotFound, PayloadTooLarge, Unauthorized
 from wanserve.files.base import (
@@ -284,11 +292,13 @@ class CdnUpload:
 def cdn_upload_headers(
     ctx: Context,
     life: Lifetime,
+    request: Request,
     authorization: Annotated[str | None, Header()] = None,
     content_type: Annotated[str, Header()] = "application/octet-stream",
     x_fal_file_name: Annotated[str | None, Header()] = None,
 ) -> CdnUpload:
     owner = _check_cdn_auth(ctx, authorization)
+    check_cross_site(ctx, owner, request)
     check_submit_rate(ctx, owner)
     return CdnUpload(
         new_key(x_fal_file_name, "upload.bin"), check_content_type(content_type), _expiry(life, time.time()), owner
