@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from wanserve.files.base import write_synced
+
 SETTLE_S = 2.0  # how long a reader waits for a file another process is still writing (no hard links: see below)
 
 
@@ -25,10 +27,7 @@ def read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     data = make()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600, a name of its own
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(fd, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -45,10 +44,7 @@ def _create_exclusive(path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return  # another process won
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(fd, data)
 
 
 def _settled(path: Path) -> bytes:

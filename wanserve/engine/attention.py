@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from wanserve.files.base import atomic_write
 
 log = logging.getLogger("wanserve.engine")
 
@@ -205,7 +207,7 @@ def measure(
                     fn(query, key, value)
                     sync()
                     seconds.append(clock() - t0)
-            timings.append(Timing(name, ms=sorted(seconds)[len(seconds) // 2] * 1e3, rel_error=error))
+            timings.append(Timing(name, ms=statistics.median(seconds) * 1e3, rel_error=error))
         except Exception as exc:  # a kernel this GPU or this build cannot run: measured as unusable
             timings.append(Timing(name, error=f"{type(exc).__name__}: {exc}"[:300]))
         finally:
@@ -243,14 +245,6 @@ def _read(path: Path) -> dict[str, dict]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _write(path: Path, doc: dict[str, dict]) -> None:
-    # Replaced whole: a worker killed mid-write leaves the previous file, never half of one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 def choose(
     functions: dict[str, AttentionFn],
     shape: tuple[int, int, int, int],
@@ -286,7 +280,7 @@ def choose(
         try:
             doc = _read(cache_file)
             doc[key] = {"kernel": kernel.value, "timings": [asdict(t) for t in timings]}
-            _write(cache_file, doc)
+            atomic_write(cache_file, json.dumps(doc, indent=1).encode())  # a kill mid-write keeps the old
         except OSError as exc:  # a read-only cache: measure again next start
             log.warning("could not store the attention measurement in %s: %s", cache_file, exc)
     return AttentionChoice(kernel, "measured", timings)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from wanserve.config import Settings
+from wanserve.engine.video import to_uint8
 from wanserve.errors import ContentPolicyViolation, WanserveError
 
 
@@ -193,7 +194,7 @@ class SafetyChecker:
         if self._image is None:
             self._image = self._pipeline("image-classification", s.safety_image_model)
         picks = np.unique(np.linspace(0, len(frames) - 1, num=min(s.safety_frames, len(frames))).round().astype(int))
-        images = [Image.fromarray((frames[i] * 255).round().astype(np.uint8)) for i in picks]
+        images = [Image.fromarray(frame) for frame in to_uint8(frames[picks])]
         for index, scores in zip(picks, self._image(images, top_k=None), strict=True):
             hit = _flagged(scores, s.safety_image_labels, s.safety_image_threshold)
             if hit is not None:

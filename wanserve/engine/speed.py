@@ -266,6 +266,9 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> No
         if plan.fp8_linears:
             count = use_fp8_linears(expert, lambda name: name.startswith("blocks."))
             log.info("FP8 linears: %d layers of %s", count, type(expert).__name__)
+        for block in expert.blocks:  # an engine made again on the same experts (the bench) starts from diffusers'
+            if isinstance(block.attn1.processor, SelfAttnKernelProcessor):
+                block.attn1.set_processor(WanAttnProcessor())
         if plan.attention_backend:
             expert.set_attention_backend(plan.attention_backend)
         if plan.lowbit_attention:
@@ -274,12 +277,6 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> No
         elif plan.flash4_self_attention:
             for block in expert.blocks:
                 use_self_attention_kernel(block, flash4_attention, plan.attention_backend)
-        else:  # an engine made again on the same pipeline (the bench) drops what an earlier plan put there
-            for block in expert.blocks:
-                if isinstance(block.attn1.processor, SelfAttnKernelProcessor):
-                    processor = WanAttnProcessor()
-                    processor._attention_backend = block.attn1.processor._attention_backend
-                    block.attn1.set_processor(processor)
 
 
 def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache_dir: Path) -> None:

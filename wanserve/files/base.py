@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -36,6 +38,27 @@ class StoredFile:
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY = re.compile(r"^[A-Za-z0-9_-]{8,64}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+def write_synced(fd: int, data: bytes) -> None:
+    """Writes `data` to the open file `fd`, closes it, and waits until the bytes are on disk."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """`path` holds `data`, whole, or keeps what it held: written beside it (or in `tmp_dir`, on the same disk),
+    synced, then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.")
+    try:
+        write_synced(fd, data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def safe_file_name(name: str | None, default: str = "file.bin") -> str:

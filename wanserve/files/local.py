@@ -17,6 +17,7 @@ from wanserve.errors import FileNotFound, InvalidUpload
 from wanserve.files.base import (
     ABANDONED_UPLOAD_S,
     StoredFile,
+    atomic_write,
     check_key,
     check_part_number,
     check_part_numbers,
@@ -27,20 +28,6 @@ from wanserve.files.base import (
     new_upload_id,
 )
 from wanserve.files.space import check_room
-
-
-def _atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _md5_file(path: Path) -> str:
@@ -103,7 +90,7 @@ class LocalFileStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             if isinstance(source, bytes):
-                _atomic_write(target, source, self._tmp)
+                atomic_write(target, source, self._tmp)
             else:
                 self._move_in(source, target)
         except BaseException:
@@ -162,7 +149,7 @@ class LocalFileStore:
             expires_at=expires_at,
             etag=_md5_file(target),
         )
-        _atomic_write(self._meta_path(key), stored.to_json().encode(), self._tmp)
+        atomic_write(self._meta_path(key), stored.to_json().encode(), self._tmp)
         return stored
 
     def stat(self, key: str, now: float) -> StoredFile:
@@ -236,7 +223,7 @@ class LocalFileStore:
         path = self._multipart / upload_id
         path.mkdir(parents=True)
         info = {"key": key, "content_type": content_type, "expires_at": expires_at}
-        _atomic_write(path / "upload.json", json.dumps(info).encode(), self._tmp)
+        atomic_write(path / "upload.json", json.dumps(info).encode(), self._tmp)
         return upload_id
 
     def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
@@ -245,7 +232,7 @@ class LocalFileStore:
         stored = {int(p.name[5:]): p.stat().st_size for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]")}
         check_parts_total(stored, part_number, len(data), max_total)
         check_room(self._tmp, len(data), self.upload_reserve)
-        _atomic_write(folder / f"part-{part_number:05d}", data, self._tmp)
+        atomic_write(folder / f"part-{part_number:05d}", data, self._tmp)
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import errno
 import shutil
 from pathlib import Path
+from typing import TypeGuard
 
 from wanserve.errors import StorageFull
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> TypeGuard[OSError]:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 

@@ -73,7 +73,7 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
 def disk_full_cause(exc: BaseException) -> OSError | None:
     """The `No space left on device` (or disk quota) error behind `exc`, if that is what it is."""
     for current in _exception_chain(exc):
-        if isinstance(current, OSError) and is_disk_full(current):
+        if is_disk_full(current):
             return current
     return None
 
