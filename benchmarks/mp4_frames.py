@@ -11,26 +11,15 @@ Prints the median seconds of each conversion, their ratio, whether the bytes are
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_s  # benchmarks/timing.py, beside this script
 
 from wanserve.engine.video import encode_mp4, to_uint8
 from wanserve.schema import frame_size
-
-
-def median_s(run: Callable[[], np.ndarray], repeat: int) -> tuple[float, np.ndarray]:
-    times, out = [], np.empty(0)
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def numpy_uint8(frames: np.ndarray) -> np.ndarray:

@@ -11,24 +11,13 @@ runs the same decoder calls and only joins the frames once instead of once per f
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_s  # benchmarks/timing.py, beside this script
 
 from wanserve.engine.tiny import TinyConfig, build_vae
 from wanserve.engine.vae import decode_latents
 from wanserve.schema import frame_size
-
-
-def median_s(run: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
-    times, out = [], torch.empty(0)
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def main() -> None:

@@ -472,26 +472,32 @@ def test_time_limit_for_a_server_that_never_answers(http: _Server, fs: LocalFile
     assert not dest.exists()
 
 
-def test_a_checked_host_is_pinned_so_a_second_dns_answer_cannot_redirect_the_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DNS rebinding: the name resolves once (checked as public), then would resolve elsewhere (or not at all).
-    The download must connect to the checked address and send the name only as the Host header."""
-    hits: list[str] = []
+def answering(body: bytes, record: Callable[[BaseHTTPRequestHandler], object]) -> type[BaseHTTPRequestHandler]:
+    """A handler that shows each GET to `record`, then answers it 200 with `body`."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            hits.append(self.headers["Host"])
-            body = b"pinned body"
+            record(self)
             self.send_response(200)
-            self.send_header("content-length", str(len(body)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    return Handler
+
+
+def test_a_checked_host_is_pinned_so_a_second_dns_answer_cannot_redirect_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the name resolves once (checked as public), then would resolve elsewhere (or not at all).
+    The download must connect to the checked address and send the name only as the Host header."""
+    hits: list[str] = []
+    http = ThreadingHTTPServer(
+        ("127.0.0.1", 0), answering(b"pinned body", lambda req: hits.append(req.headers["Host"]))
+    )
     threading.Thread(target=http.serve_forever, daemon=True).start()
     port = http.server_address[1]
     real_getaddrinfo = socket.getaddrinfo
@@ -519,20 +525,8 @@ def test_downloads_go_through_the_environments_proxy_as_httpx_would(
 ) -> None:
     """Deployments whose outbound traffic must pass a proxy: HTTP_PROXY is honoured (and NO_PROXY), although the
     download brings its own transports, which httpx would otherwise leave without the environment's proxies."""
-    asked: list[str] = []
-
-    class Proxy(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            asked.append(self.path)  # absolute form: the proxy is told the whole URL
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(SMALL)))
-            self.end_headers()
-            self.wfile.write(SMALL)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    with serving(Proxy) as proxy:
+    asked: list[str] = []  # absolute form: the proxy is told the whole URL
+    with serving(answering(SMALL, lambda req: asked.append(req.path))) as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy)
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from wanserve.numbers import ascii_int
 from wanserve.worker.processes import pid_alive
 
 TEMP_PREFIX = "wanserve-"
@@ -31,8 +32,8 @@ def remove_stale_temp_dirs(root: Path | None = None) -> int:
     """Removes the folders of processes that are gone; returns how many. Run when a worker or API process starts."""
     removed = 0
     for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
-        pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if folder.is_dir() and pid.isascii() and pid.isdigit() and not pid_alive(int(pid)):
+        pid = ascii_int(folder.name[len(TEMP_PREFIX) :].split("-", 1)[0])
+        if folder.is_dir() and pid is not None and not pid_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed

@@ -21,6 +21,7 @@ from wanserve.api.responses import error_response, reply_response
 from wanserve.errors import BadRequest, Forbidden, RangeNotSatisfiable
 from wanserve.files.base import FileStore, StoredFile, content_disposition
 from wanserve.jobs.service import Reply
+from wanserve.numbers import ascii_int
 
 router = APIRouter()
 
@@ -132,9 +133,7 @@ def get_file(
     except RangeNotSatisfiable as exc:
         return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
     # Cached for an hour at most, never past the file's expiry or its signed URL's (a cache would outlive them).
-    limits = [3600.0] + [
-        float(t) - now for t in (stored.expires_at, exp if exp and exp.isascii() and exp.isdigit() else None) if t
-    ]
+    limits = [3600.0] + [float(t) - now for t in (stored.expires_at, ascii_int(exp)) if t]
     max_age = max(0, int(min(limits)))
     # Files share the API's origin here: never let a browser run one as a page.
     headers = {

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from wanserve.config import Settings
 from wanserve.errors import Unauthorized
 from wanserve.keyfiles import read_or_create
+from wanserve.numbers import ascii_int
 
 
 def is_loopback_host(host: str) -> bool:
@@ -155,7 +156,8 @@ class UrlSigner:
         """The key id a valid, unexpired token was given to ("" when the server had no keys); None if invalid."""
         expires, _, rest = token.partition(".")
         owner, _, signature = rest.partition(".")
-        if not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():
+        expiry = ascii_int(expires)
+        if expiry is None or expiry < time.time():
             return None
         return owner if self.verify(signature, "cdn", expires, owner) else None
 
@@ -168,7 +170,8 @@ class UrlSigner:
         return urlencode({"exp": expires, "sig": self.sign("file", key, expires)})
 
     def file_signature_valid(self, key: str, expires: str | None, signature: str | None, now: float) -> bool:
-        if not (expires and expires.isascii() and expires.isdigit()) or int(expires) < now:
+        expiry = ascii_int(expires)
+        if expires is None or expiry is None or expiry < now:
             return False
         return self.verify(signature, "file", key, expires)
 

@@ -52,6 +52,7 @@ from wanserve.files.base import (
 )
 from wanserve.files.space import check_room, is_disk_full, upload_disk_full
 from wanserve.jobs.service import iso_time
+from wanserve.numbers import ascii_int
 from wanserve.tempdirs import process_temp_dir
 
 UPLOAD_URL_TTL_S = 3600
@@ -122,13 +123,13 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
     """The request body in a temporary file on the file store's disk (or the temp dir), refusing anything over the
     upload limit, or that would leave less than the disk reserve free, while it streams."""
     limit, reserve = ctx.settings.max_upload_bytes, ctx.settings.upload_disk_reserve_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
+    declared = ascii_int(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
     # A remote store's uploads stage in this process's own temp folder: what a killed process left there is
     # removed by the next one to start (tempdirs.remove_stale_temp_dirs).
     staging = ctx.files.staging_dir() or process_temp_dir("uploads")
-    check_room(staging, int(declared) if declared and declared.isascii() and declared.isdigit() else 0, reserve)
+    check_room(staging, declared or 0, reserve)
     fd, name = tempfile.mkstemp(prefix="upload-", dir=staging)
     size, checked = 0, 0
     try:

@@ -23,6 +23,7 @@ from httpx._utils import get_environment_proxies  # what httpx's own clients mou
 
 from wanserve.errors import InputFetchError, PrivateAddress
 from wanserve.files.base import FileStore
+from wanserve.numbers import ascii_int
 
 MAX_REDIRECTS = 5
 
@@ -325,8 +326,8 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                         continue
                     if response.status_code != 200:
                         raise InputFetchError(f"{url} answered HTTP {response.status_code}")
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isascii() and declared.isdigit() and int(declared) > policy.max_bytes:
+                    declared = ascii_int(response.headers.get("content-length"))
+                    if declared is not None and declared > policy.max_bytes:
                         raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
                     size = 0
                     with dest.open("wb") as out:

@@ -42,6 +42,7 @@ from wanserve.files.base import (
     key_from_file_url,
     new_upload_id,
 )
+from wanserve.numbers import ascii_int
 
 if TYPE_CHECKING:
     from wanserve.config import Settings
@@ -276,9 +277,10 @@ class S3FileStore:
             for page in pages:
                 for entry in page.get("Contents", []):
                     second, _, name = entry["Key"][len(prefix) :].partition("/")
-                    if not (second.isascii() and second.isdigit()):
+                    expiry = ascii_int(second)
+                    if expiry is None:
                         continue
-                    if int(second) > now:
+                    if expiry > now:
                         return
                     try:
                         yield entry["Key"], check_key(name.replace(_SEP, "/"))

@@ -37,6 +37,7 @@ from wanserve.jobs.model import (
     disconnected_failure,
 )
 from wanserve.lora.sources import check_lora_urls
+from wanserve.numbers import ascii_int
 from wanserve.store.base import JobStore
 
 
@@ -206,9 +207,9 @@ class JobService:
         the job is stored, like `_check_queued`."""
         if text is None:
             return
-        if not (text.strip().isascii() and text.strip().isdigit()) or len(text.strip()) > 9:  # "①".isdigit()
+        limit = ascii_int(text.strip())
+        if limit is None or len(text.strip()) > 9:
             raise BadRequest(f"fal_max_queue_length must be a whole number of requests, got {text[:30]!r}")
-        limit = int(text)
         if (queued := self.store.queued_count()) >= limit:
             raise QueueFull(f"{queued} requests are queued, and fal_max_queue_length is {limit}: not queued")
 
