@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import median_s  # benchmarks/timing.py, beside this script
+from timing import median_s, video_bench_args  # benchmarks/timing.py, beside this script
 
 from wanserve.engine.video import encode_mp4, to_uint8
 from wanserve.schema import frame_size
@@ -29,12 +29,7 @@ def numpy_uint8(frames: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="720p", choices=["480p", "580p", "720p"])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = video_bench_args(parser, default_size="720p")
     width, height = frame_size(args.size, "16:9")
     # A smooth gradient with a little noise: like decoded video, not incompressible random pixels.
     rng = np.random.default_rng(0)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wanserve.engine.loading import load_pipeline
@@ -16,6 +17,13 @@ def tiny_engine(model_cache: Path, **options: object) -> WanEngine:
     """A fresh tiny pipeline per engine: presets and memory policies change the experts in place."""
     pipe = load_pipeline("tiny", model_cache, torch.float32)
     return WanEngine(pipe, torch.device("cpu"), EngineOptions(**options))  # type: ignore[arg-type]
+
+
+def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -> float:
+    """||got - want|| / ||want||, in float64: frames are uint8, whose differences would wrap around."""
+    a = got.detach().double().numpy() if isinstance(got, torch.Tensor) else np.asarray(got, dtype=np.float64)
+    b = want.detach().double().numpy() if isinstance(want, torch.Tensor) else np.asarray(want, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def small_spec(**overrides: object) -> GenerationSpec:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,12 +10,15 @@ import torch
 from diffusers import WanPipeline
 from engines import record_forwards
 
+from wanserve.config import Settings
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import GenerationSpec, StepProgress, WanEngine
+from wanserve.engine.runner import EngineRunner
 from wanserve.engine.sampling import Expert, reference_timesteps
 from wanserve.engine.tiny import TinyConfig, build_vae
-from wanserve.engine.vae import decode_latents
-from wanserve.errors import GenerationCancelled, InvalidGenerationInput
+from wanserve.engine.vae import decode_latents, decode_video
+from wanserve.engine.video import to_uint8
+from wanserve.errors import GenerationCancelled, InvalidGenerationInput, NonFiniteOutput
 from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
 
 Spec = Callable[..., GenerationSpec]
@@ -152,6 +156,87 @@ def test_engine_feeds_the_model_reference_timesteps(
     with record_forwards(engine) as calls:
         engine.generate(spec)
     assert [t for _, t, _ in calls] == expected
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_decode_video_gives_diffusers_pixels_piece_by_piece(tiled: bool) -> None:
+    """decode_video's uint8 frames are diffusers' float video through [-1, 1] -> [0, 1] -> uint8; each piece reaches
+    the host as soon as it is decoded, and latent frames past the requested count are never decoded."""
+    torch.manual_seed(0)
+    vae = build_vae(TinyConfig(vae="fast")).eval()
+    patch = vae.config.scale_factor_spatial
+    z = torch.randn(1, 16, 5, 64 // patch, 96 // patch) * 2  # 17 frames
+    with torch.no_grad():
+        video = vae.decode(z, return_dict=False)[0]
+        want = to_uint8((video[0].permute(1, 2, 3, 0) / 2 + 0.5).numpy())
+        if tiled:  # diffusers' tiled decode (the offload policy's) makes the whole video at once: one piece
+            vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+            want = to_uint8((vae.decode(z, return_dict=False)[0][0].permute(1, 2, 3, 0) / 2 + 0.5).numpy())
+        height, width = want.shape[1:3]
+        decoder_calls: list[int] = []
+        vae.decoder.register_forward_hook(lambda *_: decoder_calls.append(1))
+        pieces: list[tuple[int, np.ndarray]] = []
+        got = decode_video(vae, z, 17, on_frames=lambda frames: pieces.append((len(decoder_calls), frames)))
+        assert got.dtype == np.uint8 and got.shape == (17, height, width, 3)
+        assert np.array_equal(got, want)
+        assert np.array_equal(np.concatenate([frames for _, frames in pieces]), got)
+        if tiled:
+            assert len(pieces) == 1
+        else:  # the first frame, then 4 per latent frame, each handed over right after its own decoder call
+            assert [(calls, len(frames)) for calls, frames in pieces] == [(1, 1), (2, 4), (3, 4), (4, 4), (5, 4)]
+            decoder_calls.clear()
+            assert np.array_equal(decode_video(vae, z, 6), want[:6])
+            assert len(decoder_calls) == 3  # frames 1-5 and 6-9 need latent frames 0-2; 3 and 4 are left alone
+
+
+def test_non_finite_latents_fail_with_a_reason(engine: WanEngine, small_spec: Spec) -> None:
+    """NaN would become black pixels in uint8 without a word: the engine refuses to decode it."""
+    hooks = [
+        expert.proj_out.register_forward_hook(lambda _m, _a, out: torch.full_like(out, float("nan")))
+        for expert in (engine.pipe.transformer, engine.pipe.transformer_2)
+    ]
+    try:
+        with pytest.raises(NonFiniteOutput, match="NaN or infinite"):
+            engine.generate(small_spec(num_inference_steps=2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert engine.generate(small_spec(num_inference_steps=2)).frames.any()
+
+
+def test_a_failed_generation_leaves_no_video(
+    engine: WanEngine, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mp4 writer starts before the engine does: an engine error (here after some frames reached it) leaves no
+    file behind, neither the video nor the writer's temporary."""
+
+    def half_a_video_then_fail(spec: GenerationSpec, *args: object, sink: Any = None, **kwargs: object) -> None:
+        sink.write(np.zeros((5, spec.height, spec.width, 3), np.uint8))
+        raise NonFiniteOutput("the denoised video holds NaN")
+
+    monkeypatch.setattr(engine, "generate", half_a_video_then_fail)
+    runner = EngineRunner(engine, Settings(cache_dir=model_cache))
+    with pytest.raises(NonFiniteOutput):
+        runner.generate_video(WanT2VRequest(prompt="a fox"), tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sink_gets_the_frames_in_playback_order(engine: WanEngine, small_spec: Spec) -> None:
+    """The mp4 writer is given every frame of the result, in order; a reversed video's only when all are decoded."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.pieces: list[np.ndarray] = []
+
+        def write(self, frames: np.ndarray) -> None:
+            self.pieces.append(frames.copy())
+
+    for reverse in (False, True):
+        sink = Sink()
+        result = engine.generate(small_spec(num_frames=10, num_inference_steps=2, reverse_video=reverse), sink=sink)
+        assert result.frames.dtype == np.uint8 and result.frames.shape == (10, 64, 96, 3)
+        assert np.array_equal(np.concatenate(sink.pieces), result.frames)
+        assert [len(p) for p in sink.pieces] == ([10] if reverse else [1, 4, 4, 1])
 
 
 @pytest.mark.parametrize("layout", ["fast", "coarse", "wan2.1"])

@@ -107,7 +107,7 @@ def test_every_layout_loads_changes_the_output_and_means_the_same(
     got = frames(engine, with_loras(spec, use(path)))
     assert np.abs(got - base).max() > 1e-3  # the LoRA changes the video
     # alpha folding and key renaming: every layout of the same factors gives the same video
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)  # uint8: float noise may flip a level
 
 
 def test_distill_style_file_with_biases_head_delta_and_ignored_norm_deltas(
@@ -191,7 +191,7 @@ def test_several_loras_combine_and_the_same_file_twice_adds_its_scales(
     both = frames(engine, with_loras(spec, use(a), use(b, 0.7)))
     assert not np.array_equal(both, only_a) and not np.array_equal(both, only_b)
     halves = frames(engine, with_loras(spec, use(a, 0.5), use(a, 0.5)))
-    np.testing.assert_allclose(halves, only_a, atol=1e-5)
+    np.testing.assert_allclose(halves.astype(int), only_a.astype(int), atol=1)
     assert len(engine.loras.resident) == 2
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
-from engines import small_spec, tiny_engine
+from engines import rel_error, small_spec, tiny_engine
 from torch import nn
 
 from wanserve.engine.loading import load_pipeline
@@ -37,10 +37,6 @@ A14B_SIZES = (A14B["expert_bytes"], A14B["experts"], A14B["text_encoder_bytes"],
 
 def gpu(free_gib: float) -> DeviceInfo:
     return DeviceInfo(type="cuda", name="gpu", capability=(9, 0), free_bytes=int(free_gib * GiB))
-
-
-def rel_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 # --- choosing a policy ---
@@ -140,8 +136,9 @@ def test_swap_with_the_step_cache_still_hands_off(model_cache: Path) -> None:
     blocks = len(engine.pipe.transformer.blocks)
     first = engine.generate(spec(num_inference_steps=6)).frames
     second = engine.generate(spec(num_inference_steps=6)).frames
-    assert np.isfinite(first).all()
-    assert np.array_equal(first, second)  # the cache state is reset per request
+    assert np.array_equal(
+        first, second
+    )  # (finite: the engine raises NonFiniteOutput otherwise)  # the cache state is reset per request
     uncached = tiny_engine(model_cache, memory_policy="swap").generate(spec(num_inference_steps=6)).frames
     assert 0 < rel_error(first, uncached) < 0.05  # the cache did skip work (measured 0.1%)
     one_request = [(Expert.HIGH, Expert.LOW, blocks), (Expert.LOW, Expert.HIGH, blocks)]

@@ -31,9 +31,11 @@ from wanserve.jobs.model import JobState, NewJob
 from wanserve.worker.group import rank_process_context
 
 TINY_HEADS = TinyConfig().heads
-# Frames live in [0, 1]; float32 sums in another order (ring attention merges shards by their log-sum-exp) differ by
-# ~1e-7. Ulysses and CFG-parallel compute every head over the whole sequence and come out bit-identical here.
-TOLERANCE = 1e-5
+# Frames are uint8; float32 sums in another order (ring attention merges shards by their log-sum-exp) differ by ~1e-7,
+# which can move a pixel that sat on a rounding edge by one level, rarely. Ulysses and CFG-parallel compute every head
+# over the whole sequence and come out bit-identical here.
+TOLERANCE_LEVELS = 1
+TOLERANCE_SHARE = 1e-3  # of the pixels off by that level
 STEPS = 3
 SESSION_TIMEOUT_S = 120.0
 
@@ -191,7 +193,7 @@ def _group_session(rank: int, coarse_model: Path, tmp: Path) -> dict[str, Any]:
     runner = EngineRunner.from_settings(settings, ParallelContext(torch.device("cpu")))
     decodes: list[int] = []
     decode = runner.engine.decode
-    runner.engine.decode = lambda latents: decodes.append(1) or decode(latents)  # type: ignore[method-assign]
+    runner.engine.decode = lambda *args: decodes.append(1) or decode(*args)  # type: ignore[method-assign]
     steps: list[int] = []
     if rank > 0:
         code = follow(runner, channel, step_hook=lambda _rank, p: steps.append(p.step))
@@ -233,9 +235,10 @@ def _check_same_frames(reference: np.ndarray, results: dict[int, Any], key: str,
         frames, described, seen = out[key]
         assert described.endswith(describe)
         assert set(seen) == {seq}, f"rank {rank} attended over {seen} tokens, not {seq} of {tokens}"
-        difference = float(np.abs(frames - reference).max())
-        print(f"{key} rank {rank}: max |frame difference| {difference:.3g}")
-        assert difference <= TOLERANCE
+        difference = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
+        share = float((difference > 0).mean())
+        print(f"{key} rank {rank}: max |frame difference| {difference.max()} levels, on {share:.3%} of the pixels")
+        assert difference.max() <= TOLERANCE_LEVELS and share <= TOLERANCE_SHARE
 
 
 def test_two_processes_cfg_parallel_make_the_same_frames(reference: np.ndarray, two_ranks: dict[int, Any]) -> None:

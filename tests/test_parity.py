@@ -9,8 +9,10 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 
+import wanserve.engine.vae as vae_module
 from wanserve.engine.pipeline import GenerationSpec, WanEngine
 from wanserve.engine.sampling import reference_sigmas
+from wanserve.engine.video import pixels_to_uint8, to_uint8
 
 Spec = Callable[..., GenerationSpec]
 
@@ -53,15 +55,25 @@ def run_diffusers(engine: WanEngine, spec: GenerationSpec, reference_grid: bool)
 
 @pytest.mark.parametrize(("steps", "shift", "frames"), [(6, 5.0, 13), (4, 12.0, 9)])
 def test_engine_is_bit_exact_with_wanpipeline_on_reference_grid(
-    engine: WanEngine, small_spec: Spec, steps: int, shift: float, frames: int
+    engine: WanEngine, small_spec: Spec, steps: int, shift: float, frames: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = small_spec(
         num_inference_steps=steps, shift=shift, num_frames=frames, guidance_scale=4.0, guidance_scale_2=3.0
     )
+    # The engine's frames are uint8; the float pixels it rounds (as the VAE decoded them) are compared too.
+    pixels: list[torch.Tensor] = []
+
+    def keep_pixels(piece: torch.Tensor) -> torch.Tensor:
+        pixels.append(piece.clone())
+        return pixels_to_uint8(piece)
+
+    monkeypatch.setattr(vae_module, "pixels_to_uint8", keep_pixels)
     ours = engine.generate(spec).frames
+    ours_float = torch.cat(pixels, 1).permute(1, 2, 3, 0)[:frames].numpy()
     theirs = run_diffusers(engine, spec, reference_grid=True)
-    assert ours.shape == theirs.shape == (frames, spec.height, spec.width, 3)
-    assert np.array_equal(ours, theirs)
+    assert ours.shape == theirs.shape == ours_float.shape == (frames, spec.height, spec.width, 3)
+    assert np.array_equal(ours_float, theirs)
+    assert np.array_equal(ours, to_uint8(theirs))
     # Stock diffusers (its own sigma grid) is measurably different: the comparison above has teeth.
     stock = run_diffusers(engine, spec, reference_grid=False)
-    assert np.abs(stock - ours).max() > 1e-3
+    assert np.abs(stock - ours_float).max() > 1e-3

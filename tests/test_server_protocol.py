@@ -70,7 +70,8 @@ def test_proxy_route_dispatches_by_target_url(server: Server) -> None:
 
 
 def test_start_timeout_expires_a_request_that_waits_too_long(server: Server) -> None:
-    blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 2})
+    # Busy for well over the 1.5 s start timeout (the cheap model decodes and encodes a 480p video in about 1.5 s).
+    blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 12})
     waiting = _submit(server, CHEAP_INPUT, **{"x-fal-request-timeout": "1.5", "x-fal-queue-priority": "low"})
     status = wait_completed(server, APP, str(waiting["request_id"]), timeout_s=30)
     assert status["error_type"] == "request_timeout"

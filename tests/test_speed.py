@@ -11,10 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from engines import record_forwards, small_spec, tiny_engine
+from engines import record_forwards, rel_error, small_spec, tiny_engine
 from torch import nn
 
 import wanserve.engine.pipeline as pipeline
@@ -36,12 +35,6 @@ CPU = DeviceInfo(type="cpu", name="cpu")
 H100 = DeviceInfo(type="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0))
 A100 = DeviceInfo(type="cuda", name="NVIDIA A100-SXM4-80GB", capability=(8, 0))
 T4 = DeviceInfo(type="cuda", name="Tesla T4", capability=(7, 5))
-
-
-def rel_error(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray) -> float:
-    if isinstance(got, torch.Tensor):
-        got, want = got.detach().double().numpy(), torch.as_tensor(want).detach().double().numpy()
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -454,7 +447,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     spec = GenerationSpec(prompt="a fox", negative_prompt="blur", width=m, height=m, num_frames=5,
                           num_inference_steps=1, guidance_scale=4.0, guidance_scale_2=4.0, shift=5.0, seed=0)
     frames = engine.generate(spec).frames
-    assert frames.shape == (5, m, m, 3) and bool((frames == frames).all())
+    assert frames.shape == (5, m, m, 3)  # and finite: the engine raises NonFiniteOutput otherwise
     print(json.dumps(dict(torch._dynamo.utils.counters["inductor"])))
     """
 )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
 from wanserve.config import Settings
 from wanserve.engine.pipeline import WanEngine
 from wanserve.engine.runner import EngineRunner
-from wanserve.engine.video import encode_mp4, probe_mp4, read_frames, to_uint8
+from wanserve.engine.video import Mp4Writer, encode_mp4, probe_mp4, read_frames, to_uint8
 from wanserve.schema import WanLoRAT2VRequest
 
 
@@ -92,3 +94,71 @@ def test_to_uint8_rounds_as_numpy_does(dtype: type) -> None:
     reversed_view = frames[::-1]  # negative strides, as a reversed video is before it is copied
     assert np.array_equal(to_uint8(reversed_view), want[::-1])
     assert to_uint8(want) is want
+
+
+def _noisy_frames(count: int, height: int = 64, width: int = 96) -> np.ndarray:
+    return (np.random.default_rng(count).random((count, height, width, 3)) * 255).astype(np.uint8)
+
+
+def test_writer_in_pieces_makes_the_same_file(tmp_path: Path) -> None:
+    """Pieces written as the VAE decodes them give the file one write of the whole video gives, byte for byte."""
+    frames = _noisy_frames(13)
+    whole = encode_mp4(frames, tmp_path / "whole.mp4", fps=8)
+    with Mp4Writer(tmp_path / "pieces.mp4", fps=8) as writer:
+        for start, stop in [(0, 1), (1, 5), (5, 9), (9, 13)]:
+            writer.write(frames[start:stop])
+        assert not (tmp_path / "pieces.mp4").exists()  # only close() puts it in place
+        info = writer.close()
+    assert (info.num_frames, info.width, info.height) == (whole.num_frames, 96, 64) == (13, 96, 64)
+    assert (tmp_path / "pieces.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.mp4", "whole.mp4"]
+    with pytest.raises(RuntimeError, match="already closed"):
+        writer.write(frames)
+
+
+def test_writer_leaves_nothing_when_aborted_or_left(tmp_path: Path) -> None:
+    with Mp4Writer(tmp_path / "a.mp4", fps=8) as writer:
+        writer.write(_noisy_frames(5))
+        writer.abort()
+    with pytest.raises(KeyError), Mp4Writer(tmp_path / "b.mp4", fps=8) as writer:  # the safety checker raising
+        writer.write(_noisy_frames(5))
+        raise KeyError("flagged")
+    with Mp4Writer(tmp_path / "c.mp4", fps=8) as writer, pytest.raises(ValueError, match="at least one frame"):
+        assert list(tmp_path.iterdir()) == []  # nothing on disk before the first frames (a kill while denoising)
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_pieces_of_another_size(tmp_path: Path) -> None:
+    with Mp4Writer(tmp_path / "a.mp4", fps=8) as writer:
+        writer.write(_noisy_frames(2))
+        with pytest.raises(ValueError, match="96x64"):
+            writer.write(_noisy_frames(2, 64, 64))
+        with pytest.raises(ValueError, match="even"):
+            writer.write(_noisy_frames(2, 63, 96))
+        assert writer.close().num_frames == 2
+
+
+def test_writer_hands_the_encoders_error_to_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error on the encoding thread (here a full disk in the third piece) reaches the caller as raised, errno and
+    all, by a later write or by close(); a caller still writing never waits on the dead encoder; nothing is left."""
+    real = av.VideoFrame.from_ndarray
+    calls = 0
+
+    def full_disk_on_ninth(frame: np.ndarray, format: str) -> av.VideoFrame:
+        nonlocal calls
+        calls += 1
+        if calls == 9:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(frame, format=format)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", full_disk_on_ninth)
+    with Mp4Writer(tmp_path / "a.mp4", fps=8, max_pending=1) as writer:
+        with pytest.raises(OSError) as raised:
+            for _ in range(200):  # far more pieces than the queue holds: a blocked put would hang here
+                writer.write(_noisy_frames(4))
+        assert raised.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as again:
+            writer.close()
+        assert again.value is raised.value
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,14 @@ class GenerationCancelled(WanserveError):
     error_type = "client_cancelled"
 
 
+class NonFiniteOutput(WanserveError):
+    """The denoised latents hold NaN or infinity (a numerical failure of the model, a LoRA or a speed preset): failed
+    with a reason instead of delivering the black or noisy video that uint8 frames would silently make of them."""
+
+    http_status = 500
+    error_type = "internal_error"
+
+
 class InvalidGenerationInput(WanserveError):
     """An input the schema admits but the loaded model cannot honour."""
 

@@ -34,8 +34,9 @@ from wanserve.engine.memory import LARGEST_VIDEO_TOKENS, GiB, MemoryManager, Mem
 from wanserve.engine.parallel import tokens_of
 from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sigmas
 from wanserve.engine.speed import DeviceInfo, Preset, SpeedPlan, compile_experts, plan_speed, prepare_experts
-from wanserve.engine.vae import decode_latents
-from wanserve.errors import GenerationCancelled, InvalidGenerationInput
+from wanserve.engine.vae import decode_video
+from wanserve.engine.video import FrameSink
+from wanserve.errors import GenerationCancelled, InvalidGenerationInput, NonFiniteOutput
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
 
@@ -116,7 +117,7 @@ CancelCheck = Callable[[], bool]
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray  # (num_frames, height, width, 3) float32 in [0, 1], in playback order
+    frames: np.ndarray  # (num_frames, height, width, 3) uint8 RGB, in playback order
     seed: int
     steps: list[StepPlan]
     frames_generated: int  # the 4k+1 count the model produced before cutting to num_frames
@@ -317,16 +318,23 @@ class WanEngine:
         on_step: StepCallback | None = None,
         is_cancelled: CancelCheck | None = None,
         decode: bool = True,
+        sink: FrameSink | None = None,
     ) -> GenerationResult:
-        """The video of `spec`. `decode=False` stops after denoising with no frames (a GPU group's ranks > 0: rank 0
-        decodes the latents that every rank holds)."""
+        """The video of `spec`. `sink` (an mp4 writer) is given the frames in playback order as they are decoded,
+        so that it encodes while the rest decodes. `decode=False` stops after denoising with no frames (a GPU
+        group's ranks > 0: rank 0 decodes the latents that every rank holds)."""
         self.validate(spec)
         self.loras.load(spec.loras)  # a no-op when the caller loaded them already (to report on it)
         with self.loras.active(spec.loras):
-            return self._generate(spec, on_step, is_cancelled, decode)
+            return self._generate(spec, on_step, is_cancelled, decode, sink)
 
     def _generate(
-        self, spec: GenerationSpec, on_step: StepCallback | None, is_cancelled: CancelCheck | None, decode: bool
+        self,
+        spec: GenerationSpec,
+        on_step: StepCallback | None,
+        is_cancelled: CancelCheck | None,
+        decode: bool,
+        sink: FrameSink | None,
     ) -> GenerationResult:
         pipe, device = self.pipe, self.device
         timings: dict[str, float] = {}
@@ -399,15 +407,23 @@ class WanEngine:
         if is_cancelled is not None and is_cancelled():
             raise GenerationCancelled("cancelled before decoding")
 
+        if not bool(latents.isfinite().all()):  # one reduction; the decode syncs anyway
+            raise NonFiniteOutput(
+                f"the denoised video holds NaN or infinite values ({self.describe()}): the model's numbers broke down, "
+                "not the request; a LoRA with extreme weights or scale, or another speed preset, may avoid it"
+            )
         if not decode:
             timings["total_s"] = time.perf_counter() - t0
-            no_frames = np.empty((0, spec.height, spec.width, 3), dtype=np.float32)
+            no_frames = np.empty((0, spec.height, spec.width, 3), dtype=np.uint8)
             return GenerationResult(no_frames, spec.seed, plan, generated, timings)
         t_decode = time.perf_counter()
-        frames = self.decode(latents)[: spec.num_frames]
+        # A reversed video's first frame is decoded last: its sink gets the frames once they are all there.
+        frames = self.decode(latents, spec.num_frames, None if spec.reverse_video or sink is None else sink.write)
         timings["decode_s"] = time.perf_counter() - t_decode
         if spec.reverse_video:
             frames = np.ascontiguousarray(frames[::-1])
+            if sink is not None:
+                sink.write(frames)
         timings["total_s"] = time.perf_counter() - t0
         return GenerationResult(frames=frames, seed=spec.seed, steps=plan, frames_generated=generated, timings=timings)
 
@@ -451,14 +467,13 @@ class WanEngine:
         with self.memory.handing_off(step.expert, following):
             return cond, forward("uncond", latent_input, embeds.uncond)
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(
+        self, latents: torch.Tensor, num_frames: int, on_frames: Callable[[np.ndarray], None] | None = None
+    ) -> np.ndarray:
+        """The first `num_frames` frames of `latents` as uint8 RGB; `on_frames` sees each piece as it is decoded."""
         vae = self.pipe.vae
         latents = latents.to(vae.device, dtype=vae.dtype)
         z_dim = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        video = decode_latents(vae, latents / inv_std + mean)
-        # diffusers' VideoProcessor maps [-1, 1] to [0, 1] frame by frame with a clamp; here the whole clip at once,
-        # and without the clamp, which cannot change a value: the VAE's output is clamped to [-1, 1] already.
-        frames = video[0].permute(1, 2, 3, 0) / 2 + 0.5
-        return frames.float().cpu().numpy()
+        return decode_video(vae, latents / inv_std + mean, num_frames, on_frames)

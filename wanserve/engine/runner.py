@@ -21,7 +21,7 @@ from wanserve.engine.pipeline import (
     StepCallback,
     WanEngine,
 )
-from wanserve.engine.video import VideoInfo, encode_mp4
+from wanserve.engine.video import Mp4Writer, VideoInfo
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import Resolution, WanT2VRequest
 
@@ -79,28 +79,25 @@ class EngineRunner:
         check_frames: Callable[[np.ndarray], None] | None = None,
     ) -> VideoResult:
         """`on_phase` is told (in words) when the work moves on to a stage without steps (LoRA loading, the
-        mp4 encode). `loras` are the request's LoRAs resolved to files. `check_frames` (the safety checker) sees
-        the frames before they are encoded, and raises to stop the video from being made."""
+        mp4's last frames). `loras` are the request's LoRAs resolved to files. `check_frames` (the safety checker)
+        sees the frames before the video is made, and raises to stop it: the mp4, encoded as the frames were
+        decoded, never appears at `output`."""
         if loras:
             loads = self.engine.loras.load(loras)
             if on_phase is not None:
                 for i, load in enumerate(loads):
                     on_phase(describe_load(i, len(loads), load))
         spec = GenerationSpec.from_request(request, loras=tuple(loras))
-        result = self.engine.generate(spec, on_step=on_step, is_cancelled=is_cancelled)
-        if check_frames is not None:
+        s = self.settings
+        with Mp4Writer(output, fps=spec.frames_per_second, crf=s.video_crf, preset=s.video_preset) as writer:
+            result = self.engine.generate(spec, on_step=on_step, is_cancelled=is_cancelled, sink=writer)
+            if check_frames is not None:
+                if on_phase is not None:
+                    on_phase("Safety checker: checking the video's frames")
+                check_frames(result.frames)
             if on_phase is not None:
-                on_phase("Safety checker: checking the video's frames")
-            check_frames(result.frames)
-        if on_phase is not None:
-            on_phase(f"Encoding {len(result.frames)} frames to H.264 mp4")
-        video = encode_mp4(
-            result.frames,
-            output,
-            fps=spec.frames_per_second,
-            crf=self.settings.video_crf,
-            preset=self.settings.video_preset,
-        )
+                on_phase(f"Encoding the last of {len(result.frames)} frames to H.264 mp4 (the rest as they decoded)")
+            video = writer.close()
         return VideoResult(seed=result.seed, video=video, generation=result)
 
 

@@ -185,7 +185,7 @@ class SafetyChecker:
                     raise ContentPolicyViolation("prompt", f"the text classifier scored {hit[0]!r} at {hit[1]:.2f}")
 
     def check_frames(self, frames: np.ndarray) -> None:
-        """`frames`: (n, height, width, 3) floats in [0, 1], as the engine returns them."""
+        """`frames`: (n, height, width, 3) uint8 RGB, as the engine returns them (or floats in [0, 1])."""
         s = self.settings
         if s.safety_image_model is None:
             return

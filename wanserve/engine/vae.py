@@ -1,38 +1,71 @@
-"""Decoding latents with the Wan VAE.
+"""Decoding latents with the Wan VAE, a piece of the video at a time.
 
-diffusers' `AutoencoderKLWan` decodes one latent frame at a time through its causal decoder and grows the output
-with a `torch.cat` per frame, which copies the whole video again for every frame (21 times at 81 frames). On a GPU
-that is a few milliseconds; on a CPU it is half of the tiny models' decode time, which the demo, the service tests
-and CPU deployments pay on every video. `decode_latents` runs the same decoder calls and joins the frames once.
-Where diffusers' own decode does more (tiled decode, offload hooks that move the VAE) or the device is a GPU, it
-is used unchanged.
+diffusers' `AutoencoderKLWan` decodes one latent frame at a time through its causal decoder (each piece depends
+only on the latent frames before it) and grows the output with a `torch.cat` per frame, which copies the whole
+video again for every frame (21 times at 81 frames). `decoded_pieces` runs the same decoder calls and hands each
+piece over as it is made: `decode_video` turns it into uint8 on the VAE's device and gives it to the mp4 writer,
+which encodes it while the next piece decodes; only uint8 frames cross to the host (a quarter of float32's bytes),
+and the GPU holds one piece of float output instead of the whole video. Where diffusers' decode does more (a tiled
+decode, offload hooks that move the VAE), it runs unchanged and its whole video is the one piece.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+from contextlib import closing
+
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
+from wanserve.engine.video import pixels_to_uint8
 
-def decode_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
-    """The video of (unnormalised) latents `z`, (batch, channels, frames, height, width) in [-1, 1]: exactly what
-    `vae.decode(z).sample` returns (tests compare the two bit for bit)."""
+
+def decoded_pieces(vae: AutoencoderKLWan, z: torch.Tensor) -> Generator[torch.Tensor, None, None]:
+    """The video of (unnormalised) latents `z`, (batch, channels, frames, height, width) in [-1, 1], in pieces
+    along time: joined, exactly what `vae.decode(z).sample` returns (tests compare the two bit for bit)."""
     hooked = getattr(vae, "_hf_hook", None) is not None or getattr(vae, "_diffusers_hook", None) is not None
-    if z.device.type != "cpu" or vae.use_tiling or hooked:
-        return vae.decode(z, return_dict=False)[0]
+    if vae.use_tiling or hooked:
+        yield vae.decode(z, return_dict=False)[0]
+        return
     vae.clear_cache()
     try:
         x = vae.post_quant_conv(z)
-        chunks = []
         for i in range(x.shape[2]):
             vae._conv_idx = [0]
-            chunks.append(
-                vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
+            piece = vae.decoder(
+                x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0
             )
-    finally:
+            if vae.config.patch_size is not None:  # a spatial rearrangement: frame by frame as on the whole video
+                piece = unpatchify(piece, patch_size=vae.config.patch_size)
+            yield piece.clamp(-1.0, 1.0)
+    finally:  # also when the caller stops early: the causal cache holds a piece's worth of activations
         vae.clear_cache()
-    out = torch.cat(chunks, 2)
-    if vae.config.patch_size is not None:
-        out = unpatchify(out, patch_size=vae.config.patch_size)
-    return out.clamp(-1.0, 1.0)
+
+
+def decode_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """The whole video of `z` at once, as `vae.decode(z).sample`."""
+    return torch.cat(list(decoded_pieces(vae, z)), 2)
+
+
+def decode_video(
+    vae: AutoencoderKLWan, z: torch.Tensor, num_frames: int, on_frames: Callable[[np.ndarray], None] | None = None
+) -> np.ndarray:
+    """The first `num_frames` frames of `z`'s video (batch 1) as uint8 RGB, (num_frames, height, width, 3).
+    `on_frames` gets each piece as soon as it is on the host. Latent frames past `num_frames` are not decoded."""
+    pieces: list[np.ndarray] = []
+    kept = 0
+    with closing(decoded_pieces(vae, z)) as decoded:
+        for piece in decoded:
+            # [-1, 1] -> [0, 1] as diffusers' VideoProcessor does (its clamp is pixels_to_uint8's), then uint8 on the
+            # VAE's device; (channels, frames, h, w) -> (frames, h, w, channels) in uint8, a quarter of the bytes.
+            pixels = pixels_to_uint8(piece[0] / 2 + 0.5).permute(1, 2, 3, 0).contiguous()
+            frames = pixels[: num_frames - kept].cpu().numpy()
+            pieces.append(frames)
+            kept += len(frames)
+            if on_frames is not None:
+                on_frames(frames)
+            if kept >= num_frames:
+                break
+    return np.concatenate(pieces)
