@@ -60,6 +60,12 @@ def test_a_server_reachable_from_the_network_requires_its_generated_key(open_hos
     # Open routes: health and readiness for load balancers and the JWKS (stored files: by signed URL).
     for path in ("/health", "/ready", "/.well-known/jwks.json"):
         assert httpx.get(srv.url + path).status_code == 200, path
+    # Readiness without a key says whether and which workers are ready, not their hosts or running requests.
+    anonymous = httpx.get(f"{srv.url}/ready").json()
+    assert anonymous == {"ready": True, "ready_workers": 1}
+    keyed = httpx.get(f"{srv.url}/ready", headers={"Authorization": f"Key {key}"}).json()
+    assert keyed["ready_workers"] == 1 and [w["id"] for w in keyed["details"]] == keyed["workers"]
+    assert "host" in keyed["details"][0]
 
     ok = httpx.post(f"{srv.url}/{APP}", json=CHEAP_INPUT, headers={"Authorization": f"Key {key}"})
     assert ok.status_code == 200

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         description="Browser origins (`https://app.example.com`, or `*` for any) whose pages may call this API "
         "and upload to it directly, as the official JS client does from a browser (none: same origin only).",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="With no API keys: the Host names (beyond loopback addresses, `localhost` and the public URL's "
+        "host) that requests may carry, e.g. a name a reverse proxy passes on; `*` for any. Others get 403, a guard "
+        "against DNS rebinding. Not checked when the server has API keys.",
+    )
     app_ids: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["fal-ai/wan-22", "fal-ai/wan/v2.2-a14b/text-to-video"],
         description="Endpoint ids served; `<id>/lora` takes the LoRA request.",
@@ -328,6 +334,7 @@ class Settings(BaseSettings):
         "api_keys",
         "api_key_hashes",
         "cors_origins",
+        "allowed_hosts",
         "app_ids",
         "lora_roots",
         "safety_text_labels",

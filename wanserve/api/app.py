@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from wanserve import __version__
 from wanserve.api import files, health, playground, queue, run, storage
 from wanserve.api.context import ServerContext
+from wanserve.api.hosts import AllowedHosts, HostCheckMiddleware
 from wanserve.api.limits import ERROR_TYPE as PAYLOAD_TOO_LARGE
 from wanserve.api.limits import BodyLimitMiddleware
 from wanserve.api.metrics import Metrics
@@ -153,6 +154,9 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(FalProxyMiddleware, public_url=ctx.public_url)
+    if not ctx.api_keys.enabled:  # anyone who reaches it may use it: only under its own names (DNS rebinding)
+        names = [*settings.allowed_hosts, settings.host, *([settings.public_url] if settings.public_url else [])]
+        app.add_middleware(HostCheckMiddleware, allowed=AllowedHosts(names))
     if settings.cors_origins:  # outermost: preflights and every answer, errors included, carry the CORS headers
         app.add_middleware(
             CORSMiddleware,

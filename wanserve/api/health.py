@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -22,16 +22,19 @@ def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-def ready(ctx: Context) -> JSONResponse:
-    """200 while some worker can take a job. `workers` names those; `details` is every live worker as it
-    advertises itself (host, GPUs, model, engine, current job, draining)."""
+def ready(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+    """200 while some worker can take a job, with how many can. Open to load balancers and probes. `workers` names
+    the ready ones and `details` is every live worker as it advertises itself (host, GPUs, model, engine, current
+    request, draining): on a server with API keys, both only for a valid key (worker ids carry host names)."""
     now = time.time()
     live = live_workers(ctx.store, ctx.settings.job_lease_s)
     ready_ids = [w.id for w in live if w.ready]
-    details = [
-        {"id": w.id, "ready": w.ready, "heartbeat_age_s": round(now - w.heartbeat_at, 3), **w.detail} for w in live
-    ]
-    body = {"ready": bool(ready_ids), "workers": ready_ids, "details": details}
+    body: dict[str, Any] = {"ready": bool(ready_ids), "ready_workers": len(ready_ids)}
+    if not ctx.api_keys.enabled or ctx.api_keys.identify(authorization) is not None:
+        body["workers"] = ready_ids
+        body["details"] = [
+            {"id": w.id, "ready": w.ready, "heartbeat_age_s": round(now - w.heartbeat_at, 3), **w.detail} for w in live
+        ]
     return JSONResponse(body, status_code=200 if ready_ids else 503)
 
 
