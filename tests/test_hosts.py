@@ -119,8 +119,12 @@ def raw_get(port: int, head: str) -> bytes:
 
 def test_over_the_wire(live_server: int) -> None:
     """What a rebound page's browser sends (its own domain in Host) against a local tool's HTTP/1.0 without Host."""
-    rebound = raw_get(live_server, "GET /ready HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n")
+    rebound = raw_get(live_server, "GET /ready HTTP/1.1\r\nHost: attacker.example\r\n\r\n")  # kept alive
     assert rebound.startswith(b"HTTP/1.1 403") and b'"forbidden"' in rebound
+    assert b"connection: close" in rebound.lower()  # raw_get reads until the server hangs up
     assert b"workers" not in rebound
+    # A body that never ends does not keep the refused connection open either.
+    endless = "POST /fal-ai/wan-22 HTTP/1.1\r\nHost: attacker.example\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n"
+    assert raw_get(live_server, endless + " " * 1024).startswith(b"HTTP/1.1 403")
     plain = raw_get(live_server, "GET /health HTTP/1.0\r\n\r\n")
     assert plain.startswith(b"HTTP/1.1 200"), plain[:200]

@@ -198,7 +198,7 @@ def send_chunked_over_a_socket(port: int, method: str, path: str, chunks: int, u
     then reads until the server closes the connection, which it must do within 2 s (uvicorn's own keep-alive
     timeout is 5 s)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         sock.sendall(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
         answer = b""
         for _ in range(chunks):

@@ -105,4 +105,5 @@ class HostCheckMiddleware:
             f"this server has no API keys and answers only requests for its own host names, not {hosts[0][:100]!r} "
             "(a guard against DNS rebinding): add the name to WANSERVE_ALLOWED_HOSTS, or set API keys"
         )
-        await error_response(refusal)(scope, receive, send)
+        # Closed after the answer: the request's body (if any) is not read, and the client has no business here.
+        await error_response(refusal, headers={"connection": "close"})(scope, receive, send)
