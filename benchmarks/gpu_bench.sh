@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
-# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24|diagnose|stash [OUT_DIR]
+# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24|vae|diagnose|stash [OUT_DIR]
 #   main:     one 720p expert forward (diffusers eager, exact, fast), a 720p 4-step guidance-1 video per preset;
 #             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper).
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
+#   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
 #   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh).
 # Python packages the machine lacks come from benchmarks/device_wheels.sh: wheels in .whl/ (installed to /tmp/site),
 # and FlashAttention 4's packed site in .fa4keep/ (stashed by an earlier call) plus .fa4b/ (unpacked to /tmp/fa4site).
@@ -36,6 +37,8 @@ if [ "$MODE" = main ]; then
     --videos "${VIDEOS-720p:4:1}" --no-baseline-videos --deadline-s "${DEADLINE:-290}" --out-dir /tmp/bench-main \
     --lowbit-attention "${LOWBIT:-auto}" 2>&1 | tee "$OUT/bench.log"
   cp /tmp/bench-main/bench.json "$OUT/bench-main.json" 2>/dev/null
+elif [ "$MODE" = vae ]; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/vae_gpu.py --size "${SIZE:-720p}" 2>&1 | tee "$OUT/vae.log"
 elif [ "$MODE" = diagnose ]; then
   timeout "${BENCH_TIMEOUT:-420}" python3 -m wanserve.engine.diagnose --model a14b --device cuda --size "${SIZE:-720p}" \
     --cache-dir /tmp/wanserve-cache --json "$OUT/diagnose.json" 2>&1 | tee "$OUT/diagnose.log"
