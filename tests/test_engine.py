@@ -30,14 +30,14 @@ def test_same_seed_same_frames_other_seed_differs(engine: WanEngine, small_spec:
     c = engine.generate(small_spec(seed=8))
     assert a.frames.shape == (9, 64, 96, 3)
     assert np.array_equal(a.frames, b.frames)
-    assert np.abs(a.frames - c.frames).mean() > 1e-6
+    assert not np.array_equal(a.frames, c.frames)
     assert a.seed == 7
 
 
 def test_prompt_and_negative_prompt_matter(engine: WanEngine, small_spec: Spec) -> None:
     base = engine.generate(small_spec()).frames
-    assert np.abs(base - engine.generate(small_spec(prompt="a blue whale in the ocean")).frames).mean() > 1e-6
-    assert np.abs(base - engine.generate(small_spec(negative_prompt="dark")).frames).mean() > 1e-6
+    assert not np.array_equal(base, engine.generate(small_spec(prompt="a blue whale in the ocean")).frames)
+    assert not np.array_equal(base, engine.generate(small_spec(negative_prompt="dark")).frames)
 
 
 def test_experts_follow_the_boundary(engine: WanEngine, small_spec: Spec) -> None:
@@ -78,14 +78,14 @@ def test_a_single_expert_model_runs_every_step_with_guidance_scale(model_cache: 
     result = engine.generate(small_spec(num_inference_steps=3, guidance_scale=5.0, guidance_scale_2=1.0))
     assert [(s.expert, s.guidance_scale) for s in result.steps] == [(Expert.HIGH, 5.0)] * 3
     other = engine.generate(small_spec(num_inference_steps=3, guidance_scale=9.0, guidance_scale_2=1.0))
-    assert np.abs(result.frames - other.frames).mean() > 1e-6
+    assert not np.array_equal(result.frames, other.frames)
 
 
 def test_guidance_scale_values_change_the_output(engine: WanEngine, small_spec: Spec) -> None:
     base = engine.generate(small_spec()).frames
-    assert np.abs(base - engine.generate(small_spec(guidance_scale_2=2.0)).frames).mean() > 1e-6
-    assert np.abs(base - engine.generate(small_spec(guidance_scale=3.0)).frames).mean() > 1e-6
-    assert np.abs(base - engine.generate(small_spec(shift=9.0)).frames).mean() > 1e-6
+    assert not np.array_equal(base, engine.generate(small_spec(guidance_scale_2=2.0)).frames)
+    assert not np.array_equal(base, engine.generate(small_spec(guidance_scale=3.0)).frames)
+    assert not np.array_equal(base, engine.generate(small_spec(shift=9.0)).frames)
 
 
 def test_frame_count_rule_and_exact_count(engine: WanEngine, small_spec: Spec) -> None:
@@ -189,15 +189,20 @@ def test_decode_video_gives_diffusers_pixels_piece_by_piece(tiled: bool) -> None
             assert len(decoder_calls) == 3  # frames 1-5 and 6-9 need latent frames 0-2; 3 and 4 are left alone
 
 
-def test_non_finite_latents_fail_with_a_reason(engine: WanEngine, small_spec: Spec) -> None:
-    """NaN would become black pixels in uint8 without a word: the engine refuses to decode it."""
+def test_non_finite_latents_fail_with_a_reason(
+    engine: WanEngine, small_spec: Spec, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NaN would become black pixels in uint8 without a word: the engine refuses to decode it. The caller reads why;
+    the engine's set-up (memory, kernels) goes to the operator's log only."""
     hooks = [
         expert.proj_out.register_forward_hook(lambda _m, _a, out: torch.full_like(out, float("nan")))
         for expert in (engine.pipe.transformer, engine.pipe.transformer_2)
     ]
     try:
-        with pytest.raises(NonFiniteOutput, match="NaN or infinite"):
+        with pytest.raises(NonFiniteOutput, match="NaN or infinite") as raised, caplog.at_level("ERROR"):
             engine.generate(small_spec(num_inference_steps=2))
+        assert engine.describe() not in str(raised.value)
+        assert any(engine.describe() in record.getMessage() for record in caplog.records)
     finally:
         for hook in hooks:
             hook.remove()
