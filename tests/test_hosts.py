@@ -54,7 +54,11 @@ def test_allowed_hosts() -> None:
     for refused in ["evil.example", "127.0.0.1.evil.example", "localhost.evil.example", "gpu-box.lan.evil", "", None,
                     "[::2]:80", "10.0.0.5", "[::1]evil.example", "user:pw@wan.example.com"]:  # fmt: skip
         assert not allowed.allows(refused), refused
+    assert allowed.allows("[::ffff:127.0.0.1]:8000")  # the IPv4 loopback, mapped
     assert AllowedHosts(["*"]).allows("anything.example")
+    for unusable in ["*.example.com", '["a.example"', "a b.example", "http://"]:  # no Host could ever match
+        with pytest.raises(ValueError, match="WANSERVE_ALLOWED_HOSTS"):
+            AllowedHosts([unusable])
 
 
 def test_a_keyless_server_refuses_a_foreign_host_on_every_route(tmp_path: Path) -> None:

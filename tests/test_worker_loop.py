@@ -12,7 +12,7 @@ import pytest
 
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
-from wanserve.errors import FileNotFound, GenerationCancelled
+from wanserve.errors import FileNotFound, GenerationCancelled, InvalidGenerationInput, NonFiniteOutput
 from wanserve.files.base import check_key, output_key
 from wanserve.jobs.model import JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
@@ -250,6 +250,40 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
 def finished(store: Any, job_id: str) -> bool:
     job = store.get(job_id)
     return job is not None and job.state is JobState.COMPLETED
+
+
+class FailingRunner(InstantRunner):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def generate_video(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [(NonFiniteOutput("NaN latents"), True), (InvalidGenerationInput("width must be a multiple of 16"), False)],
+)
+def test_a_server_side_failure_is_logged_for_the_operator_and_in_the_jobs_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, logged: bool
+) -> None:
+    """A 5xx (the server failed) is in the worker's log and the job's log lines; a 4xx (the caller's) is only
+    answered."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test")
+    store = open_job_store(settings)
+    worker = Worker(
+        settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: FailingRunner(error)
+    )
+    worker.load()
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+    with caplog.at_level("ERROR", logger="wanserve"):
+        worker.process(job)
+    done = store.get("j1")
+    assert done is not None and done.failure is not None and done.failure.message == str(error)
+    assert any(f"Failed: {error}" == entry.message for entry in store.logs("j1")) is logged
+    assert any(str(error) in record.getMessage() for record in caplog.records) is logged
 
 
 class TakenAwayRunner(InstantRunner):

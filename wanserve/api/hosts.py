@@ -13,6 +13,7 @@ With API keys every request needs a key and the check is off: the Host then deci
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -56,27 +57,39 @@ def _is_port(text: str) -> bool:
     return text == "" or (text.isascii() and text.isdigit())
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
 def _entry(item: str) -> str:
     """An allowed host as the operator wrote it: a name, an address (IPv6 with or without brackets), either with a
-    port, or a URL."""
-    item = item.strip()
+    port, or a URL. A ValueError names an entry that no Host header could ever match (a pattern, a typo)."""
     if "://" in item:
-        return canonical_host(urlsplit(item).hostname or "")
+        name = canonical_host(urlsplit(item).hostname or "")
+    else:
+        try:
+            name = str(ipaddress.ip_address(item.lower()))
+        except ValueError:
+            name = host_name(item)
     try:
-        return str(ipaddress.ip_address(item.lower()))
+        ipaddress.ip_address(name)
     except ValueError:
-        return host_name(item)
+        if not _HOST_NAME.fullmatch(name):
+            raise ValueError(
+                f"WANSERVE_ALLOWED_HOSTS: {item!r} is not a host name, address or URL (no patterns: `*` alone allows "
+                "any host)"
+            ) from None
+    return name
 
 
 class AllowedHosts:
     def __init__(self, names: Iterable[str]) -> None:
         self.any = False
         self.names: set[str] = set()
-        for item in names:
-            if item.strip() == "*":
+        for item in (name.strip() for name in names):
+            if item == "*":
                 self.any = True
-            elif entry := _entry(item):
-                self.names.add(entry)
+            elif item:
+                self.names.add(_entry(item))
 
     def allows(self, host_header: str | None) -> bool:
         if self.any:

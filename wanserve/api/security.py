@@ -21,9 +21,12 @@ def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # ::ffff:127.0.0.1 reaches the IPv4 loopback too; Python counts it as loopback only from 3.13 on.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def read_or_create_secret(path: Path, nbytes: int = 32) -> str:

@@ -14,6 +14,7 @@ bit for bit once its scheduler is handed the reference sigmas.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
@@ -42,6 +43,8 @@ from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_t
 
 if TYPE_CHECKING:
     from wanserve.engine.parallel import ParallelContext
+
+log = logging.getLogger("wanserve.engine")
 
 TEXT_CONTEXT_TOKENS = 512  # the reference pads the text context to 512 rows
 
@@ -408,9 +411,11 @@ class WanEngine:
             raise GenerationCancelled("cancelled before decoding")
 
         if not bool(latents.isfinite().all()):  # one reduction; the decode syncs anyway
+            loras = ", ".join(use.label for use in spec.loras) or "none"
+            log.error("non-finite latents after denoising: %s; LoRAs: %s", self.describe(), loras)
             raise NonFiniteOutput(
-                f"the denoised video holds NaN or infinite values ({self.describe()}): the model's numbers broke down, "
-                "not the request; a LoRA with extreme weights or scale, or another speed preset, may avoid it"
+                "the denoised video holds NaN or infinite values: the model's numbers broke down, not the request; "
+                "a LoRA with extreme weights or scale, or another speed preset, may avoid it"
             )
         if not decode:
             timings["total_s"] = time.perf_counter() - t0

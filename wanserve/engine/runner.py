@@ -96,7 +96,7 @@ class EngineRunner:
                     on_phase("Safety checker: checking the video's frames")
                 check_frames(result.frames)
             if on_phase is not None:
-                on_phase(f"Encoding the last of {len(result.frames)} frames to H.264 mp4 (the rest as they decoded)")
+                on_phase(f"Encoding: finishing the H.264 mp4 of {len(result.frames)} frames")
             video = writer.close()
         return VideoResult(seed=result.seed, video=video, generation=result)
 

@@ -61,7 +61,6 @@ class Mp4Writer:
         self.path = Path(path)
         self._fps, self._crf, self._preset = fps, crf, preset
         self._size: tuple[int, int] | None = None  # (height, width) of the first piece; every piece must match
-        self._frames = 0
         self._finished = False
         self._abandoned = threading.Event()
         self._error: BaseException | None = None
@@ -93,15 +92,17 @@ class Mp4Writer:
         if self._size is not None and size != self._size:
             raise ValueError(f"frames of {size[1]}x{size[0]} after frames of {self._size[1]}x{self._size[0]}")
         self._raise_failure()
+        if len(frames) == 0:  # nothing to encode: no file for it either
+            return
         if self._thread is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".mp4.part", dir=self.path.parent)
             os.close(fd)
             self._tmp = Path(tmp_name)
-            self._thread = threading.Thread(target=self._encode, args=(self._tmp,), name="mp4-writer", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._encode, args=(self._tmp,), name="mp4-writer", daemon=True)
+            thread.start()
+            self._thread = thread  # only a started thread is ever joined
         self._size = size
-        self._frames += len(frames)
         self._pending.put(to_uint8(frames))
 
     def close(self) -> VideoInfo:

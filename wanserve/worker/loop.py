@@ -350,6 +350,9 @@ class Worker:
             self._log(job, f"Failed: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except WanserveError as exc:
+            if exc.http_status >= 500:  # the server's failure, not the caller's: the operator needs to see it
+                log.error("job %s: %s: %s", job.id, type(exc).__name__, exc)
+                self._log(job, f"Failed: {exc}", LogLevel.ERROR)
             self._finish(job, failure=Failure(exc.error_type, str(exc), exc.http_status))
         except Exception as exc:  # any engine crash fails this job only; the worker goes on
             out_of_memory = is_out_of_memory(exc)
