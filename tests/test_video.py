@@ -100,9 +100,17 @@ def _noisy_frames(count: int, height: int = 64, width: int = 96) -> np.ndarray:
     return (np.random.default_rng(count).random((count, height, width, 3)) * 255).astype(np.uint8)
 
 
-def test_writer_in_pieces_makes_the_same_file(tmp_path: Path) -> None:
+def _moving_frames(count: int, height: int = 64, width: int = 96) -> np.ndarray:
+    """Smooth frames (what an encoder keeps) whose content moves frame to frame, so that a lost, doubled or
+    swapped frame shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    frames = [np.dstack([(x + 5 * i) % width / width, y / height, np.full(x.shape, i / count)]) for i in range(count)]
+    return to_uint8(np.stack(frames).astype(np.float32))
+
+
+def test_writer_in_pieces_makes_the_same_video(tmp_path: Path) -> None:
     """Pieces written as the VAE decodes them give the video one write of the whole video gives."""
-    frames = _noisy_frames(13)
+    frames = _moving_frames(13)
     whole = encode_mp4(frames, tmp_path / "whole.mp4", fps=8)
     with Mp4Writer(tmp_path / "pieces.mp4", fps=8) as writer:
         for start, stop in [(0, 1), (1, 5), (5, 9), (9, 13)]:
@@ -110,8 +118,16 @@ def test_writer_in_pieces_makes_the_same_file(tmp_path: Path) -> None:
         assert not (tmp_path / "pieces.mp4").exists()  # only close() puts it in place
         info = writer.close()
     assert (info.num_frames, info.width, info.height) == (whole.num_frames, 96, 64) == (13, 96, 64)
-    # The same frames and packets (not bytes: libx264's output was seen to vary with a long-lived process's state).
-    assert np.array_equal(read_frames(tmp_path / "pieces.mp4"), read_frames(tmp_path / "whole.mp4"))
+    # Not bit for bit: libx264's output for the same frames was seen to differ between two encodes in a long
+    # CI run (neither bytes nor decoded frames were repeatable there). What must hold: every frame, in order,
+    # as close to its source as the whole-video encode is.
+    pieces, whole_frames = (read_frames(tmp_path / name).astype(np.float32) for name in ("pieces.mp4", "whole.mp4"))
+    source = frames.astype(np.float32)
+    distance = np.abs(pieces[:, None] - source[None]).mean(axis=(2, 3, 4))  # decoded frame x source frame
+    assert list(distance.argmin(axis=1)) == list(range(13))
+    error_of_pieces, error_of_whole = np.abs(pieces - source).mean(), np.abs(whole_frames - source).mean()
+    assert error_of_pieces < 4.0 and error_of_pieces < 1.1 * error_of_whole  # levels of 255
+    assert np.abs(pieces - whole_frames).mean() < 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.mp4", "whole.mp4"]
     with pytest.raises(RuntimeError, match="already closed"):
         writer.write(frames)
