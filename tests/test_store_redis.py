@@ -12,7 +12,9 @@ import redis
 from redis_server import RedisServer
 from test_store_contract import T0, new_job, submit_many
 
-from wanserve.jobs.model import JobState, LogLevel, Priority, cancelled_failure
+from wanserve.api.metrics import live_workers
+from wanserve.jobs.model import JobState, LogLevel, Priority, WorkerInfo, cancelled_failure
+from wanserve.jobs.service import forget_silent_workers, recover_lost_jobs
 from wanserve.store.redis import RedisJobStore
 
 
@@ -139,3 +141,66 @@ def test_a_retried_claim_does_not_return_a_job_that_is_no_longer_its_own(
     job = store.get("j000")
     assert job is not None and job.worker_id == "w2"
     store.close()
+
+
+def _store_on_a_machine(server: RedisServer, prefix: str, clock_error_s: float) -> RedisJobStore:
+    """A store as a process on another machine opens it: that machine's clock is `clock_error_s` off."""
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    return RedisJobStore(client, prefix, machine_clock=lambda: time.time() + clock_error_s)
+
+
+def test_machines_whose_clocks_disagree_agree_on_leases_deadlines_and_heartbeats(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Times written to Redis come from Redis's clock: a worker whose machine runs an hour behind keeps its lease
+    and counts as live on a replica an hour ahead, and that replica's worker still gets a job the slow machine
+    queued with a one-minute start timeout."""
+    behind = _store_on_a_machine(redis_server, redis_prefix, -3600.0)
+    ahead = _store_on_a_machine(redis_server, redis_prefix, +3600.0)
+    try:
+        for store in (behind, ahead):  # this Redis runs here: its clock is this machine's
+            assert abs(store.now() - time.time()) < 1.0
+
+        behind.submit(new_job("running"), behind.now())
+        running = behind.claim("w-behind", 30, behind.now())
+        assert running is not None and running.id == "running"
+        behind.register_worker(WorkerInfo("w-behind", True, behind.now(), {}))
+        assert recover_lost_jobs(ahead, [], max_attempts=3) == []
+        assert ahead.counts()["IN_PROGRESS"] == 1 and ahead.recover_lost(ahead.now(), [], 3) == []
+        assert [w.id for w in live_workers(ahead, 30)] == ["w-behind"]
+        assert forget_silent_workers(ahead, 600) == []
+        assert behind.heartbeat("running", "w-behind", 30, behind.now())
+
+        behind.submit(new_job("waiting", start_timeout_s=60), behind.now())
+        claimed = ahead.claim("w-ahead", 30, ahead.now())
+        assert claimed is not None and claimed.id == "waiting" and claimed.state is JobState.RUNNING
+
+        # The lease still runs out on the shared clock.
+        ahead.recover_lost(ahead.now() + 31, [], 3)
+        job = ahead.get("running")
+        assert job is not None and job.state is JobState.QUEUED
+    finally:
+        behind.close()
+        ahead.close()
+
+
+def test_the_store_clock_rides_out_a_lost_redis_with_the_offset_it_had(
+    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store_on_a_machine(redis_server, redis_prefix, -120.0)
+    try:
+        assert abs(store.now() - time.time()) < 1.0
+        monkeypatch.setattr("wanserve.store.redis.CLOCK_REFRESH_S", 0.0)  # measure again at every call
+
+        def lost(*args: object) -> None:
+            raise redis.ConnectionError("Redis went away")
+
+        monkeypatch.setattr(store.redis, "time", lost)
+        assert abs(store.now() - time.time()) < 1.0
+        fresh = _store_on_a_machine(redis_server, redis_prefix, 0.0)
+        monkeypatch.setattr(fresh.redis, "time", lost)
+        with pytest.raises(redis.ConnectionError):  # no offset yet: no made-up time
+            fresh.now()
+        fresh.close()
+    finally:
+        store.close()

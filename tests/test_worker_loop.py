@@ -329,7 +329,7 @@ def test_a_finish_retried_after_a_lost_reply_keeps_its_video(tmp_path: Path) -> 
         return store.finish(job_id, now, **outcome)  # the resent call: refused
 
     worker.store = SimpleNamespace(  # type: ignore[assignment]
-        finish=finish_twice, **{name: getattr(store, name) for name in ("get", "add_log", "cancel_requested")}
+        finish=finish_twice, **{name: getattr(store, name) for name in ("get", "add_log", "cancel_requested", "now")}
     )
     store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
     job = store.claim("w1", 10, time.time())

@@ -133,7 +133,8 @@ class WebhookDispatcher:
         """Starts a delivery for each due webhook not already in flight (a slow receiver holds up only its
         own webhooks); returns how many started. `drain()` waits for them."""
         # Claimed for longer than one delivery can take, so no other loop (or replica) starts it meanwhile.
-        due = await asyncio.to_thread(self.store.claim_due_webhooks, time.time(), self.timeout_s + 30, 100)
+        # store.now() may ask the store (Redis's clock), so it is read in the thread, never on the event loop.
+        due = await asyncio.to_thread(lambda: self.store.claim_due_webhooks(self.store.now(), self.timeout_s + 30, 100))
         started = 0
         for hook in due:
             if hook.id in self._in_flight:
@@ -210,12 +211,16 @@ class WebhookDispatcher:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
             error = f"{type(exc).__name__}: {exc}"
         if error is None:
-            await asyncio.to_thread(self.store.webhook_delivered, hook_id, time.time())
+            await asyncio.to_thread(lambda: self.store.webhook_delivered(hook_id, self.store.now()))
             return
         await self._failed(hook_id, job_id, url, attempts, error)
 
     async def _failed(self, hook_id: int, job_id: str, url: str, attempts: int, error: str) -> None:
         tried = attempts + 1
-        retry_at = time.time() + retry_delay(tried, self.retry_base_s) if tried < self.max_attempts else None
         log.warning("webhook for %s to %s failed (try %d/%d): %s", job_id, url, tried, self.max_attempts, error)
-        await asyncio.to_thread(self.store.webhook_failed, hook_id, error, retry_at)
+
+        def settle() -> None:
+            delay = retry_delay(tried, self.retry_base_s) if tried < self.max_attempts else None
+            self.store.webhook_failed(hook_id, error, None if delay is None else self.store.now() + delay)
+
+        await asyncio.to_thread(settle)

@@ -102,7 +102,8 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     last_sweep = [0.0]
 
     async def housekeeping() -> None:
-        await asyncio.to_thread(ctx.store.expire_overdue, time.time())
+        # store.now() may ask the store (Redis's clock): in the thread too, never on the event loop.
+        await asyncio.to_thread(lambda: ctx.store.expire_overdue(ctx.store.now()))
         await asyncio.to_thread(recover_lost_jobs, ctx.store, [], settings.job_max_attempts)
         await asyncio.to_thread(forget_silent_workers, ctx.store, max(20 * settings.job_lease_s, 600.0))
         if time.monotonic() - last_sweep[0] >= settings.file_sweep_s:
@@ -111,7 +112,9 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
             if deleted:
                 log.info("deleted %d expired file(s)", deleted)
             if settings.job_retention_s:
-                pruned = await asyncio.to_thread(ctx.store.prune_completed, time.time() - settings.job_retention_s)
+                pruned = await asyncio.to_thread(
+                    lambda: ctx.store.prune_completed(ctx.store.now() - settings.job_retention_s)
+                )
                 if pruned:
                     log.info("deleted %d request(s) past their %.0f s retention", pruned, settings.job_retention_s)
 

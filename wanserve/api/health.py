@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
@@ -26,7 +25,7 @@ def ready(ctx: Context, authorization: Annotated[str | None, Header()] = None) -
     """200 while some worker can take a job, with how many can. Open to load balancers and probes. `workers` names
     the ready ones and `details` is every live worker as it advertises itself (host, GPUs, model, engine, current
     request, draining): on a server with API keys, both only for a valid key (worker ids carry host names)."""
-    now = time.time()
+    now = ctx.store.now()
     live = live_workers(ctx.store, ctx.settings.job_lease_s)
     ready_ids = [w.id for w in live if w.ready]
     body: dict[str, Any] = {"ready": bool(ready_ids), "ready_workers": len(ready_ids)}

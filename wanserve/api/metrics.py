@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,5 +58,5 @@ class _StoreCollector(Collector):
 
 def live_workers(store: JobStore, lease_s: float) -> list[WorkerInfo]:
     """Workers whose heartbeat is fresh: one silent for a lease is gone (or hung) whatever it last said."""
-    now = time.time()
+    now = store.now()
     return [w for w in store.workers() if now - w.heartbeat_at < lease_s]

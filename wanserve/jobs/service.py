@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -171,7 +170,7 @@ class JobService:
         lifecycle_expiry(output_lifecycle, 0.0)  # validates it now rather than after the generation
         self._check_queued(owner)
         self._check_queue_length(max_queue_length)
-        now = time.time()
+        now = self.store.now()
         job = self.store.submit(
             NewJob(
                 id=str(uuid.uuid4()),
@@ -285,7 +284,7 @@ class JobService:
         job = self.store.get(job_id)
         if job is None or job.app != app.strip("/") or not visible_to(job, owner):
             return Reply(404, {"status": CancelOutcome.NOT_FOUND.value}, {})
-        outcome = self.store.cancel(job_id, cancelled_failure(), time.time())
+        outcome = self.store.cancel(job_id, cancelled_failure(), self.store.now())
         if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
             return Reply(202, {"status": CancelOutcome.REQUESTED.value}, {})
         if outcome is CancelOutcome.ALREADY_COMPLETED:
@@ -299,7 +298,7 @@ def visible_to(job: Job, owner: str | None) -> bool:
 
 def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: int) -> list[str]:
     """Requeues the running jobs of dead workers (and of expired leases); fails those out of attempts."""
-    now = time.time()
+    now = store.now()
     failed = []
     for job in store.recover_lost(now, dead_workers, max_attempts):
         failure = cancelled_failure() if job.cancel_requested else disconnected_failure(job.attempts)
@@ -312,7 +311,7 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
 def forget_silent_workers(store: JobStore, silent_s: float) -> list[str]:
     """Drops the registrations of workers silent for `silent_s` (killed machines never unregister); their
     jobs were already recovered when the leases ran out."""
-    now = time.time()
+    now = store.now()
     gone = [w.id for w in store.workers() if now - w.heartbeat_at > silent_s]
     for worker_id in gone:
         store.remove_worker(worker_id)

@@ -17,6 +17,12 @@ from wanserve.jobs.model import (
 
 
 class JobStore(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch on the store's clock. Every time written to the store or compared with one read
+        from it comes from here: leases, start deadlines, worker heartbeats and webhook retries then mean the same
+        on every machine sharing the store, whatever each machine's own clock says."""
+        ...
+
     # --- requests (API side) ---
     def submit(self, new: NewJob, now: float) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...

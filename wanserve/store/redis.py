@@ -24,7 +24,11 @@ Layout, every key under `<prefix>:`:
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -358,8 +362,17 @@ def _job(fields: dict[str, str]) -> Job:
     )
 
 
+log = logging.getLogger(__name__)
+
+# How often the offset between this machine's clock and Redis's is measured again. Clocks drift by well under a
+# millisecond a minute; leases and heartbeats are tens of seconds.
+CLOCK_REFRESH_S = 60.0
+
+
 class RedisJobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "wanserve") -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str = "wanserve", machine_clock: Callable[[], float] = time.time
+    ) -> None:
         # Any: redis-py's annotations cannot tell that `decode_responses=True` makes every reply a str.
         self.redis: Any = client
         self.prefix = prefix
@@ -378,6 +391,10 @@ class RedisJobStore:
         }
         # register_script reloads a script that a restarted Redis no longer has (NOSCRIPT) by itself.
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
+        self._machine_clock = machine_clock  # this machine's own clock, which `now()` corrects to Redis's
+        self._clock_lock = threading.Lock()
+        self._clock_offset: float | None = None  # Redis's clock minus this machine's, in seconds
+        self._clock_measured_at = 0.0  # time.monotonic() of that measurement
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "wanserve", retries: int = 40) -> RedisJobStore:
@@ -405,6 +422,37 @@ class RedisJobStore:
 
     def close(self) -> None:
         self.redis.close()
+
+    def now(self) -> float:
+        """Redis's clock (its TIME), read as this machine's clock plus the offset between the two, measured again
+        every CLOCK_REFRESH_S. Workers and replicas on machines whose clocks disagree then agree on when a lease
+        ran out or a worker went silent."""
+        with self._clock_lock:
+            if self._clock_offset is None or time.monotonic() - self._clock_measured_at >= CLOCK_REFRESH_S:
+                self._measure_clock_offset()
+            assert self._clock_offset is not None
+            return self._machine_clock() + self._clock_offset
+
+    def _measure_clock_offset(self) -> None:
+        before = self._machine_clock()
+        try:
+            seconds, micros = self.redis.time()
+        except redis.RedisError:
+            if self._clock_offset is None:
+                raise
+            # The last offset stays good for a long time; the call that needs Redis next says it is gone.
+            log.warning("could not read Redis's clock; keeping the offset measured before", exc_info=True)
+            return
+        after = self._machine_clock()
+        # TIME was read somewhere between `before` and `after`: the midpoint errs by at most half the round trip.
+        offset = seconds + micros / 1e6 - (before + after) / 2
+        if self._clock_offset is None and abs(offset) > 1.0:
+            log.warning(
+                "this machine's clock is %.1f s %s Redis's; the job store uses Redis's",
+                abs(offset),
+                "behind" if offset > 0 else "ahead of",
+            )
+        self._clock_offset, self._clock_measured_at = offset, time.monotonic()
 
     # --- requests ---
     def submit(self, new: NewJob, now: float) -> Job:

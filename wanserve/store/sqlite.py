@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,9 @@ class SQLiteJobStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def now(self) -> float:
+        return time.time()  # one machine: its clock is the store's
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -197,7 +197,7 @@ class Worker:
 
     def _register(self, ready: bool) -> None:
         ready = ready and not self._draining.is_set() and not self._stop.is_set()
-        self.store.register_worker(WorkerInfo(self.id, ready, time.time(), self._detail))
+        self.store.register_worker(WorkerInfo(self.id, ready, self.store.now(), self._detail))
 
     def load(self) -> None:
         self._register(ready=False)
@@ -243,7 +243,7 @@ class Worker:
             token = uuid.uuid4().hex
             while not self._stop.is_set() and not self._draining.is_set() and not stop_when():
                 try:
-                    job = self.store.claim(self.id, self.settings.job_lease_s, time.time(), token=token)
+                    job = self.store.claim(self.id, self.settings.job_lease_s, self.store.now(), token=token)
                 except Exception as exc:  # the store is down for longer than its client retries: wait, not die
                     # The same token next time: if this claim took a job before its reply was lost, that job.
                     self._stop.wait(outage.failed(exc))
@@ -268,7 +268,7 @@ class Worker:
             try:
                 self._register(ready=self._runner is not None)
                 if job is not None and not self.store.heartbeat(
-                    job.id, self.id, self.settings.job_lease_s, time.time()
+                    job.id, self.id, self.settings.job_lease_s, self.store.now()
                 ):
                     self._lease_lost_job = job.id  # names the job, so a late beat cannot touch the next one
             except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
@@ -288,7 +288,7 @@ class Worker:
     def _log(self, job: Job, message: str, level: LogLevel = LogLevel.INFO) -> None:
         self._progress_at = time.monotonic()
         try:
-            self.store.add_log(job.id, level, message, time.time())
+            self.store.add_log(job.id, level, message, self.store.now())
         except Exception as exc:  # a progress line lost in a store outage must not fail the video
             log.warning("job %s: log line not stored (%s: %s): %s", job.id, type(exc).__name__, exc, message)
 
@@ -327,7 +327,7 @@ class Worker:
         except ShuttingDown:
             # The store decides atomically: back to the queue, or (cancel requested meanwhile) completed as cancelled.
             note = "Worker shutting down; the request goes back to the queue"
-            if not self.store.release(job.id, self.id, time.time(), note=note):
+            if not self.store.release(job.id, self.id, self.store.now(), note=note):
                 log.warning("job %s was no longer this worker's when it was handed back", job.id)
         except GenerationCancelled:
             self._finish(job, failure=cancelled_failure())
@@ -398,7 +398,7 @@ class Worker:
         give_up = time.monotonic() + max(60.0, 10 * self.settings.job_lease_s)
         while True:
             try:
-                finished = self.store.finish(job.id, time.time(), worker_id=self.id, **outcome)
+                finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
                 break
             except Exception as exc:
                 if time.monotonic() > give_up:
