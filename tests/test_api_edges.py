@@ -163,8 +163,28 @@ def test_a_signed_url_expiry_that_is_not_a_number_is_not_a_500(client: TestClien
     init = client.post("/rest/storage/upload/initiate", json={"content_type": "text/plain", "file_name": "a.txt"})
     assert client.put(init.json()["upload_url"], content=b"abc").status_code == 200
     url = init.json()["file_url"]
-    answer = client.get(url, params={"exp": "²"})
-    assert answer.status_code < 500 and "Traceback" not in answer.text
+    for exp in ("²", "1" + "0" * 400, "9" * 5000):  # not a number; too big for a float; too long for int()
+        answer = client.get(url, params={"exp": exp})
+        assert answer.status_code < 500 and "Traceback" not in answer.text, exp
+
+
+BIG = "1" * 5000  # past the 4,300 digits Python's int() converts
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (f"/{APP}?fal_max_queue_length={BIG}", {"prompt": "a fox"}),
+        (f"/{APP}?fal_webhook=http://{BIG}/", {"prompt": "a fox"}),
+        (f"/{APP}/lora", {"prompt": "a fox", "loras": [{"path": f"http://{BIG}/x.safetensors"}]}),
+        (f"/files/aaaaaaaaaa/x?exp={BIG}&sig=ab", None),
+    ],
+)
+def test_numbers_too_long_for_python_in_urls_and_query_values_are_never_a_500(
+    client: TestClient, path: str, body: dict[str, Any] | None
+) -> None:
+    answer = client.get(path) if body is None else client.post(path, json=body)
+    assert answer.status_code < 500 and "Traceback" not in answer.text, answer.text
 
 
 def test_a_page_on_another_site_cannot_start_work_on_a_server_without_keys(tmp_path: Path) -> None:

@@ -137,6 +137,8 @@ def big_input(size: int) -> bytes:
         ("POST", f"/run/{APP}", {}),
         ("GET", f"/run/{APP}?prompt=a+fox", {}),  # the input is in the query; a body is still limited
         ("POST", "/api/fal/proxy", {"x-fal-target-url": f"https://queue.fal.run/{APP}"}),
+        ("POST", "/cdn/files/upload/", {}),  # not the upload route: a submit to an app of that name
+        ("POST", "/api/fal/proxy", {"x-fal-target-url": "https://v3.fal.media/files/upload/"}),
         ("POST", "/rest/storage/upload/initiate", {}),  # a body the framework parses itself
         ("PUT", f"/{APP}/requests/x/cancel", {}),  # a route that never reads its body
     ],
@@ -158,6 +160,17 @@ def test_a_json_body_over_the_limit_is_413_declared_or_streamed(
         assert_refused(streamed, 413, "payload_too_large")
         assert chunks.sent <= 6, f"read {chunks.sent} KiB of a body over a 4 KiB limit"
     assert job_counts(client) == before
+
+
+def test_a_submit_route_refuses_a_body_over_the_limit_that_the_middleware_let_through(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit routes count their body themselves: a path the middleware took for an upload's is limited too."""
+    monkeypatch.setattr("wanserve.api.limits.is_upload", lambda method, path: True)
+    chunks = Chunks(b" " * KiB, 1000)
+    refused = send_chunked(client, "POST", f"/{APP}", chunks, {"content-type": "application/json"})
+    assert_refused(refused, 413, "payload_too_large")
+    assert chunks.sent <= 6, f"read {chunks.sent} KiB of a body over a 4 KiB limit"
 
 
 def test_a_body_at_the_limit_is_read(client: TestClient) -> None:

@@ -218,6 +218,9 @@ def test_non_public_addresses_are_refused_by_every_guard(
         ("0", "0.0.0.0"),
         ("127.0.0.1.", "127.0.0.1"),
         ("134744072", "8.8.8.8"),
+        ("0x0000000000007f.1", "127.0.0.1"),  # leading zeros are not significant digits
+        ("000000000000000177.1", "127.0.0.1"),
+        ("4294967295", "255.255.255.255"),
     ],
 )
 def test_numeric_ipv4_spellings_are_read_as_inet_aton_reads_them(spelling: str, address: str) -> None:
@@ -228,7 +231,13 @@ def test_numeric_ipv4_spellings_are_read_as_inet_aton_reads_them(spelling: str, 
         assert socket.getaddrinfo(spelling, 80, proto=socket.IPPROTO_TCP)[0][4][0] == address
 
 
-@pytest.mark.parametrize("name", ["example.com", "1.2.3.4.5", "256.1.1.1", "1.2.65536", "08.1.1.1", "0x1g.1", ""])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *["example.com", "1.2.3.4.5", "256.1.1.1", "1.2.65536", "08.1.1.1", "0x1g.1", "", "4294967296", "0x100000000"],
+        *["1" + "0" * 5000, "127.0." + "1" * 5000, "0x" + "f" * 5000, "0" + "7" * 5000],  # never int()'s ValueError
+    ],
+)
 def test_names_that_are_not_numeric_addresses_go_to_dns(name: str) -> None:
     assert ipv4_literal(name) is None
 

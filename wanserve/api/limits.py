@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ERROR_TYPE = "payload_too_large"
@@ -29,10 +30,21 @@ class BodyTooLarge(HTTPException):
 
 def is_upload(method: str, path: str) -> bool:
     """The storage routes that take file bytes (see wanserve.api.storage): a signed PUT, a multipart part
-    (both flows), the CDN upload."""
+    (both flows), the CDN upload. Exactly those paths: any other (`/cdn/files/upload/` too) is a submit's path."""
     if method == "PUT":
         return path.startswith(("/rest/storage/upload/", "/files/"))
-    return method == "POST" and path.rstrip("/") == "/cdn/files/upload"
+    return method == "POST" and path == "/cdn/files/upload"
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """A JSON route's body, refused past `max_bytes` as it streams in. The middleware counts too; this keeps a route
+    that reads a body safe whatever path the middleware was told is an upload's."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise BodyTooLarge(max_bytes)
+    return bytes(body)
 
 
 class BodyLimitMiddleware:
@@ -46,7 +58,8 @@ class BodyLimitMiddleware:
             return
         limit = self.max_bytes
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.strip().isdigit() and int(value) > limit:
+            declared = value.strip()  # bytes: isdigit() is ASCII digits only; a long one is past any limit
+            if name == b"content-length" and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
                 await _refuse(send, BodyTooLarge(limit))
                 return
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from wanserve.api.context import Authorized, Caller, Context, ReadLimited, ServerContext, SubmitLimited
 from wanserve.api.files import signed_reply
+from wanserve.api.limits import read_body
 from wanserve.api.responses import reply_response
 from wanserve.errors import BadRequest, NotFound
 from wanserve.jobs.model import JobState
@@ -29,9 +30,8 @@ def wants_logs(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-async def read_json(request: Request) -> Any:
-    # The size limit is api.limits' (a middleware that counts the body as it streams in, for every JSON route).
-    raw = await request.body()
+async def read_json(request: Request, max_bytes: int) -> Any:
+    raw = await read_body(request, max_bytes)
     if not raw.strip():
         return {}
     try:
@@ -61,10 +61,11 @@ def query_input(request: Request) -> dict[str, Any]:
 
 async def submit_job(ctx: ServerContext, endpoint: str, request: Request, owner: str | None) -> Any:
     if request.method == "GET":
-        await request.body()  # unused, but read: the body limit must refuse an oversized one before a job exists
+        # Unused, but read: an oversized one is refused before a job exists.
+        await read_body(request, ctx.settings.max_body_bytes)
         body: Any = query_input(request)
     else:
-        body = await read_json(request)
+        body = await read_json(request, ctx.settings.max_body_bytes)
     headers = request.headers
     return await run_in_threadpool(
         ctx.service.submit,

@@ -77,9 +77,15 @@ _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 
 
 def _ipv4_part(part: str) -> int:
+    """One dotted part's value; 2**32 for one with more significant digits than 32 bits hold (inet_aton refuses
+    it; Python's int() would even raise past 4,300 digits)."""
     if part[:2].lower() == "0x":
-        return int(part[2:] or "0", 16)
-    return int(part, 8) if part.startswith("0") else int(part)
+        digits, base, most = part[2:].lstrip("0"), 16, 8
+    elif part.startswith("0"):
+        digits, base, most = part.lstrip("0"), 8, 11
+    else:
+        digits, base, most = part, 10, 10
+    return int(digits or "0", base) if len(digits) <= most else 1 << 32
 
 
 def ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
