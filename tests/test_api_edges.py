@@ -206,3 +206,31 @@ def test_a_page_on_another_site_cannot_start_work_on_a_server_without_keys(tmp_p
     allowed = Settings(data_dir=tmp_path / "b", public_url="http://testserver", cors_origins=["https://evil.example"])
     with TestClient(create_app(allowed, workers=0)) as c:  # an origin the operator allowed
         assert c.post(f"/{APP}", json={"prompt": "a fox"}, headers=cross).status_code == 200
+
+
+def test_openapi_carries_the_endpoints_input_and_output_schemas_with_their_bounds(client: TestClient) -> None:
+    """The submit, run and result routes take any endpoint id, so their schemas are added: a client generated from
+    /openapi.json knows the inputs, the bounds this server adds to the hosted ones, and the output."""
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    steps = schemas["WanT2VRequest"]["properties"]["num_inference_steps"]
+    assert (steps["default"], steps["minimum"], steps["maximum"]) == (30, 1, 100)
+    assert "loras" in schemas["WanLoRAT2VRequest"]["properties"]
+    assert "loras" not in schemas["WanT2VRequest"]["properties"]
+    assert schemas["LoRAWeight"]["required"] == ["path"]
+    assert set(schemas["WanT2VResponse"]["required"]) >= {"video", "seed"}
+    inputs = [{"$ref": "#/components/schemas/WanT2VRequest"}, {"$ref": "#/components/schemas/WanLoRAT2VRequest"}]
+    for path in ("/{endpoint}", "/run/{endpoint}"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"oneOf": inputs}
+    result = document["paths"]["/{app}/requests/{request_id}"]["get"]["responses"]["200"]
+    assert result["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/WanT2VResponse"}
+    refs = [value for value in _walk(document) if isinstance(value, str) and value.startswith("#/components/")]
+    assert all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)  # every $ref resolves
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from _walk(child)

@@ -19,7 +19,7 @@ from wanserve.cli import main as cli_main
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.official import T5_FILE, VAE_FILE
 from wanserve.engine.pipeline import GenerationSpec, WanEngine
-from wanserve.engine.tiny import TinyConfig, build_tiny_pipeline
+from wanserve.engine.tiny import TinyConfig, build_tiny_pipeline, ensure_tiny_model
 from wanserve.errors import ModelLoadError
 
 Spec = Callable[..., GenerationSpec]
@@ -155,3 +155,24 @@ def test_convert_refuses_bad_source_and_non_empty_destination(layouts: tuple[Pat
     with pytest.raises(ModelLoadError, match="not empty"):
         convert_model(layouts[1], busy)
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("experts", [("transformer",), ("transformer", "transformer_2")])
+def test_a_model_index_without_boundary_ratio_gets_one_only_with_two_experts(
+    model_cache: Path, tmp_path: Path, experts: tuple[str, ...]
+) -> None:
+    """Wan 2.2's boundary (0.875) is the default of a two-expert directory; a one-expert (Wan 2.1-style) directory
+    has none, as diffusers loads it, so `guidance_scale` applies to every step."""
+    tiny = ensure_tiny_model(model_cache)
+    model = tmp_path / "model"
+    model.mkdir()
+    for part in ("tokenizer", "text_encoder", "vae", "scheduler", *experts):
+        (model / part).symlink_to(tiny / part)
+    index = json.loads((tiny / "model_index.json").read_text())
+    index.pop("boundary_ratio", None)
+    if "transformer_2" not in experts:
+        index["transformer_2"] = [None, None]
+    (model / "model_index.json").write_text(json.dumps(index))
+    pipe = load_pipeline(str(model), model_cache, torch.float32)
+    assert pipe.config.boundary_ratio == (0.875 if len(experts) == 2 else None)
+    assert (pipe.transformer_2 is None) == (len(experts) == 1)

@@ -123,6 +123,18 @@ def test_distill_style_file_with_biases_head_delta_and_ignored_norm_deltas(
     assert not np.array_equal(with_extras, without)  # the biases, head delta and text factors were applied
 
 
+def test_a_scale_that_breaks_the_model_is_a_422_on_the_loras(
+    engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """A finite scale can still make infinities (1e30 x the LoRA's update): the request's to change, not a 500."""
+    path = write_wan(tmp_path / "l.safetensors", factors, alpha=4)
+    with pytest.raises(FieldError, match="NaN or infinite") as raised:
+        engine.generate(with_loras(spec, use(path, 1e30)))
+    assert raised.value.http_status == 422 and raised.value.error_type == "invalid_lora"
+    assert raised.value.detail()["loc"] == ["body", "loras"]
+    assert np.isfinite(frames(engine, with_loras(spec, use(path, 1.0)))).all()
+
+
 def test_scale_zero_is_exactly_no_lora_and_scale_two_differs(
     engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
 ) -> None:

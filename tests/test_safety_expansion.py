@@ -132,6 +132,18 @@ def test_local_causal_lm_expands_through_the_real_loading_code(models: dict[str,
 
 def test_clean_expansion_bounds_and_refuses_empty_answers() -> None:
     assert clean_expansion('Prompt: "A fox."') == "A fox."
+    assert clean_expansion("Here is the rewritten prompt: “A fox at dawn.”") == "A fox at dawn."
+    assert clean_expansion("Here's an expanded version of your prompt:\nA fox.") == "A fox."
+    # The prompt's own words stay: a colon further on is not the end of a preamble, an inner quote not a wrapper.
+    fox = "Here is a red fox in fresh snow while a clock tower behind it shows 6:45, soft golden light."
+    assert clean_expansion(fox) == fox
+    assert clean_expansion("Here's a quiet street at night; a sign says: closed.") == (
+        "Here's a quiet street at night; a sign says: closed."
+    )
+    assert clean_expansion('A neon sign above the door reads "OPEN"') == 'A neon sign above the door reads "OPEN"'
+    assert clean_expansion('"OPEN" glows on a sign, and "CLOSED" below it"') == (
+        '"OPEN" glows on a sign, and "CLOSED" below it"'
+    )
     long = "A fox runs. " * 400
     assert len(clean_expansion(long)) <= 2000 and clean_expansion(long).endswith(".")
     for empty in ("", "   ", '""', "..."):

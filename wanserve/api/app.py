@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -26,6 +24,7 @@ from wanserve.api.hosts import AllowedHosts, HostCheckMiddleware
 from wanserve.api.limits import ERROR_TYPE as PAYLOAD_TOO_LARGE
 from wanserve.api.limits import BodyLimitMiddleware
 from wanserve.api.metrics import Metrics
+from wanserve.api.openapi import install_openapi
 from wanserve.api.proxy import FalProxyMiddleware
 from wanserve.api.ratelimit import RateLimiter
 from wanserve.api.responses import error_response
@@ -151,7 +150,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.state.context = ctx
     app.state.supervisor = supervisor
     _install_error_handlers(app)
-    _unique_operation_ids(app)
+    install_openapi(app)
     for router in (health.router, playground.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -182,31 +181,6 @@ CORS_EXPOSED_HEADERS = [
     "content-range",
     "retry-after",
 ]
-
-
-HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
-
-
-def _unique_operation_ids(app: FastAPI) -> None:
-    """FastAPI names an operation `<function><path>_<method>` with a single method for a route that serves several
-    (GET and HEAD of /files/, POST and GET of /run/): two operations under one id, the method picked by set order.
-    Here each operation ends with its own method, so ids are unique and the same on every run."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
-            schema = generate()  # cached by FastAPI: the edits below are in the cached schema
-        for item in schema["paths"].values():
-            for method, operation in item.items():
-                base, _, suffix = str(operation.get("operationId", "")).rpartition("_")
-                if base and suffix in HTTP_METHODS:
-                    operation["operationId"] = f"{base}_{method}"
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -124,7 +124,9 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
         return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, **kw)
 
     loaded = {name: load_component(name, path / name, partial(load_expert, path / name)) for name in experts}
-    boundary = index.get("boundary_ratio", BOUNDARY_RATIO)
+    # A two-expert model without the key is Wan 2.2 A14B's layout (0.875); a one-expert model has no boundary
+    # (diffusers leaves it None): guidance_scale on every step, as in Wan 2.1.
+    boundary = index.get("boundary_ratio", BOUNDARY_RATIO if len(experts) == 2 else None)
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),

@@ -37,7 +37,7 @@ from wanserve.engine.sampling import Expert, StepPlan, plan_steps, reference_sig
 from wanserve.engine.speed import DeviceInfo, Preset, SpeedPlan, compile_experts, plan_speed, prepare_experts
 from wanserve.engine.vae import decode_video
 from wanserve.engine.video import FrameSink
-from wanserve.errors import GenerationCancelled, InvalidGenerationInput, NonFiniteOutput
+from wanserve.errors import FieldError, GenerationCancelled, InvalidGenerationInput, LoraError, NonFiniteOutput
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import MAX_SEED, WanLoRAT2VRequest, WanT2VRequest, frames_to_generate
 
@@ -413,6 +413,15 @@ class WanEngine:
         if not bool(latents.isfinite().all()):  # one reduction; the decode syncs anyway
             loras = ", ".join(use.label for use in spec.loras) or "none"
             log.error("non-finite latents after denoising: %s; LoRAs: %s", self.describe(), loras)
+            if spec.loras:
+                # The likeliest cause is then the request's own: a scale far from 1 or a file with extreme weights.
+                raise FieldError(
+                    ("loras",),
+                    LoraError(
+                        f"with these LoRAs ({loras}) the denoised video holds NaN or infinite values: use a scale "
+                        "nearer 1, or another LoRA file"
+                    ),
+                )
             raise NonFiniteOutput(
                 "the denoised video holds NaN or infinite values: the model's numbers broke down, not the request; "
                 "a LoRA with extreme weights or scale, or another speed preset, may avoid it"

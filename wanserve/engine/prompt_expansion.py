@@ -25,7 +25,14 @@ SYSTEM_PROMPT = (
     "rewritten prompt only: no preamble, no quotes, no lists."
 )
 MAX_PROMPT_CHARS = 2000  # an expansion longer than this is cut at a sentence end
-_PREAMBLE = re.compile(r"^\s*(?:here(?:'s| is)[^:\n]*:|(?:rewritten |expanded )?prompt\s*:)\s*", re.IGNORECASE)
+# A chat model's lead-in: "Here is the rewritten prompt:", "Prompt:". Short, and only where it names what follows
+# (a prompt, a rewrite...): "Here is a fox ... at 6:45" is the prompt itself and keeps every word.
+_PREAMBLE = re.compile(
+    r"^\s*(?:here(?:'s| is)[^:\n]{0,60}?\b(?:prompt|rewrite|rewritten|expanded|expansion|version|description)\b"
+    r"[^:\n]{0,20}:|(?:rewritten |expanded )?prompt\s*:)\s*",
+    re.IGNORECASE,
+)
+_QUOTE_PAIRS = {'"': '"', "“": "”", "'": "'"}
 
 
 class ExpansionFailed(Exception):
@@ -38,9 +45,19 @@ class PromptExpander(Protocol):
     def expand(self, prompt: str) -> str: ...
 
 
+def _unquoted(text: str) -> str:
+    """Text wrapped in one pair of quotes, without them; any other text as it is (a sign that reads "OPEN" at the
+    end keeps its quotes)."""
+    if len(text) >= 2 and _QUOTE_PAIRS.get(text[0]) == text[-1]:
+        inner = text[1:-1]
+        if text[0] not in inner and text[-1] not in inner:
+            return inner.strip()
+    return text
+
+
 def clean_expansion(text: str) -> str:
     """The rewritten prompt alone: no chat preamble or wrapping quotes, bounded in length."""
-    text = _PREAMBLE.sub("", text.strip()).strip().strip('"“”').strip()
+    text = _unquoted(_PREAMBLE.sub("", text.strip()).strip())
     text = " ".join(text.split())
     if len(text) > MAX_PROMPT_CHARS:
         cut = text[:MAX_PROMPT_CHARS]
