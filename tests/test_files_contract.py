@@ -146,6 +146,25 @@ def test_multipart_joins_parts_in_number_order(open_store: OpenStore) -> None:
         fs.complete_multipart(upload_id, [(1, e1)], T0)
 
 
+def test_a_part_given_as_a_file_is_the_same_part_as_its_bytes(fs: FileStore, tmp_path: Path) -> None:
+    """The API stages a part's body in a file (parts in flight never sit in memory) and hands the store that file."""
+    key = new_key("from-files.bin")
+    upload_id = fs.create_multipart(key, "x/y", None)
+    first, second = bytes(range(256)) * (5 * MiB // 256), b"tail"
+    staged = tmp_path / "part-1"
+    staged.write_bytes(first)
+    e1 = fs.put_part(upload_id, 1, staged, max_total=len(first) + len(second))
+    e2 = fs.put_part(upload_id, 2, second)
+    assert e1 == hashlib.md5(first).hexdigest()
+    assert fs.complete_multipart(upload_id, [(1, e1), (2, e2)], T0).size == len(first) + len(second)
+    assert read(fs, key) == first + second
+    over = tmp_path / "part-2"
+    over.write_bytes(b"x" * 10)
+    other = fs.create_multipart(new_key("over.bin"), "x/y", None)
+    with pytest.raises(PayloadTooLarge):
+        fs.put_part(other, 1, over, max_total=9)
+
+
 def test_multipart_refusals_leave_the_upload_completable(fs: FileStore) -> None:
     key = new_key("x.bin")
     upload_id = fs.create_multipart(key, "x/y", None)

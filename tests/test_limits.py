@@ -493,6 +493,22 @@ def test_uploads_are_staged_on_the_file_stores_disk(client: TestClient, staged: 
     assert not seen[0].exists()  # renamed into place
 
 
+def test_multipart_parts_are_staged_on_disk_not_held_in_memory(client: TestClient, staged: list[Path]) -> None:
+    files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
+    created = client.post("/cdn/files/upload/multipart", headers={"content-type": "video/mp4"})
+    access_url, upload_id = created.json()["access_url"], created.json()["uploadId"]
+    base = access_url.split("?")[0] + f"/multipart/{upload_id}"
+    part = client.put(f"{base}/1", content=b"p" * (20 * KiB))
+    assert part.status_code == 200, part.text
+    assert len(staged) == 1 and staged[0].parent == files.root / "tmp" and not staged[0].exists()  # moved in
+    refused = client.put(f"{base}/2", content=b"x" * (64 * KiB + 1))
+    assert_refused(refused, 413, "payload_too_large")
+    assert len(staged) == 1 and "multipart part" in refused.json()["detail"]  # refused by its Content-Length
+    done = client.post(f"{base}/complete", json={"parts": [{"partNumber": 1, "etag": part.json()["etag"]}]})
+    assert done.status_code == 200, done.text
+    assert client.get(access_url).content == b"p" * (20 * KiB)
+
+
 def test_a_remote_stores_uploads_stage_in_a_folder_of_this_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: list[Path]
 ) -> None:

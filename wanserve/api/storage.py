@@ -119,13 +119,16 @@ def _disk_full_is_507() -> Iterator[None]:
         raise
 
 
-async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
-    """The request body in a temporary file on the file store's disk (or the temp dir), refusing anything over the
-    upload limit, or that would leave less than the disk reserve free, while it streams."""
-    limit, reserve = ctx.settings.max_upload_bytes, ctx.settings.upload_disk_reserve_bytes
+async def _receive_to_file(
+    request: Request, ctx: ServerContext, limit: int | None = None, what: str = "upload"
+) -> Path:
+    """The request body in a temporary file on the file store's disk (or the temp dir), refusing anything over
+    `limit` (default: the upload limit), or that would leave less than the disk reserve free, while it streams."""
+    limit = ctx.settings.max_upload_bytes if limit is None else limit
+    reserve = ctx.settings.upload_disk_reserve_bytes
     declared = ascii_int(request.headers.get("content-length"))
     if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"upload of {declared} bytes is over the {limit}-byte limit")
+        raise PayloadTooLarge(f"{what} of {declared} bytes is over the {limit}-byte limit")
     # A remote store's uploads stage in this process's own temp folder: what a killed process left there is
     # removed by the next one to start (tempdirs.remove_stale_temp_dirs).
     staging = ctx.files.staging_dir() or process_temp_dir("uploads")
@@ -137,7 +140,7 @@ async def _receive_to_file(request: Request, ctx: ServerContext) -> Path:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"upload is over the {limit}-byte limit")
+                    raise PayloadTooLarge(f"{what} is over the {limit}-byte limit")
                 if size - checked >= ROOM_CHECK_EVERY:
                     check_room(staging, 0, reserve)
                     checked = size
@@ -255,16 +258,15 @@ MAX_PART_BYTES = 100 * 1024 * 1024  # both clients send 10 MiB parts
 
 
 async def _put_part(ctx: ServerContext, upload_id: str, part_number: int, request: Request) -> str:
-    limit = min(MAX_PART_BYTES, ctx.settings.max_upload_bytes)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise PayloadTooLarge(f"a multipart part is limited to {limit} bytes")
-    with _disk_full_is_507():
-        return await run_in_threadpool(
-            ctx.files.put_part, upload_id, part_number, bytes(data), ctx.settings.max_upload_bytes
-        )
+    # Staged on disk as it streams in, like a whole upload: parts in flight never sit in memory.
+    tmp = await _receive_to_file(request, ctx, min(MAX_PART_BYTES, ctx.settings.max_upload_bytes), "a multipart part")
+    try:
+        with _disk_full_is_507():
+            return await run_in_threadpool(
+                ctx.files.put_part, upload_id, part_number, tmp, ctx.settings.max_upload_bytes
+            )
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- CDN token + direct upload (Python's fal_v3 repository) ---

@@ -239,10 +239,11 @@ class FileStore(Protocol):
 
     # multipart uploads: parts are numbered from 1 and joined in order on completion
     def create_multipart(self, key: str, content_type: str, expires_at: float | None) -> str: ...
-    def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
-        """Stores one part; returns its ETag. With `max_total`, a part that would take the upload's parts past that
-        many bytes is refused (PayloadTooLarge, see check_parts_total). A store on a local disk refuses parts and
-        completions that would leave less than its upload reserve free (StorageFull)."""
+    def put_part(self, upload_id: str, part_number: int, source: Path | bytes, max_total: int | None = None) -> str:
+        """Stores one part (its bytes, or a file that the store may move in); returns its ETag. With `max_total`, a
+        part that would take the upload's parts past that many bytes is refused (PayloadTooLarge, see
+        check_parts_total). A store on a local disk refuses parts and completions that would leave less than its
+        upload reserve free (StorageFull)."""
         ...
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile: ...

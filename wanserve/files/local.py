@@ -226,14 +226,20 @@ class LocalFileStore:
         atomic_write(path / "upload.json", json.dumps(info).encode(), self._tmp)
         return upload_id
 
-    def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
+    def put_part(self, upload_id: str, part_number: int, source: Path | bytes, max_total: int | None = None) -> str:
         check_part_number(part_number)
         folder = self._upload_dir(upload_id)
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
         stored = {int(p.name[5:]): p.stat().st_size for p in folder.glob("part-[0-9][0-9][0-9][0-9][0-9]")}
-        check_parts_total(stored, part_number, len(data), max_total)
-        check_room(self._tmp, len(data), self.upload_reserve)
-        atomic_write(folder / f"part-{part_number:05d}", data, self._tmp)
-        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+        check_parts_total(stored, part_number, size, max_total)
+        target = folder / f"part-{part_number:05d}"
+        if isinstance(source, bytes):
+            check_room(self._tmp, size, self.upload_reserve)
+            atomic_write(target, source, self._tmp)
+            return hashlib.md5(source, usedforsecurity=False).hexdigest()
+        etag = _md5_file(source)
+        self._move_in(source, target)  # a staged file is on the disk already: its room was checked as it came in
+        return etag
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile:
         folder = self._upload_dir(upload_id)

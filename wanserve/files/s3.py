@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
@@ -347,15 +347,18 @@ class S3FileStore:
             state = json.loads(self._client.get_object(Bucket=self.bucket, Key=self._state(upload_id))["Body"].read())
         return str(state["key"]), str(state["s3_upload_id"])
 
-    def put_part(self, upload_id: str, part_number: int, data: bytes, max_total: int | None = None) -> str:
+    def put_part(self, upload_id: str, part_number: int, source: Path | bytes, max_total: int | None = None) -> str:
         check_part_number(part_number)
         key, s3_upload = self._upload(upload_id)
         if max_total is not None:
             sizes = {number: size for number, (_etag, size) in self._uploaded_parts(upload_id, key, s3_upload).items()}
-            check_parts_total(sizes, part_number, len(data), max_total)
-        with _s3("UploadPart", f"no such multipart upload: {upload_id}"):
+            check_parts_total(
+                sizes, part_number, len(source) if isinstance(source, bytes) else source.stat().st_size, max_total
+            )
+        with ExitStack() as stack, _s3("UploadPart", f"no such multipart upload: {upload_id}"):
+            body = source if isinstance(source, bytes) else stack.enter_context(source.open("rb"))
             answer = self._client.upload_part(
-                Bucket=self.bucket, Key=self._object(key), UploadId=s3_upload, PartNumber=part_number, Body=data
+                Bucket=self.bucket, Key=self._object(key), UploadId=s3_upload, PartNumber=part_number, Body=body
             )
         return str(answer["ETag"]).strip('"')
 
