@@ -296,6 +296,22 @@ def test_uploads_answer_signed_urls_and_stay_their_owners(client: TestClient) ->
     )
 
 
+def test_a_removed_keys_upload_tokens_stop_working_at_once(tmp_path: Path) -> None:
+    """A CDN token is signed with the server's secret, which outlives a restart: the key it was given to must still
+    be configured, or the token (valid for an hour) would outlast the key's removal."""
+    with TestClient(make_app(tmp_path), raise_server_exceptions=False) as before:
+        tokens = {
+            name: before.post("/rest/storage/auth/token", headers=h).json()["token"] for name, h in (("a", A), ("b", B))
+        }
+    with TestClient(make_app(tmp_path, api_keys=[KEY_A]), raise_server_exceptions=False) as after:
+
+        def upload(token: str) -> int:
+            headers = {"Authorization": f"Bearer {token}", "content-type": "text/plain"}
+            return after.post("/cdn/files/upload", content=b"x", headers=headers).status_code
+
+        assert (upload(tokens["a"]), upload(tokens["b"])) == (200, 401)
+
+
 # --- rate limits ---
 
 

@@ -167,7 +167,7 @@ def _check_cdn_auth(ctx: ServerContext, authorization: str | None) -> str | None
         return None
     scheme, _, credential = (authorization or "").partition(" ")
     owner = ctx.url_signer.token_owner(credential.strip()) if scheme.lower() == "bearer" else None
-    if owner:
+    if owner and owner in ctx.api_keys.ids:  # a token outlives nothing: a key removed since has no tokens left
         return owner
     owner = ctx.api_keys.identify(authorization)
     if owner is not None:
