@@ -347,9 +347,9 @@ def test_every_redirect_hop_is_checked(
     real = inputs.check_public_host
     seen: list[str] = []
 
-    def first_hop_is_public(host: str, port: int) -> list[str]:
+    def first_hop_is_public(host: str, port: int, resolve_timeout_s: float | None = None) -> list[str]:
         seen.append(host)
-        return ["127.0.0.1"] if host == "127.0.0.1" else real(host, port)
+        return ["127.0.0.1"] if host == "127.0.0.1" else real(host, port, resolve_timeout_s)
 
     monkeypatch.setattr(inputs, "check_public_host", first_hop_is_public)
     with pytest.raises(InputFetchError, match="private or local"):

@@ -567,9 +567,8 @@ def hostile_server() -> Iterator[str]:
 @pytest.fixture
 def resolver_for(tmp_path: Path) -> Any:
     def make(**overrides: Any) -> LoraResolver:
-        settings = Settings(
-            cache_dir=tmp_path / "cache", data_dir=tmp_path / "data", allow_private_urls=True, **overrides
-        )
+        values = {"cache_dir": tmp_path / "cache", "data_dir": tmp_path / "data", "allow_private_urls": True}
+        settings = Settings(**{**values, **overrides})
         return LoraResolver(settings, LocalFileStore(tmp_path / "files", "http://testserver"))
 
     return make
@@ -597,3 +596,24 @@ def test_a_trickling_download_stops_at_lora_download_timeout_s(resolver_for: Any
         started = time.monotonic()
         assert_download_refused(resolver_for(lora_download_timeout_s=0.5), f"{base}/trickle")
         assert time.monotonic() - started < 3  # each byte comes in time: only the whole-download limit stops it
+
+
+def test_a_slow_dns_answer_counts_against_lora_download_timeout_s(
+    resolver_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system resolver has no timeout to pass (its retries can take tens of seconds): the lookup is part of the
+    download's time, and a host whose name does not resolve in time is refused as the download is."""
+    resolving = threading.Event()
+
+    def slow_getaddrinfo(*args: Any, **kwargs: Any) -> Any:
+        resolving.set()
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 80))]
+
+    monkeypatch.setattr("wanserve.files.inputs.socket.getaddrinfo", slow_getaddrinfo)
+    started = time.monotonic()
+    error = assert_download_refused(
+        resolver_for(lora_download_timeout_s=0.5, allow_private_urls=False), "http://slow-dns.example/l.safetensors"
+    )
+    assert resolving.is_set() and "no DNS answer" in str(error)
+    assert time.monotonic() - started < 2.5  # not the 3 s the resolver took

@@ -391,9 +391,9 @@ def cdn_is_public(monkeypatch: pytest.MonkeyPatch, dns: dict[str, list[str]]) ->
     real = inputs.check_public_host
     checked: list[str] = []
 
-    def check(host: str, port: int) -> list[str]:
+    def check(host: str, port: int, resolve_timeout_s: float | None = None) -> list[str]:
         checked.append(host)
-        return ["127.0.0.1"] if host == "cdn.example.test" else real(host, port)
+        return ["127.0.0.1"] if host == "cdn.example.test" else real(host, port, resolve_timeout_s)
 
     monkeypatch.setattr(inputs, "check_public_host", check)
     return checked

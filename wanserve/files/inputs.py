@@ -10,6 +10,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -104,14 +105,38 @@ def ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(number)
 
 
-def check_public_host(host: str, port: int) -> list[str]:
+def _getaddrinfo(host: str, port: int, timeout_s: float | None) -> list[Any]:
+    """socket.getaddrinfo, given up after `timeout_s` (None: as long as the resolver takes). The system resolver
+    has no timeout of its own to pass (its retries can take tens of seconds), so the lookup runs on a thread that
+    is left to finish on its own."""
+    if timeout_s is None:
+        return socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    answers: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answers.append(socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP))
+        except BaseException as exc:  # handed to the caller
+            answers.append(exc)
+
+    thread = threading.Thread(target=lookup, name="dns-lookup", daemon=True)
+    thread.start()
+    thread.join(max(timeout_s, 0.0))
+    if not answers:
+        raise InputFetchError(f"no DNS answer for {host[:100]} within {timeout_s:.3g} s")
+    if isinstance(answers[0], BaseException):
+        raise answers[0]
+    return list(answers[0])
+
+
+def check_public_host(host: str, port: int, resolve_timeout_s: float | None = None) -> list[str]:
     """Refuses a host that is, or resolves to, anything but public unicast addresses; returns the addresses."""
     literal = ipv4_literal(host)
     if literal is not None:
         addresses = [str(literal)]
     else:
         try:
-            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+            infos = _getaddrinfo(host, port, resolve_timeout_s)
         except socket.gaierror as exc:
             raise HostNotResolved(f"cannot resolve {host[:100]}: {exc}") from None
         except UnicodeError as exc:  # a label IDNA cannot encode (empty, too long): no DNS answer will ever come
@@ -155,8 +180,9 @@ def parse_http_url(url: str) -> tuple[SplitResult, str, int]:
     return parts, hostname, port or (443 if parts.scheme == "https" else 80)
 
 
-def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
-    """Checks `url` (http(s), public unless `allow_private`) and pins it to the checked address."""
+def pin_public_url(url: str, allow_private: bool, resolve_timeout_s: float | None = None) -> PinnedTarget:
+    """Checks `url` (http(s), public unless `allow_private`) and pins it to the checked address, resolved within
+    `resolve_timeout_s`."""
     parts, hostname, default_port = parse_http_url(url)
     if allow_private:
         try:  # what httpx would refuse later, as a 500, refused here as the bad input it is
@@ -165,7 +191,7 @@ def pin_public_url(url: str, allow_private: bool) -> PinnedTarget:
             raise InputFetchError(f"not a valid URL: {url[:200]} ({exc})") from None
         return PinnedTarget(url, {}, {})
     port = parts.port
-    address = check_public_host(hostname, default_port)[0]
+    address = check_public_host(hostname, default_port, resolve_timeout_s)[0]
     host = f"[{address}]" if ":" in address else address
     netloc = f"{host}:{port}" if port else host
     userinfo, at, _host_and_port = parts.netloc.rpartition("@")
@@ -318,7 +344,8 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                 web = False
             if not web:
                 raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
-            target = pin_public_url(url, policy.allow_private)
+            # The lookup counts against the deadline too: a slow resolver cannot stretch a download.
+            target = pin_public_url(url, policy.allow_private, deadline - time.monotonic())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
