@@ -467,6 +467,25 @@ def test_sweep_removes_abandoned_multipart_uploads_and_temp_files(tmp_path: Path
     assert (tmp_path / "files" / "multipart" / fresh).is_dir()
 
 
+def test_sweep_removes_objects_a_crash_left_without_metadata(tmp_path: Path) -> None:
+    """A kill between moving a file in and writing its metadata leaves an object nothing points at: swept once no
+    write can still be finishing it; objects with metadata and fresh ones stay."""
+    store = LocalFileStore(tmp_path / "files", "http://files.test")
+    kept, orphan, fresh = new_key("kept.mp4"), new_key("orphan.mp4"), new_key("fresh.mp4")
+    store.put(kept, b"kept", "video/mp4", None, T0)
+    for key in (orphan, fresh):
+        path = tmp_path / "files" / "objects" / key
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"no metadata")
+    now = time.time()
+    long_ago = now - local_mod.ABANDONED_UPLOAD_S - 10
+    for key in (kept, orphan):
+        os.utime(tmp_path / "files" / "objects" / key, (long_ago, long_ago))
+    store.sweep_expired(now)
+    assert not (tmp_path / "files" / "objects" / orphan).parent.exists()
+    assert store.open(kept).read() == b"kept" and (tmp_path / "files" / "objects" / fresh).exists()
+
+
 def test_put_moves_a_file_from_the_same_filesystem_instead_of_copying_it(tmp_path: Path) -> None:
     store = LocalFileStore(tmp_path / "files", PUBLIC)
     source = tmp_path / "video.mp4"

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from wanserve.errors import FileNotFound, InvalidUpload
+from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
 from wanserve.files.base import (
     ABANDONED_UPLOAD_S,
     StoredFile,
@@ -208,6 +208,19 @@ class LocalFileStore:
                         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 except OSError:
                     continue
+        # Objects without metadata: a process killed between moving a file in and writing its metadata. They are
+        # invisible (no metadata, no file) and would never expire; a day on, no write can still be finishing them.
+        for obj in self._objects.glob("*/*"):
+            try:
+                if (
+                    now - obj.stat().st_mtime > ABANDONED_UPLOAD_S
+                    and not self._meta_path(obj.parent.name + "/" + obj.name).exists()
+                ):
+                    obj.unlink()
+                    with contextlib.suppress(OSError):
+                        obj.parent.rmdir()
+            except (OSError, InvalidFileKey):
+                continue
         return deleted
 
     # --- multipart ---
