@@ -14,6 +14,7 @@ from redis_server import RedisServer
 from wanserve.jobs.model import (
     CancelOutcome,
     Failure,
+    Job,
     JobState,
     LogLevel,
     NewJob,
@@ -659,6 +660,25 @@ def test_a_webhook_pending_again_after_it_settled_keeps_its_job_from_pruning(sto
     assert store.prune_completed(T0 + 10**6) == 0
     assert store.get("h") is not None
     assert [w.job_id for w in store.claim_due_webhooks(T0 + 20, hold_s=10)] == ["h"]
+
+
+def test_the_out_of_attempts_jobs_recovery_returns_are_as_it_found_them(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read inside the sweep's own write: a job read again afterwards may have been handed back (and claimed by
+    another worker) in between, and failing that read would fail the new run, or a queued job without an owner."""
+    store.submit(new_job("j1"), T0)
+    assert store.claim("w1", 10, T0) is not None
+    real_get = store.get
+
+    def get_after_a_handover(job_id: str) -> Job | None:
+        if store.release("j1", "w1", T0 + 60):  # the slow original worker hands it back; w2 takes it
+            assert store.claim("w2", 60, T0 + 60) is not None
+        return real_get(job_id)
+
+    monkeypatch.setattr(store, "get", get_after_a_handover)
+    (found,) = store.recover_lost(T0 + 60, ["w1"], max_attempts=1)
+    assert (found.id, found.state, found.worker_id, found.attempts) == ("j1", JobState.RUNNING, "w1", 1)
 
 
 def test_recovering_an_out_of_attempts_job_leaves_a_newer_run_alone(store: JobStore) -> None:

@@ -301,6 +301,8 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
     now = store.now()
     failed = []
     for job in store.recover_lost(now, dead_workers, max_attempts):
+        if job.worker_id is None:  # never finish without the owner check: a queued job is not this sweep's
+            continue
         failure = cancelled_failure() if job.cancel_requested else disconnected_failure(job.attempts)
         # As the worker that held it: if it was handed back and claimed again meanwhile, the new run is left alone.
         if store.finish(job.id, now, worker_id=job.worker_id, failure=failure):

@@ -246,7 +246,8 @@ for i = 1, #running, 2 do
   local fields = redis.call('HMGET', p .. ':job:' .. id, 'worker_id', 'attempts', 'cancel_requested')
   if dead[fields[1]] or lease_until < now then
     if tonumber(fields[2] or '0') >= max_attempts or fields[3] == '1' then
-      table.insert(exhausted, id)
+      -- the job as found here: read again later, it may have been handed back meanwhile
+      table.insert(exhausted, redis.call('HGETALL', p .. ':job:' .. id))
     else
       requeue(p, id, false)
     end
@@ -575,8 +576,7 @@ class RedisJobStore:
         )
 
     def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:
-        exhausted = self._run("recover", _num(now), max_attempts, *dead_workers)
-        return [job for job in (self.get(i) for i in exhausted) if job is not None]
+        return [_job(_pairs(fields)) for fields in self._run("recover", _num(now), max_attempts, *dead_workers)]
 
     def register_worker(self, info: WorkerInfo) -> None:
         record = {"ready": info.ready, "heartbeat_at": info.heartbeat_at, "detail": info.detail}

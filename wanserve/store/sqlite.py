@@ -371,22 +371,22 @@ class SQLiteJobStore:
         marks = ",".join("?" * len(dead_workers)) or "NULL"
         with self._write() as db:
             rows = db.execute(
-                f"SELECT id, attempts, cancel_requested FROM jobs WHERE state = ?"
-                f" AND (worker_id IN ({marks}) OR lease_expires_at < ?)",
+                f"SELECT * FROM jobs WHERE state = ? AND (worker_id IN ({marks}) OR lease_expires_at < ?)",
                 (_RUNNING, *dead_workers, now),
             ).fetchall()
             exhausted = []
             for row in rows:
                 # A job cancelled while it ran is not run again, however many attempts it has left.
                 if row["attempts"] >= max_attempts or row["cancel_requested"]:
-                    exhausted.append(row["id"])
+                    # As found here, under the write: read again later, it may have been handed back meanwhile.
+                    exhausted.append(_job(row))
                     continue
                 db.execute(
                     "UPDATE jobs SET state = ?, worker_id = NULL, lease_expires_at = NULL, started_at = NULL"
                     " WHERE id = ?",
                     (_QUEUED, row["id"]),
                 )
-        return [job for job in (self.get(i) for i in exhausted) if job is not None]
+        return exhausted
 
     def register_worker(self, info: WorkerInfo) -> None:
         with self._write() as db:
