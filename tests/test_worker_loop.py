@@ -41,14 +41,44 @@ def test_a_job_taken_back_from_a_worker_runs_normally_when_that_worker_claims_it
     store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
     first = store.claim("w1", 10, time.time())
     assert first is not None
-    worker._lease_lost_job = "j1"  # what the heartbeat records when the store gave the job away
+    worker._lease_lost_run = ("j1", 1)  # what the heartbeat records when the store gave the job away
     recover_lost_jobs(store, ["w1"], max_attempts=3)
     again = store.claim("w1", 10, time.time())
     assert again is not None and again.attempts == 2
+
+    class LateBeatRunner(InstantRunner):
+        def generate_video(self, *args: Any, **kwargs: Any) -> Any:
+            # The heartbeat thread's answer about run 1 arrives while run 2 has started (it read run 1 as current).
+            worker._lease_lost_run = ("j1", 1)
+            return super().generate_video(*args, **kwargs)
+
+    worker._runner = LateBeatRunner()  # type: ignore[assignment]
     worker.process(again)
     done = store.get("j1")
     assert done is not None and done.state is JobState.COMPLETED and done.failure is None
     assert done.output is not None and done.output["seed"] == 3
+
+
+def test_a_lease_lost_by_the_running_run_stops_it_without_finishing_it(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+    store = open_job_store(settings)
+    worker = Worker(
+        settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
+    )
+    worker.load()
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+
+    class LostRunner(InstantRunner):
+        def generate_video(self, *args: Any, **kwargs: Any) -> Any:
+            worker._lease_lost_run = ("j1", 1)  # this very run's lease: the store gave it away
+            return super().generate_video(*args, **kwargs)
+
+    worker._runner = LostRunner()  # type: ignore[assignment]
+    worker.process(job)
+    left = store.get("j1")
+    assert left is not None and left.state is JobState.RUNNING and left.output is None  # left to the store
 
 
 def run_one(settings: Settings, job_input: dict[str, Any]) -> tuple[Any, list[str]]:

@@ -163,7 +163,9 @@ class Worker:
         self._current: Job | None = None
         self._shape: str | None = None  # the running job's frames and size, for an out-of-memory message
         self._progress_at = time.monotonic()  # last sign of life of the running job
-        self._lease_lost_job: str | None = None  # the id of a job the store took back from this worker
+        # The run (job id, attempt) whose job the store took back from this worker: a run, not a job, so that a
+        # late answer about an earlier run of a job this worker claimed again cannot stop the new run.
+        self._lease_lost_run: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._detail: dict[str, Any] = {
@@ -270,7 +272,7 @@ class Worker:
                 if job is not None and not self.store.heartbeat(
                     job.id, self.id, self.settings.job_lease_s, self.store.now()
                 ):
-                    self._lease_lost_job = job.id  # names the job, so a late beat cannot touch the next one
+                    self._lease_lost_run = (job.id, job.attempts)
             except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
                 log.exception("heartbeat failed")
 
@@ -302,7 +304,7 @@ class Worker:
                 log.warning("job %s: could not remove attempt %d's unreported video: %s", job.id, attempt, exc)
 
     def _is_cancelled(self, job: Job) -> bool:
-        if self._lease_lost_job == job.id:
+        if self._lease_lost_run == (job.id, job.attempts):
             raise LeaseLost(job.id)
         if self._stop.is_set():
             raise ShuttingDown(job.id)
@@ -316,7 +318,7 @@ class Worker:
         # In this order: the heartbeat thread may look between two lines, and must never see this job with an
         # old progress time (a false stall) or a lease loss that belonged to an earlier run of it.
         self._progress_at = time.monotonic()
-        self._lease_lost_job = None
+        self._lease_lost_run = None
         self._current, started = job, time.perf_counter()
         self._detail["current_job"] = job.id
         out_of_memory = False
