@@ -14,7 +14,7 @@ from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
 from wanserve.errors import FileNotFound, GenerationCancelled, InvalidGenerationInput, NonFiniteOutput
 from wanserve.files.base import check_key, output_key
-from wanserve.jobs.model import JobState, NewJob
+from wanserve.jobs.model import Job, JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.worker import loop
 from wanserve.worker.loop import Worker
@@ -31,16 +31,21 @@ class InstantRunner:
         return SimpleNamespace(seed=3, generation=SimpleNamespace(timings={"total_s": 0.01}))
 
 
-def test_a_job_taken_back_from_a_worker_runs_normally_when_that_worker_claims_it_again(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+def claimed_by_a_worker(settings: Settings, job_input: dict[str, Any] | None = None) -> tuple[Any, Worker, Job]:
+    """A loaded worker `w1` (InstantRunner) on the settings' store, holding the job `j1` it claimed."""
     store = open_job_store(settings)
     worker = Worker(
         settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
     )
     worker.load()
-    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
-    first = store.claim("w1", 10, time.time())
-    assert first is not None
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", job_input or {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+    return store, worker, job
+
+
+def test_a_job_taken_back_from_a_worker_runs_normally_when_that_worker_claims_it_again(tmp_path: Path) -> None:
+    store, worker, _first = claimed_by_a_worker(Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10))
     worker._lease_lost_run = ("j1", 1)  # what the heartbeat records when the store gave the job away
     recover_lost_jobs(store, ["w1"], max_attempts=3)
     again = store.claim("w1", 10, time.time())
@@ -60,15 +65,7 @@ def test_a_job_taken_back_from_a_worker_runs_normally_when_that_worker_claims_it
 
 
 def test_a_lease_lost_by_the_running_run_stops_it_without_finishing_it(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
-    store = open_job_store(settings)
-    worker = Worker(
-        settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
-    )
-    worker.load()
-    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
-    job = store.claim("w1", 10, time.time())
-    assert job is not None
+    store, worker, job = claimed_by_a_worker(Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10))
 
     class LostRunner(InstantRunner):
         def generate_video(self, *args: Any, **kwargs: Any) -> Any:
@@ -82,14 +79,7 @@ def test_a_lease_lost_by_the_running_run_stops_it_without_finishing_it(tmp_path:
 
 
 def run_one(settings: Settings, job_input: dict[str, Any]) -> tuple[Any, list[str]]:
-    store = open_job_store(settings)
-    worker = Worker(
-        settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
-    )
-    worker.load()
-    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", job_input), time.time())
-    job = store.claim("w1", 10, time.time())
-    assert job is not None
+    store, worker, job = claimed_by_a_worker(settings, job_input)
     worker.process(job)
     return store.get("j1"), [entry.message for entry in store.logs("j1")]
 
