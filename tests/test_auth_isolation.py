@@ -296,6 +296,17 @@ def test_uploads_answer_signed_urls_and_stay_their_owners(client: TestClient) ->
     )
 
 
+def test_metrics_take_a_key_unless_the_operator_opens_them(client: TestClient, tmp_path: Path) -> None:
+    """They name workers and their hosts, which /ready shows only to a key too."""
+    refused = client.get("/metrics")
+    assert refused.status_code == 401 and refused.json()["error_type"] == "unauthorized"
+    assert client.get("/metrics", headers={"Authorization": "Key not-a-key"}).status_code == 401
+    served = client.get("/metrics", headers=A)
+    assert served.status_code == 200 and "wanserve_jobs" in served.text
+    with TestClient(make_app(tmp_path, metrics_open=True), raise_server_exceptions=False) as opened:
+        assert opened.get("/metrics").status_code == 200
+
+
 def test_a_removed_keys_upload_tokens_stop_working_at_once(tmp_path: Path) -> None:
     """A CDN token is signed with the server's secret, which outlives a restart: the key it was given to must still
     be configured, or the token (valid for an hour) would outlast the key's removal."""

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     api_key_hashes_file: Path | None = Field(
         None, description="A file of more key hashes, one `sha256:<hex>` per line (`#` comments), read at start."
     )
+    metrics_open: bool = Field(
+        False,
+        description="Serve /metrics without a key on a server with API keys (a scraper on a private network). Off: "
+        "a scraper sends `Authorization: Key <key>` (Prometheus: `authorization: {type: Key, credentials: ...}`), "
+        "as the metrics name workers and their hosts. A server without keys serves it to anyone it answers.",
+    )
     rate_limit_per_s: float = Field(
         10.0,
         ge=0,

@@ -38,7 +38,11 @@ def ready(ctx: Context, authorization: Annotated[str | None, Header()] = None) -
 
 
 @router.get("/metrics")
-def metrics(ctx: Context) -> Response:
+def metrics(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """Prometheus metrics. They name workers and their hosts: on a server with API keys, for a valid key only,
+    unless the operator opens them (`metrics_open`)."""
+    if not ctx.settings.metrics_open:
+        ctx.api_keys.check(authorization)
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
