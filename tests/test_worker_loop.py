@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from redis_server import RedisServer
 
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
@@ -265,6 +266,36 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
     assert flaky.failures == {"claim": 0, "add_log": 0, "finish": 0, "cancel_requested": 0}
     job = store.get("j1")
     assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
+
+
+def test_a_worker_stopped_after_a_lost_claim_reply_hands_that_claims_job_back(
+    tmp_path: Path, monkeypatch: Any, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """On Redis a claim can take the job and lose its reply (SQLite's rolls back whole); the worker is stopped
+    before it asks again: the job goes straight back to the queue, its attempt not counted, rather than waiting for
+    the lease to run out."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    settings = Settings(
+        data_dir=tmp_path, public_url="http://t", worker_poll_s=0.01, store=redis_server.url, redis_prefix=redis_prefix
+    )
+    store = open_job_store(settings)
+    files = open_file_store(settings)
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: InstantRunner())
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    real_claim = store.claim
+
+    def claim_then_lose_the_reply(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(store, "claim", real_claim)  # once
+        taken = real_claim(*args, **kwargs)
+        assert taken is not None and taken.worker_id == "w1"
+        worker.stop()  # SIGTERM while the store is unreachable
+        raise ConnectionError("the reply was lost")
+
+    monkeypatch.setattr(store, "claim", claim_then_lose_the_reply)
+    worker.run()
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.QUEUED and job.worker_id is None and job.attempts == 0
+    assert "Worker stopping" in store.logs("j1")[-1].message
 
 
 def finished(store: Any, job_id: str) -> bool:

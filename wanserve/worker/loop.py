@@ -242,24 +242,40 @@ class Worker:
         try:
             self.load()
             outage = StoreOutage("claim a job")
-            token = uuid.uuid4().hex
+            token, unanswered = uuid.uuid4().hex, False
             while not self._stop.is_set() and not self._draining.is_set() and not stop_when():
                 try:
                     job = self.store.claim(self.id, self.settings.job_lease_s, self.store.now(), token=token)
                 except Exception as exc:  # the store is down for longer than its client retries: wait, not die
                     # The same token next time: if this claim took a job before its reply was lost, that job.
+                    unanswered = True
                     self._stop.wait(outage.failed(exc))
                     continue
                 outage.over()
-                token = uuid.uuid4().hex
+                token, unanswered = uuid.uuid4().hex, False
                 if job is None:
                     self._stop.wait(self.settings.worker_poll_s)
                     continue
                 self.process(job)
+            if unanswered:
+                self._hand_back_unanswered_claim(token)
         finally:
             self._stop.set()
             finished.set()
             self.store.remove_worker(self.id)
+
+    def _hand_back_unanswered_claim(self, token: str) -> None:
+        """Stopping after a claim whose reply was lost: that claim may have taken a job, which would then wait for
+        its lease to run out and count a run it never had. The claim is asked again with its token (the store
+        answers the job it took, or takes one now) and the job handed straight back, its place and attempts kept."""
+        try:
+            job = self.store.claim(self.id, self.settings.job_lease_s, self.store.now(), token=token)
+            if job is not None:
+                note = "Worker stopping; the request goes back to the queue"
+                if not self.store.release(job.id, self.id, self.store.now(), note=note):
+                    log.warning("job %s was no longer this worker's when it was handed back", job.id)
+        except Exception as exc:  # still no store: a job the lost claim took goes back when its lease runs out
+            log.warning("could not settle a claim whose reply was lost (%s: %s)", type(exc).__name__, exc)
 
     def _heartbeat_loop(self, finished: threading.Event) -> None:
         interval = max(self.settings.job_lease_s / 4, 0.05)
