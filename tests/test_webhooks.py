@@ -452,3 +452,29 @@ def test_a_receiver_trickling_its_answer_fails_the_try_within_the_timeout(
     hooks = store.due_webhooks(time.time() + 120)
     assert [(h.job_id, h.attempts) for h in hooks] == [("slow-1", 1)]  # a failed try, retried later
     assert "no complete answer within 1 s" in caplog.text
+
+
+def test_a_hung_name_lookup_fails_the_try_without_holding_a_worker_thread(
+    store: SQLiteJobStore, signer: WebhookSigner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lookup gives up at the try's limit on a thread of its own: the executor thread that asked (one of the few
+    the store calls share) is free again at once, not when the resolver finally answers."""
+    release = threading.Event()
+
+    def hung_getaddrinfo(*args: Any, **kwargs: Any) -> Any:
+        release.wait(10)
+        raise socket.gaierror("gave up")
+
+    monkeypatch.setattr("wanserve.files.inputs.socket.getaddrinfo", hung_getaddrinfo)
+    finished_job(store, "dns-1", "https://hung-dns.example/hook", output={})
+    d = dispatcher(store, signer, timeout_s=0.5, retry_base_s=60, allow_private=False)
+    try:
+        started = time.monotonic()
+        assert deliver(d) == 1
+        assert time.monotonic() - started < 3
+        assert "no DNS answer for hung-dns.example within 0.5 s" in caplog.text
+        (hook,) = store.due_webhooks(time.time() + 120)
+        assert hook.attempts == 1  # a failed try, retried later
+        assert [t.name for t in threading.enumerate() if t.name == "dns-lookup"]  # the lookup waits on its own
+    finally:
+        release.set()

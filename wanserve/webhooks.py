@@ -176,8 +176,11 @@ class WebhookDispatcher:
         try:
             # Checked again at every delivery (DNS may have changed since the submit), and the POST goes to
             # the address that was checked.
-            async with asyncio.timeout_at(deadline):
-                target = await asyncio.to_thread(pin_public_url, url, self.allow_private)
+            # The lookup itself gives up at the deadline (on a thread of its own), so a hung resolver never holds
+            # one of the default executor's few threads, which the store calls share; the outer limit, a second
+            # later, is only a backstop.
+            async with asyncio.timeout_at(deadline + 1.0):
+                target = await asyncio.to_thread(pin_public_url, url, self.allow_private, self.timeout_s)
         except TimeoutError:
             await self._failed(hook_id, job_id, url, attempts, f"name lookup took over {self.timeout_s:g} s")
             return
