@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,31 @@ def test_a_webhook_host_that_does_not_resolve_yet_is_accepted_a_private_one_is_n
     assert later.status_code == 200, later.text
     private = client.post(f"/{APP}", params={"fal_webhook": "https://intranet.example/h"}, json={"prompt": "a fox"})
     assert private.status_code == 400 and "private" in private.json()["detail"]
+
+
+def test_a_hung_name_lookup_at_submit_is_given_up_and_the_request_accepted(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook's and the LoRA URL's hosts are looked up for a bounded time at submit (a hung resolver would
+    otherwise hold the request, and an API thread, for as long as it takes); the delivery or download looks again."""
+    release = threading.Event()
+
+    def hung(*_args: Any, **_kwargs: Any) -> Any:
+        release.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    monkeypatch.setattr("wanserve.files.inputs.SUBMIT_LOOKUP_S", 0.3)
+    monkeypatch.setattr("wanserve.lora.sources.SUBMIT_LOOKUP_S", 0.3)
+    try:
+        started = time.monotonic()
+        hook = client.post(f"/{APP}", params={"fal_webhook": "https://hung.example/h"}, json={"prompt": "a fox"})
+        lora = {"prompt": "a fox", "loras": [{"path": "https://hung.example/l.safetensors"}]}
+        with_lora = client.post(f"/{APP}/lora", json=lora)
+        assert (hook.status_code, with_lora.status_code) == (200, 200), (hook.text, with_lora.text)
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
 
 
 def test_an_integer_too_long_for_python_is_a_422_naming_its_field(client: TestClient) -> None:

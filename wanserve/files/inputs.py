@@ -123,7 +123,7 @@ def _getaddrinfo(host: str, port: int, timeout_s: float | None) -> list[Any]:
     thread.start()
     thread.join(max(timeout_s, 0.0))
     if not answers:
-        raise InputFetchError(f"no DNS answer for {host[:100]} within {timeout_s:.3g} s")
+        raise HostNotResolved(f"no DNS answer for {host[:100]} within {timeout_s:.3g} s")
     if isinstance(answers[0], BaseException):
         raise answers[0]
     return list(answers[0])
@@ -209,9 +209,14 @@ def pin_public_url(url: str, allow_private: bool, resolve_timeout_s: float | Non
     )
 
 
+# At submit, a URL's host is looked up for this long at most: a name that has not resolved by then is left to the
+# delivery or download, which looks it up again (as a name that does not resolve at all is).
+SUBMIT_LOOKUP_S = 5.0
+
+
 def check_public_url(url: str) -> None:
-    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, downloads)."""
-    pin_public_url(url, allow_private=False)
+    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, at submit)."""
+    pin_public_url(url, allow_private=False, resolve_timeout_s=SUBMIT_LOOKUP_S)
 
 
 def is_data_uri(value: str) -> bool:

@@ -27,6 +27,7 @@ from wanserve.config import Settings
 from wanserve.errors import FieldError, InputFetchError, InputValidationError, LoraError, PrivateAddress, WanserveError
 from wanserve.files.base import FileStore, key_from_file_url
 from wanserve.files.inputs import (
+    SUBMIT_LOOKUP_S,
     FetchPolicy,
     HostNotResolved,
     check_public_host,
@@ -121,7 +122,7 @@ def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private:
         try:
             _, host, port = parse_http_url(lora.path)
             if not allow_private:
-                check_public_host(host, port)
+                check_public_host(host, port, SUBMIT_LOOKUP_S)
         except PrivateAddress as exc:
             why = f"{exc} (the operator can allow private URLs)"
         except HostNotResolved:
