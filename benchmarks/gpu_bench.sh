@@ -12,6 +12,10 @@
 set -u
 MODE=${1:-main}
 OUT=${2:-${OUT:-gpu-out}}
+case "$MODE" in
+  main|cap24|vae|diagnose|stash) ;;
+  *) echo "unknown mode: $MODE (main|cap24|vae|diagnose|stash)" >&2; exit 2 ;;
+esac
 if [ "$MODE" = stash ]; then
   mkdir -p .fa4keep && cp .fa4a/* .fa4keep/ && ls -la .fa4keep && exit 0
   exit 1
@@ -22,7 +26,10 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 if [ -d .fa4b ] && [ -d .fa4keep ]; then
-  mkdir -p /tmp/fa4site && cat .fa4keep/* .fa4b/* | xz -d | tar -C /tmp/fa4site -x || exit 1
+  # xz may be missing from the machine's image: Python's lzma unpacks the same stream.
+  UNXZ=(python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)")
+  command -v xz >/dev/null && UNXZ=(xz -d)
+  mkdir -p /tmp/fa4site && cat .fa4keep/* .fa4b/* | "${UNXZ[@]}" | tar -C /tmp/fa4site -x || exit 1
   # The DSL's own .pth file (which adds its packages folder to sys.path) is not read from PYTHONPATH: named here.
   export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-$PWD}
   export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
@@ -42,10 +49,11 @@ elif [ "$MODE" = vae ]; then
 elif [ "$MODE" = diagnose ]; then
   timeout "${BENCH_TIMEOUT:-420}" python3 -m wanserve.engine.diagnose --model a14b --device cuda --size "${SIZE:-720p}" \
     --cache-dir /tmp/wanserve-cache --json "$OUT/diagnose.json" 2>&1 | tee "$OUT/diagnose.log"
-else
+elif [ "$MODE" = cap24 ]; then
+  # POLICY=auto shows the policy chosen for a 24 GiB card (the cap is set before the engine plans its memory).
   timeout "${BENCH_TIMEOUT:-200}" python3 -m wanserve bench --model a14b --device cuda --sizes '' --presets exact \
-    --videos 480p:2:5 --no-baseline-videos --memory-policy offload --memory-cap-gib 24 --out-dir /tmp/bench-cap \
-    2>&1 | tee "$OUT/cap24.log"
+    --videos 480p:2:5 --no-baseline-videos --memory-policy "${POLICY:-auto}" --memory-cap-gib 24 \
+    --out-dir /tmp/bench-cap 2>&1 | tee "$OUT/cap24.log"
   cp /tmp/bench-cap/bench.json "$OUT/bench-cap24.json" 2>/dev/null
 fi
 exit 0

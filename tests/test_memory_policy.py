@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from engines import rel_error, small_spec, tiny_engine
 from torch import nn
 
+from wanserve.engine import speed
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.memory import (
     ExpertSwap,
@@ -28,7 +30,7 @@ from wanserve.engine.memory import (
 )
 from wanserve.engine.pipeline import GenerationSpec
 from wanserve.engine.sampling import Expert
-from wanserve.engine.speed import DeviceInfo
+from wanserve.engine.speed import DeviceInfo, cap_gpu_memory
 
 # Wan 2.2 T2V-A14B in bf16 (DESIGN.md section 5).
 A14B = dict(expert_bytes=int(26.7 * GiB), experts=2, text_encoder_bytes=int(10.6 * GiB), model_dim=5120)
@@ -78,6 +80,31 @@ def test_the_vae_decode_is_tiled_where_it_would_not_fit(free_gib: float, policy:
     assert plan_from_override("resident", gpu(60), A14B_SIZES).tiled_decode
     assert not plan_from_override("resident", gpu(79), A14B_SIZES).tiled_decode
     assert plan_from_override("offload", DeviceInfo(type="cpu"), A14B_SIZES).tiled_decode
+
+
+def test_usable_gpu_memory_counts_the_allocators_cache_as_free_and_keeps_to_a_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mem_get_info counts what PyTorch holds cached as taken; a plan made after a big forward (the bench's baseline,
+    the previous preset) would see a smaller card than there is. A cap set on the process is what it can use."""
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda _d=None: (59 * GiB, 80 * GiB))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda _d=None: 21 * GiB)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda _d=None: 1 * GiB)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda _d=None: SimpleNamespace(total_memory=80 * GiB))
+    monkeypatch.setattr(cuda, "set_per_process_memory_fraction", lambda fraction, index: caps.append((fraction, index)))
+    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(speed, "_MEMORY_CAPS", {})
+    caps: list[tuple[float, int]] = []
+    device = torch.device("cuda:0")
+    assert speed.usable_gpu_bytes(device) == 79 * GiB
+    cap_gpu_memory(device, 24 * GiB)
+    assert caps == [(24 / 80, 0)]
+    assert speed.usable_gpu_bytes(device) == 23 * GiB  # the cap less what is allocated
+    # A model built on the GPU before the cap: over it, and the plan (which counts the model's bytes back) must see
+    # the card as the cap's size, not clamped to nothing plus the model.
+    monkeypatch.setattr(cuda, "memory_allocated", lambda _d=None: 30 * GiB)
+    assert speed.usable_gpu_bytes(device) == -6 * GiB
 
 
 def test_choose_memory_plan_on_cpu_keeps_everything() -> None:

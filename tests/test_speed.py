@@ -420,6 +420,22 @@ def test_self_attention_processor_with_exact_attention_is_the_default_processor(
     assert 0 < rel_error(low_bit, want) < 0.05
 
 
+def test_fast_loads_its_gpu_kernel_for_experts_still_on_the_host(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under swap and offload the experts are set up on the host and reach the GPU later: the kernel must be loaded
+    for the device they will run on, or a GPU forward would fall back to the float32 reference."""
+    pipe = load_pipeline("tiny", model_cache, torch.float32)
+    loaded: list[bool] = []
+    monkeypatch.setattr(speed, "_load_kernel", lambda: loaded.append(True))
+    plan = speed.SpeedPlan(preset=Preset.FAST, lowbit_attention=True)
+    speed.prepare_experts([pipe.transformer], plan, torch.device("cpu"))
+    assert loaded == []
+    speed.prepare_experts([pipe.transformer], plan, torch.device("cuda"))
+    assert loaded and next(pipe.transformer.parameters()).device.type == "cpu"
+    assert all(isinstance(b.attn1.processor, SelfAttnKernelProcessor) for b in pipe.transformer.blocks)
+
+
 def test_lowbit_attention_off_the_gpu_is_the_reference() -> None:
     q, k, v = (t.transpose(1, 2) for t in attention_inputs(1, 3, 50, 16, seed=9))  # (batch, tokens, heads, dim)
     got = speed.lowbit_attention(q, k, v)

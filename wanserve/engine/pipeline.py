@@ -215,6 +215,10 @@ class WanEngine:
             options = parallel.bind(self.experts, options)
         self.pipe = pipe
         self.device = device
+        if device.type == "cuda" and device.index is not None:
+            # The current device is what events, streams (ours and diffusers' group offloading) and Triton launches
+            # use when they are given none: on `cuda:1` they would otherwise land on GPU 0.
+            torch.cuda.set_device(device)
         self.options = options
         info = device_info or DeviceInfo.probe(device)
         self.dtype = self.experts[0].dtype  # the compute dtype (read before any layer turns FP8)
@@ -238,9 +242,9 @@ class WanEngine:
         # move to host memory.
         if self.memory_plan.policy is MemoryPolicy.RESIDENT:
             self.memory = MemoryManager(pipe, self.memory_plan, device)
-            prepare_experts(self.experts, self.speed)
+            prepare_experts(self.experts, self.speed, device)
         else:
-            prepare_experts(self.experts, self.speed)
+            prepare_experts(self.experts, self.speed, device)
             self.memory = MemoryManager(pipe, self.memory_plan, device)
         if parallel is not None:  # after the attention backend is set, before compiling
             parallel.enable(self.experts)

@@ -37,6 +37,36 @@ class Preset(StrEnum):
     FAST = "fast"
 
 
+# Caps this process put on its own GPU memory (cap_gpu_memory), by device index: the allocator enforces them, but
+# torch offers no way to read one back.
+_MEMORY_CAPS: dict[int, int] = {}
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def cap_gpu_memory(device: torch.device, cap_bytes: int) -> None:
+    """Lets this process use at most `cap_bytes` of the GPU (to prove a small card's policy on a big one); what
+    `usable_gpu_bytes`, and so the memory plan, then sees."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), _index(device))
+    _MEMORY_CAPS[_index(device)] = cap_bytes
+
+
+def usable_gpu_bytes(device: torch.device) -> int:
+    """GPU memory this process can still allocate: the driver's free memory plus what PyTorch's allocator holds
+    cached but unused (mem_get_info counts it as taken, yet every allocation here can reuse it), within any cap.
+    Under a cap it is negative when more than the cap is allocated already (a model built on the GPU before the
+    cap): the memory plan adds the model's own bytes back, as those it can move off."""
+    free = torch.cuda.mem_get_info(device)[0]
+    allocated = torch.cuda.memory_allocated(device)
+    usable = free + torch.cuda.memory_reserved(device) - allocated
+    cap = _MEMORY_CAPS.get(_index(device))
+    return usable if cap is None else min(usable, cap - allocated)
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """What preset and memory-policy choices depend on; `probe` reads it, tests construct it."""
@@ -54,7 +84,7 @@ class DeviceInfo:
             type="cuda",
             name=torch.cuda.get_device_name(device),
             capability=torch.cuda.get_device_capability(device),
-            free_bytes=torch.cuda.mem_get_info(device)[0],
+            free_bytes=usable_gpu_bytes(device),
         )
 
     @property
@@ -253,15 +283,20 @@ def use_self_attention_kernel(block: torch.nn.Module, kernel: AttentionFn, atten
     attention.set_processor(processor)
 
 
-def use_lowbit_self_attention(block: torch.nn.Module, attention_backend: str | None) -> None:
-    """Give one transformer block the INT8/FP16 self-attention (the Triton kernel when the block is on a GPU)."""
-    if next(block.parameters()).is_cuda:
+def use_lowbit_self_attention(
+    block: torch.nn.Module, attention_backend: str | None, on_gpu: bool | None = None
+) -> None:
+    """Give one transformer block the INT8/FP16 self-attention: the Triton kernel when it will run on a GPU
+    (`on_gpu`; by default, where the block is now). A worker's experts may still be on the host when this runs
+    (swap, offload): without the kernel, a GPU forward would take the float32 reference, far too big at 720p."""
+    if next(block.parameters()).is_cuda if on_gpu is None else on_gpu:
         _load_kernel()
     use_self_attention_kernel(block, lowbit_attention, attention_backend)
 
 
-def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> None:
-    """Set up the experts' layers for `plan` (in place): FP8 linears, the attention backend and processors."""
+def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, device: torch.device | None = None) -> None:
+    """Set up the experts' layers for `plan` (in place): FP8 linears, the attention backend and processors, for
+    running on `device` (by default, where the experts are now)."""
     for expert in experts:
         if plan.fp8_linears:
             count = use_fp8_linears(expert, lambda name: name.startswith("blocks."))
@@ -272,8 +307,9 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan) -> No
         if plan.attention_backend:
             expert.set_attention_backend(plan.attention_backend)
         if plan.lowbit_attention:
+            on_gpu = None if device is None else device.type == "cuda"
             for block in expert.blocks:
-                use_lowbit_self_attention(block, plan.attention_backend)
+                use_lowbit_self_attention(block, plan.attention_backend, on_gpu)
         elif plan.flash4_self_attention:
             for block in expert.blocks:
                 use_self_attention_kernel(block, flash4_attention, plan.attention_backend)
