@@ -85,6 +85,32 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "is not a directory" in err and "Traceback" not in err
 
 
+def test_generate_applies_the_safety_checker_and_prompt_expansion_as_a_worker_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both are request fields (flags here): a local generation honours them before the model is even loaded."""
+    terms = tmp_path / "terms.txt"
+    terms.write_text("forbidden\n")
+    monkeypatch.setenv("WANSERVE_SAFETY_TERMS_FILE", str(terms))
+    nowhere = str(tmp_path / "no-model")
+    assert main(["generate", "a forbidden fox", "--model", nowhere, "-o", str(tmp_path / "x.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert "content_policy_violation" in err and "Safety checker: checking the prompt" in err
+    assert "Traceback" not in err and not (tmp_path / "x.mp4").exists()
+    # Not flagged; expansion asked for with no expansion model configured: said so, then the (missing) model.
+    expand = ["--enable-prompt-expansion", "--model", nowhere, "-o", str(tmp_path / "x.mp4")]
+    assert main(["generate", "a fox", *expand]) == 1
+    err = capsys.readouterr().err
+    assert "Prompt expansion skipped: no expansion model or API is configured" in err and "is not a directory" in err
+
+
+def test_generate_refuses_a_folder_as_its_output_before_generating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "a fox", "--model", str(tmp_path / "no-model"), "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_demo_script_runs_a_request_through_the_service(tmp_path: Path, model_cache: Path, coarse_model: Path) -> None:
     out = tmp_path / "demo.mp4"
     env = {**os.environ, "WANSERVE_CACHE_DIR": str(model_cache), "WANSERVE_MODEL": str(coarse_model)}

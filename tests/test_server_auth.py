@@ -3,6 +3,7 @@ URLs the API hands out instead."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,15 @@ def test_the_official_client_with_a_key(
     with pytest.raises(fal_client.FalClientHTTPError) as err:
         fal_client.submit(APP, arguments=CHEAP_INPUT)
     assert err.value.status_code == 401
+    # Without `key`: WANSERVE_KEY, never a FAL_KEY meant for fal's hosted service.
+    monkeypatch.setenv("FAL_KEY", "a-key-for-fal-ai-itself")
+    monkeypatch.setenv("WANSERVE_KEY", key)
+    use_wanserve(open_host_server.url)
+    fal_client.submit(APP, arguments=CHEAP_INPUT).cancel()
+    monkeypatch.delenv("WANSERVE_KEY")
+    monkeypatch.setenv("FAL_KEY", "a-key-for-fal-ai-itself")
+    use_wanserve(open_host_server.url)
+    assert os.environ["FAL_KEY"] == "wanserve"  # the placeholder: the hosted key stays home
 
 
 def test_the_official_client_downloads_its_result_by_signed_url(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from pathlib import Path
 
 import av
@@ -129,6 +131,9 @@ def test_writer_in_pieces_makes_the_same_video(tmp_path: Path) -> None:
     assert error_of_pieces < 4.0 and error_of_pieces < 1.1 * error_of_whole  # levels of 255
     assert np.abs(pieces - whole_frames).mean() < 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.mp4", "whole.mp4"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "pieces.mp4").stat().st_mode) == 0o666 & ~mask  # as any new file, not 0600
     with pytest.raises(RuntimeError, match="already closed"):
         writer.write(frames)
 

@@ -84,16 +84,33 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     loras = _local_loras(request, settings)
 
+    out = Path(args.output)
+    if out.is_dir():  # refused now, not after minutes of generation
+        print(f"error: the output path {out} is a folder; give a file name (e.g. {out / 'video.mp4'})", file=sys.stderr)
+        return 2
+
     # Heavy imports only here: `wanserve --help` and the API never load torch.
+    from wanserve.engine.prompt_gate import PromptGate
     from wanserve.engine.runner import EngineRunner
 
+    def say(line: str, _level: object = None) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # As a worker does: the safety checker and the prompt expansion the request asks for (or the operator forces).
+    prompts = PromptGate(settings)
+    checked = prompts.checks(request)
+    request = prompts.prepare(request, say)
     started = time.perf_counter()
     runner = EngineRunner.from_settings(settings)
     print(f"model {settings.model} loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    out = Path(args.output)
     with _progress_bar(request.num_inference_steps) as report:
         result = runner.generate_video(
-            request, out, on_step=report, loras=loras, on_phase=lambda line: print(line, file=sys.stderr, flush=True)
+            request,
+            out,
+            on_step=report,
+            loras=loras,
+            on_phase=say,
+            check_frames=prompts.safety.check_frames if checked and prompts.safety.checks_output else None,
         )
     summary = {
         "path": str(out.resolve()),

@@ -16,9 +16,10 @@ import os
 def use_wanserve(url: str, key: str | None = None) -> None:
     """Send every fal-client call (queue, run, stream, uploads) to the wanserve server at `url`.
 
-    `key` is the server's API key; without one (a server without auth) a placeholder is set, since
-    fal-client refuses to run with no credentials at all. Call it before the first upload: fal-client
-    remembers the storage URL once it has fetched an upload token.
+    `key` is the server's API key (default: WANSERVE_KEY; for a server without auth, a placeholder, since
+    fal-client refuses to run with no credentials at all). It replaces FAL_KEY for this process: a key for fal's
+    hosted service set there is never sent to this server. Call it before the first upload: fal-client remembers
+    the storage URL once it has fetched an upload token.
     """
     import fal_client
     import fal_client.client as fal
@@ -29,10 +30,7 @@ def use_wanserve(url: str, key: str | None = None) -> None:
     fal.REST_URL = f"{base}/rest"
     fal.CDN_URL = f"{base}/cdn"
     fal.REALTIME_URL_FORMAT = f"{base.replace('http', 'ws', 1)}/"
-    if key is not None:
-        os.environ["FAL_KEY"] = key
-    else:
-        os.environ.setdefault("FAL_KEY", "wanserve")
+    os.environ["FAL_KEY"] = key if key is not None else os.environ.get("WANSERVE_KEY") or "wanserve"
     # The default clients cache credentials, HTTP clients and the upload token on first use: forget them.
     for client in (fal_client.sync_client, fal_client.async_client):
         for cached in ("_auth", "_client", "_token_manager"):

@@ -116,6 +116,7 @@ class Mp4Writer:
             self._raise_failure()
             with open(self._tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary, not the video
             os.replace(self._tmp, self.path)
         finally:
             self._tmp.unlink(missing_ok=True)
@@ -161,6 +162,12 @@ class Mp4Writer:
             self._error = exc
             while not ended:  # take what the caller still queues, so that it never waits on a full queue
                 ended = self._pending.get() is None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def encode_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 18, preset: str = "veryfast") -> VideoInfo:

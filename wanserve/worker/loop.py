@@ -157,9 +157,7 @@ class Worker:
         self._runner_factory = runner_factory
         self._runner: Any = None
         self._lora_resolver: LoraResolver | None = None
-        self._safety: Any = None
-        self._expander: Any = None
-        self._expander_error: str | None = None
+        self._prompts: Any = None  # engine.prompt_gate.PromptGate, made by load()
         self._current: Job | None = None
         self._shape: str | None = None  # the running job's frames and size, for an out-of-memory message
         self._progress_at = time.monotonic()  # last sign of life of the running job
@@ -222,15 +220,9 @@ class Worker:
         log.info("worker %s ready (model %s)", self.id, self.settings.model)
 
     def _load_checks(self) -> None:
-        from wanserve.engine.prompt_expansion import expander_from_settings
-        from wanserve.engine.safety import SafetyChecker
+        from wanserve.engine.prompt_gate import PromptGate
 
-        self._safety = SafetyChecker(self.settings)
-        try:
-            self._expander = expander_from_settings(self.settings)
-        except Exception as exc:  # a broken expansion model must not keep the worker from serving videos
-            self._expander_error = f"{type(exc).__name__}: {exc}"
-            log.error("prompt expansion is unavailable: %s", self._expander_error)
+        self._prompts = PromptGate(self.settings)
 
     def run(self, stop_when: Callable[[], bool] = lambda: False) -> None:
         """Loads the model, then runs jobs until `stop()` or `stop_when()`."""
@@ -438,26 +430,6 @@ class Worker:
         except Exception as exc:  # a store outage: the file stays
             log.warning("job %s: could not remove the video of a refused finish: %s", job.id, exc)
 
-    def _expand(self, job: Job, prompt: str) -> str:
-        """The expanded prompt, or the original one with a log line saying why (expansion never fails a job: an
-        expansion the safety checker flags is dropped too, in `_run`)."""
-        from wanserve.engine.prompt_expansion import ExpansionFailed, expand_with_deadline
-
-        if self._expander is None:
-            why = self._expander_error or "no expansion model or API is configured on this server"
-            self._log(job, f"Prompt expansion skipped: {why}; using the prompt as given", LogLevel.WARN)
-            return prompt
-        self._log(job, f"Expanding the prompt with {self._expander.description}")
-        started = time.perf_counter()
-        try:
-            expanded = expand_with_deadline(self._expander, prompt, self.settings.prompt_expansion_timeout_s)
-        except ExpansionFailed as exc:
-            self._log(job, f"Prompt expansion failed ({exc}); using the prompt as given", LogLevel.WARN)
-            return prompt
-        # The text itself is logged once the safety checker has seen it (`_run`).
-        self._log(job, f"Prompt expanded in {time.perf_counter() - started:.1f}s")
-        return expanded
-
     def _resolve_loras(self, job: Job, loras: list[Any]) -> list[LoraUse]:
         if not loras:
             return []
@@ -485,22 +457,8 @@ class Worker:
             f"Started on worker {self.id}: {request.num_frames} frames at {width}x{height},"
             f" {request.num_inference_steps} steps",
         )
-        checked = request.enable_safety_checker or self.settings.safety_force
-        if checked:
-            self._log(job, f"Safety checker: checking the prompt ({self._safety.describe()})")
-            self._safety.check_prompt(request.prompt)
-        if request.enable_prompt_expansion:
-            expanded = self._expand(job, request.prompt)
-            if expanded != request.prompt:
-                try:
-                    if checked:
-                        self._safety.check_prompt(expanded)
-                except ContentPolicyViolation as exc:  # the caller's prompt passed: its expansion is dropped, unshown
-                    why = exc.reason
-                    self._log(job, f"The expanded prompt was flagged ({why}); using the prompt as given", LogLevel.WARN)
-                else:
-                    self._log(job, f"Expanded prompt: {expanded}")
-                    request = request.model_copy(update={"prompt": expanded})
+        checked = self._prompts.checks(request)
+        request = self._prompts.prepare(request, lambda message, level: self._log(job, message, level))
         loras = self._resolve_loras(job, getattr(request, "loras", None) or [])
 
         def on_step(p: Any) -> None:
@@ -517,7 +475,9 @@ class Worker:
                 is_cancelled=lambda: self._is_cancelled(job),
                 on_phase=lambda message: self._log(job, message),
                 loras=loras,
-                check_frames=self._safety.check_frames if checked and self._safety.checks_output else None,
+                check_frames=self._prompts.safety.check_frames
+                if checked and self._prompts.safety.checks_output
+                else None,
             )
             if self._is_cancelled(job):
                 raise GenerationCancelled("cancelled before the upload")
