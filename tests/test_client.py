@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import threading
@@ -34,6 +35,7 @@ from wanserve.client.client import (
     resolve_endpoint,
     same_origin,
 )
+from wanserve.client.commands import ProgressView
 from wanserve.progress import StepLine
 from wanserve.schema import WanT2VRequest
 
@@ -124,6 +126,41 @@ def test_sync_client_every_call(server: Server, tmp_path: Path) -> None:
     # another app id the server serves, three segments long: status and result go under its `owner/app`
     with WanserveClient(server.url, app="fal-ai/wan/v2.2-a14b/text-to-video") as client:
         assert client.subscribe({**CHEAP_INPUT, "seed": 14}).seed == 14
+
+
+def test_lora_only_fields_at_their_defaults_are_not_sent_to_the_base_endpoint() -> None:
+    """The base endpoint would log `reverse_video` as an unknown field on every request (the CLI's
+    --no-reverse-video, a form's unchecked box): left out there, sent where it is read."""
+    sent: list[tuple[str, dict[str, object]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, json.loads(request.content)))
+        urls = {name: f"http://api.test/x/{name}" for name in ("status_url", "response_url", "cancel_url")}
+        return httpx.Response(200, json={"request_id": "r", "status": "IN_QUEUE", **urls})
+
+    client = WanserveClient("http://api.test")
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    client.submit({"prompt": "a fox", "reverse_video": False, "loras": []})
+    client.submit({"prompt": "a fox", "reverse_video": True})
+    client.submit({"prompt": "a fox", "reverse_video": False}, endpoint="fal-ai/wan-22/lora")
+    assert sent == [
+        ("/fal-ai/wan-22", {"prompt": "a fox"}),
+        ("/fal-ai/wan-22/lora", {"prompt": "a fox", "reverse_video": True}),
+        ("/fal-ai/wan-22/lora", {"prompt": "a fox", "reverse_video": False}),
+    ]
+
+
+def test_the_progress_view_does_not_repeat_lines_after_a_status_without_logs() -> None:
+    """A job requeued after its worker died reports IN_QUEUE without logs; the lines already shown stay shown once."""
+    out = io.StringIO()
+    view = ProgressView(out, live=False)
+    lines = [{"message": "Started on worker w1"}, {"message": "step 1/3 · high-noise expert · 1.00s/step · ETA 2s"}]
+    view.update(QueueStatus.model_validate({"status": "IN_PROGRESS", "logs": lines}))
+    view.update(QueueStatus.model_validate({"status": "IN_QUEUE", "queue_position": 0}))
+    retry = {"message": "Retrying after the previous worker stopped (attempt 2)"}
+    view.update(QueueStatus.model_validate({"status": "IN_PROGRESS", "logs": [*lines, retry]}))
+    text = out.getvalue()
+    assert text.count("Started on worker w1") == 1 and text.count("Retrying after") == 1
 
 
 def test_the_key_never_leaves_for_another_host(tmp_path: Path) -> None:

@@ -97,11 +97,16 @@ def test_without_the_key_the_request_is_refused_clearly(page: Page) -> None:
 def test_generate_shows_progress_plays_the_video_and_remembers_it(
     page: Page, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    submitted: list[tuple[str, str]] = []
+    page.on("request", lambda r: submitted.append((r.url, r.post_data or "")) if r.method == "POST" else None)
     page.get_by_label("API key").fill(KEY)
     fill_request(page, frames=85, steps=2)
     page.get_by_label("Frames per second").fill("10")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_have_text("Done · seed 7", timeout=180_000)
+    # To the base endpoint, without the unchecked reverse_video it does not read (it would log it as unknown).
+    assert [url.split("/", 3)[3] for url, _ in submitted] == ["fal-ai/wan-22"], submitted
+    assert "reverse_video" not in json.loads(submitted[0][1])
     progress = page.locator("#progress")
     assert progress.evaluate("p => [p.value, p.max]") == [2, 2]  # the last denoising step was shown
     duration, width, height = page.locator("#video").evaluate(

@@ -313,8 +313,14 @@ class _Routes:
     def _request_path(self, request_id: str, app: str | None, tail: str = "") -> str:
         return f"/{app_of(app or self.app)}/requests/{request_id}{tail}"
 
-    def _submit_path(self, body: Mapping[str, Any], endpoint: str | None, run: bool = False) -> str:
-        return f"/{'run/' if run else ''}{resolve_endpoint(body, self.app, endpoint)}"
+    def _submission(self, arguments: Arguments, endpoint: str | None, run: bool = False) -> tuple[str, dict[str, Any]]:
+        """A submit's path and body. LoRA-only fields left at their defaults (`reverse_video: false`) are dropped
+        from a request to the base endpoint, which would log them as unknown."""
+        body = request_body(arguments)
+        target = resolve_endpoint(body, self.app, endpoint)
+        if not target.endswith("/lora"):
+            body = {name: value for name, value in body.items() if name not in LORA_ONLY_FIELDS or value}
+        return f"/{'run/' if run else ''}{target}", body
 
 
 # --- the sync client ---
@@ -347,9 +353,8 @@ class WanserveClient(_Routes):
         webhook_url: str | None = None,
         priority: str | None = None,
     ) -> Submitted:
-        body = request_body(arguments)
-        options = submit_options(webhook_url, priority)
-        response = self.http.post(self._submit_path(body, endpoint), json=body, **options)
+        path, body = self._submission(arguments, endpoint)
+        response = self.http.post(path, json=body, **submit_options(webhook_url, priority))
         return Submitted.model_validate(check(response).json())
 
     def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
@@ -428,8 +433,8 @@ class WanserveClient(_Routes):
 
     def run(self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0) -> WanT2VResponse:
         """The sync route: one HTTP call that returns the output (hanging up cancels the request)."""
-        body = request_body(arguments)
-        response = self.http.post(self._submit_path(body, endpoint, run=True), json=body, timeout=timeout)
+        path, body = self._submission(arguments, endpoint, run=True)
+        response = self.http.post(path, json=body, timeout=timeout)
         return WanT2VResponse.model_validate(check(response).json())
 
     def upload_file(
@@ -492,9 +497,8 @@ class AsyncWanserveClient(_Routes):
         webhook_url: str | None = None,
         priority: str | None = None,
     ) -> Submitted:
-        body = request_body(arguments)
-        options = submit_options(webhook_url, priority)
-        response = await self.http.post(self._submit_path(body, endpoint), json=body, **options)
+        path, body = self._submission(arguments, endpoint)
+        response = await self.http.post(path, json=body, **submit_options(webhook_url, priority))
         return Submitted.model_validate(check(response).json())
 
     async def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
@@ -577,8 +581,8 @@ class AsyncWanserveClient(_Routes):
     async def run(
         self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0
     ) -> WanT2VResponse:
-        body = request_body(arguments)
-        response = await self.http.post(self._submit_path(body, endpoint, run=True), json=body, timeout=timeout)
+        path, body = self._submission(arguments, endpoint, run=True)
+        response = await self.http.post(path, json=body, timeout=timeout)
         return WanT2VResponse.model_validate(check(response).json())
 
     async def upload_file(

@@ -86,8 +86,11 @@ class ProgressView:
         self.drawn = False
 
     def update(self, status: QueueStatus) -> None:
+        # A status without logs (a job back in the queue after its worker died) says nothing of those already shown.
         logs = status.logs or []
-        new, self.seen_logs = logs[self.seen_logs :], len(logs)
+        new = logs[self.seen_logs :]
+        if status.logs is not None:
+            self.seen_logs = len(logs)
         if self.live:
             self._draw(self._line(status))
             if status.status == "COMPLETED":

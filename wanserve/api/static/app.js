@@ -291,8 +291,10 @@ async function submit(event) {
     return;
   }
   localStorage.setItem(KEY_KEY, $("api-key").value);
-  // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs.
+  // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs. Its
+  // unchecked box is the default there and no field at all for the base endpoint (which would log it as unknown).
   const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
+  if (endpoint === app) delete body.reverse_video;
   $("submit").disabled = true;
   setStatus("Submitting…");
   try {
