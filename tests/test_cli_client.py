@@ -120,6 +120,14 @@ def test_errors_are_messages_not_tracebacks(server: Server) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert unreachable.returncode == 1 and "cannot reach the server" in unreachable.stderr
+    # A bad server setting in this shell is no concern of a client command's.
+    env = {**os.environ, "WANSERVE_PORT": "abc", "WANSERVE_STORE": "postgres://x"}
+    status = subprocess.run(
+        [sys.executable, "-m", "wanserve", "status", "00000000-0000-0000-0000-000000000000", "--url", server.url,
+         "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert status.returncode == 1 and json.loads(status.stdout)["status_code"] == 404, status.stderr
 
 
 def test_which_lora_arguments_are_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

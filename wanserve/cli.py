@@ -489,8 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The client commands talk to a server: this machine's WANSERVE_* server settings are none of their business
+    # (one bad variable must not stop `wanserve status`).
+    client_command = hasattr(args, "url")
     try:
-        settings = settings_from_args(args)
+        settings = None if client_command else settings_from_args(args)
     except ValidationError as exc:
         print(_format_validation_error(exc).replace("invalid request", "invalid settings"), file=sys.stderr)
         return 2
