@@ -5,6 +5,7 @@ behaviour is tested elsewhere); the CLI runs in process through `wanserve.cli.ma
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -179,3 +180,28 @@ def test_ctrl_c_while_running_cancels_the_request(
     assert main(["run", "a fox", "--url", url]) == 130
     assert ("PUT", f"/{APP}/requests/{RID}/cancel", "") in state.seen
     assert f"cancelling request {RID}" in capsys.readouterr().err
+
+
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before any process starts: a taken port, a data folder that cannot be made, a broken key hashes file."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--port", port, "--data-dir", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["serve", "--port", "0", "--no-worker", "--data-dir", str(blocker / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and "Traceback" not in err
+
+    hashes = tmp_path / "hashes.txt"
+    hashes.write_text("not-a-hash\n")
+    args = ["serve", "--port", "0", "--no-worker", "--data-dir", str(tmp_path / "d")]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANSERVE_API_KEY_HASHES_FILE", str(hashes))
+        assert main(args) == 2
+    assert "the API key hashes:" in capsys.readouterr().err

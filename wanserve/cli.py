@@ -210,7 +210,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         key_file = settings.data_dir / "api-key"
         settings = settings.model_copy(update={"api_key_hashes": [hash_key(read_or_create_secret(key_file))]})
         log.warning("no API key configured for host %s: using the key in %s", settings.host, key_file)
-    settings = without_plain_keys(settings.model_copy(update={"public_url": settings.resolved_public_url()}))
+    problem = _cannot_listen(settings.host, settings.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        settings = without_plain_keys(settings.model_copy(update={"public_url": settings.resolved_public_url()}))
+    except (OSError, ValueError) as exc:  # the key hashes file: missing, unreadable, or not hashes
+        print(f"error: the API key hashes: {exc}", file=sys.stderr)
+        return 2
+    _check_job_store(settings)
     os.environ.pop("WANSERVE_API_KEYS", None)  # not inherited by the worker processes either
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     app = create_app(settings)
@@ -244,6 +253,36 @@ def cmd_hash_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (taken, or no such address), checked before anything starts:
+    uvicorn would find out only after the worker process had been started, and end in a traceback."""
+    import socket
+
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}: {exc.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
+def _check_job_store(settings: Settings) -> None:
+    """Opens the job store once (its folder, its file, the Redis server): a store that cannot be used stops the
+    start with main's one-line error, before any process is started."""
+    from wanserve.backends import open_job_store
+
+    store = open_job_store(settings)
+    try:
+        store.queued_count()
+    finally:
+        store.close()
+
+
 def _free_port(host: str) -> int:
     import socket
 
@@ -268,6 +307,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
 
         return run_worker_group(settings, args.worker_id, settings.gpus, exit_with_parent=args.exit_with_parent)
+    _check_job_store(settings)
     worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
     # SIGTERM (systemd, Kubernetes, the supervisor): finish the running job first; Ctrl-C: hand it back now.
     signal.signal(signal.SIGTERM, lambda *_: worker.drain())
@@ -484,6 +524,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from redis.exceptions import RedisError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -504,9 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the client commands: the server said no, is unreachable, or is not one
+    except Exception as exc:
         from wanserve.client.commands import CLIENT_ERRORS, report_error
 
-        if hasattr(args, "url") and isinstance(exc, CLIENT_ERRORS):
+        if client_command and isinstance(exc, CLIENT_ERRORS):  # the server said no, is unreachable, or is not one
             return report_error(exc, args)
+        if not client_command and not args.verbose and isinstance(exc, (OSError, RedisError)):
+            # A folder, file, address or server this machine cannot use (--data-dir, the store): the message says
+            # which; --verbose shows the traceback.
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         raise

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         100.0,
         ge=0,
         description="Status, result, cancel and stream calls one API key may make per second (per API replica; 0: "
-        "no limit): loose, as the Python client polls each request it follows 10 times a second.",
+        "no limit): loose, as fal's Python client (fal-client) polls each request it follows 10 times a second.",
     )
     read_rate_limit_burst: int = Field(200, ge=1, description="How many such calls a key may make at once.")
     max_queued_per_key: int = Field(
