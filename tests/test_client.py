@@ -28,9 +28,11 @@ from wanserve.client import (
 from wanserve.client import client as client_module
 from wanserve.client.client import (
     STREAM_TIMEOUT,
+    ApiError,
     SseDecoder,
     StatusAccumulator,
     app_of,
+    cancel_accepted,
     error_from_response,
     resolve_endpoint,
     same_origin,
@@ -161,6 +163,29 @@ def test_the_progress_view_does_not_repeat_lines_after_a_status_without_logs() -
     view.update(QueueStatus.model_validate({"status": "IN_PROGRESS", "logs": [*lines, retry]}))
     text = out.getvalue()
     assert text.count("Started on worker w1") == 1 and text.count("Retrying after") == 1
+
+
+def test_cancel_says_already_completed_only_when_the_server_does() -> None:
+    assert cancel_accepted(httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), "r") is True
+    assert cancel_accepted(httpx.Response(400, json={"status": "ALREADY_COMPLETED"}), "r") is False
+    with pytest.raises(ApiError) as raised:  # another 400 (a proxy's, a malformed path) is an error, not "done"
+        cancel_accepted(httpx.Response(400, json={"detail": "bad request", "error_type": "bad_request"}), "r")
+    assert raised.value.status_code == 400
+
+
+def test_following_rides_out_the_read_rate_limit_as_its_retry_after_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 429 while following a request is no failure of the request (it goes on): polling waits and asks again."""
+    statuses = iter([
+        httpx.Response(429, json={"detail": "slow down", "error_type": "rate_limited"}, headers={"retry-after": "3"}),
+        httpx.Response(200, json={"status": "COMPLETED", "logs": []}),
+    ])  # fmt: skip
+    slept: list[float] = []
+    client = WanserveClient("http://api.test")
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(lambda _r: next(statuses)))
+    client.stream_status = lambda *a, **k: iter(())  # type: ignore[method-assign,assignment]  # no stream: polling
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    assert [s.status for s in client.follow("r")] == ["COMPLETED"]
+    assert slept == [3.0]
 
 
 def test_the_key_never_leaves_for_another_host(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ protocol logic below (URLs, bodies, parsing, SSE decoding); they differ only in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 import os
@@ -44,11 +45,19 @@ Arguments = WanT2VRequest | Mapping[str, Any]
 class ApiError(Exception):
     """The server answered with an error: its HTTP status, fal `error_type` and detail (text or field errors)."""
 
-    def __init__(self, status_code: int, detail: Any, error_type: str | None = None, request_id: str | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        detail: Any,
+        error_type: str | None = None,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,  # a 429's Retry-After
+    ):
         self.status_code = status_code
         self.detail = detail
         self.error_type = error_type
         self.request_id = request_id
+        self.retry_after_s = retry_after_s
         super().__init__(f"HTTP {status_code}{f' {error_type}' if error_type else ''}: {_detail_text(detail)}")
 
 
@@ -125,7 +134,9 @@ def error_from_response(response: httpx.Response, request_id: str | None = None)
         cls = ServerError
     if cls is InputError and error_type is None and isinstance(detail, list) and detail:
         error_type = detail[0].get("type") if isinstance(detail[0], dict) else None
-    return cls(code, detail, error_type, request_id)
+    retry_after = response.headers.get("retry-after", "")
+    retry_after_s = float(retry_after) if retry_after.isascii() and retry_after.isdigit() else None
+    return cls(code, detail, error_type, request_id, retry_after_s)
 
 
 # --- wire models of the queue ---
@@ -178,6 +189,18 @@ def resolve_endpoint(arguments: Mapping[str, Any], app: str, endpoint: str | Non
 # Inputs that only the `/lora` endpoint reads (the base endpoint ignores unknown fields): a request that sets one
 # goes there, or it would be silently dropped.
 LORA_ONLY_FIELDS = tuple(sorted(set(WanLoRAT2VRequest.model_fields) - set(WanT2VRequest.model_fields)))
+
+
+def cancel_accepted(response: httpx.Response, request_id: str) -> bool:
+    """A cancel's answer: True when accepted, False when the request had already completed (400 with that status);
+    any other error raises."""
+    if response.status_code == 400:
+        with contextlib.suppress(ValueError):
+            body = response.json()
+            if isinstance(body, dict) and body.get("status") == "ALREADY_COMPLETED":
+                return False
+    check(response, request_id)
+    return True
 
 
 def request_body(arguments: Arguments) -> dict[str, Any]:
@@ -285,14 +308,18 @@ class _FailedPolls:
         self.since = self.since or time.monotonic()
         if not reconnectable(exc) or time.monotonic() - self.since > RECONNECT_GRACE_S:
             raise exc
-        return 4 * POLL_INTERVAL_S
+        wait = 4 * POLL_INTERVAL_S
+        if isinstance(exc, ApiError) and exc.retry_after_s is not None:
+            wait = max(wait, min(exc.retry_after_s, RECONNECT_GRACE_S))
+        return wait
 
 
 def reconnectable(exc: BaseException) -> bool:
-    """A server restarting or a proxy in front of it: unreachable, or 502-504. A status stream that fails so
-    (opening or later) gives way to polling, which waits such failures out."""
+    """A server restarting or a proxy in front of it (unreachable, or 502-504), or this key's read rate limit (429):
+    nothing wrong with the request, which goes on. A status stream that fails so (opening or later) gives way to
+    polling, which waits such failures out."""
     return isinstance(exc, httpx.TransportError) or (
-        isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
+        isinstance(exc, ApiError) and exc.status_code in (429, 502, 503, 504)
     )
 
 
@@ -382,11 +409,7 @@ class WanserveClient(_Routes):
 
     def cancel(self, request_id: str, *, app: str | None = None) -> bool:
         """True when the cancel was accepted; False when the request had already completed."""
-        response = self.http.put(self._request_path(request_id, app, "/cancel"))
-        if response.status_code == 400:
-            return False
-        check(response, request_id)
-        return True
+        return cancel_accepted(self.http.put(self._request_path(request_id, app, "/cancel")), request_id)
 
     def subscribe(
         self,
@@ -526,11 +549,7 @@ class AsyncWanserveClient(_Routes):
         return parse_result(await self.http.get(self._request_path(request_id, app)), request_id)
 
     async def cancel(self, request_id: str, *, app: str | None = None) -> bool:
-        response = await self.http.put(self._request_path(request_id, app, "/cancel"))
-        if response.status_code == 400:
-            return False
-        check(response, request_id)
-        return True
+        return cancel_accepted(await self.http.put(self._request_path(request_id, app, "/cancel")), request_id)
 
     async def subscribe(
         self,
