@@ -3,6 +3,7 @@ terminal, a live progress line on a pseudo-terminal, `--json` that parses, error
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 from server import Server
 
-from wanserve.client.commands import local_file, parse_lora
+from wanserve.client.client import ConfigError, WanserveClient
+from wanserve.client.commands import local_file, lora_arguments, parse_lora
 from wanserve.engine.video import probe_mp4
 
 CHEAP_FLAGS = ["--resolution", "480p", "--guidance-scale", "1", "--guidance-scale-2", "1"]
@@ -140,3 +142,6 @@ def test_which_lora_arguments_are_local_files(tmp_path: Path, monkeypatch: pytes
     assert local_file("https://example.com/loras/a.safetensors") is None
     assert local_file("data:application/octet-stream;base64," + "QUFB" * 5000) is None  # no OSError: too long
     assert local_file("x" * 5000) is None and local_file("a\0b") is None
+    # A path that can only mean this machine, mistyped: said here, not sent to the server as a server-side path.
+    with pytest.raises(ConfigError, match="no such file on this machine"):
+        lora_arguments(WanserveClient("http://127.0.0.1:9"), ["./loras/missing.safetensors"], io.StringIO())

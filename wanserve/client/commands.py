@@ -68,6 +68,8 @@ def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> lis
     for spec in specs:
         lora = parse_lora(spec)
         local = local_file(lora["path"])
+        if local is None and lora["path"].startswith(("./", "../", "~/")):  # only ever a path on this machine
+            raise ConfigError(f"LoRA {lora['path']}: no such file on this machine")
         if local is not None:
             lora["path"] = client.upload_file(local)
             print(f"uploaded {local} -> {lora['path']}", file=out, flush=True)
