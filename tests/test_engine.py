@@ -189,6 +189,42 @@ def test_decode_video_gives_diffusers_pixels_piece_by_piece(tiled: bool) -> None
             assert len(decoder_calls) == 3  # frames 1-5 and 6-9 need latent frames 0-2; 3 and 4 are left alone
 
 
+def test_an_untiled_decode_out_of_gpu_memory_goes_on_tiled() -> None:
+    """The per-decode memory forecast can be wrong: an out-of-memory error partway through an untiled decode
+    finishes the video with the tiled decode, and the mp4 sink still gets every frame once, in order."""
+    torch.manual_seed(0)
+    vae = build_vae(TinyConfig(vae="fast")).eval()
+    patch = vae.config.scale_factor_spatial
+    z = torch.randn(1, 16, 5, 64 // patch, 96 // patch) * 2  # 17 frames
+    with torch.no_grad():
+        untiled = decode_video(vae, z, 17, tiled=False)
+        vae.tile_sample_min_height = vae.tile_sample_min_width = 32  # so that tiling changes the pixels
+        vae.tile_sample_stride_height = vae.tile_sample_stride_width = 16
+        tiled = decode_video(vae, z, 17, tiled=True)
+        assert not np.array_equal(tiled, untiled)
+        decoder = vae.decoder.forward
+        calls: list[bool] = []
+
+        def runs_out_on_the_third_call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(vae.use_tiling)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return decoder(*args, **kwargs)
+
+        vae.decoder.forward = runs_out_on_the_third_call
+        pieces: list[np.ndarray] = []
+        got = decode_video(vae, z, 17, on_frames=pieces.append, tiled=False)
+    assert not vae.use_tiling  # as it was before
+    assert [len(p) for p in pieces] == [1, 4, 12]  # two untiled pieces, then the rest of the tiled video
+    assert np.array_equal(got, np.concatenate(pieces))
+    assert np.array_equal(got[:5], untiled[:5]) and np.array_equal(got[5:], tiled[5:])
+    assert calls[:3] == [False, False, False] and all(calls[3:])
+    # A tiled decode that runs out has nothing smaller to fall back to.
+    calls.clear()
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+        decode_video(vae, z, 17, tiled=True)
+
+
 def test_non_finite_latents_fail_with_a_reason(
     engine: WanEngine, small_spec: Spec, caplog: pytest.LogCaptureFixture
 ) -> None:

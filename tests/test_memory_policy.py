@@ -27,6 +27,7 @@ from wanserve.engine.memory import (
     PinnedWeights,
     choose_memory_plan,
     plan_from_override,
+    tiles_decode,
 )
 from wanserve.engine.pipeline import GenerationSpec
 from wanserve.engine.sampling import Expert
@@ -179,22 +180,52 @@ def test_offload_completes_close_to_resident(model_cache: Path) -> None:
     want = tiny_engine(model_cache, memory_policy="resident").generate(big).frames
     engine = tiny_engine(model_cache, memory_policy="offload")
     assert engine.memory_plan.policy is MemoryPolicy.OFFLOAD
-    assert engine.pipe.vae.use_tiling
+    tiled_decodes: list[int] = []
+    tiled_decode = engine.pipe.vae.tiled_decode
+    engine.pipe.vae.tiled_decode = lambda *a, **k: tiled_decodes.append(1) or tiled_decode(*a, **k)
     assert _is_group_offload_enabled(engine.pipe.transformer) and _is_group_offload_enabled(engine.pipe.transformer_2)
     assert not engine.batch_cfg
     got = engine.generate(big).frames
+    assert tiled_decodes == [1]
     assert got.shape == want.shape == (9, 272, 288, 3)
     assert rel_error(got, want) < 1e-2
 
 
 def test_a_plan_with_tiled_decode_tiles_the_vae_under_any_policy(model_cache: Path) -> None:
+    """On a CPU the plan decides (a forced plan's tiling is obeyed), and the engine's decode runs as it decided."""
     pipe = load_pipeline("tiny", model_cache, torch.float32)
     for policy in (MemoryPolicy.RESIDENT, MemoryPolicy.SWAP):
-        MemoryManager(pipe, MemoryPlan(policy, False, "test"), torch.device("cpu"))
-        assert not pipe.vae.use_tiling, policy
-        MemoryManager(pipe, MemoryPlan(policy, False, "test", tiled_decode=True), torch.device("cpu"))
-        assert pipe.vae.use_tiling, policy
-        pipe.vae.disable_tiling()
+        assert not MemoryManager(pipe, MemoryPlan(policy, False, "test"), torch.device("cpu")).decode_tiled(720, 1280)
+        tiled = MemoryPlan(policy, False, "test", tiled_decode=True)
+        assert MemoryManager(pipe, tiled, torch.device("cpu")).decode_tiled(64, 64), policy
+        assert not pipe.vae.use_tiling  # set around each decode, not left on the shared VAE
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "lora_gib", "size", "tiled"),
+    [
+        (79, 0, (720, 1280), False),  # H100, both experts resident: 25.6 GiB left for a 20 GiB decode (+2)
+        (79, 4, (720, 1280), True),  # a full 4 GiB LoRA cache since the start leaves 21.6 GiB
+        (79, 4, (480, 832), False),  # 8.7 GiB at 480p still fits beside it
+        (48, 0, (720, 1280), True),  # swap: one 26.7 GiB expert kept, as the plan forecast
+        (48, 0, (480, 832), False),  # ... but a 480p decode fits untiled, which is faster
+        (139, 0, (480, 832), False),
+    ],
+)
+def test_each_decode_tiles_from_the_memory_free_at_that_decode(
+    free_gib: float, lora_gib: float, size: tuple[int, int], tiled: bool
+) -> None:
+    """The plan is made at start, before any LoRA adapter is cached on the GPU (up to lora_memory_bytes) and for the
+    largest video; each decode decides again from what is free then and its own frame size."""
+    plan = choose_memory_plan(gpu(free_gib), **A14B)
+    kept = A14B["expert_bytes"] * (2 if plan.policy is MemoryPolicy.RESIDENT else 1)
+    kept += A14B["text_encoder_bytes"] if plan.text_encoder_resident else 0
+    usable = int(free_gib * GiB) - kept - int(lora_gib * GiB)
+    assert tiles_decode(plan, *size, usable_bytes=usable) is tiled
+    # Small cards' policy always tiles, whatever is free; off a GPU the plan decides.
+    offload = choose_memory_plan(gpu(24), **A14B)
+    assert tiles_decode(offload, 480, 832, usable_bytes=100 * GiB)
+    assert tiles_decode(plan, *size, usable_bytes=None) is plan.tiled_decode
 
 
 def test_offload_turns_off_batched_cfg_and_compile(model_cache: Path) -> None:

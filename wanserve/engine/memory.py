@@ -9,7 +9,9 @@
   decode, for 24-48 GB cards; cond and uncond run as two forwards to halve the activations.
 
 The VAE decode comes after the denoising loop, so it needs room beside what stays on the GPU rather than beside
-the activations; where that room is missing, the decode is tiled (slower, a few GiB at most) under any policy.
+the activations; where that room is missing, the decode is tiled (slower, a few GiB at most) under any policy. The
+plan forecasts this for the largest video at start; each decode decides again from its own frame size and what is
+free then (`tiles_decode`), since LoRA adapters cached since the start take GPU memory the plan could not count.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from diffusers import WanPipeline
 from torch import nn
 
 from wanserve.engine.sampling import Expert
-from wanserve.engine.speed import DeviceInfo
+from wanserve.engine.speed import DeviceInfo, usable_gpu_bytes
 
 GiB = 1024**3
 # Activation peak of one expert forward per token per batch row, per model channel (DESIGN.md section 5: 720p,
@@ -40,7 +42,14 @@ HEADROOM_BYTES = 2 * GiB  # allocator fragmentation, LoRA adapters, the VAE's ow
 # peak with one 26.7 GiB expert resident). It depends on the frame size, not on the frame count (the decoder works a
 # few latent frames at a time).
 DECODE_BYTES_PER_PIXEL = 23_300
-LARGEST_DECODE_BYTES = DECODE_BYTES_PER_PIXEL * 1280 * 720
+
+
+def decode_bytes(height: int, width: int) -> int:
+    """GPU memory an untiled VAE decode of `height` x `width` frames works in, above the weights."""
+    return DECODE_BYTES_PER_PIXEL * height * width
+
+
+LARGEST_DECODE_BYTES = decode_bytes(720, 1280)
 
 
 class MemoryPolicy(StrEnum):
@@ -54,7 +63,7 @@ class MemoryPlan:
     policy: MemoryPolicy
     text_encoder_resident: bool
     reason: str
-    tiled_decode: bool = False  # the VAE decodes in tiles: an untiled decode would not fit beside the weights
+    tiled_decode: bool = False  # forecast for the largest video: an untiled decode would not fit beside the weights
 
 
 def module_bytes(module: nn.Module | None) -> int:
@@ -99,6 +108,17 @@ def choose_memory_plan(
     else:
         plan = MemoryPlan(MemoryPolicy.OFFLOAD, False, f"{gib}: block-by-block offload")
     return _with_decode(plan, device, expert_bytes, experts, text_encoder_bytes)
+
+
+def tiles_decode(plan: MemoryPlan, height: int, width: int, usable_bytes: int | None) -> bool:
+    """Whether one video's VAE decode runs tiled. Always under `offload` (the policy of small cards); elsewhere when
+    an untiled decode of this frame size would not fit in `usable_bytes`, the GPU memory free at the decode (None:
+    not a GPU, where the plan decides). Deciding per decode rather than once at start counts what the plan could
+    not: LoRA adapters loaded since (up to `lora_memory_bytes` stay cached on the GPU), and videos smaller than the
+    720p the plan is sized for, which decode untiled (faster) on cards where a 720p one would not fit."""
+    if plan.policy is MemoryPolicy.OFFLOAD or usable_bytes is None:
+        return plan.tiled_decode or plan.policy is MemoryPolicy.OFFLOAD
+    return decode_bytes(height, width) + HEADROOM_BYTES > usable_bytes
 
 
 def plan_from_override(policy: str, device: DeviceInfo, sizes: tuple[int, int, int, int]) -> MemoryPlan:
@@ -286,8 +306,11 @@ class MemoryManager:
                     use_stream=device.type == "cuda",
                     record_stream=device.type == "cuda",
                 )
-        if plan.tiled_decode:
-            pipe.vae.enable_tiling()
+
+    def decode_tiled(self, height: int, width: int) -> bool:
+        """Whether the VAE decodes a `height` x `width` video in tiles now (`tiles_decode`)."""
+        usable = usable_gpu_bytes(self.device) if self.device.type == "cuda" else None
+        return tiles_decode(self.plan, height, width, usable)
 
     @contextlib.contextmanager
     def text_encoder(self) -> Iterator[None]:

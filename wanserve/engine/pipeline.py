@@ -494,4 +494,9 @@ class WanEngine:
         z_dim = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        return decode_video(vae, latents / inv_std + mean, num_frames, on_frames)
+        height, width = (side * self.pipe.vae_scale_factor_spatial for side in latents.shape[-2:])
+        tiled = self.memory.decode_tiled(height, width)
+        if tiled is not self.memory_plan.tiled_decode:
+            log.debug("VAE decode %s at %dx%d (the start-up plan expected the opposite)",
+                     "tiled" if tiled else "untiled", width, height)  # fmt: skip
+        return decode_video(vae, latents / inv_std + mean, num_frames, on_frames, tiled=tiled)

@@ -11,8 +11,9 @@ decode, offload hooks that move the VAE), it runs unchanged and its whole video 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from contextlib import closing
+import logging
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, contextmanager
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 from wanserve.engine.video import pixels_to_uint8
+
+log = logging.getLogger(__name__)
 
 
 def decoded_pieces(vae: AutoencoderKLWan, z: torch.Tensor) -> Generator[torch.Tensor, None, None]:
@@ -49,23 +52,57 @@ def decode_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(decoded_pieces(vae, z)), 2)
 
 
+@contextmanager
+def tiling(vae: AutoencoderKLWan, tiled: bool) -> Iterator[None]:
+    """`vae` decodes tiled (diffusers' tiled decode, default tile sizes) or not within the block."""
+    before = vae.use_tiling
+    vae.use_tiling = tiled
+    try:
+        yield
+    finally:
+        vae.use_tiling = before
+
+
 def decode_video(
-    vae: AutoencoderKLWan, z: torch.Tensor, num_frames: int, on_frames: Callable[[np.ndarray], None] | None = None
+    vae: AutoencoderKLWan,
+    z: torch.Tensor,
+    num_frames: int,
+    on_frames: Callable[[np.ndarray], None] | None = None,
+    tiled: bool | None = None,
 ) -> np.ndarray:
     """The first `num_frames` frames of `z`'s video (batch 1) as uint8 RGB, (num_frames, height, width, 3).
-    `on_frames` gets each piece as soon as it is on the host. Latent frames past `num_frames` are not decoded."""
+    `on_frames` gets each piece as soon as it is on the host. Latent frames past `num_frames` are not decoded.
+    `tiled` (None: as the VAE is set) picks diffusers' tiled decode. An untiled decode that runs out of GPU memory
+    (the memory forecast was wrong) goes on tiled: `on_frames` still sees every frame once, in order."""
     pieces: list[np.ndarray] = []
     kept = 0
-    with closing(decoded_pieces(vae, z)) as decoded:
-        for piece in decoded:
-            # [-1, 1] -> [0, 1] as diffusers' VideoProcessor does (its clamp is pixels_to_uint8's), then uint8 on the
-            # VAE's device; (channels, frames, h, w) -> (frames, h, w, channels) in uint8, a quarter of the bytes.
-            pixels = pixels_to_uint8(piece[0] / 2 + 0.5).permute(1, 2, 3, 0).contiguous()
-            frames = pixels[: num_frames - kept].cpu().numpy()
-            pieces.append(frames)
-            kept += len(frames)
-            if on_frames is not None:
-                on_frames(frames)
-            if kept >= num_frames:
-                break
+
+    def take(piece: torch.Tensor, skip: int = 0) -> bool:
+        nonlocal kept
+        # [-1, 1] -> [0, 1] as diffusers' VideoProcessor does (its clamp is pixels_to_uint8's), then uint8 on the
+        # VAE's device; (channels, frames, h, w) -> (frames, h, w, channels) in uint8, a quarter of the bytes.
+        pixels = pixels_to_uint8(piece[0, :, skip:] / 2 + 0.5).permute(1, 2, 3, 0).contiguous()
+        frames = pixels[: num_frames - kept].cpu().numpy()
+        pieces.append(frames)
+        kept += len(frames)
+        if on_frames is not None:
+            on_frames(frames)
+        return kept >= num_frames
+
+    tiled = vae.use_tiling if tiled is None else tiled
+    try:
+        with tiling(vae, tiled), closing(decoded_pieces(vae, z)) as decoded:
+            for piece in decoded:
+                if take(piece):
+                    break
+        return np.concatenate(pieces)
+    except torch.OutOfMemoryError:
+        if tiled:
+            raise
+    # Out of the except block, so that the failed attempt's tensors (held by its traceback) are freed first.
+    log.warning("the VAE decode ran out of GPU memory after %d frames; decoding the rest in tiles", kept)
+    if z.is_cuda:
+        torch.cuda.empty_cache()
+    with tiling(vae, True):
+        take(vae.decode(z, return_dict=False)[0], skip=kept)
     return np.concatenate(pieces)
