@@ -186,6 +186,45 @@ def test_a_stopped_worker_keeps_the_lease_of_a_step_that_outlasts_it_and_hands_t
     assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
 
 
+class UncheckedStepRunner(SteppingRunner):
+    """One long step that never looks for a stop, then a finished video: a 720p step outlasting a server's stop."""
+
+    def generate_video(
+        self, request: Any, output: Path, on_step: Any, is_cancelled: Any, on_phase: Any, **extra: Any
+    ) -> Any:
+        self.started.set()
+        time.sleep(self.step_s)
+        return InstantRunner.generate_video(self, request, output, on_step, lambda: False, on_phase, **extra)
+
+
+def test_a_stop_hands_the_job_back_at_once_while_the_step_still_runs(tmp_path: Path) -> None:
+    """A stopping server kills its workers after a grace shorter than a 720p step: the job must be back in the queue,
+    its run not counted, before the step ends. The video that step still finishes is not this worker's any more."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)  # leases of 30 s
+    store = open_job_store(settings)
+    files = open_file_store(settings)
+    runner = UncheckedStepRunner(steps=1, step_s=3.0)
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: runner)
+    store.submit(NewJob("running", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    assert runner.started.wait(30)
+    stopped = time.monotonic()
+    worker.stop()
+    while (job := store.get("running")) is not None and job.state is not JobState.QUEUED:
+        assert time.monotonic() - stopped < 1.5, "not handed back while the step ran"
+        time.sleep(0.02)
+    assert thread.is_alive()  # the step is still running
+    assert job.attempts == 0 and job.worker_id is None
+    thread.join(30)
+    job = store.get("running")
+    assert job is not None and job.state is JobState.QUEUED and job.attempts == 0 and job.output is None
+    with pytest.raises(FileNotFound):  # the step's late video was stored, refused and removed
+        files.stat(output_key("running", 1), time.time())
+    notes = [e.message for e in store.logs("running")]
+    assert notes.count("Worker shutting down; the request goes back to the queue") == 1
+
+
 class Died(BaseException):
     """The worker process dying (kill -9, power loss) at a chosen point: nothing after it runs."""
 

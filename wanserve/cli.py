@@ -297,6 +297,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from wanserve.backends import open_file_store, open_job_store
     from wanserve.worker.loop import Worker
+    from wanserve.worker.signals import handle_signals_at_once
     from wanserve.worker.supervisor import SETTINGS_ENV
 
     inherited = os.environ.get(SETTINGS_ENV)
@@ -310,8 +311,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _check_job_store(settings)
     worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
     # SIGTERM (systemd, Kubernetes, the supervisor): finish the running job first; Ctrl-C: hand it back now.
-    signal.signal(signal.SIGTERM, lambda *_: worker.drain())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    handle_signals_at_once({signal.SIGTERM: worker.drain, signal.SIGINT: worker.stop})
     parent = os.getppid()
     worker.run(stop_when=lambda: args.exit_with_parent and os.getppid() != parent)
     return 0

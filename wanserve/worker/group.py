@@ -49,6 +49,7 @@ from wanserve.engine.runner import EngineRunner, VideoResult
 from wanserve.errors import GenerationCancelled, ParallelGroupFailed, WanserveError
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import WanT2VRequest
+from wanserve.worker.signals import handle_signals_at_once
 from wanserve.worker.supervisor import next_restart_delay
 
 log = logging.getLogger("wanserve.worker.group")
@@ -318,8 +319,7 @@ def _lead(
     )  # fmt: skip
     # The launcher's orders: SIGUSR1 finishes the running job first, SIGINT hands it back now. (SIGTERM, which a
     # service manager sends to every process at once, is the launcher's to act on: ignored here, see _rank_main.)
-    signal.signal(signal.SIGUSR1, lambda *_: worker.drain())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    handle_signals_at_once({signal.SIGUSR1: worker.drain, signal.SIGINT: worker.stop})
     worker.run(stop_when=lambda: leader is not None and leader.tick())
     if leader is None or leader.broken is not None:
         return GROUP_BROKEN_EXIT

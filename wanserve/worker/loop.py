@@ -164,7 +164,11 @@ class Worker:
         # The run (job id, attempt) whose job the store took back from this worker: a run, not a job, so that a
         # late answer about an earlier run of a job this worker claimed again cannot stop the new run.
         self._lease_lost_run: tuple[str, int] | None = None
+        # The run the heartbeat thread handed back to the queue when the worker was told to stop (see stop()).
+        self._handed_back_run: tuple[str, int] | None = None
+        self._hand_back_lock = threading.Lock()  # the heartbeat thread and the main thread may both try
         self._stop = threading.Event()
+        self._beat_now = threading.Event()  # wakes the heartbeat thread before its interval (a stop, the end)
         self._draining = threading.Event()
         self._detail: dict[str, Any] = {
             "host": socket.gethostname(),
@@ -178,8 +182,11 @@ class Worker:
 
     # --- lifecycle ---
     def stop(self) -> None:
-        """Stop now: the running job goes back to the queue (it runs again elsewhere)."""
+        """Stop now: the running job goes back to the queue at once (it runs again elsewhere, its attempt not
+        counted). The heartbeat thread hands it back: the engine looks for a stop only between denoising steps, and
+        a 720p step can outlast the grace a stopping server gives its workers before it kills them."""
         self._stop.set()
+        self._beat_now.set()
 
     def drain(self) -> None:
         """Take no new job; let the running one finish for up to `drain_s`, then stop. Asked again: stop now."""
@@ -254,6 +261,7 @@ class Worker:
         finally:
             self._stop.set()
             finished.set()
+            self._beat_now.set()
             self.store.remove_worker(self.id)
 
     def _hand_back_unanswered_claim(self, token: str) -> None:
@@ -271,10 +279,17 @@ class Worker:
 
     def _heartbeat_loop(self, finished: threading.Event) -> None:
         interval = max(self.settings.job_lease_s / 4, 0.05)
-        while not finished.wait(interval):
+        while True:
+            self._beat_now.wait(interval)
+            self._beat_now.clear()
+            if finished.is_set():
+                return
             job = self._current
             if job is not None and time.monotonic() - self._progress_at > self.settings.job_stall_s:
                 self._exit_stalled(job)
+            if job is not None and self._stop.is_set():
+                self._hand_back_at_stop(job)
+                continue
             try:
                 self._register(ready=self._runner is not None)
                 if job is not None and not self.store.heartbeat(
@@ -283,6 +298,23 @@ class Worker:
                     self._lease_lost_run = (job.id, job.attempts)
             except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
                 log.exception("heartbeat failed")
+
+    def _hand_back_at_stop(self, job: Job) -> None:
+        """The heartbeat thread's half of stop(): the running job back to the queue now, while the engine finishes
+        its step (the main thread then drops the run at its next check). The store decides atomically between this
+        and a finish that lands first; a run it took back is no longer this worker's, and its late finish is
+        refused. Without a store the job stays leased: this is tried again at the next beat, and the lease ends it."""
+        run = (job.id, job.attempts)
+        with self._hand_back_lock:
+            if self._handed_back_run == run:
+                return
+            try:
+                note = "Worker shutting down; the request goes back to the queue"
+                if not self.store.release(job.id, self.id, self.store.now(), note=note):
+                    log.warning("job %s was no longer this worker's when it was handed back", job.id)
+                self._handed_back_run = run
+            except Exception as exc:
+                log.warning("job %s: could not hand it back yet (%s: %s)", job.id, type(exc).__name__, exc)
 
     def _exit_stalled(self, job: Job) -> None:
         """The engine is stuck inside a step (a hung kernel, a deadlock): no cancel check will ever run, so
@@ -335,10 +367,7 @@ class Worker:
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to the store", job.id)
         except ShuttingDown:
-            # The store decides atomically: back to the queue, or (cancel requested meanwhile) completed as cancelled.
-            note = "Worker shutting down; the request goes back to the queue"
-            if not self.store.release(job.id, self.id, self.store.now(), note=note):
-                log.warning("job %s was no longer this worker's when it was handed back", job.id)
+            self._hand_back_at_stop(job)  # unless the heartbeat thread did already
         except GenerationCancelled:
             self._finish(job, failure=cancelled_failure())
         except ParallelGroupFailed as exc:
