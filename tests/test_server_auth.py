@@ -39,6 +39,10 @@ def test_a_server_reachable_from_the_network_requires_its_generated_key(open_hos
     assert key_file.stat().st_mode & 0o777 == 0o600
     key = key_file.read_text().strip()
     assert len(key) >= 32
+    # With no public URL, the URLs it hands out reach only this machine: the start says so, and what to set.
+    start_log = srv.log_path.read_text()
+    assert "listening on all addresses (0.0.0.0) with no public URL" in start_log
+    assert "set --public-url (WANSERVE_PUBLIC_URL)" in start_log
 
     missing = httpx.post(f"{srv.url}/{APP}", json=CHEAP_INPUT)
     assert missing.status_code == 401 and missing.json()["error_type"] == "unauthorized"

@@ -72,7 +72,12 @@ def test_proxy_route_dispatches_by_target_url(server: Server) -> None:
 def test_start_timeout_expires_a_request_that_waits_too_long(server: Server) -> None:
     # Busy for well over the 1.5 s start timeout (the cheap model decodes and encodes a 480p video in about 1.5 s).
     blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 12})
-    waiting = _submit(server, CHEAP_INPUT, **{"x-fal-request-timeout": "1.5", "x-fal-queue-priority": "low"})
+    late = {"x-fal-request-timeout": "1.5", "x-fal-queue-priority": "low"}
+    waiting = _submit(server, CHEAP_INPUT, **late)
+    # The sync run keeps the 504 too (its other retried statuses become 500): the JS client's isUserTimeout.
+    run = httpx.post(f"{server.url}/run/{APP}", json=CHEAP_INPUT, headers=late, timeout=60)
+    assert run.status_code == 504 and run.headers["x-fal-request-timeout-type"] == "user"
+    assert run.json()["error_type"] == "request_timeout"
     status = wait_completed(server, APP, str(waiting["request_id"]), timeout_s=30)
     assert status["error_type"] == "request_timeout"
     result = httpx.get(str(waiting["response_url"]))

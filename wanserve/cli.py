@@ -214,11 +214,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
+    configured_public_url = settings.public_url
     try:
         settings = without_plain_keys(settings.model_copy(update={"public_url": settings.resolved_public_url()}))
     except (OSError, ValueError) as exc:  # the key hashes file: missing, unreadable, or not hashes
         print(f"error: the API key hashes: {exc}", file=sys.stderr)
         return 2
+    if settings.host in ("0.0.0.0", "::", "") and not configured_public_url:
+        # Not refused: a container's published port reached from its own host works with these URLs.
+        log.warning(
+            "listening on all addresses (%s) with no public URL: every URL handed out (status, result, uploads, "
+            "videos) starts with %s, which only this machine reaches; for clients elsewhere, set --public-url "
+            "(WANSERVE_PUBLIC_URL) to the URL they reach this server at",
+            settings.host or "all",
+            settings.public_url,
+        )
     _check_job_store(settings)
     os.environ.pop("WANSERVE_API_KEYS", None)  # not inherited by the worker processes either
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)

@@ -309,6 +309,23 @@ describe(
       assert.equal(result.requestId, requestId);
     });
 
+    it("queue.submit with method \"get\" sends the input as query parameters, typed by the schema", { timeout: 60_000 }, async () => {
+      await assert.rejects(
+        fal.queue.submit(APP, { input: { ...CHEAP_INPUT, num_frames: 80 }, method: "get" }),
+        (error) => {
+          assert.ok(error instanceof ValidationError, `expected ValidationError, got ${error?.name}: ${error}`);
+          assert.ok(error.getFieldErrors("num_frames").length >= 1, JSON.stringify(error.fieldErrors));
+          return true;
+        },
+      );
+      const submitted = await fal.queue.submit(APP, { input: { ...CHEAP_INPUT, seed: 11 }, method: "get" });
+      const get = calls.find((c) => c.method === "GET" && (targetOf(c) ?? c.url).startsWith(`https://queue.fal.run/${APP}?`));
+      assert.ok(get, `no GET submit in ${JSON.stringify(calls.map((c) => [c.method, targetOf(c) ?? c.url]))}`);
+      assert.ok(QUEUE_STATUSES.includes(submitted.status), JSON.stringify(submitted));
+      // Not left running for the next tests (a 400 if it completed already).
+      await fal.queue.cancel(APP, { requestId: submitted.request_id }).catch((error) => assert.equal(error.status, 400));
+    });
+
     it("queue.cancel: a cancelled request completes and its result rejects with 499", { timeout: CANCEL_TIMEOUT_MS }, async () => {
       const slow = { ...CHEAP_INPUT, num_inference_steps: 20 };
       // A occupies the worker; B, submitted right behind it, is still queued when cancelled.

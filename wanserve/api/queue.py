@@ -12,7 +12,15 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from wanserve.api.context import Authorized, Caller, Context, ReadLimited, ServerContext, SubmitLimited
+from wanserve.api.context import (
+    Authorized,
+    Caller,
+    Context,
+    ReadLimited,
+    ServerContext,
+    SubmitLimited,
+    limit_submits,
+)
 from wanserve.api.files import signed_reply
 from wanserve.api.limits import read_body
 from wanserve.api.responses import reply_response
@@ -153,7 +161,10 @@ async def submit(
 
 
 @router.get("/{path:path}", include_in_schema=False)
-async def unknown_get(path: str) -> None:
-    """Registered last: without it a GET that matches no route would partly match the submit route above and be
-    answered 405 Method Not Allowed instead of 404."""
-    raise NotFound(f"Not Found: GET /{path}")
+async def get_submit(ctx: Context, caller: Caller, path: str, request: Request) -> JSONResponse:
+    """The JS client's `method: "get"` submits with the input as query parameters (FAL_PROTOCOL.md section 4).
+    Registered last; any other GET that matches no route is a 404 (not the submit route's 405)."""
+    if ctx.service.endpoints.get(path) is None:
+        raise NotFound(f"Not Found: GET /{path}")
+    await limit_submits(ctx, caller, request)
+    return await submit(ctx, caller, path, request)

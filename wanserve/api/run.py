@@ -74,7 +74,10 @@ async def run(ctx: Context, caller: Caller, endpoint: str, request: Request) -> 
 def not_reposted(reply: Reply) -> Reply:
     """A run's failure in a status the JS client would answer by posting the request again (a new job: a request
     whose worker died every time would run up to three times more) becomes 500; the error type stays. The queue's
-    result route keeps the spec's status (`runner_disconnected`: 503): fetching a result again runs nothing."""
-    if reply.status in CLIENT_RETRIED_STATUSES:
+    result route keeps the spec's status (`runner_disconnected`: 503): fetching a result again runs nothing. A start
+    timeout keeps its 504: with `x-fal-request-timeout-type: user` neither client retries it (FAL_PROTOCOL.md
+    section 5), and the JS client's `ApiError.isUserTimeout` reads both."""
+    user_timeout = reply.status == 504 and reply.headers.get("x-fal-request-timeout-type") == "user"
+    if reply.status in CLIENT_RETRIED_STATUSES and not user_timeout:
         return Reply(500, reply.body, reply.headers)
     return reply
