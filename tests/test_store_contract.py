@@ -551,6 +551,14 @@ def test_workers_register_update_remove(store: JobStore) -> None:
     assert [w.id for w in store.workers()] == ["w2"]
 
 
+def test_a_write_probe_changes_no_job_or_worker(store: JobStore) -> None:
+    store.submit(new_job("j"), T0)
+    before = (store.get("j"), store.workers(), store.counts())
+    store.probe_write(T0)
+    store.probe_write(T0 + 1)  # again: it replaces its one record
+    assert (store.get("j"), store.workers(), store.counts()) == before
+
+
 # --- durability ---
 
 

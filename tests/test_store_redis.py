@@ -184,6 +184,27 @@ def test_machines_whose_clocks_disagree_agree_on_leases_deadlines_and_heartbeats
         ahead.close()
 
 
+def test_a_step_of_the_machines_wall_clock_does_not_move_the_store_clock(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """NTP or an operator steps this machine's clock 40 s ahead between two readings: leases written before the
+    step must not look expired to this replica's housekeeping (the store counts on with a monotonic clock)."""
+    step = [0.0]
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    store = RedisJobStore(client, redis_prefix, machine_clock=lambda: time.time() + step[0])
+    try:
+        store.submit(new_job("running"), store.now())
+        assert store.claim("w1", 30, store.now()) is not None
+        before = store.now()
+        step[0] = 40.0
+        after = store.now()
+        assert 0 <= after - before < 1.0
+        assert store.recover_lost(store.now(), [], 3) == [] and recover_lost_jobs(store, [], max_attempts=1) == []
+        assert store.heartbeat("running", "w1", 30, store.now())
+    finally:
+        store.close()
+
+
 def test_the_store_clock_rides_out_a_lost_redis_with_the_offset_it_had(
     redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

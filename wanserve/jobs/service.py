@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +41,8 @@ from wanserve.jobs.model import (
 from wanserve.lora.sources import check_lora_urls
 from wanserve.numbers import ascii_int
 from wanserve.store.base import JobStore
+
+log = logging.getLogger(__name__)
 
 
 def iso_time(ts: float) -> str:
@@ -308,6 +313,48 @@ def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: in
         if store.finish(job.id, now, worker_id=job.worker_id, failure=failure):
             failed.append(job.id)
     return failed
+
+
+# A store clock that gains this much more than the monotonic clock between two housekeeping passes has jumped.
+CLOCK_JUMP_S = 5.0
+
+
+class LeaseRecovery:
+    """The housekeeping's side of `recover_lost_jobs`: jobs whose lease ran out go back to the queue (or fail),
+    except for one lease after a time in which healthy workers could not renew theirs:
+    - the store took no writes (a full disk, a Redis outage): leases ran out with nobody able to renew them, and
+      the first write after would take every running job from its worker (and its video with it);
+    - the store clock jumped ahead (a stepped wall clock): every lease would look expired at once.
+    Within that lease each live worker renews its lease (every lease/4); a worker that really died is recovered a
+    lease later than it would have been. Dead worker processes the supervisor saw exit are recovered at once."""
+
+    def __init__(self, store: JobStore, lease_s: float, max_attempts: int, clock: Callable[[], float] = time.monotonic):
+        self.store, self.lease_s, self.max_attempts, self.clock = store, lease_s, max_attempts, clock
+        self._unwritable = False
+        self._held_until = -math.inf
+        self._last: tuple[float, float] | None = None  # (store clock, monotonic clock) at the last pass
+
+    def run(self) -> list[str]:
+        """One housekeeping pass: the ids of jobs failed after their last attempt. Raises when the store does."""
+        try:
+            now = self.store.now()
+            self.store.probe_write(now)
+        except Exception:
+            self._unwritable, self._last = True, None
+            raise
+        mono = self.clock()
+        if self._unwritable:
+            self._hold(mono, "the job store took no writes for a while")
+        elif self._last is not None and (now - self._last[0]) - (mono - self._last[1]) > CLOCK_JUMP_S:
+            self._hold(mono, f"the store clock jumped {now - self._last[0] - (mono - self._last[1]):.0f} s ahead")
+        self._unwritable, self._last = False, (now, mono)
+        if mono < self._held_until:
+            return []
+        return recover_lost_jobs(self.store, [], self.max_attempts)
+
+    def _hold(self, mono: float, why: str) -> None:
+        self._held_until = mono + self.lease_s
+        log.warning("%s: running jobs keep their leases for %.0f s, for their workers to renew them", why, self.lease_s)
 
 
 def forget_silent_workers(store: JobStore, silent_s: float) -> list[str]:

@@ -80,6 +80,11 @@ class JobStore(Protocol):
         that line, and a job whose finish is refused (its lease went to another worker) never shows it."""
         ...
 
+    def probe_write(self, now: float) -> None:
+        """Writes one small record (raises as any write would): the store takes writes again after an outage or a
+        full disk. Housekeeping asks before it takes leases back (`jobs.service.LeaseRecovery`)."""
+        ...
+
     def recover_lost(self, now: float, dead_workers: list[str], max_attempts: int) -> list[Job]:
         """Running jobs of dead workers or with an expired lease go back to the queue; those that already had
         `max_attempts` runs, or whose cancellation was requested, are returned for the caller to complete."""

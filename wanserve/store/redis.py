@@ -392,10 +392,10 @@ class RedisJobStore:
         }
         # register_script reloads a script that a restarted Redis no longer has (NOSCRIPT) by itself.
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
-        self._machine_clock = machine_clock  # this machine's own clock, which `now()` corrects to Redis's
+        self._machine_clock = machine_clock  # this machine's wall clock: only to warn when it is far off Redis's
         self._clock_lock = threading.Lock()
-        self._clock_offset: float | None = None  # Redis's clock minus this machine's, in seconds
-        self._clock_measured_at = 0.0  # time.monotonic() of that measurement
+        # Redis's TIME at the last measurement, and time.monotonic() then: `now()` counts on from there.
+        self._clock_base: tuple[float, float] | None = None
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "wanserve", retries: int = 40) -> RedisJobStore:
@@ -425,35 +425,37 @@ class RedisJobStore:
         self.redis.close()
 
     def now(self) -> float:
-        """Redis's clock (its TIME), read as this machine's clock plus the offset between the two, measured again
-        every CLOCK_REFRESH_S. Workers and replicas on machines whose clocks disagree then agree on when a lease
-        ran out or a worker went silent."""
+        """Redis's clock (its TIME): read every CLOCK_REFRESH_S, and counted on in between with this machine's
+        monotonic clock. Workers and replicas on machines whose clocks disagree then agree on when a lease ran out
+        or a worker went silent, and a step of this machine's wall clock (NTP, an operator) changes nothing: read
+        off the wall clock, a step of 40 s would make every lease look expired to this replica's housekeeping."""
         with self._clock_lock:
-            if self._clock_offset is None or time.monotonic() - self._clock_measured_at >= CLOCK_REFRESH_S:
-                self._measure_clock_offset()
-            assert self._clock_offset is not None
-            return self._machine_clock() + self._clock_offset
+            if self._clock_base is None or time.monotonic() - self._clock_base[1] >= CLOCK_REFRESH_S:
+                self._measure_clock()
+            assert self._clock_base is not None
+            redis_then, monotonic_then = self._clock_base
+            return redis_then + (time.monotonic() - monotonic_then)
 
-    def _measure_clock_offset(self) -> None:
-        before = self._machine_clock()
+    def _measure_clock(self) -> None:
+        before = time.monotonic()
         try:
             seconds, micros = self.redis.time()
         except redis.RedisError:
-            if self._clock_offset is None:
+            if self._clock_base is None:
                 raise
-            # The last offset stays good for a long time; the call that needs Redis next says it is gone.
-            log.warning("could not read Redis's clock; keeping the offset measured before", exc_info=True)
+            # The last measurement stays good for a long time; the call that needs Redis next says it is gone.
+            log.warning("could not read Redis's clock; counting on from the last reading", exc_info=True)
             return
-        after = self._machine_clock()
+        after = time.monotonic()
         # TIME was read somewhere between `before` and `after`: the midpoint errs by at most half the round trip.
-        offset = seconds + micros / 1e6 - (before + after) / 2
-        if self._clock_offset is None and abs(offset) > 1.0:
+        redis_time, midpoint = seconds + micros / 1e6, (before + after) / 2
+        if self._clock_base is None and abs(offset := redis_time - self._machine_clock()) > 1.0:
             log.warning(
                 "this machine's clock is %.1f s %s Redis's; the job store uses Redis's",
                 abs(offset),
                 "behind" if offset > 0 else "ahead of",
             )
-        self._clock_offset, self._clock_measured_at = offset, time.monotonic()
+        self._clock_base = (redis_time, midpoint)
 
     # --- requests ---
     def submit(self, new: NewJob, now: float) -> Job:
@@ -581,6 +583,9 @@ class RedisJobStore:
     def register_worker(self, info: WorkerInfo) -> None:
         record = {"ready": info.ready, "heartbeat_at": info.heartbeat_at, "detail": info.detail}
         self.redis.hset(self._key("workers"), info.id, json.dumps(record))
+
+    def probe_write(self, now: float) -> None:
+        self.redis.set(self._key("probe"), repr(now))
 
     def remove_worker(self, worker_id: str) -> None:
         self.redis.hdel(self._key("workers"), worker_id)
