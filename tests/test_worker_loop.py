@@ -13,7 +13,13 @@ from redis_server import RedisServer
 
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
-from wanserve.errors import FileNotFound, GenerationCancelled, InvalidGenerationInput, NonFiniteOutput
+from wanserve.errors import (
+    FileNotFound,
+    GenerationCancelled,
+    InvalidGenerationInput,
+    NonFiniteOutput,
+    StorageUnavailable,
+)
 from wanserve.files.base import check_key, output_key
 from wanserve.jobs.model import Job, JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
@@ -266,11 +272,11 @@ def test_a_retry_removes_the_video_that_a_dead_attempt_stored_but_never_reported
 
 
 class FlakyStore:
-    """A store whose calls named in `failures` raise ConnectionError that many times first (a store outage longer
-    than its client's own retries)."""
+    """A store whose calls named in `failures` raise ConnectionError (or `error`) that many times first (a store
+    outage longer than its client's own retries)."""
 
-    def __init__(self, store: Any, failures: dict[str, int]) -> None:
-        self._store, self.failures = store, dict(failures)
+    def __init__(self, store: Any, failures: dict[str, int], error: type[Exception] = ConnectionError) -> None:
+        self._store, self.failures, self.error = store, dict(failures), error
 
     def __getattr__(self, name: str) -> Any:
         call = getattr(self._store, name)
@@ -280,7 +286,7 @@ class FlakyStore:
         def flaky(*args: Any, **kwargs: Any) -> Any:
             if self.failures[name] > 0:
                 self.failures[name] -= 1
-                raise ConnectionError(f"store down ({name})")
+                raise self.error(f"store down ({name})")
             return call(*args, **kwargs)
 
         return flaky
@@ -305,6 +311,35 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
     assert flaky.failures == {"claim": 0, "add_log": 0, "finish": 0, "cancel_requested": 0}
     job = store.get("j1")
     assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
+
+
+@pytest.mark.parametrize("outage_s", [1.0, None])  # a short S3 outage; one longer than the worker waits
+def test_a_file_store_outage_at_the_upload_waits_for_it_then_fails_the_job(
+    tmp_path: Path, monkeypatch: Any, outage_s: float | None
+) -> None:
+    """S3 unreachable when the finished video is stored: the worker tries again (its heartbeat keeps the lease)
+    rather than throw the rendered video away; only an outage past its window fails the job, as
+    storage_unavailable, and the worker goes on."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(Worker, "_outage_window_s", lambda self: 0.3 if outage_s is None else 60.0)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    store = open_job_store(settings)
+    files = FlakyStore(open_file_store(settings), {"put": 3 if outage_s else 10_000}, error=StorageUnavailable)
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: InstantRunner())  # type: ignore[arg-type]
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when": lambda: finished(store, "j1")})
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    done = store.get("j1")
+    assert done is not None and done.state is JobState.COMPLETED
+    notes = [e.message for e in store.logs("j1")]
+    assert notes.count("The file store is unreachable: waiting for it to store the video") == 1
+    if outage_s:
+        assert done.failure is None and files.failures["put"] == 0
+        assert files.stat(files.key_from_url(done.output["video"]["url"]), time.time()).size > 0
+    else:
+        assert done.failure is not None and done.failure.error_type == "storage_unavailable"
 
 
 def test_a_worker_stopped_after_a_lost_claim_reply_hands_that_claims_job_back(

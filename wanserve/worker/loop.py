@@ -30,9 +30,10 @@ from wanserve.errors import (
     GenerationCancelled,
     ParallelGroupFailed,
     StorageFull,
+    StorageUnavailable,
     WanserveError,
 )
-from wanserve.files.base import FileStore, lifecycle_expiry, output_key
+from wanserve.files.base import FileStore, StoredFile, lifecycle_expiry, output_key
 from wanserve.files.space import is_disk_full
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure, settled
@@ -122,14 +123,16 @@ STORE_RETRY_FIRST_S = 1.0  # then doubling, up to 30 s
 class StoreOutage:
     """Backoff and one log line per outage, for a worker calling a store that is down."""
 
-    def __init__(self, doing: str) -> None:
+    def __init__(self, doing: str, store: str = "job store") -> None:
         self.doing = doing
+        self.store = store
         self.delay = 0.0
 
     def failed(self, exc: BaseException) -> float:
         """The seconds to wait before trying again."""
         if self.delay == 0.0:
-            log.error("job store unreachable (%s: %s); will %s when it is back", type(exc).__name__, exc, self.doing)
+            cause = f"{type(exc).__name__}: {exc}"
+            log.error("%s unreachable (%s); will %s when it is back", self.store, cause, self.doing)
         self.delay = min(max(2 * self.delay, STORE_RETRY_FIRST_S), 30.0)
         return self.delay
 
@@ -420,6 +423,36 @@ class Worker:
         if out_of_memory:  # here, not in the handler: the exception's frames (and their tensors) are gone now
             free_accelerator_memory()
 
+    def _outage_window_s(self) -> float:
+        """How long a finished video waits for a store that is down before its job gives up on it."""
+        return max(60.0, 10 * self.settings.job_lease_s)
+
+    def _store_video(self, job: Job, key: str, path: Path) -> StoredFile:
+        """The finished video into the file store, through an outage of S3 as long as `_finish` rides out one of
+        the job store (the heartbeat keeps the lease meanwhile): a few seconds of S3 trouble must not throw a
+        rendered video away. A cancel or a stop ends the wait. A full disk is the operator's to fix: no wait."""
+        outage = StoreOutage(f"store job {job.id}'s video", store="file store")
+        give_up = time.monotonic() + self._outage_window_s()
+        while True:
+            now = time.time()
+            try:
+                return self.files.put(key, path, "video/mp4", lifecycle_expiry(job.output_lifecycle, now), now)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                raise StorageFull(
+                    f"the file store's disk is full ({exc.strerror}): the video could not be stored; "
+                    "the operator must free space there"
+                ) from exc
+            except StorageUnavailable as exc:
+                if time.monotonic() > give_up:
+                    raise
+                if outage.delay == 0.0:
+                    self._log(job, "The file store is unreachable: waiting for it to store the video", LogLevel.WARN)
+                self._stop.wait(outage.failed(exc))
+                if self._is_cancelled(job):
+                    raise GenerationCancelled("cancelled while waiting for the file store") from None
+
     def _out_of_memory_message(self) -> str:
         shape = self._shape or "this request"
         return (
@@ -434,7 +467,7 @@ class Worker:
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
-        give_up = time.monotonic() + max(60.0, 10 * self.settings.job_lease_s)
+        give_up = time.monotonic() + self._outage_window_s()
         while True:
             try:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
@@ -510,19 +543,9 @@ class Worker:
             )
             if self._is_cancelled(job):
                 raise GenerationCancelled("cancelled before the upload")
-            now = time.time()
-            expires = lifecycle_expiry(job.output_lifecycle, now)
             key = output_key(job.id, job.attempts)
             self._discard_earlier_outputs(job)
-            try:
-                stored = self.files.put(key, out_path, "video/mp4", expires, now)
-            except OSError as exc:
-                if not is_disk_full(exc):
-                    raise
-                raise StorageFull(
-                    f"the file store's disk is full ({exc.strerror}): the video could not be stored; "
-                    "the operator must free space there"
-                ) from exc
+            stored = self._store_video(job, key, out_path)
         self._log(job, f"Stored video ({stored.size / 1e6:.2f} MB)")
         output = {
             "video": {
