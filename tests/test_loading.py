@@ -176,3 +176,56 @@ def test_a_model_index_without_boundary_ratio_gets_one_only_with_two_experts(
     pipe = load_pipeline(str(model), model_cache, torch.float32)
     assert pipe.config.boundary_ratio == (0.875 if len(experts) == 2 else None)
     assert (pipe.transformer_2 is None) == (len(experts) == 1)
+
+
+def test_a_tiny_model_left_broken_in_the_cache_is_built_again(tmp_path: Path) -> None:
+    """An older version could leave the text encoder's folder empty (a GPU group's rank > 0 built it): every command
+    using the cache then failed. The next use builds it again."""
+    tiny = ensure_tiny_model(tmp_path, TinyConfig(vae="coarse"))
+    for file in (tiny / "text_encoder").iterdir():
+        file.unlink()
+    with pytest.raises(ModelLoadError, match=r"text_encoder folder .* has no weights"):
+        load_pipeline(str(tiny), tmp_path, torch.float32)
+    assert ensure_tiny_model(tmp_path, TinyConfig(vae="coarse")) == tiny
+    load_pipeline(str(tiny), tmp_path, torch.float32)
+    assert [p.name for p in tmp_path.iterdir()] == [tiny.name]  # nothing left aside
+
+
+def test_a_tiny_model_saved_incompletely_never_reaches_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a torch.distributed rank other than 0, transformers saves no text encoder: the build says so and leaves
+    no model behind (the GPU group's launcher builds it before starting the ranks)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 1)
+    with pytest.raises(ModelLoadError, match=r"not saved completely: .*text_encoder"):
+        ensure_tiny_model(tmp_path, TinyConfig(vae="coarse"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpu_groups_launcher_builds_the_tiny_model_before_its_ranks_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from wanserve.config import Settings
+    from wanserve.worker import group
+
+    started: list[bool] = []
+
+    class Group:
+        def __init__(self, settings: Settings, *args: object, **kwargs: object) -> None:
+            started.append(any(tmp_path.glob("tiny-*/text_encoder/config.json")))
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(group, "WorkerGroup", Group)
+    settings = Settings(data_dir=tmp_path / "data", cache_dir=tmp_path, model="tiny")
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(group.run_worker_group(settings, "w", [0, 1])))
+    thread.start()
+    thread.join(120)
+    assert result == [0] and started == [True]

@@ -75,7 +75,9 @@ def _require_weights(name: str, folder: Path) -> None:
         raise ModelLoadError(f"model directory is incomplete: missing {folder / 'config.json'}")
 
 
-def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
+def check_diffusers_dir(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The model index of a complete diffusers-format Wan directory and its experts' folder names; ModelLoadError
+    naming what is missing otherwise."""
     index_file = path / "model_index.json"
     try:
         index: dict[str, Any] = json.loads(index_file.read_text())
@@ -98,6 +100,11 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
         _require_weights(name, path / name)
     if not (path / "tokenizer").is_dir():
         raise ModelLoadError(f"model directory is incomplete: missing tokenizer folder {path / 'tokenizer'}")
+    return index, experts
+
+
+def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
+    index, experts = check_diffusers_dir(path)
 
     kw: dict[str, Any] = {"local_files_only": True}
     tokenizer = load_component(

@@ -18,6 +18,7 @@ Two VAE layouts exist:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from wanserve.engine.sampling import BOUNDARY_RATIO
+from wanserve.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 # Bump when anything below changes, so cached builds are rebuilt.
 TINY_VERSION = 3
@@ -194,16 +198,30 @@ def ensure_tiny_model(cache_dir: Path, cfg: TinyConfig | None = None) -> Path:
     """Build the tiny model once into `cache_dir` in diffusers layout and return its directory.
 
     The model is then loaded by the same code that loads a real checkpoint. The directory appears
-    atomically (built in a temporary sibling, then renamed), so concurrent workers never see half.
+    atomically (built in a temporary sibling, checked complete, then renamed), so concurrent workers never see
+    half. One found incomplete (left by an older version) is built again.
     """
+    from wanserve.engine.loading import check_diffusers_dir
+
     cfg = cfg or TinyConfig()
     target = cache_dir / f"tiny-v{TINY_VERSION}-{cfg.vae}-s{cfg.seed}"
     if (target / "model_index.json").is_file():
-        return target
+        try:
+            check_diffusers_dir(target)
+            return target
+        except ModelLoadError as exc:
+            log.warning("the built-in tiny model in %s is broken (%s): building it again", target, exc)
+            _remove_dir(target, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
         build_tiny_pipeline(cfg).save_pretrained(staging, safe_serialization=True)
+        try:
+            check_diffusers_dir(staging)
+        except ModelLoadError as exc:
+            # transformers writes no text encoder on a torch.distributed rank other than 0 (a GPU group's ranks):
+            # the launcher builds the model before it starts them.
+            raise ModelLoadError(f"the built-in tiny model was not saved completely: {exc}") from None
         try:
             os.rename(staging, target)
         except OSError:
@@ -213,3 +231,15 @@ def ensure_tiny_model(cache_dir: Path, cfg: TinyConfig | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _remove_dir(path: Path, parent: Path) -> None:
+    """Takes `path` out of the way in one rename (a process loading it now sees it whole or not at all), then
+    deletes it. Another process doing the same first is fine."""
+    aside = Path(tempfile.mkdtemp(prefix=".broken-", dir=parent)) / path.name
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        pass
+    finally:
+        shutil.rmtree(aside.parent, ignore_errors=True)

@@ -499,6 +499,12 @@ def run_worker_group(
     """`wanserve worker --gpus ...`: runs a WorkerGroup until `stop_event` or a signal (handled here when called on
     the main thread, as `wanserve worker` does: SIGTERM drains, SIGINT or a second SIGTERM hands the running job
     back now). `options` are WorkerGroup's keyword arguments. Returns the command's exit code."""
+    if settings.model == "tiny":
+        # Built here, before any rank starts: on a torch.distributed rank other than 0, transformers saves no text
+        # encoder, and a rank building the model would leave it without one.
+        from wanserve.engine.tiny import ensure_tiny_model
+
+        ensure_tiny_model(settings.cache_dir)
     group = WorkerGroup(settings, worker_id, gpus, stop_event=stop_event, **options)
     if threading.current_thread() is not threading.main_thread():
         return group.run()
