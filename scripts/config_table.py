@@ -32,7 +32,7 @@ def _default(value: Any) -> str:
         if isinstance(value, int) and not isinstance(value, bool) and value >= size and value % size == 0:
             return f"{value // size} {unit}"
     if isinstance(value, float) and value >= 86400 and value % 86400 == 0:
-        return f"{value:g} ({value / 86400:g} days)"
+        return f"{value:.0f} ({value / 86400:g} days)"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -85,6 +85,17 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "is not a directory" in err and "Traceback" not in err
 
 
+def test_a_lora_file_that_is_not_there_is_named_as_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not "local LoRA paths are disabled on this server": a local generation reads any file named on its command
+    line; this one is not there. Said before the model loads."""
+    nowhere = str(tmp_path / "no-model")
+    for lora in ("style.safetensors:0.8", "./loras/style.safetensors"):
+        assert main(["generate", "a fox", "--lora", lora, "--model", nowhere, "-o", str(tmp_path / "x.mp4")]) == 1
+        err = capsys.readouterr().err
+        path = lora.removesuffix(":0.8")
+        assert f"LoRA {path}: no such file" in err and "is not a directory" not in err and "Traceback" not in err
+
+
 def test_generate_applies_the_safety_checker_and_prompt_expansion_as_a_worker_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -205,3 +205,31 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path, capsys:
         env.setenv("WANSERVE_API_KEY_HASHES_FILE", str(hashes))
         assert main(args) == 2
     assert "the API key hashes:" in capsys.readouterr().err
+
+
+def test_a_model_folder_that_is_not_there_stops_the_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its workers would fail to load it and restart for ever while requests queue (only /ready would tell)."""
+    missing = tmp_path / "Wan2.2-T2V-A14B"
+    for command in (["serve", "--port", "0"], ["worker"]):
+        assert main([*command, "--data-dir", str(tmp_path / "d"), "--model", str(missing)]) == 1
+        err = capsys.readouterr().err
+        assert f"model path {missing} is not a directory" in err and "Traceback" not in err, command
+    missing.mkdir()  # there, but not a model
+    assert main(["worker", "--data-dir", str(tmp_path / "d"), "--model", str(missing)]) == 1
+    assert "has neither model_index.json" in capsys.readouterr().err
+
+
+def test_a_short_api_key_is_warned_about_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Keys are kept as fast SHA-256 digests, which only a random key of about 128 bits makes safe to leak."""
+    long_key = "k" * 22
+    with socket.socket() as taken:  # the start stops at the port, after the key check
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ["serve", "--port", port, "--data-dir", str(tmp_path / "d"), "--no-worker"]
+        with caplog.at_level("WARNING", logger="wanserve"), pytest.MonkeyPatch.context() as env:
+            env.setenv("WANSERVE_API_KEYS", f"abc,{long_key}")
+            assert main(args) == 1
+    warnings = [r.getMessage() for r in caplog.records if "characters: use a random key" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("API key 1 of 2 is only 3 characters")
+    assert "abc" not in caplog.text  # the key itself is never logged

@@ -290,7 +290,10 @@ def test_with_the_checker_off_both_requests_succeed(safe_server: Server) -> None
     for prompt in ("a Forbidden fox", "a red fox"):
         status, result, logs = run(safe_server, {"prompt": prompt, "enable_safety_checker": False})
         assert result.status_code == 200, (status, logs)
-        assert not any(line.startswith("Safety checker") for line in logs)
+        # No check ran (neither the prompt's nor the frames'), and the log says so.
+        assert [line for line in logs if line.startswith("Safety checker")] == [
+            "Safety checker: off for this request (enable_safety_checker: false)"
+        ]
 
 
 EXPAND = {"prompt": "a red fox", "enable_prompt_expansion": True, "enable_safety_checker": False}

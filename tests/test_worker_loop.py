@@ -99,6 +99,11 @@ def test_operator_forced_safety_checks_run_even_when_the_request_turns_them_off(
     assert done.failure is not None and done.failure.error_type == "content_policy_violation"
     assert done.failure.http_status == 422 and done.failure.body["detail"][0]["loc"] == ["body", "prompt"]
     assert "Safety checker: checking the prompt (term policy)" in logs
+    # Not forced: the request's own choice, and the log says the check did not run.
+    unforced = settings.model_copy(update={"safety_force": False, "data_dir": tmp_path / "unforced"})
+    done, logs = run_one(unforced, {"prompt": "a forbidden fox", "enable_safety_checker": False})
+    assert done.failure is None
+    assert "Safety checker: off for this request (enable_safety_checker: false)" in logs
 
 
 def test_expansion_asked_for_without_a_backend_uses_the_prompt_and_says_why(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger("wanserve")
 
 # Request fields that are not plain flags (the prompt is positional; LoRAs are `--lora PATH[:SCALE[:EXPERT]]`).
 _NOT_FLAGS = {"prompt", "loras"}
+MIN_KEY_CHARS = 22  # about 128 bits of a random URL-safe key
 
 
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
@@ -137,8 +138,9 @@ def _local_loras(request: WanLoRAT2VRequest, settings: Settings) -> list[Any]:
     import tempfile
 
     from wanserve.client.commands import local_file
+    from wanserve.errors import LoraError
     from wanserve.files.local import LocalFileStore
-    from wanserve.lora.sources import LoraResolver
+    from wanserve.lora.sources import LoraResolver, SourceKind, classify
 
     files = [local_file(lora.path) for lora in request.loras]
     # A file named on the command line goes by its absolute path, inside a root made of its own folder.
@@ -149,8 +151,12 @@ def _local_loras(request: WanLoRAT2VRequest, settings: Settings) -> list[Any]:
     roots = [*settings.lora_roots, *(file.parent for file in files if file is not None)]
     local = settings.model_copy(update={"lora_roots": roots, "allow_private_urls": True})
     with tempfile.TemporaryDirectory() as no_storage:  # a local run has no file storage of its own
-        resolver = LoraResolver(local, LocalFileStore(Path(no_storage), "http://wanserve.invalid"))
-        return resolver.uses(loras)
+        store = LocalFileStore(Path(no_storage), "http://wanserve.invalid")
+        for lora, file in zip(request.loras, files, strict=True):
+            # A path (not a URL or a Hub repo) that is no file here, with no LoRA folders set to look in.
+            if file is None and not settings.lora_roots and classify(lora.path, store) is SourceKind.LOCAL:
+                raise LoraError(f"LoRA {lora.path}: no such file")
+        return LoraResolver(local, store).uses(loras)
 
 
 class _progress_bar:
@@ -204,6 +210,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.port == 0:
         settings = settings.model_copy(update={"port": _free_port(settings.host)})
     keyed = settings.api_keys or settings.api_key_hashes or settings.api_key_hashes_file
+    for number, key in enumerate(settings.api_keys, 1):
+        if len(key) < MIN_KEY_CHARS:  # its hash is only as hard to reverse as the key is to guess
+            log.warning(
+                "API key %d of %d is only %d characters: use a random key of at least %d (about 128 bits), "
+                "e.g. from `python -c 'import secrets; print(secrets.token_urlsafe())'`",
+                number, len(settings.api_keys), len(key), MIN_KEY_CHARS,
+            )  # fmt: skip
     if not keyed and not is_loopback_host(settings.host):
         # Reachable from other machines: never open by default. The key is kept for the next start (for the
         # operator to read); the server itself keeps only its hash.
@@ -230,6 +243,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             settings.public_url,
         )
     _check_job_store(settings)
+    if settings.workers > 0:  # an API-only server (--workers 0) need not have the model
+        _check_model(settings)
     os.environ.pop("WANSERVE_API_KEYS", None)  # not inherited by the worker processes either
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     app = create_app(settings)
@@ -293,6 +308,15 @@ def _check_job_store(settings: Settings) -> None:
         store.close()
 
 
+def _check_model(settings: Settings) -> None:
+    """A model folder that is not there (or not a model) stops the start with main's one-line error: its workers
+    would otherwise fail to load it and restart for ever while requests queue."""
+    if settings.model != "tiny":
+        from wanserve.engine.loading import model_dir  # torch loads here, but a worker process loads it anyway
+
+        model_dir(settings.model)
+
+
 def _free_port(host: str) -> int:
     import socket
 
@@ -314,6 +338,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if inherited:  # started by `wanserve serve`: exactly the server's settings
         settings = Settings.model_validate_json(inherited)
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not inherited:  # `wanserve serve` checked it before starting this one
+        _check_model(settings)
     if settings.gpus and len(settings.gpus) > 1:
         from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
 
@@ -375,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert an official Wan2.2 directory to the diffusers layout")
     conv.add_argument("src", help="official Wan2.2 directory (high_noise_model/, low_noise_model/, ...)")
     conv.add_argument("dst", help="destination directory (diffusers layout)")
-    conv.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    conv.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default=None,
+        help="dtype of the converted weights (WANSERVE_DTYPE; auto: the checkpoint's bfloat16)",
+    )
     conv.set_defaults(func=cmd_convert)
 
     serve = sub.add_parser("serve", help="run the fal-compatible HTTP server and its GPU worker(s)")
@@ -503,7 +534,12 @@ def _add_service_flags(p: argparse.ArgumentParser) -> None:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="`tiny` or a model directory (env WANSERVE_MODEL)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (env WANSERVE_DEVICE)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default=None,
+        help="dtype of the model's weights (WANSERVE_DTYPE; auto: bfloat16 on a GPU, float32 on a CPU)",
+    )
     p.add_argument("--cache-dir", default=None, help="where built models are cached (env WANSERVE_CACHE_DIR)")
 
 

@@ -145,22 +145,29 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
     )
 
 
+def model_dir(source: str) -> Path:
+    """The directory of a model `source` other than `tiny`, in a layout load_pipeline reads; ModelLoadError saying
+    what is wrong otherwise. Cheap (no weights read): the server checks it before starting its workers."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a directory (use `tiny` for the built-in model)")
+    if not (path / "model_index.json").is_file() and not is_official_layout(path):
+        raise ModelLoadError(
+            f"not a model directory: {path} has neither model_index.json (diffusers layout) nor "
+            "high_noise_model/ and low_noise_model/ (official Wan2.2 layout)"
+        )
+    return path
+
+
 def load_pipeline(source: str, cache_dir: Path, dtype: torch.dtype) -> WanPipeline:
     """Load `tiny`, a diffusers-format directory or an official Wan2.2 directory (converted on load)."""
     if source == "tiny":
         from wanserve.engine.tiny import ensure_tiny_model
 
         return load_diffusers_dir(ensure_tiny_model(cache_dir), dtype)
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a directory (use `tiny` for the built-in model)")
+    path = model_dir(source)
     if (path / "model_index.json").is_file():
         return load_diffusers_dir(path, dtype)
-    if is_official_layout(path):
-        from wanserve.engine.official import load_official_dir
+    from wanserve.engine.official import load_official_dir
 
-        return load_official_dir(path, dtype)
-    raise ModelLoadError(
-        f"not a model directory: {path} has neither model_index.json (diffusers layout) nor "
-        "high_noise_model/ and low_noise_model/ (official Wan2.2 layout)"
-    )
+    return load_official_dir(path, dtype)

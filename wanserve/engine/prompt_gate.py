@@ -50,6 +50,8 @@ class PromptGate:
         if checked:
             report(f"Safety checker: checking the prompt ({self.safety.describe()})", LogLevel.INFO)
             self.safety.check_prompt(request.prompt)
+        else:
+            report("Safety checker: off for this request (enable_safety_checker: false)", LogLevel.INFO)
         if not request.enable_prompt_expansion:
             return request
         expanded = self._expand(request.prompt, report)

@@ -220,7 +220,11 @@ class LoraResolver:
     # --- local folders ---
     def _local(self, raw: str) -> Path:
         if not self.roots:
-            raise LoraError("local LoRA paths are disabled on this server (the operator sets WANSERVE_LORA_ROOTS)")
+            raise LoraError(
+                f"{describe_path(raw)} is neither a URL nor a Hugging Face repo, and local LoRA paths are disabled on "
+                "this server (the operator sets WANSERVE_LORA_ROOTS); a file on your machine must be uploaded first "
+                "(`wanserve run --lora FILE` and the fal clients do that for a file that exists)"
+            )
         text = unquote(urlsplit(raw).path) if raw.lower().startswith("file://") else raw
         requested = Path(text)
         candidates = [requested] if requested.is_absolute() else [root / requested for root in self.roots]
