@@ -19,7 +19,7 @@ from lora_files import (
     write_wan,
 )
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from wanserve.engine.lora import LoraFormat
 from wanserve.engine.pipeline import GenerationSpec, WanEngine
@@ -268,11 +268,27 @@ def bad_file(kind: str, path: Path, factors: Any) -> tuple[Path, str]:
     if kind == "empty":
         save_file({}, path)
         return path, "no tensors"
+    if kind == "rank zero":  # diffusers' converter divides alpha by the rank
+        q = "diffusion_model.blocks.0.self_attn.q"
+        save_file({f"{q}.lora_down.weight": torch.zeros(0, 24), f"{q}.lora_up.weight": torch.zeros(24, 0),
+                   f"{q}.alpha": torch.tensor(1.0)}, path)  # fmt: skip
+        return path, "ZeroDivisionError"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize(
-    "kind", ["wrong shape", "missing layer", "garbage", "pickle", "unknown keys", "dora", "full weight delta", "empty"]
+    "kind",
+    [
+        "wrong shape",
+        "missing layer",
+        "garbage",
+        "pickle",
+        "unknown keys",
+        "dora",
+        "full weight delta",
+        "empty",
+        "rank zero",
+    ],
 )
 def test_bad_files_fail_clearly_and_leave_the_model_as_it_was(
     kind: str, engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
@@ -287,6 +303,25 @@ def test_bad_files_fail_clearly_and_leave_the_model_as_it_was(
     assert engine.loras.resident == [file_sha256(good)]
     assert np.array_equal(frames(engine, spec), base)
     assert np.array_equal(frames(engine, with_loras(spec, use(good))), with_good)
+
+
+def test_a_bias_delta_without_factors_adds_the_bias_alone(
+    engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """`head.head.diff_b` with no `head.head.diff` nor factors: PEFT still makes that layer's factors, which were
+    left uninitialised (the same request gave different videos, or NaN). Zero factors make it the bias alone."""
+    tensors = load_file(write_wan(tmp_path / "plain.safetensors", factors))
+    layer = engine.pipe.transformer.proj_out
+    bias = torch.randn(layer.out_features, generator=torch.Generator().manual_seed(3)) * 0.1
+    save_file({**tensors, "diffusion_model.head.head.diff_b": bias}, tmp_path / "bias.safetensors")
+    lora = use(tmp_path / "bias.safetensors")
+    first = frames(engine, with_loras(spec, lora))
+    engine.loras.unload_all()
+    assert np.array_equal(frames(engine, with_loras(spec, lora)), first)
+    wrapped = engine.pipe.transformer.proj_out  # PEFT's wrapper around the layer now
+    with torch.no_grad(), engine.loras.active([lora]):
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(wrapped(x), layer(x) + bias)
 
 
 def test_distilled_lora_settings_run_one_forward_per_step(

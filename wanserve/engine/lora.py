@@ -142,7 +142,9 @@ def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = WanPipeline.lora_state_dict(renamed)
-    except (KeyError, ValueError, IndexError, RuntimeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # diffusers' converters fail on odd files in many ways (ZeroDivisionError for rank 0)
         raise LoraError(f"the {fmt} LoRA keys could not be converted: {type(exc).__name__}: {str(exc)[:300]}") from None
     assert isinstance(converted, dict)
     for key in converted:
@@ -215,6 +217,15 @@ def placed_for(
         layer = _target_layer(modules, key)[2]
         dtype = getattr(layer, "compute_dtype", layer.weight.dtype)
         out[key] = tensor.to(device=device or layer.weight.device, dtype=dtype, copy=True)
+    for key in [k for k in out if k.endswith(".lora_B.bias")]:
+        stem = key.removesuffix("lora_B.bias")
+        if stem + "lora_A.weight" not in out:
+            # A bias delta alone (a `diff_b` with no factors): PEFT makes the layer's factors anyway and, adopting
+            # the given tensors as they are, would leave them uninitialised. Zero factors of rank 1 add the bias
+            # alone (alpha = rank: scaled by the request's scale only).
+            layer, bias = _target_layer(modules, key)[2], out[key]
+            out[stem + "lora_A.weight"] = bias.new_zeros(1, layer.in_features)
+            out[stem + "lora_B.weight"] = bias.new_zeros(layer.out_features, 1)
     return out
 
 
@@ -303,6 +314,9 @@ class LoraAdapters:
                         metadata=converted.metadata,
                         low_cpu_mem_usage=True,  # takes the placed tensors as they are
                     )
+                unset = [n for n, t in module.named_parameters() if f".{entry.name}." in f"{n}." and t.is_meta]
+                if unset:  # a factor the file did not provide would be garbage (or a crash) at the forward
+                    raise LoraError(f"the LoRA leaves {len(unset)} adapter tensors unset (first: {unset[0]})")
             except Exception as exc:
                 self._remove(module, entry.name)
                 if entry.bytes_on:
