@@ -189,7 +189,14 @@ def test_decode_video_gives_diffusers_pixels_piece_by_piece(tiled: bool) -> None
             assert len(decoder_calls) == 3  # frames 1-5 and 6-9 need latent frames 0-2; 3 and 4 are left alone
 
 
-def test_an_untiled_decode_out_of_gpu_memory_goes_on_tiled() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR: out of memory"),  # a library's own allocation
+    ],
+)
+def test_an_untiled_decode_out_of_gpu_memory_goes_on_tiled(error: Exception) -> None:
     """The per-decode memory forecast can be wrong: an out-of-memory error partway through an untiled decode
     finishes the video with the tiled decode, and the mp4 sink still gets every frame once, in order."""
     torch.manual_seed(0)
@@ -204,11 +211,12 @@ def test_an_untiled_decode_out_of_gpu_memory_goes_on_tiled() -> None:
         assert not np.array_equal(tiled, untiled)
         decoder = vae.decoder.forward
         calls: list[bool] = []
+        raised = [error]
 
         def runs_out_on_the_third_call(*args: Any, **kwargs: Any) -> Any:
             calls.append(vae.use_tiling)
             if len(calls) == 3:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                raise raised[0]
             return decoder(*args, **kwargs)
 
         vae.decoder.forward = runs_out_on_the_third_call
@@ -221,8 +229,13 @@ def test_an_untiled_decode_out_of_gpu_memory_goes_on_tiled() -> None:
     assert calls[:3] == [False, False, False] and all(calls[3:])
     # A tiled decode that runs out has nothing smaller to fall back to.
     calls.clear()
-    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+    with torch.no_grad(), pytest.raises(type(error)):
         decode_video(vae, z, 17, tiled=True)
+    # Any other error is not an allocation failure: it fails the decode as before.
+    calls.clear()
+    raised[0] = RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="BAD_PARAM"):
+        decode_video(vae, z, 17, tiled=False)
 
 
 def test_non_finite_latents_fail_with_a_reason(

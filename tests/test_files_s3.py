@@ -359,6 +359,12 @@ def test_an_unusable_bucket_is_a_503_naming_the_cause(s3_endpoint: str) -> None:
     with pytest.raises(StorageUnavailable, match="NoSuchBucket") as err:
         fs.put(new_key("x.txt"), b"x", "text/plain", None, T0)
     assert err.value.http_status == 503
+    assert not err.value.transient  # the operator's to fix: a worker does not wait for it to change
+    unreachable = s3_store("http://127.0.0.1:9", "my-bucket")  # nothing listens on the discard port
+    unreachable._client.meta.config.retries = {"max_attempts": 0}
+    with pytest.raises(StorageUnavailable) as err:
+        unreachable.put(new_key("x.txt"), b"x", "text/plain", None, T0)
+    assert err.value.transient
 
 
 # --- the /files/ route of a live app on S3 ---

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 
 class WanserveError(Exception):
     """Base of every error this project raises on purpose."""
@@ -87,10 +90,16 @@ class InvalidUpload(BadRequest):
 
 
 class StorageUnavailable(WanserveError):
-    """The remote file store (S3) refused or could not be reached: the message names the operation and cause."""
+    """The remote file store (S3) refused or could not be reached: the message names the operation and cause.
+    `transient`: worth trying again (unreachable, a 5xx, throttling), unlike a refusal such as AccessDenied or
+    NoSuchBucket, which only the operator can fix."""
 
     http_status = 503
     error_type = "storage_unavailable"
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class StorageFull(WanserveError):
@@ -218,3 +227,29 @@ class TooManyQueued(WanserveError):
 
     http_status = 429
     error_type = "too_many_queued"
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it (or what it was raised while handling), and so on; each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA or another accelerator), older torch's `RuntimeError: CUDA out of
+    memory`, or host memory running out, here or behind the exception. Found without importing torch: an
+    exception raised by torch means torch is loaded already."""
+    torch = sys.modules.get("torch")
+    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
+    if torch is not None:
+        oom_types += tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if isinstance(t, type))
+    for current in exception_chain(exc):
+        if isinstance(current, oom_types):
+            return True
+        if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
+            return True
+    return False

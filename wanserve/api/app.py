@@ -99,12 +99,12 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         sign_output=lambda output: files.with_signed_urls(ctx, output),
     )
     last_sweep = [0.0]
-    lease_recovery = LeaseRecovery(ctx.store, settings.job_lease_s, settings.job_max_attempts)
+    lease_recovery = LeaseRecovery(ctx.store, settings.job_lease_s, settings.job_max_attempts, HOUSEKEEPING_S)
 
     async def housekeeping() -> None:
         # store.now() may ask the store (Redis's clock): in the thread too, never on the event loop.
-        await asyncio.to_thread(lambda: ctx.store.expire_overdue(ctx.store.now()))
         await asyncio.to_thread(lease_recovery.run)
+        await asyncio.to_thread(lambda: ctx.store.expire_overdue(ctx.store.now()))
         await asyncio.to_thread(forget_silent_workers, ctx.store, max(20 * settings.job_lease_s, 600.0))
         if time.monotonic() - last_sweep[0] >= settings.file_sweep_s:
             last_sweep[0] = time.monotonic()

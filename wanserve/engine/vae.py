@@ -21,6 +21,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 from wanserve.engine.video import pixels_to_uint8
+from wanserve.errors import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def decode_video(
                 if take(piece):
                     break
         return np.concatenate(pieces)
-    except torch.OutOfMemoryError:
-        if tiled:
+    except Exception as exc:  # an allocation failure of any kind (cuDNN's, cuBLAS's are RuntimeErrors)
+        if tiled or not is_out_of_memory(exc):
             raise
     # Out of the except block, so that the failed attempt's tensors (held by its traceback) are freed first.
     log.warning("the VAE decode ran out of GPU memory after %d frames; decoding the rest in tiles", kept)

@@ -57,6 +57,8 @@ _SEP = "~"  # stands for the key's "/" in a marker name: never in a key, so the 
 _CREATED = "created-at"
 _EXPIRES = "expires-at"
 _ABSENT = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+# Answers that may well be different a moment later (besides any 5xx or 429).
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError"}
 # S3's refusals of a multipart completion that the client caused (a 400 with a reason, not an outage).
 _REFUSED_PARTS = {
     "EntityTooSmall": "every part but the last must be at least 5 MiB (the S3 minimum)",
@@ -80,10 +82,12 @@ def _s3(operation: str, missing: str) -> Iterator[None]:
         if code in _REFUSED_PARTS:
             raise InvalidUpload(f"multipart upload refused: {_REFUSED_PARTS[code]}") from None
         log.error("S3 %s failed: %s: %s", operation, code, error.get("Message", ""))
-        raise StorageUnavailable(f"the file store failed ({operation}: {code})") from exc
-    except (BotoCoreError, Boto3Error) as exc:
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        transient = status >= 500 or status == 429 or code in _TRANSIENT
+        raise StorageUnavailable(f"the file store failed ({operation}: {code})", transient=transient) from exc
+    except (BotoCoreError, Boto3Error) as exc:  # unreachable, timed out, a broken connection
         log.error("S3 %s failed: %s", operation, exc)
-        raise StorageUnavailable(f"the file store failed ({operation}: {type(exc).__name__})") from exc
+        raise StorageUnavailable(f"the file store failed ({operation}: {type(exc).__name__})", transient=True) from exc
 
 
 def new_client(endpoint_url: str | None, region: str | None) -> Any:

@@ -321,33 +321,48 @@ CLOCK_JUMP_S = 5.0
 
 class LeaseRecovery:
     """The housekeeping's side of `recover_lost_jobs`: jobs whose lease ran out go back to the queue (or fail),
-    except for one lease after a time in which healthy workers could not renew theirs:
-    - the store took no writes (a full disk, a Redis outage): leases ran out with nobody able to renew them, and
-      the first write after would take every running job from its worker (and its video with it);
+    except for one lease after a time in which healthy workers may not have been able to renew theirs:
+    - no housekeeping pass got through for longer than a heartbeat interval: the store took no writes (a full
+      disk, a Redis outage, including one its client rode out inside a single slow call) or this process stalled;
+      the first pass after would take every running job from its worker (and its video with it);
     - the store clock jumped ahead (a stepped wall clock): every lease would look expired at once.
     Within that lease each live worker renews its lease (every lease/4); a worker that really died is recovered a
     lease later than it would have been. Dead worker processes the supervisor saw exit are recovered at once."""
 
-    def __init__(self, store: JobStore, lease_s: float, max_attempts: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        store: JobStore,
+        lease_s: float,
+        max_attempts: int,
+        pass_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store, self.lease_s, self.max_attempts, self.clock = store, lease_s, max_attempts, clock
-        self._unwritable = False
+        # A gap between passes longer than this means workers may have missed a heartbeat.
+        self.max_gap_s = max(lease_s / 4, 3 * pass_interval_s)
         self._held_until = -math.inf
-        self._last: tuple[float, float] | None = None  # (store clock, monotonic clock) at the last pass
+        self._failed = False  # a pass failed since the last one that got through
+        self._last: tuple[float, float] | None = None  # (store clock, monotonic clock) at the last whole pass
 
     def run(self) -> list[str]:
         """One housekeeping pass: the ids of jobs failed after their last attempt. Raises when the store does."""
         try:
             now = self.store.now()
+            mono = self.clock()  # read together: a slow store call after this is not mistaken for a clock jump
             self.store.probe_write(now)
         except Exception:
-            self._unwritable, self._last = True, None
+            self._failed = True
             raise
-        mono = self.clock()
-        if self._unwritable:
+        if self._failed:  # also before any pass got through (a start during an outage)
             self._hold(mono, "the job store took no writes for a while")
-        elif self._last is not None and (now - self._last[0]) - (mono - self._last[1]) > CLOCK_JUMP_S:
-            self._hold(mono, f"the store clock jumped {now - self._last[0] - (mono - self._last[1]):.0f} s ahead")
-        self._unwritable, self._last = False, (now, mono)
+        elif self._last is not None:
+            gap = mono - self._last[1]
+            jump = (now - self._last[0]) - gap
+            if gap > self.max_gap_s:
+                self._hold(mono, f"no housekeeping pass got through for {gap:.0f} s")
+            elif jump > CLOCK_JUMP_S:
+                self._hold(mono, f"the store clock jumped {jump:.0f} s ahead")
+        self._failed, self._last = False, (now, mono)
         if mono < self._held_until:
             return []
         return recover_lost_jobs(self.store, [], self.max_attempts)

@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from wanserve.errors import (
     StorageFull,
     StorageUnavailable,
     WanserveError,
+    exception_chain,
+    is_out_of_memory,
 )
 from wanserve.files.base import FileStore, StoredFile, lifecycle_expiry, output_key
 from wanserve.files.space import is_disk_full
@@ -61,38 +63,12 @@ def _describe_file(file: LoraFile) -> str:
 STALLED_EXIT_CODE = 70
 
 
-def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, then what caused it (or what it was raised while handling), and so on; each once."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def disk_full_cause(exc: BaseException) -> OSError | None:
     """The `No space left on device` (or disk quota) error behind `exc`, if that is what it is."""
-    for current in _exception_chain(exc):
+    for current in exception_chain(exc):
         if is_disk_full(current):
             return current
     return None
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError (CUDA or another accelerator), older torch's `RuntimeError: CUDA out of
-    memory`, or host memory running out, here or behind the exception. Found without importing torch: an
-    exception raised by torch means torch is loaded already."""
-    torch = sys.modules.get("torch")
-    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
-    if torch is not None:
-        oom_types += tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if isinstance(t, type))
-    for current in _exception_chain(exc):
-        if isinstance(current, oom_types):
-            return True
-        if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
-            return True
-    return False
 
 
 def free_accelerator_memory() -> None:
@@ -169,6 +145,9 @@ class Worker:
         self._lease_lost_run: tuple[str, int] | None = None
         # The run the heartbeat thread handed back to the queue when the worker was told to stop (see stop()).
         self._handed_back_run: tuple[str, int] | None = None
+        # The run whose outcome the main thread is storing and reporting: a stop no longer hands it back (its video
+        # would be thrown away, and a next run would write under the same output key).
+        self._committing_run: tuple[str, int] | None = None
         self._hand_back_lock = threading.Lock()  # the heartbeat thread and the main thread may both try
         self._stop = threading.Event()
         self._beat_now = threading.Event()  # wakes the heartbeat thread before its interval (a stop, the end)
@@ -290,8 +269,7 @@ class Worker:
             job = self._current
             if job is not None and time.monotonic() - self._progress_at > self.settings.job_stall_s:
                 self._exit_stalled(job)
-            if job is not None and self._stop.is_set():
-                self._hand_back_at_stop(job)
+            if job is not None and self._stop.is_set() and self._hand_back_at_stop(job):
                 continue
             try:
                 self._register(ready=self._runner is not None)
@@ -302,22 +280,37 @@ class Worker:
             except Exception:  # a store hiccup must not kill the heartbeat; the next beat retries
                 log.exception("heartbeat failed")
 
-    def _hand_back_at_stop(self, job: Job) -> None:
+    def _hand_back_at_stop(self, job: Job, main_thread: bool = False) -> bool:
         """The heartbeat thread's half of stop(): the running job back to the queue now, while the engine finishes
-        its step (the main thread then drops the run at its next check). The store decides atomically between this
-        and a finish that lands first; a run it took back is no longer this worker's, and its late finish is
-        refused. Without a store the job stays leased: this is tried again at the next beat, and the lease ends it."""
+        its step (the main thread then drops the run at its next check). Not once the main thread is storing and
+        reporting the run's outcome (`_begin_commit`): that finishes, the lease kept by the heartbeat. Without a
+        store the job stays leased: this is tried again at the next beat, and the lease ends it. True when the job
+        is no longer this worker's to keep alive."""
         run = (job.id, job.attempts)
         with self._hand_back_lock:
             if self._handed_back_run == run:
-                return
+                return True
+            if self._committing_run == run and not main_thread:
+                return False
             try:
                 note = "Worker shutting down; the request goes back to the queue"
                 if not self.store.release(job.id, self.id, self.store.now(), note=note):
                     log.warning("job %s was no longer this worker's when it was handed back", job.id)
                 self._handed_back_run = run
+                return True
             except Exception as exc:
                 log.warning("job %s: could not hand it back yet (%s: %s)", job.id, type(exc).__name__, exc)
+                return True  # nothing to renew meanwhile: a stopping worker's lease may run out
+
+    def _begin_commit(self, job: Job) -> bool:
+        """From here the main thread stores and reports the run's outcome; a stop no longer hands the job back.
+        False when it was handed back already (the run is then dropped: nothing is stored)."""
+        run = (job.id, job.attempts)
+        with self._hand_back_lock:
+            if self._handed_back_run == run:
+                return False
+            self._committing_run = run
+            return True
 
     def _exit_stalled(self, job: Job) -> None:
         """The engine is stuck inside a step (a hung kernel, a deadlock): no cancel check will ever run, so
@@ -370,7 +363,7 @@ class Worker:
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to the store", job.id)
         except ShuttingDown:
-            self._hand_back_at_stop(job)  # unless the heartbeat thread did already
+            self._hand_back_at_stop(job, main_thread=True)  # unless the heartbeat thread did already
         except GenerationCancelled:
             self._finish(job, failure=cancelled_failure())
         except ParallelGroupFailed as exc:
@@ -418,6 +411,7 @@ class Worker:
                 self._discard_refused_output(job, output)
         finally:
             self._current = None
+            self._committing_run = None
             self._detail["current_job"] = None
             self._shape = None
         if out_of_memory:  # here, not in the handler: the exception's frames (and their tensors) are gone now
@@ -445,11 +439,12 @@ class Worker:
                     "the operator must free space there"
                 ) from exc
             except StorageUnavailable as exc:
-                if time.monotonic() > give_up:
+                if not exc.transient or time.monotonic() > give_up:  # a refusal (credentials, bucket) fails now
                     raise
                 if outage.delay == 0.0:
                     self._log(job, "The file store is unreachable: waiting for it to store the video", LogLevel.WARN)
                 self._stop.wait(outage.failed(exc))
+                self._progress_at = time.monotonic()  # waiting, not stalled: the stall watchdog leaves it be
                 if self._is_cancelled(job):
                     raise GenerationCancelled("cancelled while waiting for the file store") from None
 
@@ -463,7 +458,9 @@ class Worker:
     def _finish(self, job: Job, **outcome: Any) -> bool:
         """Report the outcome, through a store outage too: a finished video is worth waiting for the store (while
         it is down nobody can take the job from this worker; once it is back, the lease decides). False: the store
-        refused it (the job was no longer this worker's)."""
+        refused it (the job was no longer this worker's, or a stop handed it back first)."""
+        if not self._begin_commit(job):
+            return False
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
@@ -543,6 +540,8 @@ class Worker:
             )
             if self._is_cancelled(job):
                 raise GenerationCancelled("cancelled before the upload")
+            if not self._begin_commit(job):  # handed back by a stop since the check above
+                raise ShuttingDown(job.id)
             key = output_key(job.id, job.attempts)
             self._discard_earlier_outputs(job)
             stored = self._store_video(job, key, out_path)
