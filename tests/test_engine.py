@@ -231,6 +231,20 @@ def test_an_untiled_decode_out_of_gpu_memory_goes_on_tiled(error: Exception) -> 
     calls.clear()
     with torch.no_grad(), pytest.raises(type(error)):
         decode_video(vae, z, 17, tiled=True)
+    # The mp4 writer running out of host memory is not the decode's failure: no fallback (it would skip frames).
+    vae.decoder.forward = decoder
+
+    sunk: list[int] = []
+
+    def sink_out_of_memory_once(frames: np.ndarray) -> None:
+        sunk.append(len(frames))
+        if len(sunk) == 2:
+            raise MemoryError
+
+    with torch.no_grad(), pytest.raises(MemoryError):
+        decode_video(vae, z, 17, on_frames=sink_out_of_memory_once, tiled=False)
+    assert sunk == [1, 4]
+    vae.decoder.forward = runs_out_on_the_third_call
     # Any other error is not an allocation failure: it fails the decode as before.
     calls.clear()
     raised[0] = RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM")

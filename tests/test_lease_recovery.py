@@ -135,3 +135,16 @@ def test_a_slow_store_call_is_not_taken_for_a_clock_jump(store: Store) -> None:
     store.slow_probe = lambda: None
     passes.run_for(4)  # the lease ran out at T0 + 30: taken at the first pass after
     assert state(store) is JobState.QUEUED
+
+
+def test_an_outage_ridden_out_inside_one_store_call_holds_the_recovery(store: Store) -> None:
+    """The Redis client retries for many seconds inside one call: the probe that returns after a 40 s outage is the
+    first write after it, and the leases that ran out meanwhile belong to workers that could not renew them."""
+    passes = Passes(store)
+    passes.run_for(3)
+    store.slow_probe = lambda: passes.advance(40.0)
+    passes.run_for(1)
+    store.slow_probe = lambda: None
+    assert state(store) is JobState.RUNNING
+    passes.run_for(60)  # the worker renewed its lease meanwhile
+    assert state(store) is JobState.RUNNING

@@ -391,6 +391,22 @@ def test_recover_lost_returns_exhausted_jobs_and_helper_fails_them(store: JobSto
     assert recover_lost_jobs(store, ["dead"], max_attempts=2) == []
 
 
+def test_a_dead_workers_recovery_leaves_other_expired_leases_to_the_housekeeping(store: JobStore) -> None:
+    """A supervisor that saw its worker exit takes that worker's jobs only: a healthy worker whose lease ran out in
+    an outage gets its chance to renew it (the housekeeping's LeaseRecovery decides about expired leases)."""
+    now = store.now()
+    store.submit(new_job("dead's"), now - 100)
+    store.submit(new_job("healthy's"), now - 99)
+    store.claim("dead", 600, now - 100)
+    store.claim("healthy", 30, now - 100)  # ran out 70 s ago
+    assert recover_lost_jobs(store, ["dead"], max_attempts=3) == []
+    assert store.get("dead's").state is JobState.QUEUED  # type: ignore[union-attr]
+    assert store.get("healthy's").state is JobState.RUNNING  # type: ignore[union-attr]
+    assert store.heartbeat("healthy's", "healthy", 30, now)
+    recover_lost_jobs(store, [], max_attempts=3, expired_leases=True)
+    assert store.get("healthy's").state is JobState.RUNNING  # type: ignore[union-attr]  # renewed meanwhile
+
+
 def test_recover_lost_jobs_requeues_when_attempts_remain(store: JobStore) -> None:
     now = time.time()
     store.submit(new_job("a"), now)

@@ -20,6 +20,7 @@ from wanserve.errors import (
     GenerationCancelled,
     InvalidGenerationInput,
     NonFiniteOutput,
+    ParallelGroupFailed,
     StorageUnavailable,
 )
 from wanserve.files.base import check_key, output_key
@@ -193,7 +194,8 @@ def test_a_stopped_worker_keeps_the_lease_of_a_step_that_outlasts_it_and_hands_t
     assert runner.started.wait(30)
     worker.stop()
     while thread.is_alive():  # the API's housekeeping, meanwhile
-        assert recover_lost_jobs(store, [], max_attempts=1) == [], [e.message for e in store.logs("running")]
+        recovered = recover_lost_jobs(store, [], max_attempts=1, expired_leases=True)
+        assert recovered == [], [e.message for e in store.logs("running")]
         time.sleep(0.05)
     job = store.get("running")
     assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
@@ -266,7 +268,7 @@ def test_a_stop_during_the_upload_lets_the_finished_video_complete_its_job(tmp_p
     assert files.began.wait(30)
     worker.stop()
     while thread.is_alive():  # the API's housekeeping, meanwhile: the lease is kept
-        assert recover_lost_jobs(store, [], max_attempts=3) == []
+        assert recover_lost_jobs(store, [], max_attempts=3, expired_leases=True) == []
         job = store.get("j1")
         assert job is not None and job.state is not JobState.QUEUED, [e.message for e in store.logs("j1")]
         time.sleep(0.05)
@@ -433,6 +435,29 @@ class FailingRunner(InstantRunner):
 
     def generate_video(self, *args: Any, **kwargs: Any) -> Any:
         raise self.error
+
+
+def test_a_gpu_group_failure_keeps_the_job_for_its_launcher_to_count_the_attempt(tmp_path: Path) -> None:
+    """The worker stops itself; the stop must not hand the job back (that would not count the attempt, and a request
+    that kills a rank every time would never run out of attempts): the launcher recovers it as a dead worker's."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01, job_lease_s=0.2)
+    store = open_job_store(settings)
+    runner = FailingRunner(ParallelGroupFailed("rank 1 exited with code -9"))
+    worker = Worker(settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: runner)
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    stop = worker.stop
+
+    def stop_then_linger() -> None:  # the heartbeat thread, woken by the stop, sees the job still running
+        stop()
+        time.sleep(0.3)
+
+    worker.stop = stop_then_linger  # type: ignore[method-assign]
+    worker.run()
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.RUNNING and job.worker_id == "w1" and job.attempts == 1
+    recover_lost_jobs(store, ["w1"], max_attempts=3)
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.QUEUED and job.attempts == 1  # the run counted
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,6 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
 
     async def housekeeping() -> None:
         # store.now() may ask the store (Redis's clock): in the thread too, never on the event loop.
-        await asyncio.to_thread(lease_recovery.run)
         await asyncio.to_thread(lambda: ctx.store.expire_overdue(ctx.store.now()))
         await asyncio.to_thread(forget_silent_workers, ctx.store, max(20 * settings.job_lease_s, 600.0))
         if time.monotonic() - last_sweep[0] >= settings.file_sweep_s:
@@ -128,6 +127,8 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         no_pooling = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(follow_redirects=False, limits=no_pooling) as client:
             tasks = [
+                # A task of its own: the gaps between its passes mean the store's, not a slow file sweep's.
+                asyncio.create_task(_every(HOUSEKEEPING_S, lambda: asyncio.to_thread(lease_recovery.run), "leases")),
                 asyncio.create_task(_every(HOUSEKEEPING_S, housekeeping, "housekeeping")),
                 asyncio.create_task(_every(WEBHOOK_POLL_S, lambda: dispatcher.deliver_due(client), "webhooks")),
             ]

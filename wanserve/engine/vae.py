@@ -91,15 +91,19 @@ def decode_video(
         return kept >= num_frames
 
     tiled = vae.use_tiling if tiled is None else tiled
-    try:
-        with tiling(vae, tiled), closing(decoded_pieces(vae, z)) as decoded:
-            for piece in decoded:
-                if take(piece):
-                    break
+    out_of_memory = False
+    with tiling(vae, tiled), closing(decoded_pieces(vae, z)) as decoded:
+        while True:
+            try:
+                piece = next(decoded, None)
+            except Exception as exc:  # the decode's own failure (not the sink's): any kind of allocation failure
+                if tiled or not is_out_of_memory(exc):
+                    raise
+                out_of_memory = True
+            if out_of_memory or piece is None or take(piece):
+                break
+    if not out_of_memory:
         return np.concatenate(pieces)
-    except Exception as exc:  # an allocation failure of any kind (cuDNN's, cuBLAS's are RuntimeErrors)
-        if tiled or not is_out_of_memory(exc):
-            raise
     # Out of the except block, so that the failed attempt's tensors (held by its traceback) are freed first.
     log.warning("the VAE decode ran out of GPU memory after %d frames; decoding the rest in tiles", kept)
     if z.is_cuda:

@@ -301,11 +301,16 @@ def visible_to(job: Job, owner: str | None) -> bool:
     return owner is None or job.owner is None or job.owner == owner
 
 
-def recover_lost_jobs(store: JobStore, dead_workers: list[str], max_attempts: int) -> list[str]:
-    """Requeues the running jobs of dead workers (and of expired leases); fails those out of attempts."""
+def recover_lost_jobs(
+    store: JobStore, dead_workers: list[str], max_attempts: int, expired_leases: bool = False
+) -> list[str]:
+    """Requeues the running jobs of dead workers, and with `expired_leases` those whose lease ran out; fails those
+    out of attempts. Expired leases are the housekeeping's to judge (`LeaseRecovery`, which holds off after an
+    outage): a supervisor that saw its own worker exit takes that worker's jobs only."""
     now = store.now()
     failed = []
-    for job in store.recover_lost(now, dead_workers, max_attempts):
+    # Epoch 0 as the lease cutoff: no lease ran out before it, so only the dead workers' jobs come back.
+    for job in store.recover_lost(now if expired_leases else 0.0, dead_workers, max_attempts):
         if job.worker_id is None:  # never finish without the owner check: a queued job is not this sweep's
             continue
         failure = cancelled_failure() if job.cancel_requested else disconnected_failure(job.attempts)
@@ -353,8 +358,11 @@ class LeaseRecovery:
         except Exception:
             self._failed = True
             raise
+        probe_s = self.clock() - mono
         if self._failed:  # also before any pass got through (a start during an outage)
             self._hold(mono, "the job store took no writes for a while")
+        elif probe_s > self.max_gap_s:  # a store client that rode out an outage inside this one call
+            self._hold(mono, f"one write to the job store took {probe_s:.0f} s")
         elif self._last is not None:
             gap = mono - self._last[1]
             jump = (now - self._last[0]) - gap
@@ -365,7 +373,7 @@ class LeaseRecovery:
         self._failed, self._last = False, (now, mono)
         if mono < self._held_until:
             return []
-        return recover_lost_jobs(self.store, [], self.max_attempts)
+        return recover_lost_jobs(self.store, [], self.max_attempts, expired_leases=True)
 
     def _hold(self, mono: float, why: str) -> None:
         self._held_until = mono + self.lease_s

@@ -288,8 +288,8 @@ class Worker:
         is no longer this worker's to keep alive."""
         run = (job.id, job.attempts)
         with self._hand_back_lock:
-            if self._handed_back_run == run:
-                return True
+            if self._handed_back_run == run or (not main_thread and self._current is not job):
+                return True  # done already, or the heartbeat read a job whose run has ended since
             if self._committing_run == run and not main_thread:
                 return False
             try:
@@ -371,6 +371,7 @@ class Worker:
             # back (the attempt counts, so a request that kills a rank every time fails after the last attempt).
             log.error("job %s: %s", job.id, exc)
             self._log(job, "A GPU process of this worker failed; the request goes back to the queue", LogLevel.WARN)
+            self._begin_commit(job)  # kept from the stop's hand-back, which would not count the attempt
             self.stop()
         except ValidationError as exc:
             self._finish(
@@ -410,8 +411,9 @@ class Worker:
             if not self._finish(job, output=output, inference_time=inference_time, note=note):
                 self._discard_refused_output(job, output)
         finally:
-            self._current = None
-            self._committing_run = None
+            with self._hand_back_lock:  # a hand-back in progress sees the run either whole or over
+                self._current = None
+                self._committing_run = None
             self._detail["current_job"] = None
             self._shape = None
         if out_of_memory:  # here, not in the handler: the exception's frames (and their tensors) are gone now
@@ -473,6 +475,7 @@ class Worker:
                 if time.monotonic() > give_up:
                     raise
                 time.sleep(outage.failed(exc))
+                self._progress_at = time.monotonic()  # waiting, not stalled: the stall watchdog leaves it be
         if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
         return bool(finished)
