@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,9 @@ class FileServer:
     claimed_sizes: dict[str, int] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Send an ETag (the body's sha256) and answer a matching If-None-Match with 304, counted in `not_modified`.
+    etags: bool = False
+    not_modified: Counter[str] = field(default_factory=Counter)
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
@@ -40,8 +44,18 @@ def running_file_server() -> Iterator[FileServer]:
                 self.wfile.write(b"\0" * 1024)
                 return
             body = state.files.get(self.path)
+            etag = f'"{hashlib.sha256(body).hexdigest()}"' if body is not None and state.etags else None
+            if etag is not None and self.headers.get("if-none-match") == etag:
+                with state.lock:
+                    state.not_modified[self.path] += 1
+                self.send_response(304)
+                self.send_header("etag", etag)
+                self.end_headers()
+                return
             self.send_response(200 if body is not None else 404)
             self.send_header("content-length", str(len(body or b"")))
+            if etag is not None:
+                self.send_header("etag", etag)
             self.end_headers()
             self.wfile.write(body or b"")
 

@@ -70,6 +70,37 @@ def test_a_url_is_downloaded_once_then_served_from_the_disk_cache(http: FileServ
     assert http.hits["/style.safetensors"] == 1
 
 
+def test_a_url_whose_server_names_its_version_is_asked_again_and_a_replaced_file_is_used_at_once(
+    http: FileServer, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Hub `resolve/main` link or an overwritten object changes in place: with an ETag, each use asks (304 while
+    unchanged, nothing downloaded); a new version is used at once, not after the URL TTL (7 days)."""
+    http.etags = True
+    path = "/style.safetensors"
+    http.files[path] = b"version 1 " * 100
+    first = make().resolve(http.url(path))
+    second = make().resolve(http.url(path))
+    assert first.downloaded and not second.downloaded and second.sha256 == first.sha256
+    assert http.hits[path] == 2 and http.not_modified[path] == 1
+    http.files[path] = b"version 2 " * 100
+    third = make().resolve(http.url(path))
+    assert third.downloaded and third.path.read_bytes() == http.files[path] and third.sha256 != first.sha256
+    assert make().resolve(http.url(path)).sha256 == third.sha256 and http.not_modified[path] == 2
+    # Gone (the server answers 404): an error, not the old copy.
+    del http.files[path]
+    with pytest.raises(InputFetchError, match="HTTP 404"):
+        make().resolve(http.url(path))
+    # Unreachable: the copy fetched within the TTL is used, and the log says so.
+    with running_file_server() as gone:
+        gone.etags = True
+        gone.files[path] = b"kept " * 100
+        url = gone.url(path)
+        kept = make().resolve(url)
+    with caplog.at_level("WARNING", logger="wanserve.lora"):
+        assert make().resolve(url).sha256 == kept.sha256
+    assert "could not ask whether it changed" in caplog.text
+
+
 def test_ttl_zero_downloads_every_time_and_the_same_content_is_one_blob(http: FileServer, make: Make) -> None:
     http.files["/a.safetensors"] = http.files["/b.safetensors"] = b"same content"
     resolver = make(lora_url_ttl_s=0)

@@ -442,16 +442,19 @@ def test_a_gpu_group_failure_keeps_the_job_for_its_launcher_to_count_the_attempt
     that kills a rank every time would never run out of attempts): the launcher recovers it as a dead worker's."""
     settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01, job_lease_s=0.2)
     store = open_job_store(settings)
-    runner = FailingRunner(ParallelGroupFailed("rank 1 exited with code -9"))
-    worker = Worker(settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: runner)
+
+    class BreakingRunner(InstantRunner):
+        """As the GPU group's leader: it finds the group broken, stops the worker (its `on_broken`), then raises."""
+
+        def generate_video(self, *args: Any, **kwargs: Any) -> Any:
+            worker.abandon()
+            time.sleep(0.3)  # the heartbeat thread, woken by the stop, sees the job still running meanwhile
+            raise ParallelGroupFailed("rank 1 exited with code -9")
+
+    worker = Worker(
+        settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: BreakingRunner()
+    )
     store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
-    stop = worker.stop
-
-    def stop_then_linger() -> None:  # the heartbeat thread, woken by the stop, sees the job still running
-        stop()
-        time.sleep(0.3)
-
-    worker.stop = stop_then_linger  # type: ignore[method-assign]
     worker.run()
     job = store.get("j1")
     assert job is not None and job.state is JobState.RUNNING and job.worker_id == "w1" and job.attempts == 1

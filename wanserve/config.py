@@ -267,7 +267,9 @@ class Settings(BaseSettings):
     lora_url_ttl_s: float = Field(
         7 * 24 * 3600.0,
         ge=0,
-        description="How long a downloaded LoRA URL is reused without downloading it again (0: download every time).",
+        description="How long a downloaded LoRA URL is reused without downloading it again (0: download every time). "
+        "A server that names versions (ETag, Last-Modified) is asked each time whether the file changed; this is then "
+        "how long the copy stands in while the server cannot be reached.",
     )
     lora_memory_bytes: int = Field(
         4 * 1024**3,

@@ -118,10 +118,15 @@ class RangeNotSatisfiable(WanserveError):
 
 
 class InputFetchError(WanserveError):
-    """A URL input could not be read: the message says which URL and why."""
+    """A URL input could not be read: the message says which URL and why. `answered`: the HTTP status the source
+    answered with, when it answered (None: unreachable, too slow, too large, refused here)."""
 
     http_status = 422
     error_type = "file_download_error"
+
+    def __init__(self, message: str, answered: int | None = None) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class PrivateAddress(InputFetchError):

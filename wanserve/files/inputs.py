@@ -241,11 +241,43 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class Validators:
+    """What a web server said identifies the content it sent (ETag, Last-Modified): asked again with them, it
+    answers 304 Not Modified while that content is unchanged."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @classmethod
+    def of(cls, headers: httpx.Headers) -> Validators | None:
+        found = cls(headers.get("etag"), headers.get("last-modified"))
+        return found if found.etag or found.last_modified else None
+
+    def request_headers(self) -> dict[str, str]:
+        asked = {"if-none-match": self.etag} if self.etag else {}
+        return asked | ({"if-modified-since": self.last_modified} if self.last_modified else {})
+
+
+@dataclass(frozen=True)
+class Fetched:
+    changed: bool  # False: the server answered 304 to the `known` validators, and nothing was written
+    validators: Validators | None  # to ask with next time (None: the source gave none)
+
+
 def fetch_input(url: str, dest: Path, files: FileStore, policy: FetchPolicy) -> Path:
     """Writes the input at `url` to `dest` and returns it."""
+    fetch_if_changed(url, dest, files, policy)
+    return dest
+
+
+def fetch_if_changed(
+    url: str, dest: Path, files: FileStore, policy: FetchPolicy, known: Validators | None = None
+) -> Fetched:
+    """Writes the input at `url` to `dest`, unless a web server says its content is still the one `known` names."""
     if is_data_uri(url):
         dest.write_bytes(decode_data_uri(url, policy.max_bytes))
-        return dest
+        return Fetched(True, None)
     key = files.key_from_url(url)
     if key is not None:
         stored = files.stat(key, time.time())
@@ -254,8 +286,8 @@ def fetch_input(url: str, dest: Path, files: FileStore, policy: FetchPolicy) -> 
         with files.open(key) as src, dest.open("wb") as out:
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 out.write(chunk)
-        return dest
-    return _download(url, dest, policy)
+        return Fetched(True, None)
+    return _download(url, dest, policy, known)
 
 
 class _DeadlineStream(httpcore.NetworkStream):
@@ -338,7 +370,7 @@ def _deadline_client(deadline: float, timeout_s: float) -> httpx.Client:
     )
 
 
-def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
+def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | None) -> Fetched:
     deadline = time.monotonic() + policy.timeout_s
     with _deadline_client(deadline, policy.timeout_s) as client:
         for _ in range(MAX_REDIRECTS + 1):
@@ -356,14 +388,17 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
             try:
                 # no single connect or read may wait past the deadline
+                headers = target.headers | (known.request_headers() if known is not None else {})
                 with client.stream(
-                    "GET", target.url, headers=target.headers, extensions=target.extensions, timeout=remaining
+                    "GET", target.url, headers=headers, extensions=target.extensions, timeout=remaining
                 ) as response:
+                    if response.status_code == 304 and known is not None:  # (httpx counts a 304 as a redirect)
+                        return Fetched(False, Validators.of(response.headers) or known)
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise InputFetchError(f"{url} answered HTTP {response.status_code}")
+                        raise InputFetchError(f"{url} answered HTTP {response.status_code}", response.status_code)
                     declared = ascii_int(response.headers.get("content-length"))
                     if declared is not None and declared > policy.max_bytes:
                         raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
@@ -377,7 +412,7 @@ def _download(url: str, dest: Path, policy: FetchPolicy) -> Path:
                             if time.monotonic() > deadline:
                                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
                             out.write(chunk)
-                    return dest
+                    return Fetched(True, Validators.of(response.headers))
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: urljoin of a bad Location
                 dest.unlink(missing_ok=True)
                 if time.monotonic() >= deadline:

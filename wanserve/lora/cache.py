@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from wanserve.files.inputs import Validators
+
 ABANDONED_TEMP_S = 24 * 3600.0  # a temp file this old belongs to a download that died with its process
 # A blob used or added this recently may be about to be read by a worker (this one or a neighbour): eviction
 # leaves it alone, so the cache can run over its bound for that long rather than pull a file from under a job.
@@ -27,6 +29,16 @@ class CachedFile:
     path: Path
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the cache knows of a URL: its content, when that was fetched (or last confirmed unchanged), and the
+    server's validators to ask it again with (None: it gave none)."""
+
+    file: CachedFile
+    fetched_at: float
+    validators: Validators | None
 
 
 def file_sha256(path: Path) -> str:
@@ -54,17 +66,39 @@ class ContentCache:
 
     def lookup(self, url: str, now: float) -> CachedFile | None:
         """The cached content of `url`, if it was fetched less than `url_ttl_s` ago and is still here."""
+        entry = self.entry(url)
+        return entry.file if entry is not None and now - entry.fetched_at <= self.url_ttl_s else None
+
+    def entry(self, url: str) -> IndexEntry | None:
+        """The index entry of `url` whose content is still here, however old (None with no TTL: nothing kept)."""
         if self.url_ttl_s <= 0:
             return None
         try:
             entry = json.loads(self._index_path(url).read_text())
-            if entry["url"] != url or now - float(entry["fetched_at"]) > self.url_ttl_s:
+            if entry["url"] != url:
                 return None
             blob = self.blobs / str(entry["sha256"])
             os.utime(blob)  # a hit makes it the most recently used
-            return CachedFile(blob, str(entry["sha256"]), blob.stat().st_size)
+            file = CachedFile(blob, str(entry["sha256"]), blob.stat().st_size)
+            validators = Validators(entry.get("etag"), entry.get("last_modified"))
+            has_validators = validators.etag or validators.last_modified
+            return IndexEntry(file, float(entry["fetched_at"]), validators if has_validators else None)
         except (OSError, ValueError, KeyError, TypeError):  # absent, evicted, or an index entry cut short
             return None
+
+    def confirm(self, url: str, file: CachedFile, now: float, validators: Validators | None) -> None:
+        """The server said `url` still has this content (304): its entry counts as fetched now."""
+        self._write_entry(url, file, now, validators)
+
+    def _write_entry(self, url: str, file: CachedFile, now: float, validators: Validators | None) -> None:
+        if self.url_ttl_s <= 0:  # with no TTL, lookups never read an entry: write none
+            return
+        entry = {"url": url, "sha256": file.sha256, "size": file.size, "fetched_at": now}
+        if validators is not None:
+            entry |= {"etag": validators.etag, "last_modified": validators.last_modified}
+        staged = self.temp_path()
+        staged.write_text(json.dumps(entry))
+        os.replace(staged, self._index_path(url))
 
     def keep(self, path: Path) -> None:
         """Marks a blob of this cache as in use now (see IN_USE_S); any other path is left untouched."""
@@ -75,22 +109,19 @@ class ContentCache:
     def temp_path(self) -> Path:
         return self.tmp / uuid.uuid4().hex
 
-    def add(self, downloaded: Path, url: str | None, now: float) -> CachedFile:
-        """Moves a complete download (a `temp_path()`) into the cache and indexes it under `url`. The blob stays
-        (see IN_USE_S) long enough for the request that fetched it to read it."""
+    def add(self, downloaded: Path, url: str | None, now: float, validators: Validators | None = None) -> CachedFile:
+        """Moves a complete download (a `temp_path()`) into the cache and indexes it under `url`, with the server's
+        `validators`. The blob stays (see IN_USE_S) long enough for the request that fetched it to read it."""
         with downloaded.open("rb+") as f:
             os.fsync(f.fileno())  # a power cut must not leave a blob whose name promises other content
         sha = file_sha256(downloaded)
         blob = self.blobs / sha
         os.replace(downloaded, blob)
-        size = blob.stat().st_size
-        if url is not None and self.url_ttl_s > 0:  # with no TTL, lookups never read an entry: write none
-            entry = {"url": url, "sha256": sha, "size": size, "fetched_at": now}
-            staged = self.temp_path()
-            staged.write_text(json.dumps(entry))
-            os.replace(staged, self._index_path(url))
+        added = CachedFile(blob, sha, blob.stat().st_size)
+        if url is not None:
+            self._write_entry(url, added, now, validators)
         self.evict(time.time())
-        return CachedFile(blob, sha, size)
+        return added
 
     def evict(self, now: float) -> list[str]:
         """Removes least recently used blobs until the cache fits `max_bytes`, sparing those used in the last

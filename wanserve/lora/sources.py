@@ -31,11 +31,11 @@ from wanserve.files.inputs import (
     FetchPolicy,
     HostNotResolved,
     check_public_host,
-    fetch_input,
+    fetch_if_changed,
     is_data_uri,
     parse_http_url,
 )
-from wanserve.lora.cache import ContentCache, file_sha256
+from wanserve.lora.cache import CachedFile, ContentCache, file_sha256
 from wanserve.schema import LoRAWeight
 
 log = logging.getLogger("wanserve.lora")
@@ -193,13 +193,32 @@ class LoraResolver:
         now = time.time()
         # a data URI is its own content: nothing to look up, and not worth an index entry holding all of it
         index_key = None if kind is SourceKind.DATA else path
-        hit = self.cache.lookup(index_key, now) if index_key is not None else None
-        if hit is not None:
-            return LoraFile(hit.path, hit.sha256, hit.size, kind, False, time.perf_counter() - started)
+        entry = self.cache.entry(index_key) if index_key is not None else None
+        fresh = entry is not None and now - entry.fetched_at <= self.cache.url_ttl_s
+
+        def cached(file: CachedFile) -> LoraFile:
+            return LoraFile(file.path, file.sha256, file.size, kind, False, time.perf_counter() - started)
+
+        if entry is not None and fresh and entry.validators is None:  # a source that names no version: the TTL
+            return cached(entry.file)
         staged = self.cache.temp_path()
         try:
-            fetch_input(path, staged, self.files, self.policy)
-            added = self.cache.add(staged, index_key, now)
+            try:
+                # A server that named its version (ETag, Last-Modified) is asked each time: a file replaced at
+                # the same URL (a Hub `resolve/main` link, an overwritten object) is used at once.
+                known = entry.validators if entry is not None else None
+                fetched = fetch_if_changed(path, staged, self.files, self.policy, known)
+            except InputFetchError as exc:
+                if entry is None or not fresh or exc.answered is not None:  # it answered: gone, or forbidden now
+                    raise
+                log.warning("LoRA %s: could not ask whether it changed (%s); using the copy fetched %.0f s ago",
+                            describe_path(path), exc, now - entry.fetched_at)  # fmt: skip
+                return cached(entry.file)
+            if not fetched.changed and entry is not None:
+                assert index_key is not None
+                self.cache.confirm(index_key, entry.file, now, fetched.validators)
+                return cached(entry.file)
+            added = self.cache.add(staged, index_key, now, fetched.validators)
         finally:
             staged.unlink(missing_ok=True)
         downloaded = kind is SourceKind.URL

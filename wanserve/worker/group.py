@@ -123,7 +123,7 @@ class LeaderRunner:
         self.channel = channel
         self.broken: str | None = None  # why the group cannot go on, once it cannot
         self._pinged = -PING_S
-        self.on_broken: Callable[[], None] = lambda: None  # the Worker's stop()
+        self.on_broken: Callable[[], None] = lambda: None  # the Worker's abandon()
 
     @property
     def engine(self) -> Any:
@@ -310,7 +310,7 @@ def _lead(
     def factory(s: Settings) -> LeaderRunner:
         nonlocal leader
         leader = LeaderRunner(build(s), channel)
-        leader.on_broken = worker.stop
+        leader.on_broken = worker.abandon  # the job stays leased: the launcher recovers it, counting the attempt
         return leader
 
     worker = Worker(

@@ -145,8 +145,8 @@ class Worker:
         self._lease_lost_run: tuple[str, int] | None = None
         # The run the heartbeat thread handed back to the queue when the worker was told to stop (see stop()).
         self._handed_back_run: tuple[str, int] | None = None
-        # The run whose outcome the main thread is storing and reporting: a stop no longer hands it back (its video
-        # would be thrown away, and a next run would write under the same output key).
+        # The run a stop does not hand back: its outcome is being stored and reported (its video would be thrown
+        # away, and a next run would write under the same output key), or its GPU group broke (`abandon`).
         self._committing_run: tuple[str, int] | None = None
         self._hand_back_lock = threading.Lock()  # the heartbeat thread and the main thread may both try
         self._stop = threading.Event()
@@ -169,6 +169,16 @@ class Worker:
         a 720p step can outlast the grace a stopping server gives its workers before it kills them."""
         self._stop.set()
         self._beat_now.set()
+
+    def abandon(self) -> None:
+        """Stop now, leaving the running job leased to this worker id: a GPU group that broke. Its launcher then
+        recovers the job as a dead worker's, counting the attempt (a request that kills a rank every time runs
+        out of attempts); a stop's hand-back would not count it."""
+        with self._hand_back_lock:
+            job = self._current
+            if job is not None:
+                self._committing_run = (job.id, job.attempts)
+        self.stop()
 
     def drain(self) -> None:
         """Take no new job; let the running one finish for up to `drain_s`, then stop. Asked again: stop now."""
@@ -371,8 +381,7 @@ class Worker:
             # back (the attempt counts, so a request that kills a rank every time fails after the last attempt).
             log.error("job %s: %s", job.id, exc)
             self._log(job, "A GPU process of this worker failed; the request goes back to the queue", LogLevel.WARN)
-            self._begin_commit(job)  # kept from the stop's hand-back, which would not count the attempt
-            self.stop()
+            self.abandon()
         except ValidationError as exc:
             self._finish(
                 job, failure=Failure("validation_error", "invalid input", 422, {"detail": validation_errors(exc)})
