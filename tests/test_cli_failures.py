@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -217,6 +219,15 @@ def test_a_model_folder_that_is_not_there_stops_the_start(tmp_path: Path, capsys
     missing.mkdir()  # there, but not a model
     assert main(["worker", "--data-dir", str(tmp_path / "d"), "--model", str(missing)]) == 1
     assert "has neither model_index.json" in capsys.readouterr().err
+    # The API process checks it without loading torch (seconds and hundreds of MB it never needs).
+    (missing / "model_index.json").write_text("{}")
+    check = (
+        "import sys; from wanserve.cli import _check_model; from wanserve.config import Settings; "
+        f"_check_model(Settings(model={str(missing)!r}, data_dir={str(tmp_path / 'd')!r})); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_a_short_api_key_is_warned_about_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

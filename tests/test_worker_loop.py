@@ -340,6 +340,16 @@ class FlakyStore:
         return flaky
 
 
+def run_until_finished(settings: Settings, store: Any, worker_store: Any, files: Any) -> None:
+    """Job j1 through a worker (on `worker_store` and `files`, stand-ins allowed) until `store` has it completed."""
+    worker = Worker(settings, worker_store, files, worker_id="w1", runner_factory=lambda s: InstantRunner())
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when": lambda: finished(store, "j1")})
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_video(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
@@ -349,12 +359,7 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
     # the cancel check: once in the engine's step loop, once before the upload
     flaky = FlakyStore(store, {"claim": 3, "add_log": 2, "finish": 3, "cancel_requested": 2})
     files = open_file_store(settings)
-    worker = Worker(settings, flaky, files, worker_id="w1", runner_factory=lambda s: InstantRunner())  # type: ignore[arg-type]
-    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
-    thread = threading.Thread(target=worker.run, kwargs={"stop_when": lambda: finished(store, "j1")})
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive()
+    run_until_finished(settings, store, flaky, files)
     # every outage happened and was ridden out
     assert flaky.failures == {"claim": 0, "add_log": 0, "finish": 0, "cancel_requested": 0}
     job = store.get("j1")
@@ -374,12 +379,7 @@ def test_a_file_store_outage_at_the_upload_waits_for_it_then_fails_the_job(
     store = open_job_store(settings)
     error = functools.partial(StorageUnavailable, transient=outage != "refused")
     files = FlakyStore(open_file_store(settings), {"put": 3 if outage == "short" else 10_000}, error=error)
-    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: InstantRunner())  # type: ignore[arg-type]
-    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
-    thread = threading.Thread(target=worker.run, kwargs={"stop_when": lambda: finished(store, "j1")})
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive()
+    run_until_finished(settings, store, store, files)
     done = store.get("j1")
     assert done is not None and done.state is JobState.COMPLETED
     notes = [e.message for e in store.logs("j1")]

@@ -312,7 +312,7 @@ def _check_model(settings: Settings) -> None:
     """A model folder that is not there (or not a model) stops the start with main's one-line error: its workers
     would otherwise fail to load it and restart for ever while requests queue."""
     if settings.model != "tiny":
-        from wanserve.engine.loading import model_dir  # torch loads here, but a worker process loads it anyway
+        from wanserve.engine.model_dir import model_dir  # no torch: the API process never loads it
 
         model_dir(settings.model)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from wanserve.engine.loading import is_official_layout, resolve_dtype
+from wanserve.engine.loading import resolve_dtype
+from wanserve.engine.model_dir import is_official_layout
 from wanserve.engine.official import load_official_dir
 from wanserve.errors import ModelLoadError
 

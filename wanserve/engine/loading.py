@@ -18,6 +18,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import AutoTokenizer, UMT5EncoderModel
 from transformers.utils import logging as transformers_logging
 
+from wanserve.engine.model_dir import model_dir
 from wanserve.engine.sampling import BOUNDARY_RATIO
 from wanserve.errors import ModelLoadError
 
@@ -47,10 +48,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-
-
-def is_official_layout(path: Path) -> bool:
-    return (path / "high_noise_model").is_dir() or (path / "low_noise_model").is_dir()
 
 
 def load_component(name: str, path: Path, load: Callable[[], T]) -> T:
@@ -143,20 +140,6 @@ def load_diffusers_dir(path: Path, dtype: torch.dtype) -> WanPipeline:
         transformer_2=loaded.get("transformer_2"),
         boundary_ratio=boundary,
     )
-
-
-def model_dir(source: str) -> Path:
-    """The directory of a model `source` other than `tiny`, in a layout load_pipeline reads; ModelLoadError saying
-    what is wrong otherwise. Cheap (no weights read): the server checks it before starting its workers."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a directory (use `tiny` for the built-in model)")
-    if not (path / "model_index.json").is_file() and not is_official_layout(path):
-        raise ModelLoadError(
-            f"not a model directory: {path} has neither model_index.json (diffusers layout) nor "
-            "high_noise_model/ and low_noise_model/ (official Wan2.2 layout)"
-        )
-    return path
 
 
 def load_pipeline(source: str, cache_dir: Path, dtype: torch.dtype) -> WanPipeline:

@@ -117,7 +117,7 @@ def tiles_decode(plan: MemoryPlan, height: int, width: int, usable_bytes: int | 
     not: LoRA adapters loaded since (up to `lora_memory_bytes` stay cached on the GPU), and videos smaller than the
     720p the plan is sized for, which decode untiled (faster) on cards where a 720p one would not fit."""
     if plan.policy is MemoryPolicy.OFFLOAD or usable_bytes is None:
-        return plan.tiled_decode or plan.policy is MemoryPolicy.OFFLOAD
+        return plan.tiled_decode  # (`_with_decode` tiles every offload plan)
     return decode_bytes(height, width) + HEADROOM_BYTES > usable_bytes
 
 

@@ -147,7 +147,7 @@ class Worker:
         self._handed_back_run: tuple[str, int] | None = None
         # The run a stop does not hand back: its outcome is being stored and reported (its video would be thrown
         # away, and a next run would write under the same output key), or its GPU group broke (`abandon`).
-        self._committing_run: tuple[str, int] | None = None
+        self._kept_run: tuple[str, int] | None = None
         self._hand_back_lock = threading.Lock()  # the heartbeat thread and the main thread may both try
         self._stop = threading.Event()
         self._beat_now = threading.Event()  # wakes the heartbeat thread before its interval (a stop, the end)
@@ -177,7 +177,7 @@ class Worker:
         with self._hand_back_lock:
             job = self._current
             if job is not None:
-                self._committing_run = (job.id, job.attempts)
+                self._kept_run = (job.id, job.attempts)
         self.stop()
 
     def drain(self) -> None:
@@ -300,7 +300,7 @@ class Worker:
         with self._hand_back_lock:
             if self._handed_back_run == run or (not main_thread and self._current is not job):
                 return True  # done already, or the heartbeat read a job whose run has ended since
-            if self._committing_run == run and not main_thread:
+            if self._kept_run == run and not main_thread:
                 return False
             try:
                 note = "Worker shutting down; the request goes back to the queue"
@@ -319,7 +319,7 @@ class Worker:
         with self._hand_back_lock:
             if self._handed_back_run == run:
                 return False
-            self._committing_run = run
+            self._kept_run = run
             return True
 
     def _exit_stalled(self, job: Job) -> None:
@@ -422,7 +422,7 @@ class Worker:
         finally:
             with self._hand_back_lock:  # a hand-back in progress sees the run either whole or over
                 self._current = None
-                self._committing_run = None
+                self._kept_run = None
             self._detail["current_job"] = None
             self._shape = None
         if out_of_memory:  # here, not in the handler: the exception's frames (and their tensors) are gone now
@@ -431,6 +431,14 @@ class Worker:
     def _outage_window_s(self) -> float:
         """How long a finished video waits for a store that is down before its job gives up on it."""
         return max(60.0, 10 * self.settings.job_lease_s)
+
+    def _wait_out(self, outage: StoreOutage, exc: Exception, give_up: float, wait: Callable[[float], object]) -> None:
+        """One backoff of a finished run riding out a store outage: `exc` again once `give_up` (monotonic) has
+        passed. Waiting is not stalling: the stall watchdog is told so."""
+        if time.monotonic() > give_up:
+            raise exc
+        wait(outage.failed(exc))
+        self._progress_at = time.monotonic()
 
     def _store_video(self, job: Job, key: str, path: Path) -> StoredFile:
         """The finished video into the file store, through an outage of S3 as long as `_finish` rides out one of
@@ -450,12 +458,11 @@ class Worker:
                     "the operator must free space there"
                 ) from exc
             except StorageUnavailable as exc:
-                if not exc.transient or time.monotonic() > give_up:  # a refusal (credentials, bucket) fails now
+                if not exc.transient:  # a refusal (credentials, bucket) fails now
                     raise
                 if outage.delay == 0.0:
                     self._log(job, "The file store is unreachable: waiting for it to store the video", LogLevel.WARN)
-                self._stop.wait(outage.failed(exc))
-                self._progress_at = time.monotonic()  # waiting, not stalled: the stall watchdog leaves it be
+                self._wait_out(outage, exc, give_up, self._stop.wait)
                 if self._is_cancelled(job):
                     raise GenerationCancelled("cancelled while waiting for the file store") from None
 
@@ -481,10 +488,7 @@ class Worker:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
                 break
             except Exception as exc:
-                if time.monotonic() > give_up:
-                    raise
-                time.sleep(outage.failed(exc))
-                self._progress_at = time.monotonic()  # waiting, not stalled: the stall watchdog leaves it be
+                self._wait_out(outage, exc, give_up, time.sleep)
         if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
         return bool(finished)
