@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lora_files import (
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from wanserve.engine.lora import LoraFormat
+from wanserve.engine.lora import LoraFormat, read_lora_file
 from wanserve.engine.pipeline import GenerationSpec, WanEngine
 from wanserve.errors import FieldError
 from wanserve.lora.cache import file_sha256
@@ -108,6 +109,37 @@ def test_every_layout_loads_changes_the_output_and_means_the_same(
     assert not np.array_equal(got, base)  # the LoRA changes the video (uint8 frames: any difference is one)
     # alpha folding and key renaming: every layout of the same factors gives the same video
     np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)  # uint8: float noise may flip a level
+
+
+def test_a_musubi_file_with_some_layers_of_some_blocks_means_the_same_as_the_wan_file(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """musubi-tuner writes only what it trained (attention only, a block range, here block 1's attention):
+    diffusers' own musubi converter wanted every attention and FFN layer of blocks 0..n and refused these."""
+    subset = {k: v for k, v in factors.items() if k[0].startswith("blocks.1.") and "attn" in k[0]}
+    assert 0 < len(subset) < len(factors)
+    wan = write_wan(tmp_path / "wan.safetensors", subset, alpha=8)
+    expected = frames(engine, with_loras(spec, use(wan)))
+    engine.loras.unload_all()
+    musubi = write_musubi(tmp_path / "musubi.safetensors", subset, alpha=8)
+    (load,) = engine.loras.load([use(musubi)])
+    assert load.format is LoraFormat.MUSUBI and load.tensors == 2 * len(subset)
+    got = frames(engine, with_loras(spec, use(musubi)))
+    assert not np.array_equal(got, base)
+    np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)
+
+
+def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(tmp_path: Path) -> None:
+    """The file starts with its header's length: 896 bytes is `\\x80\\x03...`, a pickle's magic."""
+    path = tmp_path / "l.safetensors"
+    tensors = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(4, 24)}
+    for pad in range(900):
+        save_file(tensors, path, metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] == 0x380:
+            break
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    read, metadata = read_lora_file(path)
+    assert list(read) == list(tensors) and metadata["pad"].startswith("x")
 
 
 def test_distill_style_file_with_biases_head_delta_and_ignored_norm_deltas(
@@ -258,6 +290,9 @@ def bad_file(kind: str, path: Path, factors: Any) -> tuple[Path, str]:
     if kind == "unknown keys":
         save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, path)
         return path, "'encoder.layer.0.weight'"
+    if kind == "musubi unknown module":
+        save_file({"lora_unet_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 24)}, path)
+        return path, "names no Wan module"
     if kind == "dora":
         sd = {"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(1, 24)}
         save_file(sd, path)
@@ -284,6 +319,7 @@ def bad_file(kind: str, path: Path, factors: Any) -> tuple[Path, str]:
         "garbage",
         "pickle",
         "unknown keys",
+        "musubi unknown module",
         "dora",
         "full weight delta",
         "empty",

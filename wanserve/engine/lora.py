@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 import time
 import warnings
 from collections import OrderedDict
@@ -41,6 +42,16 @@ PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05
 IGNORED_DELTA = re.compile(r"(^|\.)(norm\w*|modulation)\.diff(_b)?$")
 DIFFUSERS_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)$")
 WAN_BARE_PREFIXES = ("blocks.", "head.", "text_embedding.", "time_embedding.", "time_projection.", "img_emb.")
+# musubi-tuner/kohya flatten a Wan module name with underscores (`lora_unet_blocks_0_cross_attn_k_img`); these are
+# the Wan module names a LoRA can target, so the dots can be put back unambiguously.
+MUSUBI_MODULE = re.compile(
+    r"^lora_unet_(?:"
+    r"blocks_(?P<block>\d+)_(?:(?P<attn>self_attn|cross_attn)_(?P<proj>q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)"
+    r"|ffn_(?P<ffn>\d+)|(?P<block_norm>norm3|modulation))"
+    r"|(?P<embedding>text_embedding|time_embedding|time_projection)_(?P<embedding_layer>\d+)"
+    r"|img_emb_proj_(?P<img_emb>\d+)|(?P<head>head_head)"
+    r")\.(?P<rest>.+)$"
+)
 
 
 class LoraFormat(StrEnum):
@@ -70,14 +81,25 @@ class LoraLoad:
     seconds: float
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian), then the header's `{`. The
+    length's first bytes can equal a pickle magic (a header of 896 bytes starts `\\x80\\x03`): this tells them
+    apart."""
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
+
+
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors file. Pickle checkpoints are refused: loading one runs code."""
     try:
         with path.open("rb") as f:
-            head = f.read(8)
+            head = f.read(9)
+            size = path.stat().st_size
     except OSError as exc:
         raise LoraError(f"cannot read the LoRA file: {exc.strerror}") from None
-    if head.startswith(PICKLE_MAGIC):
+    if not _looks_like_safetensors(head, size) and head.startswith(PICKLE_MAGIC):
         raise LoraError(
             "pickle checkpoints (.pt, .bin, .ckpt) are refused because loading one can run code; "
             "convert the LoRA to .safetensors"
@@ -100,7 +122,10 @@ def _family(key: str) -> tuple[LoraFormat, str] | None:
     if key.startswith("base_model.model."):
         return LoraFormat.PEFT, "transformer." + key[len("base_model.model.") :]
     if key.startswith("lora_unet_"):
-        return LoraFormat.MUSUBI, key
+        # given to diffusers' Wan converter under the dotted Wan name: its own musubi converter wants every
+        # attention and FFN layer of blocks 0..n, and an alpha for each, so it refuses partial files
+        match = MUSUBI_MODULE.match(key)
+        return (LoraFormat.MUSUBI, "diffusion_model." + _musubi_module(match) + "." + match["rest"]) if match else None
     if key.startswith("diffusion_model."):
         return LoraFormat.WAN, key
     if key.startswith("model.diffusion_model."):
@@ -108,6 +133,17 @@ def _family(key: str) -> tuple[LoraFormat, str] | None:
     if key.startswith(WAN_BARE_PREFIXES):
         return LoraFormat.WAN, "diffusion_model." + key
     return None
+
+
+def _musubi_module(match: re.Match[str]) -> str:
+    if match["block"] is not None:
+        block = f"blocks.{match['block']}"
+        if match["attn"]:
+            return f"{block}.{match['attn']}.{match['proj']}"
+        return f"{block}.ffn.{match['ffn']}" if match["ffn"] is not None else f"{block}.{match['block_norm']}"
+    if match["embedding"]:
+        return f"{match['embedding']}.{match['embedding_layer']}"
+    return f"img_emb.proj.{match['img_emb']}" if match["img_emb"] is not None else "head.head"
 
 
 def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> ConvertedLora:
@@ -120,6 +156,8 @@ def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         if "dora_scale" in key or "lora_magnitude_vector" in key:
             raise LoraError(f"DoRA LoRAs are not supported (key {key!r})")
         family = _family(key)
+        if family is None and key.startswith("lora_unet_"):
+            raise LoraError(f"musubi/kohya key {key!r} names no Wan module a LoRA can target")
         if family is None:
             raise LoraError(
                 f"unrecognized LoRA key {key!r}: expected diffusers (transformer.*), PEFT (base_model.model.*), "
@@ -129,10 +167,10 @@ def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
             fmt, first_key = family[0], key
         elif family[0] is not fmt:
             raise LoraError(f"the file mixes LoRA formats: key {first_key!r} is {fmt}, key {key!r} is {family[0]}")
-        if IGNORED_DELTA.search(key):
+        if IGNORED_DELTA.search(family[1]):
             ignored.append(key)
             continue
-        if key.endswith(".diff") and not key.endswith("head.head.diff"):
+        if family[1].endswith(".diff") and not family[1].endswith("head.head.diff"):
             raise LoraError(f"unsupported full-weight delta key {key!r}: only LoRA factors can be applied")
         renamed[family[1]] = tensor
     assert fmt is not None
