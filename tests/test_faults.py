@@ -342,16 +342,28 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
             store.stat(key, now)
         assert not (store.root / "objects" / key.split("/")[0]).exists()
         _assert_no_half_written_files(store.root)
-    # the metadata write is the one that fails: the object (already in place) goes too
+    # the metadata write is the one that fails: the object (written already) goes too
     key = new_key("small.bin")
     filler = _fill(store.root)
     os.truncate(filler, filler.stat().st_size - 4096)  # one page: room for the object, not for its metadata
     with pytest.raises(OSError) as full:
         store.put(key, b"x" * 3000, "application/octet-stream", None, now)
-    assert any(frame.name == "_write_meta" for frame in traceback.extract_tb(full.value.__traceback__))
+    assert any(frame.name == "_staged_meta" for frame in traceback.extract_tb(full.value.__traceback__))
     with pytest.raises(FileNotFound):
         store.stat(key, now)
     _assert_no_half_written_files(store.root)
+    # the same again for a key that holds a file (a second PUT to a signed upload URL): the first file stays
+    # whole. It is empty here, so replacing it frees no room for the new metadata.
+    filler.unlink()
+    first = store.put(key, b"", "text/plain", None, now)
+    filler = _fill(store.root)
+    os.truncate(filler, filler.stat().st_size - 4096)
+    with pytest.raises(OSError) as full:
+        store.put(key, b"2" * 3000, "application/octet-stream", None, now + 1)
+    assert any(frame.name == "_staged_meta" for frame in traceback.extract_tb(full.value.__traceback__))
+    assert store.stat(key, now) == first and store.open(key).read() == b""
+    _assert_no_half_written_files(store.root)
+    store.delete(key)
     # a multipart completion on a full disk fails whole, and can be retried once there is room
     filler.unlink()
     upload = store.create_multipart(key, "application/octet-stream", None)

@@ -26,6 +26,7 @@ from wanserve.files.base import (
     file_url,
     key_from_file_url,
     new_upload_id,
+    write_synced,
 )
 from wanserve.files.space import check_room
 
@@ -86,71 +87,85 @@ class LocalFileStore:
     def put(
         self, key: str, source: Path | bytes, content_type: str, expires_at: float | None, now: float
     ) -> StoredFile:
-        target = self._object(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        return self._commit(key, self._stage(source), content_type, expires_at, now)
+
+    def _stage(self, source: Path | bytes) -> Path:
+        """`source` as a synced file in the store's temp dir (on this disk): moved there when it is on this
+        filesystem (uploads and videos are not written twice), else copied."""
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        staged = Path(tmp)
         try:
             if isinstance(source, bytes):
-                atomic_write(target, source, self._tmp)
-            else:
-                self._move_in(source, target)
+                write_synced(fd, source)
+                return staged
+            os.close(fd)
+            with open(source, "rb+") as f:
+                os.fsync(f.fileno())
+            try:
+                os.replace(source, staged)
+                return staged
+            except OSError:  # another filesystem (e.g. /tmp on tmpfs)
+                pass
+            shutil.copyfile(source, staged)
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+            return staged
         except BaseException:
-            self._remove_empty_dirs(key)  # nothing was written under the key (a full disk, say)
+            staged.unlink(missing_ok=True)
             raise
-        return self._write_meta_or_discard(key, target, content_type, expires_at, now)
 
-    def _write_meta_or_discard(
-        self, key: str, target: Path, content_type: str, expires_at: float | None, now: float
-    ) -> StoredFile:
-        """The metadata that makes `key` live; if it cannot be written, the object goes too (an object without
-        metadata is invisible and never swept)."""
+    def _commit(self, key: str, staged: Path, content_type: str, expires_at: float | None, now: float) -> StoredFile:
+        """Makes `staged` the object at `key`, with its metadata. Everything that needs room on the disk (the
+        object, the metadata, the folders) is written first; then two renames, which need none, put both in
+        place. A failure before them (a full disk) leaves the key as it was: absent, or its earlier file whole
+        (a second PUT to a signed upload URL must not lose the first)."""
+        meta_staged: Path | None = None
         try:
-            return self._write_meta(key, target, content_type, expires_at, now)
+            stored, meta_staged = self._staged_meta(key, staged, content_type, expires_at, now)
+            for folder in (self._object(key).parent, self._meta_path(key).parent):
+                folder.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, self._object(key))
         except BaseException:
-            target.unlink(missing_ok=True)
+            for leftover in (staged, meta_staged):
+                if leftover is not None:
+                    leftover.unlink(missing_ok=True)
             self._remove_empty_dirs(key)
             raise
+        try:
+            # A kill between the two renames pairs the new object with the old metadata (or, for a new key,
+            # leaves an object without metadata, which the sweep removes): a window of one system call.
+            os.replace(meta_staged, self._meta_path(key))
+        except BaseException:
+            # The object is replaced already: the key goes whole rather than keep metadata of other bytes.
+            meta_staged.unlink(missing_ok=True)
+            self.delete(key)
+            raise
+        return stored
+
+    def _staged_meta(
+        self, key: str, staged: Path, content_type: str, expires_at: float | None, now: float
+    ) -> tuple[StoredFile, Path]:
+        stored = StoredFile(
+            key=key,
+            content_type=content_type,
+            size=staged.stat().st_size,
+            file_name=key.split("/", 1)[1],
+            created_at=now,
+            expires_at=expires_at,
+            etag=_md5_file(staged),
+        )
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        try:
+            write_synced(fd, stored.to_json().encode())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return stored, Path(tmp)
 
     def _remove_empty_dirs(self, key: str) -> None:
         for d in (self._meta_path(key).parent, self._object(key).parent):
             with contextlib.suppress(OSError):
                 d.rmdir()
-
-    def _move_in(self, source: Path, target: Path) -> None:
-        """Moves a finished file into place: a rename when it is on this filesystem (uploads and videos are
-        not written twice), else a copy through the store's temp dir. Synced first either way, so it is on
-        disk before the job that points at it is marked done."""
-        with open(source, "rb+") as f:
-            os.fsync(f.fileno())
-        try:
-            os.replace(source, target)
-            return
-        except OSError:  # another filesystem (e.g. /tmp on tmpfs)
-            pass
-        fd, tmp = tempfile.mkstemp(dir=self._tmp)
-        os.close(fd)
-        try:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def _write_meta(
-        self, key: str, target: Path, content_type: str, expires_at: float | None, now: float
-    ) -> StoredFile:
-        stored = StoredFile(
-            key=key,
-            content_type=content_type,
-            size=target.stat().st_size,
-            file_name=key.split("/", 1)[1],
-            created_at=now,
-            expires_at=expires_at,
-            etag=_md5_file(target),
-        )
-        atomic_write(self._meta_path(key), stored.to_json().encode(), self._tmp)
-        return stored
 
     def stat(self, key: str, now: float) -> StoredFile:
         meta = self._meta_path(key)
@@ -251,7 +266,7 @@ class LocalFileStore:
             atomic_write(target, source, self._tmp)
             return hashlib.md5(source, usedforsecurity=False).hexdigest()
         etag = _md5_file(source)
-        self._move_in(source, target)  # a staged file is on the disk already: its room was checked as it came in
+        os.replace(self._stage(source), target)  # a staged file is on the disk already: its room was checked
         return etag
 
     def complete_multipart(self, upload_id: str, parts: list[tuple[int, str]], now: float) -> StoredFile:
@@ -274,13 +289,10 @@ class LocalFileStore:
                         shutil.copyfileobj(src, out, 1 << 20)
                 out.flush()
                 os.fsync(out.fileno())
-            target = self._object(info["key"])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        # The parts stay until the metadata is written: a completion that failed (a full disk) can be retried.
-        stored = self._write_meta_or_discard(info["key"], target, info["content_type"], info["expires_at"], now)
+        # The parts stay until the file is committed: a completion that failed (a full disk) can be retried.
+        stored = self._commit(info["key"], Path(tmp), info["content_type"], info["expires_at"], now)
         shutil.rmtree(folder, ignore_errors=True)
         return stored
