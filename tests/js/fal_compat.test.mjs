@@ -351,6 +351,8 @@ describe(
           assert.ok(!(error instanceof ValidationError), "cancellation must not be a 422");
           assert.equal(error.status, 499);
           assert.equal(error.body?.error_type, "client_cancelled");
+          // its message is the body's (499 has no reason phrase for the client to fall back on)
+          assert.equal(error.message, "Request was cancelled");
           return true;
         };
         await assert.rejects(fal.queue.result(APP, { requestId: b.request_id }), assertCancelled);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -16,6 +17,15 @@ STATUS_REASONS = {
 }
 
 
+def _with_message(body: Any, status: int) -> Any:
+    """The JS client's error message is `body.message`, else the status line's reason phrase. 499 (cancelled,
+    client gone) has none: uvicorn sends an empty one. There the body's `detail` is repeated as `message`."""
+    if status < 400 or status in HTTPStatus._value2member_map_ or not isinstance(body, dict) or "message" in body:
+        return body
+    detail = body.get("detail")
+    return {**body, "message": detail} if isinstance(detail, str) else body
+
+
 def reply_response(reply: Reply) -> JSONResponse:
     body, headers = reply.body, reply.headers
     if reply.status >= 400 and isinstance(body, dict) and not (body.get("detail") or body.get("error_type")):
@@ -23,7 +33,7 @@ def reply_response(reply: Reply) -> JSONResponse:
         detail, error_type = STATUS_REASONS.get(str(body.get("status")), (f"HTTP {reply.status}", "bad_request"))
         body = {**body, "detail": detail, "error_type": error_type}
         headers = {"x-fal-error-type": error_type, **headers}
-    return JSONResponse(body, status_code=reply.status, headers=headers)
+    return JSONResponse(_with_message(body, reply.status), status_code=reply.status, headers=headers)
 
 
 def error_response(exc: WanserveError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -33,5 +43,7 @@ def error_response(exc: WanserveError, headers: dict[str, str] | None = None) ->
     else:
         body = {"detail": str(exc), "error_type": exc.error_type}
     return JSONResponse(
-        body, status_code=exc.http_status, headers={"x-fal-error-type": exc.error_type, **(headers or {})}
+        _with_message(body, exc.http_status),
+        status_code=exc.http_status,
+        headers={"x-fal-error-type": exc.error_type, **(headers or {})},
     )
