@@ -42,11 +42,12 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 
 @pytest.mark.slow
-def test_generate_command_writes_a_playable_mp4(tmp_path: Path, model_cache: Path) -> None:
+def test_generate_command_writes_a_playable_mp4(tmp_path: Path, model_cache: Path, coarse_model: Path) -> None:
     proc = run_cli(
         [
             "generate",
             "a red fox walks through snow",
+            "--model", str(coarse_model),
             "--resolution", "480p",
             "--aspect-ratio", "1:1",
             "--num-frames", "83",

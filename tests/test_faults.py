@@ -37,7 +37,7 @@ from wanserve.worker.processes import pid_alive
 
 APP = "fal-ai/wan-22"
 SEED = 20260522
-ITERATIONS = 20
+ITERATIONS = 14
 IN_FLIGHT = 2  # requests kept submitted (queued or running) through the loop
 SERVER_SHARE = 0.3  # of the kills; the others kill the worker child, which the server's supervisor restarts
 # Where a kill lands: the phase (the log line that starts it; None: the worker's start, while it loads its model)

@@ -10,8 +10,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 from wanserve.config import Settings
+from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import WanEngine
 from wanserve.engine.runner import EngineRunner
 from wanserve.engine.video import Mp4Writer, encode_mp4, probe_mp4, read_frames, to_uint8
@@ -19,7 +21,9 @@ from wanserve.schema import WanLoRAT2VRequest
 
 
 @pytest.fixture(scope="module")
-def runner(engine: WanEngine, model_cache: Path) -> EngineRunner:
+def runner(model_cache: Path, coarse_model: Path) -> EngineRunner:
+    """The `coarse` tiny model: frame counts, sizes and rates do not depend on the VAE's cost (a third here)."""
+    engine = WanEngine(load_pipeline(str(coarse_model), model_cache, torch.float32), torch.device("cpu"))
     return EngineRunner(engine, Settings(cache_dir=model_cache))
 
 
