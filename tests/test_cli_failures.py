@@ -5,12 +5,15 @@ behaviour is tested elsewhere); the CLI runs in process through `wanserve.cli.ma
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,6 +37,8 @@ class Stand:
         self.status_body: dict[str, Any] = {"status": "COMPLETED", "request_id": RID, "logs": []}
         self.not_json = False
         self.stream_status_code = 0  # > 0: the status stream is answered so (a proxy during a restart), not cut
+        self.status_hangs_up = False  # status polls are cut too (the server went away after the submit)
+        self.result_body: dict[str, Any] | None = None  # the result; None: 404
 
 
 @pytest.fixture
@@ -61,6 +66,10 @@ def stand() -> Iterator[tuple[Stand, str]]:
                 self._answer(state.stream_status_code, {"detail": "upstream restarting"})
             elif path.endswith("/status/stream"):
                 self.connection.close()  # a stream cut by a proxy or a restart: the client falls back to polling
+            elif path.endswith("/status") and state.status_hangs_up:
+                self.connection.close()
+            elif path.endswith(f"/requests/{RID}") and state.result_body is not None:
+                self._answer(200, state.result_body)
             elif path.endswith("/status"):
                 if state.status_failures > 0:
                     state.status_failures -= 1
@@ -182,6 +191,66 @@ def test_ctrl_c_while_running_cancels_the_request(
     assert main(["run", "a fox", "--url", url]) == 130
     assert ("PUT", f"/{APP}/requests/{RID}/cancel", "") in state.seen
     assert f"cancelling request {RID}" in capsys.readouterr().err
+    # --json: stdout still carries one JSON document, which says what became of the request
+    assert main(["run", "a fox", "--url", url, "--json"]) == 130
+    assert json.loads(capsys.readouterr().out) == {"request_id": RID, "error_type": "interrupted", "cancelled": True}
+
+
+def test_following_a_server_that_cannot_be_reached_fails_at_once(
+    stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong --url is an error at once, not five silent minutes of waiting for a restart that never comes."""
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError(f"waited {seconds} s for a server that never answered")
+
+    monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=time.monotonic, sleep=no_waiting))
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: connections are refused
+        assert main(["status", RID, "--follow", "--url", nobody]) == 1
+    assert f"cannot reach the server at {nobody}" in capsys.readouterr().err
+
+
+def test_a_run_that_loses_its_server_after_the_submit_names_the_request(
+    stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, url = stand
+    state.status_hangs_up = True
+    monkeypatch.setattr(client_module, "POLL_INTERVAL_S", 0.01)
+    monkeypatch.setattr(client_module, "RECONNECT_GRACE_S", 0.05)
+    assert main(["run", "a fox", "--url", url, "--json"]) == 1
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert error["request_id"] == RID and error["error_type"] == "unreachable"
+    assert "server unreachable" in captured.err and "trying again for up to" in captured.err  # said while waiting
+    assert f"wanserve status {RID} --follow" in captured.err
+
+
+def test_a_video_that_cannot_be_downloaded_is_reported_with_where_it_is(
+    stand: tuple[Stand, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A public URL this machine cannot reach (NAT, a proxy): the video is made; the error must say where."""
+    state, url = stand
+    video = "http://127.0.0.1:1/files/abc/fox.mp4"
+    state.result_body = {"video": {"url": video, "content_type": "video/mp4"}, "seed": 7, "prompt": "a fox"}
+    assert main(["run", "a fox", "--url", url, "--json", "-o", str(tmp_path / "fox.mp4")]) == 1
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)
+    assert error["request_id"] == RID and error["error_type"] == "not_saved" and error["video_url"] == video
+    assert "cannot reach 127.0.0.1" in error["message"] and f"cannot reach the server at {url}" not in captured.err
+    assert not (tmp_path / "fox.mp4").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_local_lora_file_is_a_message(
+    stand: tuple[Stand, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, url = stand
+    unreadable = Path(f"/proc/{os.getpid()}/mem")  # a file whose read fails (EIO), even for root
+    assert main(["submit", "a fox", "--url", url, "--lora", str(unreadable)]) == 1
+    err = capsys.readouterr().err
+    assert f"LoRA {unreadable}: cannot read it" in err and "Traceback" not in err
+    assert not any(method == "POST" and path.startswith(f"/{APP}") for method, path, _ in state.seen)
 
 
 def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

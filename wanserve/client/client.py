@@ -296,18 +296,32 @@ def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     return base, ({"Authorization": f"Key {key}"} if key else {})
 
 
+# Called when `follow` starts waiting out an outage: the error, and the seconds it will wait at most.
+OnOutage = Callable[[Exception, float], None]
+
+
 class _FailedPolls:
     """The status polls of `follow` that failed in a row: a server restart or a proxy (unreachable, 502-504) is
-    waited out for RECONNECT_GRACE_S; anything else, or longer, is the caller's error."""
+    waited out for RECONNECT_GRACE_S; anything else, or longer, is the caller's error. So is a server that could
+    not be reached before it ever answered (a wrong URL): only a server that was there is worth waiting for."""
 
-    def __init__(self) -> None:
+    def __init__(self, reached: bool, on_outage: OnOutage | None) -> None:
+        self.reached = reached
+        self.on_outage = on_outage
         self.since: float | None = None
+
+    def answered(self) -> None:
+        self.reached, self.since = True, None
 
     def wait_s(self, exc: Exception) -> float:
         """How long to wait before polling again; raises `exc` when it is not worth trying again."""
+        first = self.since is None
         self.since = self.since or time.monotonic()
-        if not reconnectable(exc) or time.monotonic() - self.since > RECONNECT_GRACE_S:
+        never_reached = not self.reached and isinstance(exc, httpx.TransportError)  # a proxy's 503 is an answer
+        if never_reached or not reconnectable(exc) or time.monotonic() - self.since > RECONNECT_GRACE_S:
             raise exc
+        if first and self.on_outage is not None:
+            self.on_outage(exc, RECONNECT_GRACE_S)
         wait = 4 * POLL_INTERVAL_S
         if isinstance(exc, ApiError) and exc.retry_after_s is not None:
             wait = max(wait, min(exc.retry_after_s, RECONNECT_GRACE_S))
@@ -419,36 +433,44 @@ class WanserveClient(_Routes):
         on_enqueue: Callable[[str], None] | None = None,
         on_queue_update: Callable[[QueueStatus], None] | None = None,
         with_logs: bool = True,
+        on_outage: OnOutage | None = None,
     ) -> WanT2VResponse:
         """Submit, follow the status stream (polling if the stream breaks), and return the result."""
         submitted = self.submit(arguments, endpoint=endpoint)
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
-        for status in self.follow(submitted.request_id, app=app, logs=with_logs):
+        polls = _FailedPolls(reached=True, on_outage=on_outage)  # the submit reached it
+        for status in self._follow(submitted.request_id, app, with_logs, polls):
             if on_queue_update is not None:
                 on_queue_update(status)
         return self.result(submitted.request_id, app=app)
 
-    def follow(self, request_id: str, *, app: str | None = None, logs: bool = True) -> Iterator[QueueStatus]:
+    def follow(
+        self, request_id: str, *, app: str | None = None, logs: bool = True, on_outage: OnOutage | None = None
+    ) -> Iterator[QueueStatus]:
         """The request's statuses until it completes: the status stream, then polling if the stream breaks (a proxy
-        that cuts long streams, a server restart), through RECONNECT_GRACE_S of an unreachable server."""
+        that cuts long streams, a server restart), through RECONNECT_GRACE_S of an unreachable server once it has
+        answered (an unreachable server that never answered fails at once)."""
+        return self._follow(request_id, app, logs, _FailedPolls(reached=False, on_outage=on_outage))
+
+    def _follow(self, request_id: str, app: str | None, logs: bool, polls: _FailedPolls) -> Iterator[QueueStatus]:
         try:
             for status in self.stream_status(request_id, logs=logs, app=app):
+                polls.answered()
                 yield status
                 if status.status == "COMPLETED":
                     return
         except Exception as exc:  # the stream could not open, or broke: polling takes over (or the error is real)
             if not reconnectable(exc):
                 raise
-        failed = _FailedPolls()
         while True:
             try:
                 status = self.status(request_id, logs=logs, app=app)
             except Exception as exc:
-                time.sleep(failed.wait_s(exc))
+                time.sleep(polls.wait_s(exc))
                 continue
-            failed = _FailedPolls()
+            polls.answered()
             yield status
             if status.status == "COMPLETED":
                 return
@@ -559,6 +581,7 @@ class AsyncWanserveClient(_Routes):
         on_enqueue: Callable[[str], Awaitable[None] | None] | None = None,
         on_queue_update: Callable[[QueueStatus], Awaitable[None] | None] | None = None,
         with_logs: bool = True,
+        on_outage: OnOutage | None = None,
     ) -> WanT2VResponse:
         """As WanserveClient.subscribe; either callback may be a coroutine function."""
         submitted = await self.submit(arguments, endpoint=endpoint)
@@ -567,31 +590,39 @@ class AsyncWanserveClient(_Routes):
             enqueued = on_enqueue(submitted.request_id)
             if enqueued is not None:
                 await enqueued
-        async for status in self.follow(submitted.request_id, app=app, logs=with_logs):
+        polls = _FailedPolls(reached=True, on_outage=on_outage)  # the submit reached it
+        async for status in self._follow(submitted.request_id, app, with_logs, polls):
             if on_queue_update is not None:
                 outcome = on_queue_update(status)
                 if outcome is not None:
                     await outcome
         return await self.result(submitted.request_id, app=app)
 
-    async def follow(self, request_id: str, *, app: str | None = None, logs: bool = True) -> AsyncIterator[QueueStatus]:
+    def follow(
+        self, request_id: str, *, app: str | None = None, logs: bool = True, on_outage: OnOutage | None = None
+    ) -> AsyncIterator[QueueStatus]:
         """As WanserveClient.follow."""
+        return self._follow(request_id, app, logs, _FailedPolls(reached=False, on_outage=on_outage))
+
+    async def _follow(
+        self, request_id: str, app: str | None, logs: bool, polls: _FailedPolls
+    ) -> AsyncIterator[QueueStatus]:
         try:
             async for status in self.stream_status(request_id, logs=logs, app=app):
+                polls.answered()
                 yield status
                 if status.status == "COMPLETED":
                     return
         except Exception as exc:  # the stream could not open, or broke: polling takes over (or the error is real)
             if not reconnectable(exc):
                 raise
-        failed = _FailedPolls()
         while True:
             try:
                 status = await self.status(request_id, logs=logs, app=app)
             except Exception as exc:
-                await asyncio.sleep(failed.wait_s(exc))
+                await asyncio.sleep(polls.wait_s(exc))
                 continue
-            failed = _FailedPolls()
+            polls.answered()
             yield status
             if status.status == "COMPLETED":
                 return

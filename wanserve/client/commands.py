@@ -22,6 +22,7 @@ from wanserve.client.client import (
     ApiError,
     ConfigError,
     InputError,
+    OnOutage,
     QueueStatus,
     WanserveClient,
     detail_lines,
@@ -71,7 +72,10 @@ def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> lis
         if local is None and lora["path"].startswith(("./", "../", "~/")):  # only ever a path on this machine
             raise ConfigError(f"LoRA {lora['path']}: no such file on this machine")
         if local is not None:
-            lora["path"] = client.upload_file(local)
+            try:
+                lora["path"] = client.upload_file(local)
+            except OSError as exc:  # unreadable (permissions, an I/O error): the upload reads it whole first
+                raise ConfigError(f"LoRA {local}: cannot read it ({exc.strerror or exc})") from None
             print(f"uploaded {local} -> {lora['path']}", file=out, flush=True)
         loras.append(lora)
     return loras
@@ -148,17 +152,35 @@ def check_output_path(args: argparse.Namespace) -> None:
         raise ConfigError(f"-o {args.output}: the folder {path.parent} does not exist")
 
 
+class Submitted(Exception):
+    """A client command that failed once its request existed on the server (queued, running or done): the error
+    names the request, so that it can still be followed, fetched or cancelled."""
+
+    def __init__(self, cause: Exception, request_id: str, video_url: str | None = None) -> None:
+        super().__init__(str(cause))
+        self.cause, self.request_id, self.video_url = cause, request_id, video_url
+
+
+class NotSaved(Exception):
+    """The video is made and stored on the server, but `-o` could not save it here."""
+
+
 def _print_output(args: argparse.Namespace, client: WanserveClient, output: Any, request_id: str | None) -> None:
     body = output.model_dump(mode="json", exclude_none=True)
     saved = None
     if getattr(args, "output", None):
         try:
             saved = str(client.download(output.video.url, args.output).resolve())
-        except OSError as exc:  # the video is made and stored on the server: say where, rather than lose it
-            raise ConfigError(
-                f"could not save the video to {args.output} ({exc.strerror or exc}); it is at {output.video.url} "
-                f"(request {request_id}, seed {output.seed})"
-            ) from None
+        except (OSError, httpx.HTTPError, ApiError) as exc:  # say where the video is, rather than lose it
+            if isinstance(exc, OSError) and not isinstance(exc, httpx.HTTPError):
+                why = str(exc.strerror or exc)
+            elif isinstance(exc, httpx.TransportError):
+                why = f"cannot reach {httpx.URL(output.video.url).host}: {exc}"
+            else:
+                why = str(exc)
+            failure = NotSaved(f"the video is ready but could not be saved to {args.output} ({why}); it is at "
+                               f"{output.video.url} (seed {output.seed})")  # fmt: skip
+            raise Submitted(failure, request_id or "", output.video.url) from None
     if args.json:
         print(json.dumps({"request_id": request_id, **body, **({"path": saved} if saved else {})}))
         return
@@ -192,19 +214,38 @@ def cmd_run(args: argparse.Namespace, body: dict[str, Any]) -> int:
                 print(f"request {request_id}", file=sys.stderr, flush=True)
 
         try:
-            output = client.subscribe(body, on_enqueue=enqueued, on_queue_update=view.update)
+            output = client.subscribe(
+                body, on_enqueue=enqueued, on_queue_update=view.update, on_outage=_outage_notice(view)
+            )
         except KeyboardInterrupt:
             # Ctrl-C means stop: the GPU should not go on with a video nobody waits for.
             view._end()
+            cancelled = False
             if request_ids:
                 print(f"interrupted: cancelling request {request_ids[0]}", file=sys.stderr)
                 try:
-                    client.cancel(request_ids[0])
+                    cancelled = client.cancel(request_ids[0])
                 except (ApiError, httpx.HTTPError):
                     print(f"could not cancel it: wanserve cancel {request_ids[0]}", file=sys.stderr)
+            if args.json:
+                request = {"request_id": request_ids[0]} if request_ids else {}
+                print(json.dumps({**request, "error_type": "interrupted", "cancelled": cancelled}))
             return 130
+        except CLIENT_ERRORS as exc:
+            if request_ids and not isinstance(exc, Submitted):
+                raise Submitted(exc, request_ids[0]) from None
+            raise
         _print_output(args, client, output, request_ids[0] if request_ids else None)
     return 0
+
+
+def _outage_notice(view: ProgressView) -> OnOutage:
+    def notice(exc: Exception, grace_s: float) -> None:
+        view._end()
+        reason = f"HTTP {exc.status_code}" if isinstance(exc, ApiError) else str(exc) or type(exc).__name__
+        print(f"server unreachable ({reason}); trying again for up to {grace_s:.0f} s", file=view.out, flush=True)
+
+    return notice
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -213,7 +254,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             view = ProgressView(sys.stderr)
             status = None
             try:
-                for status in client.follow(args.request_id):
+                for status in client.follow(args.request_id, on_outage=_outage_notice(view)):
                     view.update(status)
             except KeyboardInterrupt:  # stops following; the request goes on
                 view._end()
@@ -254,15 +295,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-# What a client command can fail with, besides its own errors: each gets a message, never a traceback.
-CLIENT_ERRORS = (ApiError, ConfigError, httpx.TransportError, httpx.InvalidURL, json.JSONDecodeError, ValidationError)
-
-
 def report_error(exc: Exception, args: argparse.Namespace) -> int:
     """A failed call as a clear message (and JSON with `--json`), exit status 1."""
     server = server_url(getattr(args, "url", None))
-    if isinstance(exc, ApiError):
-        error: dict[str, Any] = {"status_code": exc.status_code, "error_type": exc.error_type, "detail": exc.detail}
+    submitted = exc if isinstance(exc, Submitted) else None
+    if submitted is not None:
+        exc = submitted.cause
+    error: dict[str, Any]
+    if isinstance(exc, NotSaved):
+        error, message = {"error_type": "not_saved"}, str(exc)
+    elif isinstance(exc, ApiError):
+        error = {"status_code": exc.status_code, "error_type": exc.error_type, "detail": exc.detail}
         if isinstance(exc, InputError) and exc.field_errors:
             fields = "\n".join(f"  {line}" for line in detail_lines(exc.field_errors))
             message = f"invalid request ({exc.error_type}):\n{fields}"
@@ -277,11 +320,27 @@ def report_error(exc: Exception, args: argparse.Namespace) -> int:
         message = f"{server} answered with something a wanserve (or fal) server does not send: is --url right?"
     else:  # ConfigError, httpx.InvalidURL
         error, message = {"error_type": "bad_configuration"}, str(exc)
-    request_id = getattr(exc, "request_id", None)
+    request_id = submitted.request_id if submitted else getattr(exc, "request_id", None)
+    if submitted and submitted.video_url:
+        error["video_url"] = submitted.video_url
+    elif submitted and request_id:  # the request goes on (or is done) on the server: say how to reach it
+        message += f"\nrequest {request_id} was submitted: `wanserve status {request_id} --follow` follows it"
     if getattr(args, "json", False):
         print(json.dumps({**({"request_id": request_id} if request_id else {}), **error, "message": message}))
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+# What a client command can fail with, besides its own errors: each gets a message, never a traceback.
+CLIENT_ERRORS = (
+    ApiError,
+    ConfigError,
+    Submitted,
+    httpx.TransportError,
+    httpx.InvalidURL,
+    json.JSONDecodeError,
+    ValidationError,
+)
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
