@@ -420,6 +420,52 @@ def test_an_unforeseen_error_in_a_delivery_counts_as_a_failed_try(store: SQLiteJ
     assert hook.attempts == 1 and hook.next_attempt_at > time.time() + 30
 
 
+def test_closing_lets_a_delivery_in_flight_finish_so_it_is_not_sent_again(
+    store: SQLiteJobStore, signer: WebhookSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server stopping (a deploy) while a receiver is still answering: the answer is waited for and stored.
+    Cancelled instead, the try would record nothing and the webhook go out again when its claim ran out."""
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *_a, **_k: public)
+    finished_job(store, "closing-1", "http://hook.test/", output={})
+    answered: list[float] = []
+
+    async def slow_receiver(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.5)
+        answered.append(time.monotonic())
+        return httpx.Response(200)
+
+    async def run() -> None:
+        d = dispatcher(store, signer, allow_private=False, timeout_s=5.0)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow_receiver)) as client:
+            assert await d.deliver_due(client) == 1
+            await asyncio.sleep(0.1)  # the POST is out, the receiver still working on it
+            await d.close()
+
+    asyncio.run(run())
+    assert len(answered) == 1
+    assert store.due_webhooks(time.time() + 10**6) == []  # delivered: nothing left to send again
+
+    # A receiver that outlasts the delivery's own limit is cut off at that limit, not waited for without end.
+    finished_job(store, "closing-2", "http://hook.test/", output={})
+
+    async def hung_receiver(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(3600)
+        return httpx.Response(200)
+
+    async def run_hung() -> float:
+        d = dispatcher(store, signer, allow_private=False, timeout_s=0.3)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(hung_receiver)) as client:
+            assert await d.deliver_due(client) == 1
+            started = time.monotonic()
+            await d.close()
+            return time.monotonic() - started
+
+    assert asyncio.run(run_hung()) < 0.3 + 2.0 + 1.0
+    (hook,) = store.due_webhooks(time.time() + 10**6)
+    assert hook.job_id == "closing-2" and hook.attempts == 1  # a failed try, retried after the restart
+
+
 def test_a_receiver_trickling_its_answer_fails_the_try_within_the_timeout(
     store: SQLiteJobStore, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
 ) -> None:

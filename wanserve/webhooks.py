@@ -28,6 +28,7 @@ from wanserve.store.base import JobStore
 log = logging.getLogger("wanserve.webhooks")
 
 MAX_RETRY_DELAY_S = 1800.0
+CLOSE_MARGIN_S = 2.0  # a try's limit is timeout_s (+1 s for a name lookup); then its outcome is stored
 
 
 def _b64url(data: bytes) -> str:
@@ -152,8 +153,14 @@ class WebhookDispatcher:
         await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
 
     async def close(self) -> None:
-        for task in list(self._in_flight.values()):
-            task.cancel()
+        """Lets the deliveries in flight finish first, each within its own time limit: one cut off (a server
+        restarting) records no outcome, so its receiver, which may have accepted it, would get it again once the
+        claim runs out. What is left after that limit is cancelled."""
+        pending = list(self._in_flight.values())
+        if pending:
+            _, unfinished = await asyncio.wait(pending, timeout=self.timeout_s + CLOSE_MARGIN_S)
+            for task in unfinished:
+                task.cancel()
         await self.drain()
 
     async def _deliver(self, client: httpx.AsyncClient, hook_id: int, job_id: str, url: str, attempts: int) -> None:

@@ -140,8 +140,8 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
                 for task in tasks:
                     with suppress(asyncio.CancelledError):
                         await task
-                await dispatcher.close()
-                await asyncio.to_thread(supervisor.stop)
+                # Together: webhooks in flight finish while the worker finishes or hands back its job.
+                await asyncio.gather(dispatcher.close(), asyncio.to_thread(supervisor.stop))
 
     app = FastAPI(
         title="wanserve",
