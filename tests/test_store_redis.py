@@ -3,16 +3,22 @@ whose reply was lost is retried). The shared behaviour is in test_store_contract
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from redis_server import RedisServer
 from test_store_contract import T0, new_job, submit_many
 
+from wanserve.api.app import create_app
 from wanserve.api.metrics import live_workers
+from wanserve.config import Settings
 from wanserve.jobs.model import JobState, LogLevel, Priority, WorkerInfo, cancelled_failure
 from wanserve.jobs.service import forget_silent_workers, recover_lost_jobs
 from wanserve.store.redis import RedisJobStore
@@ -226,3 +232,39 @@ def test_the_store_clock_rides_out_a_lost_redis_with_the_offset_it_had(
         fresh.close()
     finally:
         store.close()
+
+
+def test_a_stalled_redis_stalls_only_the_requests_that_read_it(tmp_path: Path) -> None:
+    """Status reads of a Redis store run in a thread: on the event loop, one read waiting on a stalled Redis (30 s
+    socket timeout) would hold up every request of the API process, health checks included."""
+    stalled = RedisServer(tmp_path / "redis").start()
+    assert stalled.process is not None
+    settings = Settings(data_dir=tmp_path / "data", public_url="http://testserver", store=stalled.url)
+    app = create_app(settings, workers=0)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            submitted = await client.post("/fal-ai/wan-22", json={"prompt": "a fox"})
+            assert submitted.status_code == 200, submitted.text
+            request_id = submitted.json()["request_id"]
+            pid = stalled.process.pid
+            os.kill(pid, signal.SIGSTOP)  # alive, connected, answering nothing
+            # Redis comes back after 5 s whatever happens: a loop blocked by a read would otherwise never get here.
+            resume = threading.Timer(5.0, os.kill, (pid, signal.SIGCONT))
+            resume.start()
+            try:
+                status = asyncio.create_task(client.get(f"/fal-ai/wan-22/requests/{request_id}/status"))
+                await asyncio.sleep(0.3)
+                health = await asyncio.wait_for(client.get("/health"), 10)
+                assert health.status_code == 200
+                assert not status.done()  # still waiting for Redis, in its thread
+            finally:
+                resume.cancel()
+                os.kill(pid, signal.SIGCONT)
+            answered = await asyncio.wait_for(status, 30)
+            assert answered.status_code == 202 and answered.json()["status"] == "IN_QUEUE"
+
+    try:
+        asyncio.run(run())
+    finally:
+        stalled.stop()

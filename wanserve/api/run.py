@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited
+from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited, read_store
 from wanserve.api.files import signed_reply, with_signed_urls
 from wanserve.api.queue import STREAM_POLL_S, status_events, submit_job
 from wanserve.jobs.model import CLIENT_RETRIED_STATUSES, Job, JobState
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/run", dependencies=[Authorized])
 async def wait_for(ctx: ServerContext, job: Job, request: Request) -> Job | None:
     """The completed job, or None when the caller went away first (the job is then cancelled)."""
     while True:
-        current = ctx.store.get(job.id)
+        current = await read_store(ctx, ctx.store.get, job.id)
         if current is None:
             return None
         if current.state is JobState.COMPLETED:
@@ -51,7 +51,7 @@ async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
             # The hang-up cancelled this task: only a shielded scope may still await (anyio re-raises).
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(ctx.service.cancel, job.app, job.id)
-    done = ctx.store.get(job.id)
+    done = await read_store(ctx, ctx.store.get, job.id)
     if done is not None:
         reply = ctx.service.result_of(done)
         yield f"data: {json.dumps(with_signed_urls(ctx, reply.body))}\n\n".encode()

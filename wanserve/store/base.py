@@ -17,6 +17,11 @@ from wanserve.jobs.model import (
 
 
 class JobStore(Protocol):
+    # True when a read is a local call that never waits (SQLite in WAL mode): the API's async routes then read on
+    # the event loop. A store across the network (Redis) can take a round trip, or a socket timeout in an outage,
+    # which on the loop would stall every request of the API process: its reads go to a thread.
+    reads_are_local: bool
+
     def now(self) -> float:
         """Seconds since the epoch on the store's clock. Every time written to the store or compared with one read
         from it comes from here: leases, start deadlines, worker heartbeats and webhook retries then mean the same

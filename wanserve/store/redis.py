@@ -371,6 +371,8 @@ CLOCK_REFRESH_S = 60.0
 
 
 class RedisJobStore:
+    reads_are_local = False
+
     def __init__(
         self, client: redis.Redis, prefix: str = "wanserve", machine_clock: Callable[[], float] = time.time
     ) -> None:

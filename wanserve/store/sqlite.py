@@ -119,6 +119,8 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 class SQLiteJobStore:
+    reads_are_local = True
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
