@@ -517,6 +517,36 @@ def test_the_video_of_a_refused_finish_is_deleted(tmp_path: Path) -> None:
         files.stat(output_key("j1", 1), time.time())
 
 
+class HandedBackRunner(InstantRunner):
+    """Renders while its job goes back to the queue (a stop's hand-back whose reply was lost: the worker does not
+    know) and another worker claims it under the same attempt number and stores its video."""
+
+    def __init__(self, store: Any, files: Any) -> None:
+        self.store, self.files = store, files
+
+    def generate_video(self, request: Any, output: Path, *args: Any, **kwargs: Any) -> Any:
+        assert self.store.release("j1", "w1", time.time())
+        again = self.store.claim("w2", 10, time.time())
+        assert again is not None and again.attempts == 1  # a hand-back does not count the run
+        self.files.put(output_key("j1", 1), b"w2's video", "video/mp4", None, time.time())
+        return super().generate_video(request, output, *args, **kwargs)
+
+
+def test_a_refused_finish_leaves_the_video_of_the_run_that_took_the_job_over(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+    store = open_job_store(settings)
+    files = open_file_store(settings)
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: HandedBackRunner(store, files))
+    worker.load()
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None
+    worker.process(job)
+    current = store.get("j1")
+    assert current is not None and current.state is JobState.RUNNING and current.worker_id == "w2"
+    assert files.stat(output_key("j1", 1), time.time()).size > 0  # w2 will report this key: it must stay
+
+
 def test_a_finish_retried_after_a_lost_reply_keeps_its_video(tmp_path: Path) -> None:
     """On Redis a finish whose first reply was lost is refused when sent again, though it landed: the video the
     job now holds must stay."""

@@ -38,7 +38,7 @@ from wanserve.errors import (
 from wanserve.files.base import FileStore, StoredFile, lifecycle_expiry, output_key
 from wanserve.files.space import is_disk_full
 from wanserve.jobs.endpoints import EndpointRegistry
-from wanserve.jobs.model import Failure, Job, LogLevel, WorkerInfo, cancelled_failure, settled
+from wanserve.jobs.model import Failure, Job, JobState, LogLevel, WorkerInfo, cancelled_failure, settled
 from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
@@ -496,11 +496,16 @@ class Worker:
     def _discard_refused_output(self, job: Job, output: dict[str, Any]) -> None:
         """The video of a finish the store refused (the job was taken back, failed or cancelled meanwhile) is
         referenced by nothing, unless the refusal answered a retried finish whose first reply was lost: then the
-        job holds this very output."""
+        job holds this very output. Nor is it this run's alone when the job is queued or running again under the
+        same attempt number (a hand-back whose reply was lost does not count the run): that run stores its video
+        at the same key, perhaps already, and will name it in its result."""
         try:
             current = self.store.get(job.id)
-            if current is not None and current.output == output:
-                return
+            if current is not None:
+                named = (current.output or {}).get("video", {}).get("url") == output["video"]["url"]
+                run_again = current.attempts == job.attempts and current.state is not JobState.COMPLETED
+                if named or run_again:
+                    return
             self.files.delete(output_key(job.id, job.attempts))
         except Exception as exc:  # a store outage: the file stays
             log.warning("job %s: could not remove the video of a refused finish: %s", job.id, exc)
