@@ -501,16 +501,22 @@ class TakenAwayRunner(InstantRunner):
         return super().generate_video(request, output, *args, **kwargs)
 
 
-def test_the_video_of_a_refused_finish_is_deleted(tmp_path: Path) -> None:
+def process_j1(tmp_path: Path, runner: Callable[[Any, Any], InstantRunner]) -> tuple[Any, Any]:
+    """Worker `w1` claims and processes job `j1` with `runner(store, files)`; returns (store, files)."""
     settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
     store = open_job_store(settings)
     files = open_file_store(settings)
-    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: TakenAwayRunner(store))
+    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: runner(store, files))
     worker.load()
     store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
     job = store.claim("w1", 10, time.time())
     assert job is not None
     worker.process(job)
+    return store, files
+
+
+def test_the_video_of_a_refused_finish_is_deleted(tmp_path: Path) -> None:
+    store, files = process_j1(tmp_path, lambda store, files: TakenAwayRunner(store))
     done = store.get("j1")
     assert done is not None and done.failure is not None and done.failure.error_type == "runner_disconnected"
     with pytest.raises(FileNotFound):  # stored, then removed: nothing refers to it
@@ -533,15 +539,7 @@ class HandedBackRunner(InstantRunner):
 
 
 def test_a_refused_finish_leaves_the_video_of_the_run_that_took_the_job_over(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
-    store = open_job_store(settings)
-    files = open_file_store(settings)
-    worker = Worker(settings, store, files, worker_id="w1", runner_factory=lambda s: HandedBackRunner(store, files))
-    worker.load()
-    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
-    job = store.claim("w1", 10, time.time())
-    assert job is not None
-    worker.process(job)
+    store, files = process_j1(tmp_path, HandedBackRunner)
     current = store.get("j1")
     assert current is not None and current.state is JobState.RUNNING and current.worker_id == "w2"
     assert files.stat(output_key("j1", 1), time.time()).size > 0  # w2 will report this key: it must stay
