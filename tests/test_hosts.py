@@ -36,6 +36,11 @@ def client_for(tmp_path: Path, **settings: Any) -> TestClient:
         ("[::1]evil.example", ""),
         ("::1", ""),  # an IPv6 address goes in brackets
         ("[evil.example]", ""),
+        ("127.1:8000", "127.0.0.1"),  # what `curl http://127.1:8000` sends
+        ("0x7f.0.0.1", "127.0.0.1"),
+        ("2130706433", "127.0.0.1"),
+        ("127.0.0.1.5", "127.0.0.1.5"),  # five parts: no address
+        ("1.2.3.4.example", "1.2.3.4.example"),
     ],
 )
 def test_host_name_of_a_header(header: str, name: str) -> None:
@@ -51,8 +56,9 @@ def test_allowed_hosts() -> None:
                 "xn--bcher-kva.example"]  # fmt: skip
     for ok in answered:
         assert allowed.allows(ok), ok
+    assert allowed.allows("127.1:8000") and not allowed.allows("10.1:8000")
     for refused in ["evil.example", "127.0.0.1.evil.example", "localhost.evil.example", "gpu-box.lan.evil", "", None,
-                    "[::2]:80", "10.0.0.5", "[::1]evil.example", "user:pw@wan.example.com"]:  # fmt: skip
+                    "[::2]:80", "10.0.0.5", "[::1]evil.example", "user:pw@wan.example.com", "4294967296"]:  # fmt: skip
         assert not allowed.allows(refused), refused
     assert allowed.allows("[::ffff:127.0.0.1]:8000")  # the IPv4 loopback, mapped
     assert AllowedHosts(["*"]).allows("anything.example")

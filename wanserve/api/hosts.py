@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -23,15 +24,24 @@ from wanserve.api.responses import error_response
 from wanserve.api.security import is_loopback_host
 from wanserve.errors import Forbidden
 
+# IPv4 in the shorter forms that curl and the C library take (and browsers rewrite before sending): `127.1`,
+# `0x7f.0.0.1`, `2130706433`. No host name looks like one: its last label would be a number.
+_LEGACY_IPV4 = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}")
+
 
 def canonical_host(name: str) -> str:
-    """A host name or address as Host headers carry it: lower case, no root dot, IPv6 in its short form, a
-    non-ASCII name in its ASCII (punycode) form, which is what browsers send."""
+    """A host name or address as Host headers carry it: lower case, no root dot, IPv4 in dotted-quad form, IPv6 in
+    its short form, a non-ASCII name in its ASCII (punycode) form, which is what browsers send."""
     name = name.strip().lower().rstrip(".")
     try:
         return str(ipaddress.ip_address(name))
     except ValueError:
         pass
+    if _LEGACY_IPV4.fullmatch(name):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(name))
+        except OSError:
+            return name  # over 32 bits: no address
     try:
         return name.encode("idna").decode("ascii")
     except UnicodeError:
