@@ -545,27 +545,19 @@ def test_exact_compiled_in_bf16_stays_at_eager_output(
     model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`exact` promises eager's output up to float noise. Inductor keeps fused bf16 intermediates in float32 unless
-    told to round them as eager does: measured 0.50% from eager without that, 0.03% with it (tiny model, bf16).
-    Both are run here (side by side) and printed."""
+    told to round them as eager does: measured 0.50% from eager without that, 0.03% with it (tiny model, bf16; the
+    script's `unrounded` mode gives the first figure). The bound below lies between the two: without the setting,
+    this fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
-    runs = {
-        mode: subprocess.Popen(
-            [sys.executable, "-c", EAGER_ROUNDING_SCRIPT, str(model_cache), str(tmp_path / mode), mode],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for mode in ("rounded", "unrounded")
-    }
-    errors = {}
-    for mode, proc in runs.items():
-        out, err = proc.communicate(timeout=400)
-        assert proc.returncode == 0, err[-4000:]
-        errors[mode] = float(out.strip().splitlines()[-1])
-    with capsys.disabled():  # into the CI log: the figures docs/performance.md quotes
-        print(f"\ncompiled tiny expert (bf16) vs eager: {errors['rounded']:.3%} as exact compiles it, "
-              f"{errors['unrounded']:.3%} with Inductor's default")  # fmt: skip
-    error = errors["rounded"]
+    proc = subprocess.run(
+        [sys.executable, "-c", EAGER_ROUNDING_SCRIPT, str(model_cache), str(tmp_path / "compile"), "rounded"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    error = float(proc.stdout.strip().splitlines()[-1])
+    with capsys.disabled():  # into the CI log: the figure docs/performance.md quotes
+        print(f"\ncompiled tiny expert (bf16) vs eager: {error:.3%} as exact compiles it")
     assert 0 <= error < 0.002, error
-    assert errors["unrounded"] > 3 * error, errors  # the setting is what keeps it there
