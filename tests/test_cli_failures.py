@@ -4,6 +4,7 @@ behaviour is tested elsewhere); the CLI runs in process through `wanserve.cli.ma
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from file_server import serving
 
@@ -212,6 +214,25 @@ def test_following_a_server_that_cannot_be_reached_fails_at_once(
     assert f"cannot reach the server at {nobody}" in capsys.readouterr().err
 
 
+def test_following_rides_out_an_outage_only_on_a_server_that_answered_this_client(
+    stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, url = stand
+    state.status_hangs_up = True  # every status call is cut: the server went away
+    monkeypatch.setattr(client_module, "POLL_INTERVAL_S", 0.01)
+    monkeypatch.setattr(client_module, "RECONNECT_GRACE_S", 0.3)
+    outages: list[tuple[str, float]] = []
+    with WanserveClient(url) as client:  # never answered: a wrong URL, as far as it can tell
+        with pytest.raises(httpx.TransportError):
+            list(client.follow(RID, on_outage=lambda exc, grace: outages.append((type(exc).__name__, grace))))
+        assert outages == []
+        client.submit({"prompt": "a fox"})  # answered: from now on an outage is waited out
+        started = time.monotonic()
+        with pytest.raises(httpx.TransportError):
+            list(client.follow(RID, on_outage=lambda exc, grace: outages.append((type(exc).__name__, grace))))
+        assert time.monotonic() - started >= 0.3 and len(outages) == 1 and outages[0][1] == 0.3
+
+
 def test_a_run_that_loses_its_server_after_the_submit_names_the_request(
     stand: tuple[Stand, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -313,3 +334,16 @@ def test_a_short_api_key_is_warned_about_at_start(tmp_path: Path, caplog: pytest
     warnings = [r.getMessage() for r in caplog.records if "characters: use a random key" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("API key 1 of 2 is only 3 characters")
     assert "abc" not in caplog.text  # the key itself is never logged
+
+
+def test_the_outage_notice_says_what_the_wait_is_for() -> None:
+    out = io.StringIO()
+    notice = commands._outage_notice(commands.ProgressView(out, live=False))
+    notice(client_module.ApiError(429, "read rate limit exceeded", "rate_limited", retry_after_s=1.0), 300)
+    notice(client_module.ApiError(503, "restarting", "runner_disconnected"), 300)
+    notice(httpx.ConnectError("Connection refused"), 300)
+    assert out.getvalue().splitlines() == [
+        "status reads rate-limited for this key (HTTP 429); trying again for up to 300 s",
+        "server unavailable (HTTP 503); trying again for up to 300 s",
+        "server unreachable (Connection refused); trying again for up to 300 s",
+    ]

@@ -305,19 +305,20 @@ class _FailedPolls:
     waited out for RECONNECT_GRACE_S; anything else, or longer, is the caller's error. So is a server that could
     not be reached before it ever answered (a wrong URL): only a server that was there is worth waiting for."""
 
-    def __init__(self, reached: bool, on_outage: OnOutage | None) -> None:
-        self.reached = reached
+    def __init__(self, reached: Callable[[], bool], on_outage: OnOutage | None) -> None:
+        self.reached = reached  # whether the server ever answered this client (any status, 503s included)
         self.on_outage = on_outage
         self.since: float | None = None
 
-    def answered(self) -> None:
-        self.reached, self.since = True, None
+    def reset(self) -> None:
+        """A status came: the next failure starts a new outage."""
+        self.since = None
 
     def wait_s(self, exc: Exception) -> float:
         """How long to wait before polling again; raises `exc` when it is not worth trying again."""
         first = self.since is None
         self.since = self.since or time.monotonic()
-        never_reached = not self.reached and isinstance(exc, httpx.TransportError)  # a proxy's 503 is an answer
+        never_reached = isinstance(exc, httpx.TransportError) and not self.reached()  # a proxy's 503 is an answer
         if never_reached or not reconnectable(exc) or time.monotonic() - self.since > RECONNECT_GRACE_S:
             raise exc
         if first and self.on_outage is not None:
@@ -350,6 +351,13 @@ class _Routes:
     def __init__(self, url: str | None, key: str | None, app: str) -> None:
         self.url, self.headers = _settings(url, key)
         self.app = app
+        self.answered = False  # the server has answered this client at least once (follow() waits out outages then)
+
+    def _answered(self, _response: httpx.Response) -> None:
+        self.answered = True
+
+    async def _answered_async(self, response: httpx.Response) -> None:
+        self._answered(response)
 
     def _request_path(self, request_id: str, app: str | None, tail: str = "") -> str:
         return f"/{app_of(app or self.app)}/requests/{request_id}{tail}"
@@ -370,7 +378,8 @@ class WanserveClient(_Routes):
         self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0, app: str = DEFAULT_APP
     ) -> None:
         super().__init__(url, key, app)
-        self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
+        hooks = {"response": [self._answered]}
+        self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout, event_hooks=hooks)
         self.plain = httpx.Client(timeout=timeout)  # for URLs elsewhere: no API key
 
     def _for(self, url: str) -> httpx.Client:
@@ -440,7 +449,7 @@ class WanserveClient(_Routes):
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
-        polls = _FailedPolls(reached=True, on_outage=on_outage)  # the submit reached it
+        polls = _FailedPolls(lambda: self.answered, on_outage)
         for status in self._follow(submitted.request_id, app, with_logs, polls):
             if on_queue_update is not None:
                 on_queue_update(status)
@@ -451,13 +460,13 @@ class WanserveClient(_Routes):
     ) -> Iterator[QueueStatus]:
         """The request's statuses until it completes: the status stream, then polling if the stream breaks (a proxy
         that cuts long streams, a server restart), through RECONNECT_GRACE_S of an unreachable server once it has
-        answered (an unreachable server that never answered fails at once)."""
-        return self._follow(request_id, app, logs, _FailedPolls(reached=False, on_outage=on_outage))
+        answered this client (a server that never answered it, such as a wrong URL, fails at once)."""
+        return self._follow(request_id, app, logs, _FailedPolls(lambda: self.answered, on_outage))
 
     def _follow(self, request_id: str, app: str | None, logs: bool, polls: _FailedPolls) -> Iterator[QueueStatus]:
         try:
             for status in self.stream_status(request_id, logs=logs, app=app):
-                polls.answered()
+                polls.reset()
                 yield status
                 if status.status == "COMPLETED":
                     return
@@ -470,7 +479,7 @@ class WanserveClient(_Routes):
             except Exception as exc:
                 time.sleep(polls.wait_s(exc))
                 continue
-            polls.answered()
+            polls.reset()
             yield status
             if status.status == "COMPLETED":
                 return
@@ -518,7 +527,8 @@ class AsyncWanserveClient(_Routes):
         self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0, app: str = DEFAULT_APP
     ) -> None:
         super().__init__(url, key, app)
-        self.http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout)
+        hooks = {"response": [self._answered_async]}
+        self.http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout, event_hooks=hooks)
         self.plain = httpx.AsyncClient(timeout=timeout)  # for URLs elsewhere: no API key
 
     def _for(self, url: str) -> httpx.AsyncClient:
@@ -590,7 +600,7 @@ class AsyncWanserveClient(_Routes):
             enqueued = on_enqueue(submitted.request_id)
             if enqueued is not None:
                 await enqueued
-        polls = _FailedPolls(reached=True, on_outage=on_outage)  # the submit reached it
+        polls = _FailedPolls(lambda: self.answered, on_outage)
         async for status in self._follow(submitted.request_id, app, with_logs, polls):
             if on_queue_update is not None:
                 outcome = on_queue_update(status)
@@ -602,14 +612,14 @@ class AsyncWanserveClient(_Routes):
         self, request_id: str, *, app: str | None = None, logs: bool = True, on_outage: OnOutage | None = None
     ) -> AsyncIterator[QueueStatus]:
         """As WanserveClient.follow."""
-        return self._follow(request_id, app, logs, _FailedPolls(reached=False, on_outage=on_outage))
+        return self._follow(request_id, app, logs, _FailedPolls(lambda: self.answered, on_outage))
 
     async def _follow(
         self, request_id: str, app: str | None, logs: bool, polls: _FailedPolls
     ) -> AsyncIterator[QueueStatus]:
         try:
             async for status in self.stream_status(request_id, logs=logs, app=app):
-                polls.answered()
+                polls.reset()
                 yield status
                 if status.status == "COMPLETED":
                     return
@@ -622,7 +632,7 @@ class AsyncWanserveClient(_Routes):
             except Exception as exc:
                 await asyncio.sleep(polls.wait_s(exc))
                 continue
-            polls.answered()
+            polls.reset()
             yield status
             if status.status == "COMPLETED":
                 return

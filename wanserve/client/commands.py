@@ -242,8 +242,13 @@ def cmd_run(args: argparse.Namespace, body: dict[str, Any]) -> int:
 def _outage_notice(view: ProgressView) -> OnOutage:
     def notice(exc: Exception, grace_s: float) -> None:
         view._end()
-        reason = f"HTTP {exc.status_code}" if isinstance(exc, ApiError) else str(exc) or type(exc).__name__
-        print(f"server unreachable ({reason}); trying again for up to {grace_s:.0f} s", file=view.out, flush=True)
+        if isinstance(exc, ApiError) and exc.status_code == 429:
+            what = "status reads rate-limited for this key (HTTP 429)"
+        elif isinstance(exc, ApiError):
+            what = f"server unavailable (HTTP {exc.status_code})"
+        else:
+            what = f"server unreachable ({str(exc) or type(exc).__name__})"
+        print(f"{what}; trying again for up to {grace_s:.0f} s", file=view.out, flush=True)
 
     return notice
 
