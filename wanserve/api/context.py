@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
-from fastapi.concurrency import run_in_threadpool
 
 from wanserve.api.metrics import Metrics
 from wanserve.api.ratelimit import RateLimiter, retry_after_s
@@ -18,6 +20,8 @@ from wanserve.files.base import FileStore
 from wanserve.jobs.service import JobService
 from wanserve.store.base import JobStore
 from wanserve.webhooks import WebhookSigner
+
+STORE_READ_THREADS = 32
 
 
 @dataclass
@@ -34,6 +38,10 @@ class ServerContext:
     # per API key: calls that create work (submit, run, uploads), and reads (status, result, cancel, stream)
     submit_limit: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
     read_limit: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    # threads for store reads off the event loop (read_store); made on first use
+    store_reads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(STORE_READ_THREADS, thread_name_prefix="store-read")
+    )
 
 
 T = TypeVar("T")
@@ -41,10 +49,12 @@ T = TypeVar("T")
 
 async def read_store(ctx: ServerContext, read: Callable[..., T], *args: Any) -> T:
     """A store read from an async route: on the event loop when the store's reads are local (SQLite: skipping the
-    thread-pool hop gives ~1.5x the throughput under many pollers), else in a thread (see JobStore)."""
+    thread-pool hop gives ~1.5x the throughput under many pollers), else in a thread of the context's own pool (see
+    JobStore). Not the pool that sync routes share: reads waiting on a stalled Redis would take all its threads,
+    and file downloads and health checks would wait with them."""
     if ctx.store.reads_are_local:
         return read(*args)
-    return await run_in_threadpool(read, *args)
+    return await asyncio.get_running_loop().run_in_executor(ctx.store_reads, functools.partial(read, *args))
 
 
 def get_context(request: Request) -> ServerContext:

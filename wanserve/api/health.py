@@ -16,7 +16,7 @@ router = APIRouter()
 
 
 @router.get("/health")
-def health() -> dict[str, str]:
+async def health() -> dict[str, str]:  # on the event loop: answers while every worker thread is busy
     return {"status": "ok", "version": __version__}
 
 
