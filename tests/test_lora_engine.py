@@ -129,6 +129,35 @@ def test_a_musubi_file_with_some_layers_of_some_blocks_means_the_same_as_the_wan
     np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)
 
 
+def test_alphas_of_modules_outside_the_blocks_are_applied(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """kohya-style files carry an alpha for every module; diffusers' Wan converter reads those of block layers only
+    and refused a file with one on the head or the text embedding."""
+    expert = engine.pipe.transformer
+    g = torch.Generator().manual_seed(4)
+    extra = {}
+    for wan, module in (("head.head", "proj_out"), ("text_embedding.0", "condition_embedder.text_embedder.linear_1")):
+        layer = expert.get_submodule(module)
+        extra[(wan, module)] = (torch.randn(4, layer.in_features, generator=g) * 0.1,
+                                torch.randn(layer.out_features, 4, generator=g) * 0.1)  # fmt: skip
+    every = {**dict(list(factors.items())[:4]), **extra}
+    reference = tmp_path / "reference.safetensors"
+    save_file(
+        {f"transformer.{m}.lora_{n}.weight": t.contiguous() for (_, m), (a, b) in scaled(every, 2).items()
+         for n, t in (("A", a), ("B", b))},
+        reference,
+    )  # fmt: skip
+    expected = frames(engine, with_loras(spec, use(reference)))
+    engine.loras.unload_all()
+    for fmt, write in (("musubi", write_musubi), ("wan", write_wan)):
+        path = write(tmp_path / f"{fmt}.safetensors", every, alpha=8)  # alpha 8 on rank 4: scale 2
+        got = frames(engine, with_loras(spec, use(path)))
+        assert not np.array_equal(got, base)
+        np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)
+        engine.loras.unload_all()
+
+
 def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(tmp_path: Path) -> None:
     """The file starts with its header's length: 896 bytes is `\\x80\\x03...`, a pickle's magic."""
     path = tmp_path / "l.safetensors"

@@ -146,6 +146,21 @@ def _musubi_module(match: re.Match[str]) -> str:
     return f"img_emb.proj.{match['img_emb']}" if match["img_emb"] is not None else "head.head"
 
 
+def _fold_alphas(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each module's alpha/rank folded into its down factor, and the alpha dropped: diffusers' Wan converter reads
+    alphas of block layers only and refuses a file with one anywhere else (the head, the text or time embedding),
+    which kohya-style trainers write for every module."""
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".alpha")]:
+        stem = key.removesuffix(".alpha")
+        down_key = next((f"{stem}.{n}.weight" for n in ("lora_down", "lora_A") if f"{stem}.{n}.weight" in out), None)
+        if down_key is None or out[down_key].ndim != 2 or out[down_key].shape[0] == 0 or out[key].numel() != 1:
+            continue  # left to the converter, which says what is wrong
+        down = out[down_key]
+        out[down_key] = (down.float() * (float(out.pop(key)) / down.shape[0])).to(down.dtype)
+    return out
+
+
 def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> ConvertedLora:
     """Brings any supported LoRA layout to diffusers naming, or fails naming the first key that does not fit."""
     renamed: dict[str, torch.Tensor] = {}
@@ -176,6 +191,8 @@ def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     assert fmt is not None
     if not renamed:
         raise LoraError("the LoRA file has no LoRA factors (only norm or modulation deltas)")
+    if fmt in (LoraFormat.WAN, LoraFormat.MUSUBI):
+        renamed = _fold_alphas(renamed)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
