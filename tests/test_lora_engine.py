@@ -73,6 +73,17 @@ def with_loras(spec: GenerationSpec, *uses: LoraUse) -> GenerationSpec:
     return GenerationSpec(**{**spec.__dict__, "loras": tuple(uses)})
 
 
+def write_reference(path: Path, factors: Any) -> Path:
+    """The factors at scale 2 as diffusers keys with B doubled and no metadata: a layout none of the cases writes
+    byte for byte, against which each layout (alpha 8 on rank 4, or B doubled) must mean the same."""
+    save_file(
+        {f"transformer.{m}.lora_{n}.weight": t.contiguous() for (_, m), (a, b) in scaled(factors, 2).items()
+         for n, t in (("A", a), ("B", b))},
+        path,
+    )  # fmt: skip
+    return path
+
+
 def write_format(fmt: str, path: Path, factors: Any) -> Path:
     """The same effective LoRA (B @ A scaled by 2) in each layout: alpha 8 on rank 4, or B doubled."""
     if fmt == "wan":
@@ -95,14 +106,7 @@ FORMATS = ["wan", "comfyui", "musubi", "diffusers", "peft"]
 def test_every_layout_loads_changes_the_output_and_means_the_same(
     fmt: str, engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
 ) -> None:
-    # the reference: diffusers keys with B doubled and no metadata, a layout none of the cases writes byte for byte
-    reference = tmp_path / "reference.safetensors"
-    save_file(
-        {f"transformer.{m}.lora_{n}.weight": t.contiguous() for (_, m), (a, b) in scaled(factors, 2).items()
-         for n, t in (("A", a), ("B", b))},
-        reference,
-    )  # fmt: skip
-    expected = frames(engine, with_loras(spec, use(reference)))
+    expected = frames(engine, with_loras(spec, use(write_reference(tmp_path / "reference.safetensors", factors))))
     engine.loras.unload_all()
     path = write_format(fmt, tmp_path / f"{fmt}.safetensors", factors)
     got = frames(engine, with_loras(spec, use(path)))
@@ -142,13 +146,7 @@ def test_alphas_of_modules_outside_the_blocks_are_applied(
         extra[(wan, module)] = (torch.randn(4, layer.in_features, generator=g) * 0.1,
                                 torch.randn(layer.out_features, 4, generator=g) * 0.1)  # fmt: skip
     every = {**dict(list(factors.items())[:4]), **extra}
-    reference = tmp_path / "reference.safetensors"
-    save_file(
-        {f"transformer.{m}.lora_{n}.weight": t.contiguous() for (_, m), (a, b) in scaled(every, 2).items()
-         for n, t in (("A", a), ("B", b))},
-        reference,
-    )  # fmt: skip
-    expected = frames(engine, with_loras(spec, use(reference)))
+    expected = frames(engine, with_loras(spec, use(write_reference(tmp_path / "reference.safetensors", every))))
     engine.loras.unload_all()
     for fmt, write in (("musubi", write_musubi), ("wan", write_wan)):
         path = write(tmp_path / f"{fmt}.safetensors", every, alpha=8)  # alpha 8 on rank 4: scale 2
