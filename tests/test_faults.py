@@ -23,8 +23,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from server import CHEAP_INPUT, Server
 
+from wanserve.api.app import create_app
 from wanserve.backends import open_file_store, open_job_store
 from wanserve.config import Settings
 from wanserve.errors import FileNotFound, ModelLoadError, StorageFull, StorageUnavailable
@@ -377,6 +379,36 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
     assert store.complete_multipart(upload, [(1, etags[0]), (2, etags[1])], now).size == 120 * 1024
     assert store.stat(kept, now).size == 1000 and store.open(kept).read() == b"k" * 1000
     _assert_no_half_written_files(store.root)
+
+
+def test_a_job_store_on_a_full_disk_answers_507_and_keeps_what_it_held(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" was a 500 with a traceback in the log. It is a 507 storage_full, the
+    jobs stored before stay whole, and writes work again once there is room."""
+    with _tmpfs(tmp_path / "data", "1m") as mounted:
+        if not mounted:
+            _not_root_or_fail()
+        app = create_app(Settings(data_dir=tmp_path / "data", public_url="http://testserver"), workers=0)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            kept = client.post(f"/{APP}", json={"prompt": "a fox"}).json()["request_id"]
+            filler = _fill(tmp_path / "data")
+            big = {"prompt": "a fox " + "x" * 9_000}  # more than the pages SQLite had left
+            for call in (
+                lambda: client.post(f"/{APP}", json=big),
+                lambda: client.put(f"/{APP}/requests/{kept}/cancel"),
+            ):
+                refused = call()
+                assert refused.status_code == 507, refused.text
+                assert refused.json()["error_type"] == "storage_full"
+                assert "no space left on the disk of the job store" in refused.json()["detail"]
+            assert client.get(f"/{APP}/requests/{kept}/status").json()["status"] == "IN_QUEUE"
+            filler.unlink()
+            again = client.post(f"/{APP}", json=big)
+            assert again.status_code == 200, again.text
+            assert client.put(f"/{APP}/requests/{kept}/cancel").status_code == 202
+        store = SQLiteJobStore(tmp_path / "data" / "jobs.sqlite3")
+        assert store._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert store.counts()["COMPLETED"] == 1 and store.counts()["IN_QUEUE"] == 1
+        store.close()
 
 
 def test_a_full_disk_fails_the_job_cleanly_and_the_next_one_succeeds(faulty: Faulty) -> None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from wanserve.errors import StorageFull
 from wanserve.jobs.model import (
     CancelOutcome,
     Failure,
@@ -158,14 +159,24 @@ class SQLiteJobStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, whole or not at all. A full disk is StorageFull (507), not an internal error: nothing of
+        the write is kept, what was stored before stays, and writes succeed again once there is room."""
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # a COMMIT that failed (a full disk) leaves its transaction open
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+                raise
+            raise StorageFull(
+                f"no space left on the disk of the job store ({self.path.parent}): nothing was written"
+            ) from exc
 
     def now(self) -> float:
         return time.time()  # one machine: its clock is the store's
