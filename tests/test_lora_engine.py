@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,30 @@ def test_alphas_of_modules_outside_the_blocks_are_applied(
         assert not np.array_equal(got, base)
         np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)
         engine.loras.unload_all()
+
+
+def test_a_peft_adapter_is_scaled_by_the_alpha_of_its_config(
+    engine: WanEngine, factors: Any, base: np.ndarray, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """peft's adapter_model.safetensors holds the factors; its alpha (lora_alpha / r scales them) is in the
+    adapter_config.json beside it."""
+    expected = frames(engine, with_loras(spec, use(write_reference(tmp_path / "reference.safetensors", factors))))
+    engine.loras.unload_all()
+    path = write_peft(tmp_path / "adapter_model.safetensors", factors)
+    plain = use(path)
+    configured = LoraUse(replace(plain.file, peft_config='{"r": 4, "lora_alpha": 8}'), 1.0, EXPERTS["both"], "peft")
+    got = frames(engine, with_loras(spec, configured))
+    np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)  # alpha 8 on rank 4: scale 2
+    assert not np.array_equal(frames(engine, with_loras(spec, plain)), got)  # without it: scale 1, another adapter
+    for config, fragment in (
+        ('{"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": 8}}', "rank_pattern"),
+        ('{"r": 4, "use_dora": true}', "DoRA"),
+        ('{"r": 0}', "positive numbers"),
+        ("not json", "not valid JSON"),
+    ):
+        bad = LoraUse(replace(plain.file, peft_config=config), 1.0, EXPERTS["both"], "peft")
+        with pytest.raises(FieldError, match=fragment):
+            engine.generate(with_loras(spec, bad))
 
 
 def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from file_server import FileServer, running_file_server
@@ -300,6 +301,47 @@ def test_hugging_face_repo_offline_from_the_cache(make: Make, tmp_path: Path) ->
         resolver.resolve("someone/absent")
     with pytest.raises(LoraError, match="not in this server's Hugging Face cache"):
         resolver.resolve("someone/pair", "middle.safetensors")
+
+
+PEFT_CONFIG_TEXT = '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["to_q"]}'
+
+
+def test_a_peft_config_beside_a_local_or_hub_file_comes_with_it(
+    make: Make, roots: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peft's save_pretrained keeps the adapter's alpha in adapter_config.json, not in the weights file."""
+    (roots[0] / "peft").mkdir()
+    (roots[0] / "peft" / "adapter_model.safetensors").write_bytes(b"peft weights")
+    (roots[0] / "peft" / "adapter_config.json").write_text(PEFT_CONFIG_TEXT)
+    (roots[0] / "plain.safetensors").write_bytes(b"peft weights")  # the same bytes, no config
+    resolver = make()
+    with_config = resolver.resolve("peft/adapter_model.safetensors")
+    without = resolver.resolve("plain.safetensors")
+    assert with_config.peft_config == PEFT_CONFIG_TEXT and without.peft_config is None
+    assert with_config.sha256 == without.sha256 and with_config.identity != without.identity  # two adapters
+    # the Hugging Face cache (offline): the config in the snapshot beside the weights
+    hf_cache_repo(tmp_path / "hf", "someone/peft", {"adapter_model.safetensors": b"w", "adapter_config.json": b"{}"})
+    assert resolver.resolve("someone/peft").peft_config == "{}"
+    # online: the repo lists a config beside the weights, so it is downloaded with them
+    import huggingface_hub
+
+    listed = ["sub/adapter_model.safetensors", "sub/adapter_config.json", "README.md"]
+    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=n, size=10) for n in listed])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: info)
+    snapshot = tmp_path / "online-snapshot"
+    downloads: list[str] = []
+
+    def download(repo_id: str, filename: str, **kwargs: object) -> str:
+        downloads.append(filename)
+        target = snapshot / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(PEFT_CONFIG_TEXT if filename.endswith(".json") else "weights")
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    online = make(hf_offline=False).resolve("someone/online", "sub/adapter_model.safetensors")
+    assert downloads == ["sub/adapter_model.safetensors", "sub/adapter_config.json"]
+    assert online.peft_config == PEFT_CONFIG_TEXT
 
 
 def test_hugging_face_hub_unreachable_falls_back_to_the_cache_then_fails_fast(make: Make, tmp_path: Path) -> None:

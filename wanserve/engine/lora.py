@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import struct
 import time
@@ -23,13 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors import SafetensorError, safe_open
 
 from wanserve.errors import FieldError, LoraError
-from wanserve.lora.sources import ExpertName, LoraUse
+from wanserve.lora.sources import PEFT_CONFIG, ExpertName, LoraUse
 
 log = logging.getLogger("wanserve.engine.lora")
 
@@ -161,8 +163,34 @@ def _fold_alphas(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> ConvertedLora:
-    """Brings any supported LoRA layout to diffusers naming, or fails naming the first key that does not fit."""
+def _peft_scale(config_text: str) -> float:
+    """lora_alpha / r (or / sqrt(r) with rsLoRA) of a PEFT adapter_config.json: the scale PEFT applies to the
+    factors, which its weights file does not carry. Settings that change more than one scale are refused."""
+    try:
+        config = json.loads(config_text)
+    except ValueError:
+        raise LoraError(f"the {PEFT_CONFIG} beside the LoRA is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"the {PEFT_CONFIG} beside the LoRA is not a JSON object")
+    if config.get("use_dora"):
+        raise LoraError(f"DoRA LoRAs are not supported ({PEFT_CONFIG} sets use_dora)")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LoraError(f"{PEFT_CONFIG} sets rank_pattern or alpha_pattern (a rank or alpha per layer): not supported")
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # peft's LoraConfig defaults
+    if not (_positive(rank) and _positive(alpha)):
+        raise LoraError(f"{PEFT_CONFIG} needs positive numbers r and lora_alpha (has r={rank!r}, lora_alpha={alpha!r})")
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else float(rank))
+
+
+def _positive(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e6
+
+
+def convert_lora(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], peft_config: str | None = None
+) -> ConvertedLora:
+    """Brings any supported LoRA layout to diffusers naming, or fails naming the first key that does not fit.
+    `peft_config`: the adapter_config.json found beside a PEFT adapter, whose alpha scales it."""
     renamed: dict[str, torch.Tensor] = {}
     fmt: LoraFormat | None = None
     first_key = ""
@@ -193,6 +221,10 @@ def convert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise LoraError("the LoRA file has no LoRA factors (only norm or modulation deltas)")
     if fmt in (LoraFormat.WAN, LoraFormat.MUSUBI):
         renamed = _fold_alphas(renamed)
+    if fmt is LoraFormat.PEFT and peft_config is not None:
+        scale = _peft_scale(peft_config)
+        for key in [k for k in renamed if k.endswith(".lora_A.weight")]:
+            renamed[key] = (renamed[key].float() * scale).to(renamed[key].dtype)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -311,7 +343,7 @@ class LoraAdapters:
         self.experts = dict(experts)
         self.max_bytes = max_bytes
         self.device = device  # where adapters live (default: beside each layer's weight)
-        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # by sha256, least recently used first
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # by LoraFile.identity, least recently used first
 
     def _modules(self, roles: Sequence[ExpertName]) -> list[WanTransformer3DModel]:
         unique: dict[int, WanTransformer3DModel] = {}
@@ -324,7 +356,8 @@ class LoraAdapters:
 
     @property
     def resident(self) -> list[str]:
-        """Content hashes of the resident LoRAs, least recently used first."""
+        """The identities (content hash; with a PEFT config, of both) of the resident LoRAs, least recently used
+        first."""
         return list(self._resident)
 
     @property
@@ -334,7 +367,7 @@ class LoraAdapters:
     def load(self, uses: Sequence[LoraUse]) -> list[LoraLoad]:
         """Makes every LoRA of a request resident on its experts. A LoRA that cannot be loaded fails with a
         `FieldError` naming its index; what was resident before stays as it was."""
-        needed = {use.file.sha256 for use in uses}
+        needed = {use.file.identity for use in uses}
         self._evict(protect=needed)  # make room first: the bound then holds while the new ones load
         reports = []
         for i, use in enumerate(uses):
@@ -347,13 +380,13 @@ class LoraAdapters:
 
     def _load_one(self, use: LoraUse) -> LoraLoad:
         started = time.perf_counter()
-        sha = use.file.sha256
+        sha = use.file.identity
         entry = self._resident.get(sha) or _Resident(name=f"lora_{sha[:16]}")
         missing = [m for m in self._modules(use.experts) if id(m) not in entry.bytes_on]
         if not missing:
             self._resident.move_to_end(sha)
             return LoraLoad(use, (), None, 0, 0, time.perf_counter() - started)
-        converted = convert_lora(*read_lora_file(use.file.path))
+        converted = convert_lora(*read_lora_file(use.file.path), use.file.peft_config)
         layers = {id(m): dict(m.named_modules()) for m in missing}
         for module in missing:  # every expert is checked before any is touched
             check_fits(converted.state_dict, layers[id(module)])
@@ -428,7 +461,7 @@ class LoraAdapters:
         for use in uses:
             if use.scale == 0:
                 continue
-            name = self._resident[use.file.sha256].name
+            name = self._resident[use.file.identity].name
             for module in self._modules(use.experts):
                 on = weights[id(module)]
                 on[name] = on.get(name, 0.0) + use.scale

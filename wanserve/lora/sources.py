@@ -12,14 +12,15 @@ A path is, in this order:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -44,6 +45,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".sft")
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 HF_METADATA_TIMEOUT_S = 10.0
 MAX_REMEMBERED_HASHES = 4096
+# What peft's `save_pretrained` writes beside `adapter_model.safetensors`: the adapter's rank and alpha, which the
+# weights file does not carry. Read from beside a local file or a Hugging Face repo's weights file.
+PEFT_CONFIG = "adapter_config.json"
+MAX_PEFT_CONFIG_BYTES = 64 * 1024
 
 ExpertName = Literal["high", "low"]
 EXPERTS: dict[str, tuple[ExpertName, ...]] = {"high": ("high",), "low": ("low",), "both": ("high", "low")}
@@ -67,6 +72,14 @@ class LoraFile:
     kind: SourceKind
     downloaded: bool  # False: served from a cache (ours or the Hugging Face one) or a local file
     seconds: float  # spent resolving it (download included)
+    peft_config: str | None = None  # the text of the adapter_config.json beside it, if any
+
+    @property
+    def identity(self) -> str:
+        """What names the adapter once loaded: its content, and the PEFT config that scales it."""
+        if self.peft_config is None:
+            return self.sha256
+        return hashlib.sha256(f"{self.sha256}\n{self.peft_config}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -187,7 +200,7 @@ class LoraResolver:
         if kind in (SourceKind.LOCAL, SourceKind.HUB):
             try:
                 found = self._local(path) if kind is SourceKind.LOCAL else self._hub(path, weight_name)
-                return self._hashed(found, kind, started)
+                return replace(self._hashed(found, kind, started), peft_config=_peft_config_beside(found))
             except (OSError, ValueError) as exc:  # a NUL in the path, a name too long, a file we may not read
                 raise LoraError(f"cannot read {describe_path(path)}: {type(exc).__name__}") from None
         now = time.time()
@@ -269,10 +282,11 @@ class LoraResolver:
         s = self.settings
         where = f"Hugging Face repo {repo_id}" + (f" file {weight_name}" if weight_name else "")
         reachable = not self.hub_offline
+        with_config = False
         try:
             if reachable:
                 try:
-                    weight_name = self._hub_pick_online(repo_id, weight_name)
+                    weight_name, with_config = self._hub_pick_online(repo_id, weight_name)
                 except Exception as exc:
                     if not _is_network_error(exc):
                         raise
@@ -283,17 +297,24 @@ class LoraResolver:
                 snapshot = Path(snapshot_download(repo_id, cache_dir=s.hf_cache_dir, local_files_only=True))
                 names = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.safetensors"))
                 weight_name = self._only_weights(repo_id, names)
-            return Path(
-                hf_hub_download(
-                    repo_id,
-                    weight_name,
-                    cache_dir=s.hf_cache_dir,
-                    local_files_only=not reachable,
-                    token=s.hf_token,
-                    endpoint=s.hf_endpoint,
-                    etag_timeout=HF_METADATA_TIMEOUT_S,
+
+            def download(name: str) -> Path:
+                return Path(
+                    hf_hub_download(
+                        repo_id,
+                        name,
+                        cache_dir=s.hf_cache_dir,
+                        local_files_only=not reachable,
+                        token=s.hf_token,
+                        endpoint=s.hf_endpoint,
+                        etag_timeout=HF_METADATA_TIMEOUT_S,
+                    )
                 )
-            )
+
+            weights = download(weight_name)
+            if with_config:  # into the snapshot beside the weights, where _peft_config_beside finds it
+                download(_beside(weight_name, PEFT_CONFIG))
+            return weights
         except LoraError:
             raise
         except LocalEntryNotFoundError:
@@ -303,8 +324,9 @@ class LoraResolver:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise LoraError(f"{where}: {type(exc).__name__}: {first_line[:300]}") from None
 
-    def _hub_pick_online(self, repo_id: str, weight_name: str | None) -> str:
-        """The file to use (the only .safetensors when `weight_name` is None), checked against the size cap."""
+    def _hub_pick_online(self, repo_id: str, weight_name: str | None) -> tuple[str, bool]:
+        """The file to use (the only .safetensors when `weight_name` is None), checked against the size cap, and
+        whether a PEFT adapter_config.json lies beside it."""
         from huggingface_hub import HfApi
 
         info = HfApi(endpoint=self.settings.hf_endpoint, token=self.settings.hf_token).model_info(
@@ -321,7 +343,8 @@ class LoraResolver:
                 f"Hugging Face repo {repo_id} file {weight_name} is {size} bytes, "
                 f"over the {self.policy.max_bytes}-byte LoRA limit"
             )
-        return weight_name
+        config_size = sizes.get(_beside(weight_name, PEFT_CONFIG), -1)
+        return weight_name, config_size is not None and 0 <= config_size <= MAX_PEFT_CONFIG_BYTES
 
     @staticmethod
     def _only_weights(repo_id: str, names: list[str]) -> str:
@@ -333,3 +356,19 @@ class LoraResolver:
                 f"Hugging Face repo {repo_id} has several .safetensors files; choose one with weight_name ({shown})"
             )
         return names[0]
+
+
+def _beside(name: str, sibling: str) -> str:
+    """A repo path in the same folder as `name`."""
+    return str(PurePosixPath(name).parent / sibling).removeprefix("./")
+
+
+def _peft_config_beside(weights: Path) -> str | None:
+    """The text of a PEFT adapter_config.json in the weights file's folder, if there is a small one."""
+    config = weights.parent / PEFT_CONFIG
+    try:
+        if not config.is_file() or config.stat().st_size > MAX_PEFT_CONFIG_BYTES:
+            return None
+        return config.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
