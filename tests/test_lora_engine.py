@@ -345,6 +345,10 @@ def bad_file(kind: str, path: Path, factors: Any) -> tuple[Path, str]:
     if kind == "musubi unknown module":
         save_file({"lora_unet_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 24)}, path)
         return path, "names no Wan module"
+    if kind == "no block":
+        save_file({"lora_unet_head_head.lora_down.weight": torch.zeros(4, 24), "lora_unet_head_head.lora_up.weight":
+                   torch.zeros(24, 4)}, path)  # fmt: skip
+        return path, "no transformer block"
     if kind == "dora":
         sd = {"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(1, 24)}
         save_file(sd, path)
@@ -372,6 +376,7 @@ def bad_file(kind: str, path: Path, factors: Any) -> tuple[Path, str]:
         "pickle",
         "unknown keys",
         "musubi unknown module",
+        "no block",
         "dora",
         "full weight delta",
         "empty",

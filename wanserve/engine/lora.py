@@ -220,6 +220,9 @@ def convert_lora(
     if not renamed:
         raise LoraError("the LoRA file has no LoRA factors (only norm or modulation deltas)")
     if fmt in (LoraFormat.WAN, LoraFormat.MUSUBI):
+        if not any(key.startswith("diffusion_model.blocks.") for key in renamed):
+            # diffusers' Wan converter finds the layers block by block (a bare `min() arg is an empty sequence`)
+            raise LoraError("the LoRA has factors for no transformer block (only head or embeddings): not supported")
         renamed = _fold_alphas(renamed)
     if fmt is LoraFormat.PEFT and peft_config is not None:
         scale = _peft_scale(peft_config)
