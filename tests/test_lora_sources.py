@@ -319,6 +319,12 @@ def test_a_peft_config_beside_a_local_or_hub_file_comes_with_it(
     without = resolver.resolve("plain.safetensors")
     assert with_config.peft_config == PEFT_CONFIG_TEXT and without.peft_config is None
     assert with_config.sha256 == without.sha256 and with_config.identity != without.identity  # two adapters
+    # a config that is a link out of the LoRA folders is not read (local paths never leave their roots)
+    (roots[0] / "linked").mkdir()
+    (roots[0] / "linked" / "adapter_model.safetensors").write_bytes(b"peft weights")
+    (tmp_path / "outside.json").write_text(PEFT_CONFIG_TEXT)
+    (roots[0] / "linked" / "adapter_config.json").symlink_to(tmp_path / "outside.json")
+    assert resolver.resolve("linked/adapter_model.safetensors").peft_config is None
     # the Hugging Face cache (offline): the config in the snapshot beside the weights
     hf_cache_repo(tmp_path / "hf", "someone/peft", {"adapter_model.safetensors": b"w", "adapter_config.json": b"{}"})
     assert resolver.resolve("someone/peft").peft_config == "{}"

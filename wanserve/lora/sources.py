@@ -200,7 +200,8 @@ class LoraResolver:
         if kind in (SourceKind.LOCAL, SourceKind.HUB):
             try:
                 found = self._local(path) if kind is SourceKind.LOCAL else self._hub(path, weight_name)
-                return replace(self._hashed(found, kind, started), peft_config=_peft_config_beside(found))
+                config = _peft_config_beside(found, self.roots if kind is SourceKind.LOCAL else None)
+                return replace(self._hashed(found, kind, started), peft_config=config)
             except (OSError, ValueError) as exc:  # a NUL in the path, a name too long, a file we may not read
                 raise LoraError(f"cannot read {describe_path(path)}: {type(exc).__name__}") from None
         now = time.time()
@@ -363,10 +364,13 @@ def _beside(name: str, sibling: str) -> str:
     return str(PurePosixPath(name).parent / sibling).removeprefix("./")
 
 
-def _peft_config_beside(weights: Path) -> str | None:
-    """The text of a PEFT adapter_config.json in the weights file's folder, if there is a small one."""
+def _peft_config_beside(weights: Path, roots: Sequence[Path] | None = None) -> str | None:
+    """The text of a PEFT adapter_config.json in the weights file's folder, if there is a small one (and, given
+    `roots`, one that is really inside them: not a link that leads out)."""
     config = weights.parent / PEFT_CONFIG
     try:
+        if roots is not None and not any(config.resolve().is_relative_to(root) for root in roots):
+            return None
         if not config.is_file() or config.stat().st_size > MAX_PEFT_CONFIG_BYTES:
             return None
         return config.read_text(encoding="utf-8", errors="replace")
