@@ -261,3 +261,14 @@ def _walk(node: Any) -> Iterator[Any]:
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
     for child in children:
         yield from _walk(child)
+
+
+def test_the_store_read_threads_end_with_the_app(tmp_path: Path) -> None:
+    """Each app has its own pool for store reads off the event loop: shut down with it, or every app a process
+    makes (tests, reloads) would leave its threads behind."""
+    app = create_app(Settings(data_dir=tmp_path / "data", public_url="http://testserver"), workers=0)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        assert app.state.context.store_reads.submit(lambda: 42).result(5) == 42
+    with pytest.raises(RuntimeError, match="shutdown"):
+        app.state.context.store_reads.submit(lambda: 42)

@@ -170,6 +170,23 @@ def test_a_peft_adapter_is_scaled_by_the_alpha_of_its_config(
     got = frames(engine, with_loras(spec, configured))
     np.testing.assert_allclose(got.astype(int), expected.astype(int), atol=1)  # alpha 8 on rank 4: scale 2
     assert not np.array_equal(frames(engine, with_loras(spec, plain)), got)  # without it: scale 1, another adapter
+    # with lora_bias, peft scales B's bias too: B(A x) + b as a whole
+    layer = engine.pipe.transformer.blocks[0].attn1.to_q
+    g = torch.Generator().manual_seed(5)
+    a, b, bias = (torch.randn(4, layer.in_features, generator=g), torch.randn(layer.out_features, 4, generator=g),
+                  torch.randn(layer.out_features, generator=g))  # fmt: skip
+    with_bias = tmp_path / "bias" / "adapter_model.safetensors"
+    with_bias.parent.mkdir()
+    stem = "base_model.model.blocks.0.attn1.to_q"
+    save_file({f"{stem}.lora_A.weight": a, f"{stem}.lora_B.weight": b, f"{stem}.lora_B.bias": bias}, with_bias)
+    biased = LoraUse(replace(use(with_bias).file, peft_config='{"r": 4, "lora_alpha": 16, "lora_bias": true}'), 1.0,
+                     EXPERTS["both"], "peft bias")  # fmt: skip
+    engine.loras.load([biased])
+    wrapped = engine.pipe.transformer.blocks[0].attn1.to_q
+    with torch.no_grad(), engine.loras.active([biased]):
+        x = torch.randn(3, layer.in_features, generator=g)
+        torch.testing.assert_close(wrapped(x), wrapped.base_layer(x) + 4.0 * (x @ a.T @ b.T + bias))
+    engine.loras.unload_all()
     for config, fragment in (
         ('{"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": 8}}', "rank_pattern"),
         ('{"r": 4, "use_dora": true}', "DoRA"),

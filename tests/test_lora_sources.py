@@ -325,6 +325,14 @@ def test_a_peft_config_beside_a_local_or_hub_file_comes_with_it(
     (tmp_path / "outside.json").write_text(PEFT_CONFIG_TEXT)
     (roots[0] / "linked" / "adapter_config.json").symlink_to(tmp_path / "outside.json")
     assert resolver.resolve("linked/adapter_model.safetensors").peft_config is None
+    # weights that are a link into a blob folder (a Hugging Face cache copied into a root): the config is found
+    # beside the file as named
+    (roots[0] / "blobs").mkdir()
+    (roots[0] / "blobs" / "w1").write_bytes(b"blob weights")
+    (roots[0] / "snapshot").mkdir()
+    (roots[0] / "snapshot" / "adapter_model.safetensors").symlink_to(roots[0] / "blobs" / "w1")
+    (roots[0] / "snapshot" / "adapter_config.json").write_text(PEFT_CONFIG_TEXT)
+    assert resolver.resolve("snapshot/adapter_model.safetensors").peft_config == PEFT_CONFIG_TEXT
     # the Hugging Face cache (offline): the config in the snapshot beside the weights
     hf_cache_repo(tmp_path / "hf", "someone/peft", {"adapter_model.safetensors": b"w", "adapter_config.json": b"{}"})
     assert resolver.resolve("someone/peft").peft_config == "{}"

@@ -34,6 +34,18 @@ def test_failed_transaction_rolls_back(store: SQLiteJobStore) -> None:
     }
 
 
+def test_an_error_the_sqlite_module_raises_itself_passes_through_a_write(store: SQLiteJobStore) -> None:
+    """Only SQLITE_FULL becomes StorageFull; an OperationalError without an SQLite code (raised by the Python
+    module, or a test) is itself, not an AttributeError, and the transaction is rolled back."""
+    store.submit(new_job("a"), T0)
+    with pytest.raises(sqlite3.OperationalError, match="no code"), store._write() as db:
+        db.execute("DELETE FROM jobs")
+        raise sqlite3.OperationalError("no code")
+    assert not store._conn().in_transaction
+    store.submit(new_job("b"), T0)  # usable, and the delete was rolled back
+    assert store.counts()["IN_QUEUE"] == 2
+
+
 def test_opening_a_database_from_before_first_started_at_migrates_it(tmp_path: Path) -> None:
     old = sqlite3.connect(tmp_path / "old.sqlite3")
     old_schema = SCHEMA.replace(",\n    first_started_at REAL", "")

@@ -490,14 +490,14 @@ def test_a_server_side_failure_is_logged_for_the_operator_and_in_the_jobs_log(
 
 
 class TakenAwayRunner(InstantRunner):
-    """Renders while the store gives the job away (its lease ran out and recovery failed it): the worker's video
-    is stored, and then its finish is refused."""
+    """Renders while the store gives the job away (its lease ran out: recovery fails it, or with attempts left
+    queues it again): the worker's video is stored, and then its finish is refused."""
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
+    def __init__(self, store: Any, max_attempts: int = 1) -> None:
+        self.store, self.max_attempts = store, max_attempts
 
     def generate_video(self, request: Any, output: Path, *args: Any, **kwargs: Any) -> Any:
-        recover_lost_jobs(self.store, ["w1"], max_attempts=1)
+        recover_lost_jobs(self.store, ["w1"], max_attempts=self.max_attempts)
         return super().generate_video(request, output, *args, **kwargs)
 
 
@@ -520,6 +520,12 @@ def test_the_video_of_a_refused_finish_is_deleted(tmp_path: Path) -> None:
     done = store.get("j1")
     assert done is not None and done.failure is not None and done.failure.error_type == "runner_disconnected"
     with pytest.raises(FileNotFound):  # stored, then removed: nothing refers to it
+        files.stat(output_key("j1", 1), time.time())
+    # queued again by its lease running out: the next run is attempt 2, with a key of its own
+    store, files = process_j1(tmp_path / "requeued", lambda store, files: TakenAwayRunner(store, max_attempts=3))
+    queued = store.get("j1")
+    assert queued is not None and queued.state is JobState.QUEUED and queued.attempts == 1
+    with pytest.raises(FileNotFound):
         files.stat(output_key("j1", 1), time.time())
 
 

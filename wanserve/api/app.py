@@ -142,6 +142,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
                         await task
                 # Together: webhooks in flight finish while the worker finishes or hands back its job.
                 await asyncio.gather(dispatcher.close(), asyncio.to_thread(supervisor.stop))
+                ctx.store_reads.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="wanserve",

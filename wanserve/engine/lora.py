@@ -226,7 +226,8 @@ def convert_lora(
         renamed = _fold_alphas(renamed)
     if fmt is LoraFormat.PEFT and peft_config is not None:
         scale = _peft_scale(peft_config)
-        for key in [k for k in renamed if k.endswith(".lora_A.weight")]:
+        # peft scales B(A x) as a whole, B's bias (lora_bias) included: A and that bias take the scale
+        for key in [k for k in renamed if k.endswith((".lora_A.weight", ".lora_B.bias"))]:
             renamed[key] = (renamed[key].float() * scale).to(renamed[key].dtype)
     try:
         with warnings.catch_warnings():

@@ -199,8 +199,14 @@ class LoraResolver:
         kind = classify(path, self.files)
         if kind in (SourceKind.LOCAL, SourceKind.HUB):
             try:
-                found = self._local(path) if kind is SourceKind.LOCAL else self._hub(path, weight_name)
-                config = _peft_config_beside(found, self.roots if kind is SourceKind.LOCAL else None)
+                if kind is SourceKind.LOCAL:
+                    found, named = self._local(path)
+                    # beside the file as the request names it (a link into a blob store keeps its config beside the
+                    # link), else beside its target; either only inside the roots
+                    config = _peft_config_beside(named, self.roots) or _peft_config_beside(found, self.roots)
+                else:
+                    found = self._hub(path, weight_name)
+                    config = _peft_config_beside(found)
                 return replace(self._hashed(found, kind, started), peft_config=config)
             except (OSError, ValueError) as exc:  # a NUL in the path, a name too long, a file we may not read
                 raise LoraError(f"cannot read {describe_path(path)}: {type(exc).__name__}") from None
@@ -251,7 +257,8 @@ class LoraResolver:
         return LoraFile(path, sha, st.st_size, kind, False, time.perf_counter() - started)
 
     # --- local folders ---
-    def _local(self, raw: str) -> Path:
+    def _local(self, raw: str) -> tuple[Path, Path]:
+        """The file `raw` names inside the roots: its real path, and the path as named (before links)."""
         if not self.roots:
             raise LoraError(
                 f"{describe_path(raw)} is neither a URL nor a Hugging Face repo, and local LoRA paths are disabled on "
@@ -266,7 +273,7 @@ class LoraResolver:
             if not any(real.is_relative_to(root) for root in self.roots):
                 raise LoraError(f"{describe_path(raw)} is outside the folders LoRAs may be read from")
             if real.is_file():
-                return real
+                return real, candidate
         raise LoraError(f"no LoRA file {describe_path(raw)} in the folders LoRAs may be read from")
 
     # --- the Hugging Face Hub ---

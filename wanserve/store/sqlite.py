@@ -172,7 +172,7 @@ class SQLiteJobStore:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:  # none: raised by the module
                 raise
             raise StorageFull(
                 f"no space left on the disk of the job store ({self.path.parent}): nothing was written"

@@ -503,7 +503,12 @@ class Worker:
             current = self.store.get(job.id)
             if current is not None:
                 named = (current.output or {}).get("video", {}).get("url") == output["video"]["url"]
-                run_again = current.attempts == job.attempts and current.state is not JobState.COMPLETED
+                # a claim counts an attempt and a hand-back takes it back: after a hand-back the job is queued one
+                # attempt lower and its next claim is this one's number again (a lease requeue keeps the count, so
+                # its next run has a key of its own)
+                run_again = (current.state is JobState.RUNNING and current.attempts == job.attempts) or (
+                    current.state is JobState.QUEUED and current.attempts == job.attempts - 1
+                )
                 if named or run_again:
                     return
             self.files.delete(output_key(job.id, job.attempts))
