@@ -20,10 +20,18 @@ STATUS_REASONS = {
 def _with_message(body: Any, status: int) -> Any:
     """The JS client's error message is `body.message`, else the status line's reason phrase. 499 (cancelled,
     client gone) has none: uvicorn sends an empty one. There the body's `detail` is repeated as `message`."""
-    if status < 400 or status in HTTPStatus._value2member_map_ or not isinstance(body, dict) or "message" in body:
+    if status < 400 or _has_reason_phrase(status) or not isinstance(body, dict) or "message" in body:
         return body
     detail = body.get("detail")
     return {**body, "message": detail} if isinstance(detail, str) else body
+
+
+def _has_reason_phrase(status: int) -> bool:
+    try:
+        HTTPStatus(status)
+    except ValueError:
+        return False
+    return True
 
 
 def reply_response(reply: Reply) -> JSONResponse:

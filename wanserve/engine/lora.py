@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import struct
 import time
@@ -97,8 +98,7 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """The tensors and metadata of a safetensors file. Pickle checkpoints are refused: loading one runs code."""
     try:
         with path.open("rb") as f:
-            head = f.read(9)
-            size = path.stat().st_size
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise LoraError(f"cannot read the LoRA file: {exc.strerror}") from None
     if not _looks_like_safetensors(head, size) and head.startswith(PICKLE_MAGIC):
@@ -158,9 +158,13 @@ def _fold_alphas(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         down_key = next((f"{stem}.{n}.weight" for n in ("lora_down", "lora_A") if f"{stem}.{n}.weight" in out), None)
         if down_key is None or out[down_key].ndim != 2 or out[down_key].shape[0] == 0 or out[key].numel() != 1:
             continue  # left to the converter, which says what is wrong
-        down = out[down_key]
-        out[down_key] = (down.float() * (float(out.pop(key)) / down.shape[0])).to(down.dtype)
+        out[down_key] = _scaled(out[down_key], float(out.pop(key)) / out[down_key].shape[0])
     return out
+
+
+def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """`tensor * scale`, computed in float32 and kept in the tensor's dtype (a bf16 or fp16 file's factors)."""
+    return (tensor.float() * scale).to(tensor.dtype)
 
 
 def _peft_scale(config_text: str) -> float:
@@ -228,7 +232,7 @@ def convert_lora(
         scale = _peft_scale(peft_config)
         # peft scales B(A x) as a whole, B's bias (lora_bias) included: A and that bias take the scale
         for key in [k for k in renamed if k.endswith((".lora_A.weight", ".lora_B.bias"))]:
-            renamed[key] = (renamed[key].float() * scale).to(renamed[key].dtype)
+            renamed[key] = _scaled(renamed[key], scale)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -154,13 +154,7 @@ class LocalFileStore:
             expires_at=expires_at,
             etag=_md5_file(staged),
         )
-        fd, tmp = tempfile.mkstemp(dir=self._tmp)
-        try:
-            write_synced(fd, stored.to_json().encode())
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return stored, Path(tmp)
+        return stored, self._stage(stored.to_json().encode())
 
     def _remove_empty_dirs(self, key: str) -> None:
         for d in (self._meta_path(key).parent, self._object(key).parent):
