@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -20,6 +22,7 @@ from lora_files import (
     write_peft,
     write_wan,
 )
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
@@ -188,7 +191,10 @@ def test_a_peft_adapter_is_scaled_by_the_alpha_of_its_config(
         torch.testing.assert_close(wrapped(x), wrapped.base_layer(x) + 4.0 * (x @ a.T @ b.T + bias))
     engine.loras.unload_all()
     for config, fragment in (
-        ('{"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": 8}}', "rank_pattern"),
+        ('{"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": 8}}', "gives layer 'blocks.0.attn1.to_q' rank 8"),
+        ('{"r": 4, "alpha_pattern": {"(": 2}}', "is no regular expression"),
+        ('{"r": 4, "alpha_pattern": {"to_q": "2"}}', "not a positive number"),
+        ('{"r": 4, "alpha_pattern": {"(?:(?:.|..|...|....)*)*(?<!.)": 2}}', "take more than 1 s"),
         ('{"r": 4, "use_dora": true}', "DoRA"),
         ('{"r": 0}', "positive numbers"),
         ("not json", "not valid JSON"),
@@ -196,6 +202,42 @@ def test_a_peft_adapter_is_scaled_by_the_alpha_of_its_config(
         bad = LoraUse(replace(plain.file, peft_config=config), 1.0, EXPERTS["both"], "peft")
         with pytest.raises(FieldError, match=fragment):
             engine.generate(with_loras(spec, bad))
+
+
+def test_a_peft_adapter_with_a_rank_and_alpha_per_layer_acts_as_in_peft(
+    engine: WanEngine, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """rank_pattern and alpha_pattern give some layers a rank and alpha of their own (peft's `get_pattern_key`: the
+    first pattern matching the end of the layer name). The adapter is made and saved by peft itself, and each
+    layer must compute what peft's layer computes."""
+    expert = copy.deepcopy(engine.pipe.transformer)
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+        rank_pattern={"blocks.0.attn1.to_q": 8, "to_k": 2},
+        alpha_pattern={"attn2.to_.": 16, "blocks.1.attn1.to_q": 2},
+    )  # fmt: skip
+    inject_adapter_in_model(config, expert)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in expert.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_B["default"].weight.copy_(torch.randn(module.lora_B["default"].weight.shape, generator=g))
+    weights = get_peft_model_state_dict(expert)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in weights.items()}, path)
+    configured = LoraUse(replace(use(path).file, peft_config=json.dumps(config.to_dict(), default=list)), 1.0,
+                         EXPERTS["both"], "peft patterns")  # fmt: skip
+    engine.loras.load([configured])
+    checked = set()
+    with torch.no_grad(), engine.loras.active([configured]):
+        for name in ("blocks.0.attn1.to_q", "blocks.1.attn1.to_q", "blocks.0.attn1.to_k", "blocks.0.attn2.to_v",
+                     "blocks.1.attn1.to_v"):  # fmt: skip
+            theirs, ours = expert.get_submodule(name), engine.pipe.transformer.get_submodule(name)
+            x = torch.randn(3, theirs.in_features, generator=g)
+            torch.testing.assert_close(ours(x), theirs(x))
+            checked.add(theirs.scaling["default"])
+    assert checked == {0.5, 2.0, 4.0, 1.0}  # 4/8, 4/2, 16/4 and 2/4 ... and the default 4/4
+    assert not np.array_equal(frames(engine, with_loras(spec, configured)), frames(engine, spec))
 
 
 def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeGuard
 
+import regex
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors import SafetensorError, safe_open
@@ -167,9 +168,50 @@ def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     return (tensor.float() * scale).to(tensor.dtype)
 
 
-def _peft_scale(config_text: str) -> float:
-    """lora_alpha / r (or / sqrt(r) with rsLoRA) of a PEFT adapter_config.json: the scale PEFT applies to the
-    factors, which its weights file does not carry. Settings that change more than one scale are refused."""
+@dataclass(frozen=True)
+class PeftScaling:
+    """The scale PEFT applies to each layer's factors, which its weights file does not carry: lora_alpha / r of
+    the adapter_config.json (or / sqrt(r) with rsLoRA), with a layer's own rank or alpha where rank_pattern or
+    alpha_pattern names it."""
+
+    rank: float
+    alpha: float
+    rslora: bool = False
+    rank_pattern: tuple[tuple[str, float], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    def of(self, module: str, deadline: float) -> tuple[float, float]:
+        """(rank, scale) of the layer `module` (its name in the transformer, `blocks.0.attn1.to_q`). The patterns
+        are matched until `deadline` (time.monotonic()) at most."""
+        rank = _pattern_value(self.rank_pattern, module, self.rank, deadline)
+        alpha = _pattern_value(self.alpha_pattern, module, self.alpha, deadline)
+        return rank, alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+# A pattern names layers by a regular expression from the config file, which may come from anyone's Hub repo: all
+# of a file's matching shares one time limit (the `regex` module's), so a pathological pattern cannot hang the worker.
+PATTERN_MATCH_BUDGET_S = 1.0
+MAX_PATTERNS = 4096
+MAX_PATTERN_CHARS = 512
+
+
+def _pattern_value(patterns: tuple[tuple[str, float], ...], module: str, default: float, deadline: float) -> float:
+    """peft's rule (`get_pattern_key`): the first pattern that matches the end of the name at a dot boundary."""
+    for pattern, value in patterns:
+        try:
+            matched = regex.match(rf"(.*\.)?({pattern})$", module, timeout=max(deadline - time.monotonic(), 1e-3))
+        except TimeoutError:
+            raise LoraError(
+                f"{PEFT_CONFIG}: its layer patterns take more than {PATTERN_MATCH_BUDGET_S:g} s to match the layer "
+                f"names (at {pattern[:80]!r})"
+            ) from None
+        if matched:
+            return value
+    return default
+
+
+def _peft_scaling(config_text: str) -> PeftScaling:
+    """The adapter_config.json's scaling, checked: what it cannot express as a scale per layer is refused."""
     try:
         config = json.loads(config_text)
     except ValueError:
@@ -178,16 +220,55 @@ def _peft_scale(config_text: str) -> float:
         raise LoraError(f"the {PEFT_CONFIG} beside the LoRA is not a JSON object")
     if config.get("use_dora"):
         raise LoraError(f"DoRA LoRAs are not supported ({PEFT_CONFIG} sets use_dora)")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise LoraError(f"{PEFT_CONFIG} sets rank_pattern or alpha_pattern (a rank or alpha per layer): not supported")
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # peft's LoraConfig defaults
     if not (_positive(rank) and _positive(alpha)):
         raise LoraError(f"{PEFT_CONFIG} needs positive numbers r and lora_alpha (has r={rank!r}, lora_alpha={alpha!r})")
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else float(rank))
+    return PeftScaling(
+        float(rank),
+        float(alpha),
+        bool(config.get("use_rslora")),
+        _patterns(config, "rank_pattern"),
+        _patterns(config, "alpha_pattern"),
+    )
+
+
+def _patterns(config: dict[str, object], name: str) -> tuple[tuple[str, float], ...]:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict) or len(patterns) > MAX_PATTERNS:
+        raise LoraError(f"{PEFT_CONFIG}: {name} must be an object of at most {MAX_PATTERNS} layer patterns")
+    checked = []
+    for pattern, value in patterns.items():
+        if len(pattern) > MAX_PATTERN_CHARS or not _positive(value):
+            raise LoraError(f"{PEFT_CONFIG}: {name} entry {pattern[:80]!r}: {value!r} is not a positive number")
+        try:
+            regex.compile(pattern)
+        except regex.error as exc:
+            raise LoraError(f"{PEFT_CONFIG}: {name} entry {pattern[:80]!r} is no regular expression: {exc}") from None
+        checked.append((pattern, float(value)))
+    return tuple(checked)
 
 
 def _positive(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e6
+
+
+def _apply_peft_scaling(renamed: dict[str, torch.Tensor], scaling: PeftScaling) -> None:
+    """Folds each layer's scale into its factors. peft scales B(A x) as a whole, B's bias (lora_bias) included:
+    A and that bias take the scale. A layer whose factors' rank is not the config's says so, rather than load
+    scaled wrong (peft itself would refuse the file)."""
+    deadline = time.monotonic() + PATTERN_MATCH_BUDGET_S
+    for key in [k for k in renamed if k.endswith(".lora_A.weight")]:
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        rank, scale = scaling.of(module, deadline)
+        if renamed[key].ndim != 2 or renamed[key].shape[0] != rank:
+            raise LoraError(
+                f"{PEFT_CONFIG} gives layer {module!r} rank {rank:g}, but its factors have rank "
+                f"{renamed[key].shape[0] if renamed[key].ndim else 0}"
+            )
+        renamed[key] = _scaled(renamed[key], scale)
+        bias = key.replace(".lora_A.weight", ".lora_B.bias")
+        if bias in renamed:
+            renamed[bias] = _scaled(renamed[bias], scale)
 
 
 def convert_lora(
@@ -229,10 +310,7 @@ def convert_lora(
             raise LoraError("the LoRA has factors for no transformer block (only head or embeddings): not supported")
         renamed = _fold_alphas(renamed)
     if fmt is LoraFormat.PEFT and peft_config is not None:
-        scale = _peft_scale(peft_config)
-        # peft scales B(A x) as a whole, B's bias (lora_bias) included: A and that bias take the scale
-        for key in [k for k in renamed if k.endswith((".lora_A.weight", ".lora_B.bias"))]:
-            renamed[key] = _scaled(renamed[key], scale)
+        _apply_peft_scaling(renamed, _peft_scaling(peft_config))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
