@@ -366,6 +366,35 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
     assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
 
 
+def test_a_stop_while_the_job_store_is_down_at_the_report_exits_after_a_grace(tmp_path: Path, monkeypatch: Any) -> None:
+    """The video is stored, the job store is down when the run is to be reported, and the worker is stopped: it
+    tries to report for REPORT_GRACE_AFTER_STOP_S more, not for the whole outage window (minutes), then exits. The
+    job stays leased to it (the store hands it to another worker when the lease runs out) and its video stays."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr(loop, "REPORT_GRACE_AFTER_STOP_S", 0.5)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    store = open_job_store(settings)
+    flaky = FlakyStore(store, {"finish": 10_000, "remove_worker": 1})
+    files = open_file_store(settings)
+    worker = Worker(settings, flaky, files, worker_id="w1", runner_factory=lambda s: InstantRunner())
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while flaky.failures["finish"] == 10_000:  # the first report failed: the worker waits for the store
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stopped = time.monotonic()
+    worker.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert 0.5 <= time.monotonic() - stopped < 5
+    assert 10_000 - flaky.failures["finish"] > 2  # it went on trying during the grace
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.RUNNING and job.worker_id == "w1"
+    assert files.stat(output_key("j1", 1), time.time()).size > 0  # the next attempt removes it when it runs
+
+
 @pytest.mark.parametrize("outage", ["short", "long", "refused"])
 def test_a_file_store_outage_at_the_upload_waits_for_it_then_fails_the_job(
     tmp_path: Path, monkeypatch: Any, outage: str

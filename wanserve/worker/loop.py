@@ -18,6 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,10 @@ class ShuttingDown(Exception):
 
 
 STORE_RETRY_FIRST_S = 1.0  # then doubling, up to 30 s
+# A stop while a finished run waits for the job store to report it: it tries this much longer, then the worker exits
+# and leaves the job leased (the store gives it to another worker when the lease runs out). Under `serve` the
+# supervisor's own grace is shorter and ends it first.
+REPORT_GRACE_AFTER_STOP_S = 15.0
 
 
 class StoreOutage:
@@ -116,6 +121,14 @@ class StoreOutage:
         if self.delay:
             log.info("job store reachable again")
         self.delay = 0.0
+
+
+class Report(Enum):
+    """What came of reporting a run's outcome to the job store."""
+
+    DONE = "done"
+    REFUSED = "refused"  # the job was no longer this worker's
+    UNREPORTED = "unreported"  # the store stayed unreachable until the worker stopped
 
 
 class Worker:
@@ -150,6 +163,7 @@ class Worker:
         self._kept_run: tuple[str, int] | None = None
         self._hand_back_lock = threading.Lock()  # the heartbeat thread and the main thread may both try
         self._stop = threading.Event()
+        self._stopped_at: float | None = None  # monotonic time of the first stop()
         self._beat_now = threading.Event()  # wakes the heartbeat thread before its interval (a stop, the end)
         self._draining = threading.Event()
         self._detail: dict[str, Any] = {
@@ -167,6 +181,8 @@ class Worker:
         """Stop now: the running job goes back to the queue at once (it runs again elsewhere, its attempt not
         counted). The heartbeat thread hands it back: the engine looks for a stop only between denoising steps, and
         a 720p step can outlast the grace a stopping server gives its workers before it kills them."""
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
         self._stop.set()
         self._beat_now.set()
 
@@ -254,7 +270,10 @@ class Worker:
             self._stop.set()
             finished.set()
             self._beat_now.set()
-            self.store.remove_worker(self.id)
+            try:
+                self.store.remove_worker(self.id)
+            except Exception as exc:  # a store outage: the entry ages out of the worker list (its heartbeat stopped)
+                log.warning("could not remove worker %s from the store (%s: %s)", self.id, type(exc).__name__, exc)
 
     def _hand_back_unanswered_claim(self, token: str) -> None:
         """Stopping after a claim whose reply was lost: that claim may have taken a job, which would then wait for
@@ -417,7 +436,7 @@ class Worker:
                 self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
         else:
             note = f"Completed in {time.perf_counter() - started:.1f}s"
-            if not self._finish(job, output=output, inference_time=inference_time, note=note):
+            if self._finish(job, output=output, inference_time=inference_time, note=note) is Report.REFUSED:
                 self._discard_refused_output(job, output)
         finally:
             with self._hand_back_lock:  # a hand-back in progress sees the run either whole or over
@@ -473,12 +492,13 @@ class Worker:
             "the worker freed its cached memory and goes on with the next request"
         )
 
-    def _finish(self, job: Job, **outcome: Any) -> bool:
+    def _finish(self, job: Job, **outcome: Any) -> Report:
         """Report the outcome, through a store outage too: a finished video is worth waiting for the store (while
-        it is down nobody can take the job from this worker; once it is back, the lease decides). False: the store
-        refused it (the job was no longer this worker's, or a stop handed it back first)."""
+        it is down nobody can take the job from this worker; once it is back, the lease decides). REFUSED: the
+        job was no longer this worker's, or a stop handed it back first. A stop during the wait leaves
+        REPORT_GRACE_AFTER_STOP_S to it: then UNREPORTED, the job left leased to this worker, which exits."""
         if not self._begin_commit(job):
-            return False
+            return Report.REFUSED
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
@@ -488,10 +508,27 @@ class Worker:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
                 break
             except Exception as exc:
-                self._wait_out(outage, exc, give_up, time.sleep)
+                if self._stopped_at is not None and time.monotonic() > self._stopped_at + REPORT_GRACE_AFTER_STOP_S:
+                    log.error(
+                        "job %s: stopping with its outcome unreported (%s: %s); the job store gives it to another "
+                        "worker when its lease runs out",
+                        job.id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return Report.UNREPORTED
+                self._wait_out(outage, exc, give_up, self._wait_unless_stopping)
         if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
-        return bool(finished)
+            return Report.REFUSED
+        return Report.DONE
+
+    def _wait_unless_stopping(self, seconds: float) -> None:
+        """A backoff that a stop cuts short; once stopping, backoffs end with the report's grace."""
+        if self._stopped_at is None:
+            self._stop.wait(seconds)
+        else:
+            time.sleep(max(0.0, min(seconds, self._stopped_at + REPORT_GRACE_AFTER_STOP_S - time.monotonic())))
 
     def _discard_refused_output(self, job: Job, output: dict[str, Any]) -> None:
         """The video of a finish the store refused (the job was taken back, failed or cancelled meanwhile) is
