@@ -8,10 +8,10 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from file_server import FileServer, running_file_server
+from hub_server import running_hub
 
 from wanserve.client.local_server import free_port
 from wanserve.config import Settings
@@ -336,26 +336,51 @@ def test_a_peft_config_beside_a_local_or_hub_file_comes_with_it(
     # the Hugging Face cache (offline): the config in the snapshot beside the weights
     hf_cache_repo(tmp_path / "hf", "someone/peft", {"adapter_model.safetensors": b"w", "adapter_config.json": b"{}"})
     assert resolver.resolve("someone/peft").peft_config == "{}"
-    # online: the repo lists a config beside the weights, so it is downloaded with them
-    import huggingface_hub
+    # online (a stand-in Hub): the repo lists a config beside the weights, so it is downloaded with them
+    with running_hub() as hub:
+        hub.repos["someone/online"] = {
+            "sub/adapter_model.safetensors": b"weights",
+            "sub/adapter_config.json": PEFT_CONFIG_TEXT.encode(),
+            "README.md": b"#",
+        }
+        online = make(hf_offline=False, hf_endpoint=hub.endpoint).resolve(
+            "someone/online", "sub/adapter_model.safetensors"
+        )
+        assert online.path.read_bytes() == b"weights" and online.peft_config == PEFT_CONFIG_TEXT
+        assert {r[2] for r in hub.requests if r[0] == "GET"} == {
+            "sub/adapter_model.safetensors",
+            "sub/adapter_config.json",
+        }
 
-    listed = ["sub/adapter_model.safetensors", "sub/adapter_config.json", "README.md"]
-    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=n, size=10) for n in listed])
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: info)
-    snapshot = tmp_path / "online-snapshot"
-    downloads: list[str] = []
 
-    def download(repo_id: str, filename: str, **kwargs: object) -> str:
-        downloads.append(filename)
-        target = snapshot / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(PEFT_CONFIG_TEXT if filename.endswith(".json") else "weights")
-        return str(target)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    online = make(hf_offline=False).resolve("someone/online", "sub/adapter_model.safetensors")
-    assert downloads == ["sub/adapter_model.safetensors", "sub/adapter_config.json"]
-    assert online.peft_config == PEFT_CONFIG_TEXT
+def test_hugging_face_repo_online(make: Make, tmp_path: Path) -> None:
+    """Through huggingface_hub against a stand-in Hub: the file list picks the file (the only .safetensors, or
+    the one named) and checks its size before any download; a file already in the cache is not downloaded again."""
+    with running_hub() as hub:
+        hub.repos["someone/style"] = {"style.safetensors": b"style v1", "README.md": b"#"}
+        hub.repos["someone/pair"] = {"high.safetensors": b"h", "low.safetensors": b"l"}
+        hub.repos["someone/huge"] = {"huge.safetensors": b"x" * 2048}
+        resolver = make(hf_offline=False, hf_endpoint=hub.endpoint, lora_max_bytes=1024)
+        only = resolver.resolve("someone/style")
+        assert only.kind is SourceKind.HUB and only.path.read_bytes() == b"style v1" and only.peft_config is None
+        assert resolver.resolve("someone/style").path == only.path
+        assert hub.requests["GET", "someone/style", "style.safetensors"] == 1  # the second time from the cache
+        assert resolver.resolve("someone/pair", "low.safetensors").path.read_bytes() == b"l"
+        with pytest.raises(LoraError, match=r"several \.safetensors files; choose one with weight_name"):
+            resolver.resolve("someone/pair")
+        with pytest.raises(LoraError, match=r"has no file middle\.safetensors"):
+            resolver.resolve("someone/pair", "middle.safetensors")
+        with pytest.raises(LoraError, match="is 2048 bytes, over the 1024-byte LoRA limit"):
+            resolver.resolve("someone/huge")
+        assert not any(r[0] == "GET" and r[1] == "someone/huge" for r in hub.requests)
+        with pytest.raises(LoraError, match="Hugging Face repo nobody/absent: RepositoryNotFoundError"):
+            resolver.resolve("nobody/absent")
+        hub.repos["someone/style"] = {"style.safetensors": b"style v2"}  # a new commit: the new file
+        assert resolver.resolve("someone/style").path.read_bytes() == b"style v2"
+        hub.down = True  # the Hub's outage (a 5xx), unlike a repo it says is absent: the cache stands in
+        assert resolver.resolve("someone/style").path.read_bytes() == b"style v2"
+        with pytest.raises(LoraError, match="not in this server's Hugging Face cache and the Hub cannot be reached"):
+            resolver.resolve("someone/never-fetched")
 
 
 def test_hugging_face_hub_unreachable_falls_back_to_the_cache_then_fails_fast(make: Make, tmp_path: Path) -> None:

@@ -92,9 +92,15 @@ class LoraUse:
     label: str  # the request's path, shortened, for logs and errors
 
 
-def _is_network_error(exc: BaseException) -> bool:
-    """A connection or timeout failure. huggingface_hub raises its own httpx fork's (httpx2) errors, so the
-    check goes by the shared class name rather than by one library's class."""
+def _hub_unreachable(exc: BaseException) -> bool:
+    """A connection or timeout failure, or the Hub's own server error (5xx): the cache may stand in. An answer
+    about the repo (not found, gated, unauthorized) is not one, although huggingface_hub's HTTP errors are
+    OSErrors too. Its errors come from its own httpx fork (httpx2), so the check goes by class names rather than by
+    one library's classes."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        return status >= 500
     return isinstance(exc, OSError) or any(cls.__name__ == "TransportError" for cls in type(exc).__mro__)
 
 
@@ -296,7 +302,7 @@ class LoraResolver:
                 try:
                     weight_name, with_config = self._hub_pick_online(repo_id, weight_name)
                 except Exception as exc:
-                    if not _is_network_error(exc):
+                    if not _hub_unreachable(exc):
                         raise
                     # the Hub is unreachable: the cache may still have the file
                     log.warning("Hugging Face Hub unreachable (%s): looking in the local cache", type(exc).__name__)
