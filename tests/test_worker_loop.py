@@ -453,6 +453,41 @@ def test_a_worker_stopped_after_a_lost_claim_reply_hands_that_claims_job_back(
     assert "Worker stopping" in store.logs("j1")[-1].message
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_worker_stopped_after_a_claim_that_never_reached_the_store_takes_no_job(
+    tmp_path: Path, monkeypatch: Any, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A claim that failed before it reached the store (connection refused) took nothing: the stopping worker
+    must not take the head of the queue now to hand it back, which would log a false hand-back and clear the
+    job's start deadline (x-fal-request-timeout: it would never time out)."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    on_redis: dict[str, Any] = {}
+    if backend == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        on_redis = {"store": redis_server.url, "redis_prefix": request.getfixturevalue("redis_prefix")}
+    settings = Settings(data_dir=tmp_path, public_url="http://t", worker_poll_s=0.01, **on_redis)
+    store = open_job_store(settings)
+    worker = Worker(
+        settings, store, open_file_store(settings), worker_id="w1", runner_factory=lambda s: InstantRunner()
+    )
+    submitted = time.time()
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}, start_timeout_s=5), submitted)
+
+    real_claim = store.claim
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(store, "claim", real_claim)  # the store is back for whatever comes next
+        worker.stop()  # SIGTERM while the store is unreachable
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(store, "claim", refused)
+    worker.run()
+    job = store.get("j1")
+    assert job is not None and job.state is JobState.QUEUED and job.attempts == 0 and job.started_at is None
+    assert not [e.message for e in store.logs("j1")]
+    assert store.expire_overdue(submitted + 60) == ["j1"]  # its start deadline still holds
+
+
 def finished(store: Any, job_id: str) -> bool:
     job = store.get(job_id)
     return job is not None and job.state is JobState.COMPLETED

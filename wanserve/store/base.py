@@ -58,6 +58,11 @@ class JobStore(Protocol):
         first one took, if it took one, rather than taking another and leaving that one without a worker."""
         ...
 
+    def claimed_with(self, worker_id: str, token: str) -> Job | None:
+        """The job a claim by `worker_id` with `token` took, while it still runs on that worker; never takes one. For
+        a claim that raised: whether it took a job before its reply was lost (None: it took none)."""
+        ...
+
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
         """Extends the lease; False when the job is no longer this worker's (it was recovered or ended)."""
         ...

@@ -539,6 +539,12 @@ class RedisJobStore:
                 return _job(_pairs(found[1:]))
             self.expire_overdue(now)  # the head was past its start deadline: complete it, take the next
 
+    def claimed_with(self, worker_id: str, token: str) -> Job | None:
+        # A plain read: only this worker's claim could have set the token, and only its worker acts on the answer.
+        job_id = self.redis.get(self._key("claim", token))
+        job = self.get(job_id) if job_id else None
+        return job if job is not None and job.state is JobState.RUNNING and job.worker_id == worker_id else None
+
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
         return bool(self._run("heartbeat", job_id, worker_id, _num(now + lease_s)))
 

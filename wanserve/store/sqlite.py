@@ -284,7 +284,8 @@ class SQLiteJobStore:
 
     # --- workers ---
     def claim(self, worker_id: str, lease_s: float, now: float, token: str | None = None) -> Job | None:
-        # `token` needs nothing here: a claim that raised rolled back whole, so a retry takes the same head.
+        # `token` needs nothing here: the claimed job is read inside the transaction, so a claim that raised rolled
+        # back whole and took nothing (a retry takes the same head).
         with self._write() as db:
             self._expire_overdue(db, now)
             row = db.execute(
@@ -297,7 +298,11 @@ class SQLiteJobStore:
                 " first_started_at = COALESCE(first_started_at, ?), lease_expires_at = ? WHERE id = ?",
                 (_RUNNING, worker_id, now, now, now + lease_s, row["id"]),
             )
-        return self.get(row["id"])
+            claimed = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+            return _job(claimed)
+
+    def claimed_with(self, worker_id: str, token: str) -> Job | None:
+        return None  # a claim that raised took nothing (see claim)
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float, now: float) -> bool:
         with self._write() as db:

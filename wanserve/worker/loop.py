@@ -277,10 +277,11 @@ class Worker:
 
     def _hand_back_unanswered_claim(self, token: str) -> None:
         """Stopping after a claim whose reply was lost: that claim may have taken a job, which would then wait for
-        its lease to run out and count a run it never had. The claim is asked again with its token (the store
-        answers the job it took, or takes one now) and the job handed straight back, its place and attempts kept."""
+        its lease to run out and count a run it never had. The store is asked which job the claim took, if any (a
+        claim that never reached it took none, and none is taken now) and that job is handed straight back, its
+        place and attempts kept."""
         try:
-            job = self.store.claim(self.id, self.settings.job_lease_s, self.store.now(), token=token)
+            job = self.store.claimed_with(self.id, token)
             if job is not None:
                 note = "Worker stopping; the request goes back to the queue"
                 if not self.store.release(job.id, self.id, self.store.now(), note=note):
