@@ -148,3 +148,19 @@ def test_an_outage_ridden_out_inside_one_store_call_holds_the_recovery(store: St
     assert state(store) is JobState.RUNNING
     passes.run_for(60)  # the worker renewed its lease meanwhile
     assert state(store) is JobState.RUNNING
+
+
+def test_a_replica_that_starts_after_an_outage_leaves_leases_one_lease_for_their_workers(store: Store) -> None:
+    """A replica started by a deploy or an autoscaler right after a Redis outage has no history to tell it that
+    the store took no writes: its first passes must not take the leases that ran out in the outage before their
+    workers' next heartbeat renews them. A dead worker's job goes one lease after the start."""
+    store.clock += 40.0  # the lease ran out at T0 + 30, in an outage this process never saw
+    alive = Passes(store)
+    alive.run_for(int(LEASE_S) + 5)
+    assert state(store) is JobState.RUNNING  # its worker renewed it meanwhile
+    store.clock += 40.0
+    dead = Passes(store, worker_alive=False)
+    dead.run_for(int(LEASE_S) - 2)
+    assert state(store) is JobState.RUNNING
+    dead.run_for(3)
+    assert state(store) is JobState.QUEUED

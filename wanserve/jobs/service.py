@@ -330,7 +330,9 @@ class LeaseRecovery:
     - no housekeeping pass got through for longer than a heartbeat interval: the store took no writes (a full
       disk, a Redis outage, including one its client rode out inside a single slow call) or this process stalled;
       the first pass after would take every running job from its worker (and its video with it);
-    - the store clock jumped ahead (a stepped wall clock): every lease would look expired at once.
+    - the store clock jumped ahead (a stepped wall clock): every lease would look expired at once;
+    - this process has just started: it cannot know whether the store was unreachable just before (a replica
+      started by a deploy or an autoscaler right after a Redis outage would take every lease that ran out in it).
     Within that lease each live worker renews its lease (every lease/4); a worker that really died is recovered a
     lease later than it would have been. Dead worker processes the supervisor saw exit are recovered at once."""
 
@@ -361,6 +363,8 @@ class LeaseRecovery:
         probe_s = self.clock() - mono
         if self._failed:  # also before any pass got through (a start during an outage)
             self._hold(mono, "the job store took no writes for a while")
+        elif self._last is None:
+            self._hold(mono, "housekeeping has just started", quiet=True)
         elif probe_s > self.max_gap_s:  # a store client that rode out an outage inside this one call
             self._hold(mono, f"one write to the job store took {probe_s:.0f} s")
         elif self._last is not None:
@@ -375,9 +379,14 @@ class LeaseRecovery:
             return []
         return recover_lost_jobs(self.store, [], self.max_attempts, expired_leases=True)
 
-    def _hold(self, mono: float, why: str) -> None:
+    def _hold(self, mono: float, why: str, quiet: bool = False) -> None:
         self._held_until = mono + self.lease_s
-        log.warning("%s: running jobs keep their leases for %.0f s, for their workers to renew them", why, self.lease_s)
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
+            "%s: running jobs keep their leases for %.0f s, for their workers to renew them",
+            why,
+            self.lease_s,
+        )
 
 
 def forget_silent_workers(store: JobStore, silent_s: float) -> list[str]:
