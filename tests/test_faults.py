@@ -4,7 +4,6 @@ job store stays intact, and the next job succeeds."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import random
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from disk import fill, not_root_or_fail, tmpfs
 from fastapi.testclient import TestClient
 from server import CHEAP_INPUT, Server
 
@@ -119,7 +119,7 @@ class Faulty:
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, coarse_model: Path) -> Iterator[Faulty]:
     data = tmp_path_factory.mktemp("faults") / "data"
-    with _tmpfs(data / "files", "16m") as mounted:
+    with tmpfs(data / "files", "16m") as mounted:
         server = Server(data, model_cache, args=["--model", str(coarse_model)])
         try:
             server.start()
@@ -273,35 +273,6 @@ def test_kill_9_of_server_and_worker_at_random_points_loses_nothing_and_complete
 # --- a full disk ---
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[bool]:
-    """A tmpfs of `size` mounted at `path` (we are root in CI); yields False, mounting nothing, where that is
-    not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    try:
-        yield mounted.returncode == 0
-    finally:
-        if mounted.returncode == 0 and subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(folder: Path) -> Path:
-    """Writes a filler file until the filesystem is full (to the last page); returns it."""
-    filler = folder / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # unbuffered: nothing left to flush at close
-    try:
-        for chunk in (b"\0" * (1 << 20), b"\0" * 4096, b"\0"):
-            try:
-                while os.write(fd, chunk):
-                    pass
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
-
-
 def _assert_no_half_written_files(root: Path) -> None:
     """Every object has its metadata and the reverse, and no temporary file is left."""
     objects = {p.relative_to(root / "objects").as_posix() for p in (root / "objects").rglob("*") if p.is_file()}
@@ -312,18 +283,11 @@ def _assert_no_half_written_files(root: Path) -> None:
     assert list((root / "tmp").iterdir()) == []
 
 
-def _not_root_or_fail() -> None:
-    """Without root no tmpfs can be mounted: skip. As root (CI) a failed mount is a failure, never a quiet skip."""
-    if os.geteuid() == 0:
-        pytest.fail("could not mount a tmpfs as root")
-    pytest.skip("mounting a tmpfs needs root")
-
-
 @pytest.fixture
 def full_disk_store(tmp_path: Path) -> Iterator[LocalFileStore]:
-    with _tmpfs(tmp_path / "files", "256k") as mounted:
+    with tmpfs(tmp_path / "files", "256k") as mounted:
         if not mounted:
-            _not_root_or_fail()
+            not_root_or_fail()
         yield LocalFileStore(tmp_path / "files", "http://127.0.0.1:1")
 
 
@@ -346,7 +310,7 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
         _assert_no_half_written_files(store.root)
     # the metadata write is the one that fails: the object (written already) goes too
     key = new_key("small.bin")
-    filler = _fill(store.root)
+    filler = fill(store.root)
     os.truncate(filler, filler.stat().st_size - 4096)  # one page: room for the object, not for its metadata
     with pytest.raises(OSError) as full:
         store.put(key, b"x" * 3000, "application/octet-stream", None, now)
@@ -358,7 +322,7 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
     # whole. It is empty here, so replacing it frees no room for the new metadata.
     filler.unlink()
     first = store.put(key, b"", "text/plain", None, now)
-    filler = _fill(store.root)
+    filler = fill(store.root)
     os.truncate(filler, filler.stat().st_size - 4096)
     with pytest.raises(OSError) as full:
         store.put(key, b"2" * 3000, "application/octet-stream", None, now + 1)
@@ -370,7 +334,7 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
     filler.unlink()
     upload = store.create_multipart(key, "application/octet-stream", None)
     etags = [store.put_part(upload, n, os.urandom(60 * 1024)) for n in (1, 2)]
-    filler = _fill(store.root)
+    filler = fill(store.root)
     with pytest.raises(StorageFull):  # refused before copying: the parts' size is not free
         store.complete_multipart(upload, [(1, etags[0]), (2, etags[1])], now)
     with pytest.raises(FileNotFound):
@@ -384,13 +348,13 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
 def test_a_job_store_on_a_full_disk_answers_507_and_keeps_what_it_held(tmp_path: Path) -> None:
     """SQLite's "database or disk is full" was a 500 with a traceback in the log. It is a 507 storage_full, the
     jobs stored before stay whole, and writes work again once there is room."""
-    with _tmpfs(tmp_path / "data", "1m") as mounted:
+    with tmpfs(tmp_path / "data", "1m") as mounted:
         if not mounted:
-            _not_root_or_fail()
+            not_root_or_fail()
         app = create_app(Settings(data_dir=tmp_path / "data", public_url="http://testserver"), workers=0)
         with TestClient(app, raise_server_exceptions=False) as client:
             kept = client.post(f"/{APP}", json={"prompt": "a fox"}).json()["request_id"]
-            filler = _fill(tmp_path / "data")
+            filler = fill(tmp_path / "data")
             big = {"prompt": "a fox " + "x" * 9_000}  # more than the pages SQLite had left
             for call in (
                 lambda: client.post(f"/{APP}", json=big),
@@ -413,7 +377,7 @@ def test_a_job_store_on_a_full_disk_answers_507_and_keeps_what_it_held(tmp_path:
 
 def test_a_full_disk_fails_the_job_cleanly_and_the_next_one_succeeds(faulty: Faulty) -> None:
     if not faulty.files_on_tmpfs:
-        _not_root_or_fail()
+        not_root_or_fail()
     server, store = faulty.server, faulty.store
     faulty.ensure_running()
     earlier = _completed_ok(store)
@@ -424,7 +388,7 @@ def test_a_full_disk_fails_the_job_cleanly_and_the_next_one_succeeds(faulty: Fau
     videos = {j.id: httpx.get(results[j.id]["video"]["url"]).content for j in earlier}
     counts_before = store.counts()
 
-    filler = _fill(faulty.files_root)
+    filler = fill(faulty.files_root)
     try:
         victim = _submit(server, {**CHEAP_INPUT, "seed": 2})
         (failed,) = _wait_jobs(store, [victim], 120, server)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -290,6 +292,45 @@ def test_multipart_joins_parts_in_number_order(fs: LocalFileStore) -> None:
     assert tmp_leftovers(fs) == []
     with pytest.raises(FileNotFound):
         fs.complete_multipart(upload_id, [(1, etags[1])], T0)
+
+
+def test_a_completion_sent_while_another_joins_the_parts_waits_for_it(
+    fs: LocalFileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python client retries a completion that timed out while the first one is still joining the parts: the
+    second waits for the first, then finds the upload gone (as S3 answers), instead of reading parts that are being
+    deleted (a missing part or a server error) or joining them a second time."""
+    key = new_key("t.bin")
+    upload_id = fs.create_multipart(key, "video/mp4", None)
+    parts = [(n, fs.put_part(upload_id, n, bytes([n]) * 1000)) for n in (1, 2, 3)]
+    committing, go_on = threading.Event(), threading.Event()
+    real_commit = fs._commit
+
+    def slow_commit(*args: Any) -> Any:
+        committing.set()
+        assert go_on.wait(10)
+        return real_commit(*args)
+
+    monkeypatch.setattr(fs, "_commit", slow_commit)
+    answers: dict[str, object] = {}
+
+    def complete(name: str) -> None:
+        try:
+            answers[name] = fs.complete_multipart(upload_id, parts, T0)
+        except Exception as exc:
+            answers[name] = exc
+
+    first = threading.Thread(target=complete, args=("first",))
+    first.start()
+    assert committing.wait(10)
+    committing.clear()
+    second = threading.Thread(target=complete, args=("retry",))
+    second.start()
+    assert not committing.wait(0.3)  # the retry waits: it does not join the parts meanwhile
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert answers["first"] == fs.stat(key, T0) and isinstance(answers["retry"], FileNotFound), answers
 
 
 def test_multipart_reuploaded_part_replaces_the_old_one(fs: LocalFileStore) -> None:

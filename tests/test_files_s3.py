@@ -17,6 +17,7 @@ import httpx
 import pytest
 import uvicorn
 from boto3.s3.transfer import TransferConfig
+from file_checks import assert_conditional_requests, assert_served_with_its_own_type
 from s3_server import PUBLIC, REGION, bucket_keys, s3_client, s3_store
 
 from wanserve.api.app import create_app
@@ -473,4 +474,6 @@ def test_api_streams_from_s3_with_ranges(tmp_path: Path, s3_endpoint: str, s3_bu
 
         head = httpx.head(url, headers={"Range": "bytes=0-9"})
         assert head.status_code == 206 and head.headers["content-length"] == "10" and head.content == b""
+        assert_conditional_requests(url, data)
+        assert_served_with_its_own_type(base)
         expired_file_404s(base, settings)

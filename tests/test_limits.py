@@ -15,6 +15,7 @@ import asyncio
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from disk import fill, not_root_or_fail, tmpfs, use_up_inodes
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
@@ -78,7 +80,11 @@ def job_counts(client: TestClient) -> dict[str, int]:
 
 def stored_files(client: TestClient) -> list[Path]:
     files: LocalFileStore = client.app.state.context.files  # type: ignore[attr-defined]
-    return [p for p in files.root.rglob("*") if p.is_file()]
+    return stored_files_under(files.root)
+
+
+def stored_files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
 
 
 def assert_refused(response: Any, status: int, error_type: str) -> dict[str, Any]:
@@ -254,6 +260,25 @@ def test_a_body_sent_to_an_open_stream_is_cut_off_at_the_limit(tmp_path: Path) -
         stream = f"/{APP}/requests/{job.id}/status/stream"
         answer = send_chunked_over_a_socket(port, "GET", stream, 64, until_answered=False)
     assert answer.startswith(b"HTTP/1.1 200") and b"IN_QUEUE" in answer
+
+
+def test_an_upload_the_client_abandons_midway_leaves_no_file_and_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up mid-body (an upload cancelled in a browser) is nobody's error: nothing is stored,
+    the temp file goes, and the log has no traceback for it."""
+    with live_app(tmp_path) as (port, app):
+        files: LocalFileStore = app.state.context.files
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            head = "POST /cdn/files/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+            sock.sendall(head.encode() + b"Content-Length: 50000\r\n\r\n" + b"x" * 20_000)
+            time.sleep(0.3)  # the route is streaming the body to its temp file
+        deadline = time.monotonic() + 5
+        while list((files.root / "tmp").iterdir()):
+            assert time.monotonic() < deadline, "the temp file of the abandoned upload stayed"
+            time.sleep(0.02)
+    assert stored_files_under(files.root) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # --- fields: prompt, LoRAs, data URIs ---
@@ -471,6 +496,39 @@ def test_an_upload_meeting_a_full_disk_is_507_and_leaves_nothing(
         body = assert_refused(response, 507, "storage_full")
         assert "disk is full" in body["detail"] and "No space left" in body["detail"]
         assert stored_files(client) == stored and not list((files.root / "tmp").iterdir())
+
+
+def test_no_inode_or_byte_left_is_507_on_every_upload_route(tmp_path: Path) -> None:
+    """A disk without a free inode (bytes to spare) cannot even create the temp file an upload streams into, nor
+    the folder of a multipart upload: a clear 507, as for a disk without bytes, on every route that writes."""
+    with tmpfs(tmp_path / "data" / "files", "2m", inodes=400) as mounted:
+        if not mounted:
+            not_root_or_fail()
+        settings = limited_settings(tmp_path, upload_disk_reserve_bytes=0)
+        client = TestClient(create_app(settings, workers=0), raise_server_exceptions=False)
+        files_root = tmp_path / "data" / "files"
+
+        def each_route() -> list[Any]:
+            signed = client.post("/rest/storage/upload/initiate", json={"content_type": "text/plain"})
+            return [
+                client.put(signed.json()["upload_url"], content=b"x" * KiB),
+                client.post("/cdn/files/upload", content=b"x" * KiB, headers={"content-type": "text/plain"}),
+                client.post("/rest/storage/upload/initiate-multipart", json={"content_type": "video/mp4"}),
+                client.post("/cdn/files/upload/multipart", headers={"content-type": "video/mp4"}),
+            ]
+
+        taken = use_up_inodes(files_root)
+        for response in each_route():
+            assert_refused(response, 507, "storage_full")
+        for path in taken:
+            path.unlink()
+        assert [r.status_code for r in each_route()] == [200] * 4
+        uploads = list((files_root / "multipart").iterdir())
+        fill(files_root)
+        for response in each_route():
+            assert_refused(response, 507, "storage_full")
+        assert list((files_root / "multipart").iterdir()) == uploads  # no empty upload folder left behind
+        client.close()
 
 
 @pytest.fixture

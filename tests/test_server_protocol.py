@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+from file_checks import assert_conditional_requests, assert_served_with_its_own_type
 from server import CHEAP_INPUT, Server, wait_completed
 
 from wanserve.store.sqlite import SQLiteJobStore
@@ -331,3 +332,5 @@ def test_range_errors_are_json(server: Server) -> None:
     for header in ("bytes=-5", "bytes=0-"):  # no byte of an empty file exists
         response = httpx.get(empty["file_url"], headers={"Range": header})
         assert response.status_code == 416 and response.json()["error_type"], header
+    assert_conditional_requests(url, b"0123456789")
+    assert_served_with_its_own_type(server.url)

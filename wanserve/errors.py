@@ -27,6 +27,14 @@ class GenerationCancelled(WanserveError):
     error_type = "client_cancelled"
 
 
+class ClientDisconnected(WanserveError):
+    """The client hung up before its request body was read whole (an upload cancelled midway): nobody reads the
+    answer, and nothing of the request is kept."""
+
+    http_status = 499
+    error_type = "client_disconnected"
+
+
 class NonFiniteOutput(WanserveError):
     """The denoised latents hold NaN or infinity (a numerical failure of the model, a LoRA or a speed preset): failed
     with a reason instead of delivering the black or noisy video that uint8 frames would silently make of them."""
@@ -108,6 +116,13 @@ class StorageFull(WanserveError):
 
     http_status = 507
     error_type = "storage_full"
+
+
+class PreconditionFailed(WanserveError):
+    """An If-Match header names another version of the file (RFC 9110 13.1.1)."""
+
+    http_status = 412
+    error_type = "precondition_failed"
 
 
 class RangeNotSatisfiable(WanserveError):

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 
 from wanserve.api.context import Context, ServerContext
 from wanserve.api.responses import error_response, reply_response
-from wanserve.errors import BadRequest, Forbidden, RangeNotSatisfiable
+from wanserve.errors import BadRequest, Forbidden, PreconditionFailed, RangeNotSatisfiable
 from wanserve.files.base import FileStore, StoredFile, content_disposition
 from wanserve.jobs.service import Reply
 from wanserve.numbers import ascii_int
@@ -62,7 +62,8 @@ def signed_reply(ctx: ServerContext, reply: Reply) -> JSONResponse:
 
 
 # Offsets of up to 18 digits (a file over an exabyte is not served here): int() of them is safe and fast.
-_RANGE = re.compile(r"bytes=\s*\d{0,18}-\d{0,18}(\s*,\s*\d{0,18}-\d{0,18})*")
+# The unit's name is case-insensitive (RFC 9110 14.1).
+_RANGE = re.compile(r"(?i:bytes)=\s*\d{0,18}-\d{0,18}(\s*,\s*\d{0,18}-\d{0,18})*")
 
 
 def ranges_to_serve(header: str | None, if_range: str | None, etag: str, size: int) -> str | None:
@@ -97,6 +98,23 @@ def satisfiable_ranges(header: str, size: int) -> str:
     return "bytes=" + ",".join(kept)
 
 
+def precondition_status(if_match: str | None, if_none_match: str | None, etag: str) -> int | None:
+    """What the preconditions of a GET or HEAD answer instead of the file (RFC 9110 13.2.2): 412 when If-Match names
+    another version (strong comparison), 304 when If-None-Match names this one (weak comparison: a cache that
+    stored the file revalidates it without downloading it again). None: send the file."""
+
+    def tags(header: str) -> set[str]:
+        return {t.strip() for t in header.split(",") if t.strip()}
+
+    if if_match is not None and not ({"*", etag} & tags(if_match)):
+        return 412
+    if if_none_match is not None:
+        listed = {t.removeprefix("W/") for t in tags(if_none_match)}
+        if {"*", etag} & listed:
+            return 304
+    return None
+
+
 def single_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The (first, last) byte a satisfiable (see `satisfiable_ranges`) Range header asks for, or None to send the whole
     file: no header, or several ranges (which a server may answer whole)."""
@@ -115,6 +133,8 @@ def get_file(
     request: Request,
     range: Annotated[str | None, Header()] = None,
     if_range: Annotated[str | None, Header()] = None,
+    if_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
     exp: Annotated[str | None, Query(description="expiry of a signed URL (servers with API keys)")] = None,
     sig: Annotated[str | None, Query(description="signature of a signed URL (servers with API keys)")] = None,
 ) -> Response:
@@ -128,17 +148,26 @@ def get_file(
         # Never cached: the presigned URL behind the stable one expires.
         return RedirectResponse(direct, status_code=307, headers={"Cache-Control": "no-store, private"})
     stored = ctx.files.stat(key, now)
-    try:
-        range = ranges_to_serve(range, if_range, f'"{stored.etag}"', stored.size)
-    except RangeNotSatisfiable as exc:
-        return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
+    etag = f'"{stored.etag}"'
     # Cached for an hour at most, never past the file's expiry or its signed URL's (a cache would outlive them).
     limits = [3600.0] + [float(t) - now for t in (stored.expires_at, ascii_int(exp)) if t]
     max_age = max(0, int(min(limits)))
-    # Files share the API's origin here: never let a browser run one as a page.
+    cache_control = f"{'private' if ctx.api_keys.enabled else 'public'}, max-age={max_age}"
+    precondition = precondition_status(if_match, if_none_match, etag)
+    if precondition == 304:
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": cache_control})
+    if precondition == 412:
+        return error_response(PreconditionFailed(f"If-Match names another version of {key!r} (now {etag})"))
+    try:
+        range = ranges_to_serve(range, if_range, etag, stored.size)
+    except RangeNotSatisfiable as exc:
+        return error_response(exc, {"Content-Range": f"bytes */{stored.size}"})
+    # Files share the API's origin here: never let a browser run one as a page. The type is sent as stored (the
+    # media_type argument would add a charset to a text/* type that the uploader never declared).
     headers = {
-        "ETag": f'"{stored.etag}"',
-        "Cache-Control": f"{'private' if ctx.api_keys.enabled else 'public'}, max-age={max_age}",
+        "Content-Type": stored.content_type,
+        "ETag": etag,
+        "Cache-Control": cache_control,
         "Content-Disposition": content_disposition(stored),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox; default-src 'none'",
@@ -150,7 +179,7 @@ def get_file(
         request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"range"]
         if range is not None:
             request.scope["headers"].append((b"range", range.encode("latin-1")))
-        return FileResponse(path, media_type=stored.content_type, headers=headers)
+        return FileResponse(path, headers=headers)
     return _relay(ctx.files, stored, single_range(range, stored.size), headers, request.method == "HEAD")
 
 
@@ -165,10 +194,8 @@ def _relay(
         headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{stored.size}"
         headers["Content-Length"] = str(span[1] - span[0] + 1)
     if head_only:
-        return Response(status_code=status, media_type=stored.content_type, headers=headers)
-    return StreamingResponse(
-        _chunks(files.open(stored.key, span)), status_code=status, media_type=stored.content_type, headers=headers
-    )
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(_chunks(files.open(stored.key, span)), status_code=status, headers=headers)
 
 
 def _chunks(handle: BinaryIO) -> Iterator[bytes]:

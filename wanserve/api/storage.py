@@ -31,6 +31,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
+from starlette.requests import ClientDisconnect
 
 from wanserve.api.context import (
     Authorized,
@@ -42,7 +43,7 @@ from wanserve.api.context import (
     check_submit_rate,
 )
 from wanserve.api.files import file_url
-from wanserve.errors import InvalidUpload, NotFound, PayloadTooLarge, Unauthorized
+from wanserve.errors import ClientDisconnected, InvalidUpload, NotFound, PayloadTooLarge, Unauthorized
 from wanserve.files.base import (
     StoredFile,
     check_content_type,
@@ -133,7 +134,8 @@ async def _receive_to_file(
     # removed by the next one to start (tempdirs.remove_stale_temp_dirs).
     staging = ctx.files.staging_dir() or process_temp_dir("uploads")
     check_room(staging, declared or 0, reserve)
-    fd, name = tempfile.mkstemp(prefix="upload-", dir=staging)
+    with _disk_full_is_507():  # no inode left: the file cannot even be created
+        fd, name = tempfile.mkstemp(prefix="upload-", dir=staging)
     size, checked = 0, 0
     try:
         with _disk_full_is_507(), os.fdopen(fd, "wb") as out:
@@ -145,6 +147,9 @@ async def _receive_to_file(
                     check_room(staging, 0, reserve)
                     checked = size
                 out.write(chunk)
+    except ClientDisconnect:
+        Path(name).unlink(missing_ok=True)
+        raise ClientDisconnected(f"the client hung up during the {what}, after {size} bytes") from None
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
@@ -213,13 +218,18 @@ async def put_upload(
 @rest.post("/upload/initiate-multipart", dependencies=[Authorized, SubmitLimited])
 def initiate_multipart(ctx: Context, body: InitiateUpload, life: Lifetime) -> dict[str, str]:
     key = new_key(body.file_name, "upload.bin")
-    upload_id = ctx.files.create_multipart(key, body.content_type, _expiry(life, time.time()))
+    upload_id = _create_multipart(ctx, key, body.content_type, _expiry(life, time.time()))
     exp = str(int(time.time() + UPLOAD_URL_TTL_S))
     query = urlencode({"exp": exp, "sig": ctx.url_signer.sign("multipart", upload_id, exp)})
     return {
         "upload_url": f"{ctx.public_url}/rest/storage/upload/multipart/{upload_id}?{query}",
         "file_url": file_url(ctx, key),
     }
+
+
+def _create_multipart(ctx: ServerContext, key: str, content_type: str, expires_at: float | None) -> str:
+    with _disk_full_is_507():
+        return ctx.files.create_multipart(key, content_type, expires_at)
 
 
 def _check_multipart_sig(ctx: ServerContext, upload_id: str, exp: str, sig: str) -> None:
@@ -319,7 +329,7 @@ async def cdn_upload(ctx: Context, request: Request, upload: NewCdnUpload) -> di
 
 @cdn.post("/cdn/files/upload/multipart")
 def cdn_multipart(ctx: Context, upload: NewCdnUpload) -> dict[str, str]:
-    upload_id = ctx.files.create_multipart(upload.key, upload.content_type, upload.expires_at)
+    upload_id = _create_multipart(ctx, upload.key, upload.content_type, upload.expires_at)
     # Unsigned: the client appends `/multipart/...` to it (a query string would end up in the middle).
     return {
         "access_url": ctx.files.url(upload.key),
