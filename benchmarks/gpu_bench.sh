@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
-# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|cap24|vae|diagnose|stash [OUT_DIR]
-#   main:     one 720p expert forward (diffusers eager, exact, fast), a 720p 4-step guidance-1 video per preset;
-#             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper).
+# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|video|cap24|vae|diagnose|stash [OUT_DIR]
+# (OUT_DIR defaults to $OUT, the folder the device tool brings back; pass "$OUT", never a literal OUT).
+#   main:     one 720p expert forward each: diffusers eager, exact, fast (the forward targets; about 4 minutes).
+#             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper);
+#             KERNEL=1 first times the attention kernels alone; VIDEOS=720p:4:1 adds a video per preset.
+#   video:    exact's 720p 4-step guidance-1 video (the distilled-LoRA target), VIDEOS to change it.
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 #   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
@@ -13,8 +16,8 @@ set -u
 MODE=${1:-main}
 OUT=${2:-${OUT:-gpu-out}}
 case "$MODE" in
-  main|cap24|vae|diagnose|stash) ;;
-  *) echo "unknown mode: $MODE (main|cap24|vae|diagnose|stash)" >&2; exit 2 ;;
+  main|video|cap24|vae|diagnose|stash) ;;
+  *) echo "unknown mode: $MODE (main|video|cap24|vae|diagnose|stash)" >&2; exit 2 ;;
 esac
 if [ "$MODE" = stash ]; then
   mkdir -p .fa4keep && cp .fa4a/* .fa4keep/ && ls -la .fa4keep && exit 0
@@ -36,14 +39,31 @@ if [ -d .fa4b ] && [ -d .fa4keep ]; then
   python3 -c "import flash_attn.cute, cutlass; print('flash-attn-4 importable')" 2>&1 | tail -3 | tee "$OUT/flash4-import.txt"
 fi
 export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
+# Without the carried wheels nothing below can run: say so at once rather than spend the machine's time.
+python3 -c "import diffusers, av, pydantic_settings" 2>"$OUT/import-error.txt" || {
+  echo "diffusers/av/pydantic_settings not importable: carry .whl (benchmarks/device_wheels.sh base)" >&2
+  cat "$OUT/import-error.txt" >&2; exit 3; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device-$MODE.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/device-$MODE.txt"
+# `wanserve bench` writing into $TMPDIR/bench-NAME (its videos are random noise, too big to bring back), with its
+# bench.json (rewritten after each row) copied to $OUT every few seconds: a run cut short still returns its rows.
+bench() {
+  local name=$1 timeout_s=$2; shift 2
+  (while sleep 5; do cp -f "${TMPDIR:-/tmp}/bench-$name/bench.json" "$OUT/bench-$name.json"; done) >/dev/null 2>&1 &
+  local copier=$!
+  timeout "$timeout_s" python3 -m wanserve bench --model a14b --device cuda --out-dir "${TMPDIR:-/tmp}/bench-$name" "$@" 2>&1 \
+    | tee "$OUT/bench-$name.log"
+  status=${PIPESTATUS[0]}
+  kill "$copier" 2>/dev/null
+  cp -f "${TMPDIR:-/tmp}/bench-$name/bench.json" "$OUT/bench-$name.json" 2>/dev/null
+}
+status=0
 if [ "$MODE" = main ]; then
-  [ -n "${SKIP_KERNEL:-}" ] || timeout "${KERNEL_TIMEOUT:-160}" python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
-  timeout "${BENCH_TIMEOUT:-380}" python3 -m wanserve bench --model a14b --device cuda --sizes 720p --presets exact,fast \
-    --videos "${VIDEOS-720p:4:1}" --no-baseline-videos --deadline-s "${DEADLINE:-290}" --out-dir /tmp/bench-main \
-    --lowbit-attention "${LOWBIT:-auto}" 2>&1 | tee "$OUT/bench.log"
-  cp /tmp/bench-main/bench.json "$OUT/bench-main.json" 2>/dev/null
+  [ -z "${KERNEL:-}" ] || timeout "${KERNEL_TIMEOUT:-160}" python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
+  bench main "${BENCH_TIMEOUT:-330}" --sizes 720p --presets exact,fast --videos "${VIDEOS-}" --no-baseline-videos \
+    --deadline-s "${DEADLINE:-270}" --lowbit-attention "${LOWBIT:-auto}"
+elif [ "$MODE" = video ]; then
+  bench video "${BENCH_TIMEOUT:-330}" --sizes '' --presets exact --videos "${VIDEOS-720p:4:1}" --no-baseline-videos
 elif [ "$MODE" = vae ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/vae_gpu.py --size "${SIZE:-720p}" 2>&1 | tee "$OUT/vae.log"
 elif [ "$MODE" = diagnose ]; then
@@ -51,9 +71,7 @@ elif [ "$MODE" = diagnose ]; then
     --cache-dir /tmp/wanserve-cache --json "$OUT/diagnose.json" 2>&1 | tee "$OUT/diagnose.log"
 elif [ "$MODE" = cap24 ]; then
   # POLICY=auto shows the policy chosen for a 24 GiB card (the cap is set before the engine plans its memory).
-  timeout "${BENCH_TIMEOUT:-200}" python3 -m wanserve bench --model a14b --device cuda --sizes '' --presets exact \
-    --videos 480p:2:5 --no-baseline-videos --memory-policy "${POLICY:-auto}" --memory-cap-gib 24 \
-    --out-dir /tmp/bench-cap 2>&1 | tee "$OUT/cap24.log"
-  cp /tmp/bench-cap/bench.json "$OUT/bench-cap24.json" 2>/dev/null
+  bench cap24 "${BENCH_TIMEOUT:-200}" --sizes '' --presets exact --videos 480p:2:5 --no-baseline-videos \
+    --memory-policy "${POLICY:-auto}" --memory-cap-gib 24
 fi
-exit 0
+exit "$status"

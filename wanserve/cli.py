@@ -569,9 +569,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from redis.exceptions import RedisError
+def _resource_error(exc: Exception) -> bool:
+    """A folder, file, address or server this machine cannot use (--data-dir, the store)."""
+    if isinstance(exc, OSError):
+        return True
+    try:  # imported here: the GPU benchmark machine runs `wanserve bench` without the store's client library
+        from redis.exceptions import RedisError
+    except ImportError:
+        return False
+    return isinstance(exc, RedisError)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -597,9 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if client_command and isinstance(exc, CLIENT_ERRORS):  # the server said no, is unreachable, or is not one
             return report_error(exc, args)
-        if not client_command and not args.verbose and isinstance(exc, (OSError, RedisError)):
-            # A folder, file, address or server this machine cannot use (--data-dir, the store): the message says
-            # which; --verbose shows the traceback.
+        if not client_command and not args.verbose and _resource_error(exc):
+            # The message says which; --verbose shows the traceback.
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

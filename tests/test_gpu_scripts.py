@@ -1,0 +1,89 @@
+"""benchmarks/gpu_bench.sh, the script a GPU session runs, on this machine with stand-ins for the GPU tools: a run
+cut short still brings its rows back, a failed bench is a failed script, and a machine without the carried wheels
+is told so at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# python3 as the GPU machine would answer: imports work unless NO_WHEELS is set; `-m wanserve bench` records its
+# arguments, writes a bench.json row into its --out-dir, then sleeps SLEEP s and exits with BENCH_EXIT.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -c ]; then
+  [ -z "${NO_WHEELS:-}" ] || { echo "No module named 'diffusers'" >&2; exit 1; }; echo ok; exit 0
+fi
+if [ "$1" = -m ] && [ "$2" = wanserve ]; then
+  echo "$@" >> "$CALLS"
+  while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; shift; done
+  mkdir -p "$out" && echo '{"forwards": [{"preset": "exact"}], "videos": []}' > "$out/bench.json"
+  sleep "${SLEEP:-0}"; exit "${BENCH_EXIT:-0}"
+fi
+exit 0
+"""
+
+
+def run_script(tmp_path: Path, mode: str, **env: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (
+        ("python3", FAKE_PYTHON),
+        ("nvidia-smi", "#!/usr/bin/env bash\necho 'NVIDIA H100, 81559 MiB'\n"),
+    ):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "TMPDIR": str(tmp_path),
+                "CALLS": str(tmp_path / "calls.txt"), **env}  # fmt: skip
+    command = ["bash", str(ROOT / "benchmarks" / "gpu_bench.sh"), mode]
+    if "KILL_AFTER" not in env:
+        return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60), out
+    with subprocess.Popen(command, cwd=tmp_path, env=full_env, start_new_session=True, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as running:  # fmt: skip
+        time.sleep(float(env["KILL_AFTER"]))
+        os.killpg(running.pid, signal.SIGKILL)  # the script and everything it started, as at a time limit
+        stdout, stderr = running.communicate(timeout=10)
+    return subprocess.CompletedProcess(command, running.returncode, stdout, stderr), out
+
+
+def test_main_runs_the_forward_bench_and_brings_its_rows_back(tmp_path: Path) -> None:
+    proc, out = run_script(tmp_path, "main")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "bench-main.json").read_text())["forwards"][0]["preset"] == "exact"
+    (call,) = (tmp_path / "calls.txt").read_text().splitlines()
+    assert "--sizes 720p --presets exact,fast" in call and "--device cuda" in call and "--videos  " in call + " "
+    assert (out / "device-main.txt").read_text().startswith("NVIDIA H100")
+
+
+def test_a_bench_cut_off_by_its_time_limit_fails_the_script_and_returns_its_rows(tmp_path: Path) -> None:
+    proc, out = run_script(tmp_path, "video", SLEEP="30", BENCH_TIMEOUT="2")
+    assert proc.returncode == 124, proc.stderr  # timeout's status: the caller sees the run did not finish
+    assert json.loads((out / "bench-video.json").read_text())["forwards"]
+    assert "--videos 720p:4:1" in (tmp_path / "calls.txt").read_text()
+
+
+def test_rows_come_back_even_when_the_whole_script_is_killed(tmp_path: Path) -> None:
+    """The device tool kills a command at its own limit: rows are copied out while the bench runs."""
+    proc, out = run_script(tmp_path, "main", SLEEP="30", KILL_AFTER="7")
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((out / "bench-main.json").read_text())["forwards"]
+
+
+@pytest.mark.parametrize("mode", ["main", "cap24"])
+def test_a_failed_bench_fails_the_script(tmp_path: Path, mode: str) -> None:
+    proc, _ = run_script(tmp_path, mode, BENCH_EXIT="1")
+    assert proc.returncode == 1
+
+
+def test_without_the_carried_wheels_it_stops_at_once(tmp_path: Path) -> None:
+    proc, _ = run_script(tmp_path, "main", NO_WHEELS="1")
+    assert proc.returncode == 3 and "carry .whl" in proc.stderr
+    assert not (tmp_path / "calls.txt").exists()
