@@ -212,6 +212,39 @@ def test_a_step_of_the_machines_wall_clock_does_not_move_the_store_clock(
         store.close()
 
 
+def test_a_step_of_redis_own_clock_reaches_every_process_within_a_second(
+    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis's clock steps 40 s back (NTP on its host, a failover to a replica on another machine). A worker that
+    reads the new time first (one started since) takes a lease on it: the replica's housekeeping must not take that
+    lease for expired because it still counts on the old time."""
+    step = [0.0]
+
+    def on_stepped_redis(store: RedisJobStore) -> RedisJobStore:
+        real_time = store.redis.time
+
+        def stepped() -> tuple[int, int]:
+            seconds, micros = real_time()
+            return int(seconds + step[0]), micros
+
+        monkeypatch.setattr(store.redis, "time", stepped)
+        return store
+
+    replica = on_stepped_redis(_store_on_a_machine(redis_server, redis_prefix, 0.0))
+    replica.submit(new_job("running"), replica.now())
+    step[0] = -40.0
+    time.sleep(1.1)
+    worker = on_stepped_redis(_store_on_a_machine(redis_server, redis_prefix, 0.0))
+    try:
+        assert worker.claim("w1", 30, worker.now()) is not None  # its lease ends 10 s before the old time's now
+        assert recover_lost_jobs(replica, [], max_attempts=3, expired_leases=True) == []
+        job = replica.get("running")
+        assert job is not None and job.state is JobState.RUNNING
+    finally:
+        worker.close()
+        replica.close()
+
+
 def test_the_store_clock_rides_out_a_lost_redis_with_the_offset_it_had(
     redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

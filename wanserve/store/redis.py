@@ -365,9 +365,12 @@ def _job(fields: dict[str, str]) -> Job:
 
 log = logging.getLogger(__name__)
 
-# How often the offset between this machine's clock and Redis's is measured again. Clocks drift by well under a
-# millisecond a minute; leases and heartbeats are tens of seconds.
-CLOCK_REFRESH_S = 60.0
+# How often the offset between this machine's clock and Redis's is measured again (one TIME call at most this
+# often per process). Not for drift (well under a millisecond a minute) but for a step of Redis's own clock (NTP, a
+# failover to a replica on another machine): every worker and replica must see it within a moment of the others,
+# or a worker's fresh lease looks expired to a replica still counting on the old time (and after a forward step,
+# the housekeeping's hold of one lease would end before a worker saw the new time).
+CLOCK_REFRESH_S = 1.0
 
 
 class RedisJobStore:
@@ -398,6 +401,7 @@ class RedisJobStore:
         self._clock_lock = threading.Lock()
         # Redis's TIME at the last measurement, and time.monotonic() then: `now()` counts on from there.
         self._clock_base: tuple[float, float] | None = None
+        self._clock_unreadable = False  # the last TIME call failed (warned once per outage)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "wanserve", retries: int = 40) -> RedisJobStore:
@@ -446,8 +450,13 @@ class RedisJobStore:
             if self._clock_base is None:
                 raise
             # The last measurement stays good for a long time; the call that needs Redis next says it is gone.
-            log.warning("could not read Redis's clock; counting on from the last reading", exc_info=True)
+            if not self._clock_unreadable:
+                log.warning("could not read Redis's clock; counting on from the last reading", exc_info=True)
+            self._clock_unreadable = True
+            redis_then, monotonic_then = self._clock_base  # the same reading, asked again CLOCK_REFRESH_S from now
+            self._clock_base = (redis_then + (before - monotonic_then), before)
             return
+        self._clock_unreadable = False
         after = time.monotonic()
         # TIME was read somewhere between `before` and `after`: the midpoint errs by at most half the round trip.
         redis_time, midpoint = seconds + micros / 1e6, (before + after) / 2
