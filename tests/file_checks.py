@@ -1,6 +1,9 @@
-"""Checks that every file backend's download route must pass (local files served by the API, S3 relayed)."""
+"""Checks that every file backend's download route must pass (local files served by the API, S3 relayed), and what
+the local store holds on disk."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import httpx
 
@@ -31,3 +34,9 @@ def assert_served_with_its_own_type(base: str) -> None:
         assert httpx.put(init["upload_url"], content="café crème\n".encode("latin-1")).status_code == 200
         for method in ("GET", "HEAD"):
             assert httpx.request(method, init["file_url"]).headers["content-type"] == content_type, method
+
+
+def object_files(root: Path, key: str) -> list[Path]:
+    """The object files a local store (rooted at `root`) holds for `key`: any version of it."""
+    folder, name = key.split("/", 1)
+    return [p for p in (root / "objects" / folder).glob("*") if p.name == name or p.name.endswith(f"~{name}")]

@@ -5,6 +5,7 @@ job store stays intact, and the next job succeeds."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -274,12 +275,16 @@ def test_kill_9_of_server_and_worker_at_random_points_loses_nothing_and_complete
 
 
 def _assert_no_half_written_files(root: Path) -> None:
-    """Every object has its metadata and the reverse, and no temporary file is left."""
-    objects = {p.relative_to(root / "objects").as_posix() for p in (root / "objects").rglob("*") if p.is_file()}
+    """Every object is the version its metadata names and every metadata has its object, and no temporary file is
+    left."""
     metas = {
-        p.relative_to(root / "meta").as_posix().removesuffix(".json") for p in (root / "meta").rglob("*") if p.is_file()
+        p.relative_to(root / "meta").as_posix().removesuffix(".json"): json.loads(p.read_text()).get("version")
+        for p in (root / "meta").rglob("*")
+        if p.is_file()
     }
-    assert objects == metas
+    objects = sorted(p.relative_to(root / "objects").as_posix() for p in (root / "objects").rglob("*") if p.is_file())
+    named = sorted(f"{k.split('/')[0]}/{v}~{k.split('/')[1]}" if v else k for k, v in metas.items())
+    assert objects == named
     assert list((root / "tmp").iterdir()) == []
 
 
@@ -308,7 +313,7 @@ def test_local_store_on_a_full_disk_leaves_nothing_behind_a_key(
             store.stat(key, now)
         assert not (store.root / "objects" / key.split("/")[0]).exists()
         _assert_no_half_written_files(store.root)
-    # the metadata write is the one that fails: the object (written already) goes too
+    # the metadata write is the one that fails: the object (staged already) goes too
     key = new_key("small.bin")
     filler = fill(store.root)
     os.truncate(filler, filler.stat().st_size - 4096)  # one page: room for the object, not for its metadata

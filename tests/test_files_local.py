@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from file_checks import object_files
 
 import wanserve.files.local as local_mod
 from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
 from wanserve.files.base import (
+    ABANDONED_UPLOAD_S,
     check_key,
     lifecycle_expiry,
     new_key,
@@ -182,7 +187,7 @@ def test_delete(fs: LocalFileStore) -> None:
     fs.delete(key)
     with pytest.raises(FileNotFound):
         fs.stat(key, T0)
-    assert not (fs.root / "objects" / key).exists()
+    assert not object_files(fs.root, key)
     assert not (fs.root / "objects" / key.split("/")[0]).exists()  # its folder went too
     fs.delete(key)  # idempotent
 
@@ -218,7 +223,7 @@ def test_sweep_expired_deletes_only_expired(fs: LocalFileStore) -> None:
     assert fs.sweep_expired(T0 + 5) == 0
     assert fs.sweep_expired(T0 + 10) == 3
     for key in expired:
-        assert not (fs.root / "objects" / key).exists()
+        assert not object_files(fs.root, key)
         assert not (fs.root / "meta" / (key + ".json")).exists()
     for key in alive:
         assert fs.stat(key, T0 + 10).size == 3
@@ -333,6 +338,87 @@ def test_a_completion_sent_while_another_joins_the_parts_waits_for_it(
     assert answers["first"] == fs.stat(key, T0) and isinstance(answers["retry"], FileNotFound), answers
 
 
+KILLED_WRITE = """
+import os, sys
+import wanserve.files.local as local
+store = local.LocalFileStore(sys.argv[1], "http://files.test")
+real_replace = local.os.replace
+def replace(src, dst):
+    real_replace(src, dst)
+    if sys.argv[3] in str(dst):  # the rename after which the process dies (kill -9: nothing runs after it)
+        os._exit(9)
+local.os.replace = replace
+store.put(sys.argv[2], b"second version, longer than the first", "application/json", None, 2.0)
+"""
+
+
+@pytest.mark.parametrize("killed_after", ["objects", "meta"])
+def test_a_write_killed_between_its_renames_leaves_the_key_whole(
+    fs: LocalFileStore, tmp_path: Path, killed_after: str
+) -> None:
+    """A second write of a key (a second PUT to a signed upload URL) killed after its object is in place but before
+    its metadata is, or after both: the key is either the first file or the second, each with its own size, ETag and
+    type; never the new bytes described by the old metadata. The version nothing names goes with the sweep."""
+    key = new_key("doc.txt")
+    first = fs.put(key, b"first", "text/plain", None, 1.0)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITE, str(fs.root), key, f"{os.sep}{killed_after}{os.sep}"], timeout=60
+    )
+    assert proc.returncode == 9
+    stored = fs.stat(key, T0)
+    with fs.open(key) as f:
+        data = f.read()
+    assert (stored.size, stored.etag) == (len(data), md5(data))
+    if killed_after == "objects":
+        assert stored == first and data == b"first"
+    else:
+        assert stored.content_type == "application/json" and data.startswith(b"second version")
+    assert len(object_files(fs.root, key)) == 2  # the other version, which nothing names now
+    for obj in object_files(fs.root, key):
+        os.utime(obj, (T0 - 2 * ABANDONED_UPLOAD_S,) * 2)
+    fs.sweep_expired(T0)
+    assert len(object_files(fs.root, key)) == 1 and fs.open(key).read() == data
+
+
+def test_a_second_write_whose_metadata_cannot_be_put_in_place_keeps_the_first(
+    fs: LocalFileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_key("doc.txt")
+    first = fs.put(key, b"first", "text/plain", None, T0)
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if f"{os.sep}meta{os.sep}" in str(dst):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("wanserve.files.local.os.replace", replace)
+    with pytest.raises(OSError):
+        fs.put(key, b"second", "text/plain", None, T0 + 1)
+    monkeypatch.undo()
+    assert fs.stat(key, T0) == first and fs.open(key).read() == b"first"
+    assert len(object_files(fs.root, key)) == 1 and tmp_leftovers(fs) == []
+
+
+def test_files_stored_before_versions_are_read_rewritten_and_deleted(fs: LocalFileStore) -> None:
+    """A data dir from before versions: metadata without one, the object under the key's plain name."""
+    key = new_key("old.bin")
+    plain = fs.root / "objects" / key
+    plain.parent.mkdir(parents=True)
+    plain.write_bytes(b"old bytes")
+    meta = fs.root / "meta" / f"{key}.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"key": key, "content_type": "x/y", "size": 9, "file_name": "old.bin",
+                                "created_at": T0, "expires_at": None, "etag": md5(b"old bytes")}))  # fmt: skip
+    assert fs.stat(key, T0).size == 9 and fs.open(key).read() == b"old bytes" and fs.local_path(key) == plain
+    fs.sweep_expired(T0 + 2 * ABANDONED_UPLOAD_S)
+    assert plain.exists()  # named by its metadata: not an orphan
+    fs.put(key, b"new", "x/y", None, T0)
+    assert fs.open(key).read() == b"new" and not plain.exists() and len(object_files(fs.root, key)) == 1
+    fs.delete(key)
+    assert not object_files(fs.root, key) and not (fs.root / "objects" / key.split("/")[0]).exists()
+
+
 def test_multipart_reuploaded_part_replaces_the_old_one(fs: LocalFileStore) -> None:
     key = new_key("x.bin")
     upload_id = fs.create_multipart(key, "x/y", None)
@@ -379,7 +465,7 @@ def test_multipart_rejects_wrong_etag(fs: LocalFileStore) -> None:
         fs.complete_multipart(upload_id, [(1, e1), (2, md5(b"not two"))], T0)
     with pytest.raises(FileNotFound):
         fs.stat(key, T0)
-    assert not (fs.root / "objects" / key).exists()
+    assert not object_files(fs.root, key)
     assert tmp_leftovers(fs) == []
 
 
@@ -418,7 +504,7 @@ def test_failed_put_bytes_leaves_nothing(fs: LocalFileStore, monkeypatch: pytest
     with pytest.raises(OSError, match="No space"):
         fs.put(key, b"data" * 1000, "x/y", None, T0)
     monkeypatch.undo()
-    assert not (fs.root / "objects" / key).exists()
+    assert not object_files(fs.root, key)
     assert not (fs.root / "meta" / (key + ".json")).exists()
     assert tmp_leftovers(fs) == []
     with pytest.raises(FileNotFound):
@@ -433,7 +519,7 @@ def test_failed_put_path_leaves_nothing(fs: LocalFileStore, tmp_path: Path, monk
     with pytest.raises(OSError):
         fs.put(key, src, "x/y", None, T0)
     monkeypatch.undo()
-    assert not (fs.root / "objects" / key).exists()
+    assert not object_files(fs.root, key)
     assert not (fs.root / "meta" / (key + ".json")).exists()
     assert tmp_leftovers(fs) == []
     assert src.read_bytes() == b"x" * 5000  # the source is untouched
@@ -444,7 +530,7 @@ def test_unreadable_source_leaves_nothing(fs: LocalFileStore, tmp_path: Path) ->
     key = new_key("x.bin")
     with pytest.raises(OSError):
         fs.put(key, missing, "x/y", None, T0)
-    assert not (fs.root / "objects" / key).exists()
+    assert not object_files(fs.root, key)
     assert not (fs.root / "meta" / (key + ".json")).exists()
     assert tmp_leftovers(fs) == []
 
@@ -467,7 +553,7 @@ def test_failed_metadata_write_leaves_no_orphan_object(fs: LocalFileStore, monke
     assert len(calls) == 2
     with pytest.raises(FileNotFound):
         fs.stat(key, T0)
-    assert not (fs.root / "objects" / key).exists()  # sweep could never find an object without metadata
+    assert not object_files(fs.root, key)  # sweep could never find an object without metadata
     assert tmp_leftovers(fs) == []
 
 
@@ -479,7 +565,7 @@ def test_failed_multipart_assembly_leaves_nothing(fs: LocalFileStore, monkeypatc
     with pytest.raises(OSError):
         fs.complete_multipart(upload_id, [(1, "")], T0)
     monkeypatch.undo()
-    assert not (fs.root / "objects" / key).exists()
+    assert not object_files(fs.root, key)
     assert tmp_leftovers(fs) == []
     fs.complete_multipart(upload_id, [(1, "")], T0)  # a retry works: the parts were kept
     assert fs.stat(key, T0).size == 3
@@ -521,7 +607,8 @@ def test_sweep_removes_objects_a_crash_left_without_metadata(tmp_path: Path) -> 
     now = time.time()
     long_ago = now - local_mod.ABANDONED_UPLOAD_S - 10
     for key in (kept, orphan):
-        os.utime(tmp_path / "files" / "objects" / key, (long_ago, long_ago))
+        (path,) = object_files(store.root, key)
+        os.utime(path, (long_ago, long_ago))
     store.sweep_expired(now)
     assert not (tmp_path / "files" / "objects" / orphan).parent.exists()
     assert store.open(kept).read() == b"kept" and (tmp_path / "files" / "objects" / fresh).exists()

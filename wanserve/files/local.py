@@ -1,5 +1,11 @@
 """The embedded file store: a directory. Objects and their metadata are written to a temporary file and
-renamed into place, so a crash or a full disk never leaves a half-written file behind a live key."""
+renamed into place, so a crash or a full disk never leaves a half-written file behind a live key.
+
+Each write of a key is a version of its own: the object lands under a new name (`<version>~<name>`) and the
+metadata, which names that version, is renamed over the old metadata last. That rename is the one moment a key
+changes, so a kill at any point leaves the key either as it was or as written (never new bytes described by old
+metadata), and the version it replaced, or the one it never reached, is an orphan the sweep removes a day on.
+Files stored before versions existed (metadata without one) keep their plain name until written again."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +39,9 @@ from wanserve.files.base import (
 )
 from wanserve.files.space import check_room
 
+# Between a key's file name and the version of its object: never in a key (safe names have no `~`).
+VERSION_MARK = "~"
+
 
 def _md5_file(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
@@ -39,6 +49,19 @@ def _md5_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _parse_meta(text: str) -> tuple[StoredFile, str | None]:
+    """A key's metadata file: the stored file, and the version of its object (None: stored before versions)."""
+    doc = json.loads(text)
+    version = doc.pop("version", None)
+    return StoredFile(**doc), version
+
+
+def _versioned_name(file_name: str) -> tuple[str | None, str]:
+    """(version, the key's file name) of an object file's name."""
+    version, mark, name = file_name.partition(VERSION_MARK)
+    return (version, name) if mark else (None, file_name)
 
 
 class _Window(io.RawIOBase):
@@ -80,11 +103,19 @@ class LocalFileStore:
     def key_from_url(self, url: str) -> str | None:
         return key_from_file_url(self.public_url, url)
 
-    def _object(self, key: str) -> Path:
-        return self._objects / check_key(key)
+    def _object(self, key: str, version: str | None) -> Path:
+        path = self._objects / check_key(key)
+        return path.with_name(f"{version}{VERSION_MARK}{path.name}") if version else path
 
     def _meta_path(self, key: str) -> Path:
         return self._meta / (check_key(key) + ".json")
+
+    def _read_meta(self, key: str) -> tuple[StoredFile, str | None]:
+        """The key's metadata and the version of its object; FileNotFound without metadata."""
+        try:
+            return _parse_meta(self._meta_path(key).read_text())
+        except FileNotFoundError:
+            raise FileNotFound(f"no such file: {key}") from None
 
     def put(
         self, key: str, source: Path | bytes, content_type: str, expires_at: float | None, now: float
@@ -117,35 +148,38 @@ class LocalFileStore:
             raise
 
     def _commit(self, key: str, staged: Path, content_type: str, expires_at: float | None, now: float) -> StoredFile:
-        """Makes `staged` the object at `key`, with its metadata. Everything that needs room on the disk (the
-        object, the metadata, the folders) is written first; then two renames, which need none, put both in
-        place. A failure before them (a full disk) leaves the key as it was: absent, or its earlier file whole
+        """Makes `staged` the object at `key`, as a new version, with its metadata. Everything that needs room on
+        the disk (the object, the metadata, the folders) is written first; then two renames, which need none: the
+        object to its new version's name (it replaces nothing), then the metadata over the old (the key changes
+        here, whole). A failure or a kill before that leaves the key as it was: absent, or its earlier file whole
         (a second PUT to a signed upload URL must not lose the first)."""
+        version = secrets.token_hex(8)
         meta_staged: Path | None = None
+        placed: Path | None = None
         try:
-            stored, meta_staged = self._staged_meta(key, staged, content_type, expires_at, now)
-            for folder in (self._object(key).parent, self._meta_path(key).parent):
+            previous = self._read_meta(key)[1] if self._meta_path(key).exists() else None
+        except (FileNotFound, ValueError, TypeError):  # gone meanwhile, or unreadable: nothing to remove after
+            previous = None
+        try:
+            stored, meta_staged = self._staged_meta(key, staged, content_type, expires_at, now, version)
+            for folder in (self._object(key, version).parent, self._meta_path(key).parent):
                 folder.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, self._object(key))
+            placed = self._object(key, version)
+            os.replace(staged, placed)
+            os.replace(meta_staged, self._meta_path(key))
         except BaseException:
-            for leftover in (staged, meta_staged):
+            for leftover in (staged, meta_staged, placed):
                 if leftover is not None:
                     leftover.unlink(missing_ok=True)
             self._remove_empty_dirs(key)
             raise
-        try:
-            # A kill between the two renames pairs the new object with the old metadata (or, for a new key,
-            # leaves an object without metadata, which the sweep removes): a window of one system call.
-            os.replace(meta_staged, self._meta_path(key))
-        except BaseException:
-            # The object is replaced already: the key goes whole rather than keep metadata of other bytes.
-            meta_staged.unlink(missing_ok=True)
-            self.delete(key)
-            raise
+        if previous != version:  # the version this write replaced: nothing names it now
+            with contextlib.suppress(OSError):  # or the sweep removes it a day on
+                self._object(key, previous).unlink(missing_ok=True)
         return stored
 
     def _staged_meta(
-        self, key: str, staged: Path, content_type: str, expires_at: float | None, now: float
+        self, key: str, staged: Path, content_type: str, expires_at: float | None, now: float, version: str
     ) -> tuple[StoredFile, Path]:
         stored = StoredFile(
             key=key,
@@ -156,30 +190,30 @@ class LocalFileStore:
             expires_at=expires_at,
             etag=_md5_file(staged),
         )
-        return stored, self._stage(stored.to_json().encode())
+        return stored, self._stage(json.dumps({**stored.__dict__, "version": version}).encode())
 
     def _remove_empty_dirs(self, key: str) -> None:
-        for d in (self._meta_path(key).parent, self._object(key).parent):
+        for d in (self._meta_path(key).parent, self._object(key, None).parent):
             with contextlib.suppress(OSError):
                 d.rmdir()
 
     def stat(self, key: str, now: float) -> StoredFile:
-        meta = self._meta_path(key)
-        try:
-            stored = StoredFile.from_json(meta.read_text())
-        except FileNotFoundError:
-            raise FileNotFound(f"no such file: {key}") from None
+        stored, version = self._read_meta(key)
         if stored.expires_at is not None and stored.expires_at <= now:
             raise FileNotFound(f"file expired: {key}")
-        if not self._object(key).is_file():
+        if not self._object(key, version).is_file():
             raise FileNotFound(f"no such file: {key}")
         return stored
 
     def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
-        try:
-            f = self._object(key).open("rb")
-        except FileNotFoundError:
-            raise FileNotFound(f"no such file: {key}") from None
+        for _attempt in range(3):  # a new version written between reading the metadata and opening: read again
+            try:
+                f = self._object(key, self._read_meta(key)[1]).open("rb")
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise FileNotFound(f"no such file: {key}")
         if byte_range is None:
             return f
         start, end = byte_range
@@ -187,7 +221,10 @@ class LocalFileStore:
         return io.BufferedReader(_Window(f, end - start + 1))
 
     def local_path(self, key: str) -> Path | None:
-        return self._object(key)
+        try:
+            return self._object(key, self._read_meta(key)[1])
+        except FileNotFound:
+            return self._object(key, None)  # a path where nothing is: the caller's open says so
 
     def staging_dir(self) -> Path | None:
         return self._tmp
@@ -198,14 +235,17 @@ class LocalFileStore:
     def delete(self, key: str) -> None:
         # Metadata first: once it is gone the key is dead, even if removing the object then fails.
         self._meta_path(key).unlink(missing_ok=True)
-        self._object(key).unlink(missing_ok=True)
+        plain = self._object(key, None)
+        for obj in plain.parent.glob("*") if plain.parent.is_dir() else ():
+            if _versioned_name(obj.name)[1] == plain.name:  # each version (and a file stored before versions)
+                obj.unlink(missing_ok=True)
         self._remove_empty_dirs(key)
 
     def sweep_expired(self, now: float) -> int:
         deleted = 0
         for meta in self._meta.glob("*/*.json"):
             try:
-                stored = StoredFile.from_json(meta.read_text())
+                stored = _parse_meta(meta.read_text())[0]
             except (OSError, ValueError, TypeError):
                 continue
             if stored.expires_at is not None and stored.expires_at <= now:
@@ -219,20 +259,27 @@ class LocalFileStore:
                         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 except OSError:
                     continue
-        # Objects without metadata: a process killed between moving a file in and writing its metadata. They are
-        # invisible (no metadata, no file) and would never expire; a day on, no write can still be finishing them.
+        # Objects no metadata names: a version a killed write never switched to, or one replaced by a write killed
+        # before it removed it. They are invisible and would never expire; a day on, no write can still need them.
         for obj in self._objects.glob("*/*"):
             try:
-                if (
-                    now - obj.stat().st_mtime > ABANDONED_UPLOAD_S
-                    and not self._meta_path(obj.parent.name + "/" + obj.name).exists()
-                ):
+                if now - obj.stat().st_mtime > ABANDONED_UPLOAD_S and not self._names(obj):
                     obj.unlink()
                     with contextlib.suppress(OSError):
                         obj.parent.rmdir()
             except (OSError, InvalidFileKey):
                 continue
         return deleted
+
+    def _names(self, obj: Path) -> bool:
+        """Whether the key's metadata names this object file as its current version."""
+        version, name = _versioned_name(obj.name)
+        try:
+            return self._read_meta(f"{obj.parent.name}/{name}")[1] == version
+        except FileNotFound:
+            return False
+        except (ValueError, TypeError):  # unreadable metadata: not this sweep's to judge
+            return True
 
     # --- multipart ---
     def _upload_dir(self, upload_id: str) -> Path:
