@@ -14,14 +14,17 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from redis_server import RedisServer
 
 from wanserve import cli
 from wanserve.api.app import create_app
 from wanserve.api.context import ServerContext
-from wanserve.api.ratelimit import RateLimiter, retry_after_s
+from wanserve.api.ratelimit import RateLimiter, RedisRateLimiter, retry_after_s
 from wanserve.api.security import ApiKeys, hash_key, key_id
+from wanserve.client.local_server import free_port
 from wanserve.config import Settings
 from wanserve.files.base import new_key
 
@@ -341,6 +344,43 @@ def test_submits_over_the_rate_get_429_with_retry_after(tmp_path: Path) -> None:
         assert statuses == [202, 202, 202, 202, 429]
         assert c.get(f"/{APP}/requests/{ids[0]}/status", headers=B).status_code == 404  # B's reads: own budget
         assert c.post(f"/{APP}", json=INPUT).status_code == 401  # auth first: no key, no budget spent
+
+
+def test_with_redis_a_keys_rate_holds_across_replicas(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Two API replicas on one Redis: a key's budget is one, wherever its calls land (kept per replica, it would be
+    one per replica: N replicas, N times the rate)."""
+    shared = {"store": redis_server.url, "redis_prefix": redis_prefix, "rate_limit_per_s": 0.5, "rate_limit_burst": 3,
+              "read_rate_limit_per_s": 1, "read_rate_limit_burst": 4}  # fmt: skip
+    with (
+        TestClient(make_app(tmp_path / "a", **shared), base_url=BASE) as a,
+        TestClient(make_app(tmp_path / "b", **shared), base_url=BASE) as b,
+    ):
+        ids = [submit(a, A)["request_id"], submit(b, A)["request_id"], submit(a, A)["request_id"]]
+        over = b.post(f"/{APP}", json=INPUT, headers=A)
+        assert over.status_code == 429 and over.json()["error_type"] == "rate_limited"
+        assert 1 <= int(over.headers["Retry-After"]) <= 2
+        submit(b, B)  # another key has its own budget
+        replicas = [a, b, a, b, a]
+        statuses = [r.get(f"/{APP}/requests/{ids[0]}/status", headers=A).status_code for r in replicas]
+        assert statuses == [202, 202, 202, 202, 429]
+
+
+def test_a_redis_bucket_refills_on_redis_time_and_lets_calls_through_when_redis_is_gone(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    limiter = RedisRateLimiter(client, f"{redis_prefix}:rl", rate_per_s=20, burst=1)
+    assert limiter.acquire("k") == 0.0
+    assert 0 < limiter.acquire("k") <= 0.05  # a refused call takes nothing: the wait is for one token
+    time.sleep(0.06)
+    assert limiter.acquire("k") == 0.0
+    assert 0 < client.pttl(f"{redis_prefix}:rl:k") <= 2000  # a bucket expires once it would be full again
+    gone = RedisRateLimiter.from_url(f"redis://127.0.0.1:{free_port()}", "x", rate_per_s=1, burst=1)
+    started = time.monotonic()
+    assert [gone.acquire("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert time.monotonic() - started < 1  # at once: no retries (the request meets the job store's own)
 
 
 def test_token_buckets_refill_and_forget_idle_keys() -> None:

@@ -106,13 +106,13 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="Requests that create work (submit, run, upload) one API key may send per second, on average "
-        "(per API replica; 0: no limit). Over it: 429 with Retry-After.",
+        "(across all API replicas on a Redis store; 0: no limit). Over it: 429 with Retry-After.",
     )
     rate_limit_burst: int = Field(20, ge=1, description="How many such requests a key may send at once.")
     read_rate_limit_per_s: float = Field(
         100.0,
         ge=0,
-        description="Status, result, cancel and stream calls one API key may make per second (per API replica; 0: "
+        description="Status, result, cancel and stream calls one API key may make per second (across replicas; 0: "
         "no limit): loose, as fal's Python client (fal-client) polls each request it follows 10 times a second.",
     )
     read_rate_limit_burst: int = Field(200, ge=1, description="How many such calls a key may make at once.")

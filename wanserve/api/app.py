@@ -26,10 +26,9 @@ from wanserve.api.limits import BodyLimitMiddleware
 from wanserve.api.metrics import Metrics
 from wanserve.api.openapi import install_openapi
 from wanserve.api.proxy import FalProxyMiddleware
-from wanserve.api.ratelimit import RateLimiter
 from wanserve.api.responses import error_response
 from wanserve.api.security import ApiKeys, UrlSigner, read_or_create_secret, without_plain_keys
-from wanserve.backends import open_file_store, open_job_store
+from wanserve.backends import open_file_store, open_job_store, open_rate_limiter
 from wanserve.config import Settings
 from wanserve.errors import RateLimited, WanserveError
 from wanserve.jobs.endpoints import EndpointRegistry
@@ -69,8 +68,8 @@ def build_context(settings: Settings) -> ServerContext:
         url_signer=UrlSigner(read_or_create_secret(keys / "url-secret")),
         webhook_signer=WebhookSigner.load_or_create(keys / "webhook-ed25519.pem"),
         metrics=Metrics(store, settings.job_lease_s),
-        submit_limit=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
-        read_limit=RateLimiter(settings.read_rate_limit_per_s, settings.read_rate_limit_burst),
+        submit_limit=open_rate_limiter(settings, "submit", settings.rate_limit_per_s, settings.rate_limit_burst),
+        read_limit=open_rate_limiter(settings, "read", settings.read_rate_limit_per_s, settings.read_rate_limit_burst),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Header, Request
 
 from wanserve.api.metrics import Metrics
-from wanserve.api.ratelimit import RateLimiter, retry_after_s
+from wanserve.api.ratelimit import Limiter, RateLimiter, retry_after_s
 from wanserve.api.security import ApiKeys, UrlSigner
 from wanserve.config import Settings
 from wanserve.errors import Forbidden, RateLimited
@@ -36,8 +36,8 @@ class ServerContext:
     webhook_signer: WebhookSigner
     metrics: Metrics
     # per API key: calls that create work (submit, run, uploads), and reads (status, result, cancel, stream)
-    submit_limit: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
-    read_limit: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    submit_limit: Limiter = field(default_factory=lambda: RateLimiter(0, 1))
+    read_limit: Limiter = field(default_factory=lambda: RateLimiter(0, 1))
     # threads for store reads off the event loop (read_store); made on first use
     store_reads: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(STORE_READ_THREADS, thread_name_prefix="store-read")
@@ -77,11 +77,8 @@ Authorized = Depends(require_api_key)
 Caller = Annotated[str | None, Depends(require_api_key)]
 
 
-def check_rate(limiter: RateLimiter, caller: str | None, what: str) -> None:
-    """RateLimited (429 + Retry-After) when `caller` has no token left in `limiter`."""
-    if caller is None:  # no keys on this server: nothing to count by
-        return
-    wait = limiter.acquire(caller)
+def _refuse_if_over(limiter: Limiter, wait: float, what: str) -> None:
+    """RateLimited (429 + Retry-After) when the caller must wait for a token."""
     if wait > 0:
         raise RateLimited(
             f"Too many {what} for this API key (at most {limiter.rate_per_s:g} per second, {limiter.burst:g} at once)",
@@ -89,13 +86,30 @@ def check_rate(limiter: RateLimiter, caller: str | None, what: str) -> None:
         )
 
 
+SUBMITS, READS = "requests and uploads", "status and result calls"
+
+
 def check_submit_rate(ctx: ServerContext, caller: str | None) -> None:
-    check_rate(ctx.submit_limit, caller, "requests and uploads")
+    """For sync routes (a thread of their own: a shared limit's Redis call may wait there)."""
+    if caller is not None:  # no keys on this server: nothing to count by
+        _refuse_if_over(ctx.submit_limit, ctx.submit_limit.acquire(caller), SUBMITS)
+
+
+async def check_rate(ctx: ServerContext, limiter: Limiter, caller: str | None, what: str) -> None:
+    """For async routes: a limit kept in Redis is asked from the context's store thread pool, never on the event
+    loop (see read_store)."""
+    if caller is None or not limiter.enabled:
+        return
+    if limiter.is_local:
+        wait = limiter.acquire(caller)
+    else:
+        wait = await asyncio.get_running_loop().run_in_executor(ctx.store_reads, limiter.acquire, caller)
+    _refuse_if_over(limiter, wait, what)
 
 
 async def limit_submits(ctx: Context, caller: Caller, request: Request) -> None:
     check_cross_site(ctx, caller, request)
-    check_submit_rate(ctx, caller)
+    await check_rate(ctx, ctx.submit_limit, caller, SUBMITS)
 
 
 def check_cross_site(ctx: ServerContext, caller: str | None, request: Request) -> None:
@@ -115,7 +129,7 @@ def check_cross_site(ctx: ServerContext, caller: str | None, request: Request) -
 
 
 async def limit_reads(ctx: Context, caller: Caller) -> None:
-    check_rate(ctx.read_limit, caller, "status and result calls")
+    await check_rate(ctx, ctx.read_limit, caller, READS)
 
 
 SubmitLimited = Depends(limit_submits)
