@@ -28,7 +28,7 @@ class StandInHub:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
     # what was asked: ("info", repo) and ("HEAD" or "GET", repo, path)
     requests: Counter[tuple[str, ...]] = field(default_factory=Counter)
-    down: bool = False  # every request answers 503, as the Hub in an outage
+    down: int | None = None  # every request answers this status (503: an outage; 429: its rate limit)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @staticmethod
@@ -55,8 +55,8 @@ def running_hub() -> Iterator[StandInHub]:
 
         def _answer(self, head: bool) -> None:
             path = unquote(urlsplit(self.path).path)
-            if hub.down:
-                self._error(503, "ServiceUnavailable")
+            if hub.down is not None:
+                self._error(hub.down, "Unavailable")
             elif (info := _INFO.fullmatch(path)) and not head:
                 self._info(info["repo"])
             elif resolve := _RESOLVE.fullmatch(path):

@@ -26,7 +26,7 @@ from wanserve.files.base import (
     parse_lifecycle_header,
     safe_file_name,
 )
-from wanserve.files.local import LocalFileStore
+from wanserve.files.local import REPLACED_VERSION_S, LocalFileStore
 
 PUBLIC = "http://files.test:8000/base"
 T0 = 1_700_000_000.0
@@ -61,7 +61,7 @@ def test_put_bytes_round_trip(fs: LocalFileStore) -> None:
     assert fs.stat(key, T0 + 10**9) == stored
     with fs.open(key) as f:
         assert f.read() == data
-    assert fs.local_path(key).read_bytes() == data  # type: ignore[union-attr]
+    assert fs.local_path(fs.stat(key, T0)).read_bytes() == data  # type: ignore[union-attr]
 
 
 def test_put_path_copies_the_source(fs: LocalFileStore, tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_delete(fs: LocalFileStore) -> None:
 def test_stat_without_object_is_not_found(fs: LocalFileStore) -> None:
     key = new_key("x.txt")
     fs.put(key, b"x", "text/plain", None, T0)
-    fs.local_path(key).unlink()  # type: ignore[union-attr]
+    fs.local_path(fs.stat(key, T0)).unlink()  # type: ignore[union-attr]
     with pytest.raises(FileNotFound):
         fs.stat(key, T0)
 
@@ -400,6 +400,24 @@ def test_a_second_write_whose_metadata_cannot_be_put_in_place_keeps_the_first(
     assert len(object_files(fs.root, key)) == 1 and tmp_leftovers(fs) == []
 
 
+def test_a_download_that_read_the_metadata_gets_those_bytes_though_the_key_is_written_again(
+    fs: LocalFileStore,
+) -> None:
+    """The file route stats a key (ETag, size) and then serves the path: a second PUT in between must neither
+    remove that path (a 500) nor put other bytes under the first's ETag (a resume would mix versions)."""
+    key = new_key("doc.txt")
+    fs.put(key, b"version one", "text/plain", None, T0)
+    stored = fs.stat(key, T0)
+    fs.put(key, b"VERSION TWO, longer", "text/plain", None, T0)
+    path = fs.local_path(stored)
+    assert path is not None and path.read_bytes() == b"version one" and md5(path.read_bytes()) == stored.etag
+    assert fs.open(key).read() == b"VERSION TWO, longer"
+    fs.sweep_expired(time.time())
+    assert path.exists()  # within the grace
+    fs.sweep_expired(time.time() + REPLACED_VERSION_S + 1)
+    assert not path.exists() and len(object_files(fs.root, key)) == 1
+
+
 def test_files_stored_before_versions_are_read_rewritten_and_deleted(fs: LocalFileStore) -> None:
     """A data dir from before versions: metadata without one, the object under the key's plain name."""
     key = new_key("old.bin")
@@ -410,11 +428,15 @@ def test_files_stored_before_versions_are_read_rewritten_and_deleted(fs: LocalFi
     meta.parent.mkdir(parents=True)
     meta.write_text(json.dumps({"key": key, "content_type": "x/y", "size": 9, "file_name": "old.bin",
                                 "created_at": T0, "expires_at": None, "etag": md5(b"old bytes")}))  # fmt: skip
-    assert fs.stat(key, T0).size == 9 and fs.open(key).read() == b"old bytes" and fs.local_path(key) == plain
+    assert (
+        fs.stat(key, T0).size == 9 and fs.open(key).read() == b"old bytes" and fs.local_path(fs.stat(key, T0)) == plain
+    )
     fs.sweep_expired(T0 + 2 * ABANDONED_UPLOAD_S)
     assert plain.exists()  # named by its metadata: not an orphan
     fs.put(key, b"new", "x/y", None, T0)
-    assert fs.open(key).read() == b"new" and not plain.exists() and len(object_files(fs.root, key)) == 1
+    assert fs.open(key).read() == b"new" and plain.exists()  # kept a while: a download may be about to open it
+    fs.sweep_expired(time.time() + REPLACED_VERSION_S + 1)
+    assert not plain.exists() and len(object_files(fs.root, key)) == 1
     fs.delete(key)
     assert not object_files(fs.root, key) and not (fs.root / "objects" / key.split("/")[0]).exists()
 
@@ -622,5 +644,5 @@ def test_put_moves_a_file_from_the_same_filesystem_instead_of_copying_it(tmp_pat
     key = new_key("video.mp4")
     store.put(key, source, "video/mp4", None, T0)
     assert not source.exists()
-    assert store.local_path(key).stat().st_ino == inode  # type: ignore[union-attr]  # the same file, renamed
+    assert store.local_path(store.stat(key, T0)).stat().st_ino == inode  # type: ignore[union-attr]  # renamed
     assert store.open(key).read() == b"\x00\x00\x00\x18ftypisom"

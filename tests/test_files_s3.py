@@ -60,7 +60,7 @@ def test_put_bytes_is_one_object_with_its_metadata(fs: S3FileStore, keys: Callab
     assert fs.stat(key, T0) == stored  # times survive S3 metadata exactly
     with fs.open(key) as f:
         assert f.read() == data
-    assert fs.local_path(key) is None
+    assert fs.local_path(stored) is None
     marker = f"{ROOT}.expiry/{int(T0) + 60:012d}/{key.replace('/', '~')}"
     assert keys() == sorted([marker, ROOT + key])  # the prefix joined with exactly one "/" (listed in key order)
 

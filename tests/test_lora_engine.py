@@ -237,6 +237,18 @@ def test_a_peft_adapter_with_a_rank_and_alpha_per_layer_acts_as_in_peft(
             torch.testing.assert_close(ours(x), theirs(x))
             checked.add(theirs.scaling["default"])
     assert checked == {0.5, 2.0, 4.0, 1.0}  # 4/8, 4/2, 16/4 and 2/4 ... and the default 4/4
+    # a Conv3d layer's A factor is (r, in, kT, kH, kW): its rank is still the first dimension, and such a layer is
+    # refused for what it is (no Linear layer), not for its rank
+    conv = LoraConfig(r=4, lora_alpha=4, target_modules=["patch_embedding"])
+    conv_expert = inject_adapter_in_model(conv, copy.deepcopy(engine.pipe.transformer))
+    conv_path = tmp_path / "conv" / "adapter_model.safetensors"
+    conv_path.parent.mkdir()
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(conv_expert).items()},
+              conv_path)  # fmt: skip
+    conv_use = LoraUse(replace(use(conv_path).file, peft_config=json.dumps(conv.to_dict(), default=list)), 1.0,
+                       EXPERTS["both"], "conv")  # fmt: skip
+    with pytest.raises(FieldError, match="no Linear layer 'patch_embedding'"):
+        engine.loras.load([conv_use])
     assert not np.array_equal(frames(engine, with_loras(spec, configured)), frames(engine, spec))
 
 

@@ -172,7 +172,7 @@ def get_file(
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox; default-src 'none'",
     }
-    path = ctx.files.local_path(key)
+    path = ctx.files.local_path(stored)  # the bytes `stored` describes, even if the key was written again since
     if path is not None:
         # FileResponse answers Range requests (206 + Content-Range) and sets Content-Length. It reads the header from
         # the request, and refuses a whole set for one unsatisfiable range: it gets the satisfiable ones only.

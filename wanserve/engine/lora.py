@@ -260,11 +260,10 @@ def _apply_peft_scaling(renamed: dict[str, torch.Tensor], scaling: PeftScaling) 
     for key in [k for k in renamed if k.endswith(".lora_A.weight")]:
         module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
         rank, scale = scaling.of(module, deadline)
-        if renamed[key].ndim != 2 or renamed[key].shape[0] != rank:
-            raise LoraError(
-                f"{PEFT_CONFIG} gives layer {module!r} rank {rank:g}, but its factors have rank "
-                f"{renamed[key].shape[0] if renamed[key].ndim else 0}"
-            )
+        # A's first dimension is the rank: (r, in) for a Linear, (r, in, kT, kH, kW) for the patch embedding's Conv3d
+        if renamed[key].ndim < 2 or renamed[key].shape[0] != rank:
+            got = f"factors of rank {renamed[key].shape[0]}" if renamed[key].ndim >= 2 else "a factor that is no matrix"
+            raise LoraError(f"{PEFT_CONFIG} gives layer {module!r} rank {rank:g}, but it has {got}")
         renamed[key] = _scaled(renamed[key], scale)
         bias = key.replace(".lora_A.weight", ".lora_B.bias")
         if bias in renamed:

@@ -27,6 +27,9 @@ class StoredFile:
     created_at: float
     expires_at: float | None = None
     etag: str = ""
+    # Which write of the key these bytes are, where a store keeps several (the local store, see files.local); None
+    # elsewhere. A reader that serves the file by `local_path` gets the bytes this metadata describes.
+    version: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -218,8 +221,8 @@ class FileStore(Protocol):
         the file); FileNotFound when absent."""
         ...
 
-    def local_path(self, key: str) -> Path | None:
-        """Where the bytes are on this machine (None for remote stores)."""
+    def local_path(self, stored: StoredFile) -> Path | None:
+        """Where the bytes of `stored` (as `stat` answered it) are on this machine (None for remote stores)."""
         ...
 
     def staging_dir(self) -> Path | None:

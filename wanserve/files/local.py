@@ -4,7 +4,7 @@ renamed into place, so a crash or a full disk never leaves a half-written file b
 Each write of a key is a version of its own: the object lands under a new name (`<version>~<name>`) and the
 metadata, which names that version, is renamed over the old metadata last. That rename is the one moment a key
 changes, so a kill at any point leaves the key either as it was or as written (never new bytes described by old
-metadata), and the version it replaced, or the one it never reached, is an orphan the sweep removes a day on.
+metadata), and the version it replaced, or the one it never reached, is an orphan the sweep removes an hour on.
 Files stored before versions existed (metadata without one) keep their plain name until written again."""
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from wanserve.files.space import check_room
 
 # Between a key's file name and the version of its object: never in a key (safe names have no `~`).
 VERSION_MARK = "~"
+# How long an object no metadata names stays: a version a write replaced (a download may have read the metadata
+# that named it and not opened it yet) or one a killed write never switched to. Minutes would do; an hour is safe.
+REPLACED_VERSION_S = 3600.0
 
 
 def _md5_file(path: Path) -> str:
@@ -51,11 +54,9 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _parse_meta(text: str) -> tuple[StoredFile, str | None]:
-    """A key's metadata file: the stored file, and the version of its object (None: stored before versions)."""
-    doc = json.loads(text)
-    version = doc.pop("version", None)
-    return StoredFile(**doc), version
+def _parse_meta(text: str) -> StoredFile:
+    """A key's metadata file (its `version` None: stored before versions)."""
+    return StoredFile(**json.loads(text))
 
 
 def _versioned_name(file_name: str) -> tuple[str | None, str]:
@@ -110,8 +111,8 @@ class LocalFileStore:
     def _meta_path(self, key: str) -> Path:
         return self._meta / (check_key(key) + ".json")
 
-    def _read_meta(self, key: str) -> tuple[StoredFile, str | None]:
-        """The key's metadata and the version of its object; FileNotFound without metadata."""
+    def _read_meta(self, key: str) -> StoredFile:
+        """The key's metadata, which names the version of its object; FileNotFound without metadata."""
         try:
             return _parse_meta(self._meta_path(key).read_text())
         except FileNotFoundError:
@@ -157,7 +158,7 @@ class LocalFileStore:
         meta_staged: Path | None = None
         placed: Path | None = None
         try:
-            previous = self._read_meta(key)[1] if self._meta_path(key).exists() else None
+            previous = self._read_meta(key).version if self._meta_path(key).exists() else None
         except (FileNotFound, ValueError, TypeError):  # gone meanwhile, or unreadable: nothing to remove after
             previous = None
         try:
@@ -173,9 +174,11 @@ class LocalFileStore:
                     leftover.unlink(missing_ok=True)
             self._remove_empty_dirs(key)
             raise
-        if previous != version:  # the version this write replaced: nothing names it now
-            with contextlib.suppress(OSError):  # or the sweep removes it a day on
-                self._object(key, previous).unlink(missing_ok=True)
+        if previous != version:
+            # The version this write replaced: nothing names it now, but a download may have read its metadata and
+            # not yet opened it. It stays for the sweep, REPLACED_VERSION_S from now.
+            with contextlib.suppress(OSError):
+                os.utime(self._object(key, previous))
         return stored
 
     def _staged_meta(
@@ -189,8 +192,9 @@ class LocalFileStore:
             created_at=now,
             expires_at=expires_at,
             etag=_md5_file(staged),
+            version=version,
         )
-        return stored, self._stage(json.dumps({**stored.__dict__, "version": version}).encode())
+        return stored, self._stage(stored.to_json().encode())
 
     def _remove_empty_dirs(self, key: str) -> None:
         for d in (self._meta_path(key).parent, self._object(key, None).parent):
@@ -198,17 +202,17 @@ class LocalFileStore:
                 d.rmdir()
 
     def stat(self, key: str, now: float) -> StoredFile:
-        stored, version = self._read_meta(key)
+        stored = self._read_meta(key)
         if stored.expires_at is not None and stored.expires_at <= now:
             raise FileNotFound(f"file expired: {key}")
-        if not self._object(key, version).is_file():
+        if not self._object(key, stored.version).is_file():
             raise FileNotFound(f"no such file: {key}")
         return stored
 
     def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
         for _attempt in range(3):  # a new version written between reading the metadata and opening: read again
             try:
-                f = self._object(key, self._read_meta(key)[1]).open("rb")
+                f = self._object(key, self._read_meta(key).version).open("rb")
                 break
             except FileNotFoundError:
                 continue
@@ -220,11 +224,8 @@ class LocalFileStore:
         f.seek(start)
         return io.BufferedReader(_Window(f, end - start + 1))
 
-    def local_path(self, key: str) -> Path | None:
-        try:
-            return self._object(key, self._read_meta(key)[1])
-        except FileNotFound:
-            return self._object(key, None)  # a path where nothing is: the caller's open says so
+    def local_path(self, stored: StoredFile) -> Path | None:
+        return self._object(stored.key, stored.version)
 
     def staging_dir(self) -> Path | None:
         return self._tmp
@@ -245,7 +246,7 @@ class LocalFileStore:
         deleted = 0
         for meta in self._meta.glob("*/*.json"):
             try:
-                stored = _parse_meta(meta.read_text())[0]
+                stored = _parse_meta(meta.read_text())
             except (OSError, ValueError, TypeError):
                 continue
             if stored.expires_at is not None and stored.expires_at <= now:
@@ -263,7 +264,7 @@ class LocalFileStore:
         # before it removed it. They are invisible and would never expire; a day on, no write can still need them.
         for obj in self._objects.glob("*/*"):
             try:
-                if now - obj.stat().st_mtime > ABANDONED_UPLOAD_S and not self._names(obj):
+                if now - obj.stat().st_mtime > REPLACED_VERSION_S and not self._names(obj):
                     obj.unlink()
                     with contextlib.suppress(OSError):
                         obj.parent.rmdir()
@@ -275,7 +276,7 @@ class LocalFileStore:
         """Whether the key's metadata names this object file as its current version."""
         version, name = _versioned_name(obj.name)
         try:
-            return self._read_meta(f"{obj.parent.name}/{name}")[1] == version
+            return self._read_meta(f"{obj.parent.name}/{name}").version == version
         except FileNotFound:
             return False
         except (ValueError, TypeError):  # unreadable metadata: not this sweep's to judge

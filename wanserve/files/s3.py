@@ -232,7 +232,7 @@ class S3FileStore:
             body: BinaryIO = self._client.get_object(**request)["Body"]  # a file-like StreamingBody
         return body
 
-    def local_path(self, key: str) -> Path | None:
+    def local_path(self, stored: StoredFile) -> Path | None:
         return None
 
     def staging_dir(self) -> Path | None:

@@ -93,14 +93,14 @@ class LoraUse:
 
 
 def _hub_unreachable(exc: BaseException) -> bool:
-    """A connection or timeout failure, or the Hub's own server error (5xx): the cache may stand in. An answer
-    about the repo (not found, gated, unauthorized) is not one, although huggingface_hub's HTTP errors are
-    OSErrors too. Its errors come from its own httpx fork (httpx2), so the check goes by class names rather than by
-    one library's classes."""
+    """A connection or timeout failure, or an answer that says nothing about the repo: the Hub's own error (5xx),
+    its rate limit (429) or a request timeout (408). The cache may stand in. An answer about the repo (not found,
+    gated, unauthorized) is not one, although huggingface_hub's HTTP errors are OSErrors too. Its errors come from
+    its own httpx fork (httpx2), so the check goes by class names rather than by one library's classes."""
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     if isinstance(status, int):
-        return status >= 500
+        return status >= 500 or status in (408, 429)
     return isinstance(exc, OSError) or any(cls.__name__ == "TransportError" for cls in type(exc).__mro__)
 
 
