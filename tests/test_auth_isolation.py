@@ -346,6 +346,26 @@ def test_submits_over_the_rate_get_429_with_retry_after(tmp_path: Path) -> None:
         assert c.post(f"/{APP}", json=INPUT).status_code == 401  # auth first: no key, no budget spent
 
 
+def test_reads_are_counted_per_request_so_a_key_can_follow_many(tmp_path: Path) -> None:
+    """fal's Python client polls each request it follows 10 times a second: one budget per key would run out when
+    a script follows many at once (its client then raises after 10 refused polls). Each request has its own budget;
+    the key's own, looser, bounds a client asking about too many."""
+    app = make_app(tmp_path, read_rate_limit_per_s=1, read_rate_limit_burst=2, key_read_rate_limit_per_s=1,
+                   key_read_rate_limit_burst=7)  # fmt: skip
+    with TestClient(app, base_url=BASE) as c:
+        ids = [submit(c, A)["request_id"] for _ in range(3)]
+
+        def status(request_id: str) -> int:
+            return c.get(f"/{APP}/requests/{request_id}/status", headers=A).status_code
+
+        assert [status(i) for i in ids for _ in range(2)] == [202] * 6  # 2 each: within every request's budget
+        over = c.get(f"/{APP}/requests/{ids[0]}/status", headers=A)
+        assert over.status_code == 429 and "about one request" in over.json()["detail"]
+        assert status(ids[1] + "-unknown") == 404  # the 7th call the key makes: within its own budget
+        over_key = c.get(f"/{APP}/requests/{ids[2]}-other/status", headers=A)
+        assert over_key.status_code == 429 and "about one request" not in over_key.json()["detail"]
+
+
 def test_with_redis_a_keys_rate_holds_across_replicas(
     tmp_path: Path, redis_server: RedisServer, redis_prefix: str
 ) -> None:

@@ -110,14 +110,26 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(20, ge=1, description="How many such requests a key may send at once.")
     read_rate_limit_per_s: float = Field(
-        100.0,
+        20.0,
         ge=0,
-        description="Status, result, cancel and stream calls one API key may make per second (across replicas; 0: "
-        "no limit): loose, as fal's Python client (fal-client) polls each request it follows 10 times a second.",
+        description="Status, result, cancel and stream calls per second one API key may make about one request "
+        "(across replicas; 0: no limit): twice the rate at which fal's Python client polls each request it follows; "
+        "a script following many at once meets the looser key_read_rate_limit_per_s instead.",
     )
-    read_rate_limit_burst: int = Field(200, ge=1, description="How many such calls a key may make at once.")
+    read_rate_limit_burst: int = Field(40, ge=1, description="How many such calls about one request at once.")
+    key_read_rate_limit_per_s: float = Field(
+        2000.0,
+        ge=0,
+        description="Status, result, cancel and stream calls one API key may make per second in all (across "
+        "replicas; 0: no limit): a bound on a client that asks about many requests (200 followed at once, polled 10 "
+        "times a second each, stay well under it).",
+    )
+    key_read_rate_limit_burst: int = Field(4000, ge=1, description="How many such calls one key may make at once.")
     max_queued_per_key: int = Field(
-        100, ge=0, description="Queued requests one API key may have at a time (0: no limit). Over it: 429."
+        10_000,
+        ge=0,
+        description="Queued requests one API key may have at a time (0: no limit). Over it: 429 `too_many_queued`. "
+        "The hosted queue has no such cap: the default only stops a runaway loop, not a batch of thousands.",
     )
     file_url_ttl_s: float = Field(
         7 * 24 * 3600.0,
@@ -164,9 +176,11 @@ class Settings(BaseSettings):
     )
     s3_region: str | None = Field(None, description="S3 region (default: boto3's, e.g. AWS_DEFAULT_REGION).")
     s3_delivery: Literal["redirect", "stream"] = Field(
-        "redirect",
-        description="How /files/ URLs serve S3 objects: `redirect` (307 to a short-lived presigned GET URL; bytes "
-        "never pass through the API) or `stream` (the API relays them: for buckets clients cannot reach).",
+        "stream",
+        description="How /files/ URLs serve S3 objects: `stream` (the API relays the bytes, as it serves local files: "
+        "every client gets them with a 200, and the bucket need not be reachable by clients) or `redirect` (307 to a "
+        "short-lived presigned GET URL, so bytes never pass through the API; clients must follow redirects, which "
+        "httpx, for one, does not by default, and reach the bucket).",
     )
     s3_presign_s: int = Field(
         3600, ge=60, le=7 * 24 * 3600, description="Lifetime of the presigned GET URLs `redirect` hands out."

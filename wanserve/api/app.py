@@ -70,6 +70,9 @@ def build_context(settings: Settings) -> ServerContext:
         metrics=Metrics(store, settings.job_lease_s),
         submit_limit=open_rate_limiter(settings, "submit", settings.rate_limit_per_s, settings.rate_limit_burst),
         read_limit=open_rate_limiter(settings, "read", settings.read_rate_limit_per_s, settings.read_rate_limit_burst),
+        key_read_limit=open_rate_limiter(
+            settings, "key-read", settings.key_read_rate_limit_per_s, settings.key_read_rate_limit_burst
+        ),
     )
 
 

@@ -37,7 +37,8 @@ class ServerContext:
     metrics: Metrics
     # per API key: calls that create work (submit, run, uploads), and reads (status, result, cancel, stream)
     submit_limit: Limiter = field(default_factory=lambda: RateLimiter(0, 1))
-    read_limit: Limiter = field(default_factory=lambda: RateLimiter(0, 1))
+    read_limit: Limiter = field(default_factory=lambda: RateLimiter(0, 1))  # per (key, request)
+    key_read_limit: Limiter = field(default_factory=lambda: RateLimiter(0, 1))  # per key, all its reads
     # threads for store reads off the event loop (read_store); made on first use
     store_reads: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(STORE_READ_THREADS, thread_name_prefix="store-read")
@@ -87,6 +88,7 @@ def _refuse_if_over(limiter: Limiter, wait: float, what: str) -> None:
 
 
 SUBMITS, READS = "requests and uploads", "status and result calls"
+READ_ONE = "status and result calls about one request"
 
 
 def check_submit_rate(ctx: ServerContext, caller: str | None) -> None:
@@ -128,8 +130,11 @@ def check_cross_site(ctx: ServerContext, caller: str | None, request: Request) -
     )
 
 
-async def limit_reads(ctx: Context, caller: Caller) -> None:
-    await check_rate(ctx, ctx.read_limit, caller, READS)
+async def limit_reads(ctx: Context, caller: Caller, request_id: str) -> None:
+    """Reads are counted per request (fal's Python client polls each request it follows 10 times a second: a
+    script following many at once must not run out of one shared budget) and, more loosely, per key."""
+    await check_rate(ctx, ctx.read_limit, None if caller is None else f"{caller}/{request_id[:100]}", READ_ONE)
+    await check_rate(ctx, ctx.key_read_limit, caller, READS)
 
 
 SubmitLimited = Depends(limit_submits)
