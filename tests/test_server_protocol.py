@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from file_checks import assert_conditional_requests, assert_served_with_its_own_type
+from file_checks import assert_conditional_requests, assert_served_with_its_own_type, object_files
 from server import CHEAP_INPUT, Server, wait_completed
 
 from wanserve.store.sqlite import SQLiteJobStore
@@ -252,8 +252,7 @@ def test_expired_uploads_are_swept_from_disk(server: Server) -> None:
     assert httpx.put(init["upload_url"], content=b"gone soon").status_code == 200
     assert httpx.get(init["file_url"]).text == "gone soon"
     key = init["file_url"].split("/files/", 1)[1]
-    on_disk = server.data_dir / "files" / "objects" / key
-    assert on_disk.is_file()
+    (on_disk,) = object_files(server.data_dir / "files", key)
     deadline = time.monotonic() + 15
     while on_disk.exists():
         assert time.monotonic() < deadline, "the sweep never deleted the expired file"
