@@ -121,8 +121,8 @@ class Settings(BaseSettings):
         2000.0,
         ge=0,
         description="Status, result, cancel and stream calls one API key may make per second in all (across "
-        "replicas; 0: no limit): a bound on a client that asks about many requests (200 followed at once, polled 10 "
-        "times a second each, stay well under it).",
+        "replicas; 0: no limit): a bound on a client that asks about many requests (100 followed at once, polled 10 "
+        "times a second each, use half of it).",
     )
     key_read_rate_limit_burst: int = Field(4000, ge=1, description="How many such calls one key may make at once.")
     max_queued_per_key: int = Field(

@@ -260,8 +260,9 @@ class LocalFileStore:
                         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 except OSError:
                     continue
-        # Objects no metadata names: a version a killed write never switched to, or one replaced by a write killed
-        # before it removed it. They are invisible and would never expire; a day on, no write can still need them.
+        # Objects no metadata names: a version a killed write never switched to, or one a later write replaced (kept
+        # for downloads that read its metadata). They would never expire; an hour on (REPLACED_VERSION_S), nothing
+        # can still need them.
         for obj in self._objects.glob("*/*"):
             try:
                 if now - obj.stat().st_mtime > REPLACED_VERSION_S and not self._names(obj):
