@@ -147,11 +147,10 @@ async def _receive_to_file(
                     check_room(staging, 0, reserve)
                     checked = size
                 out.write(chunk)
-    except ClientDisconnect:
+    except BaseException as exc:
         Path(name).unlink(missing_ok=True)
-        raise ClientDisconnected(f"the client hung up during the {what}, after {size} bytes") from None
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
+        if isinstance(exc, ClientDisconnect):  # nobody to answer: not an error of this server's
+            raise ClientDisconnected(f"the client hung up during the {what}, after {size} bytes") from None
         raise
     return Path(name)
 

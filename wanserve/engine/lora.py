@@ -177,8 +177,8 @@ class PeftScaling:
     rank: float
     alpha: float
     rslora: bool = False
-    rank_pattern: tuple[tuple[str, float], ...] = ()
-    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    rank_pattern: tuple[tuple[regex.Pattern[str], float], ...] = ()  # compiled as peft matches them (`_patterns`)
+    alpha_pattern: tuple[tuple[regex.Pattern[str], float], ...] = ()
 
     def of(self, module: str, deadline: float) -> tuple[float, float]:
         """(rank, scale) of the layer `module` (its name in the transformer, `blocks.0.attn1.to_q`). The patterns
@@ -195,15 +195,17 @@ MAX_PATTERNS = 4096
 MAX_PATTERN_CHARS = 512
 
 
-def _pattern_value(patterns: tuple[tuple[str, float], ...], module: str, default: float, deadline: float) -> float:
-    """peft's rule (`get_pattern_key`): the first pattern that matches the end of the name at a dot boundary."""
+def _pattern_value(
+    patterns: tuple[tuple[regex.Pattern[str], float], ...], module: str, default: float, deadline: float
+) -> float:
+    """The value of the first pattern that matches `module`."""
     for pattern, value in patterns:
         try:
-            matched = regex.match(rf"(.*\.)?({pattern})$", module, timeout=max(deadline - time.monotonic(), 1e-3))
+            matched = pattern.match(module, timeout=max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
             raise LoraError(
                 f"{PEFT_CONFIG}: its layer patterns take more than {PATTERN_MATCH_BUDGET_S:g} s to match the layer "
-                f"names (at {pattern[:80]!r})"
+                f"names (at {pattern.pattern[:80]!r})"
             ) from None
         if matched:
             return value
@@ -232,7 +234,9 @@ def _peft_scaling(config_text: str) -> PeftScaling:
     )
 
 
-def _patterns(config: dict[str, object], name: str) -> tuple[tuple[str, float], ...]:
+def _patterns(config: dict[str, object], name: str) -> tuple[tuple[regex.Pattern[str], float], ...]:
+    """The config's patterns, each compiled once as peft's rule (`get_pattern_key`) matches it: the end of the layer
+    name, at a dot boundary."""
     patterns = config.get(name) or {}
     if not isinstance(patterns, dict) or len(patterns) > MAX_PATTERNS:
         raise LoraError(f"{PEFT_CONFIG}: {name} must be an object of at most {MAX_PATTERNS} layer patterns")
@@ -241,10 +245,9 @@ def _patterns(config: dict[str, object], name: str) -> tuple[tuple[str, float], 
         if len(pattern) > MAX_PATTERN_CHARS or not _positive(value):
             raise LoraError(f"{PEFT_CONFIG}: {name} entry {pattern[:80]!r}: {value!r} is not a positive number")
         try:
-            regex.compile(pattern)
+            checked.append((regex.compile(rf"(.*\.)?({pattern})$"), float(value)))
         except regex.error as exc:
             raise LoraError(f"{PEFT_CONFIG}: {name} entry {pattern[:80]!r} is no regular expression: {exc}") from None
-        checked.append((pattern, float(value)))
     return tuple(checked)
 
 

@@ -158,9 +158,9 @@ class LocalFileStore:
         meta_staged: Path | None = None
         placed: Path | None = None
         try:
-            previous = self._read_meta(key).version if self._meta_path(key).exists() else None
-        except (FileNotFound, ValueError, TypeError):  # gone meanwhile, or unreadable: nothing to remove after
-            previous = None
+            replaced: Path | None = self._object(key, self._read_meta(key).version)
+        except (FileNotFound, ValueError, TypeError):  # a new key, or unreadable metadata: nothing is replaced
+            replaced = None
         try:
             stored, meta_staged = self._staged_meta(key, staged, content_type, expires_at, now, version)
             for folder in (self._object(key, version).parent, self._meta_path(key).parent):
@@ -174,11 +174,11 @@ class LocalFileStore:
                     leftover.unlink(missing_ok=True)
             self._remove_empty_dirs(key)
             raise
-        if previous != version:
-            # The version this write replaced: nothing names it now, but a download may have read its metadata and
-            # not yet opened it. It stays for the sweep, REPLACED_VERSION_S from now.
+        if replaced is not None:
+            # Nothing names it now, but a download may have read its metadata and not yet opened it: it stays for
+            # the sweep, REPLACED_VERSION_S from now.
             with contextlib.suppress(OSError):
-                os.utime(self._object(key, previous))
+                os.utime(replaced)
         return stored
 
     def _staged_meta(

@@ -367,7 +367,7 @@ class LeaseRecovery:
             self._hold(mono, "housekeeping has just started", quiet=True)
         elif probe_s > self.max_gap_s:  # a store client that rode out an outage inside this one call
             self._hold(mono, f"one write to the job store took {probe_s:.0f} s")
-        elif self._last is not None:
+        else:
             gap = mono - self._last[1]
             jump = (now - self._last[0]) - gap
             if gap > self.max_gap_s:

@@ -209,7 +209,9 @@ class LoraResolver:
                     found, named = self._local(path)
                     # beside the file as the request names it (a link into a blob store keeps its config beside the
                     # link), else beside its target; either only inside the roots
-                    config = _peft_config_beside(named, self.roots) or _peft_config_beside(found, self.roots)
+                    config = _peft_config_beside(named, self.roots)
+                    if config is None and found.parent != named.parent:  # the same folder is not read twice
+                        config = _peft_config_beside(found, self.roots)
                 else:
                     found = self._hub(path, weight_name)
                     config = _peft_config_beside(found)

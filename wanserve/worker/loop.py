@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import socket
 import sys
@@ -509,7 +510,7 @@ class Worker:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
                 break
             except Exception as exc:
-                if self._stopped_at is not None and time.monotonic() > self._stopped_at + REPORT_GRACE_AFTER_STOP_S:
+                if time.monotonic() > self._report_deadline():
                     log.error(
                         "job %s: stopping with its outcome unreported (%s: %s); the job store gives it to another "
                         "worker when its lease runs out",
@@ -524,12 +525,16 @@ class Worker:
             return Report.REFUSED
         return Report.DONE
 
+    def _report_deadline(self) -> float:
+        """When a report waiting out a store outage gives up: REPORT_GRACE_AFTER_STOP_S after a stop, else never."""
+        return math.inf if self._stopped_at is None else self._stopped_at + REPORT_GRACE_AFTER_STOP_S
+
     def _wait_unless_stopping(self, seconds: float) -> None:
         """A backoff that a stop cuts short; once stopping, backoffs end with the report's grace."""
         if self._stopped_at is None:
             self._stop.wait(seconds)
         else:
-            time.sleep(max(0.0, min(seconds, self._stopped_at + REPORT_GRACE_AFTER_STOP_S - time.monotonic())))
+            time.sleep(max(0.0, min(seconds, self._report_deadline() - time.monotonic())))
 
     def _discard_refused_output(self, job: Job, output: dict[str, Any]) -> None:
         """The video of a finish the store refused (the job was taken back, failed or cancelled meanwhile) is
