@@ -34,6 +34,7 @@ import pytest
 import uvicorn
 from disk import fill, not_root_or_fail, tmpfs, use_up_inodes
 from fastapi import FastAPI
+from pydantic import ValidationError
 from starlette.testclient import TestClient
 
 from wanserve.api.app import create_app
@@ -42,8 +43,9 @@ from wanserve.config import Settings
 from wanserve.errors import FieldError
 from wanserve.files import space
 from wanserve.files.local import LocalFileStore
+from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraResolver
-from wanserve.schema import LoRAWeight, WanT2VRequest
+from wanserve.schema import LoRAWeight, WanLoRAT2VRequest, WanT2VRequest
 
 APP = "fal-ai/wan-22"
 LORA_APP = f"{APP}/lora"
@@ -325,6 +327,33 @@ def test_too_many_loras_is_422_on_the_list(client: TestClient) -> None:
     assert detail[0]["type"] == "too_long" and detail[0]["ctx"] == {"max_length": 2}
     assert job_counts(client) == before
     assert client.post(f"/{LORA_APP}", json={"prompt": "a fox", "loras": [lora] * 2}).status_code == 200
+
+
+def test_a_long_list_of_bad_loras_is_refused_by_its_length_alone(client: TestClient) -> None:
+    """Counted before the entries are checked: each bad entry of a long list would cost a validation and an error."""
+    response = client.post(f"/{LORA_APP}", json={"prompt": "a fox", "loras": [{"scale": "x"}] * 250})
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {
+            "loc": ["body", "loras"],
+            "msg": "at most 2 LoRAs per request on this server, got 250",
+            "type": "too_long",
+            "ctx": {"max_length": 2},
+        }
+    ]
+    # The base endpoint has no loras field: the list is an unknown field there, ignored, as before.
+    assert client.post(f"/{APP}", json={"prompt": "a fox", "loras": [{"scale": "x"}] * 3}).status_code == 200
+
+
+def test_an_input_with_many_errors_reports_the_first_fifty() -> None:
+    bad = {"path": 1, "scale": "x", "weight_name": 2}  # three errors per entry
+    with pytest.raises(ValidationError) as raised:
+        WanLoRAT2VRequest.model_validate({"prompt": 1, "num_frames": "many", "loras": [bad] * 40})
+    assert len(raised.value.errors()) == 122
+    detail = validation_errors(raised.value)
+    assert len(detail) == 50
+    assert detail[0]["loc"] == ["body", "prompt"] and detail[1]["loc"] == ["body", "num_frames"]
+    assert detail[-1]["loc"] == ["body", "loras", 15, "scale"]
 
 
 def data_uri(length: int, prefix: str = "data:application/octet-stream;base64,") -> str:

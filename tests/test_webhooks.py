@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import socket
@@ -25,6 +26,7 @@ from file_server import serving
 
 from wanserve.config import Settings
 from wanserve.jobs.model import Failure, Job, JobState, NewJob, Priority
+from wanserve.logsetup import OneLineFormatter
 from wanserve.store.sqlite import SQLiteJobStore
 from wanserve.webhooks import MAX_RETRY_DELAY_S, WebhookDispatcher, WebhookSigner, retry_delay, webhook_payload
 
@@ -475,14 +477,11 @@ def test_a_receiver_trickling_its_answer_fails_the_try_within_the_timeout(
     class Trickle(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            self.send_response(200)
-            self.send_header("Content-Length", "100")
-            self.end_headers()
             try:
-                for _ in range(100):
-                    self.wfile.write(b" ")
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + b"X-Pad: x\r\n" * 20 + b"\r\n":
+                    self.wfile.write(bytes([byte]))
                     self.wfile.flush()
-                    time.sleep(0.2)  # each read well within the 1 s timeout, the answer never done in time
+                    time.sleep(0.05)  # each read well within the 1 s timeout, the status never done in time
             except OSError:
                 pass
 
@@ -498,6 +497,58 @@ def test_a_receiver_trickling_its_answer_fails_the_try_within_the_timeout(
     hooks = store.due_webhooks(time.time() + 120)
     assert [(h.job_id, h.attempts) for h in hooks] == [("slow-1", 1)]  # a failed try, retried later
     assert "no complete answer within 1 s" in caplog.text
+
+
+def test_a_receivers_answer_body_is_never_read(
+    store: SQLiteJobStore, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the status counts. A body read whole would let a receiver fill the API process's memory (a gzip bomb:
+    1 MB on the wire, 1 GiB unpacked) or hold the try with an answer that never ends."""
+    sent: list[int] = []
+
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            sent.append(0)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+            chunk = gzip.compress(b"\0" * 2**20)
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(chunk)
+                    sent[0] += len(chunk)
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with serving(Endless) as url:
+        finished_job(store, "bomb-1", f"{url}/hook", output={})
+        d = dispatcher(store, signer, timeout_s=5.0, retry_base_s=60)
+        assert deliver(d) == 1
+        time.sleep(0.2)  # the receiver's writes stop once the connection is closed
+        written = sent[0]
+    assert store.due_webhooks(time.time() + 10**6) == []  # delivered, the 200 alone enough
+    assert written < 2**30 // 100  # not the gigabytes the answer would take
+    assert "bomb-1" not in caplog.text  # no failed try
+
+
+def test_a_webhook_url_logged_is_quoted(
+    store: SQLiteJobStore, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One stored before submits refused control characters still cannot write a line of its own into the log (the
+    servers' one-line format escapes the rest of the message, the error that names the URL too)."""
+    caplog.handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    finished_job(store, "log-1", "http://127.0.0.1:9/x\n2030-01-01 FORGED line", output={})
+    d = dispatcher(store, signer, timeout_s=1.0, retry_base_s=60)
+    assert deliver(d) == 1
+    assert "to 'http://127.0.0.1:9/x\\n2030-01-01 FORGED line' failed (try 1/3)" in caplog.text
+    assert [line for line in caplog.text.splitlines() if "FORGED" in line and not line.startswith("WARNING ")] == []
 
 
 def test_a_hung_name_lookup_fails_the_try_without_holding_a_worker_thread(

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from wanserve import __version__
 from wanserve.config import Settings
 from wanserve.errors import WanserveError
+from wanserve.logsetup import configure_logging
 from wanserve.schema import WanLoRAT2VRequest
 
 log = logging.getLogger("wanserve")
@@ -582,9 +583,8 @@ def _resource_error(exc: Exception) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        logging.DEBUG if args.verbose else logging.WARNING, "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # The client commands talk to a server: this machine's WANSERVE_* server settings are none of their business
     # (one bad variable must not stop `wanserve status`).

@@ -167,7 +167,7 @@ class WebhookDispatcher:
         try:
             await self._attempt(client, hook_id, job_id, url, attempts)
         except Exception as exc:  # unforeseen: a failed try like any other, never a webhook left pending for ever
-            log.exception("webhook for %s to %s: unexpected error", job_id, url)
+            log.exception("webhook for %s to %r: unexpected error", job_id, url)
             # If the store is what failed, the claim on this webhook expires and it is tried again then.
             with contextlib.suppress(Exception):
                 await self._failed(hook_id, job_id, url, attempts, f"{type(exc).__name__}: {exc}")
@@ -192,7 +192,7 @@ class WebhookDispatcher:
             await self._failed(hook_id, job_id, url, attempts, f"name lookup took over {self.timeout_s:g} s")
             return
         except PrivateAddress as exc:
-            log.warning("webhook for %s to %s refused: %s", job_id, url, exc)
+            log.warning("webhook for %s to %r refused: %s", job_id, url, exc)
             await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
             return
         except InputFetchError as exc:  # cannot resolve (yet): retried like a refused connection
@@ -206,16 +206,20 @@ class WebhookDispatcher:
         error: str | None = None
         try:
             async with asyncio.timeout_at(deadline):
-                response = await client.post(
+                # Streamed and closed unread: only the status counts, and a receiver's body (a gzip bomb, a
+                # trickle) would otherwise be read whole into this process's memory.
+                async with client.stream(
+                    "POST",
                     target.url,
                     content=body,
-                    headers={**headers, **target.headers},
+                    headers={**headers, "Accept-Encoding": "identity", **target.headers},
                     extensions=target.extensions,
                     timeout=self.timeout_s,
                     follow_redirects=False,  # a redirect is a failure: it could point at a private address
-                )
-            if not 200 <= response.status_code < 300:
-                error = f"receiver answered HTTP {response.status_code}"
+                ) as response:
+                    status = response.status_code
+            if not 200 <= status < 300:
+                error = f"receiver answered HTTP {status}"
         except TimeoutError:
             error = f"no complete answer within {self.timeout_s:g} s"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
@@ -227,7 +231,7 @@ class WebhookDispatcher:
 
     async def _failed(self, hook_id: int, job_id: str, url: str, attempts: int, error: str) -> None:
         tried = attempts + 1
-        log.warning("webhook for %s to %s failed (try %d/%d): %s", job_id, url, tried, self.max_attempts, error)
+        log.warning("webhook for %s to %r failed (try %d/%d): %s", job_id, url, tried, self.max_attempts, error)
 
         def settle() -> None:
             delay = retry_delay(tried, self.retry_base_s) if tried < self.max_attempts else None

@@ -44,6 +44,11 @@ from wanserve.store.base import JobStore
 
 log = logging.getLogger(__name__)
 
+# A webhook URL longer than this is refused at submit (it is stored with the job and sent at every try).
+MAX_WEBHOOK_URL = 8192
+# Validation errors reported for one input: a list of a million bad entries gets this many, not a million.
+MAX_REPORTED_ERRORS = 50
+
 
 def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
@@ -75,7 +80,7 @@ def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """pydantic errors in the shape fal and FastAPI answer with: `loc` starts at `body`. The offending input
     is echoed only when it is plain JSON (a NaN or a broken string would make the error itself fail)."""
     out = []
-    for err in exc.errors(include_url=False):
+    for err in exc.errors(include_url=False)[:MAX_REPORTED_ERRORS]:
         loc = [part if _json_safe(part) else "?" for part in err["loc"]]
         entry: dict[str, Any] = {"loc": ["body", *loc], "msg": err["msg"], "type": err["type"]}
         if "ctx" in err:
@@ -151,22 +156,14 @@ class JobService:
             raise InputValidationError(
                 [{"loc": ["body"], "msg": "the input must be a JSON object", "type": "model_attributes_type"}]
             )
+        # Counted before the entries are validated: each of a long list's entries costs a validation and an error.
+        if "loras" in endpoint.request_model.model_fields:
+            self._check_lora_count(body.get("loras"))
         try:
             request = endpoint.request_model.model_validate(body)
         except ValidationError as exc:
             raise InputValidationError(validation_errors(exc)) from None
         loras = getattr(request, "loras", None) or []
-        if len(loras) > self.max_loras:
-            raise InputValidationError(
-                [
-                    {
-                        "loc": ["body", "loras"],
-                        "msg": f"at most {self.max_loras} LoRAs per request on this server, got {len(loras)}",
-                        "type": "too_long",
-                        "ctx": {"max_length": self.max_loras},
-                    }
-                ]
-            )
         check_input_limits(request, endpoint.limits)
         check_lora_urls(loras, self.public_url, self.allow_private_urls)  # before a job exists
         if webhook_url is not None:
@@ -196,6 +193,19 @@ class JobService:
             self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {names}", now)
         return job
 
+    def _check_lora_count(self, loras: object) -> None:
+        if isinstance(loras, list) and len(loras) > self.max_loras:
+            raise InputValidationError(
+                [
+                    {
+                        "loc": ["body", "loras"],
+                        "msg": f"at most {self.max_loras} LoRAs per request on this server, got {len(loras)}",
+                        "type": "too_long",
+                        "ctx": {"max_length": self.max_loras},
+                    }
+                ]
+            )
+
     def _check_queued(self, owner: str | None) -> None:
         """Refuses a key's submit while it has `max_queued_per_key` requests queued. Counted before the job is
         stored, so submits racing each other may overshoot by how many arrive at once (the rate limit bounds it)."""
@@ -219,7 +229,13 @@ class JobService:
 
     def _check_webhook_url(self, url: str) -> None:
         if not url.startswith(("http://", "https://")):
-            raise BadRequest(f"fal_webhook must be an http(s) URL, got {url!r}")
+            raise BadRequest(f"fal_webhook must be an http(s) URL, got {url[:200]!r}")
+        # A URL has no blank or control character (a percent-encoded one arrives decoded): refused rather than
+        # stored, since urlsplit drops some silently and the raw text would reach the delivery logs.
+        if any(char <= " " or "\x7f" <= char <= "\x9f" for char in url):
+            raise BadRequest(f"fal_webhook has a blank or control character: {url[:200]!r}")
+        if len(url) > MAX_WEBHOOK_URL:
+            raise BadRequest(f"fal_webhook is longer than {MAX_WEBHOOK_URL} characters")
         if not self.allow_private_urls:
             try:
                 check_public_url(url)

@@ -47,6 +47,7 @@ from wanserve.engine.parallel import (
 from wanserve.engine.pipeline import CancelCheck, GenerationSpec, StepCallback, StepProgress, draw_seed
 from wanserve.engine.runner import EngineRunner, VideoResult
 from wanserve.errors import GenerationCancelled, ParallelGroupFailed, WanserveError
+from wanserve.logsetup import configure_logging
 from wanserve.lora.sources import LoraUse
 from wanserve.schema import WanT2VRequest
 from wanserve.worker.signals import handle_signals_at_once
@@ -263,9 +264,7 @@ def _rank_main(config: _RankConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format=f"%(asctime)s [rank {config.rank}] %(name)s %(levelname)s: %(message)s"
-        )
+        configure_logging(logging.INFO, f"%(asctime)s [rank {config.rank}] %(name)s %(levelname)s: %(message)s")
     os.environ.update(rank_environment(config.rank, config.world_size, config.port))
     settings = config.settings.model_copy(update={"device": config.device})
     device = torch.device(config.device)

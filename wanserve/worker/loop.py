@@ -16,7 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from enum import Enum
@@ -433,7 +432,7 @@ class Worker:
                 self._log(job, f"Failed: {message}", LogLevel.ERROR)
                 self._finish(job, failure=Failure(StorageFull.error_type, message, StorageFull.http_status))
             else:
-                log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+                log.error("job %s crashed", job.id, exc_info=True)
                 self._log(job, f"Internal error: {type(exc).__name__}: {exc}", LogLevel.ERROR)
                 self._finish(job, failure=Failure("internal_error", f"internal error: {type(exc).__name__}", 500))
         else:

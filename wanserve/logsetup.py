@@ -1,0 +1,34 @@
+"""The processes' log format: one record, one line.
+
+Log messages carry text from requests (webhook URLs, LoRA paths, error messages of a receiver or a download): a
+newline in one would start a line that reads like the server's own (log injection). The message's control
+characters are written escaped; a traceback, logged as exc_info, keeps its lines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters (C0, DEL, C1) written as escapes."""
+    return text.translate(_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: int, fmt: str) -> None:
+    """The root logger's one handler (stderr), as logging.basicConfig would make it, with the one-line format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
