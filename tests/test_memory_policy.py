@@ -11,12 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers.hooks.group_offloading import _is_group_offload_enabled
+from diffusers.hooks.group_offloading import ModuleGroup, _is_group_offload_enabled
 from engines import rel_error, small_spec, tiny_engine
+from lora_files import random_factors, scaled, write_wan
 from torch import nn
 
 from wanserve.engine import speed
 from wanserve.engine.loading import load_pipeline
+from wanserve.engine.lora import LoraAdapters
 from wanserve.engine.memory import (
     ExpertSwap,
     GiB,
@@ -32,6 +34,8 @@ from wanserve.engine.memory import (
 from wanserve.engine.pipeline import GenerationSpec
 from wanserve.engine.sampling import Expert
 from wanserve.engine.speed import DeviceInfo, cap_gpu_memory
+from wanserve.lora.cache import file_sha256
+from wanserve.lora.sources import EXPERTS, LoraFile, LoraUse, SourceKind
 
 # Wan 2.2 T2V-A14B in bf16 (DESIGN.md section 5).
 A14B = dict(expert_bytes=int(26.7 * GiB), experts=2, text_encoder_bytes=int(10.6 * GiB), model_dim=5120)
@@ -362,3 +366,70 @@ def test_an_error_during_a_handoff_leaves_a_usable_expert(experts: tuple) -> Non
     assert high.blocks.after_block is None
     swap.ensure(Expert.HIGH)  # the next request starts on the high-noise expert
     assert all(weights.on_device(b) for b in high.blocks), "high-noise blocks released by the failed handoff"
+
+
+# --- LoRAs under each policy ---
+
+
+def lora_use(path: Path, scale: float = 1.0) -> LoraUse:
+    file = LoraFile(path, file_sha256(path), path.stat().st_size, SourceKind.LOCAL, False, 0.0)
+    return LoraUse(file, scale, EXPERTS["both"], path.name)
+
+
+def test_a_lora_loaded_under_offload_is_known_to_the_offload_hooks(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With CUDA streams, group offloading keeps a host copy of each parameter it knew when it was applied and
+    looks every parameter up in it at each upload: a LoRA's factors loaded after it were a KeyError at the first
+    step. A CPU has no streams, so the table is built here as a GPU builds it (without pinning)."""
+
+    def host_copies(group: ModuleGroup) -> dict[torch.Tensor, torch.Tensor]:
+        tensors = [t for m in group.modules for t in (*m.parameters(), *m.buffers())]
+        return {t: t.data for t in (*tensors, *group.parameters, *group.buffers)}
+
+    monkeypatch.setattr(ModuleGroup, "_init_cpu_param_dict", host_copies)
+    path = write_wan(
+        tmp_path / "style.safetensors", random_factors(load_pipeline("tiny", model_cache, torch.float32).transformer)
+    )
+    run = spec(num_inference_steps=2, loras=(lora_use(path, 3.0),))
+    resident = tiny_engine(model_cache, memory_policy="resident")
+    want, plain = resident.generate(run).frames, resident.generate(spec(num_inference_steps=2)).frames
+    engine = tiny_engine(model_cache, memory_policy="offload")
+    got = engine.generate(run).frames
+    for expert in (engine.pipe.transformer, engine.pipe.transformer_2):
+        hooks = [
+            m._diffusers_hook.get_hook("group_offloading") for m in expert.modules() if hasattr(m, "_diffusers_hook")
+        ]
+        groups = [hook.group for hook in hooks if hook is not None]
+        assert groups
+        for group in groups:
+            known = group.cpu_param_dict
+            assert all(t in known for m in group.modules for t in m.parameters())
+        assert any("lora_A" in name for name, _ in expert.named_parameters())
+    assert rel_error(got, want) < rel_error(plain, want) / 10
+    engine.loras.unload_all()  # the hooks are applied again without the factors
+    for expert in (engine.pipe.transformer, engine.pipe.transformer_2):
+        assert not any("lora_" in name for name, _ in expert.named_parameters())
+    assert rel_error(engine.generate(spec(num_inference_steps=2)).frames, plain) < rel_error(plain, want) / 10
+
+
+def test_lora_factors_go_where_the_engine_places_adapters_not_beside_host_weights(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """Under swap the expert not on the GPU has its weights in host memory, and PEFT puts each factor beside its
+    layer's weight; the swap uploads only the weights it adopted, so the factors must be moved to the GPU. A CPU has
+    no second device to load onto: the placement after a load is checked with the meta device standing for the
+    GPU, and only the adapter placed moves."""
+    pipe = load_pipeline("tiny", model_cache, torch.float32)
+    factors = random_factors(pipe.transformer)
+    kept, moved = (write_wan(tmp_path / f"{n}.safetensors", scaled(factors, s)) for n, s in (("a", 1), ("b", 2)))
+    adapters = LoraAdapters({"high": pipe.transformer, "low": pipe.transformer_2}, 2**30)
+    adapters.load([lora_use(kept), lora_use(moved)])
+    adapters.device = torch.device("meta")
+    name = adapters._resident[lora_use(moved).file.identity].name
+    for expert in (pipe.transformer, pipe.transformer_2):
+        adapters._place(expert, name)
+        placed = {n: t.device.type for n, t in expert.named_parameters() if "lora_" in n}
+        assert {d for n, d in placed.items() if name in n} == {"meta"}
+        assert {d for n, d in placed.items() if name not in n} == {"cpu"}  # the other adapter stays
+        assert sum(name in n for n in placed) == len(placed) // 2

@@ -9,11 +9,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from engines import record_forwards, rel_error, small_spec, tiny_engine
+from lora_files import random_factors, write_wan
 from torch import nn
 
 import wanserve.engine.pipeline as pipeline
@@ -30,6 +34,8 @@ from wanserve.engine.fp8 import (
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import GenerationSpec
 from wanserve.engine.speed import DeviceInfo, Preset, SelfAttnKernelProcessor, default_preset, plan_speed
+from wanserve.lora.cache import file_sha256
+from wanserve.lora.sources import EXPERTS, LoraFile, LoraUse, SourceKind
 
 CPU = DeviceInfo(type="cpu", name="cpu")
 H100 = DeviceInfo(type="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0))
@@ -535,3 +541,82 @@ def test_each_version_of_the_custom_ops_compiles_into_its_own_cache(
     with open(copy / "attention.py", "a") as f:
         f.write("\n# the fake's output changed\n")
     assert speed._custom_op_fingerprint() != before
+
+
+# --- the regional compile's graphs: how many a worker makes, and what happens past the limit ---
+
+
+@pytest.fixture
+def graphs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Compiles with a backend that counts the graphs dynamo hands it and runs them as they are (no Inductor)."""
+    made: list[int] = []
+
+    def counting(graph: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        made.append(1)
+        return graph.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", counting)
+    yield made
+    torch._dynamo.reset()
+
+
+def test_a_new_lora_scale_does_not_compile_the_block_again(
+    model_cache: Path, tmp_path: Path, graphs: list[int]
+) -> None:
+    """PEFT's scales are Python floats, which a graph takes as constants: each new scale compiled the blocks again
+    (seconds to minutes on a GPU, and towards the recompile limit). As tensors they are inputs of one graph."""
+    engine = tiny_engine(model_cache, preset="exact", compile=True, compile_cache_dir=tmp_path / "cc")
+    path = write_wan(tmp_path / "style.safetensors", random_factors(engine.pipe.transformer))
+    file = LoraFile(path, file_sha256(path), path.stat().st_size, SourceKind.LOCAL, False, 0.0)
+    run = small_spec(num_inference_steps=2, guidance_scale_2=1.0)  # a batch-2 step, then a batch-1 step
+    engine.generate(run)
+    assert len(graphs) == 2
+    outputs = {}
+    for scale in (1.0, 0.8, 0.9, 0.8):
+        outputs[scale] = engine.generate(replace(run, loras=(LoraUse(file, scale, EXPERTS["both"], "x"),))).frames
+        assert len(graphs) == 4  # the graphs with the adapter, made once
+    assert rel_error(outputs[0.8], outputs[0.9]) > 0  # the scale is used, not frozen in at its first value
+    eager = tiny_engine(model_cache, preset="exact")
+    want = eager.generate(replace(run, loras=(LoraUse(file, 0.9, EXPERTS["both"], "x"),))).frames
+    assert rel_error(outputs[0.9], want) < 1e-4
+
+
+def test_past_the_recompile_limit_a_block_runs_eagerly(
+    model_cache: Path,
+    tmp_path: Path,
+    graphs: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With fullgraph, a graph past dynamo's limit is an error: that request, and every later one needing a new
+    graph, failed until the worker restarted."""
+    engine = tiny_engine(model_cache, preset="exact", compile=True, compile_cache_dir=tmp_path / "cc")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    small = small_spec(num_inference_steps=2, guidance_scale=1.0, guidance_scale_2=1.0)  # batch 1 only
+    engine.generate(small)
+    bigger = replace(small, width=128)  # another token count: a graph past the limit
+    got = engine.generate(bigger).frames
+    assert len(graphs) == 1
+    assert "new ones run eagerly" in caplog.text
+    want = tiny_engine(model_cache, preset="exact").generate(bigger).frames
+    assert rel_error(got, want) < 1e-4
+
+
+def test_step_caching_turns_the_compile_off() -> None:
+    """diffusers' First Block Cache hooks the blocks with code dynamo cannot trace whole (it reads a value back
+    from the GPU): with the regional compile every request failed."""
+    plan = plan_speed("exact", H100, step_cached=True)
+    assert not plan.compile and "no compile with step caching" in plan.describe()
+    assert plan_speed("exact", H100).compile
+
+
+def test_an_exact_engine_with_the_step_cache_forced_to_compile_generates(
+    model_cache: Path, tmp_path: Path, graphs: list[int]
+) -> None:
+    engine = tiny_engine(
+        model_cache, preset="exact", compile=True, step_cache_threshold=0.05, compile_cache_dir=tmp_path / "cc"
+    )
+    assert not engine.speed.compile
+    engine.generate(small_spec(num_inference_steps=2))
+    assert graphs == []

@@ -30,6 +30,7 @@ from typing import TypeGuard
 import regex
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
 from safetensors import SafetensorError, safe_open
 
 from wanserve.errors import FieldError, LoraError
@@ -404,6 +405,23 @@ def placed_for(
     return out
 
 
+def _scales_as_tensors(module: torch.nn.Module) -> None:
+    """PEFT keeps each layer's scale (request scale x alpha / rank) as a Python float, which a compiled block takes
+    as a constant: every new scale would compile the block again. As a 0-d tensor (on the host: a scalar operand
+    wherever the layer runs) it is an input of the graph instead."""
+    for layer in module.modules():
+        scaling = getattr(layer, "scaling", None)  # a PEFT LoRA layer's (peft is not imported where none load)
+        if isinstance(scaling, dict) and hasattr(layer, "lora_A"):
+            for name, value in scaling.items():
+                if isinstance(value, float | int):
+                    scaling[name] = torch.tensor(float(value), dtype=torch.float32)
+
+
+def _factors(module: torch.nn.Module, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Adapter `name`'s parameters in `module` (PEFT names them `<layer>.lora_A.<name>.weight`)."""
+    return [(n, t) for n, t in module.named_parameters() if f".{name}." in f"{n}."]
+
+
 def _has_adapters(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
@@ -490,9 +508,10 @@ class LoraAdapters:
                         metadata=converted.metadata,
                         low_cpu_mem_usage=True,  # takes the placed tensors as they are
                     )
-                unset = [n for n, t in module.named_parameters() if f".{entry.name}." in f"{n}." and t.is_meta]
+                unset = [n for n, t in _factors(module, entry.name) if t.is_meta]
                 if unset:  # a factor the file did not provide would be garbage (or a crash) at the forward
                     raise LoraError(f"the LoRA leaves {len(unset)} adapter tensors unset (first: {unset[0]})")
+                self._place(module, entry.name)
             except Exception as exc:
                 self._remove(module, entry.name)
                 if entry.bytes_on:
@@ -513,6 +532,18 @@ class LoraAdapters:
             len(converted.ignored),
             time.perf_counter() - started,
         )
+
+    def _place(self, module: WanTransformer3DModel, name: str) -> None:
+        """Puts adapter `name`'s factors where adapters live, and tells group offloading about them."""
+        if self.device is not None:
+            # PEFT put each factor beside its layer's weight, which for an expert swapped out is host memory that
+            # the swap never uploads (it moves only the weights it adopted). PEFT's own move, to our device.
+            for layer in module.modules():
+                if name in getattr(layer, "lora_A", ()) and hasattr(layer, "_move_adapter_to_device_of_base_layer"):
+                    layer._move_adapter_to_device_of_base_layer(name, device=self.device)
+        # Group offloading (with CUDA streams) keeps a host copy of each parameter it knew when it was applied, and
+        # looks every parameter up in it at each upload: applied again, it knows the new factors.
+        _maybe_remove_and_reapply_group_offloading(module)
 
     def _remove(self, module: WanTransformer3DModel, name: str) -> None:
         peft_config = getattr(module, "peft_config", None) or {}
@@ -558,6 +589,7 @@ class LoraAdapters:
                 if _has_adapters(module):
                     chosen = weights[id(module)]
                     module.set_adapters(list(chosen), list(chosen.values()))
+                    _scales_as_tensors(module)
             yield
         finally:
             for module in modules:

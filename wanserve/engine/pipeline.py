@@ -231,6 +231,7 @@ class WanEngine:
             options.unvalidated_fast_gpu,
             offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD,
             lowbit_attention=options.lowbit_attention,
+            step_cached=options.step_cache_threshold > 0,
         )
         self.speed: SpeedPlan = planned()
         if self.speed.preset is not Preset.EAGER:  # eager is plain diffusers: its default attention

@@ -15,15 +15,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from wanserve.engine.attention import DIFFUSERS_BACKEND, AttentionFn, AttentionKernel, flash4_attention, static_choice
 from wanserve.engine.fp8 import int8_attention_reference, use_fp8_linears
@@ -144,6 +147,7 @@ def plan_speed(
     offloaded: bool = False,
     lowbit_attention: bool | None = None,
     attention: AttentionKernel | None = None,
+    step_cached: bool = False,
 ) -> SpeedPlan:
     """The concrete settings of `preset` ("auto" = the device's default) on `device`. `compile` overrides the
     preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains). `offloaded`:
@@ -152,10 +156,11 @@ def plan_speed(
     and the copies bound the speed anyway). `lowbit_attention` overrides where `fast` uses the INT8 attention
     (None: where LOWBIT_ATTENTION_FASTER says it is faster). `attention` is the exact kernel (attention.resolve
     measures it; None: cuDNN on sm80+ GPUs, diffusers' default elsewhere); `fast`'s INT8 kernel, where on,
-    takes the self-attention instead."""
+    takes the self-attention instead. `step_cached`: diffusers' First Block Cache is on, whose hooks on the blocks
+    cannot be traced whole (they read a value back from the GPU), which rules out the regional compile."""
     chosen = default_preset(device) if preset == "auto" else Preset(preset)
     if chosen is Preset.EAGER:
-        return SpeedPlan(chosen, compile=bool(compile) and not offloaded)
+        return SpeedPlan(chosen, compile=bool(compile) and not offloaded and not step_cached)
     on_gpu = device.type == "cuda"
     notes: list[str] = []
     if chosen is Preset.FAST and on_gpu and not device.has_fp8:
@@ -170,6 +175,9 @@ def plan_speed(
     if offloaded and use_compile:
         use_compile = False
         notes.append("no compile under offload")
+    if step_cached and use_compile:
+        use_compile = False
+        notes.append("no compile with step caching")
     low_bit = chosen is Preset.FAST
     if lowbit_attention is None:
         lowbit_attention = not on_gpu or device.capability in LOWBIT_ATTENTION_FASTER
@@ -215,8 +223,11 @@ def configure_compile_cache(cache_dir: Path) -> None:
     # not less accurate but drifts from eager's output (0.50% on the tiny model, 0.03% with it), against `exact`'s
     # promise of eager's output up to float noise.
     inductor_config.emulate_precision_casts = True
-    # Two experts x a few video sizes x batch 1/2 are distinct graphs of the one block; allow them all.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Each (batch, video size) is a graph of the one block (78 for the endpoints' sizes), and each set of LoRAs
+    # resident adds its own: room for all of them, and past it a block runs eagerly (_eager_past_the_limit).
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
 _kernel_ready = False  # set once the Triton kernel's op is registered (prepare_experts on a GPU)
@@ -315,6 +326,12 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, devic
                 use_self_attention_kernel(block, flash4_attention, plan.attention_backend)
 
 
+# Graphs of the block one worker keeps. Inductor's own default (8) would not hold the endpoints' sizes.
+RECOMPILE_LIMIT = 512
+# The torch.compile backend of the regional compile (the tests count graphs with a backend of their own).
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+
+
 def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache_dir: Path) -> None:
     """Regional compile: the repeated transformer block is compiled once per shape and reused by all 40 blocks
     of both experts (parameters are graph inputs), in seconds instead of the minutes a whole-model compile takes."""
@@ -322,4 +339,31 @@ def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache
         return
     configure_compile_cache(cache_dir)
     for expert in experts:
-        expert.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        expert.compile_repeated_blocks(fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
+        for block in expert.blocks:
+            if block._compiled_call_impl is not None:
+                block._compiled_call_impl = _EagerPastTheLimit(block._compiled_call_impl, block._call_impl)
+
+
+class _EagerPastTheLimit:
+    """A compiled block that runs eagerly once dynamo has as many graphs of it as it keeps: with fullgraph, a
+    graph past the limit is an error (FailOnRecompileLimitHit), which would fail that request and every later one
+    needing a new graph until the worker restarts."""
+
+    warned = False
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> None:
+        self.compiled = compiled
+        self.eager = eager
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.compiled(*args, **kwargs)
+        except FailOnRecompileLimitHit:  # raised before the block ran: nothing to undo
+            if not _EagerPastTheLimit.warned:
+                _EagerPastTheLimit.warned = True
+                log.warning(
+                    "the compiled block has %d graphs (video sizes x LoRA sets): new ones run eagerly",
+                    torch._dynamo.config.recompile_limit,
+                )
+            return self.eager(*args, **kwargs)
