@@ -61,6 +61,14 @@ def test_log_lines_written_while_queued_reach_the_stream(app: FastAPI, client: T
     assert streamed[0] == "Ignored unknown input fields: unknown_field"
 
 
+def test_a_misspelt_lora_scale_is_named_in_the_log(client: TestClient) -> None:
+    lora = {"path": "owner/style", "strength": 0.25}
+    request_id = client.post(f"/{APP}/lora", json={"prompt": "a fox", "loras": [lora]}).json()["request_id"]
+    client.put(f"/{APP}/requests/{request_id}/cancel")  # a queued request shows no logs
+    logs = client.get(f"/{APP}/requests/{request_id}/status", params={"logs": 1}).json()["logs"]
+    assert logs[0]["message"] == "Ignored unknown input fields: loras.0.strength"
+
+
 def test_a_webhook_host_that_does_not_resolve_yet_is_accepted_a_private_one_is_not(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

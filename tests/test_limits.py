@@ -345,6 +345,16 @@ def test_a_long_list_of_bad_loras_is_refused_by_its_length_alone(client: TestCli
     assert client.post(f"/{APP}", json={"prompt": "a fox", "loras": [{"scale": "x"}] * 3}).status_code == 200
 
 
+def test_a_lora_url_of_another_scheme_is_refused_at_submit(client: TestClient) -> None:
+    before = job_counts(client)
+    loras = [{"path": "owner/style"}, {"path": "s3://bucket/style.safetensors"}]
+    detail = assert_field_refused(
+        client.post(f"/{LORA_APP}", json={"prompt": "a fox", "loras": loras}), ["body", "loras", 1, "path"]
+    )
+    assert "unsupported URL scheme" in detail[0]["msg"] and detail[0]["type"] == "invalid_lora"
+    assert job_counts(client) == before
+
+
 def test_an_input_with_many_errors_reports_the_first_fifty() -> None:
     bad = {"path": 1, "scale": "x", "weight_name": 2}  # three errors per entry
     with pytest.raises(ValidationError) as raised:

@@ -276,6 +276,13 @@ def test_paths_that_are_nothing_known(make: Make, path: str) -> None:
         make().resolve(path)
 
 
+def test_another_url_scheme_is_named_as_such_not_taken_for_a_local_file(make: Make, roots: list[Path]) -> None:
+    """A path ending in .safetensors was a local path first: under a LoRA root, `s3:/bucket/...` was looked for."""
+    for path in ("ftp://example.com/x.safetensors", "s3://bucket/style.safetensors", "hf://a/b.pt"):
+        with pytest.raises(LoraError, match="unsupported URL scheme"):
+            make().resolve(path)
+
+
 def hf_cache_repo(hf: Path, repo_id: str, files: dict[str, bytes]) -> None:
     """The layout huggingface_hub writes: blobs, a snapshot per commit, and refs/main naming it."""
     repo = hf / f"models--{repo_id.replace('/', '--')}"

@@ -13,6 +13,7 @@ from wanserve.schema import (
     WanT2VResponse,
     frame_size,
     frames_to_generate,
+    unknown_fields,
 )
 
 
@@ -95,6 +96,52 @@ def test_wrong_types_name_the_field(field: str, bad: object) -> None:
     with pytest.raises(ValidationError) as exc:
         WanT2VRequest(prompt="p", **{field: bad})
     assert error_fields(exc.value) == {field}
+
+
+NUMBERS = [
+    "num_frames",
+    "frames_per_second",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_scale_2",
+    "shift",
+]
+
+
+@pytest.mark.parametrize("field", NUMBERS)
+def test_a_boolean_or_underscored_text_is_not_a_number(field: str) -> None:
+    """Lax pydantic read `true` as 1: all five set to true ran 1 step at seed 1, shift 1, no guidance."""
+    for bad in (True, False, "8_1"):
+        with pytest.raises(ValidationError) as exc:
+            WanLoRAT2VRequest.model_validate({"prompt": "p", field: bad})
+        assert error_fields(exc.value) == {field}
+        assert exc.value.errors()[0]["type"] in ("int_type", "float_type")
+    for bad in (True, "1_0"):
+        with pytest.raises(ValidationError) as exc:
+            LoRAWeight.model_validate({"path": "a/b", "scale": bad})
+        assert error_fields(exc.value) == {"scale"}
+    # Numbers and their plain text (a GET submit's query values) are read as before.
+    assert WanT2VRequest.model_validate({"prompt": "p", "num_frames": "90", "shift": "2.5"}).num_frames == 90
+    assert WanT2VRequest.model_validate({"prompt": "p", "guidance_scale": 3}).guidance_scale == 3.0
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "guidance_scale_2", "shift"])
+def test_nan_and_infinity_are_refused_as_not_finite(field: str) -> None:
+    for bad in (float("nan"), float("inf"), "nan", "-Infinity"):
+        with pytest.raises(ValidationError) as exc:
+            WanT2VRequest.model_validate({"prompt": "p", field: bad})
+        assert [(e["loc"], e["type"]) for e in exc.value.errors()] == [((field,), "finite_number")]
+
+
+def test_unknown_fields_are_named_nested_ones_too() -> None:
+    body = {
+        "prompt": "p",
+        "lora": 1,
+        "loras": [{"path": "a/b", "strength": 0.25}, {"path": "c/d", "scale": 2}, "x", {"path": "e", "weight": 1}],
+    }
+    assert unknown_fields(WanLoRAT2VRequest, body) == ["lora", "loras.0.strength", "loras.3.weight"]
+    assert unknown_fields(WanT2VRequest, body) == ["lora", "loras"]  # no loras field on the base endpoint
 
 
 def test_enums() -> None:

@@ -7,10 +7,12 @@ and `seed`) the bounds below are ours and are documented in docs and `/openapi.j
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 DEFAULT_NEGATIVE_PROMPT = (
     "bright colors, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, "
@@ -38,6 +40,22 @@ def _unicode_text(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
+def _plain_number(kind: str, noun: str) -> BeforeValidator:
+    """pydantic's lax mode reads `true` as 1 and "8_1" as 81: a mistaken input would run (1 step, seed 1) instead
+    of being refused. A number, or a number's plain text (GET submits send text), is what it takes."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or (isinstance(value, str) and "_" in value):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be a valid {noun}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Integer = Annotated[int, _plain_number("int", "integer")]
+Number = Annotated[float, _plain_number("float", "number")]
 
 
 class Resolution(StrEnum):
@@ -93,19 +111,19 @@ class WanT2VRequest(BaseModel):
 
     prompt: Text = Field(..., min_length=1, description="The text prompt to guide video generation.")
     negative_prompt: Text = Field(DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for video generation.")
-    num_frames: int = Field(
+    num_frames: Integer = Field(
         81,
         ge=MIN_FRAMES,
         le=MAX_FRAMES,
         description="Number of frames to generate. Must be between 81 to 121 (inclusive).",
     )
-    frames_per_second: int = Field(
+    frames_per_second: Integer = Field(
         16,
         ge=MIN_FPS,
         le=MAX_FPS,
         description="Frames per second of the generated video. Must be between 4 to 24.",
     )
-    seed: int | None = Field(
+    seed: Integer | None = Field(
         None,
         ge=0,
         le=MAX_SEED,
@@ -117,7 +135,7 @@ class WanT2VRequest(BaseModel):
     aspect_ratio: AspectRatio = Field(
         AspectRatio.LANDSCAPE, description="Aspect ratio of the generated video (16:9 or 9:16)."
     )
-    num_inference_steps: int = Field(
+    num_inference_steps: Integer = Field(
         30,
         ge=MIN_STEPS,
         le=MAX_STEPS,
@@ -131,22 +149,25 @@ class WanT2VRequest(BaseModel):
         description="Whether to enable prompt expansion. This will use a large language model to expand the "
         "prompt with additional details while maintaining the original meaning.",
     )
-    guidance_scale: float = Field(
+    guidance_scale: Number = Field(
         5.0,
+        allow_inf_nan=False,
         ge=MIN_GUIDANCE,
         le=MAX_GUIDANCE,
         description="Classifier-free guidance scale. Higher values give better adherence to the prompt but may "
         "decrease quality.",
     )
-    guidance_scale_2: float = Field(
+    guidance_scale_2: Number = Field(
         4.0,
+        allow_inf_nan=False,
         ge=MIN_GUIDANCE,
         le=MAX_GUIDANCE,
         description="Guidance scale for the second stage of the model. This is used to control the adherence to "
         "the prompt in the second stage of the model.",
     )
-    shift: float = Field(
+    shift: Number = Field(
         5.0,
+        allow_inf_nan=False,
         ge=MIN_SHIFT,
         le=MAX_SHIFT,
         description="Shift value for the video. Must be between 1.0 and 10.0.",
@@ -168,7 +189,7 @@ class LoRAWeight(BaseModel):
         description="Name of the LoRA weight. Used only if path is a Hugging Face repository, and required only "
         "if you have more than 1 safetensors file in the repo.",
     )
-    scale: float = Field(
+    scale: Number = Field(
         1.0,
         allow_inf_nan=False,  # a NaN or infinite scale can only make a broken video
         description="The scale of the LoRA weight. This is used to scale the LoRA weight before merging it with "
@@ -201,3 +222,28 @@ class WanT2VResponse(BaseModel):
     seed: int = Field(..., description="The seed used for generation.")
     # The prompt actually used (after expansion, when enabled).
     prompt: str | None = Field(None, description="The prompt used for generation.")
+
+
+def unknown_fields(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The names in `data` that `model` ignores (it takes unknown fields, as the hosted service does), nested ones
+    included, as `loras.0.strength`: a misspelt LoRA `scale` would otherwise apply the LoRA at 1 without a word."""
+    names = [f"{prefix}{key}" for key in data if key not in model.model_fields]
+    for name, field in model.model_fields.items():
+        inner = _model_of(field.annotation)
+        value = data.get(name)
+        if inner is None:
+            continue
+        if isinstance(value, dict):
+            names += unknown_fields(inner, value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    names += unknown_fields(inner, item, f"{prefix}{name}.{i}.")
+    return names
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, alone or as a list's items."""
+    if get_origin(annotation) is list:
+        (annotation,) = get_args(annotation) or (None,)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None

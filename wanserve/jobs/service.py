@@ -40,6 +40,7 @@ from wanserve.jobs.model import (
 )
 from wanserve.lora.sources import check_lora_urls
 from wanserve.numbers import ascii_int
+from wanserve.schema import unknown_fields
 from wanserve.store.base import JobStore
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class JobService:
             ),
             now,
         )
-        unknown = sorted(set(body) - set(endpoint.request_model.model_fields))
+        unknown = unknown_fields(endpoint.request_model, body)
         if unknown:
             names = ", ".join(name.encode("utf-8", "backslashreplace").decode()[:100] for name in unknown)
             self.store.add_log(job.id, LogLevel.WARN, f"Ignored unknown input fields: {names}", now)

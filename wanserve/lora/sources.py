@@ -116,15 +116,21 @@ def classify(path: str, files: FileStore) -> SourceKind:
         return SourceKind.STORAGE if files.key_from_url(path) is not None else SourceKind.URL
     if is_data_uri(path):
         return SourceKind.DATA
-    if lowered.startswith("file://") or os.path.isabs(path) or lowered.endswith(WEIGHT_SUFFIXES):
+    if lowered.startswith("file://") or os.path.isabs(path):
         return SourceKind.LOCAL
-    if "://" in path:
-        raise LoraError(f"unsupported URL scheme in {describe_path(path)}: use http(s), a local path or owner/name")
+    if "://" in path:  # before the suffix: s3://bucket/x.safetensors is not a local file named "s3:"
+        raise LoraError(unsupported_scheme(path))
+    if lowered.endswith(WEIGHT_SUFFIXES):
+        return SourceKind.LOCAL
     if HF_REPO_ID.match(path):
         return SourceKind.HUB
     raise LoraError(
         f"{describe_path(path)} is not a URL, a local .safetensors path or a Hugging Face repo id (owner/name)"
     )
+
+
+def unsupported_scheme(path: str) -> str:
+    return f"unsupported URL scheme in {describe_path(path)}: use http(s), a local path or owner/name"
 
 
 def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private: bool) -> None:
@@ -134,7 +140,17 @@ def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private:
     resolve now is left to it (its error says so). This server's own file URLs are read locally: allowed."""
     errors: list[dict[str, object]] = []
     for i, lora in enumerate(loras):
-        if not lora.path.lower().startswith(("http://", "https://")):
+        lowered = lora.path.lower()
+        if not lowered.startswith(("http://", "https://")):
+            if "://" in lora.path and not lowered.startswith("file://") and not is_data_uri(lora.path):
+                errors.append(
+                    {
+                        "loc": ["body", "loras", i, "path"],
+                        "msg": unsupported_scheme(lora.path),
+                        "type": LoraError.error_type,
+                        "input": describe_path(lora.path),
+                    }
+                )
             continue
         if key_from_file_url(public_url, lora.path) is not None:
             continue
