@@ -207,6 +207,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from wanserve.api.app import create_app
     from wanserve.api.security import hash_key, is_loopback_host, read_or_create_secret, without_plain_keys
+    from wanserve.api.timeouts import http_protocol
 
     if settings.port == 0:
         settings = settings.model_copy(update={"port": _free_port(settings.host)})
@@ -250,15 +251,31 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     app = create_app(settings)
     log.info("serving %s on %s (data in %s)", ", ".join(settings.app_ids), settings.public_url, settings.data_dir)
+    _raise_open_files_limit()
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        http=http_protocol(settings.request_header_timeout_s),
         log_level="debug" if args.verbose else "info",
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
     )
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Each connection holds a file descriptor: the usual soft limit (1024) is raised to what the system allows
+    (the hard limit), so that a burst of clients is not what stops the server."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 def cmd_hash_key(args: argparse.Namespace, settings: Settings) -> int:

@@ -254,6 +254,24 @@ class Settings(BaseSettings):
         description="Largest JSON request body, counted as it streams in (uploads have `max_upload_bytes`); "
         "larger: 413 `payload_too_large`.",
     )
+    request_header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time a connection has to send its request headers (from when it opened, or from its last "
+        "answer); then it is closed. Bounds what slow clients hold (a file descriptor each).",
+    )
+    request_body_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait for the next part of a request body (an upload, a JSON body); longer: 408 "
+        "`request_timeout`.",
+    )
+    request_body_min_rate: float = Field(
+        1024.0,
+        ge=0,
+        description="Slowest a request body may arrive, in bytes per second of waiting for it, counted once the "
+        "waits add up to `request_body_idle_timeout_s`; slower: 408 `request_timeout` (0: no floor).",
+    )
     max_prompt_chars: int = Field(
         10_000, gt=0, description="Longest `prompt` and `negative_prompt`, in characters; longer: 422 on the field."
     )

@@ -28,6 +28,8 @@ from wanserve.api.openapi import install_openapi
 from wanserve.api.proxy import FalProxyMiddleware
 from wanserve.api.responses import error_response
 from wanserve.api.security import ApiKeys, UrlSigner, read_or_create_secret, without_plain_keys
+from wanserve.api.timeouts import ERROR_TYPE as REQUEST_TIMEOUT
+from wanserve.api.timeouts import BodyTimeoutMiddleware
 from wanserve.backends import open_file_store, open_job_store, open_rate_limiter
 from wanserve.config import Settings
 from wanserve.errors import RateLimited, WanserveError
@@ -159,6 +161,9 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     for router in (health.router, playground.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyTimeoutMiddleware, idle_s=settings.request_body_idle_timeout_s, min_rate=settings.request_body_min_rate
+    )
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(FalProxyMiddleware, public_url=ctx.public_url)
     if not ctx.api_keys.enabled:  # anyone who reaches it may use it: only under its own names (DNS rebinding)
@@ -203,7 +208,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found", 405: "method_not_allowed", 413: PAYLOAD_TOO_LARGE}.get(
+        error_type = {404: "not_found", 405: "method_not_allowed", 408: REQUEST_TIMEOUT, 413: PAYLOAD_TOO_LARGE}.get(
             exc.status_code, "bad_request"
         )
         return JSONResponse(
