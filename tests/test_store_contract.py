@@ -336,6 +336,24 @@ def test_expire_overdue_fails_only_late_queued_jobs(store: JobStore) -> None:
     assert store.expire_overdue(T0 + 12) == []  # never twice
 
 
+def test_a_completed_job_keeps_no_input(store: JobStore) -> None:
+    """Nothing reads it once the job is done, and it may hold a large data URI for the whole retention period."""
+    data = {"prompt": "p", "loras": [{"path": "data:application/octet-stream;base64," + "A" * 1000}]}
+    for job_id in ("finished", "running", "cancelled", "expired"):
+        store.submit(NewJob(id=job_id, endpoint="e", app="a", input=data, start_timeout_s=5.0), T0)
+    claimed = [store.claim(f"w{i}", 600, T0 + 1) for i in range(2)]
+    assert [job.id for job in claimed if job] == ["finished", "running"]
+    assert store.get("finished").input == data  # type: ignore[union-attr]  # a running job has it
+    assert store.finish("finished", T0 + 2, worker_id="w0", output={"video": {}})
+    assert store.cancel("cancelled", cancelled_failure(), T0 + 2) is CancelOutcome.CANCELLED
+    assert store.expire_overdue(T0 + 10) == ["expired"]
+    for job_id in ("finished", "cancelled", "expired"):
+        job = store.get(job_id)
+        assert job is not None and job.state is JobState.COMPLETED and job.input == {}, job_id
+    assert store.get("finished").output == {"video": {}}  # type: ignore[union-attr]
+    assert store.get("running").input == data  # type: ignore[union-attr]
+
+
 def test_claim_skips_jobs_past_their_start_deadline(store: JobStore) -> None:
     store.submit(new_job("late", start_timeout_s=5), T0)
     store.submit(new_job("ok"), T0 + 1)

@@ -237,7 +237,7 @@ class Settings(BaseSettings):
         30 * 24 * 3600.0,
         ge=0,
         description="Completed requests (status, result, logs) are deleted this long after they finish "
-        "(0: keep forever). Stored files follow their own lifecycle.",
+        "(0: keep forever); their input is dropped when they finish. Stored files follow their own lifecycle.",
     )
     file_sweep_s: float = Field(60.0, gt=0, description="How often expired stored files are deleted.")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest file the storage API accepts.")

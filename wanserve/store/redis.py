@@ -60,7 +60,8 @@ _QUEUED, _RUNNING, _COMPLETED = JobState.QUEUED.value, JobState.RUNNING.value, J
 _COMPLETE = """
 local function complete(p, id, now, output, failure, inference_time, outcome, level, message)
   local jk = p .. ':job:' .. id
-  redis.call('HSET', jk, 'state', 'COMPLETED', 'finished_at', now, 'outcome', outcome)
+  -- the input goes: nothing reads it once the job is done (see the SQLite store)
+  redis.call('HSET', jk, 'state', 'COMPLETED', 'finished_at', now, 'outcome', outcome, 'input', '{}')
   for field, value in pairs({output = output, failure = failure, inference_time = inference_time}) do
     if value ~= '' then redis.call('HSET', jk, field, value) end
   end

@@ -366,9 +366,11 @@ class SQLiteJobStore:
         inference_time: float | None,
         note: str | None = None,
     ) -> None:
+        # The input goes: nothing reads it once the job is done, and it may hold a 512 KiB data URI for the
+        # retention period (a submit-then-cancel loop would fill the disk with them).
         db.execute(
             "UPDATE jobs SET state = ?, finished_at = ?, output = ?, failure = ?, inference_time = ?,"
-            " lease_expires_at = NULL WHERE id = ?",
+            " lease_expires_at = NULL, input = '{}' WHERE id = ?",
             (
                 _COMPLETED,
                 now,
