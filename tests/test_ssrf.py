@@ -68,6 +68,8 @@ REFUSED_LITERALS = [
     "http://255.255.255.255/x",
     "http://224.0.0.1/x",
     "http://240.0.0.1/x",
+    "http://192.0.0.8/x",  # the IPv4 dummy address, which Python 3.11 counts as global
+    "http://[::ffff:192.0.0.8]/x",
     "http://[ff02::1]/x",
     # unique-local and (deprecated) site-local IPv6
     "http://[fc00::1]/x",

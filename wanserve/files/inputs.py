@@ -49,6 +49,7 @@ EMBEDS_IPV4 = (
 NEVER_PUBLIC = (
     ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215): a site's own translator
     ipaddress.ip_network("fec0::/10"),  # site-local (deprecated, but still routed on some networks)
+    ipaddress.ip_network("192.0.0.8/32"),  # IPv4 dummy address (RFC 7600), which Python 3.11 counts as global
 )
 
 
@@ -65,12 +66,10 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address):
-        if any(ip in net for net in NEVER_PUBLIC):
-            return False
-        embedded = _embedded_ipv4(ip)
-        if embedded:
-            return all(v4.is_global and not v4.is_multicast for v4 in embedded)
+    if any(ip in net for net in NEVER_PUBLIC):  # (a network of the other IP version contains no address)
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(ip)):
+        return all(_is_public(str(v4)) for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 
