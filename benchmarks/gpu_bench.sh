@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
-# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|video|cap24|vae|diagnose|stash [OUT_DIR]
+# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|video|cap24|lora|vae|diagnose|stash [OUT_DIR]
 # (OUT_DIR defaults to $OUT, the folder the device tool brings back; pass "$OUT", never a literal OUT).
 #   main:     one 720p expert forward each: diffusers eager, exact, fast (the forward targets; about 4 minutes).
 #             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper);
 #             KERNEL=1 first times the attention kernels alone; VIDEOS=720p:4:1 adds a video per preset.
 #   video:    exact's 720p 4-step guidance-1 video (the distilled-LoRA target), VIDEOS to change it.
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
+#   lora:     LoRAs under each memory policy, compiled (benchmarks/lora_gpu.py, the tiny model; about a minute).
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 #   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
 #   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh).
@@ -16,8 +17,8 @@ set -u
 MODE=${1:-main}
 OUT=${2:-${OUT:-gpu-out}}
 case "$MODE" in
-  main|video|cap24|vae|diagnose|stash) ;;
-  *) echo "unknown mode: $MODE (main|video|cap24|vae|diagnose|stash)" >&2; exit 2 ;;
+  main|video|cap24|lora|vae|diagnose|stash) ;;
+  *) echo "unknown mode: $MODE (main|video|cap24|lora|vae|diagnose|stash)" >&2; exit 2 ;;
 esac
 if [ "$MODE" = stash ]; then
   mkdir -p .fa4keep && cp .fa4a/* .fa4keep/ && ls -la .fa4keep && exit 0
@@ -40,8 +41,8 @@ if [ -d .fa4b ] && [ -d .fa4keep ]; then
 fi
 export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
 # Without the carried wheels nothing below can run: say so at once rather than spend the machine's time.
-python3 -c "import diffusers, av, pydantic_settings" 2>"$OUT/import-error.txt" || {
-  echo "diffusers/av/pydantic_settings not importable: carry .whl (benchmarks/device_wheels.sh base)" >&2
+python3 -c "import diffusers, av, pydantic_settings, peft" 2>"$OUT/import-error.txt" || {
+  echo "diffusers/av/pydantic_settings/peft not importable: carry .whl (benchmarks/device_wheels.sh base)" >&2
   cat "$OUT/import-error.txt" >&2; exit 3; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device-$MODE.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/device-$MODE.txt"
@@ -64,6 +65,9 @@ if [ "$MODE" = main ]; then
     --deadline-s "${DEADLINE:-270}" --lowbit-attention "${LOWBIT:-auto}"
 elif [ "$MODE" = video ]; then
   bench video "${BENCH_TIMEOUT:-330}" --sizes '' --presets exact --videos "${VIDEOS-720p:4:1}" --no-baseline-videos
+elif [ "$MODE" = lora ]; then
+  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/lora_gpu.py --device cuda --json "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log"
+  status=${PIPESTATUS[0]}
 elif [ "$MODE" = vae ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/vae_gpu.py --size "${SIZE:-720p}" 2>&1 | tee "$OUT/vae.log"
 elif [ "$MODE" = diagnose ]; then

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ if [ "$1" = -m ] && [ "$2" = wanserve ]; then
   mkdir -p "$out" && echo '{"forwards": [{"preset": "exact"}], "videos": []}' > "$out/bench.json"
   sleep "${SLEEP:-0}"; exit "${BENCH_EXIT:-0}"
 fi
+case "$1" in *.py) echo "$@" >> "$CALLS"; exit "${BENCH_EXIT:-0}" ;; esac
 exit 0
 """
 
@@ -87,3 +89,27 @@ def test_without_the_carried_wheels_it_stops_at_once(tmp_path: Path) -> None:
     proc, _ = run_script(tmp_path, "main", NO_WHEELS="1")
     assert proc.returncode == 3 and "carry .whl" in proc.stderr
     assert not (tmp_path / "calls.txt").exists()
+
+
+def test_lora_runs_the_lora_check_and_fails_with_it(tmp_path: Path) -> None:
+    proc, out = run_script(tmp_path, "lora")
+    assert proc.returncode == 0, proc.stderr
+    (call,) = (tmp_path / "calls.txt").read_text().splitlines()
+    assert call == f"benchmarks/lora_gpu.py --device cuda --json {out}/lora.json"
+    proc, _ = run_script(tmp_path, "lora", BENCH_EXIT="1")
+    assert proc.returncode == 1
+
+
+def test_the_lora_check_itself_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
+    """What `gpu_bench.sh lora` runs, on a CPU and uncompiled (tests/test_speed.py counts the compiled graphs): every
+    policy's videos, LoRA at four scales, equal to the resident policy's."""
+    result = tmp_path / "lora.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "lora_gpu.py"), "--device", "cpu", "--no-compile",
+               "--cache-dir", str(model_cache), "--json", str(result)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["policy"] for row in rows] == ["resident", "swap", "offload"]
+    for row in rows:
+        assert row["finite"] and row["scale_changes_video"] and row["same_scale_same_video"], row
+        assert max(row["error_vs_resident"].values()) < 1e-2, row
