@@ -80,6 +80,13 @@ def test_invalid_flags_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.parametrize(("flag", "kind"), [("--seed", "int"), ("--num-frames", "int"), ("--guidance-scale", "float")])
+def test_a_flag_that_is_not_a_number_says_which_kind(flag: str, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "p", flag, "abc"])
+    assert f"argument {flag}: invalid {kind} value: 'abc'" in capsys.readouterr().err
+
+
 def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "p", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.mp4")]) == 1
     err = capsys.readouterr().err

@@ -87,6 +87,28 @@ def test_a_kept_alive_connection_is_held_to_the_limit_for_its_next_request_too(s
     sock.close()
 
 
+def test_a_pipelined_request_answered_slowly_is_not_cut_off(server: Server) -> None:
+    """The second of two pipelined requests is under way as the first answer completes: its own headers are in."""
+    sock = connect(server)
+    body = json.dumps({"prompt": "a fox"}).encode()
+    sock.sendall(
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        + f"POST /run/{APP} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n".encode()
+        + f"X-Fal-Request-Timeout: 3\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    started = time.monotonic()
+    sock.settimeout(15)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    # No worker: the run waits out its 3 s start timeout (past the 1 s header limit), then answers 504.
+    assert b"HTTP/1.1 504" in data, data[-300:]
+    assert time.monotonic() - started > 2.5
+
+
 def test_an_upload_that_stops_sending_is_a_408_and_leaves_no_file(server: Server) -> None:
     sock = connect(server)
     sock.sendall(

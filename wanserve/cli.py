@@ -39,6 +39,8 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
         return str, [str(m.value) for m in annotation]
     if typing.get_origin(annotation) is typing.Literal:
         return str, [str(a) for a in typing.get_args(annotation)]
+    while typing.get_origin(annotation) is typing.Annotated:  # schema.Integer: the int it validates
+        annotation = typing.get_args(annotation)[0]
     return annotation, None
 
 

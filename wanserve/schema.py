@@ -123,11 +123,9 @@ class WanT2VRequest(BaseModel):
         le=MAX_FPS,
         description="Frames per second of the generated video. Must be between 4 to 24.",
     )
-    seed: Integer | None = Field(
-        None,
-        ge=0,
-        le=MAX_SEED,
-        description="Random seed for reproducibility. If None, a random seed is chosen.",
+    # The bounds on the integer itself: on the optional field they would reach the JSON schema as "ge"/"le".
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), _plain_number("int", "integer")] | None = Field(
+        None, description="Random seed for reproducibility. If None, a random seed is chosen."
     )
     resolution: Resolution = Field(
         Resolution.P720, description="Resolution of the generated video (480p, 580p, or 720p)."

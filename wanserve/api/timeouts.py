@@ -5,7 +5,8 @@ incomplete. Without limits, a few hundred clients sending a byte now and then, n
 process's descriptors and every request fails. Uvicorn bounds only the idle time between kept-alive requests.
 
 - Headers: a connection whose request headers are not complete `header_timeout_s` after it opened (or after its
-  last response) is closed (`with_header_timeout`, a subclass of uvicorn's HTTP protocol).
+  last response, unless a pipelined request is being answered) is closed (`with_header_timeout`, a subclass of
+  uvicorn's HTTP protocol).
 - Body: while a body streams in, each wait for more must end within `idle_s`, and after that long the body must
   have come at `min_rate` bytes per second of waiting at least (`BodyTimeoutMiddleware`): 408 `request_timeout`.
 """
@@ -93,7 +94,8 @@ def with_header_timeout(base: type[Any], header_timeout_s: float) -> type[Any]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._arm_header_deadline()
+            if self.cycle is None or self.cycle.response_complete:  # else a pipelined request is being answered
+                self._arm_header_deadline()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._header_deadline is not None:
@@ -106,7 +108,9 @@ def with_header_timeout(base: type[Any], header_timeout_s: float) -> type[Any]:
             self._header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow, self.cycle)
 
         def _headers_too_slow(self, cycle_when_armed: object) -> None:
-            if self.cycle is cycle_when_armed and not self.transport.is_closing():
+            # Not a connection handed to another protocol (a WebSocket upgrade leaves the cycle as it was).
+            handed_over = self.transport.get_protocol() is not self
+            if self.cycle is cycle_when_armed and not handed_over and not self.transport.is_closing():
                 self.transport.close()
 
     HeaderTimeoutProtocol.__name__ = f"HeaderTimeout{base.__name__}"

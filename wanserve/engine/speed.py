@@ -342,28 +342,31 @@ def compile_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, cache
         expert.compile_repeated_blocks(fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)
         for block in expert.blocks:
             if block._compiled_call_impl is not None:
-                block._compiled_call_impl = _EagerPastTheLimit(block._compiled_call_impl, block._call_impl)
+                block._compiled_call_impl = _EagerPastTheLimit(block._compiled_call_impl)
 
 
 class _EagerPastTheLimit:
-    """A compiled block that runs eagerly once dynamo has as many graphs of it as it keeps: with fullgraph, a
-    graph past the limit is an error (FailOnRecompileLimitHit), which would fail that request and every later one
-    needing a new graph until the worker restarts."""
+    """A compiled block that runs eagerly where it would need a new graph once dynamo has as many of it as it keeps:
+    with fullgraph, a graph past the limit is an error (FailOnRecompileLimitHit), which would fail that request and
+    every later one needing a new graph until the worker restarts. The graphs made stay in use."""
 
-    warned = False
+    full = False  # the limit counts the graphs of the block's one code object, which every block shares
 
-    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> None:
+    def __init__(self, compiled: Callable[..., Any]) -> None:
         self.compiled = compiled
-        self.eager = eager
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self.compiled(*args, **kwargs)
-        except FailOnRecompileLimitHit:  # raised before the block ran: nothing to undo
-            if not _EagerPastTheLimit.warned:
-                _EagerPastTheLimit.warned = True
+        if not _EagerPastTheLimit.full:
+            try:
+                return self.compiled(*args, **kwargs)
+            except FailOnRecompileLimitHit:
+                # Raised as dynamo took the block's forward, before it ran (nn.Module hooks, which these blocks do
+                # not have, would run again below). Without the stance, each later call with a new shape would
+                # go through dynamo's refusal again, with a warning of its own.
+                _EagerPastTheLimit.full = True
                 log.warning(
                     "the compiled block has %d graphs (video sizes x LoRA sets): new ones run eagerly",
                     torch._dynamo.config.recompile_limit,
                 )
-            return self.eager(*args, **kwargs)
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self.compiled(*args, **kwargs)

@@ -118,7 +118,7 @@ def classify(path: str, files: FileStore) -> SourceKind:
         return SourceKind.DATA
     if lowered.startswith("file://") or os.path.isabs(path):
         return SourceKind.LOCAL
-    if "://" in path:  # before the suffix: s3://bucket/x.safetensors is not a local file named "s3:"
+    if _other_scheme(path):  # before the suffix: s3://bucket/x.safetensors is not a local file named "s3:"
         raise LoraError(unsupported_scheme(path))
     if lowered.endswith(WEIGHT_SUFFIXES):
         return SourceKind.LOCAL
@@ -127,6 +127,14 @@ def classify(path: str, files: FileStore) -> SourceKind:
     raise LoraError(
         f"{describe_path(path)} is not a URL, a local .safetensors path or a Hugging Face repo id (owner/name)"
     )
+
+
+def _other_scheme(path: str) -> bool:
+    """A URL of a scheme other than http(s) and file (what `classify` refuses)."""
+    lowered = path.lower()
+    if lowered.startswith(("http://", "https://", "file://")) or is_data_uri(path) or os.path.isabs(path):
+        return False
+    return "://" in path
 
 
 def unsupported_scheme(path: str) -> str:
@@ -140,9 +148,8 @@ def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private:
     resolve now is left to it (its error says so). This server's own file URLs are read locally: allowed."""
     errors: list[dict[str, object]] = []
     for i, lora in enumerate(loras):
-        lowered = lora.path.lower()
-        if not lowered.startswith(("http://", "https://")):
-            if "://" in lora.path and not lowered.startswith("file://") and not is_data_uri(lora.path):
+        if not lora.path.lower().startswith(("http://", "https://")):
+            if _other_scheme(lora.path):
                 errors.append(
                     {
                         "loc": ["body", "loras", i, "path"],
