@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,16 @@ torch.set_num_threads(2)
 
 # fixtures: a real redis-server; a real S3 API (moto's server)
 pytest_plugins = ["redis_server", "s3_server"]
+
+
+@pytest.fixture(autouse=True)
+def same_umask_after() -> Iterator[None]:
+    """`wanserve serve` and `worker` make their files private (umask 077): a test that runs one in this process
+    must not change the rest of the session's."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
 
 
 @pytest.fixture(scope="session")

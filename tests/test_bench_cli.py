@@ -14,6 +14,7 @@ import pytest
 from engines import record_forwards, tiny_engine
 from pydantic import ValidationError
 
+from wanserve.cli import main
 from wanserve.config import Settings
 from wanserve.engine.bench import A14B_EXPERT, Bench, VideoCase, forward_flops, video_tokens
 from wanserve.engine.runner import EngineRunner, engine_options, warmup_resolutions
@@ -133,8 +134,42 @@ def test_video_case_parse() -> None:
     case = VideoCase.parse("720p:4:1", 81)
     assert (case.resolution, case.steps, case.guidance, case.frames) == ("720p", 4, 1.0, 81)
     assert case.name == "720p 81f 4 steps g1"
-    with pytest.raises(ValueError):
-        VideoCase.parse("720p:4", 81)
+    for bad in ("720p:4", "480p:x:1", "999p:4:1", "480p:0:1", "480p:4:nan"):
+        with pytest.raises(ValueError, match="a video"):
+            VideoCase.parse(bad, 81)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--videos", "480p:x:1", "error: --videos: a video is RESOLUTION:STEPS:GUIDANCE"),
+        ("--presets", "exact,turbo", "error: --presets: unknown turbo (one of eager, exact, fast)"),
+        ("--sizes", "999p", "error: --sizes: unknown 999p"),
+    ],
+)
+def test_bad_bench_values_are_one_line_errors_before_anything_runs(
+    flag: str, value: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "--device", "cpu", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and "Traceback" not in err
+
+
+def test_a_failed_measurement_fails_the_bench(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its row says FAILED and the others run; the exit status says so too (it was 0: a script saw success)."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(Bench, "diffusers_forward", broken)
+    args = ["bench", "--device", "cpu", "--sizes", "480p", "--presets", "", "--videos", "", "--cache-dir",
+            str(model_cache), "--out-dir", str(tmp_path / "bench")]  # fmt: skip
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "FAILED 480p: RuntimeError: no such kernel" in out.out
+    assert "error: 1 measurement(s) failed: 480p" in out.err
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -168,3 +169,44 @@ def test_generate_with_a_local_lora_file_and_a_bad_one(tmp_path: Path, model_cac
     bad = run_cli([*common, "--lora", junk, "-o", "b.mp4"], model_cache, tmp_path)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "error (invalid_lora): loras.0.path: not a valid safetensors file" in bad.stderr
+
+
+def test_a_cache_folder_that_cannot_be_made_stops_the_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, the server started and its workers failed and restarted for ever with a bare errno line."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    args = ["--data-dir", str(tmp_path / "data"), "--cache-dir", str(blocked / "cache"), "--port", "0"]
+    assert main(["serve", *args]) == 1
+    err = capsys.readouterr().err
+    assert "the cache folder (--cache-dir, WANSERVE_CACHE_DIR) cannot be used" in err and "Traceback" not in err
+
+
+def test_a_worker_without_a_public_url_says_its_video_urls_reach_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class NoRun:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def run(self, **kwargs: object) -> None:
+            pass
+
+        drain = stop = run
+
+    monkeypatch.setattr("wanserve.worker.loop.Worker", NoRun)
+    monkeypatch.setattr("wanserve.worker.signals.handle_signals_at_once", lambda handlers: None)
+    monkeypatch.delenv("WANSERVE_PUBLIC_URL", raising=False)
+    base = ["worker", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(base) == 0
+    assert "no public URL: the video URLs this worker stores start with http://127.0.0.1:8000" in caplog.text
+    caplog.clear()
+    assert main([*base, "--public-url", "https://video.example.com"]) == 0
+    assert "no public URL" not in caplog.text
+
+
+def test_hash_key_needs_no_server_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WANSERVE_PORT", "not a port")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a-key-long-enough-to-be-random-0123456789\n"))
+    assert main(["hash-key"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("sha256:") and "short key" not in out.err

@@ -62,3 +62,14 @@ def test_cfg_parallel_on_needs_two_halves_of_the_gpus(monkeypatch: pytest.Monkey
     assert settings_from_args(args).cfg_parallel == "off"  # the flag, over the environment
     monkeypatch.setenv("WANSERVE_GPUS", "0,1,2,3")
     assert Settings().cfg_parallel == "on"
+
+
+def test_the_public_url_must_be_an_absolute_http_url() -> None:
+    """Every URL handed out starts with it: `notaurl` made each status and video URL useless."""
+    for bad in ("notaurl", "video.example.com", "ftp://video.example.com", "https://", "https://h/?x=1"):
+        with pytest.raises(ValidationError, match="absolute http"):
+            Settings(public_url=bad)
+    assert (
+        Settings(public_url="https://video.example.com/wan/").resolved_public_url() == "https://video.example.com/wan"
+    )
+    assert Settings(public_url="").public_url is None

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import httpx
+from server import Server
 
 from wanserve.logsetup import OneLineFormatter, one_line
 
@@ -41,3 +47,20 @@ def test_every_wanserve_command_logs_one_line_per_record() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "to http://a/\\n2030 FORGED" in done.stderr, done.stderr
     assert not any(line.startswith("2030 FORGED") for line in done.stderr.splitlines())
+
+
+def test_a_servers_access_log_hides_query_strings_and_uvicorn_writes_in_the_one_format(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A signed file URL's signature is a secret for days; uvicorn's lines had a format (and no time) of their own."""
+    server = Server(tmp_path / "data", model_cache, args=["--workers", "0", "--access-log"]).start(wait_ready=False)
+    try:
+        assert httpx.get(f"{server.url}/health", params={"sig": "SECRETSIG", "exp": "1"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while "GET /health?..." not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = server.log()
+    finally:
+        server.kill()
+    assert '"GET /health?... HTTP/1.1" 200' in log and "SECRETSIG" not in log
+    assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO uvicorn.error: Started server process", log, re.MULTILINE), log

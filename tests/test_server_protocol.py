@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +100,27 @@ def test_sync_run_stream_sends_progress_then_the_output(server: Server) -> None:
     assert statuses[-1] == "COMPLETED" and "IN_PROGRESS" in statuses
     messages = [log["message"] for e in events[:-1] for log in e.get("logs") or []]
     assert len(messages) == len(set(messages))  # each event carries only new lines
+
+
+def test_what_the_server_and_its_worker_write_is_private_to_their_user(server: Server) -> None:
+    """The job database holds every prompt, and result URLs are secrets: so are the files behind them."""
+    result = httpx.post(f"{server.url}/run/{APP}", json={**CHEAP_INPUT, "seed": 11}, timeout=120).json()
+    assert result["video"]["url"]
+    written = [server.data_dir, *server.data_dir.rglob("*")]
+    assert any(path.suffix == ".mp4" for path in written) and any(path.name == "jobs.sqlite3" for path in written)
+    shared = [f"{path} {stat.S_IMODE(path.stat().st_mode):o}" for path in written if path.stat().st_mode & 0o077]
+    assert shared == []
+
+
+def test_the_server_log_has_a_line_for_each_jobs_start_and_end(server: Server) -> None:
+    job = _submit(server, {**CHEAP_INPUT, "seed": 12})["request_id"]
+    assert httpx.get(f"{server.url}/{APP}/requests/{job}", params={"wait": 1}).status_code in (200, 400)
+    deadline = time.monotonic() + 60
+    while f"job {job} completed in" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = server.log()
+    assert re.search(rf"INFO wanserve.worker: job {job} started \(attempt 1\): \d+ frames at \d+x\d+", log), log
+    assert re.search(rf"INFO wanserve.worker: job {job} completed in [\d.]+s", log), log
 
 
 def test_files_support_range_requests_and_expire(server: Server) -> None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from wanserve import __version__
 from wanserve.config import Settings
 from wanserve.errors import WanserveError
-from wanserve.logsetup import configure_logging
+from wanserve.logsetup import HideQueryStrings, configure_logging
 from wanserve.schema import WanLoRAT2VRequest
 
 log = logging.getLogger("wanserve")
@@ -202,6 +202,14 @@ def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _files_private_to_this_user() -> None:
+    """What the server and workers write (the job database with every prompt, videos, uploads, caches) is readable
+    by their own user only: result URLs are secrets, and so are the files behind them."""
+    import os
+
+    os.umask(0o077)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
@@ -211,6 +219,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from wanserve.api.security import hash_key, is_loopback_host, read_or_create_secret, without_plain_keys
     from wanserve.api.timeouts import http_protocol
 
+    _files_private_to_this_user()
     if settings.port == 0:
         settings = settings.model_copy(update={"port": _free_port(settings.host)})
     keyed = settings.api_keys or settings.api_key_hashes or settings.api_key_hashes_file
@@ -249,16 +258,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     _check_job_store(settings)
     if settings.workers > 0:  # an API-only server (--workers 0) need not have the model
         _check_model(settings)
+        _check_cache_dir(settings)
     os.environ.pop("WANSERVE_API_KEYS", None)  # not inherited by the worker processes either
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     app = create_app(settings)
     log.info("serving %s on %s (data in %s)", ", ".join(settings.app_ids), settings.public_url, settings.data_dir)
     _raise_open_files_limit()
+    logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         http=http_protocol(settings.request_header_timeout_s),
+        log_config=None,  # uvicorn's lines in this process's one format (logsetup)
         log_level="debug" if args.verbose else "info",
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
@@ -280,7 +292,7 @@ def _raise_open_files_limit() -> None:
             log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
-def cmd_hash_key(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_hash_key(args: argparse.Namespace, settings: Settings | None) -> int:
     """Prints the hash of the key on stdin, for `WANSERVE_API_KEY_HASHES` or a hashes file (the server then never
     sees the plain key)."""
     from wanserve.api.security import hash_key, key_id
@@ -289,8 +301,8 @@ def cmd_hash_key(args: argparse.Namespace, settings: Settings) -> int:
     if not key:
         print('no key on stdin (e.g. `printf %s "$KEY" | wanserve hash-key`)', file=sys.stderr)
         return 2
-    if len(key) < 32:
-        print("warning: short key; generate keys with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+    if len(key) < MIN_KEY_CHARS:
+        print("warning: short key; generate keys with `python -c 'import secrets; print(secrets.token_urlsafe())'`",
               file=sys.stderr)  # fmt: skip
     digest = hash_key(key)
     print(digest)
@@ -337,6 +349,19 @@ def _check_model(settings: Settings) -> None:
         model_dir(settings.model)
 
 
+def _check_cache_dir(settings: Settings) -> None:
+    """The built-model and compile cache folder must be writable: a worker that cannot create it fails at each
+    start, and would be restarted for ever."""
+    import os
+
+    try:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(settings.cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"not writable by this user: {settings.cache_dir}")
+    except OSError as exc:
+        raise OSError(f"the cache folder (--cache-dir, WANSERVE_CACHE_DIR) cannot be used: {exc}") from None
+
+
 def _free_port(host: str) -> int:
     import socket
 
@@ -354,12 +379,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wanserve.worker.signals import handle_signals_at_once
     from wanserve.worker.supervisor import SETTINGS_ENV
 
+    _files_private_to_this_user()
     inherited = os.environ.get(SETTINGS_ENV)
     if inherited:  # started by `wanserve serve`: exactly the server's settings
         settings = Settings.model_validate_json(inherited)
     logging.getLogger("wanserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if not inherited:  # `wanserve serve` checked it before starting this one
+    if not inherited:  # `wanserve serve` checked these before starting this one
         _check_model(settings)
+        _check_cache_dir(settings)
+        if settings.public_url is None:
+            log.warning(
+                "no public URL: the video URLs this worker stores start with %s, which clients elsewhere cannot "
+                "reach; set --public-url (WANSERVE_PUBLIC_URL) to the API's URL",
+                settings.resolved_public_url(),
+            )
     if settings.gpus and len(settings.gpus) > 1:
         from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
 
@@ -374,10 +407,26 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from wanserve.engine.bench import BenchConfig, run_bench
+    from wanserve.engine.bench import BenchConfig, VideoCase, run_bench
+    from wanserve.engine.speed import Preset
+    from wanserve.schema import Resolution
 
     def items(text: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    # Checked before anything loads: a bad item would otherwise fail only its own row, minutes into the run.
+    for flag, text, known in (("--sizes", args.sizes, Resolution), ("--presets", args.presets, Preset)):
+        unknown = [item for item in items(text) if item not in {m.value for m in known}]
+        if unknown:
+            print(f"error: {flag}: unknown {', '.join(unknown)} (one of {', '.join(m.value for m in known)})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    for video in items(args.videos):
+        try:
+            VideoCase.parse(video, args.frames)
+        except ValueError as exc:
+            print(f"error: --videos: {exc}", file=sys.stderr)
+            return 2
 
     config = BenchConfig(
         model=args.bench_model,
@@ -399,7 +448,10 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.verbose:
         logging.getLogger("wanserve").setLevel(logging.INFO)
-    run_bench(config, emit=lambda line: print(line, flush=True))
+    bench = run_bench(config, emit=lambda line: print(line, flush=True))
+    if bench.failed:
+        print(f"error: {len(bench.failed)} measurement(s) failed: {', '.join(bench.failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -438,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key", dest="api_keys", action="append", default=None, help="accepted API key (repeatable)"
     )
-    serve.add_argument("--workers", type=int, default=None, help="worker processes to supervise (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="worker processes to supervise, all on the one device (default 1)"
+    )
     serve.add_argument(
         "--no-worker", dest="workers", action="store_const", const=0, help="API only: workers run elsewhere"
     )
@@ -454,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(worker)
     _add_service_flags(worker)
     worker.add_argument("--worker-id", default=None, help="unique worker name (default host-pid)")
+    worker.add_argument(
+        "--public-url", default=None, help="the API's base URL, which starts the video URLs (env WANSERVE_PUBLIC_URL)"
+    )
     worker.add_argument(
         "--gpus", default=None, help="spread each video over these GPUs, e.g. 0,1,2,3 (env WANSERVE_GPUS)"
     )
@@ -605,11 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         logging.DEBUG if args.verbose else logging.WARNING, "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # The client commands talk to a server: this machine's WANSERVE_* server settings are none of their business
-    # (one bad variable must not stop `wanserve status`).
+    # The client commands talk to a server, and hash-key only hashes: this machine's WANSERVE_* server settings are
+    # none of their business (one bad variable must not stop `wanserve status`).
     client_command = hasattr(args, "url")
     try:
-        settings = None if client_command else settings_from_args(args)
+        settings = None if client_command or args.func is cmd_hash_key else settings_from_args(args)
     except ValidationError as exc:
         print(_format_validation_error(exc).replace("invalid request", "invalid settings"), file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -388,6 +389,17 @@ class Settings(BaseSettings):
         """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        """Every URL handed out starts with it: `notaurl` would make each of them useless."""
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"must be an absolute http(s) URL such as https://video.example.com, got {value!r}")
         return value
 
     @field_validator("api_key_hashes")

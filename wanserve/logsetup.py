@@ -1,5 +1,8 @@
 """The processes' log format: one record, one line.
 
+Uvicorn's own lines go through the same handler and format (serve passes no uvicorn log config), and its access
+log never shows a query string: a signed file URL's signature or an upload URL's is a secret for days.
+
 Log messages carry text from requests (webhook URLs, LoRA paths, error messages of a receiver or a download): a
 newline in one would start a line that reads like the server's own (log injection). The message's control
 characters are written escaped; a traceback, logged as exc_info, keeps its lines.
@@ -32,3 +35,14 @@ def configure_logging(level: int, fmt: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+class HideQueryStrings(logging.Filter):
+    """For uvicorn's access log, whose record arguments are (client, method, path with query, HTTP version,
+    status): the path keeps `?...` in place of its query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?...", *args[3:])
+        return True

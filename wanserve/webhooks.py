@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -103,6 +104,19 @@ def retry_delay(attempts: int, base_s: float) -> float:
     return min(base_s * (2 ** max(attempts - 1, 0)), MAX_RETRY_DELAY_S)
 
 
+def loggable_url(url: str) -> str:
+    """A URL without what may be a secret (a token in its query, a user and password): webhook URLs often carry
+    one, and logs are read by more people than the keys are."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return url.split("?", 1)[0][:200]
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?..." if parts.query else "")
+
+
 class WebhookDispatcher:
     """Delivers due webhooks from the job store. Runs in the API process; a restart resumes from the store."""
 
@@ -167,7 +181,7 @@ class WebhookDispatcher:
         try:
             await self._attempt(client, hook_id, job_id, url, attempts)
         except Exception as exc:  # unforeseen: a failed try like any other, never a webhook left pending for ever
-            log.exception("webhook for %s to %r: unexpected error", job_id, url)
+            log.exception("webhook for %s to %r: unexpected error", job_id, loggable_url(url))
             # If the store is what failed, the claim on this webhook expires and it is tried again then.
             with contextlib.suppress(Exception):
                 await self._failed(hook_id, job_id, url, attempts, f"{type(exc).__name__}: {exc}")
@@ -192,7 +206,7 @@ class WebhookDispatcher:
             await self._failed(hook_id, job_id, url, attempts, f"name lookup took over {self.timeout_s:g} s")
             return
         except PrivateAddress as exc:
-            log.warning("webhook for %s to %r refused: %s", job_id, url, exc)
+            log.warning("webhook for %s to %r refused: %s", job_id, loggable_url(url), exc)
             await asyncio.to_thread(self.store.webhook_failed, hook_id, str(exc), None)
             return
         except InputFetchError as exc:  # cannot resolve (yet): retried like a refused connection
@@ -231,7 +245,15 @@ class WebhookDispatcher:
 
     async def _failed(self, hook_id: int, job_id: str, url: str, attempts: int, error: str) -> None:
         tried = attempts + 1
-        log.warning("webhook for %s to %r failed (try %d/%d): %s", job_id, url, tried, self.max_attempts, error)
+        shown = loggable_url(url)
+        log.warning(
+            "webhook for %s to %r failed (try %d/%d): %s",
+            job_id,
+            shown,
+            tried,
+            self.max_attempts,
+            error.replace(url, shown),
+        )
 
         def settle() -> None:
             delay = retry_delay(tried, self.retry_base_s) if tried < self.max_attempts else None

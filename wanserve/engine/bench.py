@@ -36,7 +36,7 @@ from wanserve.engine.pipeline import EngineOptions, GenerationSpec, PromptEmbeds
 from wanserve.engine.sampling import Expert, StepPlan
 from wanserve.engine.speed import Preset, cap_gpu_memory
 from wanserve.engine.video import Mp4Writer, encode_mp4
-from wanserve.schema import frame_size, frames_to_generate
+from wanserve.schema import Resolution, frame_size, frames_to_generate
 
 TEXT_TOKENS = 512
 GiB = 1024**3
@@ -179,9 +179,16 @@ class VideoCase:
 
     @classmethod
     def parse(cls, text: str, frames: int) -> VideoCase:
-        """`480p:30:5` = 480p, 30 steps, guidance 5 on both experts (guidance <= 1: no CFG)."""
-        resolution, steps, guidance = text.split(":")
-        return cls(resolution, int(steps), float(guidance), frames)
+        """`480p:30:5` = 480p, 30 steps, guidance 5 on both experts (guidance <= 1: no CFG). ValueError says
+        what is wrong with a bad one."""
+        try:
+            resolution, steps, guidance = text.split(":")
+            case = cls(Resolution(resolution).value, int(steps), float(guidance), frames)
+        except ValueError:
+            raise ValueError(f"a video is RESOLUTION:STEPS:GUIDANCE, e.g. 480p:30:5, got {text!r}") from None
+        if case.steps < 1 or not math.isfinite(case.guidance) or case.guidance < 0:
+            raise ValueError(f"a video needs at least 1 step and a guidance of 0 or more, got {text!r}")
+        return case
 
     @property
     def name(self) -> str:
@@ -220,6 +227,7 @@ class Bench:
         self.json_path = json_path
         self.start = time.perf_counter()
         self.deadline_s = deadline_s
+        self.failed: list[str] = []  # the measurements that raised (the others still ran)
         self.forwards: list[ForwardRow] = []
         self.videos: list[VideoRow] = []
         self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> eager (cond, uncond)
@@ -464,6 +472,7 @@ def run_bench(config: BenchConfig, emit: Callable[[str], None] = print) -> Bench
                 run(item)
             except Exception as exc:  # one failed measurement must not lose the others
                 emit(f"FAILED {item}: {type(exc).__name__}: {str(exc)[:400]}")
+                bench.failed.append(str(item))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 

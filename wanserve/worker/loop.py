@@ -324,7 +324,9 @@ class Worker:
                 return False
             try:
                 note = "Worker shutting down; the request goes back to the queue"
-                if not self.store.release(job.id, self.id, self.store.now(), note=note):
+                if self.store.release(job.id, self.id, self.store.now(), note=note):
+                    log.info("job %s handed back to the queue (worker %s stopping)", job.id, self.id)
+                else:
                     log.warning("job %s was no longer this worker's when it was handed back", job.id)
                 self._handed_back_run = run
                 return True
@@ -522,6 +524,9 @@ class Worker:
         if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
             return Report.REFUSED
+        failure = outcome.get("failure")
+        how = (outcome.get("note") or "done") if failure is None else f"failed ({failure.error_type})"
+        log.info("job %s %s", job.id, how[:1].lower() + how[1:])
         return Report.DONE
 
     def _report_deadline(self) -> float:
@@ -583,6 +588,9 @@ class Worker:
             job,
             f"Started on worker {self.id}: {request.num_frames} frames at {width}x{height},"
             f" {request.num_inference_steps} steps",
+        )
+        log.info(
+            "job %s started (attempt %d): %s, %d steps", job.id, job.attempts, self._shape, request.num_inference_steps
         )
         checked = self._prompts.checks(request)
         request = self._prompts.prepare(request, lambda message, level: self._log(job, message, level))
