@@ -7,7 +7,7 @@
 #             KERNEL=1 first times the attention kernels alone; VIDEOS=720p:4:1 adds a video per preset.
 #   video:    exact's 720p 4-step guidance-1 video (the distilled-LoRA target), VIDEOS to change it.
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
-#   lora:     LoRAs under each memory policy, compiled (benchmarks/lora_gpu.py, the tiny model; about a minute).
+#   lora:     LoRAs under each memory policy, compiled but offload (benchmarks/lora_gpu.py, the tiny model; a minute).
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 #   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
 #   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh).

@@ -4,7 +4,8 @@ For resident, swap and offload on the tiny model (the bugs in question do not de
 random LoRA on both experts: a video without it, then with it at scales 1.0, 0.8, 0.9 and 0.8 again, then without
 it. Checks (each a row of the JSON written to --json, and a failure makes the exit status 1):
 
-- every video is finite, and each policy's videos equal the resident policy's (relative error of the frames);
+- every video is finite, and each policy's videos equal the resident policy's (relative error of the frames; offload
+  runs uncompiled, as it always does);
 - the scales change the video, and a scale seen before gives the same video again;
 - a new scale compiles no new graph (dynamo's unique graph count does not grow after the first LoRA video).
 
@@ -37,6 +38,7 @@ from wanserve.lora.cache import file_sha256
 from wanserve.lora.sources import EXPERTS, LoraFile, LoraUse, SourceKind
 
 SCALES = (1.0, 0.8, 0.9, 0.8)
+SAME = 1e-4  # relative error of two videos taken as the same
 
 
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -102,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             graphs = got["graphs_after_each_scale"]
             checks = {
                 "finite": all(np.isfinite(f.astype(np.float64)).all() for f in frames.values()),
-                "scale_changes_video": rel_error(frames["0.8#1"], frames["0.9#2"]) > 0,
-                "same_scale_same_video": rel_error(frames["0.8#1"], frames["0.8#3"]) == 0,
-                "lora_changes_video": rel_error(frames["1.0#0"], frames["none"]) > 0,
+                # GPU kernels need not repeat to the bit: "the same" is far closer than a change of scale makes.
+                "scale_changes_video": rel_error(frames["0.8#1"], frames["0.9#2"]) > 10 * SAME,
+                "same_scale_same_video": rel_error(frames["0.8#1"], frames["0.8#3"]) <= SAME,
+                "lora_changes_video": rel_error(frames["1.0#0"], frames["none"]) > 10 * SAME,
                 "no_graph_per_scale": len(set(graphs)) == 1,
             }
             row = {**got, **checks, "seconds": round(time.perf_counter() - started, 1),

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wanserve.cli import main
+from wanserve.cli import _check_cache_dir, main
+from wanserve.config import Settings
 from wanserve.engine.video import probe_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +179,18 @@ def test_a_cache_folder_that_cannot_be_made_stops_the_start(tmp_path: Path, caps
     args = ["--data-dir", str(tmp_path / "data"), "--cache-dir", str(blocked / "cache"), "--port", "0"]
     assert main(["serve", *args]) == 1
     err = capsys.readouterr().err
-    assert "the cache folder (--cache-dir, WANSERVE_CACHE_DIR) cannot be used" in err and "Traceback" not in err
+    assert f"the cache folder {blocked / 'cache'} (--cache-dir, WANSERVE_CACHE_DIR) cannot be used" in err
+    assert "Traceback" not in err
+
+
+def test_only_the_cache_folders_in_use_are_required(tmp_path: Path) -> None:
+    """A model folder needs no built-model cache; the compile and LoRA caches are written whatever the model."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    usable = {"compile_cache_dir": tmp_path / "compile", "lora_cache_dir": tmp_path / "loras"}
+    _check_cache_dir(Settings(model=str(tmp_path), cache_dir=blocked / "cache", **usable))
+    with pytest.raises(OSError, match="WANSERVE_LORA_CACHE_DIR"):
+        _check_cache_dir(Settings(model=str(tmp_path), **{**usable, "lora_cache_dir": blocked / "loras"}))
 
 
 def test_a_worker_without_a_public_url_says_its_video_urls_reach_nobody(

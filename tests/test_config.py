@@ -66,10 +66,12 @@ def test_cfg_parallel_on_needs_two_halves_of_the_gpus(monkeypatch: pytest.Monkey
 
 def test_the_public_url_must_be_an_absolute_http_url() -> None:
     """Every URL handed out starts with it: `notaurl` made each status and video URL useless."""
-    for bad in ("notaurl", "video.example.com", "ftp://video.example.com", "https://", "https://h/?x=1"):
+    for bad in ("notaurl", "video.example.com", "ftp://video.example.com", "https://", "https://h/?x=1", "http://h:x"):
         with pytest.raises(ValidationError, match="absolute http"):
             Settings(public_url=bad)
     assert (
         Settings(public_url="https://video.example.com/wan/").resolved_public_url() == "https://video.example.com/wan"
     )
     assert Settings(public_url="").public_url is None
+    for good in ("http://gpu-box:8000", "http://[::1]:8000/", "https://video.example.com/wan"):
+        assert Settings(public_url=good).public_url == good

@@ -557,8 +557,9 @@ def test_a_webhook_urls_query_and_credentials_stay_out_of_the_log(
     """Receivers often take a token in the URL; the log says where a delivery went, not with what."""
     finished_job(store, "secret-1", "http://user:pw@127.0.0.1:9/hook?token=SUPERSECRET", output={})
     finished_job(store, "secret-2", "http://127.0.0.1:9/hook?token=SUPERSECRET\n", output={})  # an invalid URL
+    finished_job(store, "secret-3", "http://user:pw@127.0.0.1:99999/hook", output={})  # a port that does not parse
     d = dispatcher(store, signer, timeout_s=1.0, retry_base_s=60)
-    assert deliver(d) == 2
+    assert deliver(d) == 3
     assert "to 'http://127.0.0.1:9/hook?...' failed (try 1/3)" in caplog.text
     assert "SUPERSECRET" not in caplog.text and "pw" not in caplog.text
 

@@ -350,16 +350,22 @@ def _check_model(settings: Settings) -> None:
 
 
 def _check_cache_dir(settings: Settings) -> None:
-    """The built-model and compile cache folder must be writable: a worker that cannot create it fails at each
-    start, and would be restarted for ever."""
+    """The cache folders a worker writes (the built-in model's, compiled kernels, downloaded LoRAs) must be usable:
+    a worker that cannot create one fails at each start, and would be restarted for ever."""
     import os
 
-    try:
-        settings.cache_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(settings.cache_dir, os.W_OK | os.X_OK):
-            raise PermissionError(f"not writable by this user: {settings.cache_dir}")
-    except OSError as exc:
-        raise OSError(f"the cache folder (--cache-dir, WANSERVE_CACHE_DIR) cannot be used: {exc}") from None
+    folders = [
+        ("--cache-dir, WANSERVE_CACHE_DIR", settings.cache_dir) if settings.model == "tiny" else None,
+        ("WANSERVE_COMPILE_CACHE_DIR", settings.resolved_compile_cache_dir()),
+        ("WANSERVE_LORA_CACHE_DIR", settings.resolved_lora_cache_dir()),
+    ]
+    for names, folder in filter(None, folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"not writable by this user: {folder}")
+        except OSError as exc:
+            raise OSError(f"the cache folder {folder} ({names}) cannot be used: {exc}") from None
 
 
 def _free_port(host: str) -> int:

@@ -398,7 +398,11 @@ class Settings(BaseSettings):
         if value is None or value == "":
             return None
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        try:
+            parts.port  # noqa: B018 (reading it checks it: a port that is not a number raises)
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(f"must be an absolute http(s) URL such as https://video.example.com, got {value!r}")
         return value
 

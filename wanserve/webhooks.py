@@ -112,8 +112,8 @@ def loggable_url(url: str) -> str:
         host = parts.hostname or ""
         netloc = f"[{host}]" if ":" in host else host
         netloc += f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return url.split("?", 1)[0][:200]
+    except ValueError:  # what it holds cannot be told apart: a user and password may be anywhere in it
+        return "<a URL that does not parse>"
     return f"{parts.scheme}://{netloc}{parts.path}" + ("?..." if parts.query else "")
 
 
