@@ -224,7 +224,7 @@ def configure_compile_cache(cache_dir: Path) -> None:
     # promise of eager's output up to float noise.
     inductor_config.emulate_precision_casts = True
     # Each (batch, video size) is a graph of the one block (78 for the endpoints' sizes), and each set of LoRAs
-    # resident adds its own: room for all of them, and past it a block runs eagerly (_eager_past_the_limit).
+    # resident adds its own: room for all of them, and past it a block runs eagerly (_EagerPastTheLimit).
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
@@ -326,7 +326,7 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, devic
                 use_self_attention_kernel(block, flash4_attention, plan.attention_backend)
 
 
-# Graphs of the block one worker keeps. Inductor's own default (8) would not hold the endpoints' sizes.
+# Graphs of the block one worker keeps. Dynamo's own default (8) would not hold the endpoints' sizes.
 RECOMPILE_LIMIT = 512
 # The torch.compile backend of the regional compile (the tests count graphs with a backend of their own).
 COMPILE_BACKEND: str | Callable[..., Any] = "inductor"

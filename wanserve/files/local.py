@@ -54,11 +54,6 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _parse_meta(text: str) -> StoredFile:
-    """A key's metadata file (its `version` None: stored before versions)."""
-    return StoredFile(**json.loads(text))
-
-
 def _versioned_name(file_name: str) -> tuple[str | None, str]:
     """(version, the key's file name) of an object file's name."""
     version, mark, name = file_name.partition(VERSION_MARK)
@@ -114,7 +109,7 @@ class LocalFileStore:
     def _read_meta(self, key: str) -> StoredFile:
         """The key's metadata, which names the version of its object; FileNotFound without metadata."""
         try:
-            return _parse_meta(self._meta_path(key).read_text())
+            return StoredFile.from_json(self._meta_path(key).read_text())
         except FileNotFoundError:
             raise FileNotFound(f"no such file: {key}") from None
 
@@ -246,7 +241,7 @@ class LocalFileStore:
         deleted = 0
         for meta in self._meta.glob("*/*.json"):
             try:
-                stored = _parse_meta(meta.read_text())
+                stored = StoredFile.from_json(meta.read_text())
             except (OSError, ValueError, TypeError):
                 continue
             if stored.expires_at is not None and stored.expires_at <= now:
