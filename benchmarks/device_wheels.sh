@@ -11,7 +11,7 @@
 #         and split in two: .fa4a/ (about 58 MiB) and .fa4b/ (the rest). The compiler library alone is 190 MB
 #         unpacked (65 MiB packed), more than one call may carry beside the base wheels (64 MiB in all), so it
 #         travels in two calls to the same warm machine:
-#           call 1: carry [".fa4a"], command `bash benchmarks/gpu_bench.sh stash`   (keeps the part in .fa4keep/)
+#           call 1: carry [".fa4a"], command `bash benchmarks/gpu_bench.sh stash`   (keeps the part in /tmp, outside the checkout)
 #           call 2: carry [".whl", ".fa4b"], command `bash benchmarks/gpu_bench.sh main "$OUT"`, at once (a machine is
 #                   given back 30 s after a call)
 # Versions are pinned: the checks' figures name them.
@@ -31,7 +31,7 @@ FLASH4=(flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs
         nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5
         apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5)
 
-for dir in /.whl/ /.fa4a/ /.fa4b/ /.fa4keep/; do
+for dir in /.whl/ /.fa4a/ /.fa4b/; do
   grep -qxF "$dir" .git/info/exclude 2>/dev/null || echo "$dir" >> .git/info/exclude
 done
 

@@ -10,9 +10,11 @@
 #   lora:     LoRAs under each memory policy, compiled but offload (benchmarks/lora_gpu.py, the tiny model; a minute).
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 #   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
-#   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh).
+#   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh), in
+#             $FA4_STASH (default $TMPDIR/wanserve-fa4a): outside the checkout, which the device tool copies afresh
+#             for each call (a folder kept inside it, .fa4keep/, was gone by the next call on 2026-11-27).
 # Python packages the machine lacks come from benchmarks/device_wheels.sh: wheels in .whl/ (installed to /tmp/site),
-# and FlashAttention 4's packed site in .fa4keep/ (stashed by an earlier call) plus .fa4b/ (unpacked to /tmp/fa4site).
+# and FlashAttention 4's packed site: the stashed first part plus .fa4b/ (unpacked to $TMPDIR/fa4site).
 set -u
 MODE=${1:-main}
 OUT=${2:-${OUT:-gpu-out}}
@@ -20,8 +22,9 @@ case "$MODE" in
   main|video|cap24|lora|vae|diagnose|stash) ;;
   *) echo "unknown mode: $MODE (main|video|cap24|lora|vae|diagnose|stash)" >&2; exit 2 ;;
 esac
+FA4_STASH=${FA4_STASH:-${TMPDIR:-/tmp}/wanserve-fa4a}
 if [ "$MODE" = stash ]; then
-  mkdir -p .fa4keep && cp .fa4a/* .fa4keep/ && ls -la .fa4keep && exit 0
+  mkdir -p "$FA4_STASH" && cp .fa4a/* "$FA4_STASH"/ && ls -la "$FA4_STASH" && exit 0
   exit 1
 fi
 mkdir -p "$OUT"
@@ -29,15 +32,20 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
-if [ -d .fa4b ] && [ -d .fa4keep ]; then
+if [ -d .fa4b ] && [ -n "$(ls -A "$FA4_STASH" 2>/dev/null)" ]; then
   # xz may be missing from the machine's image: Python's lzma unpacks the same stream.
   UNXZ=(python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)")
   command -v xz >/dev/null && UNXZ=(xz -d)
-  mkdir -p /tmp/fa4site && cat .fa4keep/* .fa4b/* | "${UNXZ[@]}" | tar -C /tmp/fa4site -x || exit 1
+  site=${TMPDIR:-/tmp}/fa4site
+  mkdir -p "$site" && cat "$FA4_STASH"/* .fa4b/* | "${UNXZ[@]}" | tar -C "$site" -x || exit 1
   # The DSL's own .pth file (which adds its packages folder to sys.path) is not read from PYTHONPATH: named here.
-  export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-$PWD}
+  export PYTHONPATH=$site:$site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-$PWD}
   export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
   python3 -c "import flash_attn.cute, cutlass; print('flash-attn-4 importable')" 2>&1 | tail -3 | tee "$OUT/flash4-import.txt"
+elif [ -d .fa4b ]; then
+  # The second part came but the first did not stay: say so rather than bench without FlashAttention 4 unnoticed.
+  echo "FlashAttention 4 not unpacked: $FA4_STASH is empty (run 'gpu_bench.sh stash' carrying .fa4a first, on this" \
+       "machine); benching without it" | tee "$OUT/flash4-import.txt" >&2
 fi
 export PYTHONUNBUFFERED=1 WANSERVE_CACHE_DIR=/tmp/wanserve-cache
 # Without the carried wheels nothing below can run: say so at once rather than spend the machine's time.

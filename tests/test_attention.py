@@ -351,17 +351,19 @@ def test_flash4_op_in_a_block_is_the_default_processor(model_cache: Path, fake_f
     assert fake_flash4 == [(1, tokens, heads, head_dim)] * len(expert.blocks)  # (batch, tokens, heads, dim)
 
 
-def test_flash4_op_compiles_as_one_opaque_call(fake_flash4: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flash4_op_compiles_as_one_opaque_call(fake_flash4: list) -> None:
     """fullgraph compile (what the regional compile of the blocks uses) must not trace into the JIT kernel (the
     stand-in breaks the graph if it is traced), and the op's fake output must match the kernel's: a new contiguous
     tensor, even for a query that is not (Inductor checks the strides)."""
-    # Inductor's on-disk graph cache does not key on the fake's code: a graph compiled against an older one is reused
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    # Inductor's on-disk graph cache does not key on the fake's code: a graph compiled against an older one is reused.
+    # (Inductor's config.patch, not monkeypatch, whose undo deletes the setting from torch's config module.)
+    no_graph_cache = torch._inductor.config.patch(fx_graph_cache=False)
     q = torch.randn(SHAPE[0], SHAPE[2], SHAPE[1], SHAPE[3]).transpose(1, 2)  # (b, s, h, d) view of (b, h, s, d)
     k, v = (torch.randn(SHAPE) for _ in range(2))
     # .flatten(2, 3) as the processor does: a view whose strides Inductor takes from the op's fake output
     compiled = torch.compile(lambda q, k, v: attention.flash4_attention(q, k, v).flatten(2, 3) * 2, fullgraph=True)
-    got = compiled(q, k, v)
+    with no_graph_cache:
+        got = compiled(q, k, v)
     assert torch.allclose(got, exact(q, k, v).flatten(2, 3) * 2, atol=1e-6)
     assert fake_flash4 == [SHAPE]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,3 +114,58 @@ def test_the_lora_check_itself_on_the_tiny_model(tmp_path: Path, model_cache: Pa
     for row in rows:
         assert row["finite"] and row["scale_changes_video"] and row["same_scale_same_video"], row
         assert max(row["error_vs_resident"].values()) < 1e-2, row
+
+
+def _split_site(tmp_path: Path) -> None:
+    """.fa4a/ and .fa4b/ as device_wheels.sh packs them: one tar.xz of a site folder, split in two."""
+    site = tmp_path / "site" / "flash_attn" / "cute"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("# stand-in\n")
+    packed = subprocess.run(["tar", "-C", str(tmp_path / "site"), "-cJf", "-", "."], capture_output=True,
+                            check=True).stdout  # fmt: skip
+    half = len(packed) // 2
+    for name, part in ((".fa4a", packed[:half]), (".fa4b", packed[half:])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"fa4site.tar.xz.{name[-1]}").write_bytes(part)
+
+
+def test_flash4_travels_in_two_calls_through_a_stash_outside_the_checkout(tmp_path: Path) -> None:
+    """Call 1 stashes .fa4a/ outside the checkout (the device tool copies the checkout afresh for each call, and a
+    folder kept in it was gone by the next one); call 2 unpacks the stash and .fa4b/ into one site."""
+    _split_site(tmp_path)
+    stash = tmp_path / "stash"
+    proc, _ = run_script(tmp_path, "stash", FA4_STASH=str(stash))
+    assert proc.returncode == 0, proc.stderr
+    shutil.rmtree(tmp_path / ".fa4a")  # call 2 carries only .fa4b (and the wheels)
+    proc, out = run_script(tmp_path, "main", FA4_STASH=str(stash))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "fa4site" / "flash_attn" / "cute" / "__init__.py").read_text() == "# stand-in\n"
+    assert (out / "flash4-import.txt").read_text().strip() == "ok"  # the stand-in python3's answer to the import
+
+
+def test_flash4_second_part_without_the_stash_is_reported(tmp_path: Path) -> None:
+    _split_site(tmp_path)
+    proc, out = run_script(tmp_path, "main", FA4_STASH=str(tmp_path / "never-stashed"))
+    assert proc.returncode == 0, proc.stderr  # the bench still runs, without FlashAttention 4
+    assert "FlashAttention 4 not unpacked" in proc.stderr
+    assert "is empty" in (out / "flash4-import.txt").read_text()
+    assert not (tmp_path / "fa4site").exists()
+
+
+def test_the_float_noise_floor_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
+    """benchmarks/float_noise.py on a CPU: the reference repeats to the bit, cond+uncond batched moves the float32
+    output only by rounding, and a kernel this machine cannot run is a row with its error, not a crash."""
+    result = tmp_path / "noise.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "float_noise.py"), "--model", "tiny", "--device", "cpu",
+               "--size", "480p", "--frames", "9", "--variants", "repeat,batched,cudnn",
+               "--cache-dir", str(model_cache), "--json", str(result)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["variant"]: row for row in json.loads(result.read_text())}
+    assert list(rows) == ["reference", "repeat", "batched", "cudnn"]
+    assert rows["reference"]["tokens"] > 0 and rows["reference"]["seconds"] > 0
+    assert rows["repeat"]["rel_error"] == 0.0
+    assert 0.0 <= rows["batched"]["rel_error"] < 1e-5
+    assert "RuntimeError" in rows["cudnn"]["error"]  # no cuDNN attention on a CPU
+    bad = subprocess.run([*command[:2], "--variants", "repeat,sideways"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown variants: sideways" in bad.stderr

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     preset: Literal["auto", "eager", "exact", "fast"] = Field(
         "auto",
         description="Speed preset: `exact` (GPU default: compiled, fastest exact attention, batched CFG, same output), "
-        "`fast` (FP8 linears, INT8 attention where it beats cuDNN, ~2% error; runs as `exact` on GPUs while it is "
-        "slower, see docs/performance.md), `eager` (CPU default: plain diffusers).",
+        "`fast` (FP8 linears, INT8 attention where it beats cuDNN, ~2% error; on Hopper 1.10x `exact`, on other GPUs "
+        "it runs as `exact` until measured faster, see docs/performance.md), `eager` (CPU default: plain diffusers).",
     )
     attention: Literal["auto", "cudnn", "flash", "efficient", "flash4", "default"] = Field(
         "auto",

@@ -136,7 +136,7 @@ class EngineOptions:
     compile: bool | None = None  # None: the preset decides
     compile_cache_dir: Path = Path.home() / ".cache" / "wanserve" / "compile"
     step_cache_threshold: float = 0.0  # > 0: diffusers' First Block Cache with this threshold
-    unvalidated_fast_gpu: bool = False  # the bench's way to run `fast` on a GPU (speed.FAST_GPU_VALIDATED)
+    unvalidated_fast_gpu: bool = False  # the bench's way to run `fast` on a GPU (speed.FAST_FASTER_THAN_EXACT)
     lowbit_attention: bool | None = None  # `fast`'s INT8 attention; None: where it is faster (speed.py)
     attention: str = "auto"  # the exact attention kernel: auto (measured on a GPU) or an AttentionKernel value
     lora_memory_bytes: int = 4 * GiB

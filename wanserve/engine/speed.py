@@ -127,10 +127,11 @@ def default_preset(device: DeviceInfo) -> Preset:
     return Preset.EXACT if device.type == "cuda" else Preset.EAGER
 
 
-# `fast` on a GPU runs as `exact` unless the caller (the bench) asks for it explicitly. With the INT8 attention it
-# was finite and 2.0% from eager but 0.67x diffusers' speed (H200, 480p: the kernel is slower than cuDNN, see below);
-# FP8 linears with cuDNN attention have not run on a GPU. Set this once `fast` beats `exact` in `wanserve bench`.
-FAST_GPU_VALIDATED = False
+# Compute capabilities where `wanserve bench` measured `fast` faster than `exact` within its 3% error budget; on
+# other GPUs `fast` runs as `exact` unless the caller (the bench) asks for it. Hopper (9.0): FP8 linears with cuDNN
+# attention, 720p x 81 frames on an H200, 20.8 s per cond+uncond forward against exact's 22.8 s at 2.00% from
+# diffusers eager (2026-11-27, docs/performance.md); with the INT8 attention it was slower (0.67x diffusers, 480p).
+FAST_FASTER_THAN_EXACT: frozenset[tuple[int, int]] = frozenset({(9, 0)})
 
 # Compute capabilities where our INT8 attention kernel beat cuDNN's bf16 attention (`benchmarks/lowbit_attention.py`).
 # None so far: on an H200 (9.0) it reached 200-370 TFLOP/s-equivalent against cuDNN's ~580. Elsewhere `fast` keeps
@@ -166,9 +167,10 @@ def plan_speed(
     if chosen is Preset.FAST and on_gpu and not device.has_fp8:
         chosen = Preset.EXACT
         notes.append(f"{device.name} has no FP8 tensor cores: fast runs as exact")
-    elif chosen is Preset.FAST and on_gpu and not (FAST_GPU_VALIDATED or unvalidated_fast_gpu):
+    elif chosen is Preset.FAST and on_gpu and not (device.capability in FAST_FASTER_THAN_EXACT or unvalidated_fast_gpu):
         chosen = Preset.EXACT
-        notes.append("fast is slower than exact on GPUs so far: runs as exact")
+        arch = f"sm_{device.capability[0]}{device.capability[1]}"
+        notes.append(f"fast has not been measured faster than exact on {arch} GPUs: runs as exact")
     elif chosen is Preset.FAST and not on_gpu:
         notes.append("FP8 emulated in float32 off the GPU")
     use_compile = on_gpu if compile is None else compile
