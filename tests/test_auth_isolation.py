@@ -26,7 +26,7 @@ from wanserve.api.ratelimit import RateLimiter, RedisRateLimiter, retry_after_s
 from wanserve.api.security import ApiKeys, hash_key, key_id
 from wanserve.client.local_server import free_port
 from wanserve.config import Settings
-from wanserve.files.base import new_key
+from wanserve.files.base import file_ref, new_key
 
 APP = "fal-ai/wan-22"
 KEY_A = "key-a-" + "a" * 40
@@ -60,15 +60,19 @@ def submit(client: TestClient, headers: dict[str, str], endpoint: str = APP) -> 
     return body
 
 
-def complete_with_video(ctx: ServerContext, job_id: str, data: bytes = b"not really an mp4") -> str:
-    """What a worker does: claim the job, store its video, finish it with the plain (unsigned) file URL."""
+def complete_with_video(
+    ctx: ServerContext, job_id: str, data: bytes = b"not really an mp4", stored_as: str = "ref"
+) -> str:
+    """What a worker does: claim the job, store its video, finish it naming the file by its reference
+    (`stored_as="url"`: by its plain URL under this public URL, as workers did before references)."""
     now = time.time()
     while (claimed := ctx.store.claim("test-worker", 60, now)) is not None and claimed.id != job_id:
         ctx.store.release(claimed.id, "test-worker", now)  # not ours: back it goes (only ours is queued in practice)
     assert claimed is not None and claimed.id == job_id
     key = new_key(f"{job_id}.mp4")
     ctx.files.put(key, data, "video/mp4", None, now)
-    output = {"video": {"url": ctx.files.url(key), "content_type": "video/mp4"}, "seed": 1, "prompt": "p"}
+    url = file_ref(key) if stored_as == "ref" else ctx.files.url(key)
+    output = {"video": {"url": url, "content_type": "video/mp4"}, "seed": 1, "prompt": "p"}
     assert ctx.store.finish(job_id, now, worker_id="test-worker", output=output)
     return key
 
@@ -189,7 +193,7 @@ def test_result_urls_are_signed_and_work_without_headers(client: TestClient) -> 
     rid = submit(client, A)["request_id"]
     data = b"\x00\x00\x00\x18ftypmp42 video bytes"
     key = complete_with_video(ctx, rid, data)
-    assert ctx.store.get(rid).output["video"]["url"] == f"{BASE}/files/{key}"  # type: ignore[index, union-attr]
+    assert ctx.store.get(rid).output["video"]["url"] == f"/files/{key}"  # type: ignore[index, union-attr]
 
     result = client.get(f"/{APP}/requests/{rid}", headers=A).json()
     url = result["video"]["url"]
@@ -438,6 +442,30 @@ def test_a_key_with_too_many_queued_requests_gets_429_and_no_job(tmp_path: Path)
 # --- without keys: as before ---
 
 
+def test_an_output_stored_as_a_url_before_references_is_still_signed(client: TestClient) -> None:
+    ctx = context(client)
+    rid = submit(client, A)["request_id"]
+    key = complete_with_video(ctx, rid, b"older", stored_as="url")
+    assert ctx.store.get(rid).output["video"]["url"] == f"{BASE}/files/{key}"  # type: ignore[index, union-attr]
+    path, query = signed_parts(client.get(f"/{APP}/requests/{rid}", headers=A).json()["video"]["url"])
+    assert path == f"/files/{key}" and set(query) == {"exp", "sig"}
+    assert client.get(path, params=query).content == b"older"
+
+
+def test_a_stored_output_gets_the_public_url_of_the_server_reading_it(tmp_path: Path) -> None:
+    """The public URL changed (a new domain) between the run and the read: the result names the new one. With
+    URLs stored whole, every earlier result kept pointing at the old address."""
+    old, new = "http://old.example", "https://new.example/wan"  # a proxy in front may add a path
+    with TestClient(make_app(tmp_path, api_keys=[], public_url=old), base_url="http://old.example") as c:
+        rid = submit(c, {})["request_id"]
+        key = complete_with_video(context(c), rid, b"moved")
+        assert c.get(f"/{APP}/requests/{rid}").json()["video"]["url"] == f"http://old.example/files/{key}"
+    with TestClient(make_app(tmp_path, api_keys=[], public_url=new), base_url="https://new.example") as c:
+        url = c.get(f"/{APP}/requests/{rid}").json()["video"]["url"]
+        assert url == f"https://new.example/wan/files/{key}"
+        assert c.get(f"/files/{key}").content == b"moved"
+
+
 def test_without_keys_urls_stay_plain_and_files_open(tmp_path: Path) -> None:
     with TestClient(make_app(tmp_path, api_keys=[]), base_url=BASE) as c:
         ctx = context(c)
@@ -450,12 +478,16 @@ def test_without_keys_urls_stay_plain_and_files_open(tmp_path: Path) -> None:
         assert c.get(url).content == b"open"
 
 
-def test_webhook_payloads_carry_signed_urls_the_receiver_can_download(
-    tmp_path: Path, receiver: tuple[Any, str]
+@pytest.mark.parametrize("keys", [True, False], ids=["keys", "no-keys"])
+def test_webhook_payloads_carry_urls_the_receiver_can_download(
+    tmp_path: Path, receiver: tuple[Any, str], keys: bool
 ) -> None:
     delivered, hook_url = receiver
-    with TestClient(make_app(tmp_path, allow_private_urls=True), base_url=BASE) as client:  # receiver on loopback
-        response = client.post(f"/{APP}", params={"fal_webhook": hook_url}, json=INPUT, headers=A)
+    # allow_private_urls: the receiver is on loopback
+    overrides: dict[str, Any] = {"allow_private_urls": True} | ({} if keys else {"api_keys": []})
+    with TestClient(make_app(tmp_path, **overrides), base_url=BASE) as client:
+        headers = A if keys else {}
+        response = client.post(f"/{APP}", params={"fal_webhook": hook_url}, json=INPUT, headers=headers)
         assert response.status_code == 200, response.text
         complete_with_video(context(client), response.json()["request_id"], b"the video")
         deadline = time.monotonic() + 20
@@ -463,7 +495,8 @@ def test_webhook_payloads_carry_signed_urls_the_receiver_can_download(
             time.sleep(0.05)
         assert delivered.deliveries, "the webhook was never delivered"
         url = json.loads(delivered.deliveries[0][2])["payload"]["video"]["url"]
+        assert url.startswith(f"{BASE}/files/")  # a whole URL, not the stored reference
         path, query = signed_parts(url)
-        assert {"exp", "sig"} <= set(query)
+        assert ({"exp", "sig"} <= set(query)) is keys
         download = client.get(path, params=query)  # no Authorization header: the signature is the permission
         assert download.status_code == 200 and download.content == b"the video"

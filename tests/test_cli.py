@@ -213,7 +213,7 @@ def test_a_worker_without_a_public_url_says_its_video_urls_reach_nobody(
     monkeypatch.delenv("WANSERVE_PUBLIC_URL", raising=False)
     base = ["worker", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
     assert main(base) == 0
-    assert "no public URL: the video URLs this worker stores start with http://127.0.0.1:8000" in caplog.text
+    assert "no public URL: this worker takes http://127.0.0.1:8000 for the API's" in caplog.text
     caplog.clear()
     assert main([*base, "--public-url", "https://video.example.com"]) == 0
     assert "no public URL" not in caplog.text

@@ -407,6 +407,20 @@ def test_fast_preset_on_the_tiny_engine(model_cache: Path, monkeypatch: pytest.M
     assert 0 < rel_error(fast_frames, eager_frames) < 0.10
 
 
+def test_fast_under_each_memory_policy_makes_the_resident_video(model_cache: Path) -> None:
+    """`fast` runs on Hopper GPUs, where a worker may pick (or be set to) swap or offload: the FP8 layers move with
+    their experts, and the video is the resident one (offload runs cond and uncond as two forwards: the INT8
+    attention's per-batch scales differ a little)."""
+    spec = small_spec(num_inference_steps=4)
+    resident = tiny_engine(model_cache, preset="fast", memory_policy="resident").generate(spec).frames
+    swap = tiny_engine(model_cache, preset="fast", memory_policy="swap")
+    assert swap.speed.fp8_linears and "swap" in swap.describe()
+    assert rel_error(swap.generate(spec).frames, resident) == 0.0
+    offload = tiny_engine(model_cache, preset="fast", memory_policy="offload")
+    assert offload.speed.fp8_linears and "offload" in offload.describe()
+    assert rel_error(offload.generate(spec).frames, resident) < 1e-2
+
+
 def test_self_attention_processor_with_exact_attention_is_the_default_processor(model_cache: Path) -> None:
     """The processor's own q/k/v, norm and rotary code (what the INT8 and FlashAttention 4 kernels plug into): with
     exact attention as its kernel, the expert's output must not change."""

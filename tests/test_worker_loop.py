@@ -23,7 +23,7 @@ from wanserve.errors import (
     ParallelGroupFailed,
     StorageUnavailable,
 )
-from wanserve.files.base import check_key, output_key
+from wanserve.files.base import check_key, key_from_file_ref, output_key
 from wanserve.jobs.model import Job, JobState, NewJob
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.worker import loop
@@ -274,7 +274,7 @@ def test_a_stop_during_the_upload_lets_the_finished_video_complete_its_job(tmp_p
         time.sleep(0.05)
     done = store.get("j1")
     assert done is not None and done.state is JobState.COMPLETED and done.failure is None
-    assert files.stat(files.key_from_url(done.output["video"]["url"]), time.time()).size > 0
+    assert files.stat(key_from_file_ref(done.output["video"]["url"]), time.time()).size > 0
 
 
 class Died(BaseException):
@@ -313,7 +313,7 @@ def test_a_retry_removes_the_video_that_a_dead_attempt_stored_but_never_reported
     done = store.get("j1")
     assert done is not None and done.state is JobState.COMPLETED and done.output is not None
     assert stored_videos() == ["j1.mp4"]  # one video: the reported one
-    key = files.key_from_url(done.output["video"]["url"])
+    key = key_from_file_ref(done.output["video"]["url"])
     assert key is not None and check_key(key) == key  # a key that the file routes accept
     assert files.stat(key, time.time()).size == done.output["video"]["file_size"]
 
@@ -417,7 +417,7 @@ def test_a_file_store_outage_at_the_upload_waits_for_it_then_fails_the_job(
     assert waited == (0 if outage == "refused" else 1)
     if outage == "short":
         assert done.failure is None and files.failures["put"] == 0
-        assert files.stat(files.key_from_url(done.output["video"]["url"]), time.time()).size > 0
+        assert files.stat(key_from_file_ref(done.output["video"]["url"]), time.time()).size > 0
     else:
         assert done.failure is not None and done.failure.error_type == "storage_unavailable"
         tries = 10_000 - files.failures["put"]

@@ -395,8 +395,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         _check_cache_dir(settings)
         if settings.public_url is None:
             log.warning(
-                "no public URL: the video URLs this worker stores start with %s, which clients elsewhere cannot "
-                "reach; set --public-url (WANSERVE_PUBLIC_URL) to the API's URL",
+                "no public URL: this worker takes %s for the API's, so a request naming one of the API's files by "
+                "its URL (an uploaded LoRA, say) is downloaded over HTTP instead of read from the file store, and "
+                "refused where that address is private; set --public-url (WANSERVE_PUBLIC_URL) to the API's URL",
                 settings.resolved_public_url(),
             )
     if settings.gpus and len(settings.gpus) > 1:

@@ -130,12 +130,12 @@ class WebhookDispatcher:
         max_attempts: int,
         retry_base_s: float,
         allow_private: bool = False,
-        sign_output: Callable[[Any], Any] = lambda output: output,
+        output_urls: Callable[[Any], Any] = lambda output: output,
     ) -> None:
-        """`sign_output` turns a result's file URLs into ones the receiver may download (signed, when the server
-        has keys), as the result route does."""
+        """`output_urls` turns a result's stored file references into URLs the receiver may download (this
+        server's public URL; signed, when it has keys), as the result route does."""
         self.store = store
-        self.sign_output = sign_output
+        self.output_urls = output_urls
         self.signer = signer
         self.user_id = user_id
         self.timeout_s = timeout_s
@@ -214,7 +214,7 @@ class WebhookDispatcher:
             return
         payload = webhook_payload(job)
         if job.failure is None:
-            payload["payload"] = self.sign_output(payload["payload"])
+            payload["payload"] = self.output_urls(payload["payload"])
         body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
         error: str | None = None

@@ -100,7 +100,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         max_attempts=settings.webhook_max_attempts,
         retry_base_s=settings.webhook_retry_base_s,
         allow_private=settings.allow_private_urls,
-        sign_output=lambda output: files.with_signed_urls(ctx, output),
+        output_urls=lambda output: files.with_file_urls(ctx, output),
     )
     last_sweep = [0.0]
     lease_recovery = LeaseRecovery(ctx.store, settings.job_lease_s, settings.job_max_attempts, HOUSEKEEPING_S)

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from wanserve.api.context import Context, ServerContext
 from wanserve.api.responses import error_response, reply_response
 from wanserve.errors import BadRequest, Forbidden, PreconditionFailed, RangeNotSatisfiable
-from wanserve.files.base import FileStore, StoredFile, content_disposition
+from wanserve.files.base import FileStore, StoredFile, content_disposition, key_from_file_ref
 from wanserve.jobs.service import Reply
 from wanserve.numbers import ascii_int
 
@@ -34,12 +34,12 @@ def file_url(ctx: ServerContext, key: str, now: float | None = None) -> str:
     return f"{url}?{ctx.url_signer.file_query(key, ctx.settings.file_url_ttl_s, time.time() if now is None else now)}"
 
 
-def with_signed_urls(ctx: ServerContext, value: Any) -> Any:
-    """`value` (a request's output) with every `url` field that points at this server's files replaced by a freshly
-    signed URL. Workers store plain URLs (a stored signature would expire); they are signed when read. Only `url`
-    fields (fal's File objects) are touched: a prompt quoting a file URL must not come back signed."""
-    if not ctx.api_keys.enabled:
-        return value
+def with_file_urls(ctx: ServerContext, value: Any) -> Any:
+    """`value` (a request's output) with every `url` field that names one of this server's files made into the URL
+    a client downloads it from, now: this server's public URL, and a fresh signature when it has API keys (a stored
+    signature would expire). Workers store `files.base.file_ref`s; outputs stored before those, whole URLs under
+    this public URL, are made again the same way. Only `url` fields (fal's File objects) are touched: a prompt
+    quoting a file URL must not come back changed."""
     now = time.time()
 
     def walk(item: Any) -> Any:
@@ -49,16 +49,21 @@ def with_signed_urls(ctx: ServerContext, value: Any) -> Any:
             return item
         out = {}
         for name, field in item.items():
-            key = ctx.files.key_from_url(field) if name == "url" and isinstance(field, str) else None
+            key = _stored_file_key(ctx, field) if name == "url" and isinstance(field, str) else None
             out[name] = file_url(ctx, key, now) if key is not None else walk(field)
         return out
 
     return walk(value)
 
 
-def signed_reply(ctx: ServerContext, reply: Reply) -> JSONResponse:
-    """A result as a response, its file URLs signed (see `with_signed_urls`)."""
-    return reply_response(replace(reply, body=with_signed_urls(ctx, reply.body)))
+def _stored_file_key(ctx: ServerContext, url: str) -> str | None:
+    key = key_from_file_ref(url)
+    return key if key is not None else ctx.files.key_from_url(url)
+
+
+def output_reply(ctx: ServerContext, reply: Reply) -> JSONResponse:
+    """A result as a response, its file URLs made for the client (see `with_file_urls`)."""
+    return reply_response(replace(reply, body=with_file_urls(ctx, reply.body)))
 
 
 # Offsets of up to 18 digits (a file over an exabyte is not served here): int() of them is safe and fast.

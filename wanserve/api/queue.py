@@ -22,7 +22,7 @@ from wanserve.api.context import (
     limit_submits,
     read_store,
 )
-from wanserve.api.files import signed_reply
+from wanserve.api.files import output_reply
 from wanserve.api.limits import read_body
 from wanserve.api.responses import reply_response
 from wanserve.errors import BadRequest, NotFound
@@ -138,7 +138,7 @@ async def status(
 
 @router.get("/{app:path}/requests/{request_id}", dependencies=[ReadLimited])
 async def result(ctx: Context, caller: Caller, app: str, request_id: str) -> JSONResponse:
-    return signed_reply(ctx, await read_store(ctx, ctx.service.result, app, request_id, caller))
+    return output_reply(ctx, await read_store(ctx, ctx.service.result, app, request_id, caller))
 
 
 @router.put("/{app:path}/requests/{request_id}/cancel", dependencies=[ReadLimited])

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from wanserve.api.context import Authorized, Caller, Context, ServerContext, SubmitLimited, read_store
-from wanserve.api.files import signed_reply, with_signed_urls
+from wanserve.api.files import output_reply, with_file_urls
 from wanserve.api.queue import STREAM_POLL_S, status_events, submit_job
 from wanserve.jobs.model import CLIENT_RETRIED_STATUSES, Job, JobState
 from wanserve.jobs.service import Reply
@@ -54,7 +54,7 @@ async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
     done = await read_store(ctx, ctx.store.get, job.id)
     if done is not None:
         reply = ctx.service.result_of(done)
-        yield f"data: {json.dumps(with_signed_urls(ctx, reply.body))}\n\n".encode()
+        yield f"data: {json.dumps(with_file_urls(ctx, reply.body))}\n\n".encode()
 
 
 @router.api_route("/{endpoint:path}", methods=["POST", "GET"], dependencies=[SubmitLimited])
@@ -68,7 +68,7 @@ async def run(ctx: Context, caller: Caller, endpoint: str, request: Request) -> 
     done = await wait_for(ctx, job, request)
     if done is None:
         return JSONResponse({"detail": "client disconnected", "error_type": "client_disconnected"}, status_code=499)
-    return signed_reply(ctx, not_reposted(ctx.service.result_of(done)))
+    return output_reply(ctx, not_reposted(ctx.service.result_of(done)))
 
 
 def not_reposted(reply: Reply) -> Reply:

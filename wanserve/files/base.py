@@ -138,6 +138,18 @@ def file_url(public_url: str, key: str) -> str:
     return f"{public_url.rstrip('/')}/files/{check_key(key)}"
 
 
+def file_ref(key: str) -> str:
+    """How a stored job output names one of our files: its URL's path alone (`/files/<key>`). The API makes the
+    URL a client gets from it each time the output is read (`api.files.with_file_urls`): the output outlives a
+    change of public URL, and does not depend on the public URL its worker was started with."""
+    return file_url("", key)
+
+
+def key_from_file_ref(ref: str) -> str | None:
+    """The key in a `file_ref`; None for anything else."""
+    return key_from_file_url("", ref)
+
+
 def key_from_file_url(public_url: str, url: str) -> str | None:
     """The key in a URL `file_url` made for this `public_url`; None for any other URL."""
     prefix = f"{public_url.rstrip('/')}/files/"

@@ -36,7 +36,7 @@ from wanserve.errors import (
     exception_chain,
     is_out_of_memory,
 )
-from wanserve.files.base import FileStore, StoredFile, lifecycle_expiry, output_key
+from wanserve.files.base import FileStore, StoredFile, file_ref, lifecycle_expiry, output_key
 from wanserve.files.space import is_disk_full
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, JobState, LogLevel, WorkerInfo, cancelled_failure, settled
@@ -624,7 +624,7 @@ class Worker:
         self._log(job, f"Stored video ({stored.size / 1e6:.2f} MB)")
         output = {
             "video": {
-                "url": self.files.url(key),
+                "url": file_ref(key),  # made into the client's URL when the output is read (api.files)
                 "content_type": "video/mp4",
                 "file_name": stored.file_name,
                 "file_size": stored.size,
