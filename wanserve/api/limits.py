@@ -28,6 +28,28 @@ class BodyTooLarge(HTTPException):
         )
 
 
+class ResponseWatch:
+    """What a middleware that guards a request body (its size here, its pace in `timeouts`) needs to know of the
+    response: whether it has begun, and so how a body that breaks the rule ends."""
+
+    def __init__(self, send: Send) -> None:
+        self.started = False
+        self._send = send
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    def refuse(self, exc: HTTPException) -> Message:
+        """What `receive` gives the app for a body past the rule: `exc`, answered by the app's handler; once the
+        response has begun (a stream that watches for a hang-up reads on) too late for that, so the rest of the
+        body is not read, as if the client had gone, and the server closes the connection."""
+        if self.started:
+            return {"type": "http.disconnect"}
+        raise exc
+
+
 def is_upload(method: str, path: str) -> bool:
     """The storage routes that take file bytes (see wanserve.api.storage): a signed PUT, a multipart part
     (both flows), the CDN upload. Exactly those paths: any other (`/cdn/files/upload/` too) is a submit's path."""
@@ -64,7 +86,8 @@ class BodyLimitMiddleware:
                 return
 
         received = 0
-        over = started = False
+        over = False
+        response = ResponseWatch(send)
 
         async def counted_receive() -> Message:
             nonlocal received, over
@@ -76,23 +99,13 @@ class BodyLimitMiddleware:
                 if received <= limit:
                     return message
                 over = True
-            if started:
-                # Too late for a 413 (a stream that watches for a hang-up reads on): the rest is not read, as if the
-                # client had gone; the response ends unfinished and the server closes the connection.
-                return {"type": "http.disconnect"}
-            raise BodyTooLarge(limit)
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+            return response.refuse(BodyTooLarge(limit))
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
+            await self.app(scope, counted_receive, response.send)
         except BodyTooLarge as exc:
             # A route that read the body outside the framework's handlers: answer here unless it already began.
-            if started:
+            if response.started:
                 raise
             await _refuse(send, exc)
 

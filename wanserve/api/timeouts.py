@@ -19,6 +19,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from wanserve.api.limits import ResponseWatch
+
 ERROR_TYPE = "request_timeout"
 
 
@@ -41,8 +43,9 @@ class BodyTimeoutMiddleware:
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        body_done = started = False
+        body_done = False
         received, waited = 0, 0.0
+        response = ResponseWatch(send)
 
         async def timed_receive() -> Message:
             nonlocal body_done, received, waited
@@ -53,31 +56,22 @@ class BodyTimeoutMiddleware:
                 async with asyncio.timeout(self.idle_s):
                     message = await receive()
             except TimeoutError:
-                return _too_slow(started, f"no part of the request body arrived for {self.idle_s:g} s")
+                return response.refuse(_too_slow(f"no part of the request body arrived for {self.idle_s:g} s"))
             waited += loop.time() - began
             if message["type"] != "http.request":
                 return message
             received += len(message.get("body", b""))
             body_done = not message.get("more_body", False)
             if not body_done and waited > self.idle_s and received < self.min_rate * waited:
-                return _too_slow(
-                    started, f"the request body came at under {self.min_rate:g} bytes/s ({received} in {waited:.0f} s)"
-                )
+                why = f"the request body came at under {self.min_rate:g} bytes/s ({received} in {waited:.0f} s)"
+                return response.refuse(_too_slow(why))
             return message
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, timed_receive, tracked_send)
+        await self.app(scope, timed_receive, response.send)
 
 
-def _too_slow(response_started: bool, why: str) -> Message:
-    if response_started:  # too late for a 408: as if the client had gone, and the server closes the connection
-        return {"type": "http.disconnect"}
-    raise RequestTimedOut(f"{why}: request timed out")
+def _too_slow(why: str) -> RequestTimedOut:
+    return RequestTimedOut(f"{why}: request timed out")
 
 
 def with_header_timeout(base: type[Any], header_timeout_s: float) -> type[Any]:
