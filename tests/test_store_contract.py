@@ -22,7 +22,7 @@ from wanserve.jobs.model import (
     cancelled_failure,
 )
 from wanserve.jobs.service import recover_lost_jobs
-from wanserve.store.base import JobStore
+from wanserve.store.base import INFERENCE, QUEUE_WAIT, TIMING_BUCKETS_S, JobStore, timing_bucket
 from wanserve.store.redis import RedisJobStore
 from wanserve.store.sqlite import SQLiteJobStore
 
@@ -569,6 +569,38 @@ def test_counts_by_state_and_outcome(store: JobStore) -> None:
         "outcome:client_cancelled": 2,
         "outcome:bad_request": 1,
     }
+
+
+def test_job_timings_count_each_completion(open_store: OpenStore) -> None:
+    """The histograms behind /metrics: each completion adds its generation time (successful runs) and its wait
+    from submission to the start of the run that completed it; a job cancelled in the queue adds neither."""
+    store = open_store()
+    assert store.timings() == {}
+    store.submit(new_job("fast"), T0)
+    store.submit(new_job("slow"), T0 + 1)
+    store.submit(new_job("never"), T0 + 2)
+    store.cancel("never", cancelled_failure(), T0 + 3)
+    assert store.claim("w", 60, T0 + 12).id == "fast"  # type: ignore[union-attr]
+    assert store.finish("fast", T0 + 50, worker_id="w", output={}, inference_time=37.5)
+    assert store.claim("w", 60, T0 + 400).id == "slow"  # type: ignore[union-attr]
+    assert store.finish("slow", T0 + 401, worker_id="w", failure=Failure("bad_request", "x", 422))
+    store.finish("slow", T0 + 402, worker_id="w", output={}, inference_time=1.0)  # refused: already completed
+
+    timings = open_store().timings()  # as another process reads them (the API's scrape)
+    assert set(timings) == {INFERENCE, QUEUE_WAIT}
+    inference, wait = timings[INFERENCE], timings[QUEUE_WAIT]
+    assert inference.count == 1 and inference.total_s == pytest.approx(37.5)
+    assert inference.bucket_counts[timing_bucket(37.5)] == 1 and TIMING_BUCKETS_S[timing_bucket(37.5)] == 60
+    assert wait.count == 2 and wait.total_s == pytest.approx(12 + 399)
+    assert wait.bucket_counts[timing_bucket(12)] == 1 and wait.bucket_counts[timing_bucket(399)] == 1
+    assert TIMING_BUCKETS_S[timing_bucket(12)] == 20 and TIMING_BUCKETS_S[timing_bucket(399)] == 600
+    assert timing_bucket(60) == TIMING_BUCKETS_S.index(60)  # a bucket holds values up to its bound, included
+    store.submit(new_job("late"), T0)
+    store.claim("w", 60, T0 + 7200)
+    store.finish("late", T0 + 9000, worker_id="w", output={}, inference_time=1800.0)
+    timings = store.timings()
+    assert timings[QUEUE_WAIT].bucket_counts[-1] == 1  # past the last bound: +Inf
+    assert timings[INFERENCE].bucket_counts[TIMING_BUCKETS_S.index(1800)] == 1
 
 
 # --- workers ---

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from wanserve.jobs.model import WorkerInfo
-from wanserve.store.base import JobStore
+from wanserve.store.base import INFERENCE, QUEUE_WAIT, TIMING_BUCKETS_S, JobStore, TimingTotals
 
 
 class Metrics:
@@ -54,6 +54,24 @@ class _StoreCollector(Collector):
             info.add_metric([w.id, str(w.detail.get("host", "")), str(w.detail.get("model", "")), gpus], 1)
             busy.add_metric([w.id], 1 if w.detail.get("current_job") else 0)
         yield from (jobs, outcomes, ready, info, busy)
+        timings = self.store.timings()
+        for metric, name, doc in _TIMINGS:
+            yield _histogram(name, doc, timings.get(metric, TimingTotals()))
+
+
+_TIMINGS = [
+    (INFERENCE, "wanserve_job_inference_seconds", "Generation time of successful jobs, as their workers measured it"),
+    (QUEUE_WAIT, "wanserve_job_queue_wait_seconds", "From submission to the start of the run that completed the job"),
+]
+
+
+def _histogram(name: str, doc: str, totals: TimingTotals) -> HistogramMetricFamily:
+    """A Prometheus histogram (cumulative buckets) from the store's per-bucket counts."""
+    buckets, seen = [], 0
+    for bound, count in zip([*map(float, TIMING_BUCKETS_S), float("inf")], totals.bucket_counts, strict=True):
+        seen += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), seen))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=totals.total_s)
 
 
 def live_workers(store: JobStore, lease_s: float) -> list[WorkerInfo]:

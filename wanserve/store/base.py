@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wanserve.jobs.model import (
@@ -14,6 +16,38 @@ from wanserve.jobs.model import (
     Webhook,
     WorkerInfo,
 )
+
+# Upper bounds (seconds) of the job-timing histograms' buckets (api/metrics.py): from a short video on a fast GPU
+# to an hour in a long queue.
+TIMING_BUCKETS_S: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# What each completion adds to them: the worker's generation time (successful runs), and the wait from submission
+# to the start of the run that completed the job.
+INFERENCE, QUEUE_WAIT = "inference", "queue_wait"
+
+
+def timing_bucket(seconds: float) -> int:
+    """The index of the first bucket whose bound is at least `seconds` (len(TIMING_BUCKETS_S): past them all)."""
+    return bisect_left(TIMING_BUCKETS_S, seconds)
+
+
+def completion_timings(inference_time: float | None, created_at: float, started_at: float | None) -> dict[str, float]:
+    """The timings a completion adds: none for a job that never started (cancelled or expired in the queue)."""
+    timings = {} if inference_time is None else {INFERENCE: inference_time}
+    if started_at is not None:
+        timings[QUEUE_WAIT] = max(0.0, started_at - created_at)
+    return timings
+
+
+@dataclass
+class TimingTotals:
+    """One job timing over every completion the store has seen (counters: pruning old jobs takes nothing off)."""
+
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(TIMING_BUCKETS_S) + 1))  # not cumulative
+    total_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.bucket_counts)
 
 
 class JobStore(Protocol):
@@ -124,6 +158,10 @@ class JobStore(Protocol):
     # --- metrics ---
     def counts(self) -> dict[str, int]:
         """Jobs by state, and completed jobs by outcome (`ok`, or the error type)."""
+        ...
+
+    def timings(self) -> dict[str, TimingTotals]:
+        """The job-timing histograms (INFERENCE, QUEUE_WAIT), counted as jobs complete."""
         ...
 
     def close(self) -> None: ...

@@ -13,6 +13,7 @@ Layout, every key under `<prefix>:`:
   leases           zset of running ids by lease expiry
   completed        zset of completed ids by finish time; `prunable`: those whose webhook has settled
   outcomes         hash outcome -> completed jobs (`ok` or the error type)
+  timings          hash `<metric>:<bucket>` -> completions, `<metric>:sum` -> seconds (store.base TIMING_BUCKETS_S)
   logs:<id>        list of [ts, level, message]; an entry's seq is its position from 1
   workers          hash worker id -> JSON
   claim:<token>    the job one claim took, for an hour: a claim resent after a lost reply returns it again
@@ -50,6 +51,7 @@ from wanserve.jobs.model import (
     cancelled_failure,
     start_timeout_failure,
 )
+from wanserve.store.base import INFERENCE, QUEUE_WAIT, TIMING_BUCKETS_S, TimingTotals
 
 # Queue order as one exact zset score: priority first, then submission order (seq < 2^48).
 _PRIORITY_WEIGHT = 2**48
@@ -57,9 +59,24 @@ _QUEUED, _RUNNING, _COMPLETED = JobState.QUEUED.value, JobState.RUNNING.value, J
 
 # Shared by the scripts that complete a job. ARGV from `first`: now, output, failure, inference_time,
 # outcome, log level, log message ('' = none).
-_COMPLETE = """
+_COMPLETE = (
+    """
+local TIMING_BUCKETS = {TIMING_BOUNDS}
+-- One more completion in a job-timing histogram (store.base.timing_bucket: the first bound >= seconds).
+local function add_timing(p, metric, seconds)
+  local bucket = 0
+  while bucket < #TIMING_BUCKETS and seconds > TIMING_BUCKETS[bucket + 1] do bucket = bucket + 1 end
+  redis.call('HINCRBY', p .. ':timings', metric .. ':' .. bucket, 1)
+  redis.call('HINCRBYFLOAT', p .. ':timings', metric .. ':sum', seconds)
+end
+
 local function complete(p, id, now, output, failure, inference_time, outcome, level, message)
   local jk = p .. ':job:' .. id
+  if inference_time ~= '' then add_timing(p, 'INFERENCE', tonumber(inference_time)) end
+  local started = redis.call('HGET', jk, 'started_at')
+  if started then
+    add_timing(p, 'QUEUE_WAIT', math.max(0, tonumber(started) - tonumber(redis.call('HGET', jk, 'created_at'))))
+  end
   -- the input goes: nothing reads it once the job is done (see the SQLite store)
   redis.call('HSET', jk, 'state', 'COMPLETED', 'finished_at', now, 'outcome', outcome, 'input', '{}')
   for field, value in pairs({output = output, failure = failure, inference_time = inference_time}) do
@@ -87,7 +104,10 @@ local function complete(p, id, now, output, failure, inference_time, outcome, le
     redis.call('ZADD', p .. ':prunable', now, id)
   end
 end
-"""
+""".replace("TIMING_BOUNDS", ", ".join(map(repr, TIMING_BUCKETS_S)))
+    .replace("'INFERENCE'", repr(INFERENCE))
+    .replace("'QUEUE_WAIT'", repr(QUEUE_WAIT))
+)
 
 # Returns the stored job's fields (one round trip for the submit and the read-back).
 _SUBMIT = """
@@ -657,3 +677,14 @@ class RedisJobStore:
         counts = {_QUEUED: int(queued), _RUNNING: int(running), _COMPLETED: int(completed)}
         counts.update({f"outcome:{name}": int(n) for name, n in outcomes.items() if int(n) > 0})
         return counts
+
+    def timings(self) -> dict[str, TimingTotals]:
+        totals: dict[str, TimingTotals] = {}
+        for field_name, value in self.redis.hgetall(self._key("timings")).items():
+            metric, _, part = field_name.rpartition(":")
+            timing = totals.setdefault(metric, TimingTotals())
+            if part == "sum":
+                timing.total_s = float(value)
+            else:
+                timing.bucket_counts[min(int(part), len(TIMING_BUCKETS_S))] += int(value)
+        return totals

@@ -30,6 +30,7 @@ from wanserve.jobs.model import (
     cancelled_failure,
     start_timeout_failure,
 )
+from wanserve.store.base import TIMING_BUCKETS_S, TimingTotals, completion_timings, timing_bucket
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -82,6 +83,13 @@ CREATE TABLE IF NOT EXISTS workers (
     ready INTEGER NOT NULL,
     heartbeat_at REAL NOT NULL,
     detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS timings (
+    metric TEXT NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    total_s REAL NOT NULL,
+    PRIMARY KEY (metric, bucket)
 );
 CREATE TABLE IF NOT EXISTS probes (
     name TEXT PRIMARY KEY,
@@ -366,6 +374,13 @@ class SQLiteJobStore:
         inference_time: float | None,
         note: str | None = None,
     ) -> None:
+        started = db.execute("SELECT created_at, started_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        for metric, seconds in completion_timings(inference_time, started[0], started[1]).items():
+            db.execute(
+                "INSERT INTO timings (metric, bucket, count, total_s) VALUES (?, ?, 1, ?) ON CONFLICT(metric, bucket)"
+                " DO UPDATE SET count = count + 1, total_s = total_s + excluded.total_s",
+                (metric, timing_bucket(seconds), seconds),
+            )
         # The input goes: nothing reads it once the job is done, and it may hold a 512 KiB data URI for the
         # retention period (a submit-then-cancel loop would fill the disk with them).
         db.execute(
@@ -504,3 +519,12 @@ class SQLiteJobStore:
         ):
             counts[f"outcome:{row[0]}"] = row[1]
         return counts
+
+    def timings(self) -> dict[str, TimingTotals]:
+        totals: dict[str, TimingTotals] = {}
+        rows = self._conn().execute("SELECT metric, bucket, count, total_s FROM timings")
+        for metric, bucket, count, total_s in rows:
+            timing = totals.setdefault(metric, TimingTotals())
+            timing.bucket_counts[min(bucket, len(TIMING_BUCKETS_S))] += count
+            timing.total_s += total_s
+        return totals
