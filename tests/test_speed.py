@@ -82,8 +82,25 @@ def test_fast_runs_as_exact_on_gpus_where_it_was_not_measured_faster() -> None:
 
 def test_fast_on_hopper_is_fast_without_the_bench() -> None:
     plan = plan_speed("fast", H100)
-    assert plan.preset is Preset.FAST and plan.fp8_linears and not plan.lowbit_attention
+    assert plan.preset is Preset.FAST and plan.fp8_linears and not plan.lowbit_attention and plan.compile
     assert plan.notes == ()
+
+
+@pytest.mark.parametrize(
+    ("uncompiled", "why"),
+    [
+        ({"offloaded": True}, "no compile under offload"),
+        ({"step_cached": True}, "no compile with step caching"),
+        ({"compile": False}, None),
+    ],
+)
+def test_fast_on_hopper_without_compile_runs_as_exact(uncompiled: dict[str, bool], why: str | None) -> None:
+    """Its speed was measured compiled; eager, each FP8 linear quantizes its input in kernels of their own."""
+    plan = plan_speed("fast", H100, **uncompiled)
+    assert plan.preset is Preset.EXACT and not plan.fp8_linears and not plan.compile
+    assert plan.notes[-1] == "fast was measured faster only compiled: runs as exact without compile"
+    assert why is None or why in plan.notes
+    assert plan_speed("fast", H100, unvalidated_fast_gpu=True, **uncompiled).fp8_linears  # the bench may measure it
 
 
 def test_fast_on_hopper_turns_on_fp8_linears_and_keeps_cudnn_attention() -> None:

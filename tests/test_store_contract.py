@@ -603,6 +603,18 @@ def test_job_timings_count_each_completion(open_store: OpenStore) -> None:
     assert timings[INFERENCE].bucket_counts[TIMING_BUCKETS_S.index(1800)] == 1
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_a_generation_time_that_is_no_duration_completes_the_job_uncounted(store: JobStore, bad: float) -> None:
+    """Redis' HINCRBYFLOAT refuses inf and NaN, and a script that fails keeps what it wrote before: the job stayed
+    running for good (and each retry of the finish counted once more)."""
+    store.submit(new_job("odd"), T0)
+    store.claim("w", 60, T0 + 1)
+    assert store.finish("odd", T0 + 2, worker_id="w", output={}, inference_time=bad)
+    assert store.get("odd").state is JobState.COMPLETED  # type: ignore[union-attr]
+    assert INFERENCE not in store.timings()
+    assert store.timings()[QUEUE_WAIT].count == 1
+
+
 # --- workers ---
 
 

@@ -130,7 +130,8 @@ def default_preset(device: DeviceInfo) -> Preset:
 # Compute capabilities where `wanserve bench` measured `fast` faster than `exact` within its 3% error budget; on
 # other GPUs `fast` runs as `exact` unless the caller (the bench) asks for it. Hopper (9.0): FP8 linears with cuDNN
 # attention, 720p x 81 frames on an H200, 20.8 s per cond+uncond forward against exact's 22.8 s at 2.00% from
-# diffusers eager (2026-11-27, docs/performance.md); with the INT8 attention it was slower (0.67x diffusers, 480p).
+# diffusers eager (2026-11-27, docs/performance.md), compiled (uncompiled, as under offload or step caching, it runs
+# as `exact`: not measured); with the INT8 attention it was slower (0.67x diffusers, 480p).
 FAST_FASTER_THAN_EXACT: frozenset[tuple[int, int]] = frozenset({(9, 0)})
 
 # Compute capabilities where our INT8 attention kernel beat cuDNN's bf16 attention (`benchmarks/lowbit_attention.py`).
@@ -180,6 +181,10 @@ def plan_speed(
     if step_cached and use_compile:
         use_compile = False
         notes.append("no compile with step caching")
+    if chosen is Preset.FAST and on_gpu and not use_compile and not unvalidated_fast_gpu:
+        # Measured faster compiled only: eager, each FP8 linear quantizes its input in separate kernels.
+        chosen = Preset.EXACT
+        notes.append("fast was measured faster only compiled: runs as exact without compile")
     low_bit = chosen is Preset.FAST
     if lowbit_attention is None:
         lowbit_attention = not on_gpu or device.capability in LOWBIT_ATTENTION_FASTER

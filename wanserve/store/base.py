@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,8 +32,11 @@ def timing_bucket(seconds: float) -> int:
 
 
 def completion_timings(inference_time: float | None, created_at: float, started_at: float | None) -> dict[str, float]:
-    """The timings a completion adds: none for a job that never started (cancelled or expired in the queue)."""
-    timings = {} if inference_time is None else {INFERENCE: inference_time}
+    """The timings a completion adds: none for a job that never started (cancelled or expired in the queue), and no
+    generation time that is not a finite number of seconds (a metric never stands in a completion's way)."""
+    timings = {}
+    if inference_time is not None and math.isfinite(inference_time) and inference_time >= 0:
+        timings[INFERENCE] = inference_time
     if started_at is not None:
         timings[QUEUE_WAIT] = max(0.0, started_at - created_at)
     return timings

@@ -72,7 +72,10 @@ end
 
 local function complete(p, id, now, output, failure, inference_time, outcome, level, message)
   local jk = p .. ':job:' .. id
-  if inference_time ~= '' then add_timing(p, 'INFERENCE', tonumber(inference_time)) end
+  -- as store.base.completion_timings: a generation time that is no finite number of seconds is not counted
+  -- (HINCRBYFLOAT would refuse it, and a script that fails half way keeps what it wrote: the job never completes)
+  local seconds = tonumber(inference_time)
+  if seconds and seconds >= 0 and seconds < math.huge then add_timing(p, 'INFERENCE', seconds) end
   local started = redis.call('HGET', jk, 'started_at')
   if started then
     add_timing(p, 'QUEUE_WAIT', math.max(0, tonumber(started) - tonumber(redis.call('HGET', jk, 'created_at'))))
