@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Issue 4's GPU figures on a CUDA machine: the attention kernel bench, then `wanserve bench` on the full-size
-# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|video|cap24|lora|vae|diagnose|stash [OUT_DIR]
+# A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|video|cap24|cap80|lora|vae|diagnose|stash [OUT_DIR]
 # (OUT_DIR defaults to $OUT, the folder the device tool brings back; pass "$OUT", never a literal OUT).
 #   main:     one 720p expert forward each: diffusers eager, exact, fast (the forward targets; about 4 minutes).
 #             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper);
 #             KERNEL=1 first times the attention kernels alone; VIDEOS=720p:4:1 adds a video per preset.
 #   video:    exact's 720p 4-step guidance-1 video (the distilled-LoRA target), VIDEOS to change it.
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
+#   cap80:    an 80 GB card (an H100's ~79 GiB usable): both experts resident, the text encoder visiting, a 720p
+#             4-step video with CFG (the largest activations: cond and uncond batched); about 3 minutes.
 #   lora:     LoRAs under each memory policy, compiled but offload (benchmarks/lora_gpu.py, the tiny model; a minute).
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 #   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
@@ -19,8 +21,8 @@ set -u
 MODE=${1:-main}
 OUT=${2:-${OUT:-gpu-out}}
 case "$MODE" in
-  main|video|cap24|lora|vae|diagnose|stash) ;;
-  *) echo "unknown mode: $MODE (main|video|cap24|lora|vae|diagnose|stash)" >&2; exit 2 ;;
+  main|video|cap24|cap80|lora|vae|diagnose|stash) ;;
+  *) echo "unknown mode: $MODE (main|video|cap24|cap80|lora|vae|diagnose|stash)" >&2; exit 2 ;;
 esac
 FA4_STASH=${FA4_STASH:-${TMPDIR:-/tmp}/wanserve-fa4a}
 if [ "$MODE" = stash ]; then
@@ -81,6 +83,9 @@ elif [ "$MODE" = vae ]; then
 elif [ "$MODE" = diagnose ]; then
   timeout "${BENCH_TIMEOUT:-420}" python3 -m wanserve.engine.diagnose --model a14b --device cuda --size "${SIZE:-720p}" \
     --cache-dir /tmp/wanserve-cache --json "$OUT/diagnose.json" 2>&1 | tee "$OUT/diagnose.log"
+elif [ "$MODE" = cap80 ]; then
+  bench cap80 "${BENCH_TIMEOUT:-300}" --sizes '' --presets exact --videos 720p:4:5 --no-baseline-videos \
+    --memory-policy "${POLICY:-auto}" --memory-cap-gib 79
 elif [ "$MODE" = cap24 ]; then
   # POLICY=auto shows the policy chosen for a 24 GiB card (the cap is set before the engine plans its memory).
   bench cap24 "${BENCH_TIMEOUT:-200}" --sizes '' --presets exact --videos 480p:2:5 --no-baseline-videos \

@@ -80,7 +80,7 @@ def test_rows_come_back_even_when_the_whole_script_is_killed(tmp_path: Path) -> 
     assert json.loads((out / "bench-main.json").read_text())["forwards"]
 
 
-@pytest.mark.parametrize("mode", ["main", "cap24"])
+@pytest.mark.parametrize("mode", ["main", "cap24", "cap80"])
 def test_a_failed_bench_fails_the_script(tmp_path: Path, mode: str) -> None:
     proc, _ = run_script(tmp_path, mode, BENCH_EXIT="1")
     assert proc.returncode == 1
@@ -169,3 +169,12 @@ def test_the_float_noise_floor_on_the_tiny_model(tmp_path: Path, model_cache: Pa
     assert "RuntimeError" in rows["cudnn"]["error"]  # no cuDNN attention on a CPU
     bad = subprocess.run([*command[:2], "--variants", "repeat,sideways"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown variants: sideways" in bad.stderr
+
+
+def test_cap80_sizes_the_process_as_an_80_gb_card(tmp_path: Path) -> None:
+    proc, out = run_script(tmp_path, "cap80")
+    assert proc.returncode == 0, proc.stderr
+    (call,) = (tmp_path / "calls.txt").read_text().splitlines()
+    assert "--memory-cap-gib 79" in call and "--memory-policy auto" in call and "--videos 720p:4:5" in call
+    assert "--sizes  " in call  # no forward rows: diffusers' baseline would run before the cap, uncapped
+    assert json.loads((out / "bench-cap80.json").read_text())["forwards"]
