@@ -9,7 +9,8 @@
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
 #   cap80:    an 80 GB card (an H100's ~79 GiB usable): both experts resident, the text encoder visiting, a 720p
 #             4-step video with CFG (the largest activations: cond and uncond batched); about 3 minutes.
-#   lora:     LoRAs under each memory policy, compiled but offload (benchmarks/lora_gpu.py, the tiny model; a minute).
+#   lora:     LoRAs under each memory policy, compiled but offload (benchmarks/lora_gpu.py, the tiny model; a minute);
+#             PRESET=fast puts the adapters on FP8 layers.
 #   diagnose: `fast`'s low-bit parts block by block on one expert (wanserve/engine/diagnose.py), SIZE=720p.
 #   vae:      the VAE decode with cuDNN's default against cudnn.benchmark, and decode+encode streamed or not, SIZE=720p.
 #   stash:    keep FlashAttention 4's first part (.fa4a/) on this machine for the next call (device_wheels.sh), in
@@ -76,7 +77,8 @@ if [ "$MODE" = main ]; then
 elif [ "$MODE" = video ]; then
   bench video "${BENCH_TIMEOUT:-330}" --sizes '' --presets exact --videos "${VIDEOS-720p:4:1}" --no-baseline-videos
 elif [ "$MODE" = lora ]; then
-  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/lora_gpu.py --device cuda --json "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log"
+  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/lora_gpu.py --device cuda --preset "${PRESET:-exact}" \
+    --json "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log"
   status=${PIPESTATUS[0]}
 elif [ "$MODE" = vae ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/vae_gpu.py --size "${SIZE:-720p}" 2>&1 | tee "$OUT/vae.log"

@@ -96,21 +96,26 @@ def test_lora_runs_the_lora_check_and_fails_with_it(tmp_path: Path) -> None:
     proc, out = run_script(tmp_path, "lora")
     assert proc.returncode == 0, proc.stderr
     (call,) = (tmp_path / "calls.txt").read_text().splitlines()
-    assert call == f"benchmarks/lora_gpu.py --device cuda --json {out}/lora.json"
+    assert call == f"benchmarks/lora_gpu.py --device cuda --preset exact --json {out}/lora.json"
+    proc, _ = run_script(tmp_path, "lora", PRESET="fast")
+    assert proc.returncode == 0 and "--preset fast" in (tmp_path / "calls.txt").read_text().splitlines()[-1]
     proc, _ = run_script(tmp_path, "lora", BENCH_EXIT="1")
     assert proc.returncode == 1
 
 
-def test_the_lora_check_itself_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
+@pytest.mark.parametrize("preset", ["exact", "fast"])
+def test_the_lora_check_itself_on_the_tiny_model(tmp_path: Path, model_cache: Path, preset: str) -> None:
     """What `gpu_bench.sh lora` runs, on a CPU and uncompiled (tests/test_speed.py counts the compiled graphs): every
-    policy's videos, LoRA at four scales, equal to the resident policy's."""
+    policy's videos, LoRA at four scales, equal to the resident policy's; with `fast`, the adapters on FP8 layers
+    (emulated here)."""
     result = tmp_path / "lora.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "lora_gpu.py"), "--device", "cpu", "--no-compile",
-               "--cache-dir", str(model_cache), "--json", str(result)]  # fmt: skip
+               "--cache-dir", str(model_cache), "--json", str(result), "--preset", preset]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(result.read_text())["rows"]
     assert [row["policy"] for row in rows] == ["resident", "swap", "offload"]
+    assert all(("FP8 linears" in row["speed"]) is (preset == "fast") for row in rows), rows
     for row in rows:
         assert row["finite"] and row["scale_changes_video"] and row["same_scale_same_video"], row
         assert max(row["error_vs_resident"].values()) < 1e-2, row

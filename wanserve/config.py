@@ -41,8 +41,9 @@ class Settings(BaseSettings):
     preset: Literal["auto", "eager", "exact", "fast"] = Field(
         "auto",
         description="Speed preset: `exact` (GPU default: compiled, fastest exact attention, batched CFG, same output), "
-        "`fast` (FP8 linears, INT8 attention where it beats cuDNN, ~2% error; on Hopper 1.10x `exact`, on other GPUs "
-        "it runs as `exact` until measured faster, see docs/performance.md), `eager` (CPU default: plain diffusers).",
+        "`fast` (FP8 linears, INT8 attention where it beats cuDNN, ~2% error; on Hopper 1.10x `exact` compiled, and "
+        "`exact` where it does not compile (offload, step caching) or on other GPUs until measured faster, see "
+        "docs/performance.md), `eager` (CPU default: plain diffusers).",
     )
     attention: Literal["auto", "cudnn", "flash", "efficient", "flash4", "default"] = Field(
         "auto",
