@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wanserve.engine.bench import A14B_EXPERT, forward_inputs, random_a14b_expert
+from wanserve.engine.attention import rel_error
+from wanserve.engine.bench import forward_inputs, random_a14b_expert
 from wanserve.engine.loading import load_pipeline
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
 VARIANTS = ("repeat", "batched", *KERNELS)
-
-
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
 def main() -> int:
@@ -56,7 +53,6 @@ def main() -> int:
     if args.model == "a14b":
         model = random_a14b_expert(device, seed=1)
         temporal, spatial = 4, 8  # the Wan 2.1 VAE's compression
-        assert model.config.num_layers == A14B_EXPERT["num_layers"]
     else:
         pipe = load_pipeline("tiny", args.cache_dir, torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = pipe.transformer.to(device).eval()

@@ -26,15 +26,11 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wanserve.engine.attention import flash4_attention, flash4_installed
+from wanserve.engine.attention import flash4_attention, flash4_installed, rel_error
 from wanserve.engine.kernels import int8_attention as kernel
 
 SHAPES = {"480p": 32_760, "720p": 75_600}
 QUERIES_CHECKED = 2048
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def measure(run: Callable[[torch.Tensor], object], like: torch.Tensor, exact: torch.Tensor, flops: int) -> dict:
@@ -49,7 +45,7 @@ def measure(run: Callable[[torch.Tensor], object], like: torch.Tensor, exact: to
         if bool(bad.any()):
             row["first_bad"] = bad.nonzero()[0].tolist()  # (batch, token, head, dim)
         else:
-            row["err_exact"] = rel(out[:, :QUERIES_CHECKED], exact)
+            row["err_exact"] = rel_error(out[:, :QUERIES_CHECKED], exact)
         ms = triton.testing.do_bench(partial(run, out), warmup=25, rep=100, return_mode="median")
         row.update(ms=ms, tflops=flops / ms / 1e9)
     except Exception as exc:  # a configuration or backend this GPU cannot run

@@ -516,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_flags(worker)
     worker.add_argument("--worker-id", default=None, help="unique worker name (default host-pid)")
     worker.add_argument(
-        "--public-url", default=None, help="the API's base URL, which starts the video URLs (env WANSERVE_PUBLIC_URL)"
+        "--public-url",
+        default=None,
+        help="the API's base URL, to know its files' URLs in requests (env WANSERVE_PUBLIC_URL)",
     )
     worker.add_argument(
         "--gpus", default=None, help="spread each video over these GPUs, e.g. 0,1,2,3 (env WANSERVE_GPUS)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -67,10 +68,8 @@ _TIMINGS = [
 
 def _histogram(name: str, doc: str, totals: TimingTotals) -> HistogramMetricFamily:
     """A Prometheus histogram (cumulative buckets) from the store's per-bucket counts."""
-    buckets, seen = [], 0
-    for bound, count in zip([*map(float, TIMING_BUCKETS_S), float("inf")], totals.bucket_counts, strict=True):
-        seen += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), seen))
+    bounds = [repr(float(bound)) for bound in TIMING_BUCKETS_S] + ["+Inf"]
+    buckets = list(zip(bounds, accumulate(totals.bucket_counts), strict=True))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=totals.total_s)
 
 

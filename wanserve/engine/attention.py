@@ -165,8 +165,9 @@ class AttentionChoice:
         return f"{self.kernel.value} ({self.how}{': ' + ran if ran else ''})"
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||, in float32: how far a kernel's (or a preset's) output is from the reference."""
+    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
 def measure(
@@ -196,7 +197,7 @@ def measure(
             with torch.no_grad():
                 out = fn(query, key, value)
                 sync()
-                error = _rel(out[:, :REFERENCE_QUERIES], reference)
+                error = rel_error(out[:, :REFERENCE_QUERIES], reference)
                 del out
                 if not error <= EXACT_TOLERANCE:  # NaN fails this too
                     timings.append(Timing(name, rel_error=error, error=f"{NOT_EXACT}: {error:.2%} from float32"))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
+from wanserve.engine.attention import rel_error
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.pipeline import EngineOptions, GenerationSpec, PromptEmbeds, WanEngine
 from wanserve.engine.sampling import Expert, StepPlan
@@ -302,9 +303,7 @@ class Bench:
         ref = self.reference.get(resolution)
         error = float("nan")
         if ref is not None:
-            got = torch.cat([got_cond.float(), got_uncond.float()])
-            want = torch.cat(ref)
-            error = float((got - want).norm() / want.norm())
+            error = rel_error(torch.cat([got_cond, got_uncond]), torch.cat(ref))
         self._forward_row(resolution, label, m, tokens, error)
 
     def _forward_row(self, size: str, preset: str, m: dict[str, float], tokens: int, error: float) -> None:
