@@ -11,15 +11,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 from diffusers.hooks.group_offloading import ModuleGroup, _is_group_offload_enabled
 from engines import rel_error, small_spec, tiny_engine
 from lora_files import random_factors, scaled, write_wan
 from torch import nn
 
 from wanserve.engine import speed
+from wanserve.engine.bench import A14B_EXPERT, random_a14b_expert
+from wanserve.engine.fp8 import fp8_bytes_saved, use_fp8_linears
 from wanserve.engine.loading import load_pipeline
 from wanserve.engine.lora import LoraAdapters
 from wanserve.engine.memory import (
+    HEADROOM_BYTES,
     ExpertSwap,
     GiB,
     HandoffBlocks,
@@ -27,13 +31,16 @@ from wanserve.engine.memory import (
     MemoryPlan,
     MemoryPolicy,
     PinnedWeights,
+    activation_bytes,
     choose_memory_plan,
+    module_bytes,
     plan_from_override,
+    plan_memory,
     tiles_decode,
 )
 from wanserve.engine.pipeline import GenerationSpec
 from wanserve.engine.sampling import Expert
-from wanserve.engine.speed import DeviceInfo, cap_gpu_memory
+from wanserve.engine.speed import DeviceInfo, cap_gpu_memory, in_transformer_blocks
 from wanserve.lora.cache import file_sha256
 from wanserve.lora.sources import EXPERTS, LoraFile, LoraUse, SourceKind
 
@@ -129,6 +136,64 @@ def test_plan_from_override_obeys_a_named_policy() -> None:
     assert forced.policy is MemoryPolicy.RESIDENT and not forced.text_encoder_resident
     with pytest.raises(ValueError):
         plan_from_override("everywhere", gpu(80), A14B_SIZES)
+
+
+def test_fast_sizes_the_a14b_experts_in_fp8() -> None:
+    """`fast` converts the blocks' linears to FP8 after the plan is made; the plan counts them as they will be: an
+    80 GB Hopper card then keeps the text encoder beside both experts, a 40 GB one swaps instead of offloading."""
+    expert = random_a14b_expert(torch.device("meta"), seed=0)
+    bf16 = module_bytes(expert)
+    fp8 = bf16 - fp8_bytes_saved(expert, in_transformer_blocks, on_gpu=True)
+    assert 26.5 * GiB < bf16 < 26.7 * GiB and 13.3 * GiB < fp8 < 13.7 * GiB
+    sizes = dict(A14B, expert_bytes=fp8)
+    h100 = choose_memory_plan(gpu(79), **sizes)
+    assert (h100.policy, h100.text_encoder_resident) == (MemoryPolicy.RESIDENT, True)
+    assert choose_memory_plan(gpu(40), **sizes).policy is MemoryPolicy.SWAP
+    assert choose_memory_plan(gpu(40), **A14B).policy is MemoryPolicy.OFFLOAD
+
+
+def test_fp8_bytes_saved_is_what_the_conversion_takes_off(model_cache: Path) -> None:
+    pipe = load_pipeline("tiny", model_cache, torch.bfloat16)
+    expert = pipe.transformer
+    before = module_bytes(expert)
+    saved = fp8_bytes_saved(expert, in_transformer_blocks, on_gpu=False)
+    assert use_fp8_linears(expert, in_transformer_blocks, on_gpu=False) > 0
+    assert saved > 0 and module_bytes(expert) == before - saved
+    assert fp8_bytes_saved(expert, in_transformer_blocks, on_gpu=False) == 0  # nothing left to convert
+
+
+def test_plan_memory_sizes_fp8_experts_unless_it_comes_to_offload() -> None:
+    """On a card where only the FP8 experts fit beside each other (or one beside the activations), `fast` gets the
+    bigger policy; where even FP8 needs offload, the plan is the plain one (fast runs as exact there)."""
+    # Two small experts of the A14B layout whose linears the FP8 GEMM takes (sizes multiples of 16), on the host.
+    config = dict(A14B_EXPERT, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32)
+    experts = [WanTransformer3DModel(**config).to(torch.bfloat16) for _ in range(2)]
+    encoder = nn.Linear(32, 32, dtype=torch.bfloat16)
+    pipe = SimpleNamespace(transformer=experts[0], transformer_2=experts[1], text_encoder=encoder, vae=nn.Linear(4, 4))
+    bf16 = module_bytes(experts[0])
+    fp8 = bf16 - fp8_bytes_saved(experts[0], in_transformer_blocks, on_gpu=True)
+    assert fp8 < bf16
+    activations = activation_bytes(2 * 16, 2)
+
+    def plans(free: int) -> tuple[MemoryPlan, MemoryPlan]:
+        device = DeviceInfo(type="cuda", name="gpu", capability=(9, 0), free_bytes=free)
+        plain = plan_memory("auto", device, pipe)  # type: ignore[arg-type]
+        return plain, plan_memory("auto", device, pipe, fp8_experts=True)  # type: ignore[arg-type]
+
+    base = activations + HEADROOM_BYTES
+    plain, fast = plans(base + 2 * fp8 + module_bytes(encoder))
+    assert (plain.policy, plain.text_encoder_resident) == (MemoryPolicy.SWAP, False)
+    assert (fast.policy, fast.text_encoder_resident) == (MemoryPolicy.RESIDENT, True)
+    assert f"FP8 experts, {fp8 / GiB:.1f} GiB each" in fast.reason and "FP8" not in plain.reason
+    plain, fast = plans(base + fp8)
+    assert (plain.policy, fast.policy) == (MemoryPolicy.OFFLOAD, MemoryPolicy.SWAP)
+    plain, fast = plans(base + fp8 - 1)
+    assert plain == fast and fast.policy is MemoryPolicy.OFFLOAD and "FP8" not in fast.reason
+
+
+def test_the_engine_sizes_fp8_experts_only_for_fast(model_cache: Path) -> None:
+    assert "FP8 experts" in tiny_engine(model_cache, preset="fast").memory_plan.reason
+    assert "FP8 experts" not in tiny_engine(model_cache, preset="exact").memory_plan.reason
 
 
 # --- the policies on the tiny model ---

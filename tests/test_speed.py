@@ -219,6 +219,11 @@ def test_use_fp8_linears_replaces_only_what_the_predicate_accepts() -> None:
     assert use_fp8_linears(root, lambda name: name.startswith("blocks.")) == 0
     assert use_fp8_linears(root, lambda name: True) == 1
     assert isinstance(root.head, Fp8Linear)
+    # Layers that will run on a GPU (experts set up on the host for swap or offload) are converted only where the
+    # FP8 GEMM takes their sizes (multiples of 16); off the GPU the emulation takes any size.
+    odd = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 24))
+    assert use_fp8_linears(odd, lambda name: True, on_gpu=True) == 1 and type(odd[1]) is nn.Linear
+    assert use_fp8_linears(odd, lambda name: True, on_gpu=False) == 1 and isinstance(odd[1], Fp8Linear)
 
 
 def test_quantize_rows_round_trip() -> None:

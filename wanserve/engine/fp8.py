@@ -16,6 +16,7 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8_BYTES = 1
 _TINY = 1e-12
 
 
@@ -67,18 +68,38 @@ class Fp8Linear(nn.Linear):
         return out.reshape(*shape[:-1], self.out_features)
 
 
-def use_fp8_linears(root: nn.Module, include: Callable[[str], bool]) -> int:
-    """Replace every `nn.Linear` under `root` whose qualified name `include` accepts (and, on a GPU, whose sizes
-    the FP8 GEMM takes: multiples of 16) by an Fp8Linear. Returns how many were replaced."""
+def fp8_targets(root: nn.Module, include: Callable[[str], bool], on_gpu: bool) -> list[tuple[str, nn.Linear]]:
+    """The `nn.Linear` layers under `root` that `use_fp8_linears` replaces: those whose qualified name `include`
+    accepts and, when they will run on a GPU (`on_gpu`), whose sizes the FP8 GEMM takes (multiples of 16)."""
 
     def fits(module: nn.Linear) -> bool:
-        return not module.weight.is_cuda or (module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        return not on_gpu or (module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
-    targets = [
+    return [
         (name, module)
         for name, module in root.named_modules()
         if type(module) is nn.Linear and include(name) and fits(module)
     ]
+
+
+def fp8_bytes_saved(root: nn.Module, include: Callable[[str], bool], on_gpu: bool) -> int:
+    """How many bytes `use_fp8_linears` would take off `root`'s weights: each replaced weight goes from its dtype to
+    one byte per value plus one float32 scale per output row. Lets the memory plan size a `fast` model before it
+    is converted (the conversion runs after the plan, where the weights will live)."""
+    saved = 0
+    for _, module in fp8_targets(root, include, on_gpu):
+        weight = module.weight
+        saved += weight.numel() * (weight.element_size() - FP8_BYTES) - module.out_features * 4
+    return saved
+
+
+def use_fp8_linears(root: nn.Module, include: Callable[[str], bool], on_gpu: bool | None = None) -> int:
+    """Replace every `nn.Linear` under `root` that `fp8_targets` names by an Fp8Linear, for running on a GPU or not
+    (`on_gpu`; None: where the weights are now; experts set up on the host for swap or offload run on the GPU).
+    Returns how many were replaced."""
+    if on_gpu is None:
+        on_gpu = any(p.is_cuda for p in root.parameters())
+    targets = fp8_targets(root, include, on_gpu)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root

@@ -26,8 +26,9 @@ import torch
 from diffusers import WanPipeline
 from torch import nn
 
+from wanserve.engine.fp8 import fp8_bytes_saved
 from wanserve.engine.sampling import Expert
-from wanserve.engine.speed import DeviceInfo, usable_gpu_bytes
+from wanserve.engine.speed import DeviceInfo, in_transformer_blocks, usable_gpu_bytes
 
 GiB = 1024**3
 # Activation peak of one expert forward per token per batch row, per model channel (DESIGN.md section 5: 720p,
@@ -132,18 +133,25 @@ def plan_from_override(policy: str, device: DeviceInfo, sizes: tuple[int, int, i
     return _with_decode(MemoryPlan(chosen, keep_encoder, f"set to {chosen.value}"), device, *sizes[:3])
 
 
-def plan_memory(policy: str, device: DeviceInfo, pipe: WanPipeline) -> MemoryPlan:
-    """The plan for `pipe` on `device`: sizes read off the modules (before any FP8 conversion, so conservatively),
-    and what the pipeline already holds on the GPU counted as available to it."""
+def plan_memory(policy: str, device: DeviceInfo, pipe: WanPipeline, fp8_experts: bool = False) -> MemoryPlan:
+    """The plan for `pipe` on `device`: sizes read off the modules, the experts' as `fast` will hold them where
+    `fp8_experts` (its FP8 linears, converted after the plan, take about half the bytes), and what the pipeline
+    already holds on the GPU counted as available to it. A plan that comes to `offload` is made from the unconverted
+    sizes: `fast` runs as `exact` there (speed.plan_speed), and the offload plan depends on no size anyway."""
     experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
     if device.type == "cuda":
         held = [*experts, pipe.text_encoder, pipe.vae]
         on_gpu = sum(module_bytes(m) for m in held if next(m.parameters()).is_cuda)
         device = replace(device, free_bytes=device.free_bytes + on_gpu)
     config = experts[0].config
-    sizes = (module_bytes(experts[0]), len(experts), module_bytes(pipe.text_encoder),
-             config.num_attention_heads * config.attention_head_dim)  # fmt: skip
-    return plan_from_override(policy, device, sizes)
+    expert_bytes = module_bytes(experts[0])
+    others = (len(experts), module_bytes(pipe.text_encoder), config.num_attention_heads * config.attention_head_dim)
+    if fp8_experts:
+        fp8_bytes = expert_bytes - fp8_bytes_saved(experts[0], in_transformer_blocks, on_gpu=device.type == "cuda")
+        plan = plan_from_override(policy, device, (fp8_bytes, *others))
+        if plan.policy is not MemoryPolicy.OFFLOAD:
+            return replace(plan, reason=f"{plan.reason}; FP8 experts, {fp8_bytes / GiB:.1f} GiB each")
+    return plan_from_override(policy, device, (expert_bytes, *others))
 
 
 class PinnedWeights:

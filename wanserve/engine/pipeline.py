@@ -222,17 +222,20 @@ class WanEngine:
         self.options = options
         info = device_info or DeviceInfo.probe(device)
         self.dtype = self.experts[0].dtype  # the compute dtype (read before any layer turns FP8)
-        self.memory_plan: MemoryPlan = plan_memory(options.memory_policy, info, pipe)
-        planned = partial(
+        speed_plan = partial(
             plan_speed,
             options.preset,
             info,
             options.compile,
             options.unvalidated_fast_gpu,
-            offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD,
             lowbit_attention=options.lowbit_attention,
             step_cached=options.step_cache_threshold > 0,
         )
+        # `fast`'s FP8 linears halve the experts: the plan sizes them so unless it comes to offload, where `fast`
+        # runs as `exact` (no compile).
+        fp8_experts = speed_plan().fp8_linears
+        self.memory_plan: MemoryPlan = plan_memory(options.memory_policy, info, pipe, fp8_experts)
+        planned = partial(speed_plan, offloaded=self.memory_plan.policy is MemoryPolicy.OFFLOAD)
         self.speed: SpeedPlan = planned()
         if self.speed.preset is not Preset.EAGER:  # eager is plain diffusers: its default attention
             choice = self._choose_attention(options, info)

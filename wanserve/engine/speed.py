@@ -312,12 +312,19 @@ def use_lowbit_self_attention(
     use_self_attention_kernel(block, lowbit_attention, attention_backend)
 
 
+def in_transformer_blocks(name: str) -> bool:
+    """Which of an expert's linears `fast` runs in FP8: those of the repeated blocks (the embeddings and the output
+    projection, a sliver of the work, stay in the compute dtype)."""
+    return name.startswith("blocks.")
+
+
 def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, device: torch.device | None = None) -> None:
     """Set up the experts' layers for `plan` (in place): FP8 linears, the attention backend and processors, for
     running on `device` (by default, where the experts are now)."""
+    on_gpu = None if device is None else device.type == "cuda"
     for expert in experts:
         if plan.fp8_linears:
-            count = use_fp8_linears(expert, lambda name: name.startswith("blocks."))
+            count = use_fp8_linears(expert, in_transformer_blocks, on_gpu)
             log.info("FP8 linears: %d layers of %s", count, type(expert).__name__)
         for block in expert.blocks:  # an engine made again on the same experts (the bench) starts from diffusers'
             if isinstance(block.attn1.processor, SelfAttnKernelProcessor):
@@ -325,7 +332,6 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, devic
         if plan.attention_backend:
             expert.set_attention_backend(plan.attention_backend)
         if plan.lowbit_attention:
-            on_gpu = None if device is None else device.type == "cuda"
             for block in expert.blocks:
                 use_lowbit_self_attention(block, plan.attention_backend, on_gpu)
         elif plan.flash4_self_attention:
