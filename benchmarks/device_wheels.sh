@@ -5,7 +5,8 @@
 #
 # base:   .whl/, the wheels `wanserve bench` needs beside the machine's torch/triton/transformers (diffusers, PyAV,
 #         pydantic...; tests/test_bench_cli.py runs the bench with the service's own libraries unimportable), and
-#         peft for `gpu_bench.sh lora`;
+#         peft for `gpu_bench.sh lora`, nvidia-cudnn-frontend for `fast`'s FP8 attention (1.16: 2 MB, and no
+#         dependency on the CuTe DSL compiler, which later versions pull in);
 #         gpu_bench.sh installs them into /tmp/site.
 # flash4: FlashAttention 4 and its CuTe DSL compiler, installed here into a staging folder, packed as one tar.xz
 #         and split in two: .fa4a/ (about 58 MiB) and .fa4b/ (the rest). The compiler library alone is 190 MB
@@ -22,7 +23,7 @@ PLATFORM=(--python-version 3.12 --implementation cp --only-binary=:all: --platfo
           --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
           --platform manylinux2014_x86_64)
 BASE=(diffusers==0.42.1 av==17.0.0 ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata==10.2.0 peft==0.21.2 accelerate==1.15.0
-      psutil==7.2.2
+      psutil==7.2.2 nvidia-cudnn-frontend==1.16.0
       pydantic==2.14.4 pydantic_core==2.50.5 pydantic_settings==2.16.3 python_dotenv==1.2.4 annotated_types==0.8.0
       typing_extensions==4.16.0 typing_inspection==0.4.5)
 # flash-attn-4's dependencies the machine lacks (it has cuda-bindings, protobuf, einops); the cu13 compiler only,

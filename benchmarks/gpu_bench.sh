@@ -3,8 +3,10 @@
 # A14B architecture with random bf16 weights. Usage: benchmarks/gpu_bench.sh main|video|cap24|cap80|lora|vae|diagnose|stash [OUT_DIR]
 # (OUT_DIR defaults to $OUT, the folder the device tool brings back; pass "$OUT", never a literal OUT).
 #   main:     one 720p expert forward each: diffusers eager, exact, fast (the forward targets; about 4 minutes).
-#             LOWBIT=on runs fast with the INT8 attention kernel (by default it keeps cuDNN attention on Hopper);
-#             KERNEL=1 first times the attention kernels alone; VIDEOS=720p:4:1 adds a video per preset.
+#             LOWBIT=on runs fast with a low-bit attention (by default it keeps cuDNN attention on Hopper),
+#             LOWBIT_KERNEL=int8 (our Triton kernel, the default) or fp8 (cuDNN's FP8 attention, needs
+#             nvidia-cudnn-frontend from .whl/); KERNEL=1 first times the attention kernels alone (all of them, with
+#             their error); VIDEOS=720p:4:1 adds a video per preset.
 #   video:    exact's 720p 4-step guidance-1 video (the distilled-LoRA target), VIDEOS to change it.
 #   cap24:    the 24 GB policy: block offload, process capped at 24 GiB, a 480p video.
 #   cap80:    an 80 GB card (an H100's ~79 GiB usable): both experts resident, the text encoder visiting, a 720p
@@ -73,7 +75,7 @@ status=0
 if [ "$MODE" = main ]; then
   [ -z "${KERNEL:-}" ] || timeout "${KERNEL_TIMEOUT:-160}" python3 benchmarks/lowbit_attention.py --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
   bench main "${BENCH_TIMEOUT:-330}" --sizes 720p --presets exact,fast --videos "${VIDEOS-}" --no-baseline-videos \
-    --deadline-s "${DEADLINE:-270}" --lowbit-attention "${LOWBIT:-auto}"
+    --deadline-s "${DEADLINE:-270}" --lowbit-attention "${LOWBIT:-auto}" --lowbit-kernel "${LOWBIT_KERNEL:-auto}"
 elif [ "$MODE" = video ]; then
   bench video "${BENCH_TIMEOUT:-330}" --sizes '' --presets exact --videos "${VIDEOS-720p:4:1}" --no-baseline-videos
 elif [ "$MODE" = lora ]; then

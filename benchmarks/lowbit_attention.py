@@ -1,5 +1,6 @@
-"""The `fast` preset's INT8-QK / FP16-PV attention kernel against the exact ones (PyTorch's cuDNN and flash backends,
-FlashAttention 4 where `flash-attn-4` is installed), at Wan 2.2's
+"""The `fast` preset's low-bit attention kernels (our INT8-QK / FP16-PV Triton kernel; cuDNN's fused FP8 attention where
+`nvidia-cudnn-frontend` is installed, quantization included in its time) against the exact ones (PyTorch's cuDNN and
+flash backends, FlashAttention 4 where `flash-attn-4` is installed), at Wan 2.2's
 self-attention shapes (batch 2 = cond + uncond, 40 heads x 128) for 480p and 720p, 81 frames. Needs a CUDA GPU.
 
     python benchmarks/lowbit_attention.py [--json out.json] [--then-bench BENCH_ARGS...]
@@ -27,7 +28,9 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wanserve.engine.attention import flash4_attention, flash4_installed, rel_error
+from wanserve.engine.kernels import cudnn_fp8_attention
 from wanserve.engine.kernels import int8_attention as kernel
+from wanserve.engine.speed import fp8_attention
 
 SHAPES = {"480p": 32_760, "720p": 75_600}
 QUERIES_CHECKED = 2048
@@ -81,6 +84,15 @@ def bench_size(size: str, tokens: int, batch: int) -> list[dict[str, object]]:
             out.copy_(flash4_attention(q, k, v))
 
         add("flash4", None, flash4)
+    if cudnn_fp8_attention.installed():  # cuDNN's FP8 attention (fast's other low-bit candidate), quantizing included
+
+        def cudnn_fp8(out: torch.Tensor) -> None:
+            out.copy_(fp8_attention(q, k, v))
+
+        add("cudnn fp8", None, cudnn_fp8)
+        built = next(iter(cudnn_fp8_attention._GRAPHS.values()), None)
+        rows[-1]["output"] = "none" if built is None else ("fp8" if built.fp8_output else "bf16")
+        print(f"cudnn {torch.backends.cudnn.version()}: FP8 attention output {rows[-1]['output']}", flush=True)
     for index, config in enumerate(kernel._CONFIGS):
         add(f"int8 {config}", index, partial(kernel.int8_attention, q, k, v, config))
     kernel.int8_attention(q, k, v)  # autotunes: the checked call below is then an ordinary one

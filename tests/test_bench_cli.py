@@ -37,7 +37,7 @@ def test_bench_cli_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
     out = tmp_path / "bench"
     # `fast` first on purpose: presets run from the least to the most changed model (fast's FP8 linears stay).
     args = ["--device", "cpu", "--sizes", "480p", "--frames", "9", "--videos", "480p:2:5", "--step-cache", "0.99",
-            "--attention", "flash", "--presets", "fast,exact", "--out-dir", str(out),
+            "--attention", "flash", "--presets", "fast,exact", "--lowbit-kernel", "fp8", "--out-dir", str(out),
             "--cache-dir", str(model_cache)]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", WITHOUT_SERVICE_LIBRARIES, "bench", *args], capture_output=True, text=True, timeout=600
@@ -46,6 +46,8 @@ def test_bench_cli_on_the_tiny_model(tmp_path: Path, model_cache: Path) -> None:
     assert "FAILED" not in proc.stdout, proc.stdout
     # --attention reaches our presets' engines (a GPU kernel on a CPU: kept off, with the reason in the engine line)
     assert re.search(r"^engine: preset exact.*flash attention needs a GPU: default attention", proc.stdout, re.M)
+    # --lowbit-kernel reaches `fast` (on a CPU the low-bit attention always runs, emulated)
+    assert re.search(r"^engine: preset fast.*FP8 attention \(cuDNN\)", proc.stdout, re.M), proc.stdout
 
     # The markdown table: one forward row per preset, one video row per run.
     for preset in ("diffusers", "exact", "fast"):

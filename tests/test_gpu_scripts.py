@@ -64,6 +64,9 @@ def test_main_runs_the_forward_bench_and_brings_its_rows_back(tmp_path: Path) ->
     (call,) = (tmp_path / "calls.txt").read_text().splitlines()
     assert "--sizes 720p --presets exact,fast" in call and "--device cuda" in call and "--videos  " in call + " "
     assert (out / "device-main.txt").read_text().startswith("NVIDIA H100")
+    assert "--lowbit-attention auto --lowbit-kernel auto" in call
+    proc, _ = run_script(tmp_path, "main", LOWBIT="on", LOWBIT_KERNEL="fp8")
+    assert "--lowbit-attention on --lowbit-kernel fp8" in (tmp_path / "calls.txt").read_text().splitlines()[-1]
 
 
 def test_a_bench_cut_off_by_its_time_limit_fails_the_script_and_returns_its_rows(tmp_path: Path) -> None:

@@ -118,8 +118,9 @@ def test_fast_on_hopper_turns_on_fp8_linears_and_keeps_cudnn_attention() -> None
 
 
 def test_fast_uses_the_int8_attention_where_it_is_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(speed, "LOWBIT_ATTENTION_FASTER", frozenset({(9, 0)}))
-    assert plan_speed("fast", H100, unvalidated_fast_gpu=True).lowbit_attention
+    monkeypatch.setattr(speed, "LOWBIT_ATTENTION_FASTER", {(9, 0): speed.LowbitKernel.INT8})
+    plan = plan_speed("fast", H100, unvalidated_fast_gpu=True)
+    assert plan.lowbit_attention and plan.lowbit_kernel is speed.LowbitKernel.INT8
     assert not plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_attention=False).lowbit_attention
 
 
@@ -578,7 +579,7 @@ def test_each_version_of_the_custom_ops_compiles_into_its_own_cache(
     engine = Path(speed.__file__).parent
     copy = tmp_path / "engine"
     (copy / "kernels").mkdir(parents=True)
-    for name in ("attention.py", "kernels/int8_attention.py"):
+    for name in speed.CUSTOM_OP_SOURCES:
         (copy / name).write_bytes((engine / name).read_bytes())
     monkeypatch.setattr(speed, "__file__", str(copy / "speed.py"))
     assert speed._custom_op_fingerprint() == (before := speed._custom_op_fingerprint())

@@ -448,6 +448,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         memory_policy=args.memory_policy,
         memory_cap_gib=args.memory_cap_gib,
         lowbit_attention={"auto": None, "on": True, "off": False}[args.lowbit_attention],
+        lowbit_kernel=args.lowbit_kernel,
         attention=args.attention or settings.attention,
         deadline_s=args.deadline_s,
         out_dir=Path(args.out_dir),
@@ -553,7 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory-cap-gib", type=float, default=0.0,
                        help="cap this process's GPU memory (e.g. 24 to prove the small-card policy)")  # fmt: skip
     bench.add_argument("--lowbit-attention", choices=["auto", "on", "off"], default="auto",
-                       help="fast's INT8 attention (auto: where it beats cuDNN)")  # fmt: skip
+                       help="fast's low-bit attention (auto: where one beats cuDNN)")  # fmt: skip
+    bench.add_argument("--lowbit-kernel", choices=["auto", "int8", "fp8"], default="auto",
+                       help="which low-bit attention: our INT8 Triton kernel or cuDNN's FP8 one (auto: the one "
+                            "measured faster on this GPU, else int8)")  # fmt: skip
     bench.add_argument(
         "--attention",
         default=None,

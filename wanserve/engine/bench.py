@@ -436,7 +436,8 @@ class BenchConfig:
     step_cache: float = 0.0  # > 0: the first preset's videos again with First Block Cache at this threshold
     memory_policy: str = "auto"
     memory_cap_gib: float = 0.0  # > 0: cap this process's GPU memory (to prove a small-card policy)
-    lowbit_attention: bool | None = None  # `fast`'s INT8 attention forced on or off; None: the device's rule
+    lowbit_attention: bool | None = None  # `fast`'s low-bit attention forced on or off; None: the device's rule
+    lowbit_kernel: str = "auto"  # which low-bit attention: auto | int8 | fp8 (speed.LowbitKernel)
     attention: str = "auto"  # the exact attention kernel of our presets (attention.py; auto: measured)
     deadline_s: float = float("inf")
     out_dir: Path = Path("bench-out")
@@ -492,6 +493,7 @@ def run_bench(config: BenchConfig, emit: Callable[[str], None] = print) -> Bench
             compile_cache_dir=config.cache_dir / "compile",
             unvalidated_fast_gpu=True,  # the bench is where `fast` gets validated
             lowbit_attention=config.lowbit_attention,
+            lowbit_kernel=config.lowbit_kernel,
             attention=config.attention,
         )
         each([preset], partial(_use_engine, bench, options))

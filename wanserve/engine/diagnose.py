@@ -38,6 +38,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 from wanserve.engine.fp8 import use_fp8_linears
 from wanserve.engine.speed import (
     DeviceInfo,
+    LowbitKernel,
     Preset,
     compile_experts,
     plan_speed,
@@ -53,6 +54,7 @@ class Variant:
     name: str
     fp8_linears: bool = False
     lowbit_attention: bool = False
+    lowbit_kernel: LowbitKernel = LowbitKernel.INT8
     attention_backend: str | None = None
 
     def apply(self, block: torch.nn.Module) -> None:
@@ -64,7 +66,7 @@ class Variant:
         if self.fp8_linears:
             use_fp8_linears(block, lambda _name: True)
         if self.lowbit_attention:
-            use_lowbit_self_attention(block, self.attention_backend)
+            use_lowbit_self_attention(block, self.attention_backend, kernel=self.lowbit_kernel)
 
 
 def variants(device: DeviceInfo) -> list[Variant]:
@@ -79,6 +81,19 @@ def variants(device: DeviceInfo) -> list[Variant]:
         Variant("low-bit attention", lowbit_attention=True, attention_backend=backend),
         Variant("fast block", fp8_linears=True, lowbit_attention=True, attention_backend=backend),
     ]
+    fp8 = plan_speed(Preset.FAST, device, unvalidated_fast_gpu=True, lowbit_attention=True, lowbit_kernel="fp8")
+    if device.type == "cuda" and fp8.lowbit_kernel is LowbitKernel.FP8:  # (on a CPU: its reference, run by the tests)
+        kernel = LowbitKernel.FP8
+        found += [
+            Variant("FP8 attention (cuDNN)", lowbit_attention=True, lowbit_kernel=kernel, attention_backend=backend),
+            Variant(
+                "fast block, FP8 attention",
+                fp8_linears=True,
+                lowbit_attention=True,
+                lowbit_kernel=kernel,
+                attention_backend=backend,
+            ),
+        ]
     return found
 
 

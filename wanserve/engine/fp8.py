@@ -145,3 +145,58 @@ def int8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         part = (probs @ v16f) * v_scale[..., None, :]
         out[..., rows, :] = (part / probs.sum(dim=-1, keepdim=True)).to(q.dtype)
     return out
+
+
+# FP8 attention (cuDNN's fused SDPA, kernels/cudnn_fp8_attention.py). The unnormalised probabilities (at most 1,
+# relative to the running row maximum) are multiplied by this before their FP8 cast, as cuDNN's own tests of the
+# kernel do: far inside e4m3's range, which the kernel's lazy rescaling of the running maximum needs.
+FP8_ATTENTION_P_SCALE = 64.0
+# An attention output is a convex combination of value rows, so |out| <= max|v|; where the kernel writes FP8 (on
+# Hopper), its scale leaves this much room over that bound for the probabilities' rounding.
+FP8_ATTENTION_O_HEADROOM = 1.25
+
+
+def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 values and one float32 descale (a 1-element tensor) with `x ~= values * descale`: the tensor's absolute
+    maximum maps to the largest finite FP8 value. Computed on the device, without a host sync."""
+    values, descale = _quantize(x, tuple(range(x.dim())), FP8_MAX, FP8)  # type: ignore[arg-type]
+    return values, descale.reshape(1)
+
+
+def quantize_fp8_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (batch, tokens, heads, head_dim) -> FP8 q, k, v in the same layout and their three descales
+    (float32, shape (3,)). cuDNN's FP8 attention takes one scale per tensor. k is centred on its mean over the
+    tokens first (per batch, head and channel): every score of a query row moves by the same q.mean(k), which the
+    softmax ignores, while FP8's relative rounding error then applies to the smaller centred values (with keys
+    offset by 3 from unit noise, 1.7 times less error; tests/test_fp8_attention.py)."""
+    k = k.float() - k.float().mean(dim=1, keepdim=True)
+    (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(x) for x in (q, k, v))
+    return q8, k8, v8, torch.cat([dq, dk, dv])
+
+
+def fp8_attention_reference(
+    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, out_dtype: torch.dtype,
+    fp8_output: bool = True, chunk: int = 1024,
+) -> torch.Tensor:  # fmt: skip
+    """cuDNN's FP8 attention (kernels/cudnn_fp8_attention.py) in float32, on the operands of
+    `quantize_fp8_attention_inputs`: scores from the FP8 q and k times their descales and 1/sqrt(head_dim); the
+    probabilities, relative to the row maximum, scaled by FP8_ATTENTION_P_SCALE and rounded to FP8 for P.V; the row
+    sum of the unrounded ones; the output rounded to FP8 where the kernel writes FP8 (`fp8_output`, as on Hopper).
+    Queries go `chunk` at a time to bound the score matrix's memory. Returns (batch, tokens, heads, head_dim)."""
+    dq, dk, dv = descales.float()
+    q, k = (x.float().transpose(1, 2) for x in (q8, k8))  # (batch, heads, tokens, head_dim)
+    v = v8.float().transpose(1, 2)
+    scale = dq * dk / math.sqrt(q.shape[-1])
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for start in range(0, q.shape[-2], chunk):
+        rows = slice(start, start + chunk)
+        scores = (q[..., rows, :] @ k.transpose(-1, -2)) * scale
+        probs = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        rounded = (probs * FP8_ATTENTION_P_SCALE).to(FP8).float()
+        out[..., rows, :] = (rounded @ v) * (dv / FP8_ATTENTION_P_SCALE) / probs.sum(dim=-1, keepdim=True)
+    if fp8_output:
+        descale_o = dv * FP8_ATTENTION_O_HEADROOM
+        out = (out / descale_o).to(FP8).float() * descale_o
+    return out.transpose(1, 2).to(out_dtype).contiguous()

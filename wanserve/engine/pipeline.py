@@ -137,7 +137,8 @@ class EngineOptions:
     compile_cache_dir: Path = Path.home() / ".cache" / "wanserve" / "compile"
     step_cache_threshold: float = 0.0  # > 0: diffusers' First Block Cache with this threshold
     unvalidated_fast_gpu: bool = False  # the bench's way to run `fast` on a GPU (speed.FAST_FASTER_THAN_EXACT)
-    lowbit_attention: bool | None = None  # `fast`'s INT8 attention; None: where it is faster (speed.py)
+    lowbit_attention: bool | None = None  # `fast`'s low-bit attention; None: where it is faster (speed.py)
+    lowbit_kernel: str = "auto"  # which low-bit attention: auto | int8 | fp8 (speed.LowbitKernel)
     attention: str = "auto"  # the exact attention kernel: auto (measured on a GPU) or an AttentionKernel value
     lora_memory_bytes: int = 4 * GiB
 
@@ -229,6 +230,7 @@ class WanEngine:
             options.compile,
             options.unvalidated_fast_gpu,
             lowbit_attention=options.lowbit_attention,
+            lowbit_kernel=None if options.lowbit_kernel == "auto" else options.lowbit_kernel,
             step_cached=options.step_cache_threshold > 0,
         )
         # `fast`'s FP8 linears halve the experts: the plan sizes them so unless it comes to offload, where `fast`

@@ -4,10 +4,11 @@
 - `exact` (GPU default): bf16 with no numerical change beyond float noise: regional compile of the repeated
   transformer block with a persistent compile cache, the fastest exact attention kernel measured on this GPU
   (`attention.py`; cuDNN unless another measures faster), cond and uncond batched in one forward.
-- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and, where our kernel is the faster
-  attention (LOWBIT_ATTENTION_FASTER; everywhere off the GPU), INT8-QK / FP16-PV self-attention (`fp8.py`,
-  `kernels/int8_attention.py`). Off the FP8 hardware its numerics are emulated in
-  float32, which is slow but lets CI measure its error.
+- `fast`: `exact` plus FP8 linears (row-wise scaled) in the transformer blocks and, where a low-bit attention was
+  measured faster than the exact one (LOWBIT_ATTENTION_FASTER; everywhere off the GPU), a low-bit self-attention:
+  INT8-QK / FP16-PV (our Triton kernel, `kernels/int8_attention.py`) or FP8 (cuDNN's fused attention,
+  `kernels/cudnn_fp8_attention.py`). Off the FP8 hardware their numerics are emulated in float32 (`fp8.py`), which
+  is slow but lets CI measure their error.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from wanserve.engine.attention import DIFFUSERS_BACKEND, AttentionFn, AttentionKernel, flash4_attention, static_choice
-from wanserve.engine.fp8 import int8_attention_reference, use_fp8_linears
+from wanserve.engine.fp8 import int8_attention_reference, quantize_fp8_attention_inputs, use_fp8_linears
+from wanserve.engine.kernels import cudnn_fp8_attention  # registers torch.ops.wanserve.fp8_attention
 
 log = logging.getLogger("wanserve.engine")
 
@@ -38,6 +40,13 @@ class Preset(StrEnum):
     EAGER = "eager"
     EXACT = "exact"
     FAST = "fast"
+
+
+class LowbitKernel(StrEnum):
+    """`fast`'s low-bit self-attention."""
+
+    INT8 = "int8"  # our Triton kernel: INT8 scores (per-token scales), FP16 P.V
+    FP8 = "fp8"  # cuDNN's fused FP8 attention (per-tensor scales), Hopper and newer, `nvidia-cudnn-frontend`
 
 
 # Caps this process put on its own GPU memory (cap_gpu_memory), by device index: the allocator enforces them, but
@@ -102,7 +111,8 @@ class SpeedPlan:
     attention_backend: str | None = None  # a diffusers AttentionBackendName; None: diffusers' default
     batch_cfg: bool = False  # cond and uncond in one batch-2 forward
     fp8_linears: bool = False
-    lowbit_attention: bool = False  # `fast`'s INT8/FP16 kernel takes the self-attention
+    lowbit_attention: bool = False  # `fast`'s low-bit kernel (`lowbit_kernel`) takes the self-attention
+    lowbit_kernel: LowbitKernel = LowbitKernel.INT8
     flash4_self_attention: bool = False  # FlashAttention 4 takes the self-attention (attention.py)
     attention_note: str = ""  # how the attention kernel was chosen (attention.AttentionChoice.describe)
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -117,7 +127,7 @@ class SpeedPlan:
         if self.fp8_linears:
             parts.append("FP8 linears")
         if self.lowbit_attention:
-            parts.append("INT8 attention")
+            parts.append("INT8 attention" if self.lowbit_kernel is LowbitKernel.INT8 else "FP8 attention (cuDNN)")
         if self.attention_note:
             parts.append(f"attention choice {self.attention_note}")
         return ", ".join(parts) + "".join(f" ({note})" for note in self.notes)
@@ -134,11 +144,12 @@ def default_preset(device: DeviceInfo) -> Preset:
 # as `exact`: not measured); with the INT8 attention it was slower (0.67x diffusers, 480p).
 FAST_FASTER_THAN_EXACT: frozenset[tuple[int, int]] = frozenset({(9, 0)})
 
-# Compute capabilities where our INT8 attention kernel beat cuDNN's bf16 attention (`benchmarks/lowbit_attention.py`).
-# None so far: on an H200 (9.0) it reached 200-370 TFLOP/s-equivalent against cuDNN's ~580. Elsewhere `fast` keeps
-# cuDNN attention and gains what its FP8 linears give (DESIGN.md section 5: 10.2 s -> 9.2 s per 720p forward on an
-# H100 with compile). Off the GPU the kernel's numerics always run (emulated), which is how CI checks them.
-LOWBIT_ATTENTION_FASTER: frozenset[tuple[int, int]] = frozenset()
+# Compute capabilities where a low-bit attention kernel beat cuDNN's bf16 attention within `fast`'s error budget
+# (`benchmarks/lowbit_attention.py`, then `wanserve bench --lowbit-attention on --lowbit-kernel K`), and which one.
+# None so far: on an H200 (9.0) our INT8 kernel reached 200-370 TFLOP/s-equivalent against cuDNN's ~580; cuDNN's FP8
+# attention has not run on a GPU here yet. Elsewhere `fast` keeps cuDNN attention and gains what its FP8 linears give.
+# Off the GPU the low-bit numerics always run (emulated), which is how CI checks them.
+LOWBIT_ATTENTION_FASTER: dict[tuple[int, int], LowbitKernel] = {}
 
 
 def plan_speed(
@@ -150,16 +161,19 @@ def plan_speed(
     lowbit_attention: bool | None = None,
     attention: AttentionKernel | None = None,
     step_cached: bool = False,
+    lowbit_kernel: LowbitKernel | str | None = None,
 ) -> SpeedPlan:
     """The concrete settings of `preset` ("auto" = the device's default) on `device`. `compile` overrides the
     preset's choice (compiling is on by default on CUDA only: on a CPU it costs more than it gains). `offloaded`:
     the experts stream in block by block (memory.MemoryPolicy.OFFLOAD), which rules out batched CFG (twice the
     activations on a small card) and compiling (the offload hooks sit on the blocks a regional compile compiles,
-    and the copies bound the speed anyway). `lowbit_attention` overrides where `fast` uses the INT8 attention
-    (None: where LOWBIT_ATTENTION_FASTER says it is faster). `attention` is the exact kernel (attention.resolve
-    measures it; None: cuDNN on sm80+ GPUs, diffusers' default elsewhere); `fast`'s INT8 kernel, where on,
-    takes the self-attention instead. `step_cached`: diffusers' First Block Cache is on, whose hooks on the blocks
-    cannot be traced whole (they read a value back from the GPU), which rules out the regional compile."""
+    and the copies bound the speed anyway). `lowbit_attention` overrides where `fast` uses a low-bit attention
+    (None: where LOWBIT_ATTENTION_FASTER says one is faster), `lowbit_kernel` which one (None: the one measured
+    faster there, else INT8; FP8 needs Hopper or newer and the cuDNN frontend, or it falls back to INT8).
+    `attention` is the exact kernel (attention.resolve measures it; None: cuDNN on sm80+ GPUs, diffusers' default
+    elsewhere); `fast`'s low-bit kernel, where on, takes the self-attention instead. `step_cached`: diffusers'
+    First Block Cache is on, whose hooks on the blocks cannot be traced whole (they read a value back from the GPU),
+    which rules out the regional compile."""
     chosen = default_preset(device) if preset == "auto" else Preset(preset)
     if chosen is Preset.EAGER:
         return SpeedPlan(chosen, compile=bool(compile) and not offloaded and not step_cached)
@@ -186,8 +200,20 @@ def plan_speed(
         chosen = Preset.EXACT
         notes.append("fast was measured faster only compiled: runs as exact without compile")
     low_bit = chosen is Preset.FAST
+    measured = LOWBIT_ATTENTION_FASTER.get(device.capability) if on_gpu else None
     if lowbit_attention is None:
-        lowbit_attention = not on_gpu or device.capability in LOWBIT_ATTENTION_FASTER
+        lowbit_attention = not on_gpu or measured is not None
+    lowbit = LowbitKernel(lowbit_kernel) if lowbit_kernel else (measured or LowbitKernel.INT8)
+    if low_bit and lowbit_attention and lowbit is LowbitKernel.FP8 and on_gpu:
+        if device.capability < (9, 0):
+            lowbit = LowbitKernel.INT8
+            arch = f"sm_{device.capability[0]}{device.capability[1]}"
+            notes.append(f"cuDNN's FP8 attention needs Hopper or newer, not {arch}: INT8 attention")
+        elif not cudnn_fp8_attention.installed():
+            lowbit = LowbitKernel.INT8
+            notes.append(
+                "cuDNN's FP8 attention needs nvidia-cudnn-frontend (pip install 'wanserve[cudnn-fp8]'): INT8 attention"
+            )
     kernel = attention or (static_choice(device.capability) if on_gpu else AttentionKernel.DEFAULT)
     if not on_gpu and kernel is not AttentionKernel.DEFAULT:
         notes.append(f"{kernel.value} attention needs a GPU: default attention")
@@ -199,9 +225,14 @@ def plan_speed(
         batch_cfg=not offloaded,
         fp8_linears=low_bit,
         lowbit_attention=low_bit and lowbit_attention,
+        lowbit_kernel=lowbit,
         flash4_self_attention=kernel is AttentionKernel.FLASH4 and not (low_bit and lowbit_attention),
         notes=tuple(notes),
     )
+
+
+# Where our custom ops and their fake implementations live (relative to this folder).
+CUSTOM_OP_SOURCES = ("attention.py", "kernels/int8_attention.py", "kernels/cudnn_fp8_attention.py")
 
 
 def _custom_op_fingerprint() -> str:
@@ -210,8 +241,8 @@ def _custom_op_fingerprint() -> str:
     the wrong output strides: each version of that code gets its own cache folder."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for source in (here / "attention.py", here / "kernels" / "int8_attention.py"):  # read, not imported (Triton)
-        digest.update(source.read_bytes())
+    for source in CUSTOM_OP_SOURCES:  # read, not imported (Triton)
+        digest.update((here / source).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -256,6 +287,13 @@ def lowbit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.transpose(1, 2)
 
 
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Self-attention of (batch, tokens, heads, head_dim) tensors in FP8: quantized here (inside the compiled block,
+    where Inductor fuses it), attended by cuDNN on a GPU and by the float32 reference of the same numerics elsewhere."""
+    q8, k8, v8, descales = quantize_fp8_attention_inputs(query, key, value)
+    return torch.ops.wanserve.fp8_attention(q8, k8, v8, descales, query.dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's rotary embedding on interleaved channel pairs (the math of diffusers' WanAttnProcessor)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -264,7 +302,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class SelfAttnKernelProcessor(WanAttnProcessor):
-    """diffusers' Wan attention with the self-attention product done by `kernel` (the INT8/FP16 one of `fast`, or
+    """diffusers' Wan attention with the self-attention product done by `kernel` (a low-bit one of `fast`, or
     FlashAttention 4); cross-attention (512 text tokens, a small share of the work) stays on the diffusers backend."""
 
     def __init__(self, kernel: AttentionFn) -> None:
@@ -302,11 +340,18 @@ def use_self_attention_kernel(block: torch.nn.Module, kernel: AttentionFn, atten
 
 
 def use_lowbit_self_attention(
-    block: torch.nn.Module, attention_backend: str | None, on_gpu: bool | None = None
+    block: torch.nn.Module,
+    attention_backend: str | None,
+    on_gpu: bool | None = None,
+    kernel: LowbitKernel = LowbitKernel.INT8,
 ) -> None:
-    """Give one transformer block the INT8/FP16 self-attention: the Triton kernel when it will run on a GPU
-    (`on_gpu`; by default, where the block is now). A worker's experts may still be on the host when this runs
-    (swap, offload): without the kernel, a GPU forward would take the float32 reference, far too big at 720p."""
+    """Give one transformer block `kernel`'s low-bit self-attention. The INT8 one loads its Triton kernel when it
+    will run on a GPU (`on_gpu`; by default, where the block is now): a worker's experts may still be on the host
+    when this runs (swap, offload), and without the kernel a GPU forward would take the float32 reference, far too
+    big at 720p. The FP8 one dispatches on its inputs' device at each call."""
+    if kernel is LowbitKernel.FP8:
+        use_self_attention_kernel(block, fp8_attention, attention_backend)
+        return
     if next(block.parameters()).is_cuda if on_gpu is None else on_gpu:
         _load_kernel()
     use_self_attention_kernel(block, lowbit_attention, attention_backend)
@@ -333,7 +378,7 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, devic
             expert.set_attention_backend(plan.attention_backend)
         if plan.lowbit_attention:
             for block in expert.blocks:
-                use_lowbit_self_attention(block, plan.attention_backend, on_gpu)
+                use_lowbit_self_attention(block, plan.attention_backend, on_gpu, plan.lowbit_kernel)
         elif plan.flash4_self_attention:
             for block in expert.blocks:
                 use_self_attention_kernel(block, flash4_attention, plan.attention_backend)
