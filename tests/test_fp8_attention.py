@@ -99,6 +99,7 @@ class _FakeCudnn(types.ModuleType):
         super().__init__("cudnn")
         self.bf16_output = bf16_output
         self.builds: list[Any] = []
+        self.checked: list[Any] = []
         self.streams: list[int] = []
         self.data_type = types.SimpleNamespace(FP8_E4M3="fp8_e4m3", FLOAT="float", BFLOAT16="bfloat16")
         self.heur_mode = types.SimpleNamespace(A="a", FALLBACK="fallback")
@@ -126,6 +127,7 @@ class _FakeCudnn(types.ModuleType):
             def create_execution_plans(self, modes: list[Any]) -> None: ...
 
             def check_support(self) -> None:
+                fake.checked.append(self.node["o"].data_type)
                 if self.node["o"].data_type == "bfloat16" and not fake.bf16_output:
                     raise _GraphNotSupported("FP8 attention writes FP8 on this GPU")
 
@@ -170,7 +172,7 @@ def fake_cudnn(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) 
     monkeypatch.setitem(sys.modules, "cudnn", fake)
     monkeypatch.setattr(kernel, "_HANDLES", {})
     monkeypatch.setattr(kernel, "_GRAPHS", {})
-    monkeypatch.setattr(kernel, "_BF16_UNSUPPORTED", set())
+    monkeypatch.setattr(kernel, "_FP8_OUTPUT_ONLY", {})
     yield fake
 
 
@@ -188,10 +190,15 @@ def test_the_cudnn_graph_computes_the_reference(fake_cudnn: _FakeCudnn) -> None:
     assert rel_error(got.float(), want.float()) < 0.01  # float64 against float32: a rare FP8 rounding flip
     assert 0.01 < rel_error(got.float(), exact(q, k, v)) < 0.09
     assert fake_cudnn.builds == (["fp8_e4m3"] if fp8_output else ["bfloat16"])
+    built = kernel.built_graph(tuple(q.shape), q.device)
+    assert built is not None and built.fp8_output is fp8_output
+    assert float(built.amax["amax_o"]) > 0  # cuDNN's measured output maximum stays readable (the bench prints it)
     kernel.cudnn_fp8_attention(*operands, torch.bfloat16)  # the same shape again: the graph is reused
     other = quantize_fp8_attention_inputs(*attention_inputs(tokens=64))
     kernel.cudnn_fp8_attention(*other, torch.bfloat16)
     assert len(fake_cudnn.builds) == 2 and fake_cudnn.streams
+    # A GPU that refused a bf16 output is asked once, not once per shape.
+    assert fake_cudnn.checked == (["bfloat16", "fp8_e4m3", "fp8_e4m3"] if fp8_output else ["bfloat16"] * 2)
 
 
 def test_the_op_runs_the_reference_off_the_gpu_and_compiles_whole() -> None:
@@ -207,22 +214,31 @@ def test_the_op_runs_the_reference_off_the_gpu_and_compiles_whole() -> None:
 
 def test_fast_takes_the_fp8_attention_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernel, "installed", lambda: True)
-    forced = plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_attention=True, lowbit_kernel="fp8")
-    assert forced.lowbit_attention and forced.lowbit_kernel is LowbitKernel.FP8
-    assert "FP8 attention (cuDNN)" in forced.describe()
+    # Naming the kernel asks for it (the bench's --lowbit-kernel fp8 alone).
+    asked = plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_kernel="fp8")
+    assert asked.lowbit_attention and asked.lowbit_kernel is LowbitKernel.FP8
+    assert "FP8 attention (cuDNN)" in asked.describe()
+    assert not plan_speed(
+        "fast", H100, unvalidated_fast_gpu=True, lowbit_attention=False, lowbit_kernel="fp8"
+    ).lowbit_attention
     # Asked for, but not runnable: our INT8 kernel instead, and the plan says why.
-    ada = plan_speed("fast", L40S, unvalidated_fast_gpu=True, lowbit_attention=True, lowbit_kernel="fp8")
-    assert ada.lowbit_kernel is LowbitKernel.INT8 and any("Hopper or newer" in n for n in ada.notes)
+    ada = plan_speed("fast", L40S, unvalidated_fast_gpu=True, lowbit_kernel="fp8")
+    assert ada.lowbit_attention and ada.lowbit_kernel is LowbitKernel.INT8
+    assert any("not sm_89: INT8 attention" in n for n in ada.notes)
     monkeypatch.setattr(kernel, "installed", lambda: False)
-    missing = plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_attention=True, lowbit_kernel="fp8")
+    missing = plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_kernel="fp8")
     assert missing.lowbit_kernel is LowbitKernel.INT8 and any("nvidia-cudnn-frontend" in n for n in missing.notes)
     # Nothing measured: `fast` keeps the exact attention on a GPU; a measurement names the kernel it found faster.
     assert not plan_speed("fast", H100, unvalidated_fast_gpu=True).lowbit_attention
-    monkeypatch.setattr(kernel, "installed", lambda: True)
     monkeypatch.setattr(speed, "LOWBIT_ATTENTION_FASTER", {(9, 0): LowbitKernel.FP8})
+    # ... which, measured but not installed here, leaves the exact attention (INT8's was slower than it).
+    fallback = plan_speed("fast", H100, unvalidated_fast_gpu=True)
+    assert not fallback.lowbit_attention and any("exact attention" in n for n in fallback.notes)
+    monkeypatch.setattr(kernel, "installed", lambda: True)
     measured = plan_speed("fast", H100, unvalidated_fast_gpu=True)
     assert measured.lowbit_attention and measured.lowbit_kernel is LowbitKernel.FP8
     assert plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_kernel="int8").lowbit_kernel is LowbitKernel.INT8
+    assert plan_speed("fast", H100, unvalidated_fast_gpu=True, lowbit_kernel="auto").lowbit_kernel is LowbitKernel.FP8
     assert not plan_speed("exact", H100, lowbit_attention=True, lowbit_kernel="fp8").lowbit_attention
 
 

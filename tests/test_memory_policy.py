@@ -17,6 +17,7 @@ from engines import rel_error, small_spec, tiny_engine
 from lora_files import random_factors, scaled, write_wan
 from torch import nn
 
+import wanserve.engine.pipeline as pipeline
 from wanserve.engine import speed
 from wanserve.engine.bench import A14B_EXPERT, random_a14b_expert
 from wanserve.engine.fp8 import fp8_bytes_saved, use_fp8_linears
@@ -189,6 +190,20 @@ def test_plan_memory_sizes_fp8_experts_unless_it_comes_to_offload() -> None:
     assert (plain.policy, fast.policy) == (MemoryPolicy.OFFLOAD, MemoryPolicy.SWAP)
     plain, fast = plans(base + fp8 - 1)
     assert plain == fast and fast.policy is MemoryPolicy.OFFLOAD and "FP8" not in fast.reason
+
+
+def test_resident_fp8_experts_are_converted_one_at_a_time_before_the_rest_moves(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan counted FP8 experts (and so maybe the text encoder beside them): each expert is converted where it
+    will live before the next one arrives, and only then do the text encoder and the VAE move."""
+    events: list[object] = []
+    real_prepare, real_manager = pipeline.prepare_experts, pipeline.MemoryManager
+    monkeypatch.setattr(pipeline, "prepare_experts", lambda e, *a: (events.append(list(e)), real_prepare(e, *a)))
+    monkeypatch.setattr(pipeline, "MemoryManager", lambda *a: (events.append("manager"), real_manager(*a))[1])
+    engine = tiny_engine(model_cache, preset="fast")
+    assert engine.memory_plan.policy is MemoryPolicy.RESIDENT
+    assert events == [[engine.experts[0]], [engine.experts[1]], "manager"]
 
 
 def test_the_engine_sizes_fp8_experts_only_for_fast(model_cache: Path) -> None:

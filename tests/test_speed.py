@@ -4,11 +4,13 @@ DeviceInfo values made up for the purpose."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from engines import record_forwards, rel_error, small_spec, tiny_engine
 from lora_files import random_factors, write_wan
 from torch import nn
 
+import wanserve.engine.fp8 as fp8_module
 import wanserve.engine.pipeline as pipeline
 import wanserve.engine.speed as speed
 from wanserve.engine.fp8 import (
@@ -225,6 +228,24 @@ def test_use_fp8_linears_replaces_only_what_the_predicate_accepts() -> None:
     odd = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 24))
     assert use_fp8_linears(odd, lambda name: True, on_gpu=True) == 1 and type(odd[1]) is nn.Linear
     assert use_fp8_linears(odd, lambda name: True, on_gpu=False) == 1 and isinstance(odd[1], Fp8Linear)
+
+
+def test_use_fp8_linears_lets_each_replaced_layer_go_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 14B expert converted on the GPU must not hold all its bf16 weights until the last FP8 copy is made: when a
+    layer is converted, the layers converted before it are gone."""
+    root = nn.Sequential(*(nn.Linear(16, 16) for _ in range(4)))
+    originals = [weakref.ref(layer) for layer in root]
+    alive_at_each: list[int] = []
+
+    class Counting(Fp8Linear):
+        def __init__(self, linear: nn.Linear) -> None:
+            gc.collect()
+            alive_at_each.append(sum(ref() is not None for ref in originals))
+            super().__init__(linear)
+
+    monkeypatch.setattr(fp8_module, "Fp8Linear", Counting)
+    assert use_fp8_linears(root, lambda name: True, on_gpu=False) == 4
+    assert alive_at_each == [4, 3, 2, 1]  # the one being converted, and those still to come
 
 
 def test_quantize_rows_round_trip() -> None:

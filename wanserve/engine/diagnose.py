@@ -82,7 +82,8 @@ def variants(device: DeviceInfo) -> list[Variant]:
         Variant("fast block", fp8_linears=True, lowbit_attention=True, attention_backend=backend),
     ]
     fp8 = plan_speed(Preset.FAST, device, unvalidated_fast_gpu=True, lowbit_attention=True, lowbit_kernel="fp8")
-    if device.type == "cuda" and fp8.lowbit_kernel is LowbitKernel.FP8:  # (on a CPU: its reference, run by the tests)
+    # Only where cuDNN's FP8 attention runs (on a CPU its reference would, which the tests check elsewhere).
+    if device.type == "cuda" and fp8.lowbit_attention and fp8.lowbit_kernel is LowbitKernel.FP8:
         kernel = LowbitKernel.FP8
         found += [
             Variant("FP8 attention (cuDNN)", lowbit_attention=True, lowbit_kernel=kernel, attention_backend=backend),

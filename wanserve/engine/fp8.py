@@ -100,11 +100,15 @@ def use_fp8_linears(root: nn.Module, include: Callable[[str], bool], on_gpu: boo
     if on_gpu is None:
         on_gpu = any(p.is_cuda for p in root.parameters())
     targets = fp8_targets(root, include, on_gpu)
-    for name, module in targets:
+    count = len(targets)
+    targets.reverse()
+    while targets:  # each replaced layer is let go at once: a model converts with one layer's bf16 weight extra
+        name, module = targets.pop()
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, Fp8Linear(module))
-    return len(targets)
+        del module
+    return count
 
 
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +152,9 @@ def int8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 # FP8 attention (cuDNN's fused SDPA, kernels/cudnn_fp8_attention.py). The unnormalised probabilities (at most 1,
-# relative to the running row maximum) are multiplied by this before their FP8 cast, as cuDNN's own tests of the
-# kernel do: far inside e4m3's range, which the kernel's lazy rescaling of the running maximum needs.
+# relative to the running row maximum) are multiplied by this before their FP8 cast: the scale the cuDNN frontend's
+# FP8 forward tests derive for a maximum of 1 (128 / 1 x 0.5), far inside e4m3's range, which the kernel's lazy
+# rescaling of its running maximum may need. Not yet checked on a GPU: benchmarks/lowbit_attention.py tries others.
 FP8_ATTENTION_P_SCALE = 64.0
 # An attention output is a convex combination of value rows, so |out| <= max|v|; where the kernel writes FP8 (on
 # Hopper), its scale leaves this much room over that bound for the probabilities' rounding.
@@ -181,9 +186,11 @@ def fp8_attention_reference(
     fp8_output: bool = True, chunk: int = 1024,
 ) -> torch.Tensor:  # fmt: skip
     """cuDNN's FP8 attention (kernels/cudnn_fp8_attention.py) in float32, on the operands of
-    `quantize_fp8_attention_inputs`: scores from the FP8 q and k times their descales and 1/sqrt(head_dim); the
-    probabilities, relative to the row maximum, scaled by FP8_ATTENTION_P_SCALE and rounded to FP8 for P.V; the row
-    sum of the unrounded ones; the output rounded to FP8 where the kernel writes FP8 (`fp8_output`, as on Hopper).
+    `quantize_fp8_attention_inputs`, with the exact row maximum where the kernel keeps a running one per block of
+    keys (the rounding points move, not the function): scores from the FP8 q and k times their descales and
+    1/sqrt(head_dim); the probabilities, relative to the row maximum, scaled by FP8_ATTENTION_P_SCALE and rounded to
+    FP8 for P.V; the row sum of the unrounded ones; the output rounded to FP8 where the kernel writes FP8
+    (`fp8_output`, as on Hopper).
     Queries go `chunk` at a time to bound the score matrix's memory. Returns (batch, tokens, heads, head_dim)."""
     dq, dk, dv = descales.float()
     q, k = (x.float().transpose(1, 2) for x in (q8, k8))  # (batch, heads, tokens, head_dim)

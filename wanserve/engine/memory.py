@@ -137,7 +137,8 @@ def plan_memory(policy: str, device: DeviceInfo, pipe: WanPipeline, fp8_experts:
     """The plan for `pipe` on `device`: sizes read off the modules, the experts' as `fast` will hold them where
     `fp8_experts` (its FP8 linears, converted after the plan, take about half the bytes), and what the pipeline
     already holds on the GPU counted as available to it. A plan that comes to `offload` is made from the unconverted
-    sizes: `fast` runs as `exact` there (speed.plan_speed), and the offload plan depends on no size anyway."""
+    sizes: `fast` runs as `exact` there (speed.plan_speed; only the bench forces FP8 there, and then the bf16 sizes
+    over-count), and the offload plan depends on no size anyway."""
     experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
     if device.type == "cuda":
         held = [*experts, pipe.text_encoder, pipe.vae]

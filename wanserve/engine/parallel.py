@@ -258,15 +258,15 @@ class ParallelContext:
 
     def adjust_speed(self, speed: SpeedPlan) -> SpeedPlan:
         """The speed plan as the parallel split allows it: each CFG half runs one prediction, so nothing to batch;
-        our self-attention processors (INT8/FP16, FlashAttention 4) attend within their own shard only, so they are
-        off under sequence parallelism; ring attention needs a backend that returns the log-sum-exp."""
+        our self-attention processors (the low-bit ones, FlashAttention 4) attend within their own shard only, so
+        they are off under sequence parallelism; ring attention needs a backend that returns the log-sum-exp."""
         plan, notes = self.plan, list(speed.notes)
         changes: dict[str, Any] = {}
         if plan.splits_cfg and speed.batch_cfg:
             changes["batch_cfg"] = False
         if plan.sp_degree > 1 and speed.lowbit_attention:
             changes["lowbit_attention"] = False
-            notes.append("INT8 attention off under sequence parallelism")
+            notes.append("low-bit attention off under sequence parallelism")
         if plan.sp_degree > 1 and speed.flash4_self_attention:
             changes["flash4_self_attention"] = False
             notes.append("FlashAttention 4 off under sequence parallelism")

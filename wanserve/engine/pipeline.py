@@ -245,10 +245,13 @@ class WanEngine:
         if parallel is not None:
             self.speed = parallel.adjust_speed(self.speed)
         # FP8 conversion is fastest where the weights are: on the GPU when they will live there, else before they
-        # move to host memory.
+        # move to host memory. On the GPU one expert at a time, before the text encoder: the plan sized the experts
+        # in FP8, and two bf16 experts beside the encoder need not fit where two FP8 ones do.
         if self.memory_plan.policy is MemoryPolicy.RESIDENT:
+            for expert in self.experts:
+                expert.to(device)
+                prepare_experts([expert], self.speed, device)
             self.memory = MemoryManager(pipe, self.memory_plan, device)
-            prepare_experts(self.experts, self.speed, device)
         else:
             prepare_experts(self.experts, self.speed, device)
             self.memory = MemoryManager(pipe, self.memory_plan, device)

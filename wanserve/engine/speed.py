@@ -201,19 +201,25 @@ def plan_speed(
         notes.append("fast was measured faster only compiled: runs as exact without compile")
     low_bit = chosen is Preset.FAST
     measured = LOWBIT_ATTENTION_FASTER.get(device.capability) if on_gpu else None
-    if lowbit_attention is None:
-        lowbit_attention = not on_gpu or measured is not None
-    lowbit = LowbitKernel(lowbit_kernel) if lowbit_kernel else (measured or LowbitKernel.INT8)
+    asked = None if lowbit_kernel in (None, "auto") else LowbitKernel(lowbit_kernel)
+    if lowbit_attention is None:  # naming a kernel asks for it
+        lowbit_attention = not on_gpu or measured is not None or asked is not None
+    lowbit = asked or measured or LowbitKernel.INT8
     if low_bit and lowbit_attention and lowbit is LowbitKernel.FP8 and on_gpu:
-        if device.capability < (9, 0):
+        arch = f"sm_{device.capability[0]}{device.capability[1]}"
+        missing = (
+            f"cuDNN's FP8 attention runs on Hopper and data-centre Blackwell (sm_90, sm_100), not {arch}"
+            if device.capability[0] not in (9, 10)
+            else None
+            if cudnn_fp8_attention.installed()
+            else "cuDNN's FP8 attention needs nvidia-cudnn-frontend (pip install 'wanserve[cudnn-fp8]')"
+        )
+        if missing and asked is None:  # measured faster, but not runnable here: the exact attention, not INT8's
+            lowbit_attention = False
+            notes.append(f"{missing}: exact attention")
+        elif missing:
             lowbit = LowbitKernel.INT8
-            arch = f"sm_{device.capability[0]}{device.capability[1]}"
-            notes.append(f"cuDNN's FP8 attention needs Hopper or newer, not {arch}: INT8 attention")
-        elif not cudnn_fp8_attention.installed():
-            lowbit = LowbitKernel.INT8
-            notes.append(
-                "cuDNN's FP8 attention needs nvidia-cudnn-frontend (pip install 'wanserve[cudnn-fp8]'): INT8 attention"
-            )
+            notes.append(f"{missing}: INT8 attention")
     kernel = attention or (static_choice(device.capability) if on_gpu else AttentionKernel.DEFAULT)
     if not on_gpu and kernel is not AttentionKernel.DEFAULT:
         notes.append(f"{kernel.value} attention needs a GPU: default attention")

@@ -15,7 +15,9 @@ One graph per (shape, device, output type) is built on first use (a fraction of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,15 +26,23 @@ import torch
 
 from wanserve.engine.fp8 import FP8, FP8_ATTENTION_O_HEADROOM, FP8_ATTENTION_P_SCALE, fp8_attention_reference
 
+log = logging.getLogger("wanserve.engine")
+
 _SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
 
 
+@functools.cache
 def installed() -> bool:
-    """Whether the cuDNN frontend's Python package is importable (its library is PyTorch's cuDNN)."""
+    """Whether the cuDNN frontend's Python package imports (its library is PyTorch's cuDNN): a broken installation
+    is found here, at planning, rather than by a request inside the compiled block."""
     try:
-        return importlib.util.find_spec("cudnn") is not None
-    except (ImportError, ValueError):
+        if importlib.util.find_spec("cudnn") is None:
+            return False
+        _cudnn()
+    except Exception as exc:  # an ImportError, or the library failing to load
+        log.warning("nvidia-cudnn-frontend is installed but does not load: %s: %s", type(exc).__name__, exc)
         return False
+    return True
 
 
 @dataclass
@@ -41,11 +51,12 @@ class _Graph:
     tensors: dict[str, Any]  # q, k, v, o, amax_s, amax_o and the scalars, by name
     workspace: torch.Tensor
     fp8_output: bool
+    amax: dict[str, torch.Tensor]  # amax_s, amax_o: what the last call measured (benchmarks/lowbit_attention.py)
 
 
 _HANDLES: dict[int, Any] = {}
 _GRAPHS: dict[tuple[tuple[int, ...], int, bool], _Graph] = {}
-_BF16_UNSUPPORTED: set[tuple[tuple[int, ...], int]] = set()  # shapes whose bf16-output graph cuDNN refused
+_FP8_OUTPUT_ONLY: dict[int, str] = {}  # GPU index -> why cuDNN would not build a bf16 output there
 
 
 def _cudnn() -> Any:
@@ -102,34 +113,48 @@ def _build(shape: tuple[int, ...], device: torch.device, fp8_output: bool) -> _G
     graph.check_support()
     graph.build_plans()
     workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=device)
-    return _Graph(graph, tensors, workspace, fp8_output)
+    amax = {name: torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device) for name in ("amax_s", "amax_o")}
+    return _Graph(graph, tensors, workspace, fp8_output, amax)
 
 
 def _graph_for(shape: tuple[int, ...], device: torch.device) -> _Graph:
     """The built graph for this shape: bf16 output where cuDNN builds it, else FP8 output (Hopper's FP8 attention
-    writes FP8 only); each answer is kept, so a refusal costs one failed build per shape."""
+    writes FP8 only). A refusal is kept per GPU, so it costs one failed build, and logged with its reason."""
     index = _index(device)
-    if (shape, index) not in _BF16_UNSUPPORTED and (shape, index, False) not in _GRAPHS:
+    if index not in _FP8_OUTPUT_ONLY and (shape, index, False) not in _GRAPHS:
         try:
             _GRAPHS[(shape, index, False)] = _build(shape, device, fp8_output=False)
-        except Exception:  # cudnnGraphNotSupportedError, or a frontend that rejects the output type earlier
-            _BF16_UNSUPPORTED.add((shape, index))
-    if (shape, index) not in _BF16_UNSUPPORTED:
+        except Exception as exc:  # cudnnGraphNotSupportedError, or a frontend that rejects the output type earlier
+            _FP8_OUTPUT_ONLY[index] = reason = f"{type(exc).__name__}: {exc}"[:300]
+            log.info("cuDNN's FP8 attention writes FP8 on GPU %d (a bf16 output was refused: %s)", index, reason)
+    if index not in _FP8_OUTPUT_ONLY:
         return _GRAPHS[(shape, index, False)]
     if (shape, index, True) not in _GRAPHS:
         _GRAPHS[(shape, index, True)] = _build(shape, device, fp8_output=True)
     return _GRAPHS[(shape, index, True)]
 
 
+def built_graph(shape: tuple[int, ...], device: torch.device) -> _Graph | None:
+    """The graph that attention of this shape runs with, once it has run (the bench reports its output type)."""
+    index = _index(device)
+    return _GRAPHS.get((shape, index, index in _FP8_OUTPUT_ONLY))
+
+
 def cudnn_fp8_attention(
-    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, out_dtype: torch.dtype
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    descales: torch.Tensor,
+    out_dtype: torch.dtype,
+    p_scale_value: float = FP8_ATTENTION_P_SCALE,
 ) -> torch.Tensor:
-    """Attention of FP8 (batch, tokens, heads, head_dim) operands with their descales (3,), in `out_dtype`."""
+    """Attention of FP8 (batch, tokens, heads, head_dim) operands with their descales (3,), in `out_dtype`.
+    `p_scale_value`: what the probabilities are multiplied by before their FP8 cast (the bench tries others)."""
     q8, k8, v8 = (x.contiguous() for x in (q8, k8, v8))
     built = _graph_for(tuple(q8.shape), q8.device)
     descales = descales.float()
     descale_o = descales[2:3] * FP8_ATTENTION_O_HEADROOM if built.fp8_output else torch.ones_like(descales[:1])
-    p_scale = torch.full_like(descales[:1], FP8_ATTENTION_P_SCALE)
+    p_scale = torch.full_like(descales[:1], p_scale_value)
     scalars = [descales[0:1], descales[1:2], descales[2:3], 1.0 / p_scale, p_scale, 1.0 / descale_o]
     out = torch.empty(q8.shape, dtype=FP8 if built.fp8_output else torch.bfloat16, device=q8.device)
     pack = {
@@ -137,7 +162,7 @@ def cudnn_fp8_attention(
         for name, value in zip(_SCALARS, scalars, strict=True)
     }
     pack.update({built.tensors[name]: tensor for name, tensor in (("q", q8), ("k", k8), ("v", v8), ("o", out))})
-    pack.update({built.tensors[name]: descales.new_empty((1, 1, 1, 1)) for name in ("amax_s", "amax_o")})
+    pack.update({built.tensors[name]: amax for name, amax in built.amax.items()})
     built.graph.execute(pack, built.workspace, handle=_handle(q8.device))
     if built.fp8_output:
         return (out.float() * descale_o).to(out_dtype)
