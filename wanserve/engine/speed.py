@@ -152,6 +152,16 @@ FAST_FASTER_THAN_EXACT: frozenset[tuple[int, int]] = frozenset({(9, 0)})
 LOWBIT_ATTENTION_FASTER: dict[tuple[int, int], LowbitKernel] = {}
 
 
+def _fp8_attention_missing(device: DeviceInfo) -> str | None:
+    """Why cuDNN's FP8 attention cannot run on this GPU, or None."""
+    if device.capability[0] not in (9, 10):
+        arch = f"sm_{device.capability[0]}{device.capability[1]}"
+        return f"cuDNN's FP8 attention runs on Hopper and data-centre Blackwell (sm_90, sm_100), not {arch}"
+    if not cudnn_fp8_attention.installed():
+        return "cuDNN's FP8 attention needs nvidia-cudnn-frontend (pip install 'wanserve[cudnn-fp8]')"
+    return None
+
+
 def plan_speed(
     preset: Preset | str,
     device: DeviceInfo,
@@ -168,8 +178,9 @@ def plan_speed(
     the experts stream in block by block (memory.MemoryPolicy.OFFLOAD), which rules out batched CFG (twice the
     activations on a small card) and compiling (the offload hooks sit on the blocks a regional compile compiles,
     and the copies bound the speed anyway). `lowbit_attention` overrides where `fast` uses a low-bit attention
-    (None: where LOWBIT_ATTENTION_FASTER says one is faster), `lowbit_kernel` which one (None: the one measured
-    faster there, else INT8; FP8 needs Hopper or newer and the cuDNN frontend, or it falls back to INT8).
+    (None: where LOWBIT_ATTENTION_FASTER says one is faster, or where `lowbit_kernel` names one), `lowbit_kernel`
+    which one (None or "auto": the one measured faster there, else INT8). FP8 needs sm_90/sm_100 and the cuDNN
+    frontend: where it cannot run, a named FP8 falls back to INT8, a measured one to the exact attention.
     `attention` is the exact kernel (attention.resolve measures it; None: cuDNN on sm80+ GPUs, diffusers' default
     elsewhere); `fast`'s low-bit kernel, where on, takes the self-attention instead. `step_cached`: diffusers'
     First Block Cache is on, whose hooks on the blocks cannot be traced whole (they read a value back from the GPU),
@@ -206,14 +217,7 @@ def plan_speed(
         lowbit_attention = not on_gpu or measured is not None or asked is not None
     lowbit = asked or measured or LowbitKernel.INT8
     if low_bit and lowbit_attention and lowbit is LowbitKernel.FP8 and on_gpu:
-        arch = f"sm_{device.capability[0]}{device.capability[1]}"
-        missing = (
-            f"cuDNN's FP8 attention runs on Hopper and data-centre Blackwell (sm_90, sm_100), not {arch}"
-            if device.capability[0] not in (9, 10)
-            else None
-            if cudnn_fp8_attention.installed()
-            else "cuDNN's FP8 attention needs nvidia-cudnn-frontend (pip install 'wanserve[cudnn-fp8]')"
-        )
+        missing = _fp8_attention_missing(device)
         if missing and asked is None:  # measured faster, but not runnable here: the exact attention, not INT8's
             lowbit_attention = False
             notes.append(f"{missing}: exact attention")
