@@ -51,6 +51,30 @@ def keys(s3_endpoint: str, s3_bucket: str) -> Callable[[], list[str]]:
 # --- put / stat / open ---
 
 
+def test_a_put_that_fails_after_its_upload_can_be_tried_again(
+    fs: S3FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker retries a put through an S3 outage: one whose upload went through but whose check after it failed
+    must leave its source file, or the retry finds nothing to upload and a rendered video is lost."""
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"frames" * 1000)
+    real_head, calls = fs._head, []
+
+    def head_once_unavailable(key: str) -> object:
+        calls.append(key)
+        if len(calls) == 1:
+            raise StorageUnavailable("the file store failed (HeadObject: 503)", transient=True)
+        return real_head(key)
+
+    monkeypatch.setattr(fs, "_head", head_once_unavailable)
+    key = new_key("video.mp4")
+    with pytest.raises(StorageUnavailable):
+        fs.put(key, source, "video/mp4", None, T0)
+    assert source.exists()
+    stored = fs.put(key, source, "video/mp4", None, T0)
+    assert stored.size == 6000 and not source.exists()  # consumed once stored
+
+
 def test_put_bytes_is_one_object_with_its_metadata(fs: S3FileStore, keys: Callable[[], list[str]]) -> None:
     data = b"\x00video\xff" * 999
     key = new_key("clip.mp4")

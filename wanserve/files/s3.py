@@ -184,8 +184,10 @@ class S3FileStore:
         else:
             with _s3("upload", f"no such file: {key}"):
                 self._client.upload_file(str(source), self.bucket, target, ExtraArgs=extra, Config=self.transfer)
+        stored = self._still_swept(self._head(key))
+        if isinstance(source, Path):  # only now: a put that failed after the upload is tried again from the file
             source.unlink(missing_ok=True)
-        return self._still_swept(self._head(key))
+        return stored
 
     def _mark_expiry(self, key: str, expires_at: float | None) -> None:
         """Written before the object: no file is ever without the marker that sweeps it. A marker whose
