@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -75,6 +76,29 @@ def test_put_path_copies_the_source(fs: LocalFileStore, tmp_path: Path) -> None:
         assert f.read() == data
     assert fs.stat(key, T0) == stored
     assert tmp_leftovers(fs) == []
+
+
+def test_a_stored_file_has_its_renames_synced(fs: LocalFileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's bytes are synced, but its name is an entry of its folder: the object's and the metadata's folders
+    are synced once they hold the new names, before the store answers (a completed job whose video a power cut took
+    back would answer 404). Checked by watching fsync on folders."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def watching_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watching_fsync)
+    key = new_key("clip.mp4")
+    stored = fs.put(key, b"video" * 100, "video/mp4", None, T0)
+    object_folder = str(fs.local_path(stored).parent)  # type: ignore[union-attr]
+    meta_folder = str(fs._meta_path(key).parent)
+    assert object_folder in synced and meta_folder in synced
+    synced.clear()
+    fs.create_multipart(new_key("big.bin"), "application/octet-stream", None)  # its state: atomic_write
+    assert synced, "the multipart upload's state file was renamed into place without syncing its folder"
 
 
 def test_url_and_key_from_url_round_trip(fs: LocalFileStore) -> None:

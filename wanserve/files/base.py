@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from wanserve.errors import InvalidFileKey, InvalidUpload, PayloadTooLarge
+
+log = logging.getLogger(__name__)
 
 ABANDONED_UPLOAD_S = 24 * 3600
 INLINE_TYPES = {"video", "image", "audio"}
@@ -51,9 +54,26 @@ def write_synced(fd: int, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def sync_dirs(*folders: Path) -> None:
+    """Waits until the entries of `folders` (a rename into them) are on disk: a synced file's bytes survive a power
+    cut, but its new name there is the folder's, which some filesystems write later. Best effort once the rename is
+    done: a folder that cannot be synced (a filesystem without it) leaves the rename as it stands."""
+    for folder in dict.fromkeys(folders):
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            log.debug("could not sync folder %s: %s", folder, exc)
+        finally:
+            os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """`path` holds `data`, whole, or keeps what it held: written beside it (or in `tmp_dir`, on the same disk),
-    synced, then renamed into place."""
+    synced, then renamed into place, and the rename synced too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.")
     try:
@@ -62,6 +82,7 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_dirs(path.parent)
 
 
 def safe_file_name(name: str | None, default: str = "file.bin") -> str:

@@ -35,6 +35,7 @@ from wanserve.files.base import (
     file_url,
     key_from_file_url,
     new_upload_id,
+    sync_dirs,
     write_synced,
 )
 from wanserve.files.space import check_room
@@ -169,6 +170,9 @@ class LocalFileStore:
                     leftover.unlink(missing_ok=True)
             self._remove_empty_dirs(key)
             raise
+        # The key is committed: both renames made durable before the caller reports the file stored (a job completed
+        # whose video's name a power cut took back would answer 404).
+        sync_dirs(placed.parent, self._meta_path(key).parent)
         if replaced is not None:
             # Nothing names it now, but a download may have read its metadata and not yet opened it: it stays for
             # the sweep, REPLACED_VERSION_S from now.
