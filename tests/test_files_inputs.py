@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +32,7 @@ from wanserve.files.inputs import (
 from wanserve.files.local import LocalFileStore
 
 SMALL = b"hello wanserve \x00\xff"
+BOMB = gzip.compress(bytes(64 << 20))  # 64 MiB of zeros in about 64 KB
 LARGE = bytes(range(256)) * (3 * 4096)  # 3 MiB
 TRICKLE_S = 3.0
 OPEN = FetchPolicy(allow_private=True, timeout_s=5.0)  # the test server is on loopback
@@ -55,6 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         with self.server.lock:
             self.server.hits[path] += 1
+            self.server.accept_encoding = self.headers.get("Accept-Encoding", "")
         # the client may give up (size cap, time limit): that is the point of those tests
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._route(path)
@@ -76,6 +81,18 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/stall":
             time.sleep(TRICKLE_S)
             self._send(200, SMALL)
+        elif path == "/gzip":  # sent compressed although the client asked for it as it is
+            self._send(200, gzip.compress(LARGE), {"Content-Encoding": "gzip"})
+        elif path == "/deflate":
+            self._send(200, zlib.compress(LARGE), {"Content-Encoding": "deflate"})
+        elif path == "/bomb":
+            self._send(200, BOMB, {"Content-Encoding": "gzip"})
+        elif path == "/double-gzip":
+            self._send(200, gzip.compress(BOMB), {"Content-Encoding": "gzip, gzip"})
+        elif path == "/brotli":
+            self._send(200, SMALL, {"Content-Encoding": "br"})
+        elif path == "/bad-gzip":
+            self._send(200, b"not gzip at all", {"Content-Encoding": "gzip"})
         elif path == "/redirect":
             self._send(302, headers={"Location": "/small"})
         elif path.startswith("/chain/"):  # /chain/N: N more redirects, then /small
@@ -116,6 +133,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.hits: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.accept_encoding = ""
 
     @property
     def base(self) -> str:
@@ -447,6 +465,28 @@ def test_size_cap_while_streaming(http: _Server, fs: LocalFileStore, dest: Path)
     with pytest.raises(InputFetchError, match="1000000-byte input limit"):
         fetch_input(f"{http.base}/large-nolen", dest, fs, FetchPolicy(allow_private=True, max_bytes=1_000_000))
     assert not dest.exists()
+
+
+def test_a_compressed_body_is_inflated_within_the_size_limit(http: _Server, fs: LocalFileStore, dest: Path) -> None:
+    """The client asks for the file as it is; a server that gzips it anyway is read, one layer inflated a step at a
+    time: 64 KB of gzip cannot become 64 MiB in memory before the 1 MB limit looks (httpx would inflate it whole)."""
+    fetch_input(f"{http.base}/gzip", dest, fs, OPEN)
+    assert dest.read_bytes() == LARGE and http.accept_encoding == "identity"
+    fetch_input(f"{http.base}/deflate", dest, fs, OPEN)
+    assert dest.read_bytes() == LARGE
+    dest.unlink()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputFetchError, match="1000000-byte input limit"):
+            fetch_input(f"{http.base}/bomb", dest, fs, FetchPolicy(allow_private=True, max_bytes=1_000_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20 and not dest.exists()
+    for path, why in (("/double-gzip", "'gzip, gzip'"), ("/brotli", "'br'"), ("/bad-gzip", "not valid gzip")):
+        with pytest.raises(InputFetchError, match=why):
+            fetch_input(f"{http.base}{path}", dest, fs, OPEN)
+        assert not dest.exists()
 
 
 def test_truncated_body_leaves_no_partial_file(http: _Server, fs: LocalFileStore, dest: Path) -> None:

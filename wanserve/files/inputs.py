@@ -12,7 +12,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,40 @@ def _deadline_client(deadline: float, timeout_s: float) -> httpx.Client:
     )
 
 
+# A compressed body is inflated this much at a time, so that a few kilobytes on the wire cannot become gigabytes in
+# memory before the size limit sees them.
+INFLATE_STEP = 1 << 20
+_ZLIB_ENCODINGS = {"gzip", "x-gzip", "deflate"}
+
+
+def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[bytes]:
+    """The body's bytes as they arrive (a fixed chunk size would let a trickle sit unchecked in its buffer), undoing
+    a server's gzip or deflate, which it should not send after `Accept-Encoding: identity` but may. httpx would
+    inflate any stack of encodings whole, before a limit could look; here one layer is inflated a step at a time
+    and the inflating stops one byte past `max_bytes`. Any other encoding is refused."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        yield from response.iter_raw()
+        return
+    if encoding not in _ZLIB_ENCODINGS:
+        raise InputFetchError(f"{url} is sent with Content-Encoding {encoding[:40]!r}: only an unencoded file is read")
+    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # a gzip or a zlib header, told apart by zlib
+    budget = max_bytes + 1  # one byte over tells the caller the limit was passed
+    try:
+        for raw in response.iter_raw():
+            pending = raw
+            while pending and budget > 0:
+                out = inflater.decompress(pending, min(INFLATE_STEP, budget))
+                pending = inflater.unconsumed_tail
+                budget -= len(out)
+                yield out
+            if budget <= 0:
+                return
+        yield inflater.flush(min(INFLATE_STEP, max(budget, 1)))
+    except zlib.error as exc:
+        raise InputFetchError(f"{url} is not valid {encoding} data: {exc}") from None
+
+
 def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | None) -> Fetched:
     deadline = time.monotonic() + policy.timeout_s
     with _deadline_client(deadline, policy.timeout_s) as client:
@@ -388,6 +423,7 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
             try:
                 # no single connect or read may wait past the deadline
                 headers = target.headers | (known.request_headers() if known is not None else {})
+                headers["Accept-Encoding"] = "identity"  # the size limit is on the file, not on its compressed form
                 with client.stream(
                     "GET", target.url, headers=headers, extensions=target.extensions, timeout=remaining
                 ) as response:
@@ -401,10 +437,10 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
                     declared = ascii_int(response.headers.get("content-length"))
                     if declared is not None and declared > policy.max_bytes:
                         raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+                    decoded = _decoded(response, url, policy.max_bytes)
                     size = 0
                     with dest.open("wb") as out:
-                        # chunks as they arrive: with a fixed chunk size a trickle would sit unchecked in its buffer
-                        for chunk in response.iter_bytes():
+                        for chunk in decoded:
                             size += len(chunk)
                             if size > policy.max_bytes:
                                 raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
