@@ -111,6 +111,8 @@ def _getaddrinfo(host: str, port: int, timeout_s: float | None) -> list[Any]:
     is left to finish on its own."""
     if timeout_s is None:
         return socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    if timeout_s <= 0:  # a budget already spent (one submit's lookups share one): no thread for a lookup never read
+        raise HostNotResolved(f"no time left to look {host[:100]} up")
     answers: list[Any] = []
 
     def lookup() -> None:
@@ -214,9 +216,20 @@ def pin_public_url(url: str, allow_private: bool, resolve_timeout_s: float | Non
 SUBMIT_LOOKUP_S = 5.0
 
 
-def check_public_url(url: str) -> None:
-    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, at submit)."""
-    pin_public_url(url, allow_private=False, resolve_timeout_s=SUBMIT_LOOKUP_S)
+def submit_lookup_deadline() -> float:
+    """When one request's name lookups at submit (its LoRA URLs', its webhook's) must all be done: one budget for
+    them all, so a slow resolver holds a submit (and an API thread) SUBMIT_LOOKUP_S at most, not that per URL."""
+    return time.monotonic() + SUBMIT_LOOKUP_S
+
+
+def lookup_time_left(deadline: float | None) -> float:
+    return (deadline if deadline is not None else submit_lookup_deadline()) - time.monotonic()
+
+
+def check_public_url(url: str, deadline: float | None = None) -> None:
+    """Refuses an http(s) URL whose host is private, loopback or link-local (webhooks, at submit), looking it up
+    until `deadline` (None: SUBMIT_LOOKUP_S from now)."""
+    pin_public_url(url, allow_private=False, resolve_timeout_s=lookup_time_left(deadline))
 
 
 def is_data_uri(value: str) -> bool:

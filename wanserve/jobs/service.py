@@ -24,7 +24,7 @@ from wanserve.errors import (
     TooManyQueued,
 )
 from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
-from wanserve.files.inputs import HostNotResolved, check_public_url
+from wanserve.files.inputs import HostNotResolved, check_public_url, submit_lookup_deadline
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.limits import check_input_limits
 from wanserve.jobs.model import (
@@ -166,9 +166,10 @@ class JobService:
             raise InputValidationError(validation_errors(exc)) from None
         loras = getattr(request, "loras", None) or []
         check_input_limits(request, endpoint.limits)
-        check_lora_urls(loras, self.public_url, self.allow_private_urls)  # before a job exists
+        lookups = submit_lookup_deadline()  # one budget for all of this request's name lookups
+        check_lora_urls(loras, self.public_url, self.allow_private_urls, lookups)  # before a job exists
         if webhook_url is not None:
-            self._check_webhook_url(webhook_url)
+            self._check_webhook_url(webhook_url, lookups)
         output_lifecycle = parse_lifecycle_header(lifecycle)
         lifecycle_expiry(output_lifecycle, 0.0)  # validates it now rather than after the generation
         self._check_queued(owner)
@@ -228,7 +229,7 @@ class JobService:
         if (queued := self.store.queued_count()) >= limit:
             raise QueueFull(f"{queued} requests are queued, and fal_max_queue_length is {limit}: not queued")
 
-    def _check_webhook_url(self, url: str) -> None:
+    def _check_webhook_url(self, url: str, lookup_deadline: float) -> None:
         if not url.startswith(("http://", "https://")):
             raise BadRequest(f"fal_webhook must be an http(s) URL, got {url[:200]!r}")
         # A URL has no blank or control character (a percent-encoded one arrives decoded): refused rather than
@@ -239,7 +240,7 @@ class JobService:
             raise BadRequest(f"fal_webhook is longer than {MAX_WEBHOOK_URL} characters")
         if not self.allow_private_urls:
             try:
-                check_public_url(url)
+                check_public_url(url, lookup_deadline)
             except HostNotResolved:
                 pass  # DNS may answer by delivery time, which checks again (and retries, as for any failed try)
             except PrivateAddress as exc:

@@ -28,13 +28,14 @@ from wanserve.config import Settings
 from wanserve.errors import FieldError, InputFetchError, InputValidationError, LoraError, PrivateAddress, WanserveError
 from wanserve.files.base import FileStore, key_from_file_url
 from wanserve.files.inputs import (
-    SUBMIT_LOOKUP_S,
     FetchPolicy,
     HostNotResolved,
     check_public_host,
     fetch_if_changed,
     is_data_uri,
+    lookup_time_left,
     parse_http_url,
+    submit_lookup_deadline,
 )
 from wanserve.lora.cache import CachedFile, ContentCache, file_sha256
 from wanserve.schema import LoRAWeight
@@ -141,11 +142,16 @@ def unsupported_scheme(path: str) -> str:
     return f"unsupported URL scheme in {describe_path(path)}: use http(s), a local path or owner/name"
 
 
-def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private: bool) -> None:
+def check_lora_urls(
+    loras: Sequence[LoRAWeight], public_url: str, allow_private: bool, deadline: float | None = None
+) -> None:
     """At submit, before any job exists: refuses a LoRA URL that is not a valid http(s) URL or whose host is,
     or resolves to, a private, loopback or link-local address (unless `allow_private`), naming `loras.N.path`.
     The worker checks again when it downloads, and connects to the address it checked; a name that does not
-    resolve now is left to it (its error says so). This server's own file URLs are read locally: allowed."""
+    resolve now, or not before `deadline` (all the lookups share it; None: SUBMIT_LOOKUP_S from now), is left to
+    it (its error says so). This server's own file URLs are read locally: allowed."""
+    if deadline is None:
+        deadline = submit_lookup_deadline()
     errors: list[dict[str, object]] = []
     for i, lora in enumerate(loras):
         if not lora.path.lower().startswith(("http://", "https://")):
@@ -164,7 +170,7 @@ def check_lora_urls(loras: Sequence[LoRAWeight], public_url: str, allow_private:
         try:
             _, host, port = parse_http_url(lora.path)
             if not allow_private:
-                check_public_host(host, port, SUBMIT_LOOKUP_S)
+                check_public_host(host, port, lookup_time_left(deadline))
         except PrivateAddress as exc:
             why = f"{exc} (the operator can allow private URLs)"
         except HostNotResolved:
