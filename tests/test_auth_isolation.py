@@ -27,6 +27,7 @@ from wanserve.api.security import ApiKeys, hash_key, key_id
 from wanserve.client.local_server import free_port
 from wanserve.config import Settings
 from wanserve.files.base import file_ref, new_key
+from wanserve.jobs.model import WorkerInfo
 
 APP = "fal-ai/wan-22"
 KEY_A = "key-a-" + "a" * 40
@@ -301,6 +302,23 @@ def test_uploads_answer_signed_urls_and_stay_their_owners(client: TestClient) ->
     assert (
         client.post("/cdn/files/upload", content=b"x", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
     )
+
+
+def test_ready_names_a_workers_current_request_only_to_the_key_that_submitted_it(client: TestClient) -> None:
+    """A request id names its output file (files.base.output_key): another key sees that the worker is busy."""
+    job_id = submit(client, A)["request_id"]
+    ctx = context(client)
+    ctx.store.register_worker(WorkerInfo("gpu-worker", True, time.time(), {"current_job": job_id, "host": "h"}))
+    ctx.store.register_worker(WorkerInfo("idle-worker", True, time.time(), {"current_job": None}))
+
+    def details(headers: dict[str, str]) -> dict[str, dict[str, Any]]:
+        return {d["id"]: d for d in client.get("/ready", headers=headers).json()["details"]}
+
+    mine, theirs = details(A)["gpu-worker"], details(B)["gpu-worker"]
+    assert (mine["current_job"], mine["busy"], mine["host"]) == (job_id, True, "h")
+    assert (theirs["current_job"], theirs["busy"], theirs["host"]) == (None, True, "h")
+    assert details(B)["idle-worker"]["busy"] is False
+    assert "details" not in client.get("/ready").json()
 
 
 def test_metrics_take_a_key_unless_the_operator_opens_them(client: TestClient, tmp_path: Path) -> None:

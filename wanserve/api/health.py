@@ -9,8 +9,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wanserve import __version__
-from wanserve.api.context import Context
+from wanserve.api.context import Context, ServerContext
 from wanserve.api.metrics import live_workers
+from wanserve.jobs.model import WorkerInfo
+from wanserve.jobs.service import visible_to
 
 router = APIRouter()
 
@@ -24,17 +26,33 @@ async def health() -> dict[str, str]:  # on the event loop: answers while every 
 def ready(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
     """200 while some worker can take a job, with how many can. Open to load balancers and probes. `workers` names
     the ready ones and `details` is every live worker as it advertises itself (host, GPUs, model, engine, current
-    request, draining): on a server with API keys, both only for a valid key (worker ids carry host names)."""
+    request, draining): on a server with API keys, both only for a valid key (worker ids carry host names), and the
+    current request's id only to the key that submitted it (a request id names its output file), others seeing only
+    that the worker is busy."""
     now = ctx.store.now()
     live = live_workers(ctx.store, ctx.settings.job_lease_s)
     ready_ids = [w.id for w in live if w.ready]
     body: dict[str, Any] = {"ready": bool(ready_ids), "ready_workers": len(ready_ids)}
-    if not ctx.api_keys.enabled or ctx.api_keys.identify(authorization) is not None:
+    caller = ctx.api_keys.identify(authorization) if ctx.api_keys.enabled else None
+    if not ctx.api_keys.enabled or caller is not None:
         body["workers"] = ready_ids
         body["details"] = [
-            {"id": w.id, "ready": w.ready, "heartbeat_age_s": round(now - w.heartbeat_at, 3), **w.detail} for w in live
+            {"id": w.id, "ready": w.ready, "heartbeat_age_s": round(now - w.heartbeat_at, 3), **_shown(ctx, w, caller)}
+            for w in live
         ]
     return JSONResponse(body, status_code=200 if ready_ids else 503)
+
+
+def _shown(ctx: ServerContext, worker: WorkerInfo, caller: str | None) -> dict[str, Any]:
+    """The worker's advertised detail as `caller` may see it (None: a server without keys, where everyone may)."""
+    detail = dict(worker.detail)
+    job_id = detail.get("current_job")
+    detail["busy"] = job_id is not None
+    if job_id is not None and caller is not None:
+        job = ctx.store.get(str(job_id))
+        if job is None or not visible_to(job, caller):
+            detail["current_job"] = None
+    return detail
 
 
 @router.get("/metrics")
