@@ -253,7 +253,19 @@ def test_a_page_on_another_site_cannot_start_work_on_a_server_without_keys(tmp_p
             c.post("/cdn/files/upload", content=b"x", headers=cross),
         ):
             assert answer.status_code == 403 and answer.json()["error_type"] == "forbidden", answer.text
+        # Another port of the same host is the same site, not the same origin; an older browser sends only Origin.
+        for headers in (
+            {"Sec-Fetch-Site": "same-site", "Origin": "http://testserver:3000"},
+            {"Origin": "http://testserver:3000"},
+            {"Origin": "null"},
+        ):
+            form = {**headers, "Content-Type": "text/plain"}
+            answer = c.post(f"/{APP}", content=b'{"prompt": "a fox"}', headers=form)
+            assert answer.status_code == 403, (headers, answer.text)
         assert c.app.state.context.store.queued_count() == 0  # type: ignore[attr-defined]
+        # an older browser on this server's own page (behind a proxy that ends TLS, too)
+        for origin in ("http://testserver", "https://testserver"):
+            assert c.post(f"/{APP}", json={"prompt": "a fox"}, headers={"Origin": origin}).status_code == 200
         # the same page's own origin (the playground), and clients that are not browsers, are served
         assert c.post(f"/{APP}", json={"prompt": "a fox"}, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
         assert c.post(f"/{APP}", json={"prompt": "a fox"}).status_code == 200

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Header, Request
 
@@ -115,11 +116,13 @@ async def limit_submits(ctx: Context, caller: Caller, request: Request) -> None:
 
 
 def check_cross_site(ctx: ServerContext, caller: str | None, request: Request) -> None:
-    """A server with no API keys takes work from anyone who can reach it, a browser included: a page on another
-    site could start generations on a server at localhost with a plain form or image request. Browsers say so
-    (`Sec-Fetch-Site: cross-site`; other clients send no such header): refused unless the page's origin is one
-    the operator allowed (WANSERVE_CORS_ORIGINS). With API keys a request needs a key anyway."""
-    if caller is not None or request.headers.get("sec-fetch-site") != "cross-site":
+    """A server with no API keys takes work from anyone who can reach it, a browser included: a page of another
+    origin could start generations on a server at localhost with a plain form or image request. Browsers say so:
+    `Sec-Fetch-Site` is `cross-site`, or `same-site` for another port or subdomain of the same site; a browser too old
+    to send it still sends the page's `Origin` with a POST, which then names another host than the request's. Other
+    clients send neither. Refused unless the page's origin is one the operator allowed (WANSERVE_CORS_ORIGINS). With
+    API keys a request needs a key anyway."""
+    if caller is not None or not _from_another_origin(request):
         return
     allowed = ctx.settings.cors_origins
     if "*" in allowed or request.headers.get("origin") in allowed:
@@ -128,6 +131,21 @@ def check_cross_site(ctx: ServerContext, caller: str | None, request: Request) -
         "a page on another site may not create work on this server (it has no API keys): "
         "allow its origin with WANSERVE_CORS_ORIGINS, or set API keys"
     )
+
+
+def _from_another_origin(request: Request) -> bool:
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("cross-site", "same-site")
+    origin = request.headers.get("origin")
+    if origin is None:  # not a browser's cross-origin request
+        return False
+    try:
+        page = urlsplit(origin).netloc.lower()
+    except ValueError:
+        return True
+    # Host and port only: behind a proxy that ends TLS the page is https and this server sees http.
+    return not page or page != request.headers.get("host", "").lower()
 
 
 async def limit_reads(ctx: Context, caller: Caller, request_id: str) -> None:
