@@ -401,6 +401,23 @@ def test_hugging_face_hub_unreachable_falls_back_to_the_cache_then_fails_fast(ma
     assert time.monotonic() - started < 30  # never a hang
 
 
+def test_a_hub_error_does_not_tell_where_the_server_keeps_its_cache(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    hf_cache_repo(tmp_path / "hf", "someone/cached", {"x.safetensors": b"cached"})
+
+    def refusing(repo_id: str, filename: str, **kwargs: object) -> str:
+        raise ValueError(f"Invalid path: {kwargs['cache_dir']}/models--{repo_id}/{filename} is outside the repo")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refusing)
+    with pytest.raises(LoraError) as refused:
+        make().resolve("someone/cached", "x.safetensors")
+    message = str(refused.value)
+    assert "ValueError: Invalid path: <cache>/models--someone/cached" in message and str(tmp_path) not in message
+
+
 def test_uses_carry_scale_experts_and_a_short_label(http: FileServer, make: Make) -> None:
     http.files["/l.safetensors"] = b"l"
     long_data = "data:application/octet-stream;base64," + base64.b64encode(os.urandom(300)).decode()

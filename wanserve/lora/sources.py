@@ -367,7 +367,18 @@ class LoraResolver:
             raise LoraError(f"{where} is not in this server's Hugging Face cache and {why}") from None
         except Exception as exc:  # RepositoryNotFound, gated repos, HTTP and network errors
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise LoraError(f"{where}: {type(exc).__name__}: {first_line[:300]}") from None
+            raise LoraError(f"{where}: {type(exc).__name__}: {self._without_cache_path(first_line)[:300]}") from None
+
+    def _without_cache_path(self, text: str) -> str:
+        """The library's own message, without the server's cache folder in it (a refused file name is reported
+        with the path it would have had there): the caller learns what went wrong, not where this server keeps
+        files."""
+        from huggingface_hub import constants
+
+        for folder in sorted({str(self.settings.hf_cache_dir or ""), str(constants.HF_HUB_CACHE)}, key=len)[::-1]:
+            if folder:
+                text = text.replace(folder, "<cache>")
+        return text
 
     def _hub_pick_online(self, repo_id: str, weight_name: str | None) -> tuple[str, bool]:
         """The file to use (the only .safetensors when `weight_name` is None), checked against the size cap, and
