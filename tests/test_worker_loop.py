@@ -318,6 +318,24 @@ def test_a_retry_removes_the_video_that_a_dead_attempt_stored_but_never_reported
     assert files.stat(key, time.time()).size == done.output["video"]["file_size"]
 
 
+def test_a_job_failed_after_its_last_attempt_leaves_no_unreported_video(tmp_path: Path) -> None:
+    """No later attempt comes to remove what the last one stored but never reported: the recovery that fails the
+    job does (the supervisor, a GPU group, the API's lease housekeeping), and leaves other jobs' videos alone."""
+    settings = Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10)
+    store, files = open_job_store(settings), open_file_store(settings)
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    job = store.claim("w1", 10, time.time())
+    assert job is not None and job.attempts == 1
+    files.put(output_key("j1", 1), b"video of the last attempt", "video/mp4", None, time.time())
+    files.put(output_key("j2", 1), b"another job's video", "video/mp4", None, time.time())
+    assert recover_lost_jobs(store, ["w1"], max_attempts=1, files=files) == ["j1"]
+    failed = store.get("j1")
+    assert failed is not None and failed.state is JobState.COMPLETED and failed.failure is not None
+    with pytest.raises(FileNotFound):
+        files.stat(output_key("j1", 1), time.time())
+    assert files.stat(output_key("j2", 1), time.time()).size == len(b"another job's video")
+
+
 class FlakyStore:
     """A store whose calls named in `failures` raise ConnectionError (or `error`) that many times first (a store
     outage longer than its client's own retries)."""

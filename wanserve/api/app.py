@@ -91,7 +91,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     """The app for `settings` (whose `public_url` should be set: workers build output URLs from it)."""
     settings = without_plain_keys(settings)  # from here on, only the keys' hashes are kept
     ctx = build_context(settings)
-    supervisor = WorkerSupervisor(settings, ctx.store, settings.workers if workers is None else workers)
+    supervisor = WorkerSupervisor(settings, ctx.store, settings.workers if workers is None else workers, ctx.files)
     dispatcher = WebhookDispatcher(
         ctx.store,
         ctx.webhook_signer,
@@ -103,7 +103,9 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         output_urls=lambda output: files.with_file_urls(ctx, output),
     )
     last_sweep = [0.0]
-    lease_recovery = LeaseRecovery(ctx.store, settings.job_lease_s, settings.job_max_attempts, HOUSEKEEPING_S)
+    lease_recovery = LeaseRecovery(
+        ctx.store, settings.job_lease_s, settings.job_max_attempts, HOUSEKEEPING_S, files=ctx.files
+    )
 
     async def housekeeping() -> None:
         # store.now() may ask the store (Redis's clock): in the thread too, never on the event loop.

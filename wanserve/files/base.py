@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -103,6 +104,17 @@ def output_key(job_id: str, attempt: int) -> str:
     request id, whose result already names the file (and with API keys on, files need signed URLs anyway)."""
     digest = hashlib.sha256(f"{job_id}\n{attempt}".encode()).hexdigest()[:32]
     return f"{digest}/{safe_file_name(f'{job_id}.mp4')}"
+
+
+def delete_outputs(files: FileStore, job_id: str, attempts: Iterable[int]) -> None:
+    """Removes what these attempts of a job may have stored but never reported (their worker died in between):
+    referenced by nothing, such a video would stay in the store for ever. A store outage leaves them, logged: not
+    worth failing anything for."""
+    for attempt in attempts:
+        try:
+            files.delete(output_key(job_id, attempt))
+        except Exception as exc:
+            log.warning("job %s: could not remove attempt %d's unreported video: %s", job_id, attempt, exc)
 
 
 def check_key(key: str) -> str:

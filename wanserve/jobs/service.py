@@ -23,7 +23,7 @@ from wanserve.errors import (
     StillInProgress,
     TooManyQueued,
 )
-from wanserve.files.base import lifecycle_expiry, parse_lifecycle_header
+from wanserve.files.base import FileStore, delete_outputs, lifecycle_expiry, parse_lifecycle_header
 from wanserve.files.inputs import HostNotResolved, check_public_url, submit_lookup_deadline
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.limits import check_input_limits
@@ -320,11 +320,16 @@ def visible_to(job: Job, owner: str | None) -> bool:
 
 
 def recover_lost_jobs(
-    store: JobStore, dead_workers: list[str], max_attempts: int, expired_leases: bool = False
+    store: JobStore,
+    dead_workers: list[str],
+    max_attempts: int,
+    expired_leases: bool = False,
+    files: FileStore | None = None,
 ) -> list[str]:
     """Requeues the running jobs of dead workers, and with `expired_leases` those whose lease ran out; fails those
-    out of attempts. Expired leases are the housekeeping's to judge (`LeaseRecovery`, which holds off after an
-    outage): a supervisor that saw its own worker exit takes that worker's jobs only."""
+    out of attempts, removing from `files` any video their attempts stored but never reported (no later attempt
+    will, as it does for its earlier ones). Expired leases are the housekeeping's to judge (`LeaseRecovery`, which
+    holds off after an outage): a supervisor that saw its own worker exit takes that worker's jobs only."""
     now = store.now()
     failed = []
     # Epoch 0 as the lease cutoff: no lease ran out before it, so only the dead workers' jobs come back.
@@ -335,6 +340,8 @@ def recover_lost_jobs(
         # As the worker that held it: if it was handed back and claimed again meanwhile, the new run is left alone.
         if store.finish(job.id, now, worker_id=job.worker_id, failure=failure):
             failed.append(job.id)
+            if files is not None:
+                delete_outputs(files, job.id, range(1, job.attempts + 1))
     return failed
 
 
@@ -361,8 +368,10 @@ class LeaseRecovery:
         max_attempts: int,
         pass_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        files: FileStore | None = None,
     ) -> None:
         self.store, self.lease_s, self.max_attempts, self.clock = store, lease_s, max_attempts, clock
+        self.files = files
         # A gap between passes longer than this means workers may have missed a heartbeat.
         self.max_gap_s = max(lease_s / 4, 3 * pass_interval_s)
         self._held_until = -math.inf
@@ -395,7 +404,7 @@ class LeaseRecovery:
         self._failed, self._last = False, (now, mono)
         if mono < self._held_until:
             return []
-        return recover_lost_jobs(self.store, [], self.max_attempts, expired_leases=True)
+        return recover_lost_jobs(self.store, [], self.max_attempts, expired_leases=True, files=self.files)
 
     def _hold(self, mono: float, why: str, quiet: bool = False) -> None:
         self._held_until = mono + self.lease_s

@@ -474,12 +474,13 @@ class WorkerGroup:
 
     def _recover(self) -> None:
         """A job the group still held when it ended goes back to the queue (or fails after its last attempt)."""
-        from wanserve.backends import open_job_store
+        from wanserve.backends import open_file_store, open_job_store
         from wanserve.jobs.service import recover_lost_jobs
 
         try:
             store = open_job_store(self.settings)
-            failed = recover_lost_jobs(store, [self.worker_id], self.settings.job_max_attempts)
+            files = open_file_store(self.settings)
+            failed = recover_lost_jobs(store, [self.worker_id], self.settings.job_max_attempts, files=files)
             store.remove_worker(self.worker_id)
         except Exception:
             log.exception("worker %s: could not hand back its jobs; their leases will expire", self.worker_id)

@@ -36,7 +36,7 @@ from wanserve.errors import (
     exception_chain,
     is_out_of_memory,
 )
-from wanserve.files.base import FileStore, StoredFile, file_ref, lifecycle_expiry, output_key
+from wanserve.files.base import FileStore, StoredFile, delete_outputs, file_ref, lifecycle_expiry, output_key
 from wanserve.files.space import is_disk_full
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.model import Failure, Job, JobState, LogLevel, WorkerInfo, cancelled_failure, settled
@@ -365,11 +365,7 @@ class Worker:
     def _discard_earlier_outputs(self, job: Job) -> None:
         """A video that an earlier attempt stored but never reported (its worker died in between) is referenced by
         nothing: remove it rather than leave it in the store for ever. Failing to is not worth failing the job."""
-        for attempt in range(1, job.attempts):
-            try:
-                self.files.delete(output_key(job.id, attempt))
-            except Exception as exc:  # a store outage: the file stays, as before
-                log.warning("job %s: could not remove attempt %d's unreported video: %s", job.id, attempt, exc)
+        delete_outputs(self.files, job.id, range(1, job.attempts))
 
     def _is_cancelled(self, job: Job) -> bool:
         if self._lease_lost_run == (job.id, job.attempts):

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from wanserve.config import Settings
+from wanserve.files.base import FileStore
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.store.base import JobStore
 from wanserve.worker.processes import pid_alive, process_space
@@ -53,9 +54,11 @@ class _Slot:
 
 
 class WorkerSupervisor:
-    def __init__(self, settings: Settings, store: JobStore, count: int) -> None:
+    def __init__(self, settings: Settings, store: JobStore, count: int, files: FileStore | None = None) -> None:
+        """`files`: where a job that fails after its last attempt may have left an unreported video."""
         self.settings = settings
         self.store = store
+        self.files = files
         self.slots = [_Slot(i) for i in range(count)]
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a check (and the restart it may do) and stop() never overlap
@@ -77,7 +80,7 @@ class WorkerSupervisor:
             if w.detail.get("pid_space") == space and not pid_alive(int(w.detail.get("pid", 0) or 0))
         ]
         if dead:
-            failed = recover_lost_jobs(self.store, dead, self.settings.job_max_attempts)
+            failed = recover_lost_jobs(self.store, dead, self.settings.job_max_attempts, files=self.files)
             for worker_id in dead:
                 self.store.remove_worker(worker_id)
             log.warning(
@@ -122,7 +125,7 @@ class WorkerSupervisor:
             if code is None:
                 return
             log.error("worker %s exited with code %s", slot.worker_id, code)
-            failed = recover_lost_jobs(self.store, [slot.worker_id], self.settings.job_max_attempts)
+            failed = recover_lost_jobs(self.store, [slot.worker_id], self.settings.job_max_attempts, files=self.files)
             self.store.remove_worker(slot.worker_id)
             if failed:
                 log.error("failed %d job(s) after their last attempt: %s", len(failed), ", ".join(failed))
@@ -154,6 +157,6 @@ class WorkerSupervisor:
             self._thread.join()
         # A child that had to be killed leaves its job running: hand it back now, not after its lease.
         ids = [slot.worker_id for slot in self.slots if slot.worker_id]
-        recover_lost_jobs(self.store, ids, self.settings.job_max_attempts)
+        recover_lost_jobs(self.store, ids, self.settings.job_max_attempts, files=self.files)
         for worker_id in ids:
             self.store.remove_worker(worker_id)
