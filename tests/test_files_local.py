@@ -21,6 +21,7 @@ import wanserve.files.local as local_mod
 from wanserve.errors import FileNotFound, InvalidFileKey, InvalidUpload
 from wanserve.files.base import (
     ABANDONED_UPLOAD_S,
+    StoredFile,
     check_key,
     lifecycle_expiry,
     new_key,
@@ -252,6 +253,25 @@ def test_sweep_expired_deletes_only_expired(fs: LocalFileStore) -> None:
     for key in alive:
         assert fs.stat(key, T0 + 10).size == 3
     assert fs.sweep_expired(T0 + 10) == 0
+
+
+def test_the_sweep_spares_a_key_written_again_after_it_read_the_metadata(
+    fs: LocalFileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second PUT to an expired key's upload URL lands between the sweep's reading of the old metadata and its
+    deletion: the new file stays (the sweep deleted the whole key before)."""
+    key = new_key("clip.mp4")
+    fs.put(key, b"old", "video/mp4", T0 + 10, T0)
+    sweep_reads = fs._delete_expired
+
+    def rewritten_meanwhile(stored: StoredFile, now: float) -> bool:
+        fs.put(key, b"new file", "video/mp4", None, T0 + 20)
+        return sweep_reads(stored, now)
+
+    monkeypatch.setattr(fs, "_delete_expired", rewritten_meanwhile)
+    assert fs.sweep_expired(T0 + 30) == 0
+    with fs.open(key) as f:
+        assert f.read() == b"new file"
 
 
 def test_sweep_skips_corrupt_metadata(fs: LocalFileStore) -> None:

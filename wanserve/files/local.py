@@ -248,8 +248,7 @@ class LocalFileStore:
                 stored = StoredFile.from_json(meta.read_text())
             except (OSError, ValueError, TypeError):
                 continue
-            if stored.expires_at is not None and stored.expires_at <= now:
-                self.delete(stored.key)
+            if stored.expires_at is not None and stored.expires_at <= now and self._delete_expired(stored, now):
                 deleted += 1
         # Leftovers: multipart uploads never completed, temporary files of writes a crash interrupted.
         for stale, max_age in ((self._multipart, ABANDONED_UPLOAD_S), (self._tmp, ABANDONED_UPLOAD_S)):
@@ -271,6 +270,22 @@ class LocalFileStore:
             except (OSError, InvalidFileKey):
                 continue
         return deleted
+
+    def _delete_expired(self, stored: StoredFile, now: float) -> bool:
+        """Deletes the expired version `stored` of its key, unless the key was written again since its metadata was
+        read (a second PUT to an upload URL): the metadata is read again first, and only that version's object is
+        removed, so a write committing meanwhile keeps the object it has just placed (a version no metadata names
+        is the orphan sweep's, REPLACED_VERSION_S on)."""
+        try:
+            current = self._read_meta(stored.key)
+        except (FileNotFound, ValueError, TypeError):
+            return False
+        if current.version != stored.version or current.expires_at is None or current.expires_at > now:
+            return False
+        self._meta_path(stored.key).unlink(missing_ok=True)
+        self._object(stored.key, stored.version).unlink(missing_ok=True)
+        self._remove_empty_dirs(stored.key)
+        return True
 
     def _names(self, obj: Path) -> bool:
         """Whether the key's metadata names this object file as its current version."""
