@@ -305,10 +305,13 @@ def fetch_if_changed(
 
 class _DeadlineStream(httpcore.NetworkStream):
     """A connection whose every read and write must end by `deadline` (monotonic): httpx's timeouts bound each
-    read alone, so a server sending its headers a byte at a time could hold a download for ever."""
+    read alone, so a server sending its headers a byte at a time could hold a download for ever. `tls_names` maps a
+    pinned address to the name its TLS is for: through a proxy's tunnel httpcore verifies the server's certificate
+    against the address the request names (ours, pinned), ignoring the request's `sni_hostname`, so HTTPS through
+    HTTPS_PROXY would always fail."""
 
-    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
-        self._inner, self._deadline = inner, deadline
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float, tls_names: dict[str, str]) -> None:
+        self._inner, self._deadline, self._tls_names = inner, deadline, tls_names
 
     def _left(self, timeout: float | None) -> float:
         left = self._deadline - time.monotonic()
@@ -328,16 +331,17 @@ class _DeadlineStream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, self._left(timeout))
-        return _DeadlineStream(tls, self._deadline)
+        name = self._tls_names.get(server_hostname, server_hostname) if server_hostname else server_hostname
+        tls = self._inner.start_tls(ssl_context, name, self._left(timeout))
+        return _DeadlineStream(tls, self._deadline, self._tls_names)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self, inner: httpcore.NetworkBackend, deadline: float) -> None:
-        self._inner, self._deadline = inner, deadline
+    def __init__(self, inner: httpcore.NetworkBackend, deadline: float, tls_names: dict[str, str]) -> None:
+        self._inner, self._deadline, self._tls_names = inner, deadline, tls_names
 
     def connect_tcp(
         self,
@@ -350,36 +354,38 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         left = max(self._deadline - time.monotonic(), 0.0)
         stream = self._inner.connect_tcp(host, port, left if timeout is None else min(timeout, left), local_address,
                                          socket_options)  # fmt: skip
-        return _DeadlineStream(stream, self._deadline)
+        return _DeadlineStream(stream, self._deadline, self._tls_names)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.connect_unix_socket(path, timeout, socket_options), self._deadline)
+        unix = self._inner.connect_unix_socket(path, timeout, socket_options)
+        return _DeadlineStream(unix, self._deadline, self._tls_names)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
 
 
-def _deadline_transport(deadline: float, proxy: str | None = None) -> httpx.HTTPTransport:
+def _deadline_transport(deadline: float, tls_names: dict[str, str], proxy: str | None = None) -> httpx.HTTPTransport:
     """httpx's own transport (through `proxy` if any), its connections bounded by `deadline`. No kept-alive
     connections either: a pinned request names the checked address, and a pooled connection is found by address
     alone, so a redirect to another host on the same address would reuse a TLS session verified for the first."""
     transport = httpx.HTTPTransport(proxy=proxy, limits=httpx.Limits(max_keepalive_connections=0))
     pool = transport._pool  # httpcore's pool (a proxy's too): httpx (>=0.27, <1) cannot be given a network backend
-    pool._network_backend = _DeadlineBackend(pool._network_backend, deadline)
+    pool._network_backend = _DeadlineBackend(pool._network_backend, deadline, tls_names)
     return transport
 
 
-def _deadline_client(deadline: float, timeout_s: float) -> httpx.Client:
+def _deadline_client(deadline: float, timeout_s: float, tls_names: dict[str, str]) -> httpx.Client:
     """A client as httpx would make it (HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment, which httpx
-    reads only when it builds the transports itself), with every transport bounded by `deadline`."""
+    reads only when it builds the transports itself), with every transport bounded by `deadline` and verifying TLS
+    for the names in `tls_names` (pinned address -> name), which the caller fills as it pins."""
     mounts = {
-        pattern: _deadline_transport(deadline, proxy)
+        pattern: _deadline_transport(deadline, tls_names, proxy)
         for pattern, proxy in get_environment_proxies().items()  # the patterns httpx itself would mount
     }
     return httpx.Client(
-        timeout=timeout_s, follow_redirects=False, transport=_deadline_transport(deadline), mounts=mounts
+        timeout=timeout_s, follow_redirects=False, transport=_deadline_transport(deadline, tls_names), mounts=mounts
     )
 
 
@@ -419,7 +425,8 @@ def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[byt
 
 def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | None) -> Fetched:
     deadline = time.monotonic() + policy.timeout_s
-    with _deadline_client(deadline, policy.timeout_s) as client:
+    tls_names: dict[str, str] = {}
+    with _deadline_client(deadline, policy.timeout_s, tls_names) as client:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 parts = urlsplit(url)
@@ -430,6 +437,8 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
                 raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
             # The lookup counts against the deadline too: a slow resolver cannot stretch a download.
             target = pin_public_url(url, policy.allow_private, deadline - time.monotonic())
+            if "sni_hostname" in target.extensions:  # the tunnel of an HTTPS proxy checks TLS against this name
+                tls_names[urlsplit(target.url).hostname or ""] = target.extensions["sni_hostname"]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
