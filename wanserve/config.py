@@ -248,7 +248,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Free space uploads leave on the disk they are written to (the local file store's, or the temp "
         "dir that stages uploads for S3): one that would go below it is refused with 507 `storage_full`, so that "
-        "uploads never take the room results and the job database need.",
+        "uploads never take the room results and the job database need. Each upload checks it as it starts (for "
+        "its declared size) and every 64 MiB of a body without one, not against the others running at once, which "
+        "can together go below it: size it for the uploads you expect at once.",
     )
     max_body_bytes: int = Field(
         1024**2,
