@@ -54,6 +54,29 @@ def claimed_by_a_worker(settings: Settings, job_input: dict[str, Any] | None = N
     return store, worker, job
 
 
+def test_a_worker_says_when_its_safety_checker_has_nothing_to_check_with(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """enable_safety_checker is on by default, and checks nothing until the operator configures a term list or a
+    classifier: the worker's start says so, and /ready's worker details show what the checks do."""
+    with caplog.at_level("WARNING", logger="wanserve.engine.prompt_gate"):
+        _store, worker, _job = claimed_by_a_worker(Settings(data_dir=tmp_path, public_url="http://test"))
+    assert any("nothing to check with" in r.getMessage() for r in caplog.records)
+    assert (worker._detail["safety_checker"], worker._detail["prompt_expansion"]) == (
+        "nothing configured",
+        "not configured",
+    )
+    terms = tmp_path / "terms.txt"
+    terms.write_text("forbidden\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wanserve.engine.prompt_gate"):
+        _store, worker, _job = claimed_by_a_worker(
+            Settings(data_dir=tmp_path / "b", public_url="http://test", safety_terms_file=terms)
+        )
+    assert not any("nothing to check with" in r.getMessage() for r in caplog.records)
+    assert worker._detail["safety_checker"] == "term policy"
+
+
 def test_a_job_taken_back_from_a_worker_runs_normally_when_that_worker_claims_it_again(tmp_path: Path) -> None:
     store, worker, _first = claimed_by_a_worker(Settings(data_dir=tmp_path, public_url="http://test", job_lease_s=10))
     worker._lease_lost_run = ("j1", 1)  # what the heartbeat records when the store gave the job away

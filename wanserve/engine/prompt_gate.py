@@ -16,7 +16,7 @@ from wanserve.engine.prompt_expansion import (
     expand_with_deadline,
     expander_from_settings,
 )
-from wanserve.engine.safety import SafetyChecker
+from wanserve.engine.safety import NOTHING_CONFIGURED, SafetyChecker
 from wanserve.errors import ContentPolicyViolation
 from wanserve.jobs.model import LogLevel
 from wanserve.schema import WanT2VRequest
@@ -38,6 +38,17 @@ class PromptGate:
         except Exception as exc:  # a broken expansion model must not keep the videos from being made
             self.expander_error = f"{type(exc).__name__}: {exc}"
             log.error("prompt expansion is unavailable: %s", self.expander_error)
+        if self.safety.describe() == NOTHING_CONFIGURED:
+            # enable_safety_checker is on by default: an operator must know that it checks nothing yet.
+            log.warning(
+                "the safety checker has nothing to check with (set WANSERVE_SAFETY_TERMS_FILE, "
+                "WANSERVE_SAFETY_TEXT_MODEL or WANSERVE_SAFETY_IMAGE_MODEL): requests pass unchecked"
+            )
+
+    def describe(self) -> dict[str, str]:
+        """What the checks do here, for the worker's advertised detail (/ready)."""
+        expansion = self.expander.description if self.expander is not None else self.expander_error or "not configured"
+        return {"safety_checker": self.safety.describe(), "prompt_expansion": expansion}
 
     def checks(self, request: WanT2VRequest) -> bool:
         """Whether the safety checker looks at this request (the operator may force it on)."""

@@ -122,6 +122,9 @@ def _flagged(scores: list[dict[str, Any]], labels: list[str], threshold: float) 
     return None
 
 
+NOTHING_CONFIGURED = "nothing configured"
+
+
 class SafetyChecker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -137,7 +140,7 @@ class SafetyChecker:
             parts.append("text classifier")
         if self.settings.safety_image_model is not None:
             parts.append(f"image classifier on {self.settings.safety_frames} frames")
-        return ", ".join(parts) or "nothing configured"
+        return ", ".join(parts) or NOTHING_CONFIGURED
 
     @property
     def checks_output(self) -> bool:

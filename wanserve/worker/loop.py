@@ -238,6 +238,7 @@ class Worker:
         from wanserve.engine.prompt_gate import PromptGate
 
         self._prompts = PromptGate(self.settings)
+        self._detail.update(self._prompts.describe())
 
     def run(self, stop_when: Callable[[], bool] = lambda: False) -> None:
         """Loads the model, then runs jobs until `stop()` or `stop_when()`."""
