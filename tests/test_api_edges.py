@@ -157,6 +157,19 @@ def test_unknown_get_routes_are_404_and_the_jwks_is_also_where_fal_serves_it(cli
     assert proxied.status_code == 200 and proxied.json() == jwks
 
 
+def test_a_temporary_token_request_says_what_is_not_served(client: TestClient) -> None:
+    """The clients' realtime and client-mode streams first POST rest.fal.ai/tokens/: a clear 404, not the queue's
+    "unknown endpoint rest/tokens/", and no job."""
+    queued = client.app.state.context.store.queued_count()  # type: ignore[attr-defined]
+    for answer in (
+        client.post("/rest/tokens/", json={"allowed_apps": ["wan-22"], "token_expiration": 120}),
+        client.post("/api/fal/proxy", json={}, headers={"x-fal-target-url": "https://rest.alpha.fal.ai/tokens/"}),
+    ):
+        assert answer.status_code == 404 and answer.json()["error_type"] == "not_found", answer.text
+        assert "temporary tokens are not issued here" in answer.json()["detail"]
+    assert client.app.state.context.store.queued_count() == queued  # type: ignore[attr-defined]
+
+
 def test_a_file_is_never_cached_past_its_expiry(client: TestClient) -> None:
     lifecycle = {"x-fal-object-lifecycle-preference": json.dumps({"expiration_duration_seconds": 60})}
     for headers, longest in (({}, 3600), (lifecycle, 60)):

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from wanserve import __version__
 from wanserve.api.context import Context, ServerContext
 from wanserve.api.metrics import live_workers
+from wanserve.errors import NotFound
 from wanserve.jobs.model import WorkerInfo
 from wanserve.jobs.service import visible_to
 
@@ -62,6 +63,18 @@ def metrics(ctx: Context, authorization: Annotated[str | None, Header()] = None)
     if not ctx.settings.metrics_open:
         ctx.api_keys.check(authorization)
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# The official clients ask rest.fal.ai/tokens/ (the proxy route's /rest/tokens/) for a short-lived token before a
+# realtime connection or a browser's client-mode stream; the queue's catch-all submit route would answer it as an
+# unknown endpoint named "rest/tokens/".
+@router.post("/rest/tokens/", include_in_schema=False)
+@router.post("/rest/tokens", include_in_schema=False)
+def temporary_tokens() -> None:
+    raise NotFound(
+        "temporary tokens are not issued here: Wan 2.2 text-to-video has no realtime endpoint, and streams take "
+        "the API key (connectionMode 'server', the default, or a server-side proxy)"
+    )
 
 
 # fal serves it from rest.alpha.fal.ai, which the proxy route maps to /rest.
