@@ -46,7 +46,7 @@ class LowbitKernel(StrEnum):
     """`fast`'s low-bit self-attention."""
 
     INT8 = "int8"  # our Triton kernel: INT8 scores (per-token scales), FP16 P.V
-    FP8 = "fp8"  # cuDNN's fused FP8 attention (per-tensor scales), Hopper and newer, `nvidia-cudnn-frontend`
+    FP8 = "fp8"  # cuDNN's fused FP8 attention (per-tensor scales), sm_90 and sm_100, `nvidia-cudnn-frontend`
 
 
 # Caps this process put on its own GPU memory (cap_gpu_memory), by device index: the allocator enforces them, but

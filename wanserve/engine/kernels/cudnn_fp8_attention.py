@@ -1,5 +1,6 @@
 """FP8 self-attention by cuDNN's fused SDPA (`pip install 'wanserve[cudnn-fp8]'`: NVIDIA's `nvidia-cudnn-frontend`
-graph API over the cuDNN library that PyTorch ships), a candidate for the `fast` preset on Hopper and newer.
+graph API over the cuDNN library that PyTorch ships), a candidate for the `fast` preset on Hopper and data-centre
+Blackwell (sm_90, sm_100).
 
 q, k and v arrive in FP8 (e4m3) with one descale each (`fp8.quantize_fp8_attention_inputs`, which the compiled
 block runs); cuDNN forms the scores in FP8 tensor-core GEMMs, keeps the online softmax in float32, rounds the
