@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -142,6 +143,20 @@ def test_files_support_range_requests_and_expire(server: Server) -> None:
     missing = httpx.get(url.rsplit("/", 1)[0] + "/other.mp4")
     assert missing.status_code == 404 and missing.json()["error_type"] == "file_not_found"
     assert httpx.get(f"{server.url}/files/..%2F..%2Fjobs.sqlite3").status_code in (400, 404)
+
+
+def test_a_kept_alive_connection_outlasts_the_clients_own_keep_alive(server: Server) -> None:
+    """httpx (under both fal clients) keeps an idle connection 5 s: the server keeps it longer, so a poll sent after
+    a pause of about that long never lands on a connection the server is closing (uvicorn's own limit was 5 s, and
+    such a poll failed: "Server disconnected without sending a response")."""
+    port = int(server.url.rsplit(":", 1)[1])
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            sock.sendall(request)
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), (pause, answer[:100])
 
 
 def test_health_ready_metrics_openapi_jwks(server: Server) -> None:

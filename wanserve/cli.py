@@ -217,7 +217,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from wanserve.api.app import create_app
     from wanserve.api.security import hash_key, is_loopback_host, read_or_create_secret, without_plain_keys
-    from wanserve.api.timeouts import http_protocol
+    from wanserve.api.timeouts import KEEP_ALIVE_S, http_protocol
 
     _files_private_to_this_user()
     if settings.port == 0:
@@ -270,6 +270,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         http=http_protocol(settings.request_header_timeout_s),
+        timeout_keep_alive=int(KEEP_ALIVE_S),
         log_config=None,  # uvicorn's lines in this process's one format (logsetup)
         log_level="debug" if args.verbose else "info",
         access_log=args.access_log,

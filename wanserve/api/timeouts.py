@@ -111,6 +111,13 @@ def with_header_timeout(base: type[Any], header_timeout_s: float) -> type[Any]:
     return HeaderTimeoutProtocol
 
 
+# How long an idle kept-alive connection stays open. Longer than the clients keep theirs (httpx, under both fal
+# clients and ours: 5 s; Node's fetch: 4 s), so that it is always the client that lets one go: with uvicorn's own
+# 5 s, a poll sent on a connection the server was closing at that moment failed with "Server disconnected without
+# sending a response". The header time limit (re-armed after each answer) still bounds what an idle client holds.
+KEEP_ALIVE_S = 20.0
+
+
 def http_protocol(header_timeout_s: float) -> type[Any]:
     """The protocol uvicorn's "auto" picks (httptools if installed, else h11), with the header time limit."""
     try:
