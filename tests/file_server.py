@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import socketserver
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -69,7 +70,14 @@ def running_file_server() -> Iterator[FileServer]:
 @contextmanager
 def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """`handler` answering on a loopback port for as long as the context lasts; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with running(ThreadingHTTPServer(("127.0.0.1", 0), handler)) as base:
+        yield base
+
+
+@contextmanager
+def running(server: socketserver.ThreadingTCPServer) -> Iterator[str]:
+    """`server` (any threading socket server on loopback) serving on a thread for as long as the context lasts;
+    yields `http://127.0.0.1:<its port>`."""
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()

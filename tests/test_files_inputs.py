@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from file_server import serving
+from file_server import running, serving
 
 import wanserve.files.inputs as inputs
 from wanserve.errors import FileNotFound, InputFetchError
@@ -642,15 +642,8 @@ def _tunnel_proxy(to_port: int, asked: list[str]) -> Iterator[str]:
             back.join(5)
             upstream.close()
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Tunnel)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with running(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Tunnel)) as base:
+        yield base
 
 
 def test_https_downloads_go_through_the_environments_proxy_verified_for_their_host(
@@ -667,8 +660,6 @@ def test_https_downloads_go_through_the_environments_proxy_verified_for_their_ho
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     tls_server.socket = context.wrap_socket(tls_server.socket, server_side=True)
-    tls_server.daemon_threads = True
-    threading.Thread(target=tls_server.serve_forever, args=(0.02,), daemon=True).start()
     port = tls_server.server_address[1]
     real = socket.getaddrinfo
     public = _fake_getaddrinfo({"files.example.test": ["93.184.216.34"]})
@@ -678,15 +669,11 @@ def test_https_downloads_go_through_the_environments_proxy_verified_for_their_ho
 
     monkeypatch.setattr(socket, "getaddrinfo", resolving)
     asked: list[str] = []
-    try:
-        with _tunnel_proxy(port, asked) as proxy:
-            monkeypatch.setenv("HTTPS_PROXY", proxy)
-            monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-            for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-                monkeypatch.delenv(name, raising=False)
-            fetch_input(f"https://files.example.test:{port}/lora.safetensors", dest, fs, FetchPolicy(timeout_s=5.0))
-    finally:
-        tls_server.shutdown()
-        tls_server.server_close()
+    with running(tls_server), _tunnel_proxy(port, asked) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        fetch_input(f"https://files.example.test:{port}/lora.safetensors", dest, fs, FetchPolicy(timeout_s=5.0))
     assert dest.read_bytes() == SMALL and served == ["/lora.safetensors"]
     assert asked == [f"CONNECT 93.184.216.34:{port} HTTP/1.1"]
