@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from file_server import running, serving
+from file_server import running, serving, tls_http_server, tunnel_proxy
 
 import wanserve.files.inputs as inputs
 from wanserve.errors import FileNotFound, InputFetchError
@@ -580,86 +580,15 @@ def test_downloads_go_through_the_environments_proxy_as_httpx_would(
         assert len(asked) == 1
 
 
-def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
-    """A certificate for `name`, its own authority, and its key (PEM files)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
-@contextlib.contextmanager
-def _tunnel_proxy(to_port: int, asked: list[str]) -> Iterator[str]:
-    """An HTTP proxy that answers each CONNECT (recording its target) by tunnelling to 127.0.0.1:`to_port`."""
-    import socketserver
-
-    class Tunnel(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = self.request.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            asked.append(head.split(b"\r\n", 1)[0].decode())
-            upstream = socket.create_connection(("127.0.0.1", to_port))
-            self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-            def pipe(src: socket.socket, dst: socket.socket) -> None:
-                with contextlib.suppress(OSError):
-                    while data := src.recv(65536):
-                        dst.sendall(data)
-                with contextlib.suppress(OSError):
-                    dst.shutdown(socket.SHUT_WR)
-
-            back = threading.Thread(target=pipe, args=(upstream, self.request), daemon=True)
-            back.start()
-            pipe(self.request, upstream)
-            back.join(5)
-            upstream.close()
-
-    with running(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Tunnel)) as base:
-        yield base
-
-
 def test_https_downloads_go_through_the_environments_proxy_verified_for_their_host(
     fs: LocalFileStore, dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """HTTPS_PROXY: the proxy is asked to connect to the address this server checked (pinned), and TLS is verified
     for the URL's host name: httpcore's tunnel would verify the certificate against that address, and every HTTPS
     download through a proxy failed."""
-    import ssl
-
-    cert, key = _self_signed(tmp_path, "files.example.test")
     served: list[str] = []
-    tls_server = ThreadingHTTPServer(("127.0.0.1", 0), answering(SMALL, lambda req: served.append(req.path)))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    tls_server.socket = context.wrap_socket(tls_server.socket, server_side=True)
+    handler = answering(SMALL, lambda req: served.append(req.path))
+    tls_server, cert = tls_http_server(tmp_path, "files.example.test", handler)
     port = tls_server.server_address[1]
     real = socket.getaddrinfo
     public = _fake_getaddrinfo({"files.example.test": ["93.184.216.34"]})
@@ -669,7 +598,7 @@ def test_https_downloads_go_through_the_environments_proxy_verified_for_their_ho
 
     monkeypatch.setattr(socket, "getaddrinfo", resolving)
     asked: list[str] = []
-    with running(tls_server), _tunnel_proxy(port, asked) as proxy:
+    with running(tls_server), tunnel_proxy(port, asked) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy)
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):

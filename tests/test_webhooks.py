@@ -22,9 +22,10 @@ import httpx
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from file_server import serving
+from file_server import running, serving, tls_http_server, tunnel_proxy
 
 from wanserve.config import Settings
+from wanserve.files.inputs import pinned_async_client
 from wanserve.jobs.model import Failure, Job, JobState, NewJob, Priority
 from wanserve.logsetup import OneLineFormatter
 from wanserve.store.sqlite import SQLiteJobStore
@@ -249,7 +250,7 @@ def dispatcher(store: SQLiteJobStore, signer: WebhookSigner, **kw: Any) -> Webho
 
 def deliver(d: WebhookDispatcher) -> int:
     async def run() -> int:
-        async with httpx.AsyncClient() as client:
+        async with pinned_async_client(d.timeout_s) as client:  # the server's own
             started = await d.deliver_due(client)
             await d.drain()
             return started
@@ -405,6 +406,47 @@ def test_a_webhook_to_an_internationalised_host_is_sent_with_its_ascii_name(
     assert request.url.host == "93.184.216.34"  # pinned to the checked address
     assert request.headers["host"] == "xn--bcher-kva.example"
     assert request.extensions["sni_hostname"] == "xn--bcher-kva.example"
+    assert store.due_webhooks(time.time() + 10**6) == []  # delivered
+
+
+def test_an_https_webhook_goes_through_the_environments_proxy_verified_for_its_host(
+    store: SQLiteJobStore, signer: WebhookSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY: the proxy is asked to connect to the address checked for the webhook's host (pinned), and TLS is
+    verified for the host's name. httpcore's tunnel would verify the certificate against the pinned address, and
+    every HTTPS webhook through a proxy failed."""
+    received: list[str] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            received.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    tls_server, cert = tls_http_server(tmp_path, "hooks.example.test", Hook)
+    port = tls_server.server_address[1]
+    real = socket.getaddrinfo
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    def resolving(host: str, *args: Any, **kwargs: Any) -> Any:
+        return public if host == "hooks.example.test" else real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolving)
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    asked: list[str] = []
+    finished_job(store, "proxied-1", f"https://hooks.example.test:{port}/hook", output={})
+    with running(tls_server), tunnel_proxy(port, asked) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        assert deliver(dispatcher(store, signer, allow_private=False)) == 1
+    assert asked == [f"CONNECT 93.184.216.34:{port} HTTP/1.1"]
+    assert received == ["/hook"]
     assert store.due_webhooks(time.time() + 10**6) == []  # delivered
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from wanserve.errors import InputFetchError, PrivateAddress
-from wanserve.files.inputs import pin_public_url
+from wanserve.files.inputs import pin_public_url, verifying_tls_for
 from wanserve.jobs.model import Job
 from wanserve.keyfiles import read_or_create
 from wanserve.store.base import JobStore
@@ -145,8 +145,9 @@ class WebhookDispatcher:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
 
     async def deliver_due(self, client: httpx.AsyncClient) -> int:
-        """Starts a delivery for each due webhook not already in flight (a slow receiver holds up only its
-        own webhooks); returns how many started. `drain()` waits for them."""
+        """Starts a delivery for each due webhook not already in flight (a slow receiver holds up only its own
+        webhooks), sent with `client` (a `pinned_async_client`); returns how many started. `drain()` waits for
+        them."""
         # Claimed for longer than one delivery can take, so no other loop (or replica) starts it meanwhile.
         # store.now() may ask the store (Redis's clock), so it is read in the thread, never on the event loop.
         due = await asyncio.to_thread(lambda: self.store.claim_due_webhooks(self.store.now(), self.timeout_s + 30, 100))
@@ -219,18 +220,21 @@ class WebhookDispatcher:
         headers = {"Content-Type": "application/json", **self.signer.headers(job.id, self.user_id, body)}
         error: str | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                # Streamed and closed unread: only the status counts, and a receiver's body (a gzip bomb, a
-                # trickle) would otherwise be read whole into this process's memory.
-                async with client.stream(
-                    "POST",
-                    target.url,
-                    content=body,
-                    headers={**headers, "Accept-Encoding": "identity", **target.headers},
-                    extensions=target.extensions,
-                    timeout=self.timeout_s,
-                    follow_redirects=False,  # a redirect is a failure: it could point at a private address
-                ) as response:
+            # Streamed and closed unread: only the status counts, and a receiver's body (a gzip bomb, a trickle)
+            # would otherwise be read whole into this process's memory.
+            with verifying_tls_for(target):
+                async with (
+                    asyncio.timeout_at(deadline),
+                    client.stream(
+                        "POST",
+                        target.url,
+                        content=body,
+                        headers={**headers, "Accept-Encoding": "identity", **target.headers},
+                        extensions=target.extensions,
+                        timeout=self.timeout_s,
+                        follow_redirects=False,  # a redirect is a failure: it could point at a private address
+                    ) as response,
+                ):
                     status = response.status_code
             if not 200 <= status < 300:
                 error = f"receiver answered HTTP {status}"

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -33,6 +32,7 @@ from wanserve.api.timeouts import BodyTimeoutMiddleware
 from wanserve.backends import open_file_store, open_job_store, open_rate_limiter
 from wanserve.config import Settings
 from wanserve.errors import RateLimited, WanserveError
+from wanserve.files.inputs import pinned_async_client
 from wanserve.jobs.endpoints import EndpointRegistry
 from wanserve.jobs.limits import InputLimits
 from wanserve.jobs.service import JobService, LeaseRecovery, forget_silent_workers
@@ -127,11 +127,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(remove_stale_temp_dirs)  # uploads a killed API process was staging
         await asyncio.to_thread(supervisor.start)
-        # No kept-alive connections for webhooks: each delivery is pinned to the address checked for its URL, and a
-        # pooled connection is found by address alone (another receiver on a shared address would get a TLS session
-        # verified for the first).
-        no_pooling = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(follow_redirects=False, limits=no_pooling) as client:
+        async with pinned_async_client(settings.webhook_timeout_s) as client:
             tasks = [
                 # A task of its own: the gaps between its passes mean the store's, not a slow file sweep's.
                 asyncio.create_task(_every(HOUSEKEEPING_S, lambda: asyncio.to_thread(lease_recovery.run), "leases")),

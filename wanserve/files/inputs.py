@@ -13,9 +13,12 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import SplitResult, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
@@ -166,6 +169,19 @@ class PinnedTarget:
     extensions: dict[str, Any]
 
 
+def tls_names_of(target: PinnedTarget) -> dict[str, str]:
+    """Pinned address -> the name its TLS is verified for, for an HTTPS target (empty otherwise). Through a proxy's
+    tunnel httpcore verifies the server's certificate against the address the request names (ours, pinned),
+    ignoring the request's `sni_hostname`: the streams below map it back, or HTTPS through HTTPS_PROXY always
+    fails."""
+    name = target.extensions.get("sni_hostname")
+    return {urlsplit(target.url).hostname or "": name} if name else {}
+
+
+def _tls_name(names: Mapping[str, str], server_hostname: str | None) -> str | None:
+    return names.get(server_hostname, server_hostname) if server_hostname else server_hostname
+
+
 _USERINFO = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:-]*")  # RFC 3986 userinfo: nothing a parser reads as a delimiter
 
 
@@ -306,9 +322,7 @@ def fetch_if_changed(
 class _DeadlineStream(httpcore.NetworkStream):
     """A connection whose every read and write must end by `deadline` (monotonic): httpx's timeouts bound each
     read alone, so a server sending its headers a byte at a time could hold a download for ever. `tls_names` maps a
-    pinned address to the name its TLS is for: through a proxy's tunnel httpcore verifies the server's certificate
-    against the address the request names (ours, pinned), ignoring the request's `sni_hostname`, so HTTPS through
-    HTTPS_PROXY would always fail."""
+    pinned address to the name its TLS is for (`tls_names_of`)."""
 
     def __init__(self, inner: httpcore.NetworkStream, deadline: float, tls_names: dict[str, str]) -> None:
         self._inner, self._deadline, self._tls_names = inner, deadline, tls_names
@@ -331,8 +345,7 @@ class _DeadlineStream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
-        name = self._tls_names.get(server_hostname, server_hostname) if server_hostname else server_hostname
-        tls = self._inner.start_tls(ssl_context, name, self._left(timeout))
+        tls = self._inner.start_tls(ssl_context, _tls_name(self._tls_names, server_hostname), self._left(timeout))
         return _DeadlineStream(tls, self._deadline, self._tls_names)
 
     def get_extra_info(self, info: str) -> Any:
@@ -389,6 +402,85 @@ def _deadline_client(deadline: float, timeout_s: float, tls_names: dict[str, str
     )
 
 
+# Pinned address -> TLS name (`tls_names_of`) for the request this task is sending through a `pinned_async_client`.
+# A context variable, not the client's: the client is shared, and two receivers may share an address.
+_PINNED_TLS_NAMES: ContextVar[Mapping[str, str]] = ContextVar("pinned_tls_names", default=MappingProxyType({}))
+
+
+@contextmanager
+def verifying_tls_for(target: PinnedTarget) -> Iterator[None]:
+    """Requests this task sends to `target` through a `pinned_async_client` verify TLS for its host name, also
+    through an HTTPS proxy's tunnel."""
+    token = _PINNED_TLS_NAMES.set(tls_names_of(target))
+    try:
+        yield
+    finally:
+        _PINNED_TLS_NAMES.reset(token)
+
+
+class _PinnedAsyncStream(httpcore.AsyncNetworkStream):
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        name = _tls_name(_PINNED_TLS_NAMES.get(), server_hostname)
+        return _PinnedAsyncStream(await self._inner.start_tls(ssl_context, name, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _PinnedAsyncBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _PinnedAsyncStream(await self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        return _PinnedAsyncStream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _pinned_async_transport(proxy: str | None = None) -> httpx.AsyncHTTPTransport:
+    # No kept-alive connections, as for downloads (`_deadline_transport`): a pooled connection is found by address.
+    transport = httpx.AsyncHTTPTransport(proxy=proxy, limits=httpx.Limits(max_keepalive_connections=0))
+    pool = transport._pool
+    pool._network_backend = _PinnedAsyncBackend(pool._network_backend)
+    return transport
+
+
+def pinned_async_client(timeout_s: float) -> httpx.AsyncClient:
+    """An async client for pinned requests (`pin_public_url`; each sent within `verifying_tls_for`), shared by
+    many: the environment's proxies as httpx would mount them, no redirects followed, no kept-alive connections."""
+    mounts = {pattern: _pinned_async_transport(proxy) for pattern, proxy in get_environment_proxies().items()}
+    return httpx.AsyncClient(
+        timeout=timeout_s, follow_redirects=False, transport=_pinned_async_transport(), mounts=mounts
+    )
+
+
 # A compressed body is inflated this much at a time, so that a few kilobytes on the wire cannot become gigabytes in
 # memory before the size limit sees them.
 INFLATE_STEP = 1 << 20
@@ -437,8 +529,7 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
                 raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
             # The lookup counts against the deadline too: a slow resolver cannot stretch a download.
             target = pin_public_url(url, policy.allow_private, deadline - time.monotonic())
-            if "sni_hostname" in target.extensions:  # the tunnel of an HTTPS proxy checks TLS against this name
-                tls_names[urlsplit(target.url).hostname or ""] = target.extensions["sni_hostname"]
+            tls_names.update(tls_names_of(target))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
