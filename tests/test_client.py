@@ -9,9 +9,11 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from server import CHEAP_INPUT, Server
 
 from wanserve.api.queue import KEEPALIVE_S
@@ -23,6 +25,7 @@ from wanserve.client import (
     NotReady,
     QueueStatus,
     RequestCancelled,
+    ServerError,
     WanserveClient,
 )
 from wanserve.client import client as client_module
@@ -37,9 +40,9 @@ from wanserve.client.client import (
     resolve_endpoint,
     same_origin,
 )
-from wanserve.client.commands import ProgressView
+from wanserve.client.commands import CLIENT_ERRORS, ProgressView
 from wanserve.progress import StepLine
-from wanserve.schema import WanT2VRequest
+from wanserve.schema import LoRAWeight, WanT2VRequest
 
 LONG_INPUT = {**CHEAP_INPUT, "resolution": "580p", "num_inference_steps": 100}  # runs long enough to cancel
 
@@ -186,6 +189,189 @@ def test_following_rides_out_the_read_rate_limit_as_its_retry_after_says(monkeyp
     monkeypatch.setattr(client_module.time, "sleep", slept.append)
     assert [s.status for s in client.follow("r")] == ["COMPLETED"]
     assert slept == [3.0]
+
+
+RESULT = {"video": {"url": "http://api.test/files/v.mp4"}, "seed": 7}
+
+
+def mocked(handler: Any, *, timeout: float = 60.0) -> WanserveClient:
+    client = WanserveClient("http://api.test", key="secret", timeout=timeout)
+    client.http = httpx.Client(
+        base_url=client.url, headers=client.http.headers, timeout=timeout, transport=httpx.MockTransport(handler)
+    )
+    client.plain = httpx.Client(timeout=timeout, transport=httpx.MockTransport(handler))
+    return client
+
+
+def test_a_redirect_is_an_error_not_a_cancel_that_happened() -> None:
+    """Plain http to a proxy that sends everything to https: the cancel was never made, so it is no success."""
+    client = mocked(lambda r: httpx.Response(301, headers={"location": f"https://api.test{r.url.path}"}))
+    with pytest.raises(ApiError) as raised:
+        client.cancel("r1")
+    assert raised.value.status_code == 301
+    assert "https://api.test/fal-ai/wan-22/requests/r1/cancel" in str(raised.value)
+    with pytest.raises(ApiError):
+        client.upload_file(b"bytes")
+
+
+def test_an_error_page_that_is_not_json_is_named_not_printed() -> None:
+    page = "<html><body>" + "<p>nginx</p>" * 500 + "</body></html>"
+    answer = httpx.Response(502, text=page, headers={"content-type": "text/html"})
+    error = error_from_response(answer)
+    assert error.status_code == 502 and "<" not in str(error) and "Bad Gateway" in str(error)
+    assert "text/html" in str(error)
+    long_text = error_from_response(httpx.Response(500, text="x " * 1000, headers={"content-type": "text/plain"}))
+    assert len(str(long_text)) < 400
+
+
+def test_subscribe_reads_its_result_through_a_proxys_outage_but_not_a_stored_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    submitted = {"request_id": "r1", "status_url": "s", "response_url": "r", "cancel_url": "c"}
+    slept: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+
+    def serving(results: list[httpx.Response]) -> WanserveClient:
+        answers = iter(results)
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.method == "POST":
+                return httpx.Response(200, json=submitted)
+            return next(answers)
+
+        client = mocked(handler)
+        completed = QueueStatus.model_validate({"status": "COMPLETED"})
+        client.stream_status = lambda *a, **k: iter([completed])  # type: ignore[method-assign,assignment]
+        client.answered = True
+        return client
+
+    proxy_down = httpx.Response(503, text="<html>upstream down</html>", headers={"content-type": "text/html"})
+    client = serving([proxy_down, httpx.Response(200, json=RESULT)])
+    assert client.subscribe(CHEAP_INPUT).seed == 7
+    assert len(slept) == 1
+    # The request's own outcome: a 503 runner_disconnected with its request id is the answer, not an outage.
+    disconnected = httpx.Response(
+        503,
+        json={"detail": "the worker stopped", "error_type": "runner_disconnected"},
+        headers={"x-fal-request-id": "r1", "x-fal-error-type": "runner_disconnected"},
+    )
+    client = serving([disconnected, httpx.Response(200, json=RESULT)])
+    with pytest.raises(ServerError) as raised:
+        client.subscribe(CHEAP_INPUT)
+    assert raised.value.error_type == "runner_disconnected" and len(slept) == 1
+
+
+def test_a_one_call_run_waits_long_for_its_answer_but_not_to_connect() -> None:
+    timeouts: list[dict[str, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        return httpx.Response(200, json=RESULT)
+
+    mocked(handler, timeout=2.0).run(CHEAP_INPUT, timeout=900.0)
+    assert timeouts == [{"connect": 2.0, "read": 900.0, "write": 900.0, "pool": 900.0}]
+
+
+def test_uploading_a_file_streams_it_with_its_length(tmp_path: Path) -> None:
+    """A LoRA file is sent as it is read, never whole in memory, with a Content-Length (a presigned S3 PUT needs
+    one), by both clients."""
+    import tracemalloc
+    from http.server import BaseHTTPRequestHandler
+
+    from file_server import serving
+
+    size = 48 * 1024 * 1024
+    path = tmp_path / "style.safetensors"
+    with path.open("wb") as f:
+        f.truncate(size)
+    received: list[tuple[str | None, str | None, int]] = []
+
+    class Storage(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # the initiate: the bytes go to a URL of this same server
+            self.rfile.read(int(self.headers["content-length"]))
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            body = json.dumps({"upload_url": f"{base}/put?sig=1", "file_url": f"{base}/files/style"}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            total = 0
+            while total < length and (chunk := self.rfile.read(min(1 << 16, length - total))):
+                total += len(chunk)
+            received.append((self.headers.get("content-length"), self.headers.get("transfer-encoding"), total))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    async def upload_async(base: str) -> str:
+        async with AsyncWanserveClient(base) as aclient:
+            return await aclient.upload_file(path)
+
+    with serving(Storage) as base:
+        tracemalloc.start()
+        try:
+            with WanserveClient(base) as client:
+                assert client.upload_file(path) == f"{base}/files/style"
+            assert asyncio.run(upload_async(base)) == f"{base}/files/style"
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert received == [(str(size), None, size)] * 2
+    assert peak < size // 8, f"{peak / 2**20:.1f} MiB held for a {size / 2**20:.0f} MiB upload"
+
+
+def test_an_upload_answer_without_its_urls_is_a_clear_error() -> None:
+    client = mocked(lambda r: httpx.Response(200, json={}))
+    with pytest.raises(ValidationError) as raised:
+        client.upload_file(b"bytes")
+    assert "upload_url" in str(raised.value)
+    assert issubclass(ValidationError, CLIENT_ERRORS) and issubclass(httpx.TooManyRedirects, CLIENT_ERRORS)
+
+
+def test_a_mapping_request_may_hold_the_request_models() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"request_id": "r", "status_url": "s", "response_url": "r", "cancel_url": "c"})
+
+    mocked(handler).submit({"prompt": "a fox", "loras": [LoRAWeight(path="https://x.test/a.safetensors", scale=0.5)]})
+    (lora,) = sent[0]["loras"]
+    assert lora["path"] == "https://x.test/a.safetensors" and lora["scale"] == 0.5
+
+
+def test_use_wanserve_sends_the_server_key_and_no_fal_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever fal credentials the environment holds, the official client sends the wanserve key (or the
+    placeholder), never FAL_KEY_ID/FAL_KEY_SECRET or a `fal auth login` token."""
+    import fal_client
+
+    from wanserve.client.fal import use_wanserve
+
+    monkeypatch.setenv("FAL_KEY", "restored-after-the-test")
+    monkeypatch.setenv("FAL_KEY_ID", "fal-id")
+    monkeypatch.setenv("FAL_KEY_SECRET", "fal-secret")
+    monkeypatch.setenv("FAL_FORCE_AUTH_BY_USER", "1")
+    monkeypatch.delenv("WANSERVE_KEY", raising=False)
+
+    async def async_header() -> str:
+        return str((await fal_client.async_client._auth).header_value)
+
+    use_wanserve("http://api.test", key="")  # a server without keys, its key read as `os.getenv(..., "")`
+    assert fal_client.sync_client._auth.header_value == "Key wanserve"
+    assert asyncio.run(async_header()) == "Key wanserve"
+    monkeypatch.setenv("WANSERVE_KEY", "server-key")
+    monkeypatch.setenv("FAL_FORCE_AUTH_BY_USER", "1")
+    use_wanserve("http://api.test")
+    assert fal_client.sync_client._auth.header_value == "Key server-key"
+    assert asyncio.run(async_header()) == "Key server-key"
+    assert fal_client.SyncClient()._auth.header_value == "Key server-key"  # a client made later, from FAL_KEY
 
 
 def test_the_key_never_leaves_for_another_host(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import to_jsonable_python
 
 from wanserve.jobs.endpoints import app_of  # the server's own rule for status/result/cancel URLs
 from wanserve.progress import StepLine
@@ -52,12 +53,16 @@ class ApiError(Exception):
         error_type: str | None = None,
         request_id: str | None = None,
         retry_after_s: float | None = None,  # a 429's Retry-After
+        for_request: bool = False,
     ):
         self.status_code = status_code
         self.detail = detail
         self.error_type = error_type
         self.request_id = request_id
         self.retry_after_s = retry_after_s
+        # The server answered for the request itself (x-fal-request-id): its stored outcome, such as a
+        # runner_disconnected 503, not a proxy's or a restarting server's, which are worth trying again.
+        self.for_request = for_request
         super().__init__(f"HTTP {status_code}{f' {error_type}' if error_type else ''}: {_detail_text(detail)}")
 
 
@@ -111,16 +116,33 @@ def _detail_text(detail: Any) -> str:
     return "; ".join(detail_lines(detail))
 
 
+# An answer that is not the server's JSON (a proxy's error page, say) is shown this long at most.
+MAX_SHOWN_TEXT = 300
+
+
+def _shown_text(response: httpx.Response) -> str:
+    """What to show of an answer that is not JSON: its reason, and its text when that is short plain text."""
+    reason = f"HTTP {response.status_code} {response.reason_phrase}".strip()
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    text = " ".join(response.text.split())
+    if kind not in ("", "text/plain") or not text:
+        return f"{reason} ({kind or 'an empty answer'}, not this server's JSON: is the server URL right?)"
+    return text if len(text) <= MAX_SHOWN_TEXT else text[:MAX_SHOWN_TEXT] + "..."
+
+
 def error_from_response(response: httpx.Response, request_id: str | None = None) -> ApiError:
+    code = response.status_code
+    if 300 <= code < 400:
+        location = response.headers.get("location", "")[:200]
+        return ApiError(code, f"the server redirects to {location or 'another URL'}: give that as the server URL")
     try:
         body = response.json()
     except ValueError:
-        body = {"detail": response.text}
+        body = {"detail": _shown_text(response)}
     detail = body.get("detail", body) if isinstance(body, dict) else body
     error_type = (body.get("error_type") if isinstance(body, dict) else None) or response.headers.get(
         "x-fal-error-type"
     )
-    code = response.status_code
     cls: type[ApiError] = ApiError
     if code == 422:
         cls = InputError
@@ -136,7 +158,8 @@ def error_from_response(response: httpx.Response, request_id: str | None = None)
         error_type = detail[0].get("type") if isinstance(detail[0], dict) else None
     retry_after = response.headers.get("retry-after", "")
     retry_after_s = float(retry_after) if retry_after.isascii() and retry_after.isdigit() else None
-    return cls(code, detail, error_type, request_id, retry_after_s)
+    for_request = "x-fal-request-id" in response.headers
+    return cls(code, detail, error_type, request_id, retry_after_s, for_request)
 
 
 # --- wire models of the queue ---
@@ -206,11 +229,14 @@ def cancel_accepted(response: httpx.Response, request_id: str) -> bool:
 def request_body(arguments: Arguments) -> dict[str, Any]:
     if isinstance(arguments, BaseModel):
         return arguments.model_dump(mode="json", exclude_unset=True)
-    return dict(arguments)
+    # A mapping may hold the request's models too (`"loras": [LoRAWeight(...)]`).
+    return to_jsonable_python(dict(arguments))  # type: ignore[no-any-return]
 
 
 def check(response: httpx.Response, request_id: str | None = None) -> httpx.Response:
-    if response.status_code >= 400:
+    """`response` if it is a success (2xx); else its error. A redirect is one: nothing the server does answers
+    one, so it comes from something else at that URL (http sent to https, say), and the call did not happen."""
+    if not 200 <= response.status_code < 300:
         raise error_from_response(response, request_id)
     return response
 
@@ -252,14 +278,45 @@ class StatusAccumulator:
         return QueueStatus.model_validate({**event, "logs": list(self.logs)})
 
 
-def upload_payload(data: Path | str | bytes, file_name: str | None, content_type: str | None) -> tuple[bytes, str, str]:
-    """(bytes, file name, content type) of what `upload_file` sends."""
-    if isinstance(data, bytes):
-        payload, name = data, file_name or "upload.bin"
-    else:
-        path = Path(data)
-        payload, name = path.read_bytes(), file_name or path.name
-    return payload, name, content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+class UploadTarget(BaseModel):
+    """The server's answer to an upload's initiate: where to PUT the bytes, and the file's URL after."""
+
+    model_config = ConfigDict(extra="allow")
+    upload_url: str
+    file_url: str
+
+
+@dataclass(frozen=True)
+class UploadSource:
+    """What `upload_file` sends: bytes in memory, or a file read as it is sent (never whole into memory)."""
+
+    data: bytes | Path
+    name: str
+    content_type: str
+
+    @classmethod
+    def of(cls, data: Path | str | bytes, file_name: str | None, content_type: str | None) -> UploadSource:
+        if isinstance(data, bytes):
+            source: bytes | Path = data
+            name = file_name or "upload.bin"
+        else:
+            source = Path(data)
+            name = file_name or source.name
+        return cls(source, name, content_type or mimetypes.guess_type(name)[0] or "application/octet-stream")
+
+    def headers(self) -> dict[str, str]:
+        # A length, never chunked: a presigned S3 PUT needs one.
+        size = len(self.data) if isinstance(self.data, bytes) else self.data.stat().st_size
+        return {"content-type": self.content_type, "content-length": str(size)}
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        assert isinstance(self.data, Path)
+        with await asyncio.to_thread(self.data.open, "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
+                yield chunk
+
+
+UPLOAD_CHUNK = 1 << 20
 
 
 def submit_options(webhook_url: str | None, priority: str | None) -> dict[str, Any]:
@@ -332,10 +389,15 @@ class _FailedPolls:
 def reconnectable(exc: BaseException) -> bool:
     """A server restarting or a proxy in front of it (unreachable, or 502-504), or this key's read rate limit (429):
     nothing wrong with the request, which goes on. A status stream that fails so (opening or later) gives way to
-    polling, which waits such failures out."""
+    polling, which waits such failures out. A request's own outcome (a runner_disconnected 503) is not one."""
     return isinstance(exc, httpx.TransportError) or (
-        isinstance(exc, ApiError) and exc.status_code in (429, 502, 503, 504)
+        isinstance(exc, ApiError) and exc.status_code in (429, 502, 503, 504) and not exc.for_request
     )
+
+
+def run_timeout(client_timeout: httpx.Timeout, run_s: float) -> httpx.Timeout:
+    """A one-call run waits `run_s` for its answer; connecting still gives up as soon as any other call would."""
+    return httpx.Timeout(run_s, connect=client_timeout.connect)
 
 
 # A status stream is quiet through a long step, but the server sends a keep-alive every 15 s: silence for much
@@ -453,7 +515,11 @@ class WanserveClient(_Routes):
         for status in self._follow(submitted.request_id, app, with_logs, polls):
             if on_queue_update is not None:
                 on_queue_update(status)
-        return self.result(submitted.request_id, app=app)
+        while True:  # the result is read through an outage too, as the statuses were
+            try:
+                return self.result(submitted.request_id, app=app)
+            except Exception as exc:
+                time.sleep(polls.wait_s(exc))
 
     def follow(
         self, request_id: str, *, app: str | None = None, logs: bool = True, on_outage: OnOutage | None = None
@@ -488,19 +554,23 @@ class WanserveClient(_Routes):
     def run(self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0) -> WanT2VResponse:
         """The sync route: one HTTP call that returns the output (hanging up cancels the request)."""
         path, body = self._submission(arguments, endpoint, run=True)
-        response = self.http.post(path, json=body, timeout=timeout)
+        response = self.http.post(path, json=body, timeout=run_timeout(self.http.timeout, timeout))
         return WanT2VResponse.model_validate(check(response).json())
 
     def upload_file(
         self, data: Path | str | bytes, *, file_name: str | None = None, content_type: str | None = None
     ) -> str:
         """Uploads to the server's storage and returns the file URL (usable as a LoRA `path`)."""
-        payload, name, ctype = upload_payload(data, file_name, content_type)
-        initiate = check(self.http.post(UPLOAD_INITIATE, json={"file_name": name, "content_type": ctype}))
-        target = initiate.json()
-        upload_url = target["upload_url"]
-        check(self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
-        return str(target["file_url"])
+        source = UploadSource.of(data, file_name, content_type)
+        asked = {"file_name": source.name, "content_type": source.content_type}
+        target = UploadTarget.model_validate(check(self.http.post(UPLOAD_INITIATE, json=asked)).json())
+        put = self._for(target.upload_url).put
+        if isinstance(source.data, bytes):
+            check(put(target.upload_url, content=source.data, headers=source.headers()))
+        else:
+            with source.data.open("rb") as f:
+                check(put(target.upload_url, content=f, headers=source.headers()))
+        return target.file_url
 
     def download(self, url: str, path: Path | str) -> Path:
         """Downloads a result file (written whole, then renamed into place). Redirects are followed: a server that
@@ -606,7 +676,11 @@ class AsyncWanserveClient(_Routes):
                 outcome = on_queue_update(status)
                 if outcome is not None:
                     await outcome
-        return await self.result(submitted.request_id, app=app)
+        while True:
+            try:
+                return await self.result(submitted.request_id, app=app)
+            except Exception as exc:
+                await asyncio.sleep(polls.wait_s(exc))
 
     def follow(
         self, request_id: str, *, app: str | None = None, logs: bool = True, on_outage: OnOutage | None = None
@@ -642,18 +716,18 @@ class AsyncWanserveClient(_Routes):
         self, arguments: Arguments, *, endpoint: str | None = None, timeout: float = 3600.0
     ) -> WanT2VResponse:
         path, body = self._submission(arguments, endpoint, run=True)
-        response = await self.http.post(path, json=body, timeout=timeout)
+        response = await self.http.post(path, json=body, timeout=run_timeout(self.http.timeout, timeout))
         return WanT2VResponse.model_validate(check(response).json())
 
     async def upload_file(
         self, data: Path | str | bytes, *, file_name: str | None = None, content_type: str | None = None
     ) -> str:
-        payload, name, ctype = upload_payload(data, file_name, content_type)
-        initiate = check(await self.http.post(UPLOAD_INITIATE, json={"file_name": name, "content_type": ctype}))
-        target = initiate.json()
-        upload_url = target["upload_url"]
-        check(await self._for(upload_url).put(upload_url, content=payload, headers={"content-type": ctype}))
-        return str(target["file_url"])
+        source = UploadSource.of(data, file_name, content_type)
+        asked = {"file_name": source.name, "content_type": source.content_type}
+        target = UploadTarget.model_validate(check(await self.http.post(UPLOAD_INITIATE, json=asked)).json())
+        content = source.data if isinstance(source.data, bytes) else source.chunks()
+        check(await self._for(target.upload_url).put(target.upload_url, content=content, headers=source.headers()))
+        return target.file_url
 
     async def download(self, url: str, path: Path | str) -> Path:
         """WanserveClient.download, asynchronously (the file is written by a thread, chunk by chunk)."""

@@ -341,7 +341,7 @@ CLIENT_ERRORS = (
     ApiError,
     ConfigError,
     Submitted,
-    httpx.TransportError,
+    httpx.HTTPError,  # unreachable, too many redirects, an undecodable body
     httpx.InvalidURL,
     json.JSONDecodeError,
     ValidationError,
