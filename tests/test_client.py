@@ -347,6 +347,21 @@ def test_a_mapping_request_may_hold_the_request_models() -> None:
     assert lora["path"] == "https://x.test/a.safetensors" and lora["scale"] == 0.5
 
 
+def test_submit_sends_the_start_timeout_as_the_fal_clients_do() -> None:
+    """x-fal-request-timeout, which the server reads as the start timeout (tests/test_server_protocol.py)."""
+    sent: list[httpx.Headers] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers)
+        return httpx.Response(200, json={"request_id": "r", "status_url": "s", "response_url": "r", "cancel_url": "c"})
+
+    client = mocked(handler)
+    client.submit(CHEAP_INPUT, start_timeout=2.5, priority="low")
+    client.submit(CHEAP_INPUT)
+    assert sent[0]["x-fal-request-timeout"] == "2.5" and sent[0]["x-fal-queue-priority"] == "low"
+    assert "x-fal-request-timeout" not in sent[1] and "x-fal-queue-priority" not in sent[1]
+
+
 def test_use_wanserve_sends_the_server_key_and_no_fal_credential(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever fal credentials the environment holds, the official client sends the wanserve key (or the
     placeholder), never FAL_KEY_ID/FAL_KEY_SECRET or a `fal auth login` token."""

@@ -319,12 +319,13 @@ class UploadSource:
 UPLOAD_CHUNK = 1 << 20
 
 
-def submit_options(webhook_url: str | None, priority: str | None) -> dict[str, Any]:
-    """The query and headers of a submit: the webhook URL and the queue priority, as the fal clients send them."""
-    return {
-        "params": {"fal_webhook": webhook_url} if webhook_url else None,
-        "headers": {"x-fal-queue-priority": priority} if priority else None,
-    }
+def submit_options(webhook_url: str | None, priority: str | None, start_timeout: float | None) -> dict[str, Any]:
+    """The query and headers of a submit, as the fal clients send them: the webhook URL, the queue priority, and
+    the start timeout (a request not started within it fails, 504)."""
+    headers = {"x-fal-queue-priority": priority} if priority else {}
+    if start_timeout is not None:
+        headers["x-fal-request-timeout"] = str(start_timeout)
+    return {"params": {"fal_webhook": webhook_url} if webhook_url else None, "headers": headers or None}
 
 
 def same_origin(base: str, url: str) -> bool:
@@ -464,9 +465,11 @@ class WanserveClient(_Routes):
         endpoint: str | None = None,
         webhook_url: str | None = None,
         priority: str | None = None,
+        start_timeout: float | None = None,
     ) -> Submitted:
+        """Queues a request. `start_timeout`: seconds it may wait to start, else it fails (504)."""
         path, body = self._submission(arguments, endpoint)
-        response = self.http.post(path, json=body, **submit_options(webhook_url, priority))
+        response = self.http.post(path, json=body, **submit_options(webhook_url, priority, start_timeout))
         return Submitted.model_validate(check(response).json())
 
     def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
@@ -505,9 +508,10 @@ class WanserveClient(_Routes):
         on_queue_update: Callable[[QueueStatus], None] | None = None,
         with_logs: bool = True,
         on_outage: OnOutage | None = None,
+        start_timeout: float | None = None,
     ) -> WanT2VResponse:
         """Submit, follow the status stream (polling if the stream breaks), and return the result."""
-        submitted = self.submit(arguments, endpoint=endpoint)
+        submitted = self.submit(arguments, endpoint=endpoint, start_timeout=start_timeout)
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             on_enqueue(submitted.request_id)
@@ -621,9 +625,10 @@ class AsyncWanserveClient(_Routes):
         endpoint: str | None = None,
         webhook_url: str | None = None,
         priority: str | None = None,
+        start_timeout: float | None = None,
     ) -> Submitted:
         path, body = self._submission(arguments, endpoint)
-        response = await self.http.post(path, json=body, **submit_options(webhook_url, priority))
+        response = await self.http.post(path, json=body, **submit_options(webhook_url, priority, start_timeout))
         return Submitted.model_validate(check(response).json())
 
     async def status(self, request_id: str, *, logs: bool = True, app: str | None = None) -> QueueStatus:
@@ -662,9 +667,10 @@ class AsyncWanserveClient(_Routes):
         on_queue_update: Callable[[QueueStatus], Awaitable[None] | None] | None = None,
         with_logs: bool = True,
         on_outage: OnOutage | None = None,
+        start_timeout: float | None = None,
     ) -> WanT2VResponse:
         """As WanserveClient.subscribe; either callback may be a coroutine function."""
-        submitted = await self.submit(arguments, endpoint=endpoint)
+        submitted = await self.submit(arguments, endpoint=endpoint, start_timeout=start_timeout)
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
             enqueued = on_enqueue(submitted.request_id)
