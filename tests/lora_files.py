@@ -95,7 +95,8 @@ def write_peft(path: Path, factors: Factors) -> Path:
 
 def write_lightx2v(path: Path, expert: WanTransformer3DModel, factors: Factors, seed: int = 1) -> Path:
     """A lightx2v/Kijai distill-style file: lora_A/lora_B plus `diff_b` biases, a full `head.head` delta, text
-    embedding factors, and norm/modulation deltas (which are ignored)."""
+    embedding factors, and deltas no LoRA can apply, which are ignored: norm/modulation deltas, and bias deltas of the
+    patch embedding and of the time projection (no factors there)."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for (wan, module), (a, b) in factors.items():
@@ -113,5 +114,7 @@ def write_lightx2v(path: Path, expert: WanTransformer3DModel, factors: Factors, 
     sd["diffusion_model.blocks.0.norm3.diff"] = torch.randn(dim, generator=g) * 0.01
     sd["diffusion_model.blocks.0.self_attn.norm_q.diff"] = torch.randn(dim, generator=g) * 0.01
     sd["diffusion_model.blocks.0.modulation.diff"] = torch.randn(1, 6, dim, generator=g) * 0.01
+    sd["diffusion_model.patch_embedding.diff_b"] = torch.randn(dim, generator=g) * 0.01
+    sd["diffusion_model.time_projection.1.diff_b"] = torch.randn(6 * dim, generator=g) * 0.01
     save_file(sd, path)
     return path

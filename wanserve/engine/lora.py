@@ -71,7 +71,7 @@ class ConvertedLora:
     state_dict: dict[str, torch.Tensor]  # diffusers naming, `transformer.` prefix
     format: LoraFormat
     metadata: dict[str, object] | None  # PEFT adapter config (lora_alpha...) stored in a diffusers file
-    ignored: list[str]  # keys that were dropped on purpose (norm and modulation deltas)
+    ignored: list[str]  # keys that were dropped: norm and modulation deltas, bias deltas diffusers cannot place
 
 
 @dataclass(frozen=True)
@@ -326,6 +326,7 @@ def convert_lora(
     for key in converted:
         if not DIFFUSERS_KEY.match(key):
             raise LoraError(f"unexpected LoRA key {key!r} (after conversion to diffusers naming)")
+    ignored += _bias_deltas_dropped(tensors, converted)
     if any(key.endswith(".lora_B.bias") for key in converted):
         # Once one layer carries a LoRA bias, PEFT gives every layer of the adapter one: those the file lacks
         # must be zeros, not left uninitialised.
@@ -339,6 +340,19 @@ def convert_lora(
         except ValueError:
             raise LoraError("the file's lora_adapter_metadata is not valid JSON") from None
     return ConvertedLora(converted, fmt, peft_metadata if isinstance(peft_metadata, dict) else None, ignored)
+
+
+def _bias_deltas_dropped(tensors: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]) -> list[str]:
+    """The file's bias deltas (`.diff_b`) that diffusers' converter left out without a word: those of layers it has
+    no LoRA place for (`patch_embedding`, `time_projection` without factors). Each delta that was kept is a LoRA
+    bias of the same values, whatever the layer's new name, so what has no equal among those was dropped."""
+    biases = [b for key, b in converted.items() if key.endswith(".lora_B.bias")]
+
+    def kept(delta: torch.Tensor) -> bool:
+        return any(b.shape == delta.shape and torch.equal(b.to(delta.dtype), delta) for b in biases)
+
+    return [key for key, delta in tensors.items() if key.endswith("diff_b") and not IGNORED_DELTA.search(key)
+            and not kept(delta)]  # fmt: skip
 
 
 def _target_layer(modules: Mapping[str, torch.nn.Module], key: str) -> tuple[str, str, torch.nn.Linear]:

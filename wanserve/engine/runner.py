@@ -107,7 +107,7 @@ def describe_load(index: int, count: int, load: LoraLoad) -> str:
     if not load.loaded_into:
         return f"{head}: already loaded in memory, applied at scale {load.use.scale:g}"
     experts = " and ".join(load.loaded_into)
-    ignored = f", {load.ignored} norm/modulation deltas ignored" if load.ignored else ""
+    ignored = f", {load.ignored} deltas no LoRA can apply ignored" if load.ignored else ""
     return (
         f"{head}: loaded into the {experts}-noise expert{'s' if len(load.loaded_into) > 1 else ''} in "
         f"{load.seconds:.2f}s ({load.format} format, {load.tensors} tensors{ignored}), scale {load.use.scale:g}"
