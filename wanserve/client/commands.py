@@ -74,7 +74,7 @@ def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> lis
         if local is not None:
             try:
                 lora["path"] = client.upload_file(local)
-            except OSError as exc:  # unreadable (permissions, an I/O error): the upload reads it whole first
+            except OSError as exc:  # unreadable (permissions, an I/O error): found before anything is sent
                 raise ConfigError(f"LoRA {local}: cannot read it ({exc.strerror or exc})") from None
             print(f"uploaded {local} -> {lora['path']}", file=out, flush=True)
         loras.append(lora)
