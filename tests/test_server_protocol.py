@@ -135,6 +135,9 @@ def test_files_support_range_requests_and_expire(server: Server) -> None:
     url = output["video"]["url"]
     full = httpx.get(url)
     assert full.headers["content-length"] == str(output["video"]["file_size"])
+    # The video lives as long as the request's lifecycle asked (30 s from its completion), and no cache keeps it longer
+    scope, _, max_age = full.headers["cache-control"].partition(", max-age=")
+    assert scope == "public" and 20 <= int(max_age) <= 30, full.headers["cache-control"]
     part = httpx.get(url, headers={"Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == full.content[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{len(full.content)}"
