@@ -27,7 +27,14 @@ from wanserve.engine.prompt_expansion import (
     clean_expansion,
     expand_with_deadline,
 )
-from wanserve.engine.safety import SafetyChecker, SafetyConfigError, prompt_as_read, text_windows, token_windows
+from wanserve.engine.safety import (
+    SafetyChecker,
+    SafetyConfigError,
+    _flagged,
+    prompt_as_read,
+    text_windows,
+    token_windows,
+)
 from wanserve.errors import ContentPolicyViolation
 
 APP = "fal-ai/wan-22"
@@ -89,6 +96,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "nsfw": write_image_classifier(folder / "nsfw", always="nsfw"),
         "clean": write_image_classifier(folder / "clean", always="normal"),
         "toxic": write_text_classifier(folder / "toxic", always="toxic"),
+        "safe": write_text_classifier(folder / "safe", always="safe"),
     }
 
 
@@ -234,6 +242,25 @@ def test_classifiers_flag_by_label_and_threshold(models: dict[str, Path]) -> Non
     SafetyChecker(relaxed).check_prompt("a red fox")
     with pytest.raises(SafetyConfigError, match="cannot load"):
         SafetyChecker(Settings(safety_image_model=models["lm"] / "missing")).check_frames(frames)
+
+
+def test_each_classifier_flags_at_its_own_threshold(models: dict[str, Path]) -> None:
+    """The clean image model and the safe text model score their bad label near 0: only a threshold of 0 makes
+    that a flag, and each classifier reads its own threshold."""
+    frames = np.random.default_rng(0).random((81, 64, 96, 3), dtype=np.float32)
+    strict_image = SafetyChecker(Settings(safety_image_model=models["clean"], safety_image_threshold=0.0))
+    with pytest.raises(ContentPolicyViolation, match="'nsfw'"):
+        strict_image.check_frames(frames)
+    strict_text = SafetyChecker(Settings(safety_text_model=models["safe"], safety_text_threshold=0.0))
+    with pytest.raises(ContentPolicyViolation, match="'toxic'"):
+        strict_text.check_prompt("a red fox")
+    both = Settings(safety_image_model=models["clean"], safety_text_model=models["safe"])
+    SafetyChecker(both.model_copy(update={"safety_image_threshold": 0.0})).check_prompt("a red fox")
+    SafetyChecker(both.model_copy(update={"safety_text_threshold": 0.0})).check_frames(frames)
+    # a score at the threshold flags; one just under it does not
+    assert _flagged([{"label": "NSFW", "score": 0.7}], ["nsfw"], 0.7) == ("NSFW", 0.7)
+    assert _flagged([{"label": "nsfw", "score": 0.7}], ["nsfw"], 0.700001) is None
+    assert _flagged([{"label": "other", "score": 1.0}], ["nsfw"], 0.0) is None
 
 
 # --- through the server ---
