@@ -34,7 +34,6 @@ from wanserve.schema import WanLoRAT2VRequest, WanT2VRequest
 SEED = 22_2022
 EXAMPLES = 25  # per operation and generation mode: the whole run stays well under a minute on 2 cores
 MIN_CASES = 900  # what this seed runs is 984 (fewer when an operation's inputs run out): guards against a no-op
-RESPONSE_TIME_S = 5.0  # no answer may take longer (the app answers in milliseconds here)
 HANG_S = 15.0  # the transport gives up on a request after this: a hang is a failure, not a stuck test
 APP = "fal-ai/wan-22"
 
@@ -55,12 +54,7 @@ def error_has_reason(ctx: schemathesis.CheckContext, response: schemathesis.Resp
     return None
 
 
-def responds_in_time(ctx: schemathesis.CheckContext, response: schemathesis.Response, case: Case) -> bool | None:
-    assert response.elapsed < RESPONSE_TIME_S, f"answered in {response.elapsed:.1f} s"
-    return None
-
-
-CHECKS = [not_a_server_error, error_has_reason, responds_in_time]
+CHECKS = [not_a_server_error, error_has_reason]
 
 
 def fuzzed_document(raw: dict[str, Any], queued: list[str], completed: list[str]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 
 from wanserve.api.metrics import Metrics
 from wanserve.api.ratelimit import Limiter, RateLimiter, retry_after_s
@@ -69,7 +70,18 @@ Context = Annotated[ServerContext, Depends(get_context)]
 
 # The dependencies below are async: they only hash and compare, so they run on the event loop (a sync one would
 # cost each status poll a thread-pool hop).
-async def require_api_key(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> str | None:
+# Declared as a security scheme (not a plain header parameter, which OpenAPI ignores for Authorization): /docs then
+# offers to enter the key. The check itself is require_api_key's, and answers 401 in the API's own error format.
+API_KEY_HEADER = APIKeyHeader(
+    name="Authorization",
+    scheme_name="apiKey",
+    description="`Key <your key>` (as fal's clients send it; `Bearer <key>` also works). Not needed when the "
+    "server runs without keys.",
+    auto_error=False,
+)
+
+
+async def require_api_key(ctx: Context, authorization: Annotated[str | None, Security(API_KEY_HEADER)]) -> str | None:
     """The caller's key id (the owner of what it creates), or None when the server has no keys."""
     return ctx.api_keys.check(authorization)
 

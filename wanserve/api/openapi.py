@@ -55,7 +55,9 @@ def _add_endpoint_schemas(schema: dict[str, Any]) -> None:
         body = model.model_json_schema(ref_template=REF)
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
-    inputs = {"oneOf": [{"$ref": REF.format(model=m.__name__)} for m in INPUTS]}
+    # anyOf, not oneOf: both inputs ignore fields they do not know, so every base request is also a valid LoRA one,
+    # and a body valid under both would fail oneOf's "exactly one".
+    inputs = {"anyOf": [{"$ref": REF.format(model=m.__name__)} for m in INPUTS]}
     for path in INPUT_ROUTES:
         operation = schema["paths"].get(path, {}).get("post")
         if operation is not None:

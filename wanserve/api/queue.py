@@ -136,12 +136,25 @@ async def status(
     return reply_response(await read_store(ctx, ctx.service.status, app, request_id, wants_logs(logs), caller))
 
 
-@router.get("/{app:path}/requests/{request_id}", dependencies=[ReadLimited])
+@router.get(
+    "/{app:path}/requests/{request_id}",
+    dependencies=[ReadLimited],
+    responses={
+        400: {"description": "Still queued or running: no result yet."},
+        499: {"description": "Cancelled before it completed."},
+        504: {"description": "Not started within its start timeout (`x-fal-request-timeout`)."},
+    },
+)
 async def result(ctx: Context, caller: Caller, app: str, request_id: str) -> JSONResponse:
     return output_reply(ctx, await read_store(ctx, ctx.service.result, app, request_id, caller))
 
 
-@router.put("/{app:path}/requests/{request_id}/cancel", dependencies=[ReadLimited])
+@router.put(
+    "/{app:path}/requests/{request_id}/cancel",
+    dependencies=[ReadLimited],
+    status_code=202,
+    responses={400: {"description": "The request had already completed (`status: ALREADY_COMPLETED`)."}},
+)
 def cancel(ctx: Context, caller: Caller, app: str, request_id: str) -> JSONResponse:
     return reply_response(ctx.service.cancel(app, request_id, caller))
 
