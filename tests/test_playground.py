@@ -9,9 +9,10 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from server import Server
 
 KEY = "playground-key"
@@ -68,10 +69,19 @@ def test_form_is_generated_from_the_schema_with_ranges_and_defaults(page: Page) 
     expect(page.get_by_label("Resolution")).to_have_value("720p")
     expect(page.get_by_label("Enable safety checker")).to_be_checked()
     expect(page.get_by_label("Seed")).to_have_attribute("placeholder", "random")
+    # a bound past 2^53 as the schema writes it, not rounded by JSON.parse (a seed in the shown range must be valid)
+    expect(page.get_by_label("Seed")).to_have_attribute("max", str(2**63 - 1))
+    expect(page.locator("#help-seed")).to_contain_text(f"Range 0–{2**63 - 1}.")
     page.get_by_role("button", name="Add LoRA").click()
     expect(page.locator(".lora-row")).to_have_count(1)
     expect(page.locator(".lora-row").get_by_label("Expert")).to_have_value("both")
     expect(page.locator(".lora-row").get_by_label("Path or URL")).to_be_focused()  # keyboard users land in it
+    # Remove: focus goes back to "Add LoRA", and each Remove is named by its row's place
+    page.get_by_role("button", name="Add LoRA").click()
+    page.get_by_role("button", name="Remove LoRA 1").click()
+    expect(page.locator(".lora-row")).to_have_count(1)
+    expect(page.get_by_role("button", name="Add LoRA")).to_be_focused()
+    expect(page.locator(".lora-row").get_by_role("button")).to_have_attribute("aria-label", "Remove LoRA 1")
     # every control has a label a screen reader announces, and the whole form is reachable with Tab
     unlabeled = page.evaluate(
         """() => [...document.querySelectorAll('input, select, textarea')]
@@ -156,6 +166,80 @@ def test_bad_values_show_field_errors(page: Page) -> None:
     page.get_by_role("button", name="Generate").click()
     expect(rows.nth(1).locator(".error").first).to_contain_text("local LoRA paths are disabled", timeout=60_000)
     expect(rows.nth(0).locator(".error").first).to_be_empty()
+    expect(page.locator("#status")).to_have_text("Failed: invalid_lora")  # the type, from the result's header
+
+
+def test_a_number_the_browser_cannot_read_is_an_error_not_the_default(page: Page) -> None:
+    """Chromium gives a number field holding "12e" the value "": left out, the server would draw a random seed (or
+    use the default) without a word. An emptied LoRA scale is the server's default, 1, never 0."""
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.post_data or "") if r.method == "POST" else None)
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, 81, 1)
+    page.get_by_label("Seed").fill("")
+    page.get_by_label("Seed").press_sequentially("12e")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#err-seed")).to_have_text("Not a number.")
+    expect(page.get_by_label("Seed")).to_be_focused()
+    assert posted == []
+    page.get_by_label("Seed").fill("7")
+    page.get_by_role("button", name="Add LoRA").click()
+    row = page.locator(".lora-row")
+    row.get_by_label("Path or URL").fill("owner/styles")
+    row.get_by_label("Weight file").fill("ink.safetensors")
+    row.get_by_label("Scale").fill("")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Failed", timeout=60_000)
+    (lora,) = json.loads(posted[0])["loras"]
+    assert lora == {"path": "owner/styles", "weight_name": "ink.safetensors", "transformer": "both"}
+
+
+def test_the_page_waits_out_a_server_outage_and_shows_the_result(page: Page) -> None:
+    """A server restart (or a proxy answering 502-504 meanwhile) while a request runs: the request goes on, so the
+    page keeps asking, says so, and shows the result once the server answers again."""
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, 81, 2)
+    outage = {"status": 4, "result": 2}  # failed answers left: status polls unreachable, results from a proxy
+
+    def outage_answer(route: Route) -> None:
+        path = urlsplit(route.request.url).path
+        if "/status" in path and outage["status"] > 0:  # the status stream, then the polls that replace it
+            outage["status"] -= 1
+            route.abort("connectionrefused")
+        elif path.endswith(("/status", "/stream", "/cancel")):
+            route.continue_()
+        elif outage["result"] > 0:
+            outage["result"] -= 1
+            route.fulfill(status=502, body="<html>bad gateway</html>", content_type="text/html")
+        else:
+            route.continue_()
+
+    page.route(lambda url: "/requests/" in url, outage_answer)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Server unreachable", timeout=60_000)
+    expect(page.locator("#status")).to_have_text("Done · seed 7", timeout=120_000)
+    assert outage == {"status": 0, "result": 0}
+    expect(page.locator("#history li").first).to_contain_text("done · seed 7")
+
+
+def test_the_key_is_kept_for_the_tab_unless_the_user_asks_to_remember_it(page: Page, keyed_server: Server) -> None:
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, 500, 1)  # refused by the server: the key is kept when a request is sent, whatever comes back
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#err-num_frames")).not_to_be_empty()
+    assert page.evaluate("localStorage.getItem('wanserve.key')") is None
+    page.reload()
+    expect(page.get_by_label("API key")).to_have_value(KEY)  # this tab still has it
+    other = page.context.new_page()
+    other.goto(keyed_server.url + "/")
+    expect(other.get_by_label("API key")).to_have_value("")  # another tab does not
+    page.get_by_label("Remember on this computer").check()
+    assert page.evaluate("localStorage.getItem('wanserve.key')") == KEY
+    other.reload()
+    expect(other.get_by_label("API key")).to_have_value(KEY)
+    expect(other.get_by_label("Remember on this computer")).to_be_checked()
+    other.get_by_label("Remember on this computer").uncheck()
+    assert other.evaluate("localStorage.getItem('wanserve.key')") is None
 
 
 def test_cancel_stops_a_running_request(page: Page) -> None:

@@ -5,7 +5,9 @@
 const $ = (id) => document.getElementById(id);
 const STEP_LINE = /^step (\d+)\/(\d+) · (\w+)-noise expert · ([\d.]+)s\/step · ETA (.+)$/;
 const HISTORY_KEY = "wanserve.history";
-const KEY_KEY = "wanserve.key";
+const KEY_KEY = "wanserve.key"; // this tab only (sessionStorage), or this browser if "remember" is ticked
+// A server restart or a proxy in front of it: the request goes on, so the page waits this long for the server.
+const OUTAGE_GRACE_MS = 5 * 60 * 1000;
 let schema = null;
 let app = "fal-ai/wan-22"; // the endpoint requests are submitted to
 let queueApp = "fal-ai/wan-22"; // the `owner/app` its status, result and cancel URLs live under
@@ -95,6 +97,7 @@ function addLora(values = {}) {
   row.dataset.row = String(i);
   const fields = [
     ["path", "Path or URL", "text", values.path ?? ""],
+    ["weight_name", "Weight file", "text", values.weight_name ?? ""],
     ["scale", "Scale", "number", values.scale ?? loraDef.properties.scale.default],
     ["transformer", "Expert", "select", values.transformer ?? "both"],
   ];
@@ -111,6 +114,7 @@ function addLora(values = {}) {
       input = document.createElement("input");
       input.type = type;
       if (type === "number") input.step = "any";
+      if (name === "weight_name") input.placeholder = "repo with several files";
       input.value = value;
     }
     input.id = `lora-${i}-${name}`;
@@ -126,11 +130,37 @@ function addLora(values = {}) {
   const remove = document.createElement("button");
   remove.type = "button";
   remove.textContent = "Remove";
-  remove.setAttribute("aria-label", `Remove LoRA ${i + 1}`);
-  remove.onclick = () => row.remove();
+  remove.className = "remove-lora";
+  remove.onclick = () => {
+    row.remove();
+    numberLoraRows();
+    $("add-lora").focus(); // not lost to the page's body
+  };
   row.append(remove);
   $("loras").append(row);
+  numberLoraRows();
   row.querySelector("input").focus();
+}
+
+// Each row's Remove button is named by the row's place now, not by how many rows were ever added.
+function numberLoraRows() {
+  $("loras")
+    .querySelectorAll(".remove-lora")
+    .forEach((button, index) => button.setAttribute("aria-label", `Remove LoRA ${index + 1}`));
+}
+
+// A number field whose text the browser cannot read as a number has value "": left out, the server's default
+// would apply without a word. Such a field is an error of the page's own instead.
+class UnreadableNumber extends Error {
+  constructor(input) {
+    super(`${input.id}: not a number`);
+    this.input = input;
+  }
+}
+
+function numberText(input) {
+  if (input.validity?.badInput) throw new UnreadableNumber(input);
+  return input.value.trim();
 }
 
 // An integer as typed: seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53).
@@ -148,7 +178,7 @@ function readForm() {
   const body = {};
   for (const input of $("fields").querySelectorAll("input, select, textarea")) {
     const kind = input.dataset.kind;
-    const text = input.value.trim();
+    const text = input.type === "number" ? numberText(input) : input.value.trim();
     if (input.type === "checkbox") body[input.name] = input.checked;
     else if (input.tagName === "TEXTAREA") {
       // Sent as typed: an emptied negative prompt means none, not the default. An empty required one is left
@@ -162,11 +192,15 @@ function readForm() {
   const loraRows = [...$("loras").querySelectorAll(".lora-row")].filter((row) =>
     row.querySelector("[name=path]").value.trim(),
   );
-  const loras = loraRows.map((row) => ({
-    path: row.querySelector("[name=path]").value.trim(),
-    scale: Number(row.querySelector("[name=scale]").value),
-    transformer: row.querySelector("[name=transformer]").value,
-  }));
+  const loras = loraRows.map((row) => {
+    const lora = { path: row.querySelector("[name=path]").value.trim() };
+    const weightName = row.querySelector("[name=weight_name]").value.trim();
+    if (weightName) lora.weight_name = weightName;
+    const scale = numberText(row.querySelector("[name=scale]"));
+    if (scale !== "") lora.scale = Number(scale); // an emptied scale: the server's default (1), never 0
+    lora.transformer = row.querySelector("[name=transformer]").value;
+    return lora;
+  });
   if (loras.length) body.loras = loras;
   return { body, loraRows };
 }
@@ -227,6 +261,35 @@ function exactSeed(key, value, context) {
   return key === "seed" && typeof value === "number" && context?.source ? context.source : value;
 }
 
+// Whether a failed call is worth making again: the server unreachable (fetch rejects), restarting or behind a
+// proxy (502-504, no request id: not the request's own outcome), or this key's read rate limit (429).
+function passing(error, response) {
+  if (error) return !(error instanceof DOMException && error.name === "AbortError");
+  return [429, 502, 503, 504].includes(response.status) && !response.headers.get("x-fal-request-id");
+}
+
+// `call` (an api() call) made again through a server outage of up to OUTAGE_GRACE_MS, the status line saying so.
+async function throughOutages(call) {
+  let since = null;
+  for (;;) {
+    let result = null;
+    let error = null;
+    try {
+      result = await call();
+    } catch (e) {
+      error = e;
+    }
+    if (!passing(error, result?.response)) {
+      if (error) throw error;
+      return result;
+    }
+    since ??= Date.now();
+    if (Date.now() - since > OUTAGE_GRACE_MS) throw error ?? new Error(`HTTP ${result.response.status}`);
+    setStatus(`Server unreachable (${error ? "no answer" : `HTTP ${result.response.status}`}); trying again…`);
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
 async function api(method, path, body) {
   const response = await fetch(path, {
     method,
@@ -284,13 +347,18 @@ async function submit(event) {
   event.preventDefault();
   clearErrors();
   let body, loraRows;
+  let submitted = null; // the request id, once the server has queued it
   try {
     ({ body, loraRows } = readForm());
   } catch (error) {
+    if (error instanceof UnreadableNumber) {
+      markUnreadable(error.input);
+      return;
+    }
     $("form-error").textContent = `The form could not be read: ${error}`;
     return;
   }
-  localStorage.setItem(KEY_KEY, $("api-key").value);
+  keepKey();
   // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs. Its
   // unchecked box is the default there and no field at all for the base endpoint (which would log it as unknown).
   const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
@@ -305,6 +373,7 @@ async function submit(event) {
       return;
     }
     const id = data.request_id;
+    submitted = id;
     remember({ id, prompt: body.prompt, at: new Date().toISOString(), status: "IN_QUEUE" });
     const abort = new AbortController();
     current = { id, abort };
@@ -319,7 +388,8 @@ async function submit(event) {
     await showResult(id, loraRows);
   } catch (error) {
     $("form-error").textContent = String(error);
-    setStatus("Something went wrong.");
+    setStatus(submitted ? `Lost track of request ${submitted}: ${error}` : "Something went wrong.");
+    if (submitted) update(submitted, { status: "unknown (the server could not be reached)" });
   } finally {
     $("submit").disabled = false;
     $("cancel").disabled = true;
@@ -327,9 +397,24 @@ async function submit(event) {
   }
 }
 
+function markUnreadable(input) {
+  const target = $(input.id.replace(/^f-/, "err-").replace(/^lora-/, "err-lora-"));
+  if (target) target.textContent = "Not a number.";
+  input.setAttribute("aria-invalid", "true");
+  input.focus();
+  setStatus("Fix the marked field.");
+}
+
+function keepKey() {
+  const key = $("api-key").value;
+  sessionStorage.setItem(KEY_KEY, key);
+  if ($("remember-key").checked) localStorage.setItem(KEY_KEY, key);
+  else localStorage.removeItem(KEY_KEY);
+}
+
 async function pollUntilDone(id) {
   for (;;) {
-    const { response, data } = await api("GET", `/${queueApp}/requests/${id}/status?logs=1`);
+    const { response, data } = await throughOutages(() => api("GET", `/${queueApp}/requests/${id}/status?logs=1`));
     if (!response.ok) throw new Error(`status: HTTP ${response.status} ${data.detail ?? ""}`);
     onStatus(data);
     if (data.status === "COMPLETED") return;
@@ -338,10 +423,12 @@ async function pollUntilDone(id) {
 }
 
 async function showResult(id, loraRows) {
-  const { response, data } = await api("GET", `/${queueApp}/requests/${id}`);
+  const { response, data } = await throughOutages(() => api("GET", `/${queueApp}/requests/${id}`));
   if (!response.ok) {
     const cancelled = response.status === 499;
-    setStatus(cancelled ? "Cancelled." : `Failed: ${data.error_type || response.status}`);
+    // A failed request's result is its error body; its type is in the header.
+    const type = data.error_type || response.headers.get("x-fal-error-type") || `HTTP ${response.status}`;
+    setStatus(cancelled ? "Cancelled." : `Failed: ${type}`);
     if (!cancelled) showErrors(data.detail ?? data, loraRows);
     update(id, { status: cancelled ? "cancelled" : "failed" });
     return;
@@ -354,6 +441,7 @@ async function showResult(id, loraRows) {
 function showVideo(url, seed) {
   const video = $("video");
   video.hidden = false;
+  video.onerror = () => setStatus("The video could not be loaded (expired, or its URL is not reachable from here).");
   video.src = url;
   $("download").href = url;
   $("seed").textContent = String(seed);
@@ -416,10 +504,20 @@ function renderHistory() {
   }
 }
 
+// The schema's numbers as written: a bound past 2^53 (the seed's 2^63 - 1) would come back rounded.
+function exactBound(key, value, context) {
+  return typeof value === "number" && !Number.isSafeInteger(value) && Number.isInteger(value) && context?.source
+    ? context.source
+    : value;
+}
+
 async function main() {
-  $("api-key").value = localStorage.getItem(KEY_KEY) || "";
+  const remembered = localStorage.getItem(KEY_KEY);
+  $("api-key").value = sessionStorage.getItem(KEY_KEY) ?? remembered ?? "";
+  $("remember-key").checked = remembered !== null;
+  $("remember-key").onchange = keepKey;
   const response = await fetch("/playground/schema.json");
-  const data = await response.json();
+  const data = JSON.parse(await response.text(), exactBound);
   schema = data.schema;
   app = data.app;
   queueApp = data.queue_app;
