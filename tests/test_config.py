@@ -75,3 +75,18 @@ def test_the_public_url_must_be_an_absolute_http_url() -> None:
     assert Settings(public_url="").public_url is None
     for good in ("http://gpu-box:8000", "http://[::1]:8000/", "https://video.example.com/wan"):
         assert Settings(public_url=good).public_url == good
+
+
+@pytest.mark.parametrize("name", ["data_dir", "keys_dir", "cache_dir", "lora_cache_dir", "safety_terms_file"])
+def test_an_empty_path_variable_is_refused_not_the_current_folder(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`WANSERVE_KEYS_DIR=` would otherwise be Path(""): the server's keys written into whatever folder it started
+    in."""
+    from wanserve.cli import main
+
+    monkeypatch.setenv(f"WANSERVE_{name.upper()}", " ")
+    with pytest.raises(ValidationError, match=f"{name}[\\s\\S]*is empty"):
+        Settings()
+    assert main(["serve", "--no-worker"]) == 2
+    assert "invalid settings" in capsys.readouterr().err

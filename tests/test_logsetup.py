@@ -49,6 +49,26 @@ def test_every_wanserve_command_logs_one_line_per_record() -> None:
     assert not any(line.startswith("2030 FORGED") for line in done.stderr.splitlines())
 
 
+def test_verbose_logs_leave_out_the_urls_the_http_libraries_would_log() -> None:
+    """`wanserve -v`: httpx logs each request's whole URL at INFO (a webhook's `?token=`, a LoRA URL's signature).
+    Verbose is our DEBUG, not theirs."""
+    script = (
+        "import logging, threading, httpx\n"
+        "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n"
+        "from wanserve.logsetup import configure_logging\n"
+        "class Quiet(BaseHTTPRequestHandler):\n"
+        "    def log_message(self, *args): pass\n"
+        "server = ThreadingHTTPServer(('127.0.0.1', 0), Quiet)\n"
+        "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
+        "configure_logging(logging.DEBUG, '%(levelname)s %(name)s: %(message)s')\n"
+        "httpx.post(f'http://127.0.0.1:{server.server_address[1]}/hook?token=SECRET-TOKEN')\n"
+        "logging.getLogger('wanserve.webhooks').debug('our own debug line')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "our own debug line" in done.stderr, done.stderr
+    assert "SECRET-TOKEN" not in done.stderr, done.stderr
+
+
 def test_a_servers_access_log_hides_query_strings_and_uvicorn_writes_in_the_one_format(
     tmp_path: Path, model_cache: Path
 ) -> None:

@@ -394,6 +394,28 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator(
+        "cache_dir",
+        "compile_cache_dir",
+        "data_dir",
+        "api_key_hashes_file",
+        "keys_dir",
+        "lora_cache_dir",
+        "hf_cache_dir",
+        "prompt_expansion_model",
+        "safety_terms_file",
+        "safety_text_model",
+        "safety_image_model",
+        mode="before",
+    )
+    @classmethod
+    def _not_an_empty_path(cls, value: object) -> object:
+        """`WANSERVE_DATA_DIR=` (set, but empty) would be Path(""): the current folder, where keys and the database
+        would then be written without a word. An empty path is refused, saying how to get the default."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it for the default, or give a path")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _absolute_http_url(cls, value: str | None) -> str | None:

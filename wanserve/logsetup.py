@@ -35,6 +35,10 @@ def configure_logging(level: int, fmt: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
+    # The HTTP libraries log every request's whole URL at INFO and DEBUG: webhook and LoRA URLs carry credentials
+    # and tokens. Their warnings still show; our own lines name URLs without those parts (webhooks.loggable_url).
+    for library in ("httpx", "httpcore", "urllib3", "botocore", "boto3", "s3transfer"):
+        logging.getLogger(library).setLevel(max(level, logging.WARNING))
 
 
 class HideQueryStrings(logging.Filter):
