@@ -343,3 +343,43 @@ def test_the_store_read_threads_end_with_the_app(tmp_path: Path) -> None:
         assert app.state.context.store_reads.submit(lambda: 42).result(5) == 42
     with pytest.raises(RuntimeError, match="shutdown"):
         app.state.context.store_reads.submit(lambda: 42)
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_streamed_run_cut_off_by_the_servers_own_stop_is_not_cancelled(
+    app: FastAPI, client: TestClient, stopping: bool
+) -> None:
+    """A caller hanging up on `/run/.../stream` cancels its request; the server cutting the stream off as it stops
+    (uvicorn's graceful wait over) must not: the worker hands the request back, and it runs after the restart."""
+    from wanserve.api.run import stream_run
+    from wanserve.jobs.model import JobState
+
+    ctx = app.state.context
+    request_id = client.post(f"/{APP}", json={"prompt": "a fox"}).json()["request_id"]
+
+    async def cut_off() -> None:
+        stream = stream_run(ctx, ctx.store.get(request_id))
+        assert b'"IN_QUEUE"' in await anext(stream)
+        if stopping:
+            app.state.begin_shutdown()  # what `wanserve serve` calls on SIGTERM
+        await stream.aclose()  # the stream ends without its output
+
+    asyncio.run(cut_off())
+    job = ctx.store.get(request_id)
+    if stopping:
+        assert job.state is JobState.QUEUED and job.failure is None
+    else:
+        assert job.state is JobState.COMPLETED and job.failure.error_type == "client_cancelled"
+
+
+def test_serve_tells_the_app_of_a_stop_signal_before_uvicorn_acts_on_it() -> None:
+    import signal
+
+    import uvicorn
+
+    from wanserve.cli import _server_telling_the_app
+
+    told: list[bool] = []
+    server = _server_telling_the_app(uvicorn.Config(lambda *a: None), lambda: told.append(True))
+    server.handle_exit(signal.SIGTERM, None)
+    assert told == [True] and server.should_exit

@@ -91,6 +91,36 @@ def test_a_restarted_worker_is_stopped_with_sigint_not_killed(tmp_path: Path, mo
     assert spawned[1].returncode == 3  # its SIGINT handler ran to the end (-9: killed)
 
 
+def test_a_worker_that_exits_once_the_server_is_stopping_is_not_started_again(tmp_path: Path, monkeypatch: Any) -> None:
+    """systemd's stop signals every process of the unit: the worker drains and exits while uvicorn still waits for
+    open requests. A new worker started then would load the model and could claim a job as the server goes."""
+    from wanserve.backends import open_job_store
+    from wanserve.config import Settings
+    from wanserve.worker import supervisor
+
+    spawned: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def stand_in(_args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        spawned.append(
+            popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=kwargs.get("preexec_fn"))
+        )
+        return spawned[-1]
+
+    monkeypatch.setattr(supervisor.subprocess, "Popen", stand_in)
+    settings = Settings(data_dir=tmp_path / "data", public_url="http://test")
+    workers = supervisor.WorkerSupervisor(settings, open_job_store(settings), 1)
+    workers.start()
+    try:
+        workers.begin_shutdown()
+        spawned[0].terminate()  # the worker's own SIGTERM: it drains and exits
+        spawned[0].wait(10)
+        time.sleep(3.0)  # past the 2 s back-off of a worker that died young
+        assert len(spawned) == 1
+    finally:
+        workers.stop()
+
+
 def test_a_starting_server_recovers_only_workers_it_can_see_are_dead(tmp_path: Path) -> None:
     """At start, workers registered from this process space whose process is gone are dead: their jobs are requeued
     at once. A worker registered from another space (a container or machine with the same host name) may be alive

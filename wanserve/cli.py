@@ -265,7 +265,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     log.info("serving %s on %s (data in %s)", ", ".join(settings.app_ids), settings.public_url, settings.data_dir)
     _raise_open_files_limit()
     logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -276,7 +276,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=15,
     )
-    return 0
+    server = _server_telling_the_app(config, app.state.begin_shutdown)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's own code for a server that never started
+
+
+def _server_telling_the_app(config: Any, begin_shutdown: Any) -> Any:
+    """uvicorn's server, which tells the app when a stop signal arrives: before uvicorn's graceful wait ends by
+    cutting off the requests still open."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _raise_open_files_limit() -> None:

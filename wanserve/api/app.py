@@ -154,6 +154,12 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     )
     app.state.context = ctx
     app.state.supervisor = supervisor
+
+    def begin_shutdown() -> None:
+        ctx.shutting_down.set()
+        supervisor.begin_shutdown()
+
+    app.state.begin_shutdown = begin_shutdown  # called by `wanserve serve` as soon as a stop signal arrives
     _install_error_handlers(app)
     install_openapi(app)
     for router in (health.router, playground.router, files.router, storage.rest, storage.cdn, run.router, queue.router):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class ServerContext:
     store_reads: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(STORE_READ_THREADS, thread_name_prefix="store-read")
     )
+    # Set when the server is asked to stop (SIGTERM, Ctrl-C), before uvicorn cuts off the requests still open: a
+    # request cut off then was not given up by its caller (a streamed run is not cancelled for it).
+    shutting_down: threading.Event = field(default_factory=threading.Event)
 
 
 T = TypeVar("T")

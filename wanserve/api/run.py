@@ -40,14 +40,15 @@ async def wait_for(ctx: ServerContext, job: Job, request: Request) -> Job | None
 
 async def stream_run(ctx: ServerContext, job: Job) -> AsyncIterator[bytes]:
     """Progress events (status with the new log lines), then the output (or error body) as the last event.
-    A caller that hangs up mid-stream cancels the request, as with the plain run."""
+    A caller that hangs up mid-stream cancels the request, as with the plain run. A stream the server itself cuts
+    off as it stops does not: its worker hands the request back to the queue, for the next start."""
     finished = False
     try:
         async for event in status_events(ctx, job.id, with_logs=True):
             yield event
         finished = True
     finally:
-        if not finished:
+        if not finished and not ctx.shutting_down.is_set():
             # The hang-up cancelled this task: only a shielded scope may still await (anyio re-raises).
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(ctx.service.cancel, job.app, job.id)

@@ -135,6 +135,11 @@ class WorkerSupervisor:
         if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
             self._spawn(slot)
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping: a worker that exits from now on (draining on the same SIGTERM, say) is not
+        started again, and its clean exit is no crash. `stop` still ends those left."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         with self._lock:  # a restart in progress completes first; none starts after this
