@@ -458,3 +458,12 @@ def test_loras_resolved_first_are_not_evicted_by_the_downloads_after_them(
 
     uses = resolver.uses([LoRAWeight(path=url) for url in urls], before_each=slow_downloads)
     assert [use.file.path.read_bytes()[:1] for use in uses] == [b"a", b"b", b"c"]  # all still there to be read
+
+
+def test_a_lora_url_is_described_without_its_signature_or_credentials() -> None:
+    """What the job log and warnings say of a LoRA URL: a presigned URL's signature is a credential."""
+    from wanserve.lora.sources import describe_path
+
+    shown = describe_path("https://u:pw@bucket.s3.test/loras/style.safetensors?X-Amz-Signature=SIG123")
+    assert shown == "https://bucket.s3.test/loras/...?..."
+    assert describe_path("style.safetensors") == "style.safetensors"

@@ -114,6 +114,19 @@ def test_openai_compatible_expansion_and_its_request(chat: ChatServer) -> None:
     ]
 
 
+def test_an_api_url_with_a_query_and_credentials_is_called_right_and_shown_without_them(chat: ChatServer) -> None:
+    """Azure-style `?api-version=`: the route goes on the path, the query stays. What /ready and the job log show
+    of the URL has no user, password or query."""
+    chat.mode, chat.requests[:] = "ok", []
+    base = chat.url.replace("http://", "http://admin:llmPASS@") + "?api-version=2024-06-01&api_key=QSECRET"
+    expander = OpenAICompatibleExpander(base, "m", None, timeout_s=5, max_tokens=50)
+    assert expander.expand("a red fox in snow") == EXPANDED
+    assert chat.requests[0]["path"] == "/v1/chat/completions?api-version=2024-06-01&api_key=QSECRET"
+    shown = expander.description
+    assert "llmPASS" not in shown and "QSECRET" not in shown and "admin" not in shown
+    assert shown.startswith("chat API http://127.0.0.1:") and "/v1/...?..." in shown
+
+
 @pytest.mark.parametrize("mode", ["slow", "garbage"])
 def test_expansion_failures_are_reported_not_raised_further(chat: ChatServer, mode: str) -> None:
     chat.mode = mode

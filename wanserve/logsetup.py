@@ -11,6 +11,7 @@ characters are written escaped; a traceback, logged as exc_info, keeps its lines
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
     ord("\n"): "\\n",
@@ -36,9 +37,25 @@ def configure_logging(level: int, fmt: str) -> None:
     handler.setFormatter(OneLineFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
     # The HTTP libraries log every request's whole URL at INFO and DEBUG: webhook and LoRA URLs carry credentials
-    # and tokens. Their warnings still show; our own lines name URLs without those parts (webhooks.loggable_url).
+    # and tokens. Their warnings still show; our own lines name URLs without those parts (loggable_url).
     for library in ("httpx", "httpcore", "urllib3", "botocore", "boto3", "s3transfer"):
         logging.getLogger(library).setLevel(max(level, logging.WARNING))
+
+
+def loggable_url(url: str) -> str:
+    """A URL without what may be a secret, for logs and the descriptions `/ready` shows: no user and password, no
+    query (`?token=`), and no path past its first part (Slack and Discord webhooks are `/services/<secret>`). Logs
+    are read by more people than the keys are."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parts.port}" if parts.port else ""
+    except ValueError:  # what it holds cannot be told apart: a user and password may be anywhere in it
+        return "<a URL that does not parse>"
+    first, slash, rest = parts.path.lstrip("/").partition("/")
+    path = f"/{first}" + ("/..." if rest else slash) if parts.path.startswith("/") else parts.path
+    return f"{parts.scheme}://{netloc}{path}" + ("?..." if parts.query else "")
 
 
 class HideQueryStrings(logging.Filter):

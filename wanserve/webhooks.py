@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +23,7 @@ from wanserve.errors import InputFetchError, PrivateAddress
 from wanserve.files.inputs import pin_public_url, verifying_tls_for
 from wanserve.jobs.model import Job
 from wanserve.keyfiles import read_or_create
+from wanserve.logsetup import loggable_url
 from wanserve.store.base import JobStore
 
 log = logging.getLogger("wanserve.webhooks")
@@ -102,19 +102,6 @@ def webhook_payload(job: Job) -> dict[str, Any]:
 def retry_delay(attempts: int, base_s: float) -> float:
     """Delay before the next try after `attempts` failed ones: base, 2x base, 4x base... capped."""
     return min(base_s * (2 ** max(attempts - 1, 0)), MAX_RETRY_DELAY_S)
-
-
-def loggable_url(url: str) -> str:
-    """A URL without what may be a secret (a token in its query, a user and password): webhook URLs often carry
-    one, and logs are read by more people than the keys are."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        netloc += f":{parts.port}" if parts.port else ""
-    except ValueError:  # what it holds cannot be told apart: a user and password may be anywhere in it
-        return "<a URL that does not parse>"
-    return f"{parts.scheme}://{netloc}{parts.path}" + ("?..." if parts.query else "")
 
 
 class WebhookDispatcher:

@@ -12,10 +12,12 @@ import re
 import threading
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from wanserve.config import Settings
+from wanserve.logsetup import loggable_url
 
 SYSTEM_PROMPT = (
     "You rewrite prompts for a text-to-video model. Expand the user's prompt into one vivid paragraph of at most "
@@ -70,12 +72,13 @@ def clean_expansion(text: str) -> str:
 
 class OpenAICompatibleExpander:
     def __init__(self, base_url: str, model: str, key: str | None, timeout_s: float, max_tokens: int) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        parts = urlsplit(base_url)  # the path gets the route; a query (`?api-version=`) stays a query
+        self.url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
         self.model = model
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
-        self.description = f"chat API {self.url} (model {model})"
+        self.description = f"chat API {loggable_url(self.url)} (model {model})"  # shown in /ready and job logs
 
     def expand(self, prompt: str) -> str:
         body = {

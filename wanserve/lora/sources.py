@@ -37,6 +37,7 @@ from wanserve.files.inputs import (
     parse_http_url,
     submit_lookup_deadline,
 )
+from wanserve.logsetup import loggable_url
 from wanserve.lora.cache import CachedFile, ContentCache, file_sha256
 from wanserve.schema import LoRAWeight
 
@@ -108,6 +109,8 @@ def _hub_unreachable(exc: BaseException) -> bool:
 def describe_path(path: str) -> str:
     if is_data_uri(path):
         return f"data URI ({len(path)} characters)"
+    if path.lower().startswith(("http://", "https://")):  # a presigned URL's signature, a token
+        return loggable_url(path)
     return path if len(path) <= 120 else path[:117] + "..."
 
 
