@@ -90,3 +90,18 @@ def test_an_empty_path_variable_is_refused_not_the_current_folder(
         Settings()
     assert main(["serve", "--no-worker"]) == 2
     assert "invalid settings" in capsys.readouterr().err
+
+
+def test_a_relative_sqlite_path_is_under_the_data_dir_and_four_slashes_are_absolute(tmp_path: Path) -> None:
+    """An API and a worker started from different folders must share one database: a relative path is not the
+    current folder's. `sqlite:////abs` is absolute, as SQLAlchemy reads it."""
+    from wanserve.backends import open_job_store
+
+    data = tmp_path / "data"
+    relative = open_job_store(Settings(data_dir=data, store="sqlite:///queue/jobs.db"))
+    absolute = open_job_store(Settings(data_dir=data, store=f"sqlite:///{tmp_path}/elsewhere.db"))
+    try:
+        assert (data / "queue" / "jobs.db").exists() and (tmp_path / "elsewhere.db").exists()
+    finally:
+        relative.close()
+        absolute.close()

@@ -24,7 +24,10 @@ def open_job_store(settings: Settings) -> JobStore:
     from wanserve.store.sqlite import SQLiteJobStore
 
     if settings.store.startswith("sqlite:///"):
-        return SQLiteJobStore(Path(settings.store.removeprefix("sqlite:///")))
+        # As SQLAlchemy writes them: sqlite:///relative/path, sqlite:////absolute/path. A relative one is under the
+        # data dir, not the folder a process was started in: an API and a worker started elsewhere share it.
+        path = Path(settings.store.removeprefix("sqlite:///"))
+        return SQLiteJobStore(path if path.is_absolute() else settings.data_dir / path)
     return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
 
 

@@ -158,8 +158,9 @@ class Settings(BaseSettings):
     store: str = Field(
         "sqlite",
         pattern=r"^(sqlite(:///.+)?|rediss?://.+|unix://.+)$",
-        description="Job store: `sqlite` (<data-dir>/jobs.sqlite3), `sqlite:///PATH`, or `redis://[:PASSWORD@]HOST:"
-        "PORT/DB` (`rediss://` for TLS) shared by API replicas and workers on many machines.",
+        description="Job store: `sqlite` (<data-dir>/jobs.sqlite3), `sqlite:///PATH` (relative to the data dir; "
+        "`sqlite:////ABSOLUTE/PATH`), or `redis://[:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS) shared by API "
+        "replicas and workers on many machines.",
     )
     redis_prefix: str = Field(
         "wanserve",
