@@ -105,3 +105,21 @@ def test_a_relative_sqlite_path_is_under_the_data_dir_and_four_slashes_are_absol
     finally:
         relative.close()
         absolute.close()
+
+
+def test_one_gpu_is_the_workers_device_and_one_it_cannot_use_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--gpus 3` was ignored (the worker ran on the default device while reporting GPU 3)."""
+    import torch
+
+    from wanserve.cli import main
+
+    assert Settings(gpus=[3]).device == "cuda:3" and Settings(gpus=[3], device="cuda").device == "cuda:3"
+    assert Settings(gpus=[0, 1]).device == "auto"
+    with pytest.raises(ValidationError, match="gpus=3 and device=cuda:1 name different devices"):
+        Settings(gpus=[3], device="cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WANSERVE_WORKER_SETTINGS", raising=False)  # not a worker started by `serve`
+    assert main(["worker", "--gpus", "3", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 2
+    assert "device cuda:3 was asked for (--device or --gpus), but torch sees no CUDA GPU" in capsys.readouterr().err

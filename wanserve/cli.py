@@ -420,6 +420,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
 
         return run_worker_group(settings, args.worker_id, settings.gpus, exit_with_parent=args.exit_with_parent)
+    from wanserve.engine.loading import device_problem
+
+    problem = device_problem(settings.device)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     _check_job_store(settings)
     worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
     # SIGTERM (systemd, Kubernetes, the supervisor): finish the running job first; Ctrl-C: hand it back now.

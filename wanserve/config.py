@@ -196,7 +196,7 @@ class Settings(BaseSettings):
     gpus: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="GPUs one worker spreads each video over (`0,1,...`: one process per GPU, CFG-parallel and "
-        "Ulysses sequence-parallel). Empty: one process on `device`.",
+        "Ulysses sequence-parallel). One GPU (`3`): the worker runs on `cuda:3`. Empty: one process on `device`.",
     )
     cfg_parallel: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -368,6 +368,16 @@ class Settings(BaseSettings):
     safety_force: bool = Field(
         False, description="Check every request, even those that send `enable_safety_checker: false`."
     )
+
+    @model_validator(mode="after")
+    def _one_gpu_is_the_device(self) -> Settings:
+        """`--gpus 3` is one process on that GPU: the device it runs on (and reports), not a group."""
+        if len(self.gpus) == 1:
+            wanted = f"cuda:{self.gpus[0]}"
+            if self.device not in ("auto", "cuda", wanted):
+                raise ValueError(f"gpus={self.gpus[0]} and device={self.device} name different devices")
+            object.__setattr__(self, "device", wanted)  # no re-validation of the whole model
+        return self
 
     @model_validator(mode="after")
     def _cfg_parallel_needs_an_even_gpu_count(self) -> Settings:

@@ -44,6 +44,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` (a setting) cannot run here, in words; None when it can. Checked at a worker's start: torch
+    itself would fail at the first CUDA call with an error that names neither the setting nor the GPU."""
+    if device in ("auto", "cpu"):
+        return None
+    try:
+        wanted = torch.device(device)
+    except RuntimeError as exc:
+        return f"device {device!r} is not a device torch knows ({exc})"
+    if wanted.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return f"device {device} was asked for (--device or --gpus), but torch sees no CUDA GPU on this machine"
+    count = torch.cuda.device_count()
+    if wanted.index is not None and wanted.index >= count:
+        return f"device {device} was asked for (--device or --gpus), but this machine has {count} GPU(s)"
+    return None
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
