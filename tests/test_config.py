@@ -123,3 +123,14 @@ def test_one_gpu_is_the_workers_device_and_one_it_cannot_use_is_a_clear_error(
     monkeypatch.delenv("WANSERVE_WORKER_SETTINGS", raising=False)  # not a worker started by `serve`
     assert main(["worker", "--gpus", "3", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 2
     assert "device cuda:3 was asked for (--device or --gpus), but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_redis_url_whose_port_does_not_parse_is_a_clear_error_that_hides_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from wanserve.cli import main
+
+    assert main(["serve", "--store", "redis://:pwSECRET@127.0.0.1:abc/0", "--no-worker"]) == 2
+    err = capsys.readouterr().err
+    assert "store: Value error, the Redis URL's port is not a number" in err
+    assert "pwSECRET" not in err and "Traceback" not in err

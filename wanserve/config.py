@@ -427,6 +427,18 @@ class Settings(BaseSettings):
             raise ValueError("is empty: unset it for the default, or give a path")
         return value
 
+    @field_validator("store")
+    @classmethod
+    def _store_url_parses(cls, value: str) -> str:
+        """A Redis URL's port is read when the first connection is made: a bad one would end the start in a
+        traceback. The URL is never echoed: it may hold the password."""
+        if value.startswith(("redis://", "rediss://")):
+            try:
+                urlsplit(value).port  # noqa: B018 (reading it checks it)
+            except ValueError:
+                raise ValueError("the Redis URL's port is not a number from 0 to 65535") from None
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _absolute_http_url(cls, value: str | None) -> str | None:
