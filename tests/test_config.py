@@ -134,3 +134,18 @@ def test_a_redis_url_whose_port_does_not_parse_is_a_clear_error_that_hides_the_p
     err = capsys.readouterr().err
     assert "store: Value error, the Redis URL's port is not a number" in err
     assert "pwSECRET" not in err and "Traceback" not in err
+
+
+def test_a_data_dir_that_cannot_be_used_is_named_and_nothing_is_written_before_the_address_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wanserve.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["serve", "--data-dir", str(a_file), "--no-worker"]) == 1
+    assert "the data folder" in (err := capsys.readouterr().err) and "(--data-dir, WANSERVE_DATA_DIR)" in err
+    data = tmp_path / "data"
+    assert main(["serve", "--host", "nosuchhost.invalid", "--data-dir", str(data), "--no-worker"]) == 1
+    assert "cannot listen on nosuchhost.invalid" in capsys.readouterr().err
+    assert not (data / "api-key").exists()  # a key for a server that never ran

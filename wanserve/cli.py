@@ -220,6 +220,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from wanserve.api.timeouts import KEEP_ALIVE_S, http_protocol
 
     _files_private_to_this_user()
+    _check_folders("data folder", [("--data-dir, WANSERVE_DATA_DIR", settings.data_dir)])
     if settings.port == 0:
         settings = settings.model_copy(update={"port": _free_port(settings.host)})
     keyed = settings.api_keys or settings.api_key_hashes or settings.api_key_hashes_file
@@ -230,16 +231,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 "e.g. from `python -c 'import secrets; print(secrets.token_urlsafe())'`",
                 number, len(settings.api_keys), len(key), MIN_KEY_CHARS,
             )  # fmt: skip
+    problem = _cannot_listen(settings.host, settings.port)  # before anything is written (the generated key)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     if not keyed and not is_loopback_host(settings.host):
         # Reachable from other machines: never open by default. The key is kept for the next start (for the
         # operator to read); the server itself keeps only its hash.
         key_file = settings.data_dir / "api-key"
         settings = settings.model_copy(update={"api_key_hashes": [hash_key(read_or_create_secret(key_file))]})
         log.warning("no API key configured for host %s: using the key in %s", settings.host, key_file)
-    problem = _cannot_listen(settings.host, settings.port)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
     configured_public_url = settings.public_url
     try:
         settings = without_plain_keys(settings.model_copy(update={"public_url": settings.resolved_public_url()}))
@@ -368,20 +369,27 @@ def _check_model(settings: Settings) -> None:
 def _check_cache_dir(settings: Settings) -> None:
     """The cache folders a worker writes (the built-in model's, compiled kernels, downloaded LoRAs) must be usable:
     a worker that cannot create one fails at each start, and would be restarted for ever."""
-    import os
 
     folders = [
         ("--cache-dir, WANSERVE_CACHE_DIR", settings.cache_dir) if settings.model == "tiny" else None,
         ("WANSERVE_COMPILE_CACHE_DIR", settings.resolved_compile_cache_dir()),
         ("WANSERVE_LORA_CACHE_DIR", settings.resolved_lora_cache_dir()),
     ]
-    for names, folder in filter(None, folders):
+    _check_folders("cache folder", [f for f in folders if f is not None])
+
+
+def _check_folders(what: str, folders: list[tuple[str, Path]]) -> None:
+    """Each (setting names, folder) exists or can be made, and this user may write in it; else an OSError naming
+    the setting (main prints it as one line)."""
+    import os
+
+    for names, folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise PermissionError(f"not writable by this user: {folder}")
         except OSError as exc:
-            raise OSError(f"the cache folder {folder} ({names}) cannot be used: {exc}") from None
+            raise OSError(f"the {what} {folder} ({names}) cannot be used: {exc}") from None
 
 
 def _free_port(host: str) -> int:
