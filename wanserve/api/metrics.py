@@ -38,7 +38,12 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator[Any]:
         counts = self.store.counts()
         jobs = GaugeMetricFamily("wanserve_jobs", "Jobs by state", labels=["state"])
-        outcomes = GaugeMetricFamily("wanserve_jobs_completed", "Completed jobs by outcome", labels=["outcome"])
+        outcomes = GaugeMetricFamily(
+            "wanserve_jobs_completed",
+            "Completed jobs still stored, by outcome (a gauge: it falls as jobs pass their retention; for a rate of "
+            "successes use wanserve_job_inference_seconds_count, which only grows)",
+            labels=["outcome"],
+        )
         for name, value in counts.items():
             if name.startswith("outcome:"):
                 outcomes.add_metric([name.split(":", 1)[1]], value)
