@@ -256,11 +256,12 @@ def test_a_real_server_stops_a_chunked_body_and_hangs_up(tmp_path: Path, path: s
 
 def test_a_body_sent_to_an_open_stream_is_cut_off_at_the_limit(tmp_path: Path) -> None:
     """A status stream has answered already (no 413 possible) when it reads the body to watch for a hang-up:
-    past the limit it reads no more and the connection is closed, as when the client goes."""
+    once the body passes the limit (4 KiB here; 8 KiB are sent), the connection is closed, as when the client
+    goes. A queued request's stream stays open otherwise, and send_chunked_over_a_socket fails after 2 s."""
     with live_app(tmp_path) as (port, app):
         job = app.state.context.service.submit(APP, {"prompt": "a fox"})  # queued: its stream would stay open
         stream = f"/{APP}/requests/{job.id}/status/stream"
-        answer = send_chunked_over_a_socket(port, "GET", stream, 64, until_answered=False)
+        answer = send_chunked_over_a_socket(port, "GET", stream, 8, until_answered=False)
     assert answer.startswith(b"HTTP/1.1 200") and b"IN_QUEUE" in answer
 
 
