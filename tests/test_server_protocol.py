@@ -177,13 +177,22 @@ def test_health_ready_metrics_openapi_jwks(server: Server) -> None:
 
 @pytest.mark.parametrize("priority", ["normal", "low"])
 def test_queue_position_is_reported_while_queued(server: Server, priority: str) -> None:
-    blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 3})
+    """Positions count the queued requests ahead; a normal request submitted later goes ahead of a low one."""
+    blocker = _submit(server, {**CHEAP_INPUT, "num_inference_steps": 12})
+    deadline = time.monotonic() + 60
+    while httpx.get(str(blocker["status_url"])).json()["status"] == "IN_QUEUE":  # the worker is busy with it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     queued = _submit(server, CHEAP_INPUT, **{"x-fal-queue-priority": priority})
-    status = httpx.get(str(queued["status_url"]))
-    assert status.status_code == 202 and status.json()["status"] == "IN_QUEUE"
-    assert isinstance(status.json()["queue_position"], int)
-    httpx.put(str(queued["cancel_url"]))
-    httpx.put(str(blocker["cancel_url"]))
+    later = _submit(server, CHEAP_INPUT)
+    positions = []
+    for request in (queued, later):
+        status = httpx.get(str(request["status_url"]))
+        assert status.status_code == 202 and status.json()["status"] == "IN_QUEUE"
+        positions.append(status.json()["queue_position"])
+    assert positions == ([0, 1] if priority == "normal" else [1, 0])
+    for request in (queued, later, blocker):
+        httpx.put(str(request["cancel_url"]))
     wait_completed(server, APP, str(blocker["request_id"]))
 
 
