@@ -24,6 +24,7 @@ from wanserve.engine.loading import load_pipeline
 from wanserve.engine.parallel import ParallelContext, ParallelPlan
 from wanserve.engine.speed import DeviceInfo, Preset, SelfAttnKernelProcessor, plan_speed, use_self_attention_kernel
 
+CPU = DeviceInfo(type="cpu", name="cpu")
 H100 = DeviceInfo(type="cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0))
 CPU_DEVICE = torch.device("cpu")
 SHAPE = (1, 96, 2, 16)  # (batch, tokens, heads, head_dim)
@@ -393,6 +394,7 @@ def test_flash4_is_measured_beside_the_others(fake_flash4: list, tmp_path: Path)
 def test_a_later_plan_without_flash4_puts_the_default_processor_back(model_cache: Path, fake_flash4: list) -> None:
     """The bench makes one engine after another on the same experts: a plan must not inherit an earlier one's
     self-attention kernel."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from wanserve.engine.speed import prepare_experts
@@ -400,7 +402,13 @@ def test_a_later_plan_without_flash4_puts_the_default_processor_back(model_cache
     expert = load_pipeline("tiny", model_cache, torch.float32).transformer
     prepare_experts([expert], plan_speed("exact", H100, compile=False, attention=AttentionKernel.FLASH4))
     assert all(isinstance(block.attn1.processor, SelfAttnKernelProcessor) for block in expert.blocks)
+    default = _AttentionBackendRegistry._active_backend
     prepare_experts([expert], plan_speed("exact", H100, compile=False, attention=AttentionKernel.FLASH))
     for block in expert.blocks:
         assert type(block.attn1.processor) is WanAttnProcessor
         assert block.attn1.processor._attention_backend == "_native_flash"
+    # Only this expert's: diffusers' set_attention_backend also made it every other model's default (the bench's
+    # diffusers baseline, made after an exact engine, ran on the exact engine's attention).
+    assert _AttentionBackendRegistry._active_backend == default
+    prepare_experts([expert], plan_speed("exact", CPU, compile=False))  # no backend: diffusers' default again
+    assert {block.attn2.processor._attention_backend for block in expert.blocks} == {None}

@@ -123,6 +123,7 @@ def test_forward_flops_is_what_torch_counts_in_the_blocks(latent: tuple[int, int
     blocks (attention on the math backend, which torch counts as its two matmuls), on an A14B-shaped expert with
     small dimensions: self- and cross-attention projections, both attentions and the FFN, nothing left out."""
     from diffusers import WanTransformer3DModel
+    from diffusers.models.attention_dispatch import attention_backend
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -133,7 +134,13 @@ def test_forward_flops_is_what_torch_counts_in_the_blocks(latent: tuple[int, int
     ).eval()  # fmt: skip
     frames, height, width = latent
     latents = torch.randn(1, 16, frames, height, width)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    # torch's own attention on its math kernel, whatever default the process has: that is what torch counts
+    with (
+        torch.no_grad(),
+        attention_backend("native"),
+        sdpa_kernel(SDPBackend.MATH),
+        FlopCounterMode(display=False) as counter,
+    ):
         expert(latents, torch.tensor([500]), torch.randn(1, TEXT_TOKENS, 64), return_dict=False)
     in_blocks = sum(
         sum(per_op.values())

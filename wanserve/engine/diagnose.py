@@ -43,6 +43,7 @@ from wanserve.engine.speed import (
     compile_experts,
     plan_speed,
     prepare_experts,
+    set_attention_backend,
     use_lowbit_self_attention,
 )
 
@@ -282,7 +283,7 @@ def diagnose(
 
     exact = plan_speed(Preset.EXACT, info, compile=False)
     if exact.attention_backend:
-        expert.set_attention_backend(exact.attention_backend)
+        set_attention_backend(expert, exact.attention_backend)
         chained("cuDNN attention (eager)", True)
     fast = plan_speed(Preset.FAST, info, compile=False, unvalidated_fast_gpu=True, lowbit_attention=True)
     prepare_experts([expert], fast)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
@@ -339,6 +339,22 @@ class SelfAttnKernelProcessor(WanAttnProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def set_attention_backend(model: torch.nn.Module, backend: str | None) -> None:
+    """Every attention processor of `model` on `backend` (None: diffusers' default). diffusers' own
+    `set_attention_backend` also makes it the process's default, which every other model's processors without one
+    then use: the bench's diffusers baseline, made after an `exact` engine, would run on cuDNN attention."""
+    if backend is None:
+        for module in model.modules():
+            if isinstance(module, AttentionModuleMixin) and hasattr(module.processor, "_attention_backend"):
+                module.processor._attention_backend = None
+        return
+    default = _AttentionBackendRegistry._active_backend
+    try:
+        model.set_attention_backend(backend)  # type: ignore[operator]
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
+
+
 def use_self_attention_kernel(block: torch.nn.Module, kernel: AttentionFn, attention_backend: str | None) -> None:
     """Give one transformer block's self-attention `kernel` (cross-attention keeps `attention_backend`)."""
     processor = SelfAttnKernelProcessor(kernel)
@@ -384,8 +400,7 @@ def prepare_experts(experts: list[WanTransformer3DModel], plan: SpeedPlan, devic
         for block in expert.blocks:  # an engine made again on the same experts (the bench) starts from diffusers'
             if isinstance(block.attn1.processor, SelfAttnKernelProcessor):
                 block.attn1.set_processor(WanAttnProcessor())
-        if plan.attention_backend:
-            expert.set_attention_backend(plan.attention_backend)
+        set_attention_backend(expert, plan.attention_backend)
         if plan.lowbit_attention:
             for block in expert.blocks:
                 use_lowbit_self_attention(block, plan.attention_backend, on_gpu, plan.lowbit_kernel)
