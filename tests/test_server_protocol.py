@@ -158,8 +158,27 @@ def test_a_kept_alive_connection_outlasts_the_clients_own_keep_alive(server: Ser
         for pause in (0.0, 6.0):
             time.sleep(pause)
             sock.sendall(request)
-            answer = sock.recv(65536)
+            answer = _one_response(sock)
             assert answer.startswith(b"HTTP/1.1 200"), (pause, answer[:100])
+
+
+def _one_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (its head, then Content-Length bytes of body): a recv() may return part of it, and
+    the rest would be read as the start of the next answer. b"" when the server closed the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_health_ready_metrics_openapi_jwks(server: Server) -> None:
