@@ -427,7 +427,7 @@ def test_uses_carry_scale_experts_and_a_short_label(http: FileServer, make: Make
             LoRAWeight(path=long_data),
         ]
     )
-    assert uses[0].scale == 0.5 and uses[0].experts == ("high",) and uses[0].label == http.url("/l.safetensors")
+    assert uses[0].scale == 0.5 and uses[0].experts == ("high",) and uses[0].label == http.url("/.../l.safetensors")
     assert uses[1].experts == ("high", "low") and uses[1].label.startswith("data URI (")
 
 
@@ -465,5 +465,5 @@ def test_a_lora_url_is_described_without_its_signature_or_credentials() -> None:
     from wanserve.lora.sources import describe_path
 
     shown = describe_path("https://u:pw@bucket.s3.test/loras/style.safetensors?X-Amz-Signature=SIG123")
-    assert shown == "https://bucket.s3.test/loras/...?..."
+    assert shown == "https://bucket.s3.test/.../style.safetensors?..."
     assert describe_path("style.safetensors") == "style.safetensors"

@@ -124,7 +124,7 @@ def test_an_api_url_with_a_query_and_credentials_is_called_right_and_shown_witho
     assert chat.requests[0]["path"] == "/v1/chat/completions?api-version=2024-06-01&api_key=QSECRET"
     shown = expander.description
     assert "llmPASS" not in shown and "QSECRET" not in shown and "admin" not in shown
-    assert shown.startswith("chat API http://127.0.0.1:") and "/v1/...?..." in shown
+    assert shown.startswith("chat API http://127.0.0.1:") and "/...?..." in shown
 
 
 @pytest.mark.parametrize("mode", ["slow", "garbage"])

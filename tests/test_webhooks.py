@@ -601,11 +601,13 @@ def test_a_webhook_urls_query_and_credentials_stay_out_of_the_log(
     finished_job(store, "secret-2", "http://127.0.0.1:9/hook?token=SUPERSECRET\n", output={})  # an invalid URL
     finished_job(store, "secret-3", "http://user:pw@127.0.0.1:99999/hook", output={})  # a port that does not parse
     finished_job(store, "secret-4", "http://127.0.0.1:9/services/T000/PATHSECRET", output={})  # Slack-style
+    finished_job(store, "secret-5", "http://127.0.0.1:9/bot123:BOTSECRET/sendMessage", output={})  # Telegram-style
     d = dispatcher(store, signer, timeout_s=1.0, retry_base_s=60)
-    assert deliver(d) == 4
-    assert "to 'http://127.0.0.1:9/hook?...' failed (try 1/3)" in caplog.text
-    assert "to 'http://127.0.0.1:9/services/...' failed (try 1/3)" in caplog.text
-    assert "SUPERSECRET" not in caplog.text and "pw" not in caplog.text and "PATHSECRET" not in caplog.text
+    assert deliver(d) == 5
+    assert "to 'http://127.0.0.1:9/...?...' failed (try 1/3)" in caplog.text
+    assert "to 'http://127.0.0.1:9/...' failed (try 1/3)" in caplog.text
+    assert "SUPERSECRET" not in caplog.text and "pw" not in caplog.text
+    assert "PATHSECRET" not in caplog.text and "BOTSECRET" not in caplog.text
 
 
 def test_a_hung_name_lookup_fails_the_try_without_holding_a_worker_thread(

@@ -43,9 +43,9 @@ def configure_logging(level: int, fmt: str) -> None:
 
 
 def loggable_url(url: str) -> str:
-    """A URL without what may be a secret, for logs and the descriptions `/ready` shows: no user and password, no
-    query (`?token=`), and no path past its first part (Slack and Discord webhooks are `/services/<secret>`). Logs
-    are read by more people than the keys are."""
+    """A URL without what may be a secret, for logs and the descriptions `/ready` shows: its scheme, host and port
+    only. A user and password, a query (`?token=`) and a path (Slack's `/services/<secret>`, Telegram's
+    `/bot<token>/...`, a topic name) may each be the credential. Logs are read by more people than the keys are."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -53,8 +53,7 @@ def loggable_url(url: str) -> str:
         netloc += f":{parts.port}" if parts.port else ""
     except ValueError:  # what it holds cannot be told apart: a user and password may be anywhere in it
         return "<a URL that does not parse>"
-    first, slash, rest = parts.path.lstrip("/").partition("/")
-    path = f"/{first}" + ("/..." if rest else slash) if parts.path.startswith("/") else parts.path
+    path = "/..." if parts.path.strip("/") else parts.path
     return f"{parts.scheme}://{netloc}{path}" + ("?..." if parts.query else "")
 
 

@@ -109,8 +109,15 @@ def _hub_unreachable(exc: BaseException) -> bool:
 def describe_path(path: str) -> str:
     if is_data_uri(path):
         return f"data URI ({len(path)} characters)"
-    if path.lower().startswith(("http://", "https://")):  # a presigned URL's signature, a token
-        return loggable_url(path)
+    if path.lower().startswith(("http://", "https://")):
+        # No user, password, query (a presigned URL's signature) or folders (a token in the path), but the file's
+        # name, which the job log's lines are about.
+        shown = loggable_url(path)
+        try:
+            name = PurePosixPath(urlsplit(path).path).name
+        except ValueError:
+            return shown
+        return shown.replace("/...", f"/.../{name}"[:120], 1) if name else shown
     return path if len(path) <= 120 else path[:117] + "..."
 
 
