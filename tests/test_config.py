@@ -149,3 +149,17 @@ def test_a_data_dir_that_cannot_be_used_is_named_and_nothing_is_written_before_t
     assert main(["serve", "--host", "nosuchhost.invalid", "--data-dir", str(data), "--no-worker"]) == 1
     assert "cannot listen on nosuchhost.invalid" in capsys.readouterr().err
     assert not (data / "api-key").exists()  # a key for a server that never ran
+
+
+def test_a_database_left_where_a_relative_sqlite_path_used_to_point_is_not_silently_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, sqlite:///jobs.db was the current folder's file: after the upgrade it would be a new, empty one under
+    the data dir, its queued jobs left behind. The start is refused, naming the four-slash form."""
+    from wanserve.backends import open_job_store
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old.db").write_bytes(b"")
+    with pytest.raises(OSError, match=f"name it sqlite:///{tmp_path}/old.db"):
+        open_job_store(Settings(data_dir=tmp_path / "data", store="sqlite:///old.db"))
+    assert not (tmp_path / "data" / "old.db").exists()

@@ -27,7 +27,16 @@ def open_job_store(settings: Settings) -> JobStore:
         # As SQLAlchemy writes them: sqlite:///relative/path, sqlite:////absolute/path. A relative one is under the
         # data dir, not the folder a process was started in: an API and a worker started elsewhere share it.
         path = Path(settings.store.removeprefix("sqlite:///"))
-        return SQLiteJobStore(path if path.is_absolute() else settings.data_dir / path)
+        if not path.is_absolute():
+            # Before, a relative path was the current folder's: a database found there (and not under the data
+            # dir) is refused rather than left behind for an empty new one, with its queued jobs.
+            if path.exists() and not (settings.data_dir / path).exists():
+                raise OSError(
+                    f"the job store sqlite:///{path} is {settings.data_dir / path} (under the data dir), but the "
+                    f"database is at {path.resolve()}: name it sqlite:///{path.resolve()} (four slashes in all)"
+                )
+            path = settings.data_dir / path
+        return SQLiteJobStore(path)
     return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
 
 
