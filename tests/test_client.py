@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -327,6 +328,25 @@ def test_uploading_a_file_streams_it_with_its_length(tmp_path: Path) -> None:
     assert peak < size // 8, f"{peak / 2**20:.1f} MiB held for a {size / 2**20:.0f} MiB upload"
 
 
+def test_uploading_from_a_pipe_sends_what_it_holds(tmp_path: Path) -> None:
+    """A FIFO (or /dev/stdin) has no size to send ahead: it is read whole, not sent as an empty file."""
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b"lora bytes" * 100), daemon=True)
+    writer.start()
+    sent: list[tuple[str | None, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json={"upload_url": "http://api.test/put", "file_url": "http://api.test/f"})
+        sent.append((request.headers.get("content-length"), request.content))
+        return httpx.Response(200)
+
+    assert mocked(handler).upload_file(fifo) == "http://api.test/f"
+    writer.join(5)
+    assert sent == [("1000", b"lora bytes" * 100)]
+
+
 def test_an_upload_answer_without_its_urls_is_a_clear_error() -> None:
     client = mocked(lambda r: httpx.Response(200, json={}))
     with pytest.raises(ValidationError) as raised:
@@ -362,7 +382,16 @@ def test_submit_sends_the_start_timeout_as_the_fal_clients_do() -> None:
     assert "x-fal-request-timeout" not in sent[1] and "x-fal-queue-priority" not in sent[1]
 
 
-def test_use_wanserve_sends_the_server_key_and_no_fal_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+def _restore_fal_clients(clients: tuple[Any, ...], keys: list[str | None]) -> None:
+    for client, key in zip(clients, keys, strict=True):
+        for cached in ("_auth", "_client", "_token_manager"):
+            client.__dict__.pop(cached, None)
+        object.__setattr__(client, "key", key)  # SyncClient is a frozen dataclass
+
+
+def test_use_wanserve_sends_the_server_key_and_no_fal_credential(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """Whatever fal credentials the environment holds, the official client sends the wanserve key (or the
     placeholder), never FAL_KEY_ID/FAL_KEY_SECRET or a `fal auth login` token."""
     import fal_client
@@ -378,6 +407,11 @@ def test_use_wanserve_sends_the_server_key_and_no_fal_credential(monkeypatch: py
     async def async_header() -> str:
         return str((await fal_client.async_client._auth).header_value)
 
+    for name in ("QUEUE_URL_FORMAT", "RUN_URL_FORMAT", "REST_URL", "CDN_URL", "REALTIME_URL_FORMAT"):
+        monkeypatch.setattr(fal_client.client, name, getattr(fal_client.client, name))  # restored after the test
+    clients = (fal_client.sync_client, fal_client.async_client)
+    keys_before = [client.key for client in clients]
+    request.addfinalizer(lambda: _restore_fal_clients(clients, keys_before))
     use_wanserve("http://api.test", key="")  # a server without keys, its key read as `os.getenv(..., "")`
     assert fal_client.sync_client._auth.header_value == "Key wanserve"
     assert asyncio.run(async_header()) == "Key wanserve"
