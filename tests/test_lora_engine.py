@@ -505,3 +505,17 @@ def test_distilled_lora_settings_run_one_forward_per_step(
         finally:
             remove()
         assert len(calls) == forwards
+
+
+def test_a_musubi_norm_bias_delta_is_counted_once(engine: WanEngine, factors: Any, tmp_path: Path) -> None:
+    """Ignored on purpose (a norm delta) is not also 'dropped by the converter': the musubi key names the module
+    with underscores, which the norm pattern reads only once the name is mapped."""
+    from safetensors.torch import load_file
+
+    path = write_musubi(tmp_path / "m.safetensors", factors, alpha=8)
+    tensors = load_file(path)
+    dim = engine.pipe.transformer.proj_out.in_features
+    tensors["lora_unet_blocks_0_norm3.diff_b"] = torch.full((dim,), 0.01)
+    save_file(tensors, path)
+    (load,) = engine.loras.load([use(path)])
+    assert load.ignored == 1

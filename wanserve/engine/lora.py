@@ -326,7 +326,7 @@ def convert_lora(
     for key in converted:
         if not DIFFUSERS_KEY.match(key):
             raise LoraError(f"unexpected LoRA key {key!r} (after conversion to diffusers naming)")
-    ignored += _bias_deltas_dropped(tensors, converted)
+    ignored += _bias_deltas_dropped(tensors, converted, already=set(ignored))
     if any(key.endswith(".lora_B.bias") for key in converted):
         # Once one layer carries a LoRA bias, PEFT gives every layer of the adapter one: those the file lacks
         # must be zeros, not left uninitialised.
@@ -342,7 +342,9 @@ def convert_lora(
     return ConvertedLora(converted, fmt, peft_metadata if isinstance(peft_metadata, dict) else None, ignored)
 
 
-def _bias_deltas_dropped(tensors: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]) -> list[str]:
+def _bias_deltas_dropped(
+    tensors: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor], already: set[str]
+) -> list[str]:
     """The file's bias deltas (`.diff_b`) that diffusers' converter left out without a word: those of layers it has
     no LoRA place for (`patch_embedding`, `time_projection` without factors). Each delta that was kept is a LoRA
     bias of the same values, whatever the layer's new name, so what has no equal among those was dropped."""
@@ -351,7 +353,7 @@ def _bias_deltas_dropped(tensors: Mapping[str, torch.Tensor], converted: Mapping
     def kept(delta: torch.Tensor) -> bool:
         return any(b.shape == delta.shape and torch.equal(b.to(delta.dtype), delta) for b in biases)
 
-    return [key for key, delta in tensors.items() if key.endswith("diff_b") and not IGNORED_DELTA.search(key)
+    return [key for key, delta in tensors.items() if key.endswith("diff_b") and key not in already
             and not kept(delta)]  # fmt: skip
 
 
