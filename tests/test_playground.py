@@ -223,23 +223,29 @@ def test_the_page_waits_out_a_server_outage_and_shows_the_result(page: Page) -> 
 
 
 def test_the_key_is_kept_for_the_tab_unless_the_user_asks_to_remember_it(page: Page, keyed_server: Server) -> None:
+    # Earlier versions kept every key typed in localStorage, unasked: gone at the next visit, not taken as "remember"
+    page.evaluate("localStorage.setItem('wanserve.key', 'an-old-key')")
+    page.reload()
+    expect(page.get_by_label("API key")).to_have_value("")
+    expect(page.get_by_label("Remember on this computer")).not_to_be_checked()
+    assert page.evaluate("localStorage.getItem('wanserve.key')") is None
     page.get_by_label("API key").fill(KEY)
     fill_request(page, 500, 1)  # refused by the server: the key is kept when a request is sent, whatever comes back
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#err-num_frames")).not_to_be_empty()
-    assert page.evaluate("localStorage.getItem('wanserve.key')") is None
+    assert page.evaluate("localStorage.getItem('wanserve.api-key')") is None
     page.reload()
     expect(page.get_by_label("API key")).to_have_value(KEY)  # this tab still has it
     other = page.context.new_page()
     other.goto(keyed_server.url + "/")
     expect(other.get_by_label("API key")).to_have_value("")  # another tab does not
     page.get_by_label("Remember on this computer").check()
-    assert page.evaluate("localStorage.getItem('wanserve.key')") == KEY
+    assert page.evaluate("localStorage.getItem('wanserve.api-key')") == KEY
     other.reload()
     expect(other.get_by_label("API key")).to_have_value(KEY)
     expect(other.get_by_label("Remember on this computer")).to_be_checked()
     other.get_by_label("Remember on this computer").uncheck()
-    assert other.evaluate("localStorage.getItem('wanserve.key')") is None
+    assert other.evaluate("localStorage.getItem('wanserve.api-key')") is None
 
 
 def test_cancel_stops_a_running_request(page: Page) -> None:

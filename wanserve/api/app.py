@@ -156,8 +156,10 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.state.supervisor = supervisor
 
     def begin_shutdown() -> None:
-        ctx.shutting_down.set()
-        supervisor.begin_shutdown()
+        # Runs in a signal handler: is_set() takes no lock, so a second signal inside the first set() cannot hang.
+        if not ctx.shutting_down.is_set():
+            ctx.shutting_down.set()
+            supervisor.begin_shutdown()
 
     app.state.begin_shutdown = begin_shutdown  # called by `wanserve serve` as soon as a stop signal arrives
     _install_error_handlers(app)

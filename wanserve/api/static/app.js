@@ -5,7 +5,8 @@
 const $ = (id) => document.getElementById(id);
 const STEP_LINE = /^step (\d+)\/(\d+) · (\w+)-noise expert · ([\d.]+)s\/step · ETA (.+)$/;
 const HISTORY_KEY = "wanserve.history";
-const KEY_KEY = "wanserve.key"; // this tab only (sessionStorage), or this browser if "remember" is ticked
+const KEY_KEY = "wanserve.api-key"; // this tab only (sessionStorage), or this browser if "remember" is ticked
+const OLD_KEY_KEY = "wanserve.key"; // where earlier versions kept every key typed, unasked: removed
 // A server restart or a proxy in front of it: the request goes on, so the page waits this long for the server.
 const OUTAGE_GRACE_MS = 5 * 60 * 1000;
 let schema = null;
@@ -389,7 +390,8 @@ async function submit(event) {
   } catch (error) {
     $("form-error").textContent = String(error);
     setStatus(submitted ? `Lost track of request ${submitted}: ${error}` : "Something went wrong.");
-    if (submitted) update(submitted, { status: "unknown (the server could not be reached)" });
+    const unreachable = error instanceof TypeError || /^HTTP 50[234]$/.test(error.message);
+    if (submitted) update(submitted, { status: unreachable ? "unknown (the server could not be reached)" : "error" });
   } finally {
     $("submit").disabled = false;
     $("cancel").disabled = true;
@@ -512,6 +514,7 @@ function exactBound(key, value, context) {
 }
 
 async function main() {
+  localStorage.removeItem(OLD_KEY_KEY);
   const remembered = localStorage.getItem(KEY_KEY);
   $("api-key").value = sessionStorage.getItem(KEY_KEY) ?? remembered ?? "";
   $("remember-key").checked = remembered !== null;
