@@ -303,7 +303,9 @@ class UploadSource:
             source = Path(data)
             name = file_name or source.name
             with source.open("rb") as f:  # unreadable (permissions, an I/O error): OSError before the server is asked
-                if not source.is_file():  # a pipe, /dev/stdin: no size to send ahead, so read whole
+                if source.is_file():
+                    f.read(1)
+                else:  # a pipe, /dev/stdin: no size to send ahead, so read whole
                     source = f.read()
         return cls(source, name, content_type or mimetypes.guess_type(name)[0] or "application/octet-stream")
 
