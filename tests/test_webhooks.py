@@ -22,8 +22,10 @@ import httpx
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi.testclient import TestClient
 from file_server import running, serving, tls_http_server, tunnel_proxy
 
+from wanserve.api.app import create_app
 from wanserve.config import Settings
 from wanserve.files.inputs import pinned_async_client
 from wanserve.jobs.model import Failure, Job, JobState, NewJob, Priority
@@ -409,12 +411,13 @@ def test_a_webhook_to_an_internationalised_host_is_sent_with_its_ascii_name(
     assert store.due_webhooks(time.time() + 10**6) == []  # delivered
 
 
+@pytest.mark.parametrize("through", ["dispatcher", "server"])
 def test_an_https_webhook_goes_through_the_environments_proxy_verified_for_its_host(
-    store: SQLiteJobStore, signer: WebhookSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteJobStore, signer: WebhookSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, through: str
 ) -> None:
     """HTTPS_PROXY: the proxy is asked to connect to the address checked for the webhook's host (pinned), and TLS is
     verified for the host's name. httpcore's tunnel would verify the certificate against the pinned address, and
-    every HTTPS webhook through a proxy failed."""
+    every HTTPS webhook through a proxy failed. `server`: the app's own delivery loop and client, from the submit."""
     received: list[str] = []
 
     class Hook(BaseHTTPRequestHandler):
@@ -441,10 +444,21 @@ def test_an_https_webhook_goes_through_the_environments_proxy_verified_for_its_h
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     asked: list[str] = []
-    finished_job(store, "proxied-1", f"https://hooks.example.test:{port}/hook", output={})
+    url = f"https://hooks.example.test:{port}/hook"
     with running(tls_server), tunnel_proxy(port, asked) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy)
-        assert deliver(dispatcher(store, signer, allow_private=False)) == 1
+        if through == "dispatcher":
+            finished_job(store, "proxied-1", url, output={})
+            assert deliver(dispatcher(store, signer, allow_private=False)) == 1
+        else:
+            app = create_app(Settings(data_dir=tmp_path / "data", public_url="http://testserver"), workers=0)
+            with TestClient(app) as client:
+                submitted = client.post("/fal-ai/wan-22", params={"fal_webhook": url}, json={"prompt": "a fox"})
+                store = app.state.context.store
+                assert store.finish(submitted.json()["request_id"], time.time(), output={})
+                deadline = time.monotonic() + 15
+                while store.due_webhooks(time.time() + 10**6) and time.monotonic() < deadline:
+                    time.sleep(0.05)
     assert asked == [f"CONNECT 93.184.216.34:{port} HTTP/1.1"]
     assert received == ["/hook"]
     assert store.due_webhooks(time.time() + 10**6) == []  # delivered
