@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from wanserve.schema import Resolution
@@ -405,25 +406,15 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator(
-        "cache_dir",
-        "compile_cache_dir",
-        "data_dir",
-        "api_key_hashes_file",
-        "keys_dir",
-        "lora_cache_dir",
-        "hf_cache_dir",
-        "prompt_expansion_model",
-        "safety_terms_file",
-        "safety_text_model",
-        "safety_image_model",
-        mode="before",
-    )
+    @field_validator("*", mode="before")
     @classmethod
-    def _not_an_empty_path(cls, value: object) -> object:
+    def _not_an_empty_path(cls, value: object, info: ValidationInfo) -> object:
         """`WANSERVE_DATA_DIR=` (set, but empty) would be Path(""): the current folder, where keys and the database
-        would then be written without a word. An empty path is refused, saying how to get the default."""
-        if isinstance(value, str) and not value.strip():
+        would then be written without a word. An empty path is refused, saying how to get the default. Every field
+        typed as a path is checked (read from its type, so a path setting added later is too)."""
+        annotation = cls.model_fields[info.field_name or ""].annotation
+        is_path = annotation is Path or Path in typing.get_args(annotation)
+        if is_path and isinstance(value, str) and not value.strip():
             raise ValueError("is empty: unset it for the default, or give a path")
         return value
 
