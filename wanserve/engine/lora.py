@@ -348,13 +348,14 @@ def _bias_deltas_dropped(
     """The file's bias deltas (`.diff_b`) that diffusers' converter left out without a word: those of layers it has
     no LoRA place for (`patch_embedding`, `time_projection` without factors). Each delta that was kept is a LoRA
     bias of the same values, whatever the layer's new name, so what has no equal among those was dropped."""
-    biases = [b for key, b in converted.items() if key.endswith(".lora_B.bias")]
 
-    def kept(delta: torch.Tensor) -> bool:
-        return any(b.shape == delta.shape and torch.equal(b.to(delta.dtype), delta) for b in biases)
+    def fingerprint(t: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
+        return tuple(t.shape), t.detach().float().contiguous().numpy().tobytes()  # float32 holds bf16/fp16 exactly
 
+    # A set, not a comparison of every delta with every bias: a distill file has hundreds of each.
+    kept = {fingerprint(b) for key, b in converted.items() if key.endswith(".lora_B.bias")}
     return [key for key, delta in tensors.items() if key.endswith("diff_b") and key not in already
-            and not kept(delta)]  # fmt: skip
+            and fingerprint(delta) not in kept]  # fmt: skip
 
 
 def _target_layer(modules: Mapping[str, torch.nn.Module], key: str) -> tuple[str, str, torch.nn.Linear]:
