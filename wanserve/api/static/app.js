@@ -257,9 +257,10 @@ function showProgress(step, total) {
   bar.value = step;
 }
 
-// Seeds read as their digits (a string): one over 2^53 would come back rounded as a JS number.
-function exactSeed(key, value, context) {
-  return key === "seed" && typeof value === "number" && context?.source ? context.source : value;
+// An integer past 2^53 read as its digits (a seed up to 2^63 - 1, the seed's bound in the schema): as a JS number it
+// would come back rounded, and a rounded seed names another video.
+function exactIntegers(key, value, context) {
+  return Number.isInteger(value) && !Number.isSafeInteger(value) && context?.source ? context.source : value;
 }
 
 // Whether a failed call is worth making again: the server unreachable (fetch rejects), restarting or behind a
@@ -300,7 +301,7 @@ async function api(method, path, body) {
   const text = await response.text();
   let data;
   try {
-    data = JSON.parse(text, exactSeed);
+    data = JSON.parse(text, exactIntegers);
   } catch {
     data = { detail: response.statusText };
   }
@@ -506,13 +507,6 @@ function renderHistory() {
   }
 }
 
-// The schema's numbers as written: a bound past 2^53 (the seed's 2^63 - 1) would come back rounded.
-function exactBound(key, value, context) {
-  return typeof value === "number" && !Number.isSafeInteger(value) && Number.isInteger(value) && context?.source
-    ? context.source
-    : value;
-}
-
 async function main() {
   localStorage.removeItem(OLD_KEY_KEY);
   const remembered = localStorage.getItem(KEY_KEY);
@@ -520,7 +514,7 @@ async function main() {
   $("remember-key").checked = remembered !== null;
   $("remember-key").onchange = keepKey;
   const response = await fetch("/playground/schema.json");
-  const data = JSON.parse(await response.text(), exactBound);
+  const data = JSON.parse(await response.text(), exactIntegers);
   schema = data.schema;
   app = data.app;
   queueApp = data.queue_app;
