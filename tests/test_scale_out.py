@@ -168,6 +168,7 @@ def test_twenty_jobs_across_two_replicas_complete_once_each_and_either_replica_a
     assert all(w["model"] == str(cluster.model) and w["current_job"] is None for w in details.values())
     metrics = httpx.get(f"{a.url}/metrics", timeout=10).text
     assert 'wanserve_jobs_completed{outcome="ok"} 19.0' in metrics
+    assert 'wanserve_jobs_finished_total{outcome="ok"} 19.0' in metrics  # counted in Redis, not per replica
     assert 'wanserve_worker_busy{worker="gpu-1"} 0.0' in metrics
 
 

@@ -550,7 +550,10 @@ def test_due_webhooks_limit_and_order(store: JobStore) -> None:
 # --- metrics ---
 
 
-def test_counts_by_state_and_outcome(store: JobStore) -> None:
+def test_counts_by_state_and_outcome(open_store: OpenStore) -> None:
+    """`outcome:` counts the completed jobs still stored; `finished:` counts every completion, and pruning the
+    jobs takes nothing off it (a Prometheus counter, read by every API replica from the store)."""
+    store = open_store()
     assert store.counts() == {"IN_QUEUE": 0, "IN_PROGRESS": 0, "COMPLETED": 0}
     submit_many(store, 6)
     store.claim("w", 60, T0)  # j000
@@ -567,6 +570,20 @@ def test_counts_by_state_and_outcome(store: JobStore) -> None:
         "outcome:ok": 1,
         "outcome:client_cancelled": 2,
         "outcome:bad_request": 1,
+        "finished:ok": 1,
+        "finished:client_cancelled": 2,
+        "finished:bad_request": 1,
+    }
+    assert not store.finish("j004", T0, worker_id="w", output={})  # refused: counted once
+    store.finish("j000", T0 + 1, worker_id="w", output={})
+    assert store.prune_completed(T0 + 100) == 5
+    assert open_store().counts() == {  # as another process reads them (the API's scrape)
+        "IN_QUEUE": 1,
+        "IN_PROGRESS": 0,
+        "COMPLETED": 0,
+        "finished:ok": 2,
+        "finished:client_cancelled": 2,
+        "finished:bad_request": 1,
     }
 
 

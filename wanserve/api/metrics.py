@@ -7,7 +7,7 @@ from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from wanserve.jobs.model import WorkerInfo
@@ -40,13 +40,20 @@ class _StoreCollector(Collector):
         jobs = GaugeMetricFamily("wanserve_jobs", "Jobs by state", labels=["state"])
         outcomes = GaugeMetricFamily(
             "wanserve_jobs_completed",
-            "Completed jobs still stored, by outcome (a gauge: it falls as jobs pass their retention; for a rate of "
-            "successes use wanserve_job_inference_seconds_count, which only grows)",
+            "Completed jobs still stored, by outcome (a gauge: it falls as jobs pass their retention; for rates use "
+            "wanserve_jobs_finished_total)",
+            labels=["outcome"],
+        )
+        finished = CounterMetricFamily(
+            "wanserve_jobs_finished",
+            "Jobs completed, by outcome (ok, or the error type), counted in the job store as they complete",
             labels=["outcome"],
         )
         for name, value in counts.items():
             if name.startswith("outcome:"):
                 outcomes.add_metric([name.split(":", 1)[1]], value)
+            elif name.startswith("finished:"):
+                finished.add_metric([name.split(":", 1)[1]], value)
             else:
                 jobs.add_metric([name], value)
         live = live_workers(self.store, self.lease_s)
@@ -59,7 +66,7 @@ class _StoreCollector(Collector):
             gpus = ",".join(str(g) for g in w.detail.get("gpus") or [])
             info.add_metric([w.id, str(w.detail.get("host", "")), str(w.detail.get("model", "")), gpus], 1)
             busy.add_metric([w.id], 1 if w.detail.get("current_job") else 0)
-        yield from (jobs, outcomes, ready, info, busy)
+        yield from (jobs, outcomes, finished, ready, info, busy)
         timings = self.store.timings()
         for metric, name, doc in _TIMINGS:
             yield _histogram(name, doc, timings.get(metric, TimingTotals()))

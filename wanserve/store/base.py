@@ -161,7 +161,8 @@ class JobStore(Protocol):
 
     # --- metrics ---
     def counts(self) -> dict[str, int]:
-        """Jobs by state, and completed jobs by outcome (`ok`, or the error type)."""
+        """Jobs by state; completed jobs still stored by outcome (`outcome:ok`, or `outcome:<error type>`); and every
+        completion the store has seen by outcome (`finished:...`, counters that pruning takes nothing off)."""
         ...
 
     def timings(self) -> dict[str, TimingTotals]:

@@ -12,7 +12,8 @@ Layout, every key under `<prefix>:`:
   deadlines        zset of queued, never-started ids by start deadline
   leases           zset of running ids by lease expiry
   completed        zset of completed ids by finish time; `prunable`: those whose webhook has settled
-  outcomes         hash outcome -> completed jobs (`ok` or the error type)
+  outcomes         hash outcome -> completed jobs (`ok` or the error type) still stored
+  finished         hash outcome -> every completion ever (a counter: pruning takes nothing off)
   timings          hash `<metric>:<bucket>` -> completions, `<metric>:sum` -> seconds (store.base TIMING_BUCKETS_S)
   logs:<id>        list of [ts, level, message]; an entry's seq is its position from 1
   workers          hash worker id -> JSON
@@ -93,6 +94,7 @@ local function complete(p, id, now, output, failure, inference_time, outcome, le
   redis.call('ZREM', p .. ':leases', id)
   redis.call('ZADD', p .. ':completed', now, id)
   redis.call('HINCRBY', p .. ':outcomes', outcome, 1)
+  redis.call('HINCRBY', p .. ':finished', outcome, 1)
   if message ~= '' then
     redis.call('RPUSH', p .. ':logs:' .. id, cjson.encode({now, level, message}))
   end
@@ -676,9 +678,11 @@ class RedisJobStore:
             for name in ("queue", "leases", "completed"):
                 pipe.zcard(self._key(name))
             pipe.hgetall(self._key("outcomes"))
-            queued, running, completed, outcomes = pipe.execute()
+            pipe.hgetall(self._key("finished"))
+            queued, running, completed, outcomes, finished = pipe.execute()
         counts = {_QUEUED: int(queued), _RUNNING: int(running), _COMPLETED: int(completed)}
         counts.update({f"outcome:{name}": int(n) for name, n in outcomes.items() if int(n) > 0})
+        counts.update({f"finished:{name}": int(n) for name, n in finished.items()})
         return counts
 
     def timings(self) -> dict[str, TimingTotals]:

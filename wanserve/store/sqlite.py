@@ -91,6 +91,10 @@ CREATE TABLE IF NOT EXISTS timings (
     total_s REAL NOT NULL,
     PRIMARY KEY (metric, bucket)
 );
+CREATE TABLE IF NOT EXISTS finished (
+    outcome TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS probes (
     name TEXT PRIMARY KEY,
     at REAL NOT NULL
@@ -381,6 +385,10 @@ class SQLiteJobStore:
                 " DO UPDATE SET count = count + 1, total_s = total_s + excluded.total_s",
                 (metric, timing_bucket(seconds), seconds),
             )
+        db.execute(
+            "INSERT INTO finished (outcome, count) VALUES (?, 1) ON CONFLICT(outcome) DO UPDATE SET count = count + 1",
+            (failure.error_type if failure is not None else "ok",),
+        )
         # The input goes: nothing reads it once the job is done, and it may hold a 512 KiB data URI for the
         # retention period (a submit-then-cancel loop would fill the disk with them).
         db.execute(
@@ -518,6 +526,8 @@ class SQLiteJobStore:
             (_COMPLETED,),
         ):
             counts[f"outcome:{row[0]}"] = row[1]
+        for row in db.execute("SELECT outcome, count FROM finished"):
+            counts[f"finished:{row[0]}"] = row[1]
         return counts
 
     def timings(self) -> dict[str, TimingTotals]:
