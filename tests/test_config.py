@@ -121,8 +121,15 @@ def test_one_gpu_is_the_workers_device_and_one_it_cannot_use_is_a_clear_error(
         Settings(gpus=[3], device="cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("WANSERVE_WORKER_SETTINGS", raising=False)  # not a worker started by `serve`
-    assert main(["worker", "--gpus", "3", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 2
+    assert main(["worker", "--gpus", "3", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 78
     assert "device cuda:3 was asked for (--device or --gpus), but torch sees no CUDA GPU" in capsys.readouterr().err
+    # A group naming a GPU the machine lacks fails the same way, before any rank starts.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["worker", "--gpus", "0,5", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 78
+    assert capsys.readouterr().err == (
+        "error: device cuda:5 was asked for (--device or --gpus), but this machine has 2 GPU(s)\n"
+    )
 
 
 def test_a_redis_url_whose_port_does_not_parse_is_a_clear_error_that_hides_the_password(

@@ -407,7 +407,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wanserve.backends import open_file_store, open_job_store
     from wanserve.worker.loop import Worker
     from wanserve.worker.signals import handle_signals_at_once
-    from wanserve.worker.supervisor import SETTINGS_ENV
+    from wanserve.worker.supervisor import SETTINGS_ENV, exit_cannot_run_here
 
     _files_private_to_this_user()
     inherited = os.environ.get(SETTINGS_ENV)
@@ -424,16 +424,18 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                 "refused where that address is private; set --public-url (WANSERVE_PUBLIC_URL) to the API's URL",
                 settings.resolved_public_url(),
             )
-    if settings.gpus and len(settings.gpus) > 1:
-        from wanserve.worker.group import run_worker_group  # one process per GPU, torch.distributed
-
-        return run_worker_group(settings, args.worker_id, settings.gpus, exit_with_parent=args.exit_with_parent)
     from wanserve.engine.loading import device_problem
 
+    if settings.gpus and len(settings.gpus) > 1:
+        from wanserve.worker.group import group_devices, run_worker_group  # one process per GPU, torch.distributed
+
+        problems = [p for p in map(device_problem, group_devices(settings, settings.gpus)) if p is not None]
+        if problems:
+            return exit_cannot_run_here("; ".join(problems))
+        return run_worker_group(settings, args.worker_id, settings.gpus, exit_with_parent=args.exit_with_parent)
     problem = device_problem(settings.device)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return exit_cannot_run_here(problem)
     _check_job_store(settings)
     worker = Worker(settings, open_job_store(settings), open_file_store(settings), worker_id=args.worker_id)
     # SIGTERM (systemd, Kubernetes, the supervisor): finish the running job first; Ctrl-C: hand it back now.

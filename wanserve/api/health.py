@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,16 +24,20 @@ async def health() -> dict[str, str]:  # on the event loop: answers while every 
 
 
 @router.get("/ready")
-def ready(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+def ready(ctx: Context, request: Request, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
     """200 while some worker can take a job, with how many can. Open to load balancers and probes. `workers` names
     the ready ones and `details` is every live worker as it advertises itself (host, GPUs, model, engine, current
     request, draining): on a server with API keys, both only for a valid key (worker ids carry host names), and the
     current request's id only to the key that submitted it (a request id names its output file), others seeing only
-    that the worker is busy."""
+    that the worker is busy. `problems` (when there are any) says why this server's own workers are not running and
+    will not be started again (settings that cannot run on this machine, such as a GPU it does not have)."""
     now = ctx.store.now()
     live = live_workers(ctx.store, ctx.settings.job_lease_s)
     ready_ids = [w.id for w in live if w.ready]
     body: dict[str, Any] = {"ready": bool(ready_ids), "ready_workers": len(ready_ids)}
+    supervisor = getattr(request.app.state, "supervisor", None)
+    if supervisor is not None and (problems := supervisor.problems()):
+        body["problems"] = problems
     caller = ctx.api_keys.identify(authorization) if ctx.api_keys.enabled else None
     if not ctx.api_keys.enabled or caller is not None:
         body["workers"] = ready_ids

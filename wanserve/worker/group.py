@@ -385,8 +385,7 @@ class WorkerGroup:
         self._context = rank_process_context(self.devices())
 
     def devices(self) -> list[str]:
-        on_gpu = self.settings.device != "cpu" and torch.cuda.is_available()
-        return [f"cuda:{gpu}" if on_gpu else "cpu" for gpu in self.gpus]
+        return group_devices(self.settings, self.gpus)
 
     def stop(self, now: bool = False) -> None:
         """Drain and stop (`now`: hand the running job back at once). Safe from a signal handler."""
@@ -487,6 +486,12 @@ class WorkerGroup:
             return
         if failed:
             log.error("failed %d job(s) after their last attempt: %s", len(failed), ", ".join(failed))
+
+
+def group_devices(settings: Settings, gpus: Sequence[int]) -> list[str]:
+    """Each rank's device: GPU `gpus[rank]`, or the CPU where `device` is `cpu` or torch sees no GPU (CI's groups)."""
+    on_gpu = settings.device != "cpu" and torch.cuda.is_available()
+    return [f"cuda:{gpu}" if on_gpu else "cpu" for gpu in gpus]
 
 
 def run_worker_group(

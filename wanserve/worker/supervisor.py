@@ -14,18 +14,36 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 from wanserve.config import Settings
 from wanserve.files.base import FileStore
 from wanserve.jobs.service import recover_lost_jobs
 from wanserve.store.base import JobStore
+from wanserve.tempdirs import process_temp_dir
 from wanserve.worker.processes import pid_alive, process_space
 
 log = logging.getLogger("wanserve.supervisor")
 
 SETTINGS_ENV = "WANSERVE_WORKER_SETTINGS"
+REASON_FILE_ENV = "WANSERVE_WORKER_REASON_FILE"  # where a worker that cannot run here writes why
 MAX_RESTART_DELAY_S = 30.0
+# A worker's exit code when its settings cannot run on this machine (a GPU it does not have): starting it again
+# cannot help, so it is not restarted. 78 is sysexits' EX_CONFIG.
+CANNOT_RUN_HERE_EXIT = 78
+
+
+def exit_cannot_run_here(reason: str) -> int:
+    """For a worker whose settings cannot run here: says why on stderr and, when a supervisor started it, in the
+    file the supervisor reads. Returns the exit code to exit with."""
+    print(f"error: {reason}", file=sys.stderr)
+    path = os.environ.get(REASON_FILE_ENV)
+    if path:
+        with suppress(OSError):
+            Path(path).write_text(reason)
+    return CANNOT_RUN_HERE_EXIT
 
 
 def next_restart_delay(previous_s: float, lived_s: float) -> float:
@@ -51,6 +69,7 @@ class _Slot:
     started_at: float = 0.0
     restart_delay: float = 1.0
     restart_at: float = 0.0
+    cannot_run: str | None = None  # why this slot's worker cannot run here: it is not started again
 
 
 class WorkerSupervisor:
@@ -68,6 +87,14 @@ class WorkerSupervisor:
         self._thread: threading.Thread | None = None
         self.host = socket.gethostname()
         self.boot = secrets.token_hex(3)
+
+    def problems(self) -> list[str]:
+        """Why workers of this server are not running and will not be started again, one line each."""
+        return [
+            f"worker {slot.index} cannot run with these settings and is not restarted: {slot.cannot_run}"
+            for slot in self.slots
+            if slot.cannot_run is not None
+        ]
 
     def recover_previous_run(self) -> None:
         """Workers registered from this process space (see `process_space`) that are not running any more are dead:
@@ -100,6 +127,8 @@ class WorkerSupervisor:
         slot.worker_id = f"{self.host}-{self.boot}-w{slot.index}-{slot.generation}"
         env = dict(os.environ)
         env[SETTINGS_ENV] = self.settings.model_dump_json()
+        env[REASON_FILE_ENV] = reason_file = self._reason_file(slot)
+        Path(reason_file).unlink(missing_ok=True)
         slot.process = subprocess.Popen(
             [sys.executable, "-m", "wanserve", "worker", "--worker-id", slot.worker_id, "--exit-with-parent"],
             env=env,
@@ -107,6 +136,15 @@ class WorkerSupervisor:
         )
         slot.started_at = time.monotonic()
         log.info("started worker %s (pid %d)", slot.worker_id, slot.process.pid)
+
+    def _reason_file(self, slot: _Slot) -> str:
+        return str(process_temp_dir("workers") / f"w{slot.index}")
+
+    def _reason(self, slot: _Slot) -> str:
+        try:
+            return Path(self._reason_file(slot)).read_text().strip() or "its error is in the log above"
+        except OSError:
+            return "its error is in the log above"
 
     def _watch(self) -> None:
         while not self._done.wait(0.2):
@@ -120,6 +158,8 @@ class WorkerSupervisor:
                     log.exception("supervising worker %s failed", slot.worker_id)
 
     def _check(self, slot: _Slot) -> None:
+        if slot.cannot_run is not None:
+            return
         if slot.process is not None:
             code = slot.process.poll()
             if code is None:
@@ -129,9 +169,13 @@ class WorkerSupervisor:
             self.store.remove_worker(slot.worker_id)
             if failed:
                 log.error("failed %d job(s) after their last attempt: %s", len(failed), ", ".join(failed))
+            slot.process = None
+            if code == CANNOT_RUN_HERE_EXIT:
+                slot.cannot_run = self._reason(slot)
+                log.error("worker %d is not started again until the server restarts: %s", slot.index, slot.cannot_run)
+                return
             slot.restart_delay = next_restart_delay(slot.restart_delay, time.monotonic() - slot.started_at)
             slot.restart_at = time.monotonic() + slot.restart_delay
-            slot.process = None
         if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
             self._spawn(slot)
 
