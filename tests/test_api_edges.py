@@ -384,3 +384,16 @@ def test_serve_tells_the_app_of_a_stop_signal_before_uvicorn_acts_on_it() -> Non
     server = _server_telling_the_app(uvicorn.Config(lambda *a: None), lambda: told.append(True))
     server.handle_exit(signal.SIGTERM, None)
     assert told == [True] and server.should_exit
+
+
+def test_the_docs_page_serves_its_own_files_and_no_others(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "https://" not in page.text  # nothing from a CDN
+    assert '<script src="/docs/assets/swagger-ui-bundle.js">' in page.text
+    script = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert b"SwaggerUIBundle" in script.content
+    # the package's other files (its Python code) are not served
+    for name in ("core.py", "__init__.py", "%2E%2E%2Fcore.py"):
+        assert client.get(f"/docs/assets/{name}").status_code == 404
+    assert client.get("/redoc").status_code in (404, 405)  # not served: ReDoc fetches from its CDN

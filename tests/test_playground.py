@@ -288,3 +288,29 @@ def test_reverse_video_is_sent_to_the_endpoint_that_reads_it(page: Page) -> None
     page.get_by_label("Seed").fill("")
     page.get_by_role("button", name="Use this seed").click()
     expect(page.get_by_label("Seed")).to_have_value(big_seed)
+
+
+def test_the_api_docs_page_renders_from_this_server_alone(browser: Browser, keyed_server: Server) -> None:
+    """FastAPI's `/docs` loads its script from a CDN: blank on a network without one, and running whatever the CDN
+    serves on a page that takes the API key. Here every request to another host is refused."""
+    context = browser.new_context()
+    elsewhere: list[str] = []
+
+    def only_this_server(route: Route) -> None:
+        if route.request.url.startswith(keyed_server.url + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_server)
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        opened.goto(keyed_server.url + "/docs")
+        expect(opened.locator(".opblock-summary-path", has_text="/{endpoint}").first).to_be_visible(timeout=20_000)
+        expect(opened.get_by_role("button", name="Authorize")).to_be_visible()  # the API key's security scheme
+    finally:
+        context.close()
+    assert elsewhere == [] and errors == []

@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanserve import __version__
-from wanserve.api import files, health, playground, queue, run, storage
+from wanserve.api import docs_pages, files, health, playground, queue, run, storage
 from wanserve.api.context import ServerContext
 from wanserve.api.hosts import AllowedHosts, HostCheckMiddleware
 from wanserve.api.limits import ERROR_TYPE as PAYLOAD_TOO_LARGE
@@ -151,6 +151,8 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
         version=__version__,
         description="Self-hosted Wan 2.2 text-to-video, wire-compatible with fal-ai/wan-22.",
         lifespan=lifespan,
+        docs_url=None,  # served by docs_pages, without a CDN
+        redoc_url=None,  # see docs_pages
     )
     app.state.context = ctx
     app.state.supervisor = supervisor
@@ -164,7 +166,16 @@ def create_app(settings: Settings, *, workers: int | None = None) -> FastAPI:
     app.state.begin_shutdown = begin_shutdown  # called by `wanserve serve` as soon as a stop signal arrives
     _install_error_handlers(app)
     install_openapi(app)
-    for router in (health.router, playground.router, files.router, storage.rest, storage.cdn, run.router, queue.router):
+    for router in (
+        health.router,
+        docs_pages.router,
+        playground.router,
+        files.router,
+        storage.rest,
+        storage.cdn,
+        run.router,
+        queue.router,
+    ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
