@@ -342,6 +342,9 @@ def test_presigned_download_url_serves_the_bytes(fs: S3FileStore, s3_endpoint: s
     assert response.headers["content-type"] == "image/png"
     assert response.headers["content-disposition"] == 'inline; filename="still.png"'
     assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["3600"]
+    # `?download=1` on the file route: S3 sends it as an attachment, which a browser saves across origins
+    saved = fs.download_url(key, time.time(), attachment=True)
+    assert saved is not None and httpx.get(saved).headers["content-disposition"] == 'attachment; filename="still.png"'
 
 
 def test_presigned_url_never_outlives_the_file(fs: S3FileStore) -> None:

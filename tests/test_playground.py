@@ -130,7 +130,7 @@ def test_generate_shows_progress_plays_the_video_and_remembers_it(
     )
     assert duration == pytest.approx(85 / 10, abs=0.01) and (width, height) == (832, 480)
     expect(page.get_by_role("link", name="Download mp4")).to_have_attribute(
-        "href", page.locator("#video").get_attribute("src") or ""
+        "href", (page.locator("#video").get_attribute("src") or "") + "&download=1"
     )
     page.get_by_label("Seed").fill("")
     page.get_by_role("button", name="Use this seed").click()
@@ -314,3 +314,24 @@ def test_the_api_docs_page_renders_from_this_server_alone(browser: Browser, keye
     finally:
         context.close()
     assert elsewhere == [] and errors == []
+
+
+def test_download_saves_the_video_when_its_url_is_on_another_origin(browser: Browser, keyed_server: Server) -> None:
+    """The page at `localhost`, its videos at the server's public URL (`127.0.0.1`): another origin, where a link's
+    `download` attribute does nothing (the video opened in the tab instead), as it is behind an S3 redirect."""
+    context = browser.new_context(accept_downloads=True)
+    opened = context.new_page()
+    try:
+        opened.goto(keyed_server.url.replace("127.0.0.1", "localhost") + "/")
+        opened.get_by_label("API key").fill(KEY)
+        fill_request(opened, frames=81, steps=1)
+        opened.get_by_role("button", name="Generate").click()
+        expect(opened.locator("#status")).to_have_text("Done · seed 7", timeout=180_000)
+        assert (opened.locator("#video").get_attribute("src") or "").startswith(keyed_server.url + "/files/")
+        with opened.expect_download(timeout=20_000) as started:
+            opened.get_by_role("link", name="Download mp4").click()
+        download = started.value
+        assert download.suggested_filename.endswith(".mp4")
+        assert Path(download.path()).read_bytes()[4:8] == b"ftyp"
+    finally:
+        context.close()

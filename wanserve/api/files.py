@@ -142,13 +142,16 @@ def get_file(
     if_none_match: Annotated[str | None, Header()] = None,
     exp: Annotated[str | None, Query(description="expiry of a signed URL (servers with API keys)")] = None,
     sig: Annotated[str | None, Query(description="signature of a signed URL (servers with API keys)")] = None,
+    download: Annotated[
+        bool, Query(description="send it as an attachment, which a browser saves instead of playing")
+    ] = False,
 ) -> Response:
     now = time.time()
     if ctx.api_keys.enabled and not ctx.url_signer.file_signature_valid(key, exp, sig, now):
         # Checked before the file is looked up: the answer says nothing about whether it exists.
         raise Forbidden("this file URL is not signed, or its signature is invalid or expired: read the result again")
     # HEAD is answered here: a presigned URL signs one method (GET), and HEAD moves no bytes anyway.
-    direct = ctx.files.download_url(key, now) if request.method == "GET" else None
+    direct = ctx.files.download_url(key, now, download) if request.method == "GET" else None
     if direct is not None:
         # Never cached: the presigned URL behind the stable one expires.
         return RedirectResponse(direct, status_code=307, headers={"Cache-Control": "no-store, private"})
@@ -173,7 +176,7 @@ def get_file(
         "Content-Type": stored.content_type,
         "ETag": etag,
         "Cache-Control": cache_control,
-        "Content-Disposition": content_disposition(stored),
+        "Content-Disposition": content_disposition(stored, download),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox; default-src 'none'",
     }

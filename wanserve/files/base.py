@@ -195,10 +195,11 @@ def key_from_file_url(public_url: str, url: str) -> str | None:
         return None
 
 
-def content_disposition(stored: StoredFile) -> str:
+def content_disposition(stored: StoredFile, attachment: bool = False) -> str:
     """Media plays in the browser; anything else downloads. Anyone may upload, so an upload must never open
-    as a page (wherever it is served from)."""
-    inline = stored.content_type.split("/")[0] in INLINE_TYPES
+    as a page (wherever it is served from). `attachment`: saved, even a video (a "Download" link: the HTML
+    `download` attribute does nothing once the link leads to another origin, as an S3 redirect does)."""
+    inline = stored.content_type.split("/")[0] in INLINE_TYPES and not attachment
     return f'{"inline" if inline else "attachment"}; filename="{stored.file_name}"'
 
 
@@ -275,9 +276,10 @@ class FileStore(Protocol):
         them in and stale ones are swept); None: the system temp dir."""
         ...
 
-    def download_url(self, key: str, now: float) -> str | None:
+    def download_url(self, key: str, now: float, attachment: bool = False) -> str | None:
         """A URL the client may fetch the bytes from directly (e.g. a presigned GET), or None when the API
-        serves them itself. A store that gives URLs raises FileNotFound for a file absent or expired."""
+        serves them itself. A store that gives URLs raises FileNotFound for a file absent or expired.
+        `attachment`: the bytes come with `content_disposition(stored, attachment=True)`."""
         ...
 
     def delete(self, key: str) -> None: ...

@@ -229,7 +229,7 @@ class LocalFileStore:
     def staging_dir(self) -> Path | None:
         return self._tmp
 
-    def download_url(self, key: str, now: float) -> str | None:
+    def download_url(self, key: str, now: float, attachment: bool = False) -> str | None:
         return None  # the API serves local files itself
 
     def delete(self, key: str) -> None:

@@ -240,7 +240,7 @@ class S3FileStore:
     def staging_dir(self) -> Path | None:
         return None
 
-    def download_url(self, key: str, now: float) -> str | None:
+    def download_url(self, key: str, now: float, attachment: bool = False) -> str | None:
         if self.delivery != "redirect":
             return None
         stored = self.stat(key, now)
@@ -251,7 +251,7 @@ class S3FileStore:
             "Bucket": self.bucket,
             "Key": self._object(key),
             "ResponseContentType": stored.content_type,
-            "ResponseContentDisposition": content_disposition(stored),
+            "ResponseContentDisposition": content_disposition(stored, attachment),
         }
         with _s3("presign", f"no such file: {key}"):
             url: str = self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=lifetime)

@@ -441,12 +441,25 @@ async function showResult(id, loraRows) {
   update(id, { status: "done", video: data.video.url, seed: data.seed });
 }
 
+// The link's `download` attribute does nothing once the link leads to another origin (the server's public URL
+// under another host name, or its redirect to S3): the file route is asked to send the video as an attachment.
+function attachmentUrl(url) {
+  try {
+    const link = new URL(url, location.href);
+    if (!link.pathname.includes("/files/")) return url;
+    link.searchParams.set("download", "1");
+    return link.href;
+  } catch {
+    return url;
+  }
+}
+
 function showVideo(url, seed) {
   const video = $("video");
   video.hidden = false;
   video.onerror = () => setStatus("The video could not be loaded (expired, or its URL is not reachable from here).");
   video.src = url;
-  $("download").href = url;
+  $("download").href = attachmentUrl(url);
   $("seed").textContent = String(seed);
   $("result-meta").hidden = false;
 }
