@@ -297,7 +297,7 @@ def test_openapi_carries_the_endpoints_input_and_output_schemas_with_their_bound
     steps = schemas["WanT2VRequest"]["properties"]["num_inference_steps"]
     assert (steps["default"], steps["minimum"], steps["maximum"]) == (30, 1, 100)
     (seed, null) = schemas["WanT2VRequest"]["properties"]["seed"]["anyOf"]
-    assert seed == {"type": "integer", "minimum": 0, "maximum": 2**63 - 1} and null == {"type": "null"}
+    assert seed == {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1} and null == {"type": "null"}
     assert "loras" in schemas["WanLoRAT2VRequest"]["properties"]
     assert "loras" not in schemas["WanT2VRequest"]["properties"]
     assert schemas["LoRAWeight"]["required"] == ["path"]

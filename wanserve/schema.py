@@ -27,7 +27,7 @@ MIN_SHIFT, MAX_SHIFT = 1.0, 10.0
 # Not documented by the hosted endpoint: generous bounds that keep one request within reason.
 MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
-MAX_SEED = 2**63 - 1
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # a 64-bit signed integer, which every store and client keeps exactly
 
 
 def _unicode_text(value: str) -> str:
@@ -124,8 +124,15 @@ class WanT2VRequest(BaseModel):
         description="Frames per second of the generated video. Must be between 4 to 24.",
     )
     # The bounds on the integer itself: on the optional field they would reach the JSON schema as "ge"/"le".
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED), _plain_number("int", "integer")] | None = Field(
-        None, description="Random seed for reproducibility. If None, a random seed is chosen."
+    # A negative seed is drawn at random, as Wan's reference code reads its default of -1 (and many UIs send it):
+    # the hosted schema sets no bound, so such a client must not get a 422 here.
+    seed: Annotated[
+        Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED), _plain_number("int", "integer")] | None,
+        AfterValidator(lambda seed: None if seed is not None and seed < 0 else seed),
+    ] = Field(
+        None,
+        description="Random seed for reproducibility. If None, a random seed is chosen. (Here a negative seed, "
+        "such as -1, is chosen at random too; the seed used is returned.)",
     )
     resolution: Resolution = Field(
         Resolution.P720, description="Resolution of the generated video (480p, 580p, or 720p)."
