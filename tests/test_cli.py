@@ -225,3 +225,24 @@ def test_hash_key_needs_no_server_settings(monkeypatch: pytest.MonkeyPatch, caps
     assert main(["hash-key"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("sha256:") and "short key" not in out.err
+
+
+@pytest.mark.parametrize("source", ["blank key", "empty hashes file"])
+def test_a_key_source_with_no_usable_key_stops_the_start_instead_of_opening_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], source: str
+) -> None:
+    """`--api-key "$KEY"` with KEY unset, or a hashes file with comments only, on 0.0.0.0: the blank key was dropped
+    and no key generated (a key *was* configured), so the server answered anyone."""
+    for name in ("WANSERVE_API_KEYS", "WANSERVE_API_KEY_HASHES", "WANSERVE_API_KEY_HASHES_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    args = ["serve", "--host", "0.0.0.0", "--port", "0", "--no-worker", "--data-dir", str(tmp_path / "data")]
+    if source == "blank key":
+        args += ["--api-key", ""]
+    else:
+        hashes = tmp_path / "key-hashes"
+        hashes.write_text("# one sha256:<hex> per line, filled in later\n\n")
+        monkeypatch.setenv("WANSERVE_API_KEY_HASHES_FILE", str(hashes))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "API keys are configured" in err and "none is usable" in err
+    assert not (tmp_path / "data" / "api-key").exists()  # nor was a key generated in its place

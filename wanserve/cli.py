@@ -216,14 +216,33 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from wanserve.api.app import create_app
-    from wanserve.api.security import hash_key, is_loopback_host, read_or_create_secret, without_plain_keys
+    from wanserve.api.security import (
+        hash_key,
+        is_loopback_host,
+        key_hashes,
+        read_or_create_secret,
+        without_plain_keys,
+    )
     from wanserve.api.timeouts import KEEP_ALIVE_S, http_protocol
 
     _files_private_to_this_user()
     _check_folders("data folder", [("--data-dir, WANSERVE_DATA_DIR", settings.data_dir)])
     if settings.port == 0:
         settings = settings.model_copy(update={"port": _free_port(settings.host)})
-    keyed = settings.api_keys or settings.api_key_hashes or settings.api_key_hashes_file
+    try:
+        keyed = bool(key_hashes(settings))
+    except (OSError, ValueError) as exc:  # the key hashes file: missing, unreadable, or not hashes
+        print(f"error: the API key hashes: {exc}", file=sys.stderr)
+        return 2
+    if not keyed and (settings.api_keys or settings.api_key_hashes_file):
+        # `--api-key "$KEY"` with KEY unset, or a hashes file still to be filled in: meant as a key, not as an open
+        # server (which is what no usable key would give, on any address).
+        print(
+            "error: API keys are configured (--api-key, WANSERVE_API_KEYS or WANSERVE_API_KEY_HASHES_FILE) but none "
+            "is usable (blank keys, or a hashes file that lists none): give a key, or configure none",
+            file=sys.stderr,
+        )
+        return 2
     for number, key in enumerate(settings.api_keys, 1):
         if len(key) < MIN_KEY_CHARS:  # its hash is only as hard to reverse as the key is to guess
             log.warning(
