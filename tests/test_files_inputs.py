@@ -452,6 +452,21 @@ def test_http_error_status_is_reported(http: _Server, fs: LocalFileStore, dest: 
     assert not dest.exists()
 
 
+def test_a_fetch_error_names_the_file_but_not_the_urls_secrets(http: _Server, fs: LocalFileStore, dest: Path) -> None:
+    """The message reaches the server log, the job log and the request's webhook receiver: a presigned URL's query
+    or a token in its path is a credential there."""
+    base = http.base.replace("http://", "http://user:pw-SECRET@")
+    for url, says in (
+        (f"{base}/token-SECRET/missing.safetensors?X-Amz-Signature=SECRET", "answered HTTP 404"),
+        ("http://127.0.0.1:9/token-SECRET/style.safetensors?sig=SECRET", "cannot download"),  # nothing listens on 9
+    ):
+        with pytest.raises(InputFetchError) as caught:
+            fetch_input(url, dest, fs, OPEN)
+        message = str(caught.value)
+        assert says in message and ".../" in message and "SECRET" not in message, message
+        assert url.split("?")[0].rsplit("/", 1)[1] in message  # the file's name, to know which input failed
+
+
 def test_size_cap_from_content_length(http: _Server, fs: LocalFileStore, dest: Path) -> None:
     http.hits.clear()
     with pytest.raises(InputFetchError, match="input limit"):

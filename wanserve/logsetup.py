@@ -11,6 +11,7 @@ characters are written escaped; a traceback, logged as exc_info, keeps its lines
 from __future__ import annotations
 
 import logging
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
@@ -55,6 +56,17 @@ def loggable_url(url: str) -> str:
         return "<a URL that does not parse>"
     path = "/..." if parts.path.strip("/") else parts.path
     return f"{parts.scheme}://{netloc}{path}" + ("?..." if parts.query else "")
+
+
+def loggable_file_url(url: str) -> str:
+    """`loggable_url` with the file's name kept (`https://host/.../lora.safetensors?...`): what a message about
+    downloading one file names, for its reader to know which."""
+    shown = loggable_url(url)
+    try:
+        name = PurePosixPath(urlsplit(url).path).name
+    except ValueError:
+        return shown
+    return shown.replace("/...", f"/.../{name}"[:120], 1) if name else shown
 
 
 class HideQueryStrings(logging.Filter):

@@ -28,6 +28,7 @@ from httpx._utils import get_environment_proxies  # what httpx's own clients mou
 
 from wanserve.errors import InputFetchError, PrivateAddress
 from wanserve.files.base import FileStore
+from wanserve.logsetup import loggable_file_url
 from wanserve.numbers import ascii_int
 
 MAX_REDIRECTS = 5
@@ -311,7 +312,7 @@ def fetch_if_changed(
     if key is not None:
         stored = files.stat(key, time.time())
         if stored.size > policy.max_bytes:
-            raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+            raise InputFetchError(f"{loggable_file_url(url)} is over the {policy.max_bytes}-byte input limit")
         with files.open(key) as src, dest.open("wb") as out:
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 out.write(chunk)
@@ -497,7 +498,9 @@ def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[byt
         yield from response.iter_raw()
         return
     if encoding not in _ZLIB_ENCODINGS:
-        raise InputFetchError(f"{url} is sent with Content-Encoding {encoding[:40]!r}: only an unencoded file is read")
+        raise InputFetchError(
+            f"{loggable_file_url(url)} is sent with Content-Encoding {encoding[:40]!r}: only an unencoded file is read"
+        )
     inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # a gzip or a zlib header, told apart by zlib
     budget = max_bytes + 1  # one byte over tells the caller the limit was passed
     try:
@@ -512,7 +515,7 @@ def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[byt
                 return
         yield inflater.flush(min(INFLATE_STEP, max(budget, 1)))
     except zlib.error as exc:
-        raise InputFetchError(f"{url} is not valid {encoding} data: {exc}") from None
+        raise InputFetchError(f"{loggable_file_url(url)} is not valid {encoding} data: {exc}") from None
 
 
 def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | None) -> Fetched:
@@ -526,13 +529,15 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
             except ValueError:  # an unclosed IPv6 bracket, a bad port (from a redirect's Location, say)
                 web = False
             if not web:
-                raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {url}")
+                raise InputFetchError(
+                    f"only http(s) URLs, data URIs and this server's files are accepted: {loggable_file_url(url)}"
+                )
             # The lookup counts against the deadline too: a slow resolver cannot stretch a download.
             target = pin_public_url(url, policy.allow_private, deadline - time.monotonic())
             tls_names.update(tls_names_of(target))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
+                raise InputFetchError(f"{loggable_file_url(url)} took longer than {policy.timeout_s:g} s")
             try:
                 # no single connect or read may wait past the deadline
                 headers = target.headers | (known.request_headers() if known is not None else {})
@@ -546,27 +551,37 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise InputFetchError(f"{url} answered HTTP {response.status_code}", response.status_code)
+                        raise InputFetchError(
+                            f"{loggable_file_url(url)} answered HTTP {response.status_code}", response.status_code
+                        )
                     declared = ascii_int(response.headers.get("content-length"))
                     if declared is not None and declared > policy.max_bytes:
-                        raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+                        raise InputFetchError(
+                            f"{loggable_file_url(url)} is over the {policy.max_bytes}-byte input limit"
+                        )
                     decoded = _decoded(response, url, policy.max_bytes)
                     size = 0
                     with dest.open("wb") as out:
                         for chunk in decoded:
                             size += len(chunk)
                             if size > policy.max_bytes:
-                                raise InputFetchError(f"{url} is over the {policy.max_bytes}-byte input limit")
+                                raise InputFetchError(
+                                    f"{loggable_file_url(url)} is over the {policy.max_bytes}-byte input limit"
+                                )
                             if time.monotonic() > deadline:
-                                raise InputFetchError(f"{url} took longer than {policy.timeout_s:g} s")
+                                raise InputFetchError(
+                                    f"{loggable_file_url(url)} took longer than {policy.timeout_s:g} s"
+                                )
                             out.write(chunk)
                     return Fetched(True, Validators.of(response.headers))
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: urljoin of a bad Location
                 dest.unlink(missing_ok=True)
                 if time.monotonic() >= deadline:
-                    raise InputFetchError(f"{url[:200]} took longer than {policy.timeout_s:g} s") from None
-                raise InputFetchError(f"cannot download {url[:200]}: {type(exc).__name__}: {exc}") from None
+                    raise InputFetchError(f"{loggable_file_url(url)} took longer than {policy.timeout_s:g} s") from None
+                raise InputFetchError(
+                    f"cannot download {loggable_file_url(url)}: {type(exc).__name__}: {exc}"
+                ) from None
             except InputFetchError:
                 dest.unlink(missing_ok=True)
                 raise
-    raise InputFetchError(f"{url}: more than {MAX_REDIRECTS} redirects")
+    raise InputFetchError(f"{loggable_file_url(url)}: more than {MAX_REDIRECTS} redirects")

@@ -37,7 +37,7 @@ from wanserve.files.inputs import (
     parse_http_url,
     submit_lookup_deadline,
 )
-from wanserve.logsetup import loggable_url
+from wanserve.logsetup import loggable_file_url
 from wanserve.lora.cache import CachedFile, ContentCache, file_sha256
 from wanserve.schema import LoRAWeight
 
@@ -112,12 +112,7 @@ def describe_path(path: str) -> str:
     if path.lower().startswith(("http://", "https://")):
         # No user, password, query (a presigned URL's signature) or folders (a token in the path), but the file's
         # name, which the job log's lines are about.
-        shown = loggable_url(path)
-        try:
-            name = PurePosixPath(urlsplit(path).path).name
-        except ValueError:
-            return shown
-        return shown.replace("/...", f"/.../{name}"[:120], 1) if name else shown
+        return loggable_file_url(path)
     return path if len(path) <= 120 else path[:117] + "..."
 
 
