@@ -395,15 +395,21 @@ def run_until_finished(settings: Settings, store: Any, worker_store: Any, files:
 def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_video(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
+    """Past the file store's outage window too: the report waited that long, then raised out of the worker, which
+    died with the job leased to it (the next attempt redid the video). Nor may registering once the model has
+    loaded end the worker."""
     monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(Worker, "_outage_window_s", lambda self: 0.05)
     settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
     store = open_job_store(settings)
-    # the cancel check: once in the engine's step loop, once before the upload
-    flaky = FlakyStore(store, {"claim": 3, "add_log": 2, "finish": 3, "cancel_requested": 2})
+    # the cancel check: once in the engine's step loop, once before the upload; registering: at the start, then
+    # ready (the heartbeat's first comes after a quarter lease)
+    failures = {"claim": 3, "add_log": 2, "finish": 6, "cancel_requested": 2, "register_worker": 2}
+    flaky = FlakyStore(store, dict(failures))
     files = open_file_store(settings)
     run_until_finished(settings, store, flaky, files)
     # every outage happened and was ridden out
-    assert flaky.failures == {"claim": 0, "add_log": 0, "finish": 0, "cancel_requested": 0}
+    assert flaky.failures == dict.fromkeys(failures, 0)
     job = store.get("j1")
     assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
 

@@ -214,8 +214,23 @@ class Worker:
         ready = ready and not self._draining.is_set() and not self._stop.is_set()
         self.store.register_worker(WorkerInfo(self.id, ready, self.store.now(), self._detail))
 
+    def _register_through_outage(self, ready: bool) -> None:
+        """`_register` at the start and once the model is loaded, waiting out a store outage as the claim loop does:
+        minutes of model loading are not thrown away (the process exiting) for a store that is down a while."""
+        outage = StoreOutage("register this worker")
+        while True:
+            try:
+                self._register(ready)
+            except Exception as exc:
+                if self._stop.is_set():  # the run loop ends at once; the entry was never written, or ages out
+                    return
+                self._stop.wait(outage.failed(exc))
+                continue
+            outage.over()
+            return
+
     def load(self) -> None:
-        self._register(ready=False)
+        self._register_through_outage(ready=False)
         remove_stale_temp_dirs()
         if self._runner_factory is None:
             from wanserve.engine.runner import EngineRunner  # the engine (torch) loads only in workers
@@ -231,7 +246,7 @@ class Worker:
             if engine is not None:
                 self._detail["engine"] = engine.describe()
         self._load_checks()
-        self._register(ready=True)
+        self._register_through_outage(ready=True)
         log.info("worker %s ready (model %s)", self.id, self.settings.model)
 
     def _load_checks(self) -> None:
@@ -448,7 +463,7 @@ class Worker:
             free_accelerator_memory()
 
     def _outage_window_s(self) -> float:
-        """How long a finished video waits for a store that is down before its job gives up on it."""
+        """How long a finished video waits for a file store that is down before its job gives up on it."""
         return max(60.0, 10 * self.settings.job_lease_s)
 
     def _wait_out(self, outage: StoreOutage, exc: Exception, give_up: float, wait: Callable[[float], object]) -> None:
@@ -493,16 +508,16 @@ class Worker:
         )
 
     def _finish(self, job: Job, **outcome: Any) -> Report:
-        """Report the outcome, through a store outage too: a finished video is worth waiting for the store (while
-        it is down nobody can take the job from this worker; once it is back, the lease decides). REFUSED: the
-        job was no longer this worker's, or a stop handed it back first. A stop during the wait leaves
+        """Report the outcome, through a store outage of any length, as the claim loop waits one out: a finished
+        video is worth waiting for the store (while it is down nobody can take the job from this worker; once it
+        is back, the lease decides). Giving up would end the worker, and the next run would redo the video.
+        REFUSED: the job was no longer this worker's, or a stop handed it back first. A stop during the wait leaves
         REPORT_GRACE_AFTER_STOP_S to it: then UNREPORTED, the job left leased to this worker, which exits."""
         if not self._begin_commit(job):
             return Report.REFUSED
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
-        give_up = time.monotonic() + self._outage_window_s()
         while True:
             try:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
@@ -517,7 +532,7 @@ class Worker:
                         exc,
                     )
                     return Report.UNREPORTED
-                self._wait_out(outage, exc, give_up, self._wait_unless_stopping)
+                self._wait_out(outage, exc, math.inf, self._wait_unless_stopping)
         if not finished:
             log.warning("job %s was no longer ours when it finished", job.id)
             return Report.REFUSED
