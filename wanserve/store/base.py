@@ -31,12 +31,20 @@ def timing_bucket(seconds: float) -> int:
     return bisect_left(TIMING_BUCKETS_S, seconds)
 
 
+def generation_seconds(inference_time: float | None) -> float | None:
+    """A reported generation time as a store keeps it: None unless it is a finite, non-negative number of seconds
+    (NaN or inf would make every later status answer of the job fail as JSON)."""
+    if inference_time is not None and math.isfinite(inference_time) and inference_time >= 0:
+        return inference_time
+    return None
+
+
 def completion_timings(inference_time: float | None, created_at: float, started_at: float | None) -> dict[str, float]:
     """The timings a completion adds: none for a job that never started (cancelled or expired in the queue), and no
     generation time that is not a finite number of seconds (a metric never stands in a completion's way)."""
     timings = {}
-    if inference_time is not None and math.isfinite(inference_time) and inference_time >= 0:
-        timings[INFERENCE] = inference_time
+    if (seconds := generation_seconds(inference_time)) is not None:
+        timings[INFERENCE] = seconds
     if started_at is not None:
         timings[QUEUE_WAIT] = max(0.0, started_at - created_at)
     return timings

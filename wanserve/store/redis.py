@@ -52,7 +52,7 @@ from wanserve.jobs.model import (
     cancelled_failure,
     start_timeout_failure,
 )
-from wanserve.store.base import INFERENCE, QUEUE_WAIT, TIMING_BUCKETS_S, TimingTotals
+from wanserve.store.base import INFERENCE, QUEUE_WAIT, TIMING_BUCKETS_S, TimingTotals, generation_seconds
 
 # Queue order as one exact zset score: priority first, then submission order (seq < 2^48).
 _PRIORITY_WEIGHT = 2**48
@@ -613,7 +613,7 @@ class RedisJobStore:
                 _num(now),
                 json.dumps(output) if output is not None else "",
                 failure.to_json() if failure is not None else "",
-                _num(inference_time),
+                _num(generation_seconds(inference_time)),
                 failure.error_type if failure is not None else "ok",
                 level,
                 message,

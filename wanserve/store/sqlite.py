@@ -30,7 +30,13 @@ from wanserve.jobs.model import (
     cancelled_failure,
     start_timeout_failure,
 )
-from wanserve.store.base import TIMING_BUCKETS_S, TimingTotals, completion_timings, timing_bucket
+from wanserve.store.base import (
+    TIMING_BUCKETS_S,
+    TimingTotals,
+    completion_timings,
+    generation_seconds,
+    timing_bucket,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -365,7 +371,7 @@ class SQLiteJobStore:
                 return False
             if worker_id is not None and (row["state"] != _RUNNING or row["worker_id"] != worker_id):
                 return False
-            self._complete(db, job_id, now, output, failure, inference_time, note)
+            self._complete(db, job_id, now, output, failure, generation_seconds(inference_time), note)
             return True
 
     def _complete(
