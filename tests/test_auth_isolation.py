@@ -299,6 +299,15 @@ def test_uploads_answer_signed_urls_and_stay_their_owners(client: TestClient) ->
     )
     assert done.status_code == 200
     assert client.get(done.json()["access_url"]).content == b"big upload"
+    # fal-client returns the first access_url as the file's URL: signed in its path, it downloads too
+    assert "/files/~" in access and "?" not in access
+    assert client.get(access).content == b"big upload"
+    expires, signature = access.split("/files/~", 1)[1].split("/", 1)[0].split(".")
+    for forged in (access.replace(signature, "0" * len(signature)), access.replace(f"~{expires}.", "~9999999999.")):
+        assert client.get(forged).status_code == 403
+    # as an input of this server, it names the stored file
+    ctx: ServerContext = client.app.state.context  # type: ignore[attr-defined]
+    assert ctx.files.key_from_url(access) == done.json()["access_url"].split("/files/", 1)[1].split("?")[0]
     # a forged token (another owner under A's signature) is refused
     expires, _owner, signature = token_a.split(".")
     forged = f"{expires}.{key_id(hash_key(KEY_B))}.{signature}"

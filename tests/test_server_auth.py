@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fal_client
+import fal_client.client as fal_module
 import httpx
 import pytest
 from js_client import run_js_suite
@@ -89,6 +90,13 @@ def test_the_official_client_with_a_key(
     path.write_text("keyed upload")
     url = fal_client.upload_file(path)
     assert httpx.get(url).text == "keyed upload"
+    # A multipart upload (over 100 MB; the threshold lowered here): fal-client returns the URL the upload started
+    # with, which must download like any other.
+    monkeypatch.setattr(fal_module, "MULTIPART_THRESHOLD", 1000)
+    monkeypatch.setattr(fal_module, "MULTIPART_CHUNK_SIZE", 700)
+    data = bytes(range(256)) * 10
+    multipart_url = fal_client.upload(data, "application/octet-stream", "blob.bin")
+    assert httpx.get(multipart_url).content == data
     handle = fal_client.submit(APP, arguments=CHEAP_INPUT)
     handle.cancel()
     use_wanserve(open_host_server.url, key="wrong")

@@ -19,7 +19,14 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from wanserve.api.context import Context, ServerContext
 from wanserve.api.responses import error_response, reply_response
 from wanserve.errors import BadRequest, Forbidden, PreconditionFailed, RangeNotSatisfiable
-from wanserve.files.base import FileStore, StoredFile, content_disposition, key_from_file_ref
+from wanserve.files.base import (
+    PATH_SIGNATURE_MARK,
+    FileStore,
+    StoredFile,
+    content_disposition,
+    key_from_file_ref,
+    split_path_signature,
+)
 from wanserve.jobs.service import Reply
 from wanserve.numbers import ascii_int
 
@@ -32,6 +39,16 @@ def file_url(ctx: ServerContext, key: str, now: float | None = None) -> str:
     if not ctx.api_keys.enabled:
         return url
     return f"{url}?{ctx.url_signer.file_query(key, ctx.settings.file_url_ttl_s, time.time() if now is None else now)}"
+
+
+def path_signed_file_url(ctx: ServerContext, key: str) -> str:
+    """As `file_url`, with the signature in the path (`/files/~<expiry>.<signature>/<key>`): for a client that
+    appends paths to the URL, where a query would end up in the middle."""
+    if not ctx.api_keys.enabled:
+        return ctx.files.url(key)
+    expires, signature = ctx.url_signer.file_signature(key, ctx.settings.file_url_ttl_s, time.time())
+    folder = ctx.files.url(key).removesuffix(key)  # `<public URL>/files/`
+    return f"{folder}{PATH_SIGNATURE_MARK}{expires}.{signature}/{key}"
 
 
 def with_file_urls(ctx: ServerContext, value: Any) -> Any:
@@ -147,6 +164,9 @@ def get_file(
     ] = False,
 ) -> Response:
     now = time.time()
+    key, path_exp, path_sig = split_path_signature(key)
+    if path_sig is not None:
+        exp, sig = path_exp, path_sig
     if ctx.api_keys.enabled and not ctx.url_signer.file_signature_valid(key, exp, sig, now):
         # Checked before the file is looked up: the answer says nothing about whether it exists.
         raise Forbidden("this file URL is not signed, or its signature is invalid or expired: read the result again")

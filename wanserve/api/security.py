@@ -165,12 +165,17 @@ class UrlSigner:
         return owner if self.verify(signature, "cdn", expires, owner) else None
 
     # --- /files/ URLs ---
-    def file_query(self, key: str, ttl_s: float, now: float) -> str:
-        """`exp=...&sig=...` for a file URL. The expiry is rounded up to 1% of the lifetime, so the same file read
+    def file_signature(self, key: str, ttl_s: float, now: float) -> tuple[str, str]:
+        """(expiry, signature) for a file URL. The expiry is rounded up to 1% of the lifetime, so the same file read
         again soon after gets the same URL (which browsers and proxies can cache)."""
         step = max(1, int(ttl_s // 100))
         expires = str(-(-int(now + ttl_s) // step) * step)
-        return urlencode({"exp": expires, "sig": self.sign("file", key, expires)})
+        return expires, self.sign("file", key, expires)
+
+    def file_query(self, key: str, ttl_s: float, now: float) -> str:
+        """`exp=...&sig=...` for a file URL (see `file_signature`)."""
+        expires, signature = self.file_signature(key, ttl_s, now)
+        return urlencode({"exp": expires, "sig": signature})
 
     def file_signature_valid(self, key: str, expires: str | None, signature: str | None, now: float) -> bool:
         expiry = ascii_int(expires)

@@ -10,8 +10,8 @@
 Ownership: an upload belongs to the key that started it. The REST flow's signed URLs are its proof (only that key
 was given them); the CDN flow's upload id carries a MAC of its file and owner, so another key's token cannot add
 parts to it or complete it. File URLs in the answers are signed when the server has keys (see wanserve.api.files),
-except the CDN multipart `access_url`, to which the Python client appends paths: the URL that client returns for a
-multipart upload is then unsigned, which serves as an input of this server (read by key) but not as a download.
+the CDN multipart `access_url` among them: the Python client appends paths to it, and then returns it as the file's URL,
+so its signature is in its path (`/files/~<expiry>.<signature>/<key>`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from wanserve.api.context import (
     check_cross_site,
     check_submit_rate,
 )
-from wanserve.api.files import file_url
+from wanserve.api.files import file_url, path_signed_file_url
 from wanserve.errors import ClientDisconnected, InvalidUpload, NotFound, PayloadTooLarge, Unauthorized
 from wanserve.files.base import (
     StoredFile,
@@ -50,6 +50,7 @@ from wanserve.files.base import (
     lifecycle_expiry,
     new_key,
     parse_lifecycle_header,
+    split_path_signature,
 )
 from wanserve.files.space import check_room, is_disk_full, upload_disk_full
 from wanserve.jobs.service import iso_time
@@ -329,9 +330,10 @@ async def cdn_upload(ctx: Context, request: Request, upload: NewCdnUpload) -> di
 @cdn.post("/cdn/files/upload/multipart")
 def cdn_multipart(ctx: Context, upload: NewCdnUpload) -> dict[str, str]:
     upload_id = _create_multipart(ctx, upload.key, upload.content_type, upload.expires_at)
-    # Unsigned: the client appends `/multipart/...` to it (a query string would end up in the middle).
+    # Signed in its path: the client appends `/multipart/...` to it (a query would end up in the middle), and then
+    # returns it as the uploaded file's URL, which must download like any other.
     return {
-        "access_url": ctx.files.url(upload.key),
+        "access_url": path_signed_file_url(ctx, upload.key),
         "uploadId": ctx.url_signer.bind_upload(upload_id, upload.key, upload.owner or ""),
     }
 
@@ -345,7 +347,7 @@ async def cdn_put_part(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    upload_id = _bound_upload(ctx, upload_id, key, _check_cdn_auth(ctx, authorization))
+    upload_id = _bound_upload(ctx, upload_id, split_path_signature(key)[0], _check_cdn_auth(ctx, authorization))
     etag = await _put_part(ctx, upload_id, part_number, request)
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
 
@@ -358,6 +360,7 @@ def cdn_complete(
     body: CompleteMultipart,
     authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
+    key = split_path_signature(key)[0]  # the access_url fal-client appends to is signed in its path
     stored = _complete(ctx, _bound_upload(ctx, upload_id, key, _check_cdn_auth(ctx, authorization)), body)
     if stored.key != key:  # cannot happen with a bound upload id; kept as the last line of defence
         raise InvalidUpload("the multipart upload belongs to another file")

@@ -183,12 +183,26 @@ def key_from_file_ref(ref: str) -> str | None:
     return key_from_file_url("", ref)
 
 
+# A file URL may carry its signature in its path, `/files/~<expiry>.<signature>/<key>`, where a client appends
+# paths to the URL (fal-client's multipart upload). No key starts with it (see _KEY).
+PATH_SIGNATURE_MARK = "~"
+
+
+def split_path_signature(path: str) -> tuple[str, str | None, str | None]:
+    """(key, expiry, signature) of the path after `/files/`: the signature in the path, or none."""
+    if not path.startswith(PATH_SIGNATURE_MARK):
+        return path, None, None
+    signature, _, key = path.partition("/")
+    expires, _, sig = signature[len(PATH_SIGNATURE_MARK) :].partition(".")
+    return key, expires, sig
+
+
 def key_from_file_url(public_url: str, url: str) -> str | None:
     """The key in a URL `file_url` made for this `public_url`; None for any other URL."""
     prefix = f"{public_url.rstrip('/')}/files/"
     if not url.startswith(prefix):
         return None
-    key = url[len(prefix) :].split("?", 1)[0]
+    key = split_path_signature(url[len(prefix) :].split("?", 1)[0])[0]
     try:
         return check_key(key)
     except InvalidFileKey:
