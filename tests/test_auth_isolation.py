@@ -306,8 +306,7 @@ def test_uploads_answer_signed_urls_and_stay_their_owners(client: TestClient) ->
     for forged in (access.replace(signature, "0" * len(signature)), access.replace(f"~{expires}.", "~9999999999.")):
         assert client.get(forged).status_code == 403
     # as an input of this server, it names the stored file
-    ctx: ServerContext = client.app.state.context  # type: ignore[attr-defined]
-    assert ctx.files.key_from_url(access) == done.json()["access_url"].split("/files/", 1)[1].split("?")[0]
+    assert context(client).files.key_from_url(access) == done.json()["access_url"].split("/files/", 1)[1].split("?")[0]
     # a forged token (another owner under A's signature) is refused
     expires, _owner, signature = token_a.split(".")
     forged = f"{expires}.{key_id(hash_key(KEY_B))}.{signature}"
@@ -534,3 +533,29 @@ def test_webhook_payloads_carry_urls_the_receiver_can_download(
         assert ({"exp", "sig"} <= set(query)) is keys
         download = client.get(path, params=query)  # no Authorization header: the signature is the permission
         assert download.status_code == 200 and download.content == b"the video"
+
+
+def test_a_lora_url_of_this_servers_files_needs_the_signature_a_download_would(client: TestClient) -> None:
+    """The worker reads this server's files by key: a bare URL (or one whose signature expired) of another key's
+    upload, answered 403 as a download, was taken as a LoRA input all the same."""
+    target = client.post(
+        "/rest/storage/upload/initiate", json={"file_name": "style.safetensors", "content_type": "x/y"}, headers=A
+    ).json()
+    assert client.put(target["upload_url"], content=b"weights").status_code == 200
+    signed = target["file_url"]
+    key = signed.split("/files/", 1)[1].split("?")[0]
+    expires = parse_qs(urlsplit(signed).query)["exp"][0]
+    expired_sig = context(client).url_signer.sign("file", key, "1000")
+    path_signed = f"{BASE}/files/~{expires}.{parse_qs(urlsplit(signed).query)['sig'][0]}/{key}"
+
+    def lora_submit(path: str) -> Any:
+        body = {**INPUT, "loras": [{"path": path}]}
+        return client.post(f"/{APP}/lora", json=body, headers=B)
+
+    for refused in (signed.split("?")[0], f"{BASE}/files/{key}?exp=1000&sig={expired_sig}"):
+        answer = lora_submit(refused)
+        assert answer.status_code == 422, answer.text
+        (error,) = answer.json()["detail"]
+        assert error["loc"] == ["body", "loras", 0, "path"] and "not signed" in error["msg"]
+    for accepted in (signed, path_signed):
+        assert lora_submit(accepted).status_code == 200

@@ -53,6 +53,8 @@ def build_context(settings: Settings) -> ServerContext:
     public_url = settings.resolved_public_url()
     store = open_job_store(settings)
     file_store = open_file_store(settings)
+    api_keys = ApiKeys(settings.api_key_hashes)
+    url_signer = UrlSigner(read_or_create_secret(keys / "url-secret"))
     return ServerContext(
         settings=settings,
         public_url=public_url,
@@ -65,9 +67,11 @@ def build_context(settings: Settings) -> ServerContext:
             settings.allow_private_urls,
             max_loras=settings.max_loras,
             max_queued_per_key=settings.max_queued_per_key,
+            # With keys, an input naming one of this server's files needs the URL a download would: signed, unexpired
+            own_file_url_valid=(lambda url: files.file_url_signed(url_signer, url)) if api_keys.enabled else None,
         ),
-        api_keys=ApiKeys(settings.api_key_hashes),
-        url_signer=UrlSigner(read_or_create_secret(keys / "url-secret")),
+        api_keys=api_keys,
+        url_signer=url_signer,
         webhook_signer=WebhookSigner.load_or_create(keys / "webhook-ed25519.pem"),
         metrics=Metrics(store, settings.job_lease_s),
         submit_limit=open_rate_limiter(settings, "submit", settings.rate_limit_per_s, settings.rate_limit_burst),

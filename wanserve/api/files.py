@@ -12,12 +12,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Annotated, Any, BinaryIO
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from wanserve.api.context import Context, ServerContext
 from wanserve.api.responses import error_response, reply_response
+from wanserve.api.security import UrlSigner
 from wanserve.errors import BadRequest, Forbidden, PreconditionFailed, RangeNotSatisfiable
 from wanserve.files.base import (
     PATH_SIGNATURE_MARK,
@@ -39,6 +41,17 @@ def file_url(ctx: ServerContext, key: str, now: float | None = None) -> str:
     if not ctx.api_keys.enabled:
         return url
     return f"{url}?{ctx.url_signer.file_query(key, ctx.settings.file_url_ttl_s, time.time() if now is None else now)}"
+
+
+def file_url_signed(signer: UrlSigner, url: str) -> bool:
+    """Whether `url`, a URL of this server's files, carries a valid, unexpired signature (in its query or its
+    path), as a download of it would need."""
+    parts = urlsplit(url)
+    key, exp, sig = split_path_signature(parts.path.split("/files/", 1)[-1])
+    if sig is None:
+        query = parse_qs(parts.query)
+        exp, sig = (query.get(name, [None])[0] for name in ("exp", "sig"))
+    return signer.file_signature_valid(key, exp, sig, time.time())
 
 
 def path_signed_file_url(ctx: ServerContext, key: str) -> str:

@@ -122,7 +122,10 @@ class JobService:
         allow_private_urls: bool = False,
         max_loras: int = 8,
         max_queued_per_key: int = 0,
+        own_file_url_valid: Callable[[str], bool] | None = None,
     ) -> None:
+        """`own_file_url_valid`: whether an input URL naming one of this server's files may be read (None: any)."""
+        self.own_file_url_valid = own_file_url_valid
         self.max_queued_per_key = max_queued_per_key  # 0: no limit
         self.allow_private_urls = allow_private_urls
         self.max_loras = max_loras
@@ -167,7 +170,9 @@ class JobService:
         loras = getattr(request, "loras", None) or []
         check_input_limits(request, endpoint.limits)
         lookups = submit_lookup_deadline()  # one budget for all of this request's name lookups
-        check_lora_urls(loras, self.public_url, self.allow_private_urls, lookups)  # before a job exists
+        check_lora_urls(  # before a job exists
+            loras, self.public_url, self.allow_private_urls, lookups, own_file_url_valid=self.own_file_url_valid
+        )
         if webhook_url is not None:
             self._check_webhook_url(webhook_url, lookups)
         output_lifecycle = parse_lifecycle_header(lifecycle)

@@ -148,13 +148,18 @@ def unsupported_scheme(path: str) -> str:
 
 
 def check_lora_urls(
-    loras: Sequence[LoRAWeight], public_url: str, allow_private: bool, deadline: float | None = None
+    loras: Sequence[LoRAWeight],
+    public_url: str,
+    allow_private: bool,
+    deadline: float | None = None,
+    own_file_url_valid: Callable[[str], bool] | None = None,
 ) -> None:
     """At submit, before any job exists: refuses a LoRA URL that is not a valid http(s) URL or whose host is,
     or resolves to, a private, loopback or link-local address (unless `allow_private`), naming `loras.N.path`.
     The worker checks again when it downloads, and connects to the address it checked; a name that does not
     resolve now, or not before `deadline` (all the lookups share it; None: SUBMIT_LOOKUP_S from now), is left to
-    it (its error says so). This server's own file URLs are read locally: allowed."""
+    it (its error says so). This server's own file URLs are read locally: allowed when `own_file_url_valid` says so
+    (on a server with keys, when they are signed and unexpired, as a download of them would need to be)."""
     if deadline is None:
         deadline = submit_lookup_deadline()
     errors: list[dict[str, object]] = []
@@ -171,6 +176,17 @@ def check_lora_urls(
                 )
             continue
         if key_from_file_url(public_url, lora.path) is not None:
+            if own_file_url_valid is None or own_file_url_valid(lora.path):
+                continue
+            errors.append(
+                {
+                    "loc": ["body", "loras", i, "path"],
+                    "msg": "this server's file URL is not signed, or its signature has expired: use the URL its "
+                    "upload returned (within its lifetime), or upload the file again",
+                    "type": LoraError.error_type,
+                    "input": describe_path(lora.path),
+                }
+            )
             continue
         try:
             _, host, port = parse_http_url(lora.path)
