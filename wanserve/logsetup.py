@@ -1,7 +1,8 @@
 """The processes' log format: one record, one line.
 
 Uvicorn's own lines go through the same handler and format (serve passes no uvicorn log config), and its access
-log never shows a query string: a signed file URL's signature or an upload URL's is a secret for days.
+log never shows a query string, nor a signature in a file URL's path: a signed file URL's signature or an upload
+URL's is a secret for days.
 
 Log messages carry text from requests (webhook URLs, LoRA paths, error messages of a receiver or a download): a
 newline in one would start a line that reads like the server's own (log injection). The message's control
@@ -11,6 +12,7 @@ characters are written escaped; a traceback, logged as exc_info, keeps its lines
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
@@ -63,18 +65,25 @@ def loggable_file_url(url: str) -> str:
     downloading one file names, for its reader to know which."""
     shown = loggable_url(url)
     try:
-        name = PurePosixPath(urlsplit(url).path).name
+        name = PurePosixPath(urlsplit(url).path).name.split(";", 1)[0]  # no `;jsessionid=...`
     except ValueError:
         return shown
     return shown.replace("/...", f"/.../{name}"[:120], 1) if name else shown
 
 
+# A file URL signed in its path (`/files/~<expiry>.<signature>/<key>`, see files.base.PATH_SIGNATURE_MARK).
+_PATH_SIGNATURE = re.compile(r"(/files/~)[^/?]*")
+
+
 class HideQueryStrings(logging.Filter):
     """For uvicorn's access log, whose record arguments are (client, method, path with query, HTTP version,
-    status): the path keeps `?...` in place of its query."""
+    status): the path keeps `?...` in place of its query, and `~...` in place of a signature in its path."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].split("?", 1)[0] + "?...", *args[3:])
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            path = args[2]
+            if "?" in path:
+                path = path.split("?", 1)[0] + "?..."
+            record.args = (*args[:2], _PATH_SIGNATURE.sub(r"\1...", path), *args[3:])
         return True

@@ -207,7 +207,7 @@ def pin_public_url(url: str, allow_private: bool, resolve_timeout_s: float | Non
         try:  # what httpx would refuse later, as a 500, refused here as the bad input it is
             httpx.URL(url)
         except httpx.InvalidURL as exc:
-            raise InputFetchError(f"not a valid URL: {url[:200]} ({exc})") from None
+            raise InputFetchError(f"not a valid URL: {loggable_file_url(url)} ({exc})") from None
         return PinnedTarget(url, {}, {})
     port = parts.port
     address = check_public_host(hostname, default_port, resolve_timeout_s)[0]
@@ -220,7 +220,7 @@ def pin_public_url(url: str, allow_private: bool, resolve_timeout_s: float | Non
         wire = httpx.URL(url)
         host_header, server_name = wire.netloc.decode("ascii"), wire.raw_host.decode("ascii")
     except (httpx.InvalidURL, UnicodeError) as exc:
-        raise InputFetchError(f"not a valid URL: {url[:200]} ({exc})") from None
+        raise InputFetchError(f"not a valid URL: {loggable_file_url(url)} ({exc})") from None
     return PinnedTarget(
         urlunsplit(parts._replace(netloc=netloc)),
         {"Host": host_header},
