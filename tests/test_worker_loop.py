@@ -414,6 +414,70 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
     assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
 
 
+@pytest.mark.parametrize("how", ["drain", "parent gone"])
+def test_a_worker_waiting_for_the_store_to_register_ends_on_a_drain_or_its_parents_exit(
+    tmp_path: Path, monkeypatch: Any, how: str
+) -> None:
+    """Registering waits out a store outage, as claiming does: and ends as claiming does, on SIGTERM's drain or the
+    launching server's exit too (not only on a stop), without loading the model for nothing."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    flaky = FlakyStore(open_job_store(settings), {"register_worker": 10_000, "remove_worker": 10_000})
+    loaded: list[Settings] = []
+    worker = Worker(
+        settings, flaky, open_file_store(settings), worker_id="w1",
+        runner_factory=lambda s: loaded.append(s) or InstantRunner(),  # type: ignore[func-returns-value]
+    )  # fmt: skip
+    parent_gone = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"stop_when": parent_gone.is_set})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while flaky.failures["register_worker"] == 10_000:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.drain() if how == "drain" else parent_gone.set()
+    thread.join(10)
+    assert not thread.is_alive() and loaded == []
+
+
+def test_a_report_the_store_refuses_while_up_gives_up_after_the_window_and_the_worker_goes_on(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """An error no wait cures (a script error, an output the store cannot write), the store otherwise up: the report
+    waited for ever, its heartbeat keeping the lease, and the worker took no other job. Now, after the outage
+    window, the job is left to its lease and the next job runs."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(Worker, "_outage_window_s", lambda self: 0.1)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    store = open_job_store(settings)
+    refused: list[str] = []
+
+    class RefusesJ1(FlakyStore):
+        def finish(self, job_id: str, *args: Any, **kwargs: Any) -> bool:
+            if job_id == "j1":
+                refused.append(job_id)
+                raise TypeError("Object of type bytes is not JSON serializable")
+            return bool(store.finish(job_id, *args, **kwargs))
+
+    files = open_file_store(settings)
+    worker = Worker(settings, RefusesJ1(store, {}), files, worker_id="w1", runner_factory=lambda s: InstantRunner())
+    store.submit(NewJob("j1", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a fox"}), time.time())
+    store.submit(NewJob("j2", "fal-ai/wan-22", "fal-ai/wan-22", {"prompt": "a cat"}), time.time() + 1)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not finished(store, "j2"):
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+        thread.join(10)
+    first = store.get("j1")
+    assert first is not None and first.state is JobState.RUNNING and first.worker_id == "w1"  # left to its lease
+    assert len(refused) > 1  # tried again for the window first
+
+
 def test_a_stop_while_the_job_store_is_down_at_the_report_exits_after_a_grace(tmp_path: Path, monkeypatch: Any) -> None:
     """The video is stored, the job store is down when the run is to be reported, and the worker is stopped: it
     tries to report for REPORT_GRACE_AFTER_STOP_S more, not for the whole outage window (minutes), then exits. The

@@ -31,6 +31,17 @@ def timing_bucket(seconds: float) -> int:
     return bisect_left(TIMING_BUCKETS_S, seconds)
 
 
+# The errors of a store that is down, busy or full, which waiting cures: redis' ConnectionError, TimeoutError and
+# BusyLoadingError, sqlite3's OperationalError (locked, disk I/O, disk full), and OS errors. By name: the worker
+# need not import either client to tell.
+_OUTAGE_ERRORS = {"ConnectionError", "TimeoutError", "BusyLoadingError", "OperationalError"}
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a job store call, means the store is unreachable for now (not a refusal or a bug)."""
+    return isinstance(exc, OSError) or any(cls.__name__ in _OUTAGE_ERRORS for cls in type(exc).__mro__)
+
+
 def generation_seconds(inference_time: float | None) -> float | None:
     """A reported generation time as a store keeps it: None unless it is a finite, non-negative number of seconds
     (NaN or inf would make every later status answer of the job fail as JSON)."""

@@ -43,7 +43,7 @@ from wanserve.jobs.model import Failure, Job, JobState, LogLevel, WorkerInfo, ca
 from wanserve.jobs.service import validation_errors
 from wanserve.lora.sources import LoraFile, LoraResolver, LoraUse, SourceKind
 from wanserve.progress import StepLine
-from wanserve.store.base import JobStore
+from wanserve.store.base import JobStore, is_store_outage
 from wanserve.tempdirs import TEMP_PREFIX, remove_stale_temp_dirs
 from wanserve.worker.processes import process_space
 
@@ -166,6 +166,7 @@ class Worker:
         self._stopped_at: float | None = None  # monotonic time of the first stop()
         self._beat_now = threading.Event()  # wakes the heartbeat thread before its interval (a stop, the end)
         self._draining = threading.Event()
+        self._stop_when: Callable[[], bool] = lambda: False  # `run`'s, once it runs
         self._detail: dict[str, Any] = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -222,15 +223,21 @@ class Worker:
             try:
                 self._register(ready)
             except Exception as exc:
-                if self._stop.is_set():  # the run loop ends at once; the entry was never written, or ages out
+                if self._stopping():  # the run loop ends at once; the entry was never written, or ages out
                     return
                 self._stop.wait(outage.failed(exc))
                 continue
             outage.over()
             return
 
+    def _stopping(self) -> bool:
+        """What ends the run loop: a stop, a drain, or `run`'s `stop_when` (the parent process gone)."""
+        return self._stop.is_set() or self._draining.is_set() or self._stop_when()
+
     def load(self) -> None:
         self._register_through_outage(ready=False)
+        if self._stopping():  # stopped while the store was down: no model to load for nothing
+            return
         remove_stale_temp_dirs()
         if self._runner_factory is None:
             from wanserve.engine.runner import EngineRunner  # the engine (torch) loads only in workers
@@ -259,6 +266,7 @@ class Worker:
         """Loads the model, then runs jobs until `stop()` or `stop_when()`."""
         # The heartbeat outlives stop(): the running job keeps its lease until it is handed back or finished (a
         # step can take longer than a lease, and a lease that ran out would count the run as a failed attempt).
+        self._stop_when = stop_when
         finished = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat_loop, args=(finished,), name="heartbeat", daemon=True)
         heartbeat.start()
@@ -266,7 +274,7 @@ class Worker:
             self.load()
             outage = StoreOutage("claim a job")
             token, unanswered = uuid.uuid4().hex, False
-            while not self._stop.is_set() and not self._draining.is_set() and not stop_when():
+            while not self._stopping():
                 try:
                     job = self.store.claim(self.id, self.settings.job_lease_s, self.store.now(), token=token)
                 except Exception as exc:  # the store is down for longer than its client retries: wait, not die
@@ -510,24 +518,28 @@ class Worker:
     def _finish(self, job: Job, **outcome: Any) -> Report:
         """Report the outcome, through a store outage of any length, as the claim loop waits one out: a finished
         video is worth waiting for the store (while it is down nobody can take the job from this worker; once it
-        is back, the lease decides). Giving up would end the worker, and the next run would redo the video.
-        REFUSED: the job was no longer this worker's, or a stop handed it back first. A stop during the wait leaves
-        REPORT_GRACE_AFTER_STOP_S to it: then UNREPORTED, the job left leased to this worker, which exits."""
+        is back, the lease decides). REFUSED: the job was no longer this worker's, or a stop handed it back first.
+        UNREPORTED, the job left leased to this worker (the store gives it to another run when the lease runs out):
+        a stop during the wait, after REPORT_GRACE_AFTER_STOP_S more; or a report that fails with the store up
+        (an error no wait cures), after the outage window, and the worker goes on with the next job."""
         if not self._begin_commit(job):
             return Report.REFUSED
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
+        give_up = time.monotonic() + self._outage_window_s()
         while True:
             try:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
                 break
             except Exception as exc:
-                if time.monotonic() > self._report_deadline():
+                stopping = time.monotonic() > self._report_deadline()
+                if stopping or (not is_store_outage(exc) and time.monotonic() > give_up):
                     log.error(
-                        "job %s: stopping with its outcome unreported (%s: %s); the job store gives it to another "
-                        "worker when its lease runs out",
+                        "job %s: %s with its outcome unreported (%s: %s); the job store gives it to another run "
+                        "when its lease runs out",
                         job.id,
+                        "stopping" if stopping else "going on",
                         type(exc).__name__,
                         exc,
                     )
