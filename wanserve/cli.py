@@ -234,12 +234,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError) as exc:  # the key hashes file: missing, unreadable, or not hashes
         print(f"error: the API key hashes: {exc}", file=sys.stderr)
         return 2
-    if not keyed and (settings.api_keys or settings.api_key_hashes_file):
+    # A variable set to nothing reads as no keys: `WANSERVE_API_KEYS=${KEY}` with KEY unset (compose, systemd).
+    blank = [name for name in ("WANSERVE_API_KEYS", "WANSERVE_API_KEY_HASHES") if os.environ.get(name) == ""]
+    if not keyed and (settings.api_keys or settings.api_key_hashes_file or blank):
         # `--api-key "$KEY"` with KEY unset, or a hashes file still to be filled in: meant as a key, not as an open
         # server (which is what no usable key would give, on any address).
         print(
-            "error: API keys are configured (--api-key, WANSERVE_API_KEYS or WANSERVE_API_KEY_HASHES_FILE) but none "
-            "is usable (blank keys, or a hashes file that lists none): give a key, or configure none",
+            "error: API keys are configured (--api-key, WANSERVE_API_KEYS, WANSERVE_API_KEY_HASHES or its _FILE) but "
+            "none is usable (blank keys, a variable set to nothing, or a hashes file that lists none): give a key, or "
+            "configure none (unset the variable)",
             file=sys.stderr,
         )
         return 2
