@@ -123,7 +123,10 @@ def test_one_gpu_is_the_workers_device_and_one_it_cannot_use_is_a_clear_error(
     monkeypatch.delenv("WANSERVE_WORKER_SETTINGS", raising=False)  # not a worker started by `serve`
     assert main(["worker", "--gpus", "3", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 78
     assert "device cuda:3 was asked for (--device or --gpus), but torch sees no CUDA GPU" in capsys.readouterr().err
-    # A group naming a GPU the machine lacks fails the same way, before any rank starts.
+    # A group fails the same way before any rank starts: without CUDA (it ran as CPU processes), or naming a GPU
+    # the machine lacks.
+    assert main(["worker", "--gpus", "0,1", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 78
+    assert "device cuda:0 was asked for (--device or --gpus), but torch sees no CUDA GPU" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert main(["worker", "--gpus", "0,5", "--data-dir", str(tmp_path), "--public-url", "http://127.0.0.1:1"]) == 78

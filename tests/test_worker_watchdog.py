@@ -153,3 +153,52 @@ def test_a_starting_server_recovers_only_workers_it_can_see_are_dead(tmp_path: P
     states = {worker_id: store.get(f"job-{worker_id}").state for worker_id in registered}  # type: ignore[union-attr]
     assert states == {"dead-here": JobState.QUEUED, "alive-here": JobState.RUNNING, "elsewhere": JobState.RUNNING}
     assert sorted(w.id for w in store.workers()) == ["alive-here", "elsewhere"]
+
+
+# A worker stand-in whose settings cannot run here the first time (no GPU yet: a driver still loading), then can.
+NO_GPU_YET = (
+    "import os, sys, time\n"
+    "if os.environ['STAND_IN_TRY'] == '1':\n"
+    "    open(os.environ['WANSERVE_WORKER_REASON_FILE'], 'w').write('torch sees no CUDA GPU')\n"
+    "    sys.exit(78)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_worker_that_cannot_run_here_is_tried_again_only_after_a_long_wait(tmp_path: Path, monkeypatch: Any) -> None:
+    """Exit 78 (settings this machine cannot run): restarting with the crash back-off (1 s, 2 s... 30 s) only
+    repeated the error for ever. The supervisor says why in `problems` and tries again after CANNOT_RUN_RETRY_S,
+    since a GPU can come back (a driver loaded late, a GPU reset)."""
+    from wanserve.backends import open_job_store
+    from wanserve.config import Settings
+    from wanserve.worker import supervisor
+
+    spawned: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def stand_in(_args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        env = {**kwargs["env"], "STAND_IN_TRY": str(len(spawned) + 1)}
+        spawned.append(popen([sys.executable, "-c", NO_GPU_YET], env=env, preexec_fn=kwargs.get("preexec_fn")))
+        return spawned[-1]
+
+    monkeypatch.setattr(supervisor.subprocess, "Popen", stand_in)
+    monkeypatch.setattr(supervisor, "CANNOT_RUN_RETRY_S", 3.0)
+    settings = Settings(data_dir=tmp_path / "data", public_url="http://test")
+    workers = supervisor.WorkerSupervisor(settings, open_job_store(settings), 1)
+    workers.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not workers.problems():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert workers.problems() == [
+            "worker 0 cannot run here with these settings (tried again every 3 s): torch sees no CUDA GPU"
+        ]
+        time.sleep(2)  # the crash back-off would have started it again after 1 s
+        assert len(spawned) == 1
+        while len(spawned) < 2:
+            assert time.monotonic() < deadline, "not tried again"
+            time.sleep(0.05)
+        assert spawned[1].poll() is None  # this one runs
+    finally:
+        workers.stop()

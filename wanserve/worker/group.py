@@ -489,9 +489,9 @@ class WorkerGroup:
 
 
 def group_devices(settings: Settings, gpus: Sequence[int]) -> list[str]:
-    """Each rank's device: GPU `gpus[rank]`, or the CPU where `device` is `cpu` or torch sees no GPU (CI's groups)."""
-    on_gpu = settings.device != "cpu" and torch.cuda.is_available()
-    return [f"cuda:{gpu}" if on_gpu else "cpu" for gpu in gpus]
+    """Each rank's device: GPU `gpus[rank]`, or the CPU where `device` is `cpu` (CI's groups). A machine without
+    the GPUs named is the worker's start error (`device_problem`), not a group of CPU processes running a 14B model."""
+    return [f"cuda:{gpu}" if settings.device != "cpu" else "cpu" for gpu in gpus]
 
 
 def run_worker_group(

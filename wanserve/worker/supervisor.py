@@ -30,9 +30,11 @@ log = logging.getLogger("wanserve.supervisor")
 SETTINGS_ENV = "WANSERVE_WORKER_SETTINGS"
 REASON_FILE_ENV = "WANSERVE_WORKER_REASON_FILE"  # where a worker that cannot run here writes why
 MAX_RESTART_DELAY_S = 30.0
-# A worker's exit code when its settings cannot run on this machine (a GPU it does not have): starting it again
-# cannot help, so it is not restarted. 78 is sysexits' EX_CONFIG.
+# A worker's exit code when its settings cannot run on this machine (a GPU it does not have, or none yet: a driver
+# still loading at boot, a GPU recovering from a fault): starting it again at once cannot help, so it is tried again
+# only every CANNOT_RUN_RETRY_S, and /ready says why meanwhile. 78 is sysexits' EX_CONFIG.
 CANNOT_RUN_HERE_EXIT = 78
+CANNOT_RUN_RETRY_S = 300.0
 
 
 def exit_cannot_run_here(reason: str) -> int:
@@ -69,7 +71,7 @@ class _Slot:
     started_at: float = 0.0
     restart_delay: float = 1.0
     restart_at: float = 0.0
-    cannot_run: str | None = None  # why this slot's worker cannot run here: it is not started again
+    cannot_run: str | None = None  # why this slot's worker cannot run here: tried again every CANNOT_RUN_RETRY_S
 
 
 class WorkerSupervisor:
@@ -91,7 +93,8 @@ class WorkerSupervisor:
     def problems(self) -> list[str]:
         """Why workers of this server are not running and will not be started again, one line each."""
         return [
-            f"worker {slot.index} cannot run with these settings and is not restarted: {slot.cannot_run}"
+            f"worker {slot.index} cannot run here with these settings (tried again every {CANNOT_RUN_RETRY_S:.0f} s): "
+            f"{slot.cannot_run}"
             for slot in self.slots
             if slot.cannot_run is not None
         ]
@@ -158,11 +161,11 @@ class WorkerSupervisor:
                     log.exception("supervising worker %s failed", slot.worker_id)
 
     def _check(self, slot: _Slot) -> None:
-        if slot.cannot_run is not None:
-            return
         if slot.process is not None:
             code = slot.process.poll()
             if code is None:
+                if slot.cannot_run is not None and time.monotonic() - slot.started_at > 60:
+                    slot.cannot_run = None  # it got past its start this time
                 return
             log.error("worker %s exited with code %s", slot.worker_id, code)
             failed = recover_lost_jobs(self.store, [slot.worker_id], self.settings.job_max_attempts, files=self.files)
@@ -172,10 +175,16 @@ class WorkerSupervisor:
             slot.process = None
             if code == CANNOT_RUN_HERE_EXIT:
                 slot.cannot_run = self._reason(slot)
-                log.error("worker %d is not started again until the server restarts: %s", slot.index, slot.cannot_run)
-                return
-            slot.restart_delay = next_restart_delay(slot.restart_delay, time.monotonic() - slot.started_at)
-            slot.restart_at = time.monotonic() + slot.restart_delay
+                slot.restart_at = time.monotonic() + CANNOT_RUN_RETRY_S
+                log.error(
+                    "worker %d cannot run here: %s; trying again in %.0f s (or correct the settings and restart)",
+                    slot.index,
+                    slot.cannot_run,
+                    CANNOT_RUN_RETRY_S,
+                )
+            else:
+                slot.restart_delay = next_restart_delay(slot.restart_delay, time.monotonic() - slot.started_at)
+                slot.restart_at = time.monotonic() + slot.restart_delay
         if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
             self._spawn(slot)
 
