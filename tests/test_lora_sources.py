@@ -467,3 +467,5 @@ def test_a_lora_url_is_described_without_its_signature_or_credentials() -> None:
     shown = describe_path("https://u:pw@bucket.s3.test/loras/style.safetensors?X-Amz-Signature=SIG123")
     assert shown == "https://bucket.s3.test/.../style.safetensors?..."
     assert describe_path("style.safetensors") == "style.safetensors"
+    # a path parameter (a Java server's session id) is not part of the file's name
+    assert describe_path("http://h.test/a/lora.bin;jsessionid=SECRET") == "http://h.test/.../lora.bin"
