@@ -414,6 +414,63 @@ def test_a_store_outage_delays_the_worker_but_neither_kills_it_nor_fails_the_vid
     assert job is not None and job.state is JobState.COMPLETED and job.failure is None and job.output is not None
 
 
+def _sqlite_error(sql: str, read_only: Path | None = None) -> Exception:
+    """A real sqlite3 error: of `sql` on a fresh database, or on `read_only`, opened read-only."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{read_only}?mode=ro", uri=True) if read_only else sqlite3.connect(":memory:")
+    try:
+        db.execute(sql)
+    except sqlite3.Error as exc:
+        return exc
+    raise AssertionError(f"{sql} did not fail")
+
+
+def test_store_outages_are_told_from_refusals_and_bugs(tmp_path: Path) -> None:
+    """What the report waits out for ever (an outage) and what it gives up on after the window (no wait cures it)."""
+    import sqlite3
+
+    import redis.exceptions as r
+
+    from wanserve.store.base import is_store_outage
+
+    sqlite3.connect(tmp_path / "ro.db").execute("CREATE TABLE t (a)").connection.commit()
+    outages = [
+        ConnectionRefusedError(), r.ConnectionError("refused"), r.TimeoutError(), r.BusyLoadingError(),
+        r.OutOfMemoryError("used memory > maxmemory"), r.ReadOnlyError("read only replica"), r.TryAgainError(),
+        r.MasterDownError("MASTERDOWN"), _sqlite_error("INSERT INTO t VALUES (1)", read_only=tmp_path / "ro.db"),
+    ]  # fmt: skip
+    not_outages = [
+        r.AuthenticationError("invalid password"), r.AuthorizationError("NOPERM"), r.ResponseError("ERR in script"),
+        TypeError("not JSON serializable"), _sqlite_error("SELEC 1"), _sqlite_error("SELECT * FROM missing"),
+    ]  # fmt: skip
+    assert [is_store_outage(exc) for exc in outages] == [True] * len(outages)
+    assert [is_store_outage(exc) for exc in not_outages] == [False] * len(not_outages)
+
+
+def test_an_outage_longer_than_the_window_does_not_use_up_the_windows_patience_for_a_refusal(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """After a long outage, one error that is no outage (a replica not yet writable, say, counted as a refusal here)
+    made the report give up at once: the window had started with the report, not with that error."""
+    monkeypatch.setattr(loop, "STORE_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(Worker, "_outage_window_s", lambda self: 0.2)
+    settings = Settings(data_dir=tmp_path, public_url="http://test", worker_poll_s=0.01)
+    store = open_job_store(settings)
+    errors = iter([ConnectionError("down")] * 8 + [TypeError("once")])  # 8 backoffs: about 2.5 s of outage
+
+    class OutageThenRefusal(FlakyStore):
+        def finish(self, job_id: str, *args: Any, **kwargs: Any) -> bool:
+            error = next(errors, None)
+            if error is not None:
+                raise error
+            return bool(store.finish(job_id, *args, **kwargs))
+
+    run_until_finished(settings, store, OutageThenRefusal(store, {}), open_file_store(settings))
+    done = store.get("j1")
+    assert done is not None and done.state is JobState.COMPLETED and done.failure is None
+
+
 @pytest.mark.parametrize("how", ["drain", "parent gone"])
 def test_a_worker_waiting_for_the_store_to_register_ends_on_a_drain_or_its_parents_exit(
     tmp_path: Path, monkeypatch: Any, how: str

@@ -31,15 +31,29 @@ def timing_bucket(seconds: float) -> int:
     return bisect_left(TIMING_BUCKETS_S, seconds)
 
 
-# The errors of a store that is down, busy or full, which waiting cures: redis' ConnectionError, TimeoutError and
-# BusyLoadingError, sqlite3's OperationalError (locked, disk I/O, disk full), and OS errors. By name: the worker
-# need not import either client to tell.
-_OUTAGE_ERRORS = {"ConnectionError", "TimeoutError", "BusyLoadingError", "OperationalError"}
+# The errors of a store that is down, busy, full or failing over, which waiting cures. By class name: the worker
+# need not import either client to tell. Redis: no connection or an answer too late, still loading, out of memory
+# (retention frees it), a replica not yet promoted, a cluster slot moving. Its credential refusals are subclasses of
+# its ConnectionError, and are not outages.
+_OUTAGE_ERRORS = {
+    "ConnectionError", "TimeoutError", "BusyLoadingError", "OutOfMemoryError", "ReadOnlyError", "TryAgainError",
+    "ClusterDownError",
+}  # fmt: skip
+_REFUSALS = {"AuthenticationError", "AuthorizationError"}
+# sqlite3.OperationalError's primary result codes that waiting cures: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+# Its others (a syntax error, no such table) are bugs.
+_SQLITE_OUTAGE_CODES = {5, 6, 8, 10, 13, 14}
 
 
 def is_store_outage(exc: BaseException) -> bool:
     """Whether `exc`, raised by a job store call, means the store is unreachable for now (not a refusal or a bug)."""
-    return isinstance(exc, OSError) or any(cls.__name__ in _OUTAGE_ERRORS for cls in type(exc).__mro__)
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _REFUSALS:
+        return False
+    if "OperationalError" in names:
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is None or (code & 0xFF) in _SQLITE_OUTAGE_CODES
+    return isinstance(exc, OSError) or bool(names & _OUTAGE_ERRORS)
 
 
 def generation_seconds(inference_time: float | None) -> float | None:

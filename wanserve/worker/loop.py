@@ -527,14 +527,21 @@ class Worker:
         if (failure := outcome.get("failure")) is not None:
             outcome["failure"] = settled(failure)
         outage = StoreOutage(f"report job {job.id}")
-        give_up = time.monotonic() + self._outage_window_s()
+        refused_since: float | None = None  # the first of the errors in a row that are no outage
         while True:
             try:
                 finished = self.store.finish(job.id, self.store.now(), worker_id=self.id, **outcome)
                 break
             except Exception as exc:
+                if is_store_outage(exc):
+                    refused_since = None  # an outage's wait counts for nothing against the window
+                elif refused_since is None:
+                    refused_since = time.monotonic()
                 stopping = time.monotonic() > self._report_deadline()
-                if stopping or (not is_store_outage(exc) and time.monotonic() > give_up):
+                refused_too_long = refused_since is not None and time.monotonic() - refused_since > (
+                    self._outage_window_s()
+                )
+                if stopping or refused_too_long:
                     log.error(
                         "job %s: %s with its outcome unreported (%s: %s); the job store gives it to another run "
                         "when its lease runs out",
