@@ -227,7 +227,7 @@ def test_hash_key_needs_no_server_settings(monkeypatch: pytest.MonkeyPatch, caps
     assert out.out.startswith("sha256:") and "short key" not in out.err
 
 
-@pytest.mark.parametrize("source", ["blank key", "empty hashes file", "blank variable"])
+@pytest.mark.parametrize("source", ["blank key", "empty hashes file", "blank variable", "separators only"])
 def test_a_key_source_with_no_usable_key_stops_the_start_instead_of_opening_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], source: str
 ) -> None:
@@ -240,6 +240,8 @@ def test_a_key_source_with_no_usable_key_stops_the_start_instead_of_opening_the_
         args += ["--api-key", ""]
     elif source == "blank variable":
         monkeypatch.setenv("WANSERVE_API_KEYS", "")
+    elif source == "separators only":  # `${KEY1},${KEY2}` with both unset
+        monkeypatch.setenv("WANSERVE_API_KEYS", " , ")
     else:
         hashes = tmp_path / "key-hashes"
         hashes.write_text("# one sha256:<hex> per line, filled in later\n\n")

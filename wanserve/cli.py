@@ -235,7 +235,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: the API key hashes: {exc}", file=sys.stderr)
         return 2
     # A variable set to nothing reads as no keys: `WANSERVE_API_KEYS=${KEY}` with KEY unset (compose, systemd).
-    blank = [name for name in ("WANSERVE_API_KEYS", "WANSERVE_API_KEY_HASHES") if os.environ.get(name) == ""]
+    # (or to separators only: `${KEY1},${KEY2}` with both unset)
+    blank = [
+        name
+        for name in ("WANSERVE_API_KEYS", "WANSERVE_API_KEY_HASHES")
+        if name in os.environ and not any(item.strip() for item in os.environ[name].split(","))
+    ]
     if not keyed and (settings.api_keys or settings.api_key_hashes_file or blank):
         # `--api-key "$KEY"` with KEY unset, or a hashes file still to be filled in: meant as a key, not as an open
         # server (which is what no usable key would give, on any address).
