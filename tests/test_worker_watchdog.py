@@ -161,6 +161,8 @@ NO_GPU_YET = (
     "if os.environ['STAND_IN_TRY'] == '1':\n"
     "    open(os.environ['WANSERVE_WORKER_REASON_FILE'], 'w').write('torch sees no CUDA GPU')\n"
     "    sys.exit(78)\n"
+    "if os.environ['STAND_IN_TRY'] == '2':\n"
+    "    sys.exit(1)  # past the GPU check, then a crash: another problem, restarted with the crash back-off\n"
     "time.sleep(60)\n"
 )
 
@@ -196,9 +198,10 @@ def test_a_worker_that_cannot_run_here_is_tried_again_only_after_a_long_wait(tmp
         ]
         time.sleep(2)  # the crash back-off would have started it again after 1 s
         assert len(spawned) == 1
-        while len(spawned) < 2:
+        while len(spawned) < 3:
             assert time.monotonic() < deadline, "not tried again"
             time.sleep(0.05)
-        assert spawned[1].poll() is None  # this one runs
+        assert workers.problems() == []  # not the GPU any more: the crash is in the log
+        assert spawned[2].poll() is None  # this one runs
     finally:
         workers.stop()

@@ -183,6 +183,7 @@ class WorkerSupervisor:
                     CANNOT_RUN_RETRY_S,
                 )
             else:
+                slot.cannot_run = None  # it got past that check: its problem is another now (the log says which)
                 slot.restart_delay = next_restart_delay(slot.restart_delay, time.monotonic() - slot.started_at)
                 slot.restart_at = time.monotonic() + slot.restart_delay
         if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
