@@ -234,20 +234,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError) as exc:  # the key hashes file: missing, unreadable, or not hashes
         print(f"error: the API key hashes: {exc}", file=sys.stderr)
         return 2
-    # A variable set to nothing reads as no keys: `WANSERVE_API_KEYS=${KEY}` with KEY unset (compose, systemd).
-    # (or to separators only: `${KEY1},${KEY2}` with both unset)
-    blank = [
-        name
-        for name in ("WANSERVE_API_KEYS", "WANSERVE_API_KEY_HASHES")
-        if name in os.environ and not any(item.strip() for item in os.environ[name].split(","))
-    ]
-    if not keyed and (settings.api_keys or settings.api_key_hashes_file or blank):
-        # `--api-key "$KEY"` with KEY unset, or a hashes file still to be filled in: meant as a key, not as an open
-        # server (which is what no usable key would give, on any address).
+    if not keyed and settings.api_key_hashes_file:
+        # A hashes file still to be filled in: meant as keys, not as an open server (blank keys are refused by the
+        # settings themselves).
         print(
-            "error: API keys are configured (--api-key, WANSERVE_API_KEYS, WANSERVE_API_KEY_HASHES or its _FILE) but "
-            "none is usable (blank keys, a variable set to nothing, or a hashes file that lists none): give a key, or "
-            "configure none (unset the variable)",
+            f"error: API keys are configured (WANSERVE_API_KEY_HASHES_FILE) but none is usable: "
+            f"{settings.api_key_hashes_file} lists no key hash; give one, or configure none",
             file=sys.stderr,
         )
         return 2

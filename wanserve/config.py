@@ -400,8 +400,17 @@ class Settings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text."""
+    def _comma_separated(cls, value: object, info: ValidationInfo) -> object:
+        """`WANSERVE_API_KEYS=k1,k2`: lists come from the environment as comma-separated text. Keys given that are
+        all blank (`--api-key "$KEY"` or `WANSERVE_API_KEYS=${KEY1},${KEY2}` with the variables unset) are refused:
+        they were meant as keys, and read as none they would leave the server open."""
+        items = value.split(",") if isinstance(value, str) else value
+        given_blank = isinstance(items, list) and items and not any(str(item).strip() for item in items)
+        if info.field_name in ("api_keys", "api_key_hashes") and given_blank:
+            raise ValueError(
+                "API keys are configured but none is usable (blank, or a variable set to nothing): give a key, "
+                "or configure none (unset the variable)"
+            )
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value

@@ -43,14 +43,19 @@ def file_url(ctx: ServerContext, key: str, now: float | None = None) -> str:
     return f"{url}?{ctx.url_signer.file_query(key, ctx.settings.file_url_ttl_s, time.time() if now is None else now)}"
 
 
+def _signed_key(path: str, exp: str | None, sig: str | None) -> tuple[str, str | None, str | None]:
+    """(key, expiry, signature) of the path after `/files/`: the signature in the path when it has one there (see
+    `path_signed_file_url`), else the query's `exp` and `sig`."""
+    key, path_exp, path_sig = split_path_signature(path)
+    return (key, path_exp, path_sig) if path_sig is not None else (key, exp, sig)
+
+
 def file_url_signed(signer: UrlSigner, url: str) -> bool:
     """Whether `url`, a URL of this server's files, carries a valid, unexpired signature (in its query or its
     path), as a download of it would need."""
     parts = urlsplit(url)
-    key, exp, sig = split_path_signature(parts.path.split("/files/", 1)[-1])
-    if sig is None:
-        query = parse_qs(parts.query)
-        exp, sig = (query.get(name, [None])[0] for name in ("exp", "sig"))
+    query = parse_qs(parts.query)
+    key, exp, sig = _signed_key(parts.path.split("/files/", 1)[-1], *(query.get(n, [None])[0] for n in ("exp", "sig")))
     return signer.file_signature_valid(key, exp, sig, time.time())
 
 
@@ -177,9 +182,7 @@ def get_file(
     ] = False,
 ) -> Response:
     now = time.time()
-    key, path_exp, path_sig = split_path_signature(key)
-    if path_sig is not None:
-        exp, sig = path_exp, path_sig
+    key, exp, sig = _signed_key(key, exp, sig)
     if ctx.api_keys.enabled and not ctx.url_signer.file_signature_valid(key, exp, sig, now):
         # Checked before the file is looked up: the answer says nothing about whether it exists.
         raise Forbidden("this file URL is not signed, or its signature is invalid or expired: read the result again")

@@ -29,14 +29,13 @@ def ready(ctx: Context, request: Request, authorization: Annotated[str | None, H
     the ready ones and `details` is every live worker as it advertises itself (host, GPUs, model, engine, current
     request, draining): on a server with API keys, both only for a valid key (worker ids carry host names), and the
     current request's id only to the key that submitted it (a request id names its output file), others seeing only
-    that the worker is busy. `problems` (when there are any) says why this server's own workers are not running and
-    will not be started again (settings that cannot run on this machine, such as a GPU it does not have)."""
+    that the worker is busy. `problems` (when there are any) says why this server's own workers are not running:
+    settings that cannot run on this machine, such as a GPU it does not have (tried again every few minutes)."""
     now = ctx.store.now()
     live = live_workers(ctx.store, ctx.settings.job_lease_s)
     ready_ids = [w.id for w in live if w.ready]
     body: dict[str, Any] = {"ready": bool(ready_ids), "ready_workers": len(ready_ids)}
-    supervisor = getattr(request.app.state, "supervisor", None)
-    if supervisor is not None and (problems := supervisor.problems()):
+    if problems := request.app.state.supervisor.problems():
         body["problems"] = problems
     caller = ctx.api_keys.identify(authorization) if ctx.api_keys.enabled else None
     if not ctx.api_keys.enabled or caller is not None:

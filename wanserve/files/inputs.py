@@ -488,7 +488,7 @@ INFLATE_STEP = 1 << 20
 _ZLIB_ENCODINGS = {"gzip", "x-gzip", "deflate"}
 
 
-def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[bytes]:
+def _decoded(response: httpx.Response, shown_url: str, max_bytes: int) -> Iterator[bytes]:
     """The body's bytes as they arrive (a fixed chunk size would let a trickle sit unchecked in its buffer), undoing
     a server's gzip or deflate, which it should not send after `Accept-Encoding: identity` but may. httpx would
     inflate any stack of encodings whole, before a limit could look; here one layer is inflated a step at a time
@@ -499,7 +499,7 @@ def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[byt
         return
     if encoding not in _ZLIB_ENCODINGS:
         raise InputFetchError(
-            f"{loggable_file_url(url)} is sent with Content-Encoding {encoding[:40]!r}: only an unencoded file is read"
+            f"{shown_url} is sent with Content-Encoding {encoding[:40]!r}: only an unencoded file is read"
         )
     inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # a gzip or a zlib header, told apart by zlib
     budget = max_bytes + 1  # one byte over tells the caller the limit was passed
@@ -515,7 +515,7 @@ def _decoded(response: httpx.Response, url: str, max_bytes: int) -> Iterator[byt
                 return
         yield inflater.flush(min(INFLATE_STEP, max(budget, 1)))
     except zlib.error as exc:
-        raise InputFetchError(f"{loggable_file_url(url)} is not valid {encoding} data: {exc}") from None
+        raise InputFetchError(f"{shown_url} is not valid {encoding} data: {exc}") from None
 
 
 def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | None) -> Fetched:
@@ -523,21 +523,20 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
     tls_names: dict[str, str] = {}
     with _deadline_client(deadline, policy.timeout_s, tls_names) as client:
         for _ in range(MAX_REDIRECTS + 1):
+            shown = loggable_file_url(url)  # this hop's URL as messages name it
             try:
                 parts = urlsplit(url)
                 web = parts.scheme in ("http", "https") and bool(parts.hostname)
             except ValueError:  # an unclosed IPv6 bracket, a bad port (from a redirect's Location, say)
                 web = False
             if not web:
-                raise InputFetchError(
-                    f"only http(s) URLs, data URIs and this server's files are accepted: {loggable_file_url(url)}"
-                )
+                raise InputFetchError(f"only http(s) URLs, data URIs and this server's files are accepted: {shown}")
             # The lookup counts against the deadline too: a slow resolver cannot stretch a download.
             target = pin_public_url(url, policy.allow_private, deadline - time.monotonic())
             tls_names.update(tls_names_of(target))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise InputFetchError(f"{loggable_file_url(url)} took longer than {policy.timeout_s:g} s")
+                raise InputFetchError(f"{shown} took longer than {policy.timeout_s:g} s")
             try:
                 # no single connect or read may wait past the deadline
                 headers = target.headers | (known.request_headers() if known is not None else {})
@@ -551,36 +550,26 @@ def _download(url: str, dest: Path, policy: FetchPolicy, known: Validators | Non
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise InputFetchError(
-                            f"{loggable_file_url(url)} answered HTTP {response.status_code}", response.status_code
-                        )
+                        raise InputFetchError(f"{shown} answered HTTP {response.status_code}", response.status_code)
                     declared = ascii_int(response.headers.get("content-length"))
                     if declared is not None and declared > policy.max_bytes:
-                        raise InputFetchError(
-                            f"{loggable_file_url(url)} is over the {policy.max_bytes}-byte input limit"
-                        )
-                    decoded = _decoded(response, url, policy.max_bytes)
+                        raise InputFetchError(f"{shown} is over the {policy.max_bytes}-byte input limit")
+                    decoded = _decoded(response, shown, policy.max_bytes)
                     size = 0
                     with dest.open("wb") as out:
                         for chunk in decoded:
                             size += len(chunk)
                             if size > policy.max_bytes:
-                                raise InputFetchError(
-                                    f"{loggable_file_url(url)} is over the {policy.max_bytes}-byte input limit"
-                                )
+                                raise InputFetchError(f"{shown} is over the {policy.max_bytes}-byte input limit")
                             if time.monotonic() > deadline:
-                                raise InputFetchError(
-                                    f"{loggable_file_url(url)} took longer than {policy.timeout_s:g} s"
-                                )
+                                raise InputFetchError(f"{shown} took longer than {policy.timeout_s:g} s")
                             out.write(chunk)
                     return Fetched(True, Validators.of(response.headers))
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: urljoin of a bad Location
                 dest.unlink(missing_ok=True)
                 if time.monotonic() >= deadline:
-                    raise InputFetchError(f"{loggable_file_url(url)} took longer than {policy.timeout_s:g} s") from None
-                raise InputFetchError(
-                    f"cannot download {loggable_file_url(url)}: {type(exc).__name__}: {exc}"
-                ) from None
+                    raise InputFetchError(f"{shown} took longer than {policy.timeout_s:g} s") from None
+                raise InputFetchError(f"cannot download {shown}: {type(exc).__name__}: {exc}") from None
             except InputFetchError:
                 dest.unlink(missing_ok=True)
                 raise

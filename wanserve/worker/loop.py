@@ -471,7 +471,8 @@ class Worker:
             free_accelerator_memory()
 
     def _outage_window_s(self) -> float:
-        """How long a finished video waits for a file store that is down before its job gives up on it."""
+        """How long a finished run waits before giving up on storing its video (a file store that is down) or on
+        reporting it (a job store that answers with an error no wait cures: an outage of it is waited out)."""
         return max(60.0, 10 * self.settings.job_lease_s)
 
     def _wait_out(self, outage: StoreOutage, exc: Exception, give_up: float, wait: Callable[[float], object]) -> None:

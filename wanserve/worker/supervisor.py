@@ -91,7 +91,7 @@ class WorkerSupervisor:
         self.boot = secrets.token_hex(3)
 
     def problems(self) -> list[str]:
-        """Why workers of this server are not running and will not be started again, one line each."""
+        """Why workers of this server are not running (until they are tried again), one line each."""
         return [
             f"worker {slot.index} cannot run here with these settings (tried again every {CANNOT_RUN_RETRY_S:.0f} s): "
             f"{slot.cannot_run}"
@@ -132,6 +132,7 @@ class WorkerSupervisor:
         env[SETTINGS_ENV] = self.settings.model_dump_json()
         env[REASON_FILE_ENV] = reason_file = self._reason_file(slot)
         Path(reason_file).unlink(missing_ok=True)
+        slot.cannot_run = None  # until this try says otherwise
         slot.process = subprocess.Popen(
             [sys.executable, "-m", "wanserve", "worker", "--worker-id", slot.worker_id, "--exit-with-parent"],
             env=env,
@@ -144,10 +145,10 @@ class WorkerSupervisor:
         return str(process_temp_dir("workers") / f"w{slot.index}")
 
     def _reason(self, slot: _Slot) -> str:
-        try:
-            return Path(self._reason_file(slot)).read_text().strip() or "its error is in the log above"
-        except OSError:
-            return "its error is in the log above"
+        with suppress(OSError):
+            if reason := Path(self._reason_file(slot)).read_text().strip():
+                return reason
+        return "its error is in the log above"
 
     def _watch(self) -> None:
         while not self._done.wait(0.2):
@@ -164,8 +165,6 @@ class WorkerSupervisor:
         if slot.process is not None:
             code = slot.process.poll()
             if code is None:
-                if slot.cannot_run is not None and time.monotonic() - slot.started_at > 60:
-                    slot.cannot_run = None  # it got past its start this time
                 return
             log.error("worker %s exited with code %s", slot.worker_id, code)
             failed = recover_lost_jobs(self.store, [slot.worker_id], self.settings.job_max_attempts, files=self.files)
@@ -183,7 +182,6 @@ class WorkerSupervisor:
                     CANNOT_RUN_RETRY_S,
                 )
             else:
-                slot.cannot_run = None  # it got past that check: its problem is another now (the log says which)
                 slot.restart_delay = next_restart_delay(slot.restart_delay, time.monotonic() - slot.started_at)
                 slot.restart_at = time.monotonic() + slot.restart_delay
         if not self._stop.is_set() and time.monotonic() >= slot.restart_at:
