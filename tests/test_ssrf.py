@@ -70,6 +70,9 @@ REFUSED_LITERALS = [
     "http://240.0.0.1/x",
     "http://192.0.0.8/x",  # the IPv4 dummy address, which Python 3.11 counts as global
     "http://[::ffff:192.0.0.8]/x",
+    "http://192.88.99.1/x",  # 6to4 relay anycast, SRv6 segment ids, IPv6 documentation: not in Python 3.11's tables
+    "http://[5f00::1]/x",
+    "http://[3fff:fff::1]/x",
     "http://[ff02::1]/x",
     # unique-local and (deprecated) site-local IPv6
     "http://[fc00::1]/x",

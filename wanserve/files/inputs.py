@@ -55,6 +55,10 @@ NEVER_PUBLIC = (
     ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215): a site's own translator
     ipaddress.ip_network("fec0::/10"),  # site-local (deprecated, but still routed on some networks)
     ipaddress.ip_network("192.0.0.8/32"),  # IPv4 dummy address (RFC 7600), which Python 3.11 counts as global
+    # Not globally reachable in IANA's registries, yet newer than Python 3.11's tables, which count them as global:
+    ipaddress.ip_network("192.88.99.0/24"),  # 6to4 relay anycast (deprecated, RFC 7526): the nearest relay, maybe ours
+    ipaddress.ip_network("5f00::/16"),  # SRv6 segment identifiers (RFC 9602): a provider's own network
+    ipaddress.ip_network("3fff::/20"),  # documentation (RFC 9637)
 )
 
 
