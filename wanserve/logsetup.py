@@ -60,15 +60,22 @@ def loggable_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{path}" + ("?..." if parts.query else "")
 
 
+# What the last segment of a URL's path is shown for: a file's name (`style.safetensors`, `lora-v2.bin`) or a short
+# id (civitai's `/api/download/models/12345`). A long segment without an extension (`/dl/<token>`, a JWT, whose last
+# part is long too) may be the credential itself.
+_SHOWN_FILE_NAME = re.compile(r"[^/]{1,100}\.[A-Za-z0-9]{1,16}|[^/.]{1,16}")
+
+
 def loggable_file_url(url: str) -> str:
     """`loggable_url` with the file's name kept (`https://host/.../lora.safetensors?...`): what a message about
-    downloading one file names, for its reader to know which."""
+    downloading one file names, for its reader to know which. A last segment that does not look like a file's name
+    or a short id is not shown."""
     shown = loggable_url(url)
     try:
         name = PurePosixPath(urlsplit(url).path).name.split(";", 1)[0]  # no `;jsessionid=...`
     except ValueError:
         return shown
-    return shown.replace("/...", f"/.../{name}"[:120], 1) if name else shown
+    return shown.replace("/...", f"/.../{name}", 1) if _SHOWN_FILE_NAME.fullmatch(name) else shown
 
 
 # A file URL signed in its path (`/files/~<expiry>.<signature>/<key>`, see files.base.PATH_SIGNATURE_MARK).
