@@ -3,6 +3,7 @@ terminal, a live progress line on a pseudo-terminal, `--json` that parses, error
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -13,11 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from server import Server
 
-from wanserve.client.client import ConfigError, WanserveClient
-from wanserve.client.commands import local_file, lora_arguments, parse_lora
+from wanserve.cli import main as cli_main
+from wanserve.client.client import ConfigError, RequestCancelled, WanserveClient
+from wanserve.client.commands import (
+    Submitted,
+    check_output_path,
+    local_file,
+    lora_arguments,
+    parse_lora,
+    report_error,
+)
 from wanserve.engine.video import probe_mp4
 
 CHEAP_FLAGS = ["--resolution", "480p", "--guidance-scale", "1", "--guidance-scale-2", "1"]
@@ -145,3 +155,65 @@ def test_which_lora_arguments_are_local_files(tmp_path: Path, monkeypatch: pytes
     # A path that can only mean this machine, mistyped: said here, not sent to the server as a server-side path.
     with pytest.raises(ConfigError, match="no such file on this machine"):
         lora_arguments(WanserveClient("http://127.0.0.1:9"), ["./loras/missing.safetensors"], io.StringIO())
+
+
+def test_a_lora_upload_url_out_of_reach_is_named_not_blamed_on_the_server(tmp_path: Path) -> None:
+    """A server on 0.0.0.0 without a public URL hands out upload URLs under 127.0.0.1: the server answered, the
+    upload URL is what cannot be reached, and the message says so."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/rest/storage/upload/initiate"
+        return httpx.Response(200, json={"upload_url": "http://127.0.0.1:9/rest/storage/upload/put/k?sig=s",
+                                         "file_url": "http://127.0.0.1:9/files/k"})  # fmt: skip
+
+    client = WanserveClient("http://gpu-box.test:8000")
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    with client, pytest.raises(ConfigError) as refused:
+        lora_arguments(client, [str(lora)], io.StringIO())
+    assert "http://127.0.0.1:9" in str(refused.value) and "WANSERVE_PUBLIC_URL" in str(refused.value)
+
+
+def test_output_path_problems_are_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = argparse.Namespace(output=str(tmp_path / "v.mp4"))
+    check_output_path(args)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root, as CI runs, may write anywhere)
+    with pytest.raises(ConfigError, match="is not writable"):
+        check_output_path(args)
+    monkeypatch.undo()
+
+    def unsearchable(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_dir", unsearchable)
+    with pytest.raises(ConfigError, match="Permission denied"):
+        check_output_path(args)
+
+
+def test_only_a_request_that_goes_on_gets_the_hint_to_follow_it(capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(url="http://gpu-box.test:8000", json=False)
+    cancelled = RequestCancelled(499, "Request was cancelled", "client_cancelled", "r1", None, True)
+    assert report_error(Submitted(cancelled, "r1"), args) == 1
+    assert "client_cancelled" in (err := capsys.readouterr().err) and "--follow" not in err
+    assert report_error(Submitted(httpx.ConnectError("refused"), "r1"), args) == 1
+    assert "wanserve status r1 --follow" in capsys.readouterr().err
+    assert report_error(httpx.TooManyRedirects("loop"), argparse.Namespace(url=None, json=True)) == 1
+    assert json.loads(capsys.readouterr().out)["error_type"] == "unexpected_answer"
+
+
+def test_following_a_request_that_failed_exits_1_and_an_interrupt_still_prints_json(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with WanserveClient(server.url) as client:
+        running = client.submit({"prompt": "a fox", "resolution": "580p", "num_inference_steps": 100})
+        assert client.cancel(running.request_id)
+    args = ["status", running.request_id, "--follow", "--json", "--url", server.url]
+    assert cli_main(args) == 1 and json.loads(capsys.readouterr().out)["error_type"] == "client_cancelled"
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WanserveClient, "follow", interrupted)
+    assert cli_main(args) == 130
+    assert json.loads(capsys.readouterr().out) == {"request_id": running.request_id, "error_type": "interrupted"}

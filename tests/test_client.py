@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -40,6 +41,8 @@ from wanserve.client.client import (
     error_from_response,
     resolve_endpoint,
     same_origin,
+    staging_path,
+    stream_timeout,
 )
 from wanserve.client.commands import CLIENT_ERRORS, ProgressView
 from wanserve.progress import StepLine
@@ -553,3 +556,60 @@ def test_async_client_every_call(server: Server) -> None:
                 await client.run({**CHEAP_INPUT, "resolution": "4k"})
 
     asyncio.run(scenario())
+
+
+def test_async_subscribe_takes_plain_callbacks_and_closes_its_stream_when_one_raises(server: Server) -> None:
+    """A plain function's return value is not awaited (`lambda s: seen.append(s) or s.status` returns a str), and a
+    callback that raises leaves no status stream open behind it (a connection per request in a long-lived service)."""
+
+    def open_connections(client: AsyncWanserveClient) -> int:
+        pool = client.http._transport._pool  # type: ignore[attr-defined]
+        return sum(not connection.is_idle() for connection in pool.connections)
+
+    async def scenario() -> None:
+        async with AsyncWanserveClient(server.url) as client:
+            seen: list[QueueStatus] = []
+            done = await client.subscribe(
+                {**CHEAP_INPUT, "seed": 31},
+                on_enqueue=lambda request_id: request_id,  # type: ignore[arg-type,return-value]
+                on_queue_update=lambda s: seen.append(s) or s.status,  # type: ignore[func-returns-value]
+            )
+            assert done.seed == 31 and seen[-1].status == "COMPLETED"
+
+            def stop(status: QueueStatus) -> None:
+                raise LookupError("the caller's own error")
+
+            with pytest.raises(LookupError):
+                await client.subscribe(LONG_INPUT, on_queue_update=stop)
+            assert open_connections(client) == 0
+            running = await client.submit(LONG_INPUT)
+            async with contextlib.aclosing(client.follow(running.request_id)) as statuses:
+                async for _ in statuses:
+                    break  # a caller that stops early, as the follow() docstring says to
+            assert open_connections(client) == 0
+            assert await client.cancel(running.request_id) is True
+
+    asyncio.run(scenario())
+
+
+def test_a_status_stream_connects_within_the_clients_own_timeout() -> None:
+    timeout = stream_timeout(httpx.Timeout(3.0))
+    assert timeout.connect == 3.0 and timeout.read == STREAM_TIMEOUT.read and timeout.pool == STREAM_TIMEOUT.pool
+
+
+def test_downloads_to_one_path_stage_in_files_of_their_own(tmp_path: Path) -> None:
+    """Two `wanserve result ... -o v.mp4` at once must not write into one staging file: the one finishing first
+    would rename the other's half-written bytes into place."""
+    target = tmp_path / "v.mp4"
+    assert staging_path(target) != staging_path(target) and staging_path(target).parent == tmp_path
+    other = target.with_name(".v.mp4.part")  # another download's staging file, as named before
+    other.write_bytes(b"another download")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"video")
+
+    with WanserveClient("http://api.test") as client:
+        client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+        client.download("http://api.test/files/k/v.mp4", target)
+    assert target.read_bytes() == b"video" and other.read_bytes() == b"another download"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v.mp4.part", "v.mp4"]

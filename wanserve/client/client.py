@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import mimetypes
 import os
+import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -401,6 +403,20 @@ def reconnectable(exc: BaseException) -> bool:
     )
 
 
+def staging_path(path: Path) -> Path:
+    """Where a download to `path` is written before it is renamed into place: a hidden name beside it, its own for
+    each download (two downloads to one path at once must not write into one file)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+
+
+async def _called_back(callback: Callable[[Any], Awaitable[None] | None], value: Any) -> None:
+    """Calls an async client's callback, awaiting what it returns only when that can be awaited (a plain function
+    may return anything: `lambda s: seen.append(s) or s.status`)."""
+    outcome = callback(value)
+    if inspect.isawaitable(outcome):
+        await outcome
+
+
 def run_timeout(client_timeout: httpx.Timeout, run_s: float) -> httpx.Timeout:
     """A one-call run waits `run_s` for its answer; connecting still gives up as soon as any other call would."""
     return httpx.Timeout(run_s, connect=client_timeout.connect)
@@ -410,6 +426,15 @@ def run_timeout(client_timeout: httpx.Timeout, run_s: float) -> httpx.Timeout:
 # longer means a dead connection (a proxy that went away, a half-open socket), which subscribe() then replaces by
 # polling instead of waiting for ever.
 STREAM_TIMEOUT = httpx.Timeout(60.0, read=45.0)
+
+
+def stream_timeout(client_timeout: httpx.Timeout) -> httpx.Timeout:
+    """STREAM_TIMEOUT, except that connecting gives up as soon as any other call of the client would."""
+    return httpx.Timeout(
+        connect=client_timeout.connect, read=STREAM_TIMEOUT.read, write=STREAM_TIMEOUT.write, pool=STREAM_TIMEOUT.pool
+    )
+
+
 UPLOAD_INITIATE = "/rest/storage/upload/initiate"
 
 
@@ -485,7 +510,7 @@ class WanserveClient(_Routes):
         """Status updates as the server pushes them (SSE), until COMPLETED. Logs accumulate across updates."""
         url = self._request_path(request_id, app, "/status/stream")
         decoder, acc = SseDecoder(), StatusAccumulator([])
-        with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=STREAM_TIMEOUT) as r:
+        with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=stream_timeout(self.http.timeout)) as r:
             if r.status_code >= 400:
                 r.read()
                 raise error_from_response(r, request_id)
@@ -585,13 +610,13 @@ class WanserveClient(_Routes):
         """Downloads a result file (written whole, then renamed into place). Redirects are followed: a server that
         keeps its files on S3 answers with one to a presigned URL (httpx drops the API key on the way there)."""
         path = Path(path)
-        staging = path.with_name(f".{path.name}.part")
+        staging = staging_path(path)
         try:
             with self._for(url).stream("GET", url, follow_redirects=True) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise error_from_response(response)
-                with staging.open("wb") as out:
+                with staging.open("xb") as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
             staging.replace(path)
@@ -642,10 +667,12 @@ class AsyncWanserveClient(_Routes):
 
     async def stream_status(
         self, request_id: str, *, logs: bool = True, app: str | None = None
-    ) -> AsyncIterator[QueueStatus]:
+    ) -> AsyncGenerator[QueueStatus, None]:
         url = self._request_path(request_id, app, "/status/stream")
         decoder, acc = SseDecoder(), StatusAccumulator([])
-        async with self.http.stream("GET", url, params={"logs": int(logs)}, timeout=STREAM_TIMEOUT) as r:
+        async with self.http.stream(
+            "GET", url, params={"logs": int(logs)}, timeout=stream_timeout(self.http.timeout)
+        ) as r:
             if r.status_code >= 400:
                 await r.aread()
                 raise error_from_response(r, request_id)
@@ -678,15 +705,13 @@ class AsyncWanserveClient(_Routes):
         submitted = await self.submit(arguments, endpoint=endpoint, start_timeout=start_timeout)
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:
-            enqueued = on_enqueue(submitted.request_id)
-            if enqueued is not None:
-                await enqueued
+            await _called_back(on_enqueue, submitted.request_id)
         polls = _FailedPolls(lambda: self.answered, on_outage)
-        async for status in self._follow(submitted.request_id, app, with_logs, polls):
-            if on_queue_update is not None:
-                outcome = on_queue_update(status)
-                if outcome is not None:
-                    await outcome
+        # Closed as soon as this ends, however (a callback that raised): its status stream is a connection.
+        async with contextlib.aclosing(self._follow(submitted.request_id, app, with_logs, polls)) as statuses:
+            async for status in statuses:
+                if on_queue_update is not None:
+                    await _called_back(on_queue_update, status)
         while True:
             try:
                 return await self.result(submitted.request_id, app=app)
@@ -695,19 +720,21 @@ class AsyncWanserveClient(_Routes):
 
     def follow(
         self, request_id: str, *, app: str | None = None, logs: bool = True, on_outage: OnOutage | None = None
-    ) -> AsyncIterator[QueueStatus]:
-        """As WanserveClient.follow."""
+    ) -> AsyncGenerator[QueueStatus, None]:
+        """As WanserveClient.follow. A loop that may stop early holds a status stream open until the generator is
+        closed: `async with contextlib.aclosing(client.follow(id)) as statuses: async for status in statuses: ...`."""
         return self._follow(request_id, app, logs, _FailedPolls(lambda: self.answered, on_outage))
 
     async def _follow(
         self, request_id: str, app: str | None, logs: bool, polls: _FailedPolls
-    ) -> AsyncIterator[QueueStatus]:
+    ) -> AsyncGenerator[QueueStatus, None]:
         try:
-            async for status in self.stream_status(request_id, logs=logs, app=app):
-                polls.reset()
-                yield status
-                if status.status == "COMPLETED":
-                    return
+            async with contextlib.aclosing(self.stream_status(request_id, logs=logs, app=app)) as stream:
+                async for status in stream:
+                    polls.reset()
+                    yield status
+                    if status.status == "COMPLETED":
+                        return
         except Exception as exc:  # the stream could not open, or broke: polling takes over (or the error is real)
             if not reconnectable(exc):
                 raise
@@ -743,13 +770,13 @@ class AsyncWanserveClient(_Routes):
     async def download(self, url: str, path: Path | str) -> Path:
         """WanserveClient.download, asynchronously (the file is written by a thread, chunk by chunk)."""
         path = Path(path)
-        staging = path.with_name(f".{path.name}.part")
+        staging = staging_path(path)
         try:
             async with self._for(url).stream("GET", url, follow_redirects=True) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise error_from_response(response)
-                out = await asyncio.to_thread(staging.open, "wb")
+                out = await asyncio.to_thread(staging.open, "xb")
                 try:
                     async for chunk in response.aiter_bytes():
                         await asyncio.to_thread(out.write, chunk)

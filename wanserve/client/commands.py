@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -74,6 +75,16 @@ def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> lis
         if local is not None:
             try:
                 lora["path"] = client.upload_file(local)
+            except httpx.TransportError as exc:
+                target = exc.request.url  # (httpx sets it on every error of a call)
+                if target.host == httpx.URL(client.url).host:
+                    raise
+                # The server answered, and handed out an upload URL under its public URL, which is not reachable
+                # from here (a server on 0.0.0.0 without WANSERVE_PUBLIC_URL hands out 127.0.0.1).
+                raise ConfigError(
+                    f"LoRA {local}: cannot upload it to {target.scheme}://{target.netloc.decode()}, the upload URL "
+                    f"the server gave ({exc}): its public URL (WANSERVE_PUBLIC_URL) must be reachable from here"
+                ) from None
             except OSError as exc:  # unreadable (permissions, an I/O error): found before anything is sent
                 raise ConfigError(f"LoRA {local}: cannot read it ({exc.strerror or exc})") from None
             print(f"uploaded {local} -> {lora['path']}", file=out, flush=True)
@@ -146,10 +157,16 @@ def check_output_path(args: argparse.Namespace) -> None:
     if not getattr(args, "output", None):
         return
     path = Path(args.output)
-    if path.is_dir() or path.name in ("", ".", ".."):
-        raise ConfigError(f"-o {args.output}: a folder; give a file name (e.g. {path / 'video.mp4'})")
-    if not path.parent.is_dir():
-        raise ConfigError(f"-o {args.output}: the folder {path.parent} does not exist")
+    try:
+        if path.is_dir() or path.name in ("", ".", ".."):
+            raise ConfigError(f"-o {args.output}: a folder; give a file name (e.g. {path / 'video.mp4'})")
+        if not path.parent.is_dir():
+            raise ConfigError(f"-o {args.output}: the folder {path.parent} does not exist")
+        # The download writes a new file beside the target, then renames it into place: that needs the folder.
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"-o {args.output}: the folder {path.parent} is not writable")
+    except OSError as exc:  # a folder on the way that cannot be searched (permissions), an I/O error
+        raise ConfigError(f"-o {args.output}: {exc.strerror or exc}") from None
 
 
 class Submitted(Exception):
@@ -165,12 +182,22 @@ class NotSaved(Exception):
     """The video is made and stored on the server, but `-o` could not save it here."""
 
 
+def print_interrupted(args: argparse.Namespace, request_id: str | None, **facts: Any) -> None:
+    """With `--json`, the one document a command interrupted by Ctrl-C still prints."""
+    if args.json:
+        print(json.dumps({**({"request_id": request_id} if request_id else {}), "error_type": "interrupted", **facts}))
+
+
 def _print_output(args: argparse.Namespace, client: WanserveClient, output: Any, request_id: str | None) -> None:
     body = output.model_dump(mode="json", exclude_none=True)
     saved = None
     if getattr(args, "output", None):
         try:
             saved = str(client.download(output.video.url, args.output).resolve())
+        except KeyboardInterrupt:  # the video is made: say where it is, then stop
+            print(f"interrupted: the video is at {output.video.url}", file=sys.stderr)
+            print_interrupted(args, request_id, video_url=output.video.url)
+            raise
         except (OSError, httpx.HTTPError, ApiError) as exc:  # say where the video is, rather than lose it
             if isinstance(exc, OSError) and not isinstance(exc, httpx.HTTPError):
                 why = str(exc.strerror or exc)
@@ -227,9 +254,7 @@ def cmd_run(args: argparse.Namespace, body: dict[str, Any]) -> int:
                     cancelled = client.cancel(request_ids[0])
                 except (ApiError, httpx.HTTPError):
                     print(f"could not cancel it: wanserve cancel {request_ids[0]}", file=sys.stderr)
-            if args.json:
-                request = {"request_id": request_ids[0]} if request_ids else {}
-                print(json.dumps({**request, "error_type": "interrupted", "cancelled": cancelled}))
+            print_interrupted(args, request_ids[0] if request_ids else None, cancelled=cancelled)
             return 130
         except CLIENT_ERRORS as exc:
             if request_ids and not isinstance(exc, Submitted):
@@ -263,13 +288,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                     view.update(status)
             except KeyboardInterrupt:  # stops following; the request goes on
                 view._end()
+                print_interrupted(args, args.request_id)
                 return 130
             assert status is not None
         else:
             status = client.status(args.request_id, logs=True)  # the step line comes from the logs
+    # Following waits for the outcome, which a script reads from the exit status: 1 when the request failed.
+    failed = 1 if args.follow and status.error else 0
     if args.json:
         print(status.model_dump_json(exclude_none=True))
-        return 0
+        return failed
     line = status.status + (f" (position {status.queue_position})" if status.queue_position is not None else "")
     step = status.last_step
     if step is not None and status.status == "IN_PROGRESS":
@@ -280,7 +308,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.logs and not args.follow:
         for entry in status.logs or []:
             print(f"  {entry.message}")
-    return 0
+    return failed
 
 
 def cmd_result(args: argparse.Namespace) -> int:
@@ -298,6 +326,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     else:
         print("cancel requested" if accepted else "already completed: nothing to cancel")
     return 0
+
+
+def _request_ended(exc: Exception) -> bool:
+    """Whether an error is the request's own end (it failed, was cancelled, is gone), rather than this call's."""
+    return isinstance(exc, ApiError) and (exc.for_request or exc.status_code == 404)
 
 
 def report_error(exc: Exception, args: argparse.Namespace) -> int:
@@ -323,12 +356,14 @@ def report_error(exc: Exception, args: argparse.Namespace) -> int:
     elif isinstance(exc, json.JSONDecodeError | ValidationError):
         error = {"error_type": "unexpected_answer"}
         message = f"{server} answered with something a wanserve (or fal) server does not send: is --url right?"
+    elif isinstance(exc, httpx.HTTPError):  # too many redirects, a body that does not decode
+        error, message = {"error_type": "unexpected_answer"}, f"{server} answered in a way no call can use: {exc}"
     else:  # ConfigError, httpx.InvalidURL
         error, message = {"error_type": "bad_configuration"}, str(exc)
     request_id = submitted.request_id if submitted else getattr(exc, "request_id", None)
     if submitted and submitted.video_url:
         error["video_url"] = submitted.video_url
-    elif submitted and request_id:  # the request goes on (or is done) on the server: say how to reach it
+    elif submitted and request_id and not _request_ended(exc):  # it goes on on the server: say how to reach it
         message += f"\nrequest {request_id} was submitted: `wanserve status {request_id} --follow` follows it"
     if getattr(args, "json", False):
         print(json.dumps({**({"request_id": request_id} if request_id else {}), **error, "message": message}))
