@@ -67,14 +67,15 @@ def write_musubi(path: Path, factors: Factors, alpha: float) -> Path:
     return path
 
 
-def write_diffusers(path: Path, factors: Factors, alpha: float) -> Path:
-    """What diffusers' own `WanPipeline.save_lora_weights` writes (alpha kept in the file's metadata)."""
+def write_diffusers(path: Path, factors: Factors, alpha: float, dropout: float = 0.0) -> Path:
+    """What diffusers' own `WanPipeline.save_lora_weights` writes (alpha, and the trainer's dropout, kept in the
+    file's metadata)."""
     rank = next(iter(factors.values()))[0].shape[0]
     layers = {}
     for (_, module), (a, b) in factors.items():
         layers[f"{module}.lora_A.weight"] = a.contiguous()
         layers[f"{module}.lora_B.weight"] = b.contiguous()
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted({m for _, m in factors}))
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted({m for _, m in factors}))
     with tempfile.TemporaryDirectory() as tmp:
         WanPipeline.save_lora_weights(
             tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict()

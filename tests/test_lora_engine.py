@@ -281,6 +281,60 @@ def test_distill_style_file_with_biases_head_delta_and_ignored_norm_deltas(
     assert not np.array_equal(with_extras, without)  # the biases, head delta and text factors were applied
 
 
+def test_distill_files_with_deltas_outside_the_blocks_and_mixed_factor_names_load(
+    engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """Kijai's lightx2v files also carry a full patch-embedding delta and `blocks.N.diff_m`; others a time-embedding
+    bias delta without factors, a head delta without its bias delta, or factors named both ways (merged files).
+    Each used to be a 422 (or a KeyError from diffusers' converter)."""
+    expert = engine.pipe.transformer
+    sd = load_file(write_lightx2v(tmp_path / "lightx2v.safetensors", expert, factors))
+    g = torch.Generator().manual_seed(3)
+    sd["diffusion_model.patch_embedding.diff"] = torch.randn(*expert.patch_embedding.weight.shape, generator=g) * 0.01
+    sd["diffusion_model.blocks.0.diff_m"] = torch.randn(1, 6, expert.proj_out.in_features, generator=g) * 0.01
+    time_linear = expert.condition_embedder.time_embedder.linear_1
+    sd["diffusion_model.time_embedding.0.diff_b"] = torch.randn(time_linear.out_features, generator=g) * 0.01
+    del sd["diffusion_model.head.head.diff_b"]
+    extras = tmp_path / "extras.safetensors"
+    save_file(sd, extras)
+    text = "diffusion_model.text_embedding.0"
+    sd[f"{text}.lora_down.weight"], sd[f"{text}.lora_up.weight"] = (
+        sd.pop(f"{text}.lora_A.weight"),
+        sd.pop(f"{text}.lora_B.weight"),
+    )
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(sd, mixed)
+    (load,) = engine.loras.load([use(extras)])
+    assert load.ignored == 8  # the 5 of the plain distill file, and the patch delta, diff_m and time bias delta
+    with_extras = frames(engine, with_loras(spec, use(extras)))
+    assert np.isfinite(with_extras).all()
+    np.testing.assert_array_equal(frames(engine, with_loras(spec, use(mixed))), with_extras)
+
+
+def test_a_peft_adapter_without_its_config_says_its_alpha_was_assumed(
+    engine: WanEngine, factors: Any, tmp_path: Path
+) -> None:
+    """Uploaded or fetched by URL, a PEFT adapter's weights come without the adapter_config.json that holds its
+    alpha: the job log says alpha = rank was assumed instead of running it at another strength without a word."""
+    (load,) = engine.loras.load([use(write_peft(tmp_path / "adapter_model.safetensors", factors))])
+    assert load.format is LoraFormat.PEFT
+    assert "no adapter_config.json came with it, so alpha = rank" in describe_load(0, 1, load)
+    (load,) = engine.loras.load([use(write_diffusers(tmp_path / "d.safetensors", factors, alpha=8))])
+    assert "alpha = rank" not in describe_load(0, 1, load)
+
+
+def test_a_trainers_dropout_in_the_metadata_is_not_applied_at_inference(
+    engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
+) -> None:
+    """PEFT builds a LoRA's dropout modules in training mode: with the file's dropout kept, one seed gave another
+    video each time."""
+    plain = use(write_diffusers(tmp_path / "plain.safetensors", factors, alpha=8))
+    dropped = use(write_diffusers(tmp_path / "dropout.safetensors", factors, alpha=8, dropout=0.5))
+    once = frames(engine, with_loras(spec, dropped))
+    np.testing.assert_array_equal(frames(engine, with_loras(spec, dropped)), once)
+    np.testing.assert_array_equal(frames(engine, with_loras(spec, plain)), once)
+
+
 def test_a_scale_that_breaks_the_model_is_a_422_on_the_loras(
     engine: WanEngine, factors: Any, spec: GenerationSpec, tmp_path: Path
 ) -> None:

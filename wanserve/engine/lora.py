@@ -42,9 +42,17 @@ log = logging.getLogger("wanserve.engine.lora")
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-# Full-weight deltas of norms and modulation (lightx2v and Kijai files carry them): LoRA cannot express them and
-# diffusers drops them too. They are small corrections; the file is used without them and the log says so.
-IGNORED_DELTA = re.compile(r"(^|\.)(norm\w*|modulation)\.diff(_b)?$")
+# Full-weight deltas of norms and modulation (lightx2v and Kijai files carry them, a block's modulation also as
+# `blocks.N.diff_m`), and of the layers outside the blocks other than the head (the patch embedding's Conv3d):
+# LoRA cannot express them and diffusers drops them too. They are small corrections; the file is used without them
+# and the log says so. A full delta of a block's Linear layer is no correction: such a file is refused.
+IGNORED_DELTA = re.compile(
+    r"(^|\.)(norm\w*|modulation)\.diff(_b)?$|^diffusion_model\.blocks\.\d+\.diff_m$"
+    r"|^diffusion_model\.(?!blocks\.|head\.head\.)[\w.]+\.diff$"
+)
+# Bias deltas outside the blocks that diffusers' Wan converter reads only beside factors of the same layer (it
+# fails on one alone), and drops elsewhere (the patch embedding's): without factors they are ignored and counted.
+UNPAIRED_BIAS_DELTA = re.compile(r"^diffusion_model\.(?P<layer>(text_embedding|time_embedding)\.\d+)\.diff_b$")
 DIFFUSERS_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)$")
 WAN_BARE_PREFIXES = ("blocks.", "head.", "text_embedding.", "time_embedding.", "time_projection.", "img_emb.")
 # musubi-tuner/kohya flatten a Wan module name with underscores (`lora_unet_blocks_0_cross_attn_k_img`); these are
@@ -139,6 +147,19 @@ def _family(key: str) -> tuple[LoraFormat, str] | None:
     return None
 
 
+def _unpaired_bias(renamed_key: str, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `renamed_key` is a bias delta outside the blocks that the file gives no factors for (see
+    UNPAIRED_BIAS_DELTA). Its factors may be spelled in any of the file's own key forms."""
+    match = UNPAIRED_BIAS_DELTA.match(renamed_key)
+    if match is None:
+        return False
+    layer = match["layer"]
+    return not any(
+        (family := _family(key)) is not None and family[1].startswith(f"diffusion_model.{layer}.lora_")
+        for key in tensors
+    )
+
+
 def _musubi_module(match: re.Match[str]) -> str:
     if match["block"] is not None:
         block = f"blocks.{match['block']}"
@@ -162,6 +183,15 @@ def _fold_alphas(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             continue  # left to the converter, which says what is wrong
         out[down_key] = _scaled(out[down_key], float(out.pop(key)) / out[down_key].shape[0])
     return out
+
+
+def _one_factor_naming(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Factors named one way: diffusers' Wan converter picks `lora_A/lora_B` or `lora_down/lora_up` for the whole
+    file and leaves the other's keys over (a file merged from two tools' layers mixes them)."""
+    if not any(".lora_A.weight" in key for key in state_dict):
+        return state_dict
+    return {key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight"): tensor
+            for key, tensor in state_dict.items()}  # fmt: skip
 
 
 def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -298,7 +328,7 @@ def convert_lora(
             fmt, first_key = family[0], key
         elif family[0] is not fmt:
             raise LoraError(f"the file mixes LoRA formats: key {first_key!r} is {fmt}, key {key!r} is {family[0]}")
-        if IGNORED_DELTA.search(family[1]):
+        if IGNORED_DELTA.search(family[1]) or _unpaired_bias(family[1], tensors):
             ignored.append(key)
             continue
         if family[1].endswith(".diff") and not family[1].endswith("head.head.diff"):
@@ -311,7 +341,12 @@ def convert_lora(
         if not any(key.startswith("diffusion_model.blocks.") for key in renamed):
             # diffusers' Wan converter finds the layers block by block (a bare `min() arg is an empty sequence`)
             raise LoraError("the LoRA has factors for no transformer block (only head or embeddings): not supported")
-        renamed = _fold_alphas(renamed)
+        renamed = _one_factor_naming(_fold_alphas(renamed))
+        head = "diffusion_model.head.head"
+        if f"{head}.diff" in renamed and f"{head}.diff_b" not in renamed:
+            # diffusers' converter reads the head's bias delta beside its weight delta (a KeyError without it)
+            weight = renamed[f"{head}.diff"]
+            renamed[f"{head}.diff_b"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     if fmt is LoraFormat.PEFT and peft_config is not None:
         _apply_peft_scaling(renamed, _peft_scaling(peft_config))
     try:
@@ -339,6 +374,11 @@ def convert_lora(
             peft_metadata = json.loads(metadata["lora_adapter_metadata"])
         except ValueError:
             raise LoraError("the file's lora_adapter_metadata is not valid JSON") from None
+    if isinstance(peft_metadata, dict):
+        # A trainer's dropout (0.05-0.1 is common) is for training: PEFT would build its dropout modules in training
+        # mode, and the same seed would give another video each time. (diffusers writes `transformer.lora_dropout`.)
+        for name in [k for k in peft_metadata if k.rpartition(".")[2] == "lora_dropout"]:
+            peft_metadata[name] = 0.0
     return ConvertedLora(converted, fmt, peft_metadata if isinstance(peft_metadata, dict) else None, ignored)
 
 

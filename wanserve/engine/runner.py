@@ -11,7 +11,7 @@ import torch
 
 from wanserve.config import Settings
 from wanserve.engine.loading import load_pipeline, resolve_device, resolve_dtype
-from wanserve.engine.lora import LoraLoad
+from wanserve.engine.lora import LoraFormat, LoraLoad
 from wanserve.engine.parallel import ParallelContext
 from wanserve.engine.pipeline import (
     CancelCheck,
@@ -22,7 +22,7 @@ from wanserve.engine.pipeline import (
     WanEngine,
 )
 from wanserve.engine.video import Mp4Writer, VideoInfo
-from wanserve.lora.sources import LoraUse
+from wanserve.lora.sources import PEFT_CONFIG, LoraUse
 from wanserve.schema import Resolution, WanT2VRequest
 
 
@@ -108,9 +108,18 @@ def describe_load(index: int, count: int, load: LoraLoad) -> str:
         return f"{head}: already loaded in memory, applied at scale {load.use.scale:g}"
     experts = " and ".join(load.loaded_into)
     ignored = f", {load.ignored} deltas no LoRA can apply ignored" if load.ignored else ""
+    # A PEFT adapter's alpha lives in its adapter_config.json, found only beside a local or Hub file: a URL or an
+    # upload of the weights alone runs at alpha = rank, which may be another strength than it was trained at.
+    unscaled = (
+        f"; no {PEFT_CONFIG} came with it, so alpha = rank: if it was trained with another alpha, give it from a "
+        f"Hugging Face repo or a server folder holding that file, or save it in diffusers' format (alpha inside)"
+        if load.format is LoraFormat.PEFT and load.use.file.peft_config is None
+        else ""
+    )
     return (
         f"{head}: loaded into the {experts}-noise expert{'s' if len(load.loaded_into) > 1 else ''} in "
         f"{load.seconds:.2f}s ({load.format} format, {load.tensors} tensors{ignored}), scale {load.use.scale:g}"
+        f"{unscaled}"
     )
 
 
