@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from server import Server
@@ -81,7 +82,7 @@ def test_form_is_generated_from_the_schema_with_ranges_and_defaults(page: Page) 
     page.get_by_role("button", name="Remove LoRA 1").click()
     expect(page.locator(".lora-row")).to_have_count(1)
     expect(page.get_by_role("button", name="Add LoRA")).to_be_focused()
-    expect(page.locator(".lora-row").get_by_role("button")).to_have_attribute("aria-label", "Remove LoRA 1")
+    expect(page.locator(".lora-row .remove-lora")).to_have_attribute("aria-label", "Remove LoRA 1")
     # every control has a label a screen reader announces, and the whole form is reachable with Tab
     unlabeled = page.evaluate(
         """() => [...document.querySelectorAll('input, select, textarea')]
@@ -335,3 +336,102 @@ def test_download_saves_the_video_when_its_url_is_on_another_origin(browser: Bro
         assert Path(download.path()).read_bytes()[4:8] == b"ftyp"
     finally:
         context.close()
+
+
+def test_a_request_is_followed_with_its_own_key_and_again_after_a_reload(page: Page) -> None:
+    """Another key typed while a request runs owns other requests (its result answered 401 to the page), and a
+    reload mid-run used to leave the request IN_QUEUE in the history for ever, its video out of reach."""
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=81, steps=12)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+/12"), timeout=120_000)
+    page.get_by_label("API key").fill("another-key-typed-meanwhile")
+    expect(page.locator("#status")).to_have_text("Done · seed 7", timeout=120_000)
+    expect(page.locator("#video")).to_be_visible()
+    # the next request starts without the last one's video and seed on screen
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_label("Num frames").fill("500")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#err-num_frames")).not_to_be_empty()
+    expect(page.locator("#video")).to_be_hidden()
+    expect(page.locator("#result-meta")).to_be_hidden()
+
+    page.get_by_label("Num frames").fill("81")
+    page.get_by_label("Seed").fill("8")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+/12"), timeout=120_000)
+    page.reload()
+    expect(page.locator("#status")).to_have_text("Done · seed 8", timeout=120_000)
+    expect(page.locator("#history li").first).to_contain_text("done · seed 8")
+    # no video URL is kept in the browser (signed, it opens without a key for days): Show reads the result again
+    assert "/files/" not in page.evaluate("localStorage.getItem('wanserve.history')")
+    page.get_by_role("button", name=re.compile("^Show: a red fox")).first.click()
+    expect(page.locator("#video")).to_have_attribute("src", re.compile("/files/"))
+    page.get_by_role("button", name="Clear history").click()
+    expect(page.locator("#history li")).to_have_count(0)
+    assert page.evaluate("localStorage.getItem('wanserve.history')") is None
+
+
+def test_a_status_stream_gone_silent_gives_way_to_polling(page: Page) -> None:
+    """A connection dropped without a reset (a laptop that slept, a proxy's idle timeout) left the page waiting for
+    ever: the server's keep-alives every 15 s stop, and after 45 s of silence the page polls instead."""
+    page.clock.install()
+    page.reload()
+    held: list[Route] = []
+    page.route("**/status/stream*", lambda route: held.append(route))  # never answered: a dead connection
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=81, steps=1)
+    page.get_by_role("button", name="Generate").click()
+    for _ in range(120):  # (the page's own waiting functions run on the installed clock: polled from here)
+        if held:
+            break
+        page.wait_for_timeout(250)
+    assert len(held) == 1
+    page.clock.fast_forward(50_000)
+    for _ in range(120):  # the polls' 1 s waits run on the installed clock too
+        if page.locator("#status").text_content() == "Done · seed 7":
+            break
+        page.clock.fast_forward(1_000)
+        page.wait_for_timeout(250)
+    expect(page.locator("#status")).to_have_text("Done · seed 7")
+    assert len(held) == 1
+
+
+def test_a_lora_file_from_this_computer_is_uploaded_and_its_url_used(page: Page) -> None:
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_role("button", name="Add LoRA").click()
+    row = page.locator(".lora-row").first
+    expect(row).to_have_attribute("aria-label", "LoRA 1")
+    content = b"not really a LoRA, only bytes to store"
+    row.get_by_label("Upload a .safetensors file").set_input_files(
+        files=[{"name": "style.safetensors", "mimeType": "application/octet-stream", "buffer": content}]
+    )
+    expect(row.get_by_label("Path or URL")).to_have_value(re.compile(r"/files/.+/style\.safetensors"))
+    expect(page.locator("#status")).to_have_text("Uploaded style.safetensors.")
+    url = row.get_by_label("Path or URL").input_value()
+    assert httpx.get(url).content == content  # signed: the URL alone reads it
+
+
+def test_the_page_cannot_be_framed_by_another_site(keyed_server: Server) -> None:
+    page_headers = httpx.get(keyed_server.url + "/").headers
+    assert page_headers["content-security-policy"] == "frame-ancestors 'none'"
+    assert page_headers["x-frame-options"] == "DENY"
+
+
+def test_the_prompt_used_is_shown_when_expansion_changed_it(page: Page) -> None:
+    """With prompt expansion on, the result's `prompt` is the expanded one the video was made from (here the
+    server's answer is rewritten as an expanding server would send it)."""
+
+    def expanded(route: Route) -> None:
+        answer = route.fetch()  # the result: `/requests/{id}`, nothing after the id
+        body = answer.json()
+        route.fulfill(response=answer, json={**body, "prompt": body["prompt"] + ", golden hour, 35mm film"})
+
+    page.route(re.compile(r"/requests/[^/?]+$"), expanded)
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, frames=81, steps=1)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text("Done · seed 7", timeout=120_000)
+    expect(page.locator("#prompt-used")).to_have_text(
+        "Prompt used: a red fox walks through fresh snow, golden hour, 35mm film"
+    )

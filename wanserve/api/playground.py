@@ -21,9 +21,15 @@ MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".
 router = APIRouter()
 
 
+# The page acts with the key typed in (or remembered): another site must not frame it and trick clicks into it.
+NO_FRAMING = {"content-security-policy": "frame-ancestors 'none'", "x-frame-options": "DENY"}
+
+
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type=MEDIA_TYPES[".html"], headers={"cache-control": "no-cache"})
+    return FileResponse(
+        STATIC / "index.html", media_type=MEDIA_TYPES[".html"], headers={"cache-control": "no-cache", **NO_FRAMING}
+    )
 
 
 @router.get("/playground/schema.json", include_in_schema=False)

@@ -12,7 +12,10 @@ const OUTAGE_GRACE_MS = 5 * 60 * 1000;
 let schema = null;
 let app = "fal-ai/wan-22"; // the endpoint requests are submitted to
 let queueApp = "fal-ai/wan-22"; // the `owner/app` its status, result and cancel URLs live under
-let current = null; // {id, abort}
+// The server sends a keep-alive every 15 s on the status stream: silence this long is a dead connection (a laptop
+// that slept, a proxy that dropped it), which polling then replaces.
+const QUIET_MS = 45 * 1000;
+let current = null; // {id, abort, key}: the request the page follows, and the key that submitted it
 
 function resolveRef(prop) {
   if (prop.$ref) return schema.$defs[prop.$ref.split("/").pop()];
@@ -95,6 +98,7 @@ function addLora(values = {}) {
   const i = loraCount++;
   const row = document.createElement("div");
   row.className = "lora-row";
+  row.setAttribute("role", "group");
   row.dataset.row = String(i);
   const fields = [
     ["path", "Path or URL", "text", values.path ?? ""],
@@ -125,7 +129,19 @@ function addLora(values = {}) {
     error.id = `err-lora-${i}-${name}`;
     error.setAttribute("role", "alert");
     input.setAttribute("aria-describedby", error.id);
-    cell.append(label, input, error);
+    cell.append(label, input);
+    if (name === "path") {
+      // A file on this computer goes to the server's storage first, as the fal clients upload a File.
+      const upload = document.createElement("input");
+      upload.type = "file";
+      upload.accept = ".safetensors";
+      upload.id = `lora-${i}-file`;
+      upload.className = "lora-file";
+      upload.setAttribute("aria-label", "Upload a .safetensors file");
+      upload.onchange = () => uploadLora(upload, input, error);
+      cell.append(upload);
+    }
+    cell.append(error);
     row.append(cell);
   }
   const remove = document.createElement("button");
@@ -143,11 +159,40 @@ function addLora(values = {}) {
   row.querySelector("input").focus();
 }
 
-// Each row's Remove button is named by the row's place now, not by how many rows were ever added.
+// Each row (a group of its fields) and its Remove button are named by the row's place now, not by how many rows
+// were ever added.
 function numberLoraRows() {
   $("loras")
-    .querySelectorAll(".remove-lora")
-    .forEach((button, index) => button.setAttribute("aria-label", `Remove LoRA ${index + 1}`));
+    .querySelectorAll(".lora-row")
+    .forEach((row, index) => {
+      row.setAttribute("aria-label", `LoRA ${index + 1}`);
+      row.querySelector(".remove-lora").setAttribute("aria-label", `Remove LoRA ${index + 1}`);
+    });
+}
+
+// Uploads the chosen file (the storage API's signed PUT, as the fal clients do) and puts its URL in the path field.
+async function uploadLora(upload, path, error) {
+  const file = upload.files[0];
+  if (!file) return;
+  error.textContent = "";
+  $("submit").disabled = true;
+  setStatus(`Uploading ${file.name}…`);
+  try {
+    const asked = { file_name: file.name, content_type: "application/octet-stream" };
+    const { response, data } = await api("POST", "/rest/storage/upload/initiate", asked);
+    if (!response.ok) throw new Error(`HTTP ${response.status}: ${data.detail ?? ""}`);
+    const headers = { "content-type": asked.content_type };
+    const put = await fetch(data.upload_url, { method: "PUT", body: file, headers });
+    if (!put.ok) throw new Error(`HTTP ${put.status}`);
+    path.value = data.file_url;
+    setStatus(`Uploaded ${file.name}.`);
+  } catch (e) {
+    error.textContent = `The upload failed: ${e.message ?? e}`;
+    setStatus("The upload failed.");
+  } finally {
+    upload.value = "";
+    $("submit").disabled = current !== null;
+  }
 }
 
 // A number field whose text the browser cannot read as a number has value "": left out, the server's default
@@ -207,7 +252,8 @@ function readForm() {
 }
 
 function headers(extra = {}) {
-  const key = $("api-key").value.trim();
+  // A followed request is read with the key that submitted it: another key typed meanwhile owns other requests.
+  const key = (current?.key ?? $("api-key").value).trim();
   return key ? { ...extra, Authorization: `Key ${key}` } : extra;
 }
 
@@ -308,27 +354,40 @@ async function api(method, path, body) {
   return { response, data };
 }
 
-// The status stream (SSE) read with fetch, so that it can carry the Authorization header.
+// The status stream (SSE) read with fetch, so that it can carry the Authorization header. It gives up (and the
+// caller polls) when nothing, not even a keep-alive, came for QUIET_MS.
 async function follow(id, signal) {
-  const response = await fetch(`/${queueApp}/requests/${id}/status/stream?logs=1`, { headers: headers(), signal });
-  if (!response.ok) throw new Error(`status stream: HTTP ${response.status}`);
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error("the status stream ended early"); // e.g. a proxy cut it: poll instead
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const chunk = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
-      if (!data) continue;
-      const status = JSON.parse(data);
-      onStatus(status);
-      if (status.status === "COMPLETED") return;
+  const quiet = new AbortController();
+  const stop = () => quiet.abort();
+  signal.addEventListener("abort", stop);
+  let timer = setTimeout(stop, QUIET_MS);
+  try {
+    const url = `/${queueApp}/requests/${id}/status/stream?logs=1`;
+    const response = await fetch(url, { headers: headers(), signal: quiet.signal });
+    if (!response.ok) throw new Error(`status stream: HTTP ${response.status}`);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error("the status stream ended early"); // e.g. a proxy cut it: poll instead
+      clearTimeout(timer);
+      timer = setTimeout(stop, QUIET_MS);
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const chunk = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        if (!data) continue;
+        const status = JSON.parse(data);
+        onStatus(status);
+        if (status.status === "COMPLETED") return;
+      }
     }
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener("abort", stop);
   }
 }
 
@@ -349,7 +408,6 @@ async function submit(event) {
   event.preventDefault();
   clearErrors();
   let body, loraRows;
-  let submitted = null; // the request id, once the server has queued it
   try {
     ({ body, loraRows } = readForm());
   } catch (error) {
@@ -360,27 +418,57 @@ async function submit(event) {
     $("form-error").textContent = `The form could not be read: ${error}`;
     return;
   }
+  const key = $("api-key").value;
+  if (/[^\x20-\x7e]/.test(key.trim())) {
+    // fetch() would throw on it before sending anything, with a message about ISO-8859-1
+    $("form-error").textContent = "The API key holds characters no HTTP header can carry: check what was pasted.";
+    $("api-key").focus();
+    return;
+  }
   keepKey();
   // Fields only the /lora endpoint reads (the base one ignores them): reverse_video, as well as the LoRAs. Its
   // unchecked box is the default there and no field at all for the base endpoint (which would log it as unknown).
   const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
   if (endpoint === app) delete body.reverse_video;
+  clearResult();
   $("submit").disabled = true;
   setStatus("Submitting…");
+  let response, data;
   try {
-    const { response, data } = await api("POST", `/${endpoint}`, body);
-    if (!response.ok) {
-      showErrors(data.detail ?? data, loraRows);
-      setStatus(`Request refused (HTTP ${response.status}).`);
+    ({ response, data } = await api("POST", `/${endpoint}`, body));
+  } catch (error) {
+    $("form-error").textContent = String(error);
+    setStatus("The server could not be reached.");
+    $("submit").disabled = false;
+    return;
+  }
+  if (!response.ok) {
+    $("submit").disabled = false;
+    if ([502, 503, 504].includes(response.status) && !response.headers.get("x-fal-request-id")) {
+      // A proxy's answer (or a server restarting): the server behind it may have queued the request before the
+      // proxy gave up, and sending it again could make two videos.
+      setStatus(`No answer from the server (HTTP ${response.status}): the request may or may not be queued.`);
+      $("form-error").textContent = typeof data.detail === "string" ? data.detail : "";
       return;
     }
-    const id = data.request_id;
-    submitted = id;
-    remember({ id, prompt: body.prompt, at: new Date().toISOString(), status: "IN_QUEUE" });
-    const abort = new AbortController();
-    current = { id, abort };
-    $("cancel").disabled = false;
-    $("progress").value = 0;
+    showErrors(data.detail ?? data, loraRows);
+    setStatus(`Request refused (HTTP ${response.status}).`);
+    return;
+  }
+  const id = data.request_id;
+  remember({ id, prompt: body.prompt, at: new Date().toISOString(), status: "IN_QUEUE" });
+  await track(id, key, loraRows);
+}
+
+// Follows request `id` (read with `key`) to its end and shows its outcome.
+async function track(id, key, loraRows = []) {
+  clearResult();
+  const abort = new AbortController();
+  current = { id, abort, key };
+  $("submit").disabled = true;
+  $("cancel").disabled = false;
+  renderHistory(); // its Check buttons are off while a request is followed
+  try {
     try {
       await follow(id, abort.signal);
     } catch (error) {
@@ -390,14 +478,31 @@ async function submit(event) {
     await showResult(id, loraRows);
   } catch (error) {
     $("form-error").textContent = String(error);
-    setStatus(submitted ? `Lost track of request ${submitted}: ${error}` : "Something went wrong.");
+    setStatus(`Lost track of request ${id}: ${error}`);
     const unreachable = error instanceof TypeError || /^HTTP 50[234]$/.test(error.message);
-    if (submitted) update(submitted, { status: unreachable ? "unknown (the server could not be reached)" : "error" });
+    update(id, { status: unreachable ? "unknown (the server could not be reached)" : "error" });
   } finally {
     $("submit").disabled = false;
     $("cancel").disabled = true;
     current = null;
+    renderHistory();
   }
+}
+
+// The previous request's video, seed and progress, gone before the next one starts: a failure shown above them
+// would read as theirs.
+function clearResult() {
+  const video = $("video");
+  video.pause();
+  video.removeAttribute("src");
+  video.load();
+  video.hidden = true;
+  $("result-meta").hidden = true;
+  $("prompt-used").hidden = true;
+  const bar = $("progress");
+  bar.hidden = true;
+  bar.max = 1;
+  bar.value = 0;
 }
 
 function markUnreadable(input) {
@@ -437,8 +542,9 @@ async function showResult(id, loraRows) {
     return;
   }
   setStatus(`Done · seed ${data.seed}`);
-  showVideo(data.video.url, data.seed);
-  update(id, { status: "done", video: data.video.url, seed: data.seed });
+  showVideo(data.video.url, data.seed, data.prompt, history().find((h) => h.id === id)?.prompt);
+  // No video URL is kept: signed, it opens without a key for days (a shared computer); Show reads it again.
+  update(id, { status: "done", seed: data.seed });
 }
 
 // The link's `download` attribute does nothing once the link leads to another origin (the server's public URL
@@ -454,7 +560,11 @@ function attachmentUrl(url) {
   }
 }
 
-function showVideo(url, seed) {
+function showVideo(url, seed, promptUsed, promptAsked) {
+  // With prompt expansion on, the server's `prompt` is the one the video was made from.
+  const expanded = promptUsed !== undefined && promptAsked !== undefined && promptUsed !== promptAsked;
+  $("prompt-used").hidden = !expanded;
+  $("prompt-used").textContent = expanded ? `Prompt used: ${promptUsed}` : "";
   const video = $("video");
   video.hidden = false;
   video.onerror = () => setStatus("The video could not be loaded (expired, or its URL is not reachable from here).");
@@ -508,20 +618,40 @@ function renderHistory() {
   list.replaceChildren();
   for (const h of history()) {
     const item = document.createElement("li");
-    item.textContent = `${h.prompt?.slice(0, 60) ?? ""} · ${h.status}${h.seed !== undefined ? ` · seed ${h.seed}` : ""} `;
-    if (h.video) {
-      const show = document.createElement("button");
-      show.type = "button";
-      show.textContent = "Show";
-      show.onclick = () => showVideo(h.video, h.seed);
-      item.append(show);
+    const prompt = h.prompt?.slice(0, 60) ?? "";
+    item.textContent = `${prompt} · ${h.status}${h.seed !== undefined ? ` · seed ${h.seed}` : ""} `;
+    const done = h.status === "done";
+    // Not finished when last seen (the page was closed or reloaded meanwhile, or the server was unreachable): the
+    // request may have gone on, and Check follows it again.
+    if (done || h.status === "IN_QUEUE" || String(h.status).startsWith("unknown")) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = done ? "Show" : "Check";
+      button.setAttribute("aria-label", `${button.textContent}: ${prompt}`);
+      button.disabled = current !== null;
+      button.onclick = () => (done ? showStored(h) : track(h.id, $("api-key").value));
+      item.append(button);
     }
     list.append(item);
   }
+  $("clear-history").hidden = !list.children.length;
+}
+
+// A finished request's video, by reading its result again: the URL comes signed afresh.
+async function showStored(h) {
+  const { response, data } = await api("GET", `/${queueApp}/requests/${h.id}`);
+  if (!response.ok) {
+    setStatus(`That video cannot be shown (HTTP ${response.status}: ${data.detail ?? data.error_type ?? ""}).`);
+    return;
+  }
+  setStatus(`Done · seed ${data.seed}`);
+  showVideo(data.video.url, data.seed, data.prompt, h.prompt);
 }
 
 async function main() {
   localStorage.removeItem(OLD_KEY_KEY);
+  // Earlier versions kept each video's signed URL in the history (it opens without a key for days): dropped.
+  localStorage.setItem(HISTORY_KEY, JSON.stringify(history().map(({ video, ...kept }) => kept)));
   const remembered = localStorage.getItem(KEY_KEY);
   $("api-key").value = sessionStorage.getItem(KEY_KEY) ?? remembered ?? "";
   $("remember-key").checked = remembered !== null;
@@ -539,7 +669,17 @@ async function main() {
     $("f-seed").value = $("seed").textContent;
     $("f-seed").focus();
   };
+  $("clear-history").onclick = () => {
+    localStorage.removeItem(HISTORY_KEY);
+    renderHistory();
+  };
   renderHistory();
+  // A request this browser submitted and did not see end (the page was reloaded or closed): follow it again.
+  const unfinished = history().find((h) => h.status === "IN_QUEUE");
+  if (unfinished) {
+    setStatus(`Following request ${unfinished.id} again…`);
+    track(unfinished.id, $("api-key").value);
+  }
 }
 
 main();
