@@ -195,6 +195,26 @@ def test_a_number_the_browser_cannot_read_is_an_error_not_the_default(page: Page
     assert lora == {"path": "owner/styles", "weight_name": "ink.safetensors", "transformer": "both"}
 
 
+def test_a_seed_past_2_53_is_sent_exactly_or_refused_never_rounded(page: Page) -> None:
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.post_data or "") if r.method == "POST" else None)
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, 81, 1)
+    big = str(2**63 - 1)
+    page.get_by_label("Seed").fill(big)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text(f"Done · seed {big}", timeout=120_000)
+    assert f'"seed":{big}' in posted[0]
+    # A browser without JSON.rawJSON (older Safari, Firefox before 135) would send it rounded: refused instead.
+    page.add_init_script("delete JSON.rawJSON")
+    page.reload()
+    fill_request(page, 81, 1)
+    page.get_by_label("Seed").fill(big)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#err-seed")).to_have_text("This browser cannot send a number this large exactly.")
+    assert len(posted) == 1
+
+
 def test_the_page_waits_out_a_server_outage_and_shows_the_result(page: Page) -> None:
     """A server restart (or a proxy answering 502-504 meanwhile) while a request runs: the request goes on, so the
     page keeps asking, says so, and shows the result once the server answers again."""

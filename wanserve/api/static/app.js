@@ -198,9 +198,10 @@ async function uploadLora(upload, path, error) {
 // A number field whose text the browser cannot read as a number has value "": left out, the server's default
 // would apply without a word. Such a field is an error of the page's own instead.
 class UnreadableNumber extends Error {
-  constructor(input) {
-    super(`${input.id}: not a number`);
+  constructor(input, reason = "Not a number.") {
+    super(`${input.id}: ${reason}`);
     this.input = input;
+    this.reason = reason;
   }
 }
 
@@ -209,13 +210,13 @@ function numberText(input) {
   return input.value.trim();
 }
 
-// An integer as typed: seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53).
-function exactInteger(text) {
+// An integer as typed: seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53), and a rounded seed names
+// another video. Sent as its digits where the browser can (JSON.rawJSON), else refused.
+function exactInteger(input, text) {
   const value = Number(text);
-  // BigInt first: JSON has no leading zeros, which a number field accepts.
-  return Number.isSafeInteger(value) || !/^\d+$/.test(text) || !JSON.rawJSON
-    ? value
-    : JSON.rawJSON(BigInt(text).toString());
+  if (Number.isSafeInteger(value) || !/^\d+$/.test(text)) return value;
+  if (!JSON.rawJSON) throw new UnreadableNumber(input, "This browser cannot send a number this large exactly.");
+  return JSON.rawJSON(BigInt(text).toString()); // BigInt first: JSON has no leading zeros, which a field accepts
 }
 
 // The request body, and the LoRA rows it carries (rows without a path are left out: `loras[i]` in an error is the
@@ -231,7 +232,7 @@ function readForm() {
       // out, and the server's error names it.
       if (text !== "" || !input.required) body[input.name] = input.value;
     } else if (text === "") continue; // not given: the server's default (a random seed...)
-    else if (kind === "integer") body[input.name] = exactInteger(text);
+    else if (kind === "integer") body[input.name] = exactInteger(input, text);
     else if (kind === "number") body[input.name] = Number(text);
     else body[input.name] = input.value;
   }
@@ -412,7 +413,7 @@ async function submit(event) {
     ({ body, loraRows } = readForm());
   } catch (error) {
     if (error instanceof UnreadableNumber) {
-      markUnreadable(error.input);
+      markUnreadable(error.input, error.reason);
       return;
     }
     $("form-error").textContent = `The form could not be read: ${error}`;
@@ -505,9 +506,9 @@ function clearResult() {
   bar.value = 0;
 }
 
-function markUnreadable(input) {
+function markUnreadable(input, reason) {
   const target = $(input.id.replace(/^f-/, "err-").replace(/^lora-/, "err-lora-"));
-  if (target) target.textContent = "Not a number.";
+  if (target) target.textContent = reason;
   input.setAttribute("aria-invalid", "true");
   input.focus();
   setStatus("Fix the marked field.");
