@@ -103,6 +103,13 @@ def test_without_the_key_the_request_is_refused_clearly(page: Page) -> None:
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_have_text("Request refused (HTTP 401).")
     expect(page.locator("#form-error")).not_to_be_empty()
+    # a pasted key with characters no header carries: said before anything is sent (fetch threw about ISO-8859-1)
+    page.get_by_label("API key").fill("ключ-key")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#form-error")).to_have_text(
+        "The API key holds characters no HTTP header can carry: check what was pasted."
+    )
+    expect(page.get_by_label("API key")).to_be_focused()
 
 
 def test_generate_shows_progress_plays_the_video_and_remembers_it(
