@@ -571,7 +571,7 @@ def test_async_subscribe_takes_plain_callbacks_and_closes_its_stream_when_one_ra
             seen: list[QueueStatus] = []
             done = await client.subscribe(
                 {**CHEAP_INPUT, "seed": 31},
-                on_enqueue=lambda request_id: request_id,  # type: ignore[arg-type,return-value]
+                on_enqueue=lambda request_id: request_id,
                 on_queue_update=lambda s: seen.append(s) or s.status,  # type: ignore[func-returns-value]
             )
             assert done.seed == 31 and seen[-1].status == "COMPLETED"

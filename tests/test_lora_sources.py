@@ -469,7 +469,11 @@ def test_a_lora_url_is_described_without_its_signature_or_credentials() -> None:
     assert describe_path("style.safetensors") == "style.safetensors"
     # a path parameter (a Java server's session id) is not part of the file's name
     assert describe_path("http://h.test/a/lora.bin;jsessionid=SECRET") == "http://h.test/.../lora.bin"
-    # a last segment that is no file's name nor a short id may be the credential: a download token, a JWT
+    # a last segment that is no file's name nor a number may be the credential: a download token, a JWT
     assert describe_path("https://civitai.test/api/download/models/12345") == "https://civitai.test/.../12345"
-    for secret in ("Zx9vQ2kLm8PqR4tYw7NcB3dF", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlX29mX3RoZV90b2tlbg"):
+    for secret in (
+        "Zx9vQ2kLm8PqR4tY",
+        "Zx9vQ2kLm8PqR4tYw7NcB3dF",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlX29mX3RoZV90b2tlbg",
+    ):
         assert describe_path(f"https://dl.test/get/{secret}") == "https://dl.test/..."

@@ -394,6 +394,17 @@ def test_a_request_is_followed_with_its_own_key_and_again_after_a_reload(page: P
     assert "/files/" not in page.evaluate("localStorage.getItem('wanserve.history')")
     page.get_by_role("button", name=re.compile("^Show: a red fox")).first.click()
     expect(page.locator("#video")).to_have_attribute("src", re.compile("/files/"))
+    # reopened without the key (it was kept for the tab only): the request is not "error" for good, Check reads it
+    fill_request(page, frames=81, steps=12)
+    page.get_by_label("Seed").fill("9")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+/12"), timeout=120_000)
+    page.evaluate("sessionStorage.clear()")
+    page.reload()
+    expect(page.locator("#history li").first).to_contain_text("unknown (not readable with this key, or gone)")
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_role("button", name=re.compile("^Check: a red fox")).click()
+    expect(page.locator("#status")).to_have_text("Done · seed 9", timeout=120_000)
     page.get_by_role("button", name="Clear history").click()
     expect(page.locator("#history li")).to_have_count(0)
     assert page.evaluate("localStorage.getItem('wanserve.history')") is None
@@ -424,7 +435,10 @@ def test_a_status_stream_gone_silent_gives_way_to_polling(page: Page) -> None:
     assert len(held) == 1
 
 
-def test_a_lora_file_from_this_computer_is_uploaded_and_its_url_used(page: Page) -> None:
+def test_a_lora_file_from_this_computer_is_uploaded_and_its_url_used(page: Page, keyed_server: Server) -> None:
+    """Opened under another name than the server's public URL (`localhost` here, `127.0.0.1` there), as on a LAN:
+    the upload goes to this page's origin (the public URL's would be a cross-origin PUT, refused)."""
+    page.goto(keyed_server.url.replace("127.0.0.1", "localhost") + "/")
     page.get_by_label("API key").fill(KEY)
     page.get_by_role("button", name="Add LoRA").click()
     row = page.locator(".lora-row").first
@@ -436,7 +450,27 @@ def test_a_lora_file_from_this_computer_is_uploaded_and_its_url_used(page: Page)
     expect(row.get_by_label("Path or URL")).to_have_value(re.compile(r"/files/.+/style\.safetensors"))
     expect(page.locator("#status")).to_have_text("Uploaded style.safetensors.")
     url = row.get_by_label("Path or URL").input_value()
-    assert httpx.get(url).content == content  # signed: the URL alone reads it
+    assert url.startswith(keyed_server.url) and httpx.get(url).content == content  # signed: the URL alone reads it
+    # Generate waits for every upload: one finished first must not let a request go without the other's LoRA
+    held: list[Route] = []
+    page.route("**/rest/storage/upload/put/**", lambda route: held.append(route))
+    page.get_by_role("button", name="Add LoRA").click()
+    rows = page.locator(".lora-row")
+    for i in (0, 1):
+        rows.nth(i).get_by_label("Upload a .safetensors file").set_input_files(
+            files=[{"name": f"l{i}.safetensors", "mimeType": "application/octet-stream", "buffer": content}]
+        )
+    for _ in range(80):
+        if len(held) == 2:
+            break
+        page.wait_for_timeout(250)
+    assert len(held) == 2
+    expect(page.get_by_role("button", name="Generate")).to_be_disabled()
+    held[0].continue_()
+    expect(page.locator("#status")).to_contain_text("Uploaded l")
+    expect(page.get_by_role("button", name="Generate")).to_be_disabled()
+    held[1].continue_()
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
 
 
 def test_the_page_cannot_be_framed_by_another_site(keyed_server: Server) -> None:

@@ -60,10 +60,10 @@ def loggable_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{path}" + ("?..." if parts.query else "")
 
 
-# What the last segment of a URL's path is shown for: a file's name (`style.safetensors`, `lora-v2.bin`) or a short
-# id (civitai's `/api/download/models/12345`). A long segment without an extension (`/dl/<token>`, a JWT, whose last
-# part is long too) may be the credential itself.
-_SHOWN_FILE_NAME = re.compile(r"[^/]{1,100}\.[A-Za-z0-9]{1,16}|[^/.]{1,16}")
+# What the last segment of a URL's path is shown for: a file's name (`style.safetensors`, `lora-v2.bin`) or a number
+# (civitai's `/api/download/models/12345`). Any other segment without an extension (`/dl/<token>`, a JWT, whose
+# last part is long too) may be the credential itself.
+_SHOWN_FILE_NAME = re.compile(r"[^/]{1,100}\.[A-Za-z0-9]{1,16}|\d{1,16}")
 
 
 def loggable_file_url(url: str) -> str:

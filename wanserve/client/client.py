@@ -21,7 +21,7 @@ import mimetypes
 import os
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -409,7 +409,7 @@ def staging_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
 
 
-async def _called_back(callback: Callable[[Any], Awaitable[None] | None], value: Any) -> None:
+async def _called_back(callback: Callable[[Any], object], value: Any) -> None:
     """Calls an async client's callback, awaiting what it returns only when that can be awaited (a plain function
     may return anything: `lambda s: seen.append(s) or s.status`)."""
     outcome = callback(value)
@@ -695,13 +695,14 @@ class AsyncWanserveClient(_Routes):
         arguments: Arguments,
         *,
         endpoint: str | None = None,
-        on_enqueue: Callable[[str], Awaitable[None] | None] | None = None,
-        on_queue_update: Callable[[QueueStatus], Awaitable[None] | None] | None = None,
+        on_enqueue: Callable[[str], object] | None = None,
+        on_queue_update: Callable[[QueueStatus], object] | None = None,
         with_logs: bool = True,
         on_outage: OnOutage | None = None,
         start_timeout: float | None = None,
     ) -> WanT2VResponse:
-        """As WanserveClient.subscribe; either callback may be a coroutine function."""
+        """As WanserveClient.subscribe; either callback may be a coroutine function (what it returns is awaited only
+        when it can be)."""
         submitted = await self.submit(arguments, endpoint=endpoint, start_timeout=start_timeout)
         app = resolve_endpoint(request_body(arguments), self.app, endpoint)
         if on_enqueue is not None:

@@ -75,7 +75,7 @@ def lora_arguments(client: WanserveClient, specs: list[str], out: TextIO) -> lis
         if local is not None:
             try:
                 lora["path"] = client.upload_file(local)
-            except httpx.TransportError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 target = exc.request.url  # (httpx sets it on every error of a call)
                 if target.host == httpx.URL(client.url).host:
                     raise

@@ -43,15 +43,16 @@ warnings.filterwarnings("ignore", message="Already found a `peft_config` attribu
 
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 # Full-weight deltas of norms and modulation (lightx2v and Kijai files carry them, a block's modulation also as
-# `blocks.N.diff_m`), and of the layers outside the blocks other than the head (the patch embedding's Conv3d):
-# LoRA cannot express them and diffusers drops them too. They are small corrections; the file is used without them
-# and the log says so. A full delta of a block's Linear layer is no correction: such a file is refused.
+# `blocks.N.diff_m`), and of the patch embedding's Conv3d: LoRA cannot express them and diffusers drops them too.
+# They are small corrections; the file is used without them and the log says so. A full delta of a Linear layer
+# (other than the head's, which diffusers applies) is no correction: such a file is refused.
 IGNORED_DELTA = re.compile(
     r"(^|\.)(norm\w*|modulation)\.diff(_b)?$|^diffusion_model\.blocks\.\d+\.diff_m$"
-    r"|^diffusion_model\.(?!blocks\.|head\.head\.)[\w.]+\.diff$"
+    r"|^diffusion_model\.patch_embedding\.diff$"
 )
-# Bias deltas outside the blocks that diffusers' Wan converter reads only beside factors of the same layer (it
-# fails on one alone), and drops elsewhere (the patch embedding's): without factors they are ignored and counted.
+# Bias deltas of the text and time embeddings, which diffusers' Wan converter reads only beside factors of the same
+# layer (a KeyError on one alone): without factors they are ignored and counted, as the converter drops the patch
+# embedding's and the time projection's itself.
 UNPAIRED_BIAS_DELTA = re.compile(r"^diffusion_model\.(?P<layer>(text_embedding|time_embedding)\.\d+)\.diff_b$")
 DIFFUSERS_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)$")
 WAN_BARE_PREFIXES = ("blocks.", "head.", "text_embedding.", "time_embedding.", "time_projection.", "img_emb.")

@@ -15,7 +15,14 @@ let queueApp = "fal-ai/wan-22"; // the `owner/app` its status, result and cancel
 // The server sends a keep-alive every 15 s on the status stream: silence this long is a dead connection (a laptop
 // that slept, a proxy that dropped it), which polling then replaces.
 const QUIET_MS = 45 * 1000;
-let current = null; // {id, abort, key}: the request the page follows, and the key that submitted it
+let current = null; // {id, abort, key}: the request the page follows (id null while it is being submitted)
+let uploads = 0; // LoRA files being uploaded: a request sent now would go without them
+
+// Generate is off while a request is submitted or followed, and while a LoRA file uploads.
+function settleButtons() {
+  $("submit").disabled = current !== null || uploads > 0;
+  $("cancel").disabled = !current?.id;
+}
 
 function resolveRef(prop) {
   if (prop.$ref) return schema.$defs[prop.$ref.split("/").pop()];
@@ -175,14 +182,18 @@ async function uploadLora(upload, path, error) {
   const file = upload.files[0];
   if (!file) return;
   error.textContent = "";
-  $("submit").disabled = true;
+  uploads++;
+  settleButtons();
   setStatus(`Uploading ${file.name}…`);
   try {
     const asked = { file_name: file.name, content_type: "application/octet-stream" };
     const { response, data } = await api("POST", "/rest/storage/upload/initiate", asked);
     if (!response.ok) throw new Error(`HTTP ${response.status}: ${data.detail ?? ""}`);
     const headers = { "content-type": asked.content_type };
-    const put = await fetch(data.upload_url, { method: "PUT", body: file, headers });
+    // The upload URL starts with the server's public URL; this page may be open under another name for it (a LAN
+    // name), where the PUT would be cross-origin and refused: the same route of this page's origin takes it.
+    const target = new URL(data.upload_url, location.href);
+    const put = await fetch(target.pathname + target.search, { method: "PUT", body: file, headers });
     if (!put.ok) throw new Error(`HTTP ${put.status}`);
     path.value = data.file_url;
     setStatus(`Uploaded ${file.name}.`);
@@ -191,7 +202,8 @@ async function uploadLora(upload, path, error) {
     setStatus("The upload failed.");
   } finally {
     upload.value = "";
-    $("submit").disabled = current !== null;
+    uploads--;
+    settleButtons();
   }
 }
 
@@ -432,7 +444,9 @@ async function submit(event) {
   const endpoint = body.loras || body.reverse_video ? `${app}/lora` : app;
   if (endpoint === app) delete body.reverse_video;
   clearResult();
-  $("submit").disabled = true;
+  current = { id: null, abort: null, key };
+  settleButtons();
+  renderHistory(); // its Check buttons are off meanwhile
   setStatus("Submitting…");
   let response, data;
   try {
@@ -440,11 +454,13 @@ async function submit(event) {
   } catch (error) {
     $("form-error").textContent = String(error);
     setStatus("The server could not be reached.");
-    $("submit").disabled = false;
     return;
+  } finally {
+    current = null;
+    settleButtons();
+    renderHistory();
   }
   if (!response.ok) {
-    $("submit").disabled = false;
     if ([502, 503, 504].includes(response.status) && !response.headers.get("x-fal-request-id")) {
       // A proxy's answer (or a server restarting): the server behind it may have queued the request before the
       // proxy gave up, and sending it again could make two videos.
@@ -463,11 +479,11 @@ async function submit(event) {
 
 // Follows request `id` (read with `key`) to its end and shows its outcome.
 async function track(id, key, loraRows = []) {
+  if (current) return; // one request followed at a time
   clearResult();
   const abort = new AbortController();
   current = { id, abort, key };
-  $("submit").disabled = true;
-  $("cancel").disabled = false;
+  settleButtons();
   renderHistory(); // its Check buttons are off while a request is followed
   try {
     try {
@@ -481,11 +497,17 @@ async function track(id, key, loraRows = []) {
     $("form-error").textContent = String(error);
     setStatus(`Lost track of request ${id}: ${error}`);
     const unreachable = error instanceof TypeError || /^HTTP 50[234]$/.test(error.message);
-    update(id, { status: unreachable ? "unknown (the server could not be reached)" : "error" });
+    // Not this key's (another key typed, or none after the tab was reopened), or gone: Check can try again.
+    const unreadable = /HTTP 40[134]\b/.test(error.message);
+    const status = unreachable
+      ? "unknown (the server could not be reached)"
+      : unreadable
+        ? "unknown (not readable with this key, or gone)"
+        : "error";
+    update(id, { status });
   } finally {
-    $("submit").disabled = false;
-    $("cancel").disabled = true;
     current = null;
+    settleButtons();
     renderHistory();
   }
 }
@@ -576,7 +598,7 @@ function showVideo(url, seed, promptUsed, promptAsked) {
 }
 
 async function cancel() {
-  if (!current) return;
+  if (!current?.id) return;
   const { id } = current;
   $("cancel").disabled = true;
   setStatus("Cancelling…");
@@ -630,7 +652,7 @@ function renderHistory() {
       button.textContent = done ? "Show" : "Check";
       button.setAttribute("aria-label", `${button.textContent}: ${prompt}`);
       button.disabled = current !== null;
-      button.onclick = () => (done ? showStored(h) : track(h.id, $("api-key").value));
+      button.onclick = () => (done ? showStored(h) : track(h.id, $("api-key").value, []));
       item.append(button);
     }
     list.append(item);
@@ -640,7 +662,13 @@ function renderHistory() {
 
 // A finished request's video, by reading its result again: the URL comes signed afresh.
 async function showStored(h) {
-  const { response, data } = await api("GET", `/${queueApp}/requests/${h.id}`);
+  let response, data;
+  try {
+    ({ response, data } = await api("GET", `/${queueApp}/requests/${h.id}`));
+  } catch (error) {
+    setStatus(`That video cannot be shown: ${error}`);
+    return;
+  }
   if (!response.ok) {
     setStatus(`That video cannot be shown (HTTP ${response.status}: ${data.detail ?? data.error_type ?? ""}).`);
     return;
