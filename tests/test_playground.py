@@ -496,3 +496,21 @@ def test_the_prompt_used_is_shown_when_expansion_changed_it(page: Page) -> None:
     expect(page.locator("#prompt-used")).to_have_text(
         "Prompt used: a red fox walks through fresh snow, golden hour, 35mm film"
     )
+
+
+def test_a_proxy_error_at_submit_is_not_called_a_refusal_and_old_video_urls_are_dropped(page: Page) -> None:
+    """A 502 from a proxy may come after the server queued the request: "refused" would invite a second video.
+    History entries of earlier versions held signed video URLs: dropped when the page loads."""
+    old = [{"id": "r0", "prompt": "an old fox", "status": "done", "seed": 3, "video": "http://x/files/k/v.mp4?sig=s"}]
+    page.evaluate(f"localStorage.setItem('wanserve.history', {json.dumps(json.dumps(old))})")
+    page.reload()
+    assert "/files/" not in page.evaluate("localStorage.getItem('wanserve.history')")
+    expect(page.locator("#history li").first).to_contain_text("an old fox · done · seed 3")
+    page.route("**/fal-ai/wan-22", lambda route: route.fulfill(status=502, body="bad gateway"))
+    page.get_by_label("API key").fill(KEY)
+    fill_request(page, 81, 1)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_have_text(
+        "No answer from the server (HTTP 502): the request may or may not be queued."
+    )
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
