@@ -68,8 +68,8 @@ _SHOWN_FILE_NAME = re.compile(r"[^/]{1,100}\.[A-Za-z0-9]{1,16}|\d{1,16}")
 
 def loggable_file_url(url: str) -> str:
     """`loggable_url` with the file's name kept (`https://host/.../lora.safetensors?...`): what a message about
-    downloading one file names, for its reader to know which. A last segment that does not look like a file's name
-    or a short id is not shown."""
+    downloading one file names, for its reader to know which. A last segment that is neither a file's name nor a
+    number is not shown."""
     shown = loggable_url(url)
     try:
         name = PurePosixPath(urlsplit(url).path).name.split(";", 1)[0]  # no `;jsessionid=...`

@@ -148,17 +148,14 @@ def _family(key: str) -> tuple[LoraFormat, str] | None:
     return None
 
 
-def _unpaired_bias(renamed_key: str, tensors: Mapping[str, torch.Tensor]) -> bool:
-    """Whether `renamed_key` is a bias delta outside the blocks that the file gives no factors for (see
-    UNPAIRED_BIAS_DELTA). Its factors may be spelled in any of the file's own key forms."""
-    match = UNPAIRED_BIAS_DELTA.match(renamed_key)
-    if match is None:
-        return False
-    layer = match["layer"]
-    return not any(
-        (family := _family(key)) is not None and family[1].startswith(f"diffusion_model.{layer}.lora_")
-        for key in tensors
-    )
+def _unpaired_biases(renamed: Mapping[str, torch.Tensor]) -> list[str]:
+    """The (renamed) bias deltas of UNPAIRED_BIAS_DELTA whose layer has no factors in the file."""
+    with_factors = {key.split(".lora_", 1)[0] for key in renamed if ".lora_" in key}
+    return [
+        key
+        for key in renamed
+        if (match := UNPAIRED_BIAS_DELTA.match(key)) and f"diffusion_model.{match['layer']}" not in with_factors
+    ]
 
 
 def _musubi_module(match: re.Match[str]) -> str:
@@ -314,6 +311,7 @@ def convert_lora(
     fmt: LoraFormat | None = None
     first_key = ""
     ignored: list[str] = []
+    source: dict[str, str] = {}  # each renamed key's key in the file
     for key, tensor in tensors.items():
         if "dora_scale" in key or "lora_magnitude_vector" in key:
             raise LoraError(f"DoRA LoRAs are not supported (key {key!r})")
@@ -329,12 +327,16 @@ def convert_lora(
             fmt, first_key = family[0], key
         elif family[0] is not fmt:
             raise LoraError(f"the file mixes LoRA formats: key {first_key!r} is {fmt}, key {key!r} is {family[0]}")
-        if IGNORED_DELTA.search(family[1]) or _unpaired_bias(family[1], tensors):
+        if IGNORED_DELTA.search(family[1]):
             ignored.append(key)
             continue
         if family[1].endswith(".diff") and not family[1].endswith("head.head.diff"):
             raise LoraError(f"unsupported full-weight delta key {key!r}: only LoRA factors can be applied")
         renamed[family[1]] = tensor
+        source[family[1]] = key
+    for key in _unpaired_biases(renamed):
+        del renamed[key]
+        ignored.append(source[key])
     assert fmt is not None
     if not renamed:
         raise LoraError("the LoRA file has no LoRA factors (only norm or modulation deltas)")

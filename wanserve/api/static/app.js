@@ -461,9 +461,9 @@ async function submit(event) {
     renderHistory();
   }
   if (!response.ok) {
-    if ([502, 503, 504].includes(response.status) && !response.headers.get("x-fal-request-id")) {
+    if (response.status !== 429 && passing(null, response)) {
       // A proxy's answer (or a server restarting): the server behind it may have queued the request before the
-      // proxy gave up, and sending it again could make two videos.
+      // proxy gave up, and sending it again could make two videos. (A 429 is a refusal.)
       setStatus(`No answer from the server (HTTP ${response.status}): the request may or may not be queued.`);
       $("form-error").textContent = typeof data.detail === "string" ? data.detail : "";
       return;
@@ -652,29 +652,13 @@ function renderHistory() {
       button.textContent = done ? "Show" : "Check";
       button.setAttribute("aria-label", `${button.textContent}: ${prompt}`);
       button.disabled = current !== null;
-      button.onclick = () => (done ? showStored(h) : track(h.id, $("api-key").value, []));
+      // Show reads the result again (its URL signed afresh), as Check does once the request has ended.
+      button.onclick = () => track(h.id, $("api-key").value);
       item.append(button);
     }
     list.append(item);
   }
   $("clear-history").hidden = !list.children.length;
-}
-
-// A finished request's video, by reading its result again: the URL comes signed afresh.
-async function showStored(h) {
-  let response, data;
-  try {
-    ({ response, data } = await api("GET", `/${queueApp}/requests/${h.id}`));
-  } catch (error) {
-    setStatus(`That video cannot be shown: ${error}`);
-    return;
-  }
-  if (!response.ok) {
-    setStatus(`That video cannot be shown (HTTP ${response.status}: ${data.detail ?? data.error_type ?? ""}).`);
-    return;
-  }
-  setStatus(`Done · seed ${data.seed}`);
-  showVideo(data.video.url, data.seed, data.prompt, h.prompt);
 }
 
 async function main() {
